@@ -1,0 +1,53 @@
+# The README's two commands: `make demo` and `make test`. Both set up from nothing.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# This machine's pip config lists local wheel folders that do not all exist; hide that noise.
+PIP := $(BIN)/pip --disable-pip-version-check --progress-bar off -q
+QUIET := sed '/is ignored: it is neither a file nor a directory/d'
+STAMP := $(VENV)/.installed
+
+.PHONY: install system-deps demo test bench lint clean stack-down
+
+# Three pip steps, as measured in shared/STACK.md: torch first (local wheels), the
+# project with its pins, then two packages without deps (they would pull a second cv2).
+$(STAMP): pyproject.toml
+	@echo "== installing into $(VENV) (first time: a few minutes)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.14.1 torchvision==0.29.1 2>&1 | $(QUIET)
+	$(PIP) install -e '.[dev]' 2>&1 | $(QUIET)
+	$(PIP) install --no-deps scenedetect==0.7.2 rapidocr-onnxruntime==1.4.4 2>&1 | $(QUIET)
+	@touch $@
+
+install: $(STAMP)
+
+# Prometheus is optional for the stack; tests that need it skip without it.
+system-deps:
+	@if ! command -v prometheus >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "== installing Debian's prometheus"; \
+	    (apt-get install -y -qq prometheus >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq prometheus >/dev/null 2>&1)) || \
+	    echo "note: could not install prometheus; the stack runs without it"; \
+	  else echo "note: prometheus not installed; the stack runs without it"; fi; \
+	fi
+
+demo: install system-deps
+	$(BIN)/vdm demo
+
+test: install system-deps
+	$(BIN)/pytest
+
+bench: install
+	@for b in benchmarks/*.py; do [ -e "$$b" ] && $(BIN)/python "$$b"; done; true
+
+lint: install
+	$(BIN)/ruff check .
+
+stack-down:
+	@test -x $(BIN)/vdm && $(BIN)/vdm stack down || true
+
+clean: stack-down
+	rm -rf $(VENV) .vdm build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Platform plumbing every step shares: settings, the object store, MLflow tracking."""

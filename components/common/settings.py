@@ -1,0 +1,69 @@
+"""One typed settings object for every part of the platform.
+
+Variable names are the ones the k8s ConfigMaps and Secrets set (k8s/), so the same
+code reads its configuration in a pod and on a laptop. Locally, `vdm stack up`
+writes `$VDM_HOME/stack.env` (endpoints) and `$VDM_HOME/credentials.env`
+(generated keys, mode 0600); the environment wins over both files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+STACK_ENV_FILE = "stack.env"
+CREDENTIALS_FILE = "credentials.env"
+
+
+def vdm_home() -> Path:
+    """The state folder: `$VDM_HOME`, else `.vdm/` in the current directory."""
+    return Path(os.environ.get("VDM_HOME") or ".vdm").resolve()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        extra="ignore", populate_by_name=True, env_file_encoding="utf-8", frozen=True
+    )
+
+    home: Path = Field(default_factory=vdm_home, validation_alias="VDM_HOME")
+
+    # Object store (SeaweedFS locally, MinIO in the cluster; same S3 API).
+    s3_endpoint: str = Field("http://127.0.0.1:8333", validation_alias="VDM_S3_ENDPOINT")
+    s3_region: str = Field("us-east-1", validation_alias=AliasChoices("VDM_S3_REGION", "AWS_REGION"))
+    access_key: str = Field("", validation_alias="AWS_ACCESS_KEY_ID")
+    secret_key: SecretStr = Field(SecretStr(""), validation_alias="AWS_SECRET_ACCESS_KEY")
+    data_bucket: str = Field("vdm", validation_alias="VDM_DATA_BUCKET")
+    mlflow_bucket: str = Field("mlflow", validation_alias="VDM_MLFLOW_BUCKET")
+
+    # Tracking and registry.
+    mlflow_tracking_uri: str = Field("http://127.0.0.1:5000", validation_alias="MLFLOW_TRACKING_URI")
+
+    # The project image every KFP component and the serving Deployment run.
+    image: str = Field("vdm-platform:0.1.0", validation_alias="VDM_IMAGE")
+
+    # Local stack ports (127.0.0.1 only). SeaweedFS needs its internal ports too.
+    s3_port: int = Field(8333, validation_alias="VDM_S3_PORT")
+    seaweed_master_port: int = Field(9333, validation_alias="VDM_SEAWEED_MASTER_PORT")
+    seaweed_volume_port: int = Field(8080, validation_alias="VDM_SEAWEED_VOLUME_PORT")
+    seaweed_filer_port: int = Field(8888, validation_alias="VDM_SEAWEED_FILER_PORT")
+    mlflow_port: int = Field(5000, validation_alias="VDM_MLFLOW_PORT")
+    prometheus_port: int = Field(9090, validation_alias="VDM_PROMETHEUS_PORT")
+
+    @property
+    def s3_secure(self) -> bool:
+        return self.s3_endpoint.startswith("https://")
+
+    @property
+    def s3_host(self) -> str:
+        """host:port of the S3 endpoint, as the minio SDK wants it."""
+        return self.s3_endpoint.split("://", 1)[-1].rstrip("/")
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment, then the stack's files under the state folder."""
+    home = Path(overrides.get("home") or vdm_home())
+    files = tuple(str(home / name) for name in (STACK_ENV_FILE, CREDENTIALS_FILE))
+    return Settings(_env_file=files, **overrides)

@@ -1,0 +1,116 @@
+"""Thin helpers over MLflow: runs that carry their lineage, links users can click.
+
+Artifacts go through the tracking server (`--serve-artifacts`), which writes them
+to the `mlflow` bucket of the object store: pods and laptops need only the
+tracking URI, never direct bucket access, to log or fetch artifacts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+
+from components.common.settings import Settings, load_settings
+
+TAG_GIT_COMMIT = "vdm.git_commit"
+TAG_CONFIG_HASH = "vdm.config_hash"
+TAG_INPUTS = "vdm.inputs"
+
+
+def config_hash(config: Mapping) -> str:
+    """A stable hash of a configuration: same values in any key order, same hash."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def git_commit() -> str:
+    """The code's commit: `VDM_GIT_COMMIT` (set in the image), else git, else 'unknown'."""
+    if commit := os.environ.get("VDM_GIT_COMMIT"):
+        return commit
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def flatten(config: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested config to MLflow params: {'a': {'b': 1}} -> {'a.b': '1'}."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, str) else json.dumps(value, default=str)
+    return flat
+
+
+@contextmanager
+def tracked_run(
+    experiment: str,
+    *,
+    run_name: str | None = None,
+    config: Mapping | None = None,
+    inputs: Sequence[str] = (),
+    tags: Mapping[str, str] | None = None,
+    settings: Settings | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run tagged with its lineage: git commit, config hash and input URIs.
+
+    The config is logged as params (flattened) and as `config.json`; the run ends
+    FAILED if the body raises.
+    """
+    settings = settings or load_settings()
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_experiment(experiment)
+    config = dict(config or {})
+    lineage = {
+        TAG_GIT_COMMIT: git_commit(),
+        TAG_CONFIG_HASH: config_hash(config),
+        TAG_INPUTS: json.dumps(list(inputs)),
+        **(tags or {}),
+    }
+    with mlflow.start_run(run_name=run_name, tags=lineage) as run:
+        if config:
+            mlflow.log_params(flatten(config))
+            mlflow.log_dict(config, "config.json")
+        yield run
+
+
+def run_url(run: mlflow.ActiveRun | mlflow.entities.Run, settings: Settings | None = None) -> str:
+    """The run's page in the MLflow UI."""
+    settings = settings or load_settings()
+    info = run.info
+    return f"{settings.mlflow_tracking_uri.rstrip('/')}/#/experiments/{info.experiment_id}/runs/{info.run_id}"
+
+
+def artifact_object_uri(run: mlflow.ActiveRun | mlflow.entities.Run, path: str = "", settings: Settings | None = None) -> str:
+    """Where the tracking server stored a run's artifact in the object store.
+
+    The server proxies `mlflow-artifacts:/<exp>/<run>/artifacts` into
+    `s3://<mlflow bucket>/<exp>/<run>/artifacts`.
+    """
+    settings = settings or load_settings()
+    root = run.info.artifact_uri
+    scheme = "mlflow-artifacts:"
+    if not root.startswith(scheme):
+        return f"{root}/{path}".rstrip("/")
+    relative = root[len(scheme) :].lstrip("/")
+    # mlflow-artifacts URIs may carry the server's address: mlflow-artifacts://host:port/<exp>/...
+    if root.startswith(scheme + "//"):
+        relative = relative.split("/", 1)[1]
+    return f"s3://{settings.mlflow_bucket}/{relative}/{path}".rstrip("/")

@@ -1,0 +1,116 @@
+"""`vdm`: the platform's command line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from components.common.settings import load_settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """vdm-platform: raw videos to curated data, trained, registered and served video models."""
+
+
+@main.group()
+def stack() -> None:
+    """The local stack: S3 (SeaweedFS), MLflow and Prometheus on 127.0.0.1."""
+
+
+def _stack():
+    from pipelines.stack import Stack
+
+    return Stack(load_settings(), log=lambda line: click.echo(line, err=True))
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+@stack.command("up")
+def stack_up() -> None:
+    """Start every server (idempotent); restart any that died, on its data."""
+    from pipelines.stack import StackError
+
+    s = _stack()
+    try:
+        statuses = s.up()
+    except StackError as e:
+        _fail(str(e))
+    for status in statuses:
+        click.echo(status.line())
+    click.echo(f"state: {s.home}   exports: eval \"$(vdm stack env)\"")
+
+
+@stack.command("down")
+def stack_down() -> None:
+    """Stop exactly the servers `up` started. Data stays in the state folder."""
+    stopped = _stack().down()
+    if not stopped:
+        click.echo("nothing was running")
+
+
+@stack.command("status")
+def stack_status() -> None:
+    """Report each server: running, starting, dead, stopped or skipped. Exit 1 unless all run."""
+    statuses = _stack().status()
+    for status in statuses:
+        click.echo(status.line())
+    if any(s.state not in ("running", "skipped") for s in statuses):
+        sys.exit(1)
+
+
+@stack.command("env")
+def stack_env() -> None:
+    """Print shell exports for the stack's clients: eval "$(vdm stack env)"."""
+    s = _stack()
+    if not s.credentials():
+        _fail("no credentials yet: run `vdm stack up` first")
+    click.echo(s.env_exports(), nl=False)
+
+
+@main.group()
+def data() -> None:
+    """Sample data."""
+
+
+@data.command("synth")
+@click.option("--out", required=True, help="Folder or s3://bucket/prefix to write into.")
+@click.option("--seed", default=0, show_default=True, help="Same seed, same videos.")
+def data_synth(out: str, seed: int) -> None:
+    """Write sample videos with known truth (cuts, fades, motion, text) and bad files,
+    described by manifest.json."""
+    from components.common.objectstore import ObjectStore, ObjectStoreError, is_s3_uri
+    from components.sample_data.synth import SynthConfig, synthesize
+
+    store = ObjectStore.from_settings(load_settings()) if is_s3_uri(out) else None
+    try:
+        manifest = synthesize(out, SynthConfig(seed=seed), store=store, progress=True)
+    except ObjectStoreError as e:
+        _fail(str(e))
+    valid = sum(v["valid"] for v in manifest["videos"])
+    click.echo(f"wrote {valid} videos and {len(manifest['videos']) - valid} bad files to {out} (manifest.json)")
+
+
+@main.command()
+@click.option("--seed", default=0, show_default=True)
+def demo(seed: int) -> None:
+    """The main job, end to end on sample data and the local stack."""
+    from pipelines.demo import run_demo
+    from pipelines.stack import StackError
+
+    try:
+        summary = run_demo(seed, log=lambda line: click.echo(line, err=True))
+    except StackError as e:
+        _fail(str(e))
+    click.echo("\nvdm demo: done")
+    width = max(map(len, summary))
+    for key, value in summary.items():
+        click.echo(f"  {key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

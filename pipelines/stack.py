@@ -1,0 +1,448 @@
+"""The local stack: real servers on 127.0.0.1 for development, tests and `make demo`.
+
+- `s3`: SeaweedFS `weed mini` (the S3 API our code speaks to MinIO in the cluster);
+- `mlflow`: MLflow tracking server, sqlite backend, artifacts proxied into the `mlflow` bucket;
+- `prometheus`: Debian's Prometheus, when installed; it scrapes every target file
+  that later parts drop into `$VDM_HOME/prometheus/targets/`.
+
+State lives in the state folder (`$VDM_HOME`, default `.vdm/`): data, logs, PID
+records, generated credentials (mode 0600). Each server runs in its own process
+group; its PID record holds the kernel's start time of that process, so `down`
+signals exactly the processes `up` started and never a recycled PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from components.common.objectstore import ObjectStore, ObjectStoreError
+from components.common.settings import CREDENTIALS_FILE, STACK_ENV_FILE, Settings, load_settings
+
+HOST = "127.0.0.1"
+# SeaweedFS binds each gRPC port at its HTTP port + 10000.
+SEAWEED_GRPC_OFFSET = 10000
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str
+    argv: list[str]
+    ports: list[int]
+    url: str
+    healthy: Callable[[], bool]
+    start_timeout_s: float
+    env: dict[str, str] = field(default_factory=dict)
+    after_start: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    name: str
+    state: str  # running | starting | dead | stopped | skipped
+    url: str = ""
+    pid: int | None = None
+    note: str = ""
+
+    def line(self) -> str:
+        pid = f"pid {self.pid}" if self.pid else ""
+        return "  ".join(p for p in (f"{self.name:<11}", f"{self.state:<8}", self.url, pid, self.note) if p)
+
+
+def generate_credentials(home: Path) -> None:
+    """Write fresh S3 keys to `credentials.env` (0600) unless the file exists."""
+    path = home / CREDENTIALS_FILE
+    if path.exists():
+        return
+    body = (
+        f"AWS_ACCESS_KEY_ID=vdm{secrets.token_hex(8)}\n"
+        f"AWS_SECRET_ACCESS_KEY={secrets.token_urlsafe(30)}\n"
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(body)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, replacing it atomically."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+            return True
+        except OSError:
+            return False
+
+
+def _wait_ports_free(ports: list[int], timeout_s: float) -> list[int]:
+    """Ports still taken after waiting: a server that just died may hold its
+    sockets for a moment while its last threads exit."""
+    deadline = time.monotonic() + timeout_s
+    while busy := [p for p in ports if not port_is_free(p)]:
+        if time.monotonic() > deadline:
+            return busy
+        time.sleep(0.2)
+    return []
+
+
+def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return 200 <= response.status < 300
+    except OSError:
+        return False
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of a live process (field 22 of /proc/PID/stat); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":  # a zombie has exited; it only waits to be reaped
+        return None
+    return fields[19]
+
+
+class Stack:
+    def __init__(self, settings: Settings | None = None, *, log: Callable[[str], None] = print):
+        self.settings = settings or load_settings()
+        self.home = self.settings.home
+        self.log = log
+
+    # -- layout -----------------------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def prometheus_targets_dir(self) -> Path:
+        """Drop a Prometheus file_sd JSON here to have it scraped (picked up within 5 s)."""
+        return self.home / "prometheus" / "targets"
+
+    def credentials(self) -> dict[str, str]:
+        return read_env_file(self.home / CREDENTIALS_FILE)
+
+    def endpoints(self) -> dict[str, str]:
+        s = self.settings
+        return {
+            "VDM_HOME": str(self.home),
+            "VDM_S3_ENDPOINT": f"http://{HOST}:{s.s3_port}",
+            "MLFLOW_TRACKING_URI": f"http://{HOST}:{s.mlflow_port}",
+            "VDM_PROMETHEUS_URL": f"http://{HOST}:{s.prometheus_port}",
+            "VDM_S3_PORT": str(s.s3_port),
+            "VDM_SEAWEED_MASTER_PORT": str(s.seaweed_master_port),
+            "VDM_SEAWEED_VOLUME_PORT": str(s.seaweed_volume_port),
+            "VDM_SEAWEED_FILER_PORT": str(s.seaweed_filer_port),
+            "VDM_MLFLOW_PORT": str(s.mlflow_port),
+            "VDM_PROMETHEUS_PORT": str(s.prometheus_port),
+        }
+
+    def client_env(self) -> dict[str, str]:
+        """What a client of the stack needs: endpoints and credentials."""
+        endpoints = self.endpoints()
+        return {**endpoints, **self.credentials(), "MLFLOW_S3_ENDPOINT_URL": endpoints["VDM_S3_ENDPOINT"]}
+
+    def object_store(self) -> ObjectStore:
+        creds = self.credentials()
+        return ObjectStore(
+            self.endpoints()["VDM_S3_ENDPOINT"],
+            creds["AWS_ACCESS_KEY_ID"],
+            creds["AWS_SECRET_ACCESS_KEY"],
+            retries=1,
+        )
+
+    # -- servers ----------------------------------------------------------------
+
+    def specs(self) -> list[ServerSpec]:
+        specs = [self._s3_spec(), self._mlflow_spec()]
+        prometheus = self._prometheus_spec()
+        if prometheus:
+            specs.append(prometheus)
+        return specs
+
+    def _s3_spec(self) -> ServerSpec:
+        s = self.settings
+        weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+        if not weed:
+            raise StackError("the SeaweedFS binary `weed` is missing: install the project (make install)")
+        http_ports = [s.s3_port, s.seaweed_master_port, s.seaweed_volume_port, s.seaweed_filer_port]
+        argv = [
+            weed, "mini",
+            f"-dir={self.home / 's3'}",
+            f"-ip={HOST}", f"-ip.bind={HOST}",
+            f"-s3.config={self.home / 's3' / 's3.json'}",
+            f"-s3.port={s.s3_port}", f"-s3.port.grpc={s.s3_port + SEAWEED_GRPC_OFFSET}",
+            f"-master.port={s.seaweed_master_port}",
+            f"-master.port.grpc={s.seaweed_master_port + SEAWEED_GRPC_OFFSET}",
+            f"-volume.port={s.seaweed_volume_port}",
+            f"-volume.port.grpc={s.seaweed_volume_port + SEAWEED_GRPC_OFFSET}",
+            f"-filer.port={s.seaweed_filer_port}",
+            f"-filer.port.grpc={s.seaweed_filer_port + SEAWEED_GRPC_OFFSET}",
+            f"-filer.localSocket={self.home / 's3' / 'filer.sock'}",
+            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.telemetry=false",
+            # A missing bucket must be an error, as on MinIO, not created on the fly.
+            "-s3.autoCreateBucket=false",
+            "-volume.preStopSeconds=0",
+        ]
+
+        def healthy() -> bool:
+            try:
+                self.object_store().bucket_exists(s.mlflow_bucket)
+                return True
+            except ObjectStoreError:
+                return False
+
+        def create_buckets() -> None:
+            store = self.object_store()
+            for bucket in (s.mlflow_bucket, s.data_bucket):
+                store.ensure_bucket(bucket)
+
+        return ServerSpec(
+            name="s3",
+            argv=argv,
+            ports=http_ports + [p + SEAWEED_GRPC_OFFSET for p in http_ports],
+            url=f"http://{HOST}:{s.s3_port}",
+            healthy=healthy,
+            start_timeout_s=60,
+            after_start=create_buckets,
+        )
+
+    def _mlflow_spec(self) -> ServerSpec:
+        s = self.settings
+        creds = self.credentials()
+        url = f"http://{HOST}:{s.mlflow_port}"
+        argv = [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}",
+            "--artifacts-destination", f"s3://{s.mlflow_bucket}/",
+            "--serve-artifacts",
+            "--host", HOST, "--port", str(s.mlflow_port), "--workers", "1",
+        ]
+        env = {
+            "MLFLOW_S3_ENDPOINT_URL": f"http://{HOST}:{s.s3_port}",
+            "AWS_ACCESS_KEY_ID": creds.get("AWS_ACCESS_KEY_ID", ""),
+            "AWS_SECRET_ACCESS_KEY": creds.get("AWS_SECRET_ACCESS_KEY", ""),
+            "AWS_DEFAULT_REGION": s.s3_region,
+            # Otherwise the server spawns job consumers (about 1.8 GB) we never use.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
+        return ServerSpec(
+            name="mlflow",
+            argv=argv,
+            ports=[s.mlflow_port],
+            url=url,
+            healthy=lambda: http_ok(f"{url}/health"),
+            start_timeout_s=120,
+            env=env,
+        )
+
+    def _prometheus_spec(self) -> ServerSpec | None:
+        binary = shutil.which("prometheus")
+        if not binary:
+            return None
+        s = self.settings
+        url = f"http://{HOST}:{s.prometheus_port}"
+        argv = [
+            binary,
+            f"--config.file={self.home / 'prometheus' / 'prometheus.yml'}",
+            f"--storage.tsdb.path={self.home / 'prometheus' / 'data'}",
+            f"--web.listen-address={HOST}:{s.prometheus_port}",
+        ]
+        return ServerSpec(
+            name="prometheus",
+            argv=argv,
+            ports=[s.prometheus_port],
+            url=url,
+            healthy=lambda: http_ok(f"{url}/-/ready"),
+            start_timeout_s=30,
+        )
+
+    def _write_configs(self) -> None:
+        creds = self.credentials()
+        s3_config = {
+            "identities": [
+                {
+                    "name": "admin",
+                    "credentials": [
+                        {"accessKey": creds["AWS_ACCESS_KEY_ID"], "secretKey": creds["AWS_SECRET_ACCESS_KEY"]}
+                    ],
+                    "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                }
+            ]
+        }
+        write_private(self.home / "s3" / "s3.json", json.dumps(s3_config))
+        self.prometheus_targets_dir.mkdir(parents=True, exist_ok=True)
+        (self.home / "prometheus" / "prometheus.yml").write_text(
+            "global:\n"
+            "  scrape_interval: 5s\n"
+            "  evaluation_interval: 5s\n"
+            "scrape_configs:\n"
+            "  - job_name: prometheus\n"
+            f"    static_configs: [{{targets: ['{HOST}:{self.settings.prometheus_port}']}}]\n"
+            "  - job_name: vdm\n"
+            "    file_sd_configs:\n"
+            f"      - files: ['{self.prometheus_targets_dir}/*.json']\n"
+            "        refresh_interval: 5s\n"
+        )
+        # Endpoints and ports, so later commands find this stack without flags.
+        write_private(self.home / STACK_ENV_FILE, "".join(f"{k}={v}\n" for k, v in self.endpoints().items()))
+
+    # -- PID records ----------------------------------------------------------------
+
+    def _pid_file(self, name: str) -> Path:
+        return self.run_dir / f"{name}.json"
+
+    def _recorded_pid(self, name: str) -> int | None:
+        """The PID recorded for a server if that very process is still alive."""
+        path = self._pid_file(name)
+        if not path.exists():
+            return None
+        record = json.loads(path.read_text())
+        if process_start_time(record["pid"]) != record["start_time"]:
+            return None
+        return record["pid"]
+
+    def _status(self, spec: ServerSpec) -> ServerStatus:
+        pid = self._recorded_pid(spec.name)
+        if pid is None:
+            state = "dead" if self._pid_file(spec.name).exists() else "stopped"
+            note = f"exited; see {self.log_dir / (spec.name + '.log')}" if state == "dead" else ""
+            return ServerStatus(spec.name, state, spec.url, note=note)
+        if spec.healthy():
+            return ServerStatus(spec.name, "running", spec.url, pid)
+        return ServerStatus(spec.name, "starting", spec.url, pid, note="not answering its health check yet")
+
+    # -- commands ---------------------------------------------------------------------
+
+    def status(self) -> list[ServerStatus]:
+        statuses = [self._status(spec) for spec in self.specs()]
+        if not shutil.which("prometheus"):
+            statuses.append(
+                ServerStatus("prometheus", "skipped", note="not installed (apt-get install -y prometheus)")
+            )
+        return statuses
+
+    def up(self) -> list[ServerStatus]:
+        for folder in (self.home, self.run_dir, self.log_dir, self.home / "s3", self.home / "mlflow"):
+            folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.home, 0o700)
+        generate_credentials(self.home)
+        self._write_configs()
+        for spec in self.specs():
+            self._start(spec)
+        return self.status()
+
+    def _start(self, spec: ServerSpec) -> None:
+        current = self._status(spec)
+        if current.state in ("running", "starting"):
+            self._wait_healthy(spec, current.pid)
+            self.log(f"{spec.name:<11} already running  {spec.url}  pid {current.pid}")
+            return
+        if current.state == "dead":
+            self.log(f"{spec.name:<11} had died; restarting it on its data")
+        busy = _wait_ports_free(spec.ports, timeout_s=10 if current.state == "dead" else 0)
+        if busy:
+            raise StackError(
+                f"{spec.name}: port(s) {busy} on {HOST} are in use by another process; "
+                "stop it or choose other ports (VDM_*_PORT variables)"
+            )
+        started = time.monotonic()
+        log_path = self.log_dir / f"{spec.name}.log"
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                spec.argv,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.home,
+                env={**os.environ, **spec.env},
+                start_new_session=True,  # its own process group: `down` stops it and its children
+            )
+        record = {"pid": process.pid, "start_time": process_start_time(process.pid), "argv0": spec.argv[0]}
+        self._pid_file(spec.name).write_text(json.dumps(record))
+        self._wait_healthy(spec, process.pid, log_path)
+        if spec.after_start:
+            spec.after_start()
+        self.log(f"{spec.name:<11} started in {time.monotonic() - started:4.1f} s  {spec.url}  pid {process.pid}")
+
+    def _wait_healthy(self, spec: ServerSpec, pid: int, log_path: Path | None = None) -> None:
+        deadline = time.monotonic() + spec.start_timeout_s
+        while time.monotonic() < deadline:
+            if spec.healthy():
+                return
+            if self._recorded_pid(spec.name) != pid:
+                tail = log_path.read_text(errors="replace")[-2000:] if log_path else ""
+                raise StackError(f"{spec.name} exited while starting; last log lines:\n{tail}")
+            time.sleep(0.25)
+        raise StackError(f"{spec.name} did not become healthy within {spec.start_timeout_s:.0f} s ({spec.url})")
+
+    def down(self) -> list[str]:
+        """Stop every server this stack started (by recorded PID); returns their names."""
+        stopped = []
+        for spec in reversed(self.specs()):
+            pid = self._recorded_pid(spec.name)
+            if pid is not None:
+                _stop_process_group(pid)
+                stopped.append(spec.name)
+                self.log(f"{spec.name:<11} stopped (pid {pid})")
+            self._pid_file(spec.name).unlink(missing_ok=True)
+        return stopped
+
+    def env_exports(self) -> str:
+        return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.client_env().items())
+
+
+def _stop_process_group(pid: int, timeout_s: float = 20.0) -> None:
+    start_time = process_start_time(pid)
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process_start_time(pid) != start_time:
+            break
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # whatever of the group is left
+    except ProcessLookupError:
+        pass
