@@ -42,7 +42,7 @@ def stack_up() -> None:
         _fail(str(e))
     for status in statuses:
         click.echo(status.line())
-    click.echo(f"state: {s.home}   exports: eval \"$(vdm stack env)\"")
+    click.echo(f'state: {s.home}   exports: eval "$(vdm stack env)"')
 
 
 @stack.command("down")

@@ -28,7 +28,9 @@ def run_demo(seed: int = 0, log: Callable[[str], None] = print) -> dict:
     raw = S3Uri(settings.data_bucket, f"samples/seed-{seed}")
     config = SynthConfig(seed=seed)
 
-    with tracked_run("vdm-demo", run_name=f"demo-seed-{seed}", config={"synth": config.__dict__}, settings=settings) as run:
+    with tracked_run(
+        "vdm-demo", run_name=f"demo-seed-{seed}", config={"synth": config.__dict__}, settings=settings
+    ) as run:
         manifest = synthesize(str(raw), config, store=store, progress=True)
         valid = [v for v in manifest["videos"] if v["valid"]]
         mlflow.log_metrics(

@@ -13,6 +13,7 @@ signals exactly the processes `up` started and never a recycled PID.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -70,10 +71,7 @@ def generate_credentials(home: Path) -> None:
     path = home / CREDENTIALS_FILE
     if path.exists():
         return
-    body = (
-        f"AWS_ACCESS_KEY_ID=vdm{secrets.token_hex(8)}\n"
-        f"AWS_SECRET_ACCESS_KEY={secrets.token_urlsafe(30)}\n"
-    )
+    body = f"AWS_ACCESS_KEY_ID=vdm{secrets.token_hex(8)}\nAWS_SECRET_ACCESS_KEY={secrets.token_urlsafe(30)}\n"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(body)
@@ -205,11 +203,14 @@ class Stack:
             raise StackError("the SeaweedFS binary `weed` is missing: install the project (make install)")
         http_ports = [s.s3_port, s.seaweed_master_port, s.seaweed_volume_port, s.seaweed_filer_port]
         argv = [
-            weed, "mini",
+            weed,
+            "mini",
             f"-dir={self.home / 's3'}",
-            f"-ip={HOST}", f"-ip.bind={HOST}",
+            f"-ip={HOST}",
+            f"-ip.bind={HOST}",
             f"-s3.config={self.home / 's3' / 's3.json'}",
-            f"-s3.port={s.s3_port}", f"-s3.port.grpc={s.s3_port + SEAWEED_GRPC_OFFSET}",
+            f"-s3.port={s.s3_port}",
+            f"-s3.port.grpc={s.s3_port + SEAWEED_GRPC_OFFSET}",
             f"-master.port={s.seaweed_master_port}",
             f"-master.port.grpc={s.seaweed_master_port + SEAWEED_GRPC_OFFSET}",
             f"-volume.port={s.seaweed_volume_port}",
@@ -217,7 +218,10 @@ class Stack:
             f"-filer.port={s.seaweed_filer_port}",
             f"-filer.port.grpc={s.seaweed_filer_port + SEAWEED_GRPC_OFFSET}",
             f"-filer.localSocket={self.home / 's3' / 'filer.sock'}",
-            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             "-master.telemetry=false",
             # A missing bucket must be an error, as on MinIO, not created on the fly.
             "-s3.autoCreateBucket=false",
@@ -251,11 +255,21 @@ class Stack:
         creds = self.credentials()
         url = f"http://{HOST}:{s.mlflow_port}"
         argv = [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}",
-            "--artifacts-destination", f"s3://{s.mlflow_bucket}/",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}",
+            "--artifacts-destination",
+            f"s3://{s.mlflow_bucket}/",
             "--serve-artifacts",
-            "--host", HOST, "--port", str(s.mlflow_port), "--workers", "1",
+            "--host",
+            HOST,
+            "--port",
+            str(s.mlflow_port),
+            "--workers",
+            "1",
         ]
         env = {
             "MLFLOW_S3_ENDPOINT_URL": f"http://{HOST}:{s.s3_port}",
@@ -356,9 +370,7 @@ class Stack:
     def status(self) -> list[ServerStatus]:
         statuses = [self._status(spec) for spec in self.specs()]
         if not shutil.which("prometheus"):
-            statuses.append(
-                ServerStatus("prometheus", "skipped", note="not installed (apt-get install -y prometheus)")
-            )
+            statuses.append(ServerStatus("prometheus", "skipped", note="not installed (apt-get install -y prometheus)"))
         return statuses
 
     def up(self) -> list[ServerStatus]:
@@ -442,7 +454,5 @@ def _stop_process_group(pid: int, timeout_s: float = 20.0) -> None:
         if process_start_time(pid) != start_time:
             break
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)  # whatever of the group is left
-    except ProcessLookupError:
-        pass

@@ -44,7 +44,10 @@ def _states(stack: Stack) -> dict[str, str]:
 def _store(stack: Stack, retries: int = 1) -> ObjectStore:
     creds = stack.credentials()
     return ObjectStore(
-        stack.endpoints()["VDM_S3_ENDPOINT"], creds["AWS_ACCESS_KEY_ID"], creds["AWS_SECRET_ACCESS_KEY"], retries=retries
+        stack.endpoints()["VDM_S3_ENDPOINT"],
+        creds["AWS_ACCESS_KEY_ID"],
+        creds["AWS_SECRET_ACCESS_KEY"],
+        retries=retries,
     )
 
 
@@ -148,9 +151,9 @@ def test_busy_port_is_a_clear_error(tmp_path, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     stack = Stack(load_settings(), log=lambda line: None)
-    with occupy(int(env["VDM_S3_PORT"])):
-        with pytest.raises(StackError, match=rf"port\(s\) \[{env['VDM_S3_PORT']}\].*in use"):
-            stack.up()
+    busy = rf"port\(s\) \[{env['VDM_S3_PORT']}\].*in use"
+    with occupy(int(env["VDM_S3_PORT"])), pytest.raises(StackError, match=busy):
+        stack.up()
     assert not (stack.run_dir / "s3.json").exists()
 
 
@@ -158,7 +161,10 @@ def test_env_exports_evaluate_in_a_shell(stack):
     script = 'eval "$(vdm stack env)" && echo "$VDM_S3_ENDPOINT $MLFLOW_TRACKING_URI ${#AWS_SECRET_ACCESS_KEY}"'
     bin_dir = os.path.dirname(sys.executable)
     result = subprocess.run(
-        ["bash", "-c", script], capture_output=True, text=True, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+        ["bash", "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
     )
     assert result.returncode == 0, result.stderr
     endpoint, tracking, secret_length = result.stdout.split()

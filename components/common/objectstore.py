@@ -136,9 +136,7 @@ class VerifiedReader(io.RawIOBase):
 
 def _check_digest(uri: S3Uri, expected: str | None, actual: str) -> None:
     if expected and expected != actual:
-        raise ChecksumMismatchError(
-            f"{uri}: content sha256 {actual} does not match the recorded {expected}"
-        )
+        raise ChecksumMismatchError(f"{uri}: content sha256 {actual} does not match the recorded {expected}")
 
 
 class ObjectStore:
@@ -208,7 +206,7 @@ class ObjectStore:
             return CredentialsError(
                 f"the S3 server at {self.endpoint} rejected access key {self._access_key!r} "
                 f"({e.code}, {what}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                "(locally: eval \"$(vdm stack env)\")"
+                '(locally: eval "$(vdm stack env)")'
             )
         return ObjectStoreError(f"{what}: {e.code}: {e.message}")
 
@@ -326,7 +324,9 @@ class ObjectStore:
                 continue
             yield ObjectInfo(S3Uri(base.bucket, obj.object_name), obj.size, obj.etag, obj.last_modified)
 
-    def publish_folder(self, folder: str | Path, prefix: str | S3Uri, *, progress: bool = False, workers: int = 8) -> S3Uri:
+    def publish_folder(
+        self, folder: str | Path, prefix: str | S3Uri, *, progress: bool = False, workers: int = 8
+    ) -> S3Uri:
         """Upload every file under `folder` to `prefix`, then write `_MANIFEST.json`
         (relative path, size, sha256 of each file). Returns the manifest's URI."""
         folder, base = Path(folder), _uri(prefix)
@@ -339,7 +339,9 @@ class ObjectStore:
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
             entries = list(
-                tqdm(pool.map(upload, files), total=len(files), desc=f"upload {base}", unit="file", disable=not progress)
+                tqdm(
+                    pool.map(upload, files), total=len(files), desc=f"upload {base}", unit="file", disable=not progress
+                )
             )
         manifest = {"files": entries, "total_bytes": sum(e["size"] for e in entries)}
         return self.put_bytes(base.join(MANIFEST_NAME), json.dumps(manifest, indent=1).encode(), "application/json")
@@ -348,7 +350,9 @@ class ObjectStore:
         """The manifest of a published folder; ObjectNotFoundError if it is not published."""
         return json.loads(self.get_bytes(_uri(prefix).join(MANIFEST_NAME)))
 
-    def download_folder(self, prefix: str | S3Uri, folder: str | Path, *, progress: bool = False, workers: int = 8) -> list[Path]:
+    def download_folder(
+        self, prefix: str | S3Uri, folder: str | Path, *, progress: bool = False, workers: int = 8
+    ) -> list[Path]:
         """Download a published folder: exactly the files its manifest names."""
         base, folder = _uri(prefix), Path(folder)
         entries = self.read_manifest(base)["files"]
@@ -358,7 +362,13 @@ class ObjectStore:
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
             return list(
-                tqdm(pool.map(download, entries), total=len(entries), desc=f"download {base}", unit="file", disable=not progress)
+                tqdm(
+                    pool.map(download, entries),
+                    total=len(entries),
+                    desc=f"download {base}",
+                    unit="file",
+                    disable=not progress,
+                )
             )
 
 

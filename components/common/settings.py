@@ -24,9 +24,7 @@ def vdm_home() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        extra="ignore", populate_by_name=True, env_file_encoding="utf-8", frozen=True
-    )
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, env_file_encoding="utf-8", frozen=True)
 
     home: Path = Field(default_factory=vdm_home, validation_alias="VDM_HOME")
 

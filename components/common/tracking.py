@@ -98,7 +98,9 @@ def run_url(run: mlflow.ActiveRun | mlflow.entities.Run, settings: Settings | No
     return f"{settings.mlflow_tracking_uri.rstrip('/')}/#/experiments/{info.experiment_id}/runs/{info.run_id}"
 
 
-def artifact_object_uri(run: mlflow.ActiveRun | mlflow.entities.Run, path: str = "", settings: Settings | None = None) -> str:
+def artifact_object_uri(
+    run: mlflow.ActiveRun | mlflow.entities.Run, path: str = "", settings: Settings | None = None
+) -> str:
     """Where the tracking server stored a run's artifact in the object store.
 
     The server proxies `mlflow-artifacts:/<exp>/<run>/artifacts` into

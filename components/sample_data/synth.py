@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from components.common.objectstore import ObjectStore, is_s3_uri, sha256_file
 from components.sample_data.render import (
-    draw_shapes,
     moving_shapes,
     pan,
     texture,
@@ -110,7 +109,7 @@ class _Catalogue:
 
     def cuts(self):
         lengths = [40, 56, 48]
-        shots, objects = zip(*(self.shot_with_objects(n, i, 1) for i, n in enumerate(lengths)))
+        shots, objects = zip(*(self.shot_with_objects(n, i, 1) for i, n in enumerate(lengths)), strict=True)
         boundaries = np.cumsum(lengths)[:-1].tolist()
         truth = _truth(cuts=boundaries, shots=_spans(lengths), objects=[o for per in objects for o in per])
         return np.concatenate(shots), truth
@@ -159,7 +158,7 @@ class _Catalogue:
 
     def text(self):
         frames, objects = self.shot_with_objects(self.c.frames, 0, 1)
-        caption, font, scale, thickness = "BREAKING NEWS 24/7", cv2.FONT_HERSHEY_DUPLEX, 0.9, 2
+        caption, font, scale, thickness = "BREAKING NEWS 24/7", cv2.FONT_HERSHEY_DUPLEX, 0.7, 2
         (tw, th), baseline = cv2.getTextSize(caption, font, scale, thickness)
         x, y = (self.c.width - tw) // 2, self.c.height - 20
         box = [x, y - th - thickness, x + tw, y + baseline]
@@ -189,7 +188,7 @@ class _Catalogue:
 
 def _spans(lengths: list[int]) -> list[list[int]]:
     ends = np.cumsum(lengths).tolist()
-    return [[e - n, e] for n, e in zip(lengths, ends)]
+    return [[e - n, e] for n, e in zip(lengths, ends, strict=True)]
 
 
 def _write_bad_files(folder: Path, config: SynthConfig, rng: np.random.Generator) -> list[dict]:
@@ -202,9 +201,7 @@ def _write_bad_files(folder: Path, config: SynthConfig, rng: np.random.Generator
         return folder / name
 
     add("zero_byte.mp4", REJECT_EMPTY, "0 bytes").write_bytes(b"")
-    add("random_bytes.mp4", REJECT_UNDECODABLE, "64 KiB of random bytes").write_bytes(
-        rng.bytes(64 << 10)
-    )
+    add("random_bytes.mp4", REJECT_UNDECODABLE, "64 KiB of random bytes").write_bytes(rng.bytes(64 << 10))
     write_audio_only(add("audio_only.mp4", REJECT_NO_VIDEO, "one AAC stream, no video"))
     with tempfile.TemporaryDirectory() as tmp:
         # Index at the end (the muxer's default): cut in half, the file loses its index.

@@ -1,0 +1,218 @@
+"""Sample videos: the truth in the manifest is what the pixels show."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from components.common.objectstore import sha256_file
+from components.sample_data.render import moving_shapes
+from components.sample_data.synth import (
+    REJECT_EMPTY,
+    REJECT_NO_VIDEO,
+    REJECT_TRUNCATED,
+    REJECT_UNDECODABLE,
+    SynthConfig,
+    synthesize_local,
+)
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synth")
+    manifest = synthesize_local(folder, SynthConfig(seed=7))
+    return folder, {v["file"]: v for v in manifest["videos"]}
+
+
+def decode(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def gray(frames: np.ndarray) -> np.ndarray:
+    return frames.astype(np.float32).mean(axis=-1)
+
+
+def test_manifest_describes_every_file(samples):
+    folder, videos = samples
+    on_disk = {p.name for p in folder.iterdir()} - {"manifest.json"}
+    assert on_disk == set(videos)
+    for name, entry in videos.items():
+        assert entry["sha256"] == sha256_file(folder / name)
+        if entry["valid"]:
+            frames = decode(folder / name)
+            assert frames.shape == (entry["num_frames"], entry["height"], entry["width"], 3)
+    assert {v["truth"]["camera_motion"] for v in videos.values() if v["valid"]} == {
+        "static",
+        "pan_left",
+        "pan_right",
+        "tilt_up",
+        "tilt_down",
+        "zoom_in",
+        "zoom_out",
+    }
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(samples, tmp_path):
+    _, videos = samples
+    again = {v["file"]: v["sha256"] for v in synthesize_local(tmp_path / "a", SynthConfig(seed=7))["videos"]}
+    other = {v["file"]: v["sha256"] for v in synthesize_local(tmp_path / "b", SynthConfig(seed=8))["videos"]}
+    assert again == {name: v["sha256"] for name, v in videos.items()}
+    assert other["cuts.mp4"] != again["cuts.mp4"]
+
+
+def test_hard_cuts_are_where_the_manifest_says(samples):
+    folder, videos = samples
+    frames = gray(decode(folder / "cuts.mp4"))
+    change = np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2))  # change[i]: frame i -> i+1
+    cuts = videos["cuts.mp4"]["truth"]["cuts"]
+    assert cuts == [40, 96]
+    top = sorted((np.argsort(change)[-len(cuts) :] + 1).tolist())
+    assert top == cuts
+    inside = np.delete(change, [c - 1 for c in cuts])
+    assert change[[c - 1 for c in cuts]].min() > 5 * inside.max()
+
+
+def test_fade_goes_through_black(samples):
+    folder, videos = samples
+    truth = videos["fade.mp4"]["truth"]
+    luma = gray(decode(folder / "fade.mp4")).mean(axis=(1, 2))
+    black_start, black_end = truth["black_frames"]
+    assert luma[black_start:black_end].max() < 3
+    out, fade_in = truth["fades"]
+    assert np.all(np.diff(luma[out["start_frame"] - 1 : out["end_frame"]]) < 0)
+    assert np.all(np.diff(luma[fade_in["start_frame"] : fade_in["end_frame"] + 1]) > 0)
+    assert luma[: out["start_frame"]].min() > 30 and luma[fade_in["end_frame"] :].min() > 30
+    assert truth["cuts"] == []
+
+
+def test_static_scene_does_not_move(samples):
+    folder, _ = samples
+    frames = gray(decode(folder / "static.mp4"))
+    assert np.abs(np.diff(frames, axis=0)).mean() < 0.5
+
+
+@pytest.mark.parametrize("name", ["pan_left.mp4", "pan_right.mp4", "tilt_up.mp4", "tilt_down.mp4"])
+def test_pans_and_tilts_move_content_at_the_recorded_velocity(samples, name):
+    folder, videos = samples
+    expected = np.array(videos[name]["truth"]["content_velocity_px_per_frame"])
+    frames = gray(decode(folder / name))
+    shifts = [np.array(cv2.phaseCorrelate(frames[t], frames[t + 1])[0]) for t in range(0, len(frames) - 1, 7)]
+    assert np.abs(np.median(shifts, axis=0) - expected).max() < 0.25, (name, np.median(shifts, axis=0))
+
+
+@pytest.mark.parametrize("name", ["zoom_in.mp4", "zoom_out.mp4"])
+def test_zooms_scale_content_at_the_recorded_rate(samples, name):
+    folder, videos = samples
+    rate = videos[name]["truth"]["zoom_rate_per_frame"]
+    frames = gray(decode(folder / name)).astype(np.uint8)
+    h, w = frames.shape[1:]
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    rx, ry = xs - w / 2, ys - h / 2
+    step = 6
+    estimates = []
+    for t in range(0, len(frames) - step, 12):
+        flow = cv2.calcOpticalFlowFarneback(frames[t], frames[t + step], None, 0.5, 3, 21, 3, 5, 1.1, 0)
+        # Radial expansion per unit radius over `step` frames, fitted by least squares.
+        k = (flow[..., 0] * rx + flow[..., 1] * ry).sum() / (rx**2 + ry**2).sum()
+        estimates.append((1 + k) ** (1 / step))
+    assert abs(np.median(estimates) - rate) < 0.3 * abs(rate - 1), (name, np.median(estimates), rate)
+
+
+def test_objects_move_at_the_recorded_velocities(samples):
+    folder, videos = samples
+    objects = videos["objects.mp4"]["truth"]["objects"]
+    assert len(objects) == 3
+    frames = decode(folder / "objects.mp4").astype(np.int16)
+    for obj in objects:
+        color = np.array(obj["color_rgb"])
+        start, velocity = np.array(obj["start_xy"]), np.array(obj["velocity_px_per_frame"])
+        assert np.linalg.norm(velocity) > 0.5
+        for t in (0, 30, 71):
+            x, y = np.round(start + velocity * t).astype(int)
+            assert np.abs(frames[t, y, x] - color).max() < 40, (obj, t)
+        # Where the object will be in 30 frames is not yet its colour (it really moves).
+        x, y = np.round(start + velocity * 30).astype(int)
+        if np.linalg.norm(velocity * 30) > 2.5 * obj["radius"]:
+            assert np.abs(frames[0, y, x] - color).max() > 40
+
+
+def test_burned_in_text_is_inside_its_box(samples):
+    folder, videos = samples
+    truth = videos["text.mp4"]["truth"]
+    assert truth["has_text"] and truth["text"]
+    x0, y0, x1, y1 = truth["text_boxes"][0]
+    frame = gray(decode(folder / "text.mp4")[10])
+    inside = frame[y0:y1, x0:x1]
+    assert (inside > 200).mean() > 0.1 and (inside < 40).mean() > 0.3  # white glyphs on black
+    h, w = frame.shape
+    assert truth["text_area_ratio"] == pytest.approx((x1 - x0) * (y1 - y0) / (w * h), abs=1e-4)
+    assert all(not v["truth"]["has_text"] for n, v in videos.items() if v["valid"] and n != "text.mp4")
+
+
+def test_bad_files_fail_the_way_the_manifest_says(samples):
+    folder, videos = samples
+    bad = {n: v for n, v in videos.items() if not v["valid"]}
+    assert {v["expected_rejection"] for v in bad.values()} == {
+        REJECT_EMPTY,
+        REJECT_UNDECODABLE,
+        REJECT_NO_VIDEO,
+        REJECT_TRUNCATED,
+    }
+    assert (folder / "zero_byte.mp4").stat().st_size == 0
+    for name in ("random_bytes.mp4", "truncated_index_at_end.mp4"):
+        with pytest.raises(av.error.InvalidDataError):
+            av.open(str(folder / name))
+    with av.open(str(folder / "audio_only.mp4")) as container:
+        assert len(container.streams.video) == 0 and len(container.streams.audio) == 1
+    # Truncated faststart: opens, its header claims every frame, far fewer decode.
+    entry = bad["truncated_faststart.mp4"]
+    decoded = 0
+    with av.open(str(folder / "truncated_faststart.mp4")) as container:
+        assert container.streams.video[0].frames == entry["header_frames"]
+        try:
+            for _ in container.decode(video=0):
+                decoded += 1
+        except av.error.InvalidDataError:
+            pass
+    assert 0 < decoded < 0.8 * entry["header_frames"]
+
+
+def test_moving_shapes_render_at_their_recorded_positions():
+    shapes = moving_shapes(16, 64, 96, num_shapes=1, max_speed=3, radius_range=(6, 6), seed=3)
+    assert shapes.frames.shape == (16, 64, 96, 3)
+    np.testing.assert_allclose(shapes.positions[5], shapes.positions[0] + 5 * shapes.velocities)
+    for t in (0, 7, 15):
+        weight = shapes.frames[t].astype(np.float64).sum(axis=-1)
+        ys, xs = np.mgrid[0:64, 0:96]
+        centroid = np.array([(weight * xs).sum(), (weight * ys).sum()]) / weight.sum()
+        np.testing.assert_allclose(centroid, shapes.positions[t, 0], atol=0.1)
+
+
+def test_moving_shapes_stay_inside_the_frame():
+    shapes = moving_shapes(64, 32, 32, num_shapes=5, max_speed=4, radius_range=(2, 4), seed=11)
+    lo = shapes.positions - shapes.radii[None, :, None]
+    hi = shapes.positions + shapes.radii[None, :, None]
+    assert lo.min() >= 0 and hi[..., 0].max() <= 32 and hi[..., 1].max() <= 32
+
+
+def test_synth_cli_publishes_to_the_object_store(stack, store, prefix, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "data", "synth", "--out", prefix, "--seed", "7"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote 11 videos and 5 bad files" in result.stdout
+    paths = store.download_folder(prefix, tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert len(paths) == len(manifest["videos"]) + 1
+    for entry in manifest["videos"]:
+        assert sha256_file(tmp_path / entry["file"]) == entry["sha256"]
