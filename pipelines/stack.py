@@ -49,6 +49,9 @@ class ServerSpec:
     url: str
     healthy: Callable[[], bool]
     start_timeout_s: float
+    # How long SIGTERM may take before SIGKILL. SeaweedFS's volume server sometimes
+    # stalls for ~20 s in shutdown after its data is flushed; the data survives SIGKILL.
+    stop_timeout_s: float = 20.0
     env: dict[str, str] = field(default_factory=dict)
     after_start: Callable[[], None] | None = None
 
@@ -247,6 +250,7 @@ class Stack:
             url=f"http://{HOST}:{s.s3_port}",
             healthy=healthy,
             start_timeout_s=60,
+            stop_timeout_s=5,
             after_start=create_buckets,
         )
 
@@ -433,9 +437,10 @@ class Stack:
         for spec in reversed(self.specs()):
             pid = self._recorded_pid(spec.name)
             if pid is not None:
-                _stop_process_group(pid)
+                started = time.monotonic()
+                _stop_process_group(pid, spec.stop_timeout_s)
                 stopped.append(spec.name)
-                self.log(f"{spec.name:<11} stopped (pid {pid})")
+                self.log(f"{spec.name:<11} stopped in {time.monotonic() - started:4.1f} s  pid {pid}")
             self._pid_file(spec.name).unlink(missing_ok=True)
         return stopped
 
@@ -443,7 +448,7 @@ class Stack:
         return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.client_env().items())
 
 
-def _stop_process_group(pid: int, timeout_s: float = 20.0) -> None:
+def _stop_process_group(pid: int, timeout_s: float) -> None:
     start_time = process_start_time(pid)
     try:
         os.killpg(pid, signal.SIGTERM)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import sys
 
 import pytest
 
@@ -53,7 +54,7 @@ def stack(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for key, value in stack_env(home).items():
             mp.setenv(key, value)
-        running = Stack(load_settings(), log=lambda line: None)
+        running = Stack(load_settings(), log=lambda line: print(line, file=sys.__stderr__))
         running.up()
         try:
             for key, value in running.client_env().items():

@@ -90,5 +90,7 @@ def test_imports_point_one_way(package):
 
 def test_code_is_lint_clean():
     ruff = Path(sys.executable).parent / "ruff"
-    result = subprocess.run([str(ruff), "check", "--output-format", "concise", str(ROOT)], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(ruff), "check", "--output-format", "concise", str(ROOT)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout[-3000:]
