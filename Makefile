@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 # This machine's pip config lists local wheel folders that do not all exist; hide that noise.
-PIP := $(BIN)/pip --disable-pip-version-check --progress-bar off -q
+PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check --progress-bar off -q
 QUIET := sed '/is ignored: it is neither a file nor a directory/d'
 STAMP := $(VENV)/.installed
 
@@ -16,9 +16,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	@echo "== installing into $(VENV) (first time: a few minutes)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install torch==2.14.1 torchvision==0.29.1 2>&1 | $(QUIET)
-	$(PIP) install -e '.[dev]' 2>&1 | $(QUIET)
-	$(PIP) install --no-deps scenedetect==0.7.2 rapidocr-onnxruntime==1.4.4 2>&1 | $(QUIET)
+	$(PIP_INSTALL) torch==2.14.1 torchvision==0.29.1 2>&1 | $(QUIET)
+	$(PIP_INSTALL) -e '.[dev]' 2>&1 | $(QUIET)
+	$(PIP_INSTALL) --no-deps scenedetect==0.7.2 rapidocr-onnxruntime==1.4.4 2>&1 | $(QUIET)
 	@touch $@
 
 install: $(STAMP)
@@ -40,8 +40,10 @@ demo: install system-deps
 test: install system-deps
 	$(BIN)/pytest
 
-bench: install
-	@for b in benchmarks/*.py; do [ -e "$$b" ] && $(BIN)/python "$$b"; done; true
+# Benchmarks print JSON; each compares against a baseline measured in the same run.
+bench: install system-deps
+	$(BIN)/vdm stack up
+	@for b in benchmarks/*.py; do $(BIN)/python "$$b"; done
 
 lint: install
 	$(BIN)/ruff check .
