@@ -37,7 +37,9 @@ def best_of(repeats: int, fn) -> float:
 def main() -> None:
     settings = load_settings()
     store = ObjectStore.from_settings(settings)
-    raw = Minio(settings.s3_host, settings.access_key, settings.secret_key.get_secret_value(), secure=settings.s3_secure)
+    raw = Minio(
+        settings.s3_host, settings.access_key, settings.secret_key.get_secret_value(), secure=settings.s3_secure
+    )
     bucket, run = settings.data_bucket, f"bench/{uuid.uuid4().hex[:8]}"
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,7 +68,11 @@ def main() -> None:
             raw.put_object(bucket, f"{run}/small/r{i}", io.BytesIO(payload), len(payload))
 
     ours_t, raw_t = best_of(2, ours_small), best_of(2, raw_small)
-    results["put_4KiB_objects"] = {"ours_per_s": SMALL_COUNT / ours_t, "sdk_per_s": SMALL_COUNT / raw_t, "ratio": raw_t / ours_t}
+    results["put_4KiB_objects"] = {
+        "ours_per_s": SMALL_COUNT / ours_t,
+        "sdk_per_s": SMALL_COUNT / raw_t,
+        "ratio": raw_t / ours_t,
+    }
 
     for obj in raw.list_objects(bucket, prefix=f"{run}/", recursive=True):
         raw.remove_object(bucket, obj.object_name)
