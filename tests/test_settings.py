@@ -37,6 +37,18 @@ def test_defaults_without_any_configuration(clean_env):
     assert s.secret_key.get_secret_value() == ""
 
 
+def test_state_folder_defaults_to_dot_vdm_in_the_working_directory(clean_env, monkeypatch, tmp_path):
+    monkeypatch.delenv("VDM_HOME")
+    monkeypatch.setenv("HOME", "/somewhere/else")
+    monkeypatch.setenv("IMAGE", "not-ours")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".vdm").mkdir()
+    (tmp_path / ".vdm" / "credentials.env").write_text("AWS_ACCESS_KEY_ID=k\nAWS_SECRET_ACCESS_KEY=s\n")
+    s = load_settings()
+    assert s.home == tmp_path / ".vdm"
+    assert s.access_key == "k" and s.image != "not-ours"
+
+
 def test_state_files_are_read_and_environment_wins(clean_env, monkeypatch):
     (clean_env / "stack.env").write_text(
         "VDM_S3_ENDPOINT=http://127.0.0.1:9100\nMLFLOW_TRACKING_URI=http://127.0.0.1:5100\n"

@@ -24,7 +24,9 @@ def vdm_home() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, env_file_encoding="utf-8", frozen=True)
+    # No populate_by_name: with it, pydantic-settings also reads each field's own
+    # name from the environment, and `home` would pick up $HOME.
+    model_config = SettingsConfigDict(extra="ignore", env_file_encoding="utf-8", frozen=True)
 
     home: Path = Field(default_factory=vdm_home, validation_alias="VDM_HOME")
 
@@ -60,8 +62,7 @@ class Settings(BaseSettings):
         return self.s3_endpoint.split("://", 1)[-1].rstrip("/")
 
 
-def load_settings(**overrides) -> Settings:
+def load_settings() -> Settings:
     """Settings from the environment, then the stack's files under the state folder."""
-    home = Path(overrides.get("home") or vdm_home())
-    files = tuple(str(home / name) for name in (STACK_ENV_FILE, CREDENTIALS_FILE))
-    return Settings(_env_file=files, **overrides)
+    files = tuple(str(vdm_home() / name) for name in (STACK_ENV_FILE, CREDENTIALS_FILE))
+    return Settings(_env_file=files)
