@@ -127,6 +127,15 @@ class VerifiedReader(io.RawIOBase):
             _check_digest(self._uri, self._expected, self._digest.hexdigest())
         return n
 
+    def copy_to(self, out: BinaryIO) -> None:
+        """Stream the rest of the object into `out`, then verify (the fast path for
+        downloads: urllib3's own chunks, no intermediate buffer)."""
+        for chunk in self._response.stream(_CHUNK):
+            self._digest.update(chunk)
+            out.write(chunk)
+        self._verified = True
+        _check_digest(self._uri, self._expected, self._digest.hexdigest())
+
     def close(self) -> None:
         if not self.closed:
             self._response.close()
@@ -273,10 +282,12 @@ class ObjectStore:
 
     def open(self, uri: str | S3Uri) -> io.BufferedReader:
         """A streaming reader; reading to the end verifies the recorded sha256."""
+        return io.BufferedReader(self._verified_reader(uri), buffer_size=_CHUNK)
+
+    def _verified_reader(self, uri: str | S3Uri) -> VerifiedReader:
         target = _uri(uri)
         response = self._call(f"read {target}", self._client.get_object, target.bucket, target.key)
-        expected = _metadata_sha256(response.headers)
-        return io.BufferedReader(VerifiedReader(response, target, expected), buffer_size=_CHUNK)
+        return VerifiedReader(response, target, _metadata_sha256(response.headers))
 
     def get_bytes(self, uri: str | S3Uri) -> bytes:
         with self.open(uri) as reader:
@@ -289,9 +300,8 @@ class ObjectStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
         try:
-            with os.fdopen(fd, "wb") as out, self.open(uri) as reader:
-                while chunk := reader.read(_CHUNK):
-                    out.write(chunk)
+            with os.fdopen(fd, "wb") as out, self._verified_reader(uri) as reader:
+                reader.copy_to(out)
             os.replace(partial, path)
         except BaseException:
             Path(partial).unlink(missing_ok=True)
