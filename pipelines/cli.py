@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -93,6 +94,73 @@ def data_synth(out: str, seed: int) -> None:
         _fail(str(e))
     valid = sum(v["valid"] for v in manifest["videos"])
     click.echo(f"wrote {valid} videos and {len(manifest['videos']) - valid} bad files to {out} (manifest.json)")
+
+
+@main.command()
+@click.option("--input", "input_location", required=True, help="Folder or s3://bucket/prefix of raw videos.")
+@click.option("--output", required=True, help="s3://bucket/prefix for shards, manifest and dataset card.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="curation.yaml")
+@click.option("--workers", type=int, default=None, help="Processes for decoding (default: every core).")
+@click.option(
+    "--allow-random-weights",
+    is_flag=True,
+    help="Use random-initialised tiny models where no weights are configured (tests, demo only; the card says so).",
+)
+def curate(input_location: str, output: str, config_path: str | None, workers: int | None, allow_random_weights: bool):
+    """Curate raw videos into WebDataset shards with SVD's annotations, filters and a dataset card."""
+    from components.common.objectstore import ObjectStore, ObjectStoreError
+    from components.curation.config import CurationConfig, with_random_weights
+    from components.curation.curate import curate as run_curation
+    from components.curation.neural import RandomWeightsNotAllowed
+
+    config = CurationConfig.load(config_path)
+    if allow_random_weights:
+        config = with_random_weights(config)
+    store = ObjectStore.from_settings(load_settings())
+    try:
+        result = run_curation(input_location, output, config, store, workers=workers, progress=True)
+    except (ObjectStoreError, RandomWeightsNotAllowed, ValueError) as e:
+        _fail(str(e))
+    card = result["card"]
+    click.echo(
+        f"\nvdm curate: done ({result['inputs']} files, {result['input_shards']} input shards, "
+        f"{result['skipped_shards']} already done)"
+    )
+    rows = {
+        "clips": f"{card['clips_before_filter']} -> {card['clips_after_filter']} kept",
+        "hours": f"{card['hours_before_filter']:.4f} -> {card['hours_after_filter']:.4f}",
+        "rejected_files": f"{card['rejected_files']} {card['rejected_per_reason']}",
+        "drops_per_filter": json.dumps(card["drops_per_filter"]),
+        "random_weights": str(card["random_weights"]),
+        "manifest": f"{output.rstrip('/')}/manifest.jsonl",
+        "shards": f"{output.rstrip('/')}/shards/",
+        "card": f"{output.rstrip('/')}/dataset_card.html",
+    }
+    for key, value in rows.items():
+        click.echo(f"  {key:<16}  {value}")
+
+
+@main.command("curate-ablation")
+@click.option("--curated", required=True, help="s3:// prefix of a finished `vdm curate` output.")
+@click.option("--grid", "grid_items", multiple=True, required=True, help="SCORE=P1,P2,... e.g. motion=12.5,25,50")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="curation.yaml")
+def curate_ablation(curated: str, grid_items: tuple[str, ...], config_path: str | None) -> None:
+    """Filtered subsets for SVD's threshold ablation (one dataset per score and percentile), without re-annotating."""
+    from components.common.objectstore import ObjectStore, ObjectStoreError
+    from components.curation.ablation import ablation_subsets, parse_grid
+    from components.curation.config import CurationConfig
+
+    try:
+        index = ablation_subsets(
+            curated,
+            parse_grid(list(grid_items)),
+            ObjectStore.from_settings(load_settings()),
+            CurationConfig.load(config_path),
+        )
+    except (ObjectStoreError, ValueError) as e:
+        _fail(str(e))
+    for name, subset in index.items():
+        click.echo(f"  {name:<22} {subset['clips']:>6} clips  {subset['hours']:.4f} h  {subset['uri']}")
 
 
 @main.command()

@@ -115,32 +115,6 @@ def zoom(world: np.ndarray, height: int, width: int, num_frames: int, rate: floa
     return np.stack(frames)
 
 
-def write_video(
-    path: Path,
-    frames: np.ndarray,
-    fps: int,
-    *,
-    faststart: bool = False,
-    crf: int = 18,
-) -> None:
-    """Encode RGB frames (T, H, W, 3) as H.264 mp4, byte-identical for identical frames:
-    one encoder thread, and no macroblock-tree rate control (with it, this x264 build
-    gave different bytes for the same frames from run to run)."""
-    options = {"movflags": "+faststart"} if faststart else {}
-    with av.open(str(path), "w", format="mp4", options=options) as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.gop_size = 2 * fps
-        stream.codec_context.thread_count = 1
-        stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": "mbtree=0"}
-        for array in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def write_audio_only(path: Path, seconds: float = 1.0, sample_rate: int = 44100) -> None:
     """An mp4 with one AAC stream and no video."""
     with av.open(str(path), "w", format="mp4") as container:

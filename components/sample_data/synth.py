@@ -19,13 +19,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from components.common.media import write_video
 from components.common.objectstore import ObjectStore, is_s3_uri, sha256_file
 from components.sample_data.render import (
     moving_shapes,
     pan,
     texture,
     write_audio_only,
-    write_video,
     zoom,
 )
 

@@ -1,0 +1,119 @@
+"""The curation configuration: one YAML file, validated into typed objects."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from components.curation.neural import NeuralConfig
+
+SCORES = ("motion", "text_ratio", "aesthetic", "clip_sim")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(_Strict):
+    """Inputs outside these are rejected with a reason, never decoded in full."""
+
+    max_width: int = 4096
+    max_height: int = 4096
+    max_duration_s: float = 3 * 3600.0
+    codecs: tuple[str, ...] = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mpeg2video", "prores", "mjpeg")
+    # A file whose decoded frames fall short of its header by more than this is truncated.
+    truncation_tolerance: float = 0.05
+
+
+class Decode(_Strict):
+    # Every frame is converted once, at this size (longer side), and shared by all steps.
+    max_side: int = 320
+    # Frames for flow, OCR and CLIP are sampled at this rate inside each clip.
+    sample_fps: float = 2.0
+    threads: int = 0  # PyAV decoder threads; 0 lets FFmpeg choose
+
+
+class Cuts(_Strict):
+    detector: Literal["adaptive", "content"] = "adaptive"
+    content_threshold: float = 27.0
+    adaptive_threshold: float = 3.0
+    # Fades through black (ThresholdDetector): mean pixel value below this is black.
+    fade_threshold: float = 12.0
+    detection_height: int = 72
+    min_clip_s: float = 1.0
+    max_clip_s: float = 10.0
+    # Frames darker than this (mean 0-255) are trimmed from clip ends (fades).
+    dark_luma: float = 16.0
+
+
+class Motion(_Strict):
+    flow_height: int = 128
+    # Camera-motion labels: global flow below this (px per source frame at flow height) is static.
+    static_px_per_frame: float = 0.05
+    zoom_px_per_frame: float = 0.08  # radial expansion at the frame corner
+
+
+class Filter(_Strict):
+    """Drop clips on one score: the lowest/highest X percent, or below min / above max."""
+
+    score: Literal["motion", "text_ratio", "aesthetic", "clip_sim"]
+    drop_lowest_percent: float | None = Field(None, ge=0, le=100)
+    drop_highest_percent: float | None = Field(None, ge=0, le=100)
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> Filter:
+        rules = [self.drop_lowest_percent, self.drop_highest_percent, self.min, self.max]
+        if sum(r is not None for r in rules) != 1:
+            raise ValueError(
+                f"filter on {self.score!r} needs exactly one of drop_lowest_percent, drop_highest_percent, min, max"
+            )
+        return self
+
+    @property
+    def name(self) -> str:
+        for rule in ("drop_lowest_percent", "drop_highest_percent", "min", "max"):
+            if getattr(self, rule) is not None:
+                return f"{self.score}:{rule}={getattr(self, rule)}"
+        raise AssertionError("validated above")
+
+
+class Output(_Strict):
+    clip_max_side: int = 320
+    clip_crf: int = 23
+    clips_per_shard: int = 256
+    videos_per_input_shard: int = 16
+
+
+class CurationConfig(_Strict):
+    limits: Limits = Limits()
+    decode: Decode = Decode()
+    cuts: Cuts = Cuts()
+    motion: Motion = Motion()
+    neural: NeuralConfig = NeuralConfig()
+    # SVD-style defaults: static clips, text-heavy clips and the least aesthetic quarter go.
+    filters: tuple[Filter, ...] = (
+        Filter(score="motion", drop_lowest_percent=25),
+        Filter(score="text_ratio", max=0.05),
+        Filter(score="aesthetic", drop_lowest_percent=25),
+    )
+    output: Output = Output()
+    video_captioner: str | None = None  # "module:Class" of a VideoCaptioner; off by default
+    caption_summarizer: str | None = None  # "module:Class" of a CaptionSummarizer; off by default
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> CurationConfig:
+        if path is None:
+            return cls()
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+
+
+def with_random_weights(config: CurationConfig) -> CurationConfig:
+    """The same config with random-initialised tiny models where no weights are set."""
+    neural = dataclasses.replace(config.neural, allow_random_weights=True, tiny_models=True)
+    return config.model_copy(update={"neural": neural})

@@ -1,0 +1,292 @@
+"""Curation on synthetic videos with known truth, against the real local S3 server."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import webdataset as wds
+
+from components.common.objectstore import S3Uri
+from components.curation.annotate import run_videos
+from components.curation.config import CurationConfig, Filter, Limits
+from components.curation.finalize import apply_filters, thresholds
+from components.sample_data.synth import SynthConfig, synthesize_local
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("raw")
+    manifest = synthesize_local(folder, SynthConfig(seed=5))
+    return folder, {v["file"]: v for v in manifest["videos"]}
+
+
+@pytest.fixture(scope="module")
+def processed(samples):
+    """Every sample through decode, cuts and flow (no neural annotators)."""
+    folder, videos = samples
+    names = sorted(videos)
+    results = run_videos([str(folder / n) for n in names], CurationConfig(), workers=2)
+    return dict(zip(names, results, strict=True))
+
+
+def _bounds(result) -> list[tuple[int, int]]:
+    return [(c["start_frame"], c["end_frame"]) for c in result.clips]
+
+
+def test_hard_cuts_found_within_two_frames(processed, samples):
+    _, videos = samples
+    truth = videos["cuts.mp4"]["truth"]["cuts"]
+    starts = [s for s, _ in _bounds(processed["cuts.mp4"])][1:]
+    assert len(starts) == len(truth)
+    assert all(abs(s - t) <= 2 for s, t in zip(starts, truth, strict=True)), (starts, truth)
+
+
+def test_fade_splits_the_video_and_black_is_dropped(processed, samples):
+    _, videos = samples
+    truth = videos["fade.mp4"]["truth"]
+    bounds = _bounds(processed["fade.mp4"])
+    assert len(bounds) == 2
+    black_start, black_end = truth["black_frames"]
+    (a_start, a_end), (b_start, b_end) = bounds
+    assert a_start == 0 and a_end <= black_start + 1
+    assert b_start >= black_end - 1 and b_end == videos["fade.mp4"]["num_frames"]
+    # The fade-out ramp stays in the first clip, down to the dark frames.
+    assert a_end >= truth["fades"][0]["start_frame"] + 2
+
+
+@pytest.mark.parametrize("name", ["objects.mp4", "static.mp4", "pan_left.mp4", "zoom_in.mp4", "text.mp4"])
+def test_single_shot_videos_are_one_clip(processed, samples, name):
+    _, videos = samples
+    assert _bounds(processed[name]) == [(0, videos[name]["num_frames"])]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["static.mp4", "pan_left.mp4", "pan_right.mp4", "tilt_up.mp4", "tilt_down.mp4", "zoom_in.mp4", "zoom_out.mp4"],
+)
+def test_camera_motion_labels(processed, samples, name):
+    _, videos = samples
+    (clip,) = processed[name].clips
+    assert clip["camera_motion"] == videos[name]["truth"]["camera_motion"]
+
+
+def test_motion_scores_order_static_objects_pans(processed, samples):
+    _, videos = samples
+    score = {n: processed[n].clips[0]["scores"]["motion"] for n in ("static.mp4", "objects.mp4", "pan_left.mp4")}
+    assert score["static.mp4"] < 0.01 < score["objects.mp4"] < score["pan_left.mp4"]
+    # A pan of v px/frame at the decode height, seen at the flow height.
+    expected = abs(videos["pan_left.mp4"]["truth"]["content_velocity_px_per_frame"][0]) * 128 / 180
+    assert score["pan_left.mp4"] == pytest.approx(expected, rel=0.1)
+    assert processed["objects.mp4"].clips[0]["camera_motion"] == "static"  # objects move, the camera does not
+
+
+def test_every_bad_file_is_rejected_with_its_reason(processed, samples):
+    _, videos = samples
+    for name, entry in videos.items():
+        result = processed[name]
+        if entry["valid"]:
+            assert result.rejected is None and result.clips, name
+        else:
+            assert result.rejected["reason"] == entry["expected_rejection"], (name, result.rejected)
+            assert result.rejected["detail"] and not result.clips
+
+
+def test_configured_limits_reject_with_reasons(samples):
+    folder, _ = samples
+    path = str(folder / "static.mp4")
+    cases = {
+        "resolution_over_limit": Limits(max_width=100),
+        "duration_over_limit": Limits(max_duration_s=1.0),
+        "unsupported_codec": Limits(codecs=("vp9",)),
+    }
+    for reason, limits in cases.items():
+        (result,) = run_videos([path], CurationConfig(limits=limits), workers=1)
+        assert result.rejected["reason"] == reason
+
+
+def test_percentile_and_absolute_filters():
+    clips = [{"too_short": False, "scores": {"motion": float(i), "text_ratio": i / 100}} for i in range(100)]
+    clips.append({"too_short": True, "scores": {"motion": 1000.0, "text_ratio": 0.0}})
+    filters = (Filter(score="motion", drop_lowest_percent=25), Filter(score="text_ratio", max=0.9))
+    bounds = thresholds(clips, filters)
+    assert bounds["motion:drop_lowest_percent=25.0"]["min"] == pytest.approx(24.75)
+    apply_filters(clips, bounds)
+    assert sum(c["kept"] for c in clips) == 100 - 25 - 9
+    assert clips[-1]["drop_reasons"] == ["too_short"]
+    assert clips[95]["drop_reasons"] == ["text_ratio:max=0.9"]
+    with pytest.raises(ValueError, match="exactly one"):
+        Filter(score="motion", min=1, max=2)
+
+
+def _vdm(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, **kwargs)
+
+
+def _manifest(store, prefix: str) -> list[dict]:
+    rows = [json.loads(line) for line in store.get_bytes(f"{prefix}/manifest.jsonl").decode().splitlines()]
+    for row in rows:  # shard URIs name the output prefix; compare the rest
+        row["shard"] = row.get("shard", "").rsplit("/", 1)[-1]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def curated(stack, store, samples, tmp_path_factory):
+    folder, videos = samples
+    config = tmp_path_factory.mktemp("cfg") / "curation.yaml"
+    config.write_text("output:\n  videos_per_input_shard: 4\n  clips_per_shard: 4\n")
+    prefix = f"s3://{stack.settings.data_bucket}/curated-{os.getpid()}"
+    result = _vdm(
+        "curate",
+        "--input",
+        str(folder),
+        "--output",
+        f"{prefix}/a",
+        "--config",
+        str(config),
+        "--allow-random-weights",
+        "--workers",
+        "2",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return prefix, config, result.stdout
+
+
+def test_curate_publishes_the_documented_outputs(curated, store, samples):
+    prefix, _, stdout = curated
+    _, videos = samples
+    out = f"{prefix}/a"
+    assert "vdm curate: done (16 files, 4 input shards, 0 already done)" in stdout
+    rows = _manifest(store, out)
+    required = {
+        "video",
+        "start_frame",
+        "end_frame",
+        "start_s",
+        "end_s",
+        "fps",
+        "kept",
+        "drop_reasons",
+        "scores",
+        "camera_motion",
+        "caption",
+    }
+    assert all(required <= row.keys() for row in rows)
+    assert all({"motion", "text_ratio", "aesthetic", "clip_sim"} <= row["scores"].keys() for row in rows)
+    rejected = [json.loads(x) for x in store.get_bytes(f"{out}/rejected.jsonl").decode().splitlines()]
+    assert {Path(r["video"]).name: r["reason"] for r in rejected} == {
+        n: v["expected_rejection"] for n, v in videos.items() if not v["valid"]
+    }
+    card = json.loads(store.get_bytes(f"{out}/dataset_card.json"))
+    assert card["random_weights"] is True
+    assert card["clips_before_filter"] == sum(1 for r in rows if "too_short" not in r["drop_reasons"])
+    assert card["clips_after_filter"] == sum(r["kept"] for r in rows)
+    kept_hours = sum(r["end_s"] - r["start_s"] for r in rows if r["kept"]) / 3600
+    assert card["hours_after_filter"] == pytest.approx(kept_hours, abs=1e-6)
+    for key in ("hours_before_filter", "mean_clip_seconds", "mean_caption_words", "thresholds", "drops_per_filter"):
+        assert key in card
+    html = store.get_bytes(f"{out}/dataset_card.html").decode()
+    assert "RANDOM WEIGHTS" in html and html.count("data:image/png;base64") == 4
+
+
+def test_text_clip_gets_a_high_text_ratio_with_real_ocr(curated, store):
+    prefix, _, _ = curated
+    ratios = {Path(r["video"]).name: r["scores"]["text_ratio"] for r in _manifest(store, f"{prefix}/a")}
+    assert ratios["text.mp4"] > 0.05
+    assert max(v for k, v in ratios.items() if k != "text.mp4") < 0.005
+
+
+def test_shards_decode_to_the_clips_they_describe(curated, store, tmp_path):
+    prefix, _, _ = curated
+    rows = {r["key"]: r for r in _manifest(store, f"{prefix}/a") if r["kept"]}
+    shard_uris = [str(o.uri) for o in store.list(f"{prefix}/a/shards/")]
+    assert len(shard_uris) == -(-len(rows) // 4)
+    seen = set()
+    for uri in shard_uris:
+        local = store.download_file(uri, tmp_path / S3Uri.parse(uri).key.rsplit("/", 1)[1])
+        for sample in wds.WebDataset(str(local), shardshuffle=False):
+            meta = json.loads(sample["json"])
+            with av.open(io.BytesIO(sample["mp4"])) as container:
+                frames = sum(1 for _ in container.decode(video=0))
+            assert frames == meta["end_frame"] - meta["start_frame"]
+            assert meta["kept"] and sample["__key__"] == meta["key"]
+            seen.add(meta["key"])
+    assert seen == set(rows)
+
+
+def test_second_run_is_a_no_op(curated, store):
+    prefix, config, _ = curated
+    before = store.get_bytes(f"{prefix}/a/manifest.jsonl")
+    result = _vdm(
+        "curate",
+        "--input",
+        "unused",
+        "--output",
+        f"{prefix}/a",
+        "--config",
+        str(config),
+        "--allow-random-weights",
+        timeout=600,
+    )
+    assert result.returncode != 0  # a wrong input is an error, not an empty dataset
+    folder_result = _vdm(
+        "curate",
+        "--input",
+        str(Path(json.loads(store.get_bytes(f"{prefix}/a/dataset_card.json"))["parts"][0]).parent),
+        "--output",
+        f"{prefix}/a",
+        timeout=60,
+    )
+    assert folder_result.returncode != 0
+    assert store.get_bytes(f"{prefix}/a/manifest.jsonl") == before
+
+
+def test_rerun_skips_done_shards_and_a_killed_run_resumes_to_the_same_manifest(curated, store, samples):
+    prefix, config, _ = curated
+    folder, _ = samples
+    args = ["curate", "--input", str(folder), "--config", str(config), "--allow-random-weights", "--workers", "2"]
+    again = _vdm(*args, "--output", f"{prefix}/a", timeout=600)
+    assert again.returncode == 0 and "4 already done" in again.stdout
+    assert _manifest(store, f"{prefix}/a") == _manifest(store, f"{prefix}/a")
+
+    out = f"{prefix}/b"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", *args, "--output", out],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(
+        o.uri.key.endswith("_MANIFEST.json") for o in store.list(f"{out}/parts/")
+    ):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not store.exists(f"{out}/manifest.jsonl") and not store.exists(f"{out}/_MANIFEST.json")
+    resumed = _vdm(*args, "--output", out, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "already done" in resumed.stdout and "0 already done" not in resumed.stdout
+    assert _manifest(store, out) == _manifest(store, f"{prefix}/a")
+
+
+def test_ablation_subsets_without_reannotation(curated, store):
+    prefix, _, _ = curated
+    result = _vdm("curate-ablation", "--curated", f"{prefix}/a", "--grid", "motion=25,50", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    index = json.loads(store.get_bytes(f"{prefix}/a/ablation/index.json"))
+    assert set(index) == {"motion-drop25", "motion-drop50"}
+    rows = _manifest(store, f"{prefix}/a")
+    candidates = [r for r in rows if "too_short" not in r["drop_reasons"]]
+    for name, percent in (("motion-drop25", 25), ("motion-drop50", 50)):
+        motions = np.array([r["scores"]["motion"] for r in candidates])
+        assert index[name]["clips"] == int((motions >= np.percentile(motions, percent)).sum())
