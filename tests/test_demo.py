@@ -29,5 +29,12 @@ def test_demo_publishes_samples_and_records_the_run(stack, store, settings):
     run_id = re.search(r"/runs/([0-9a-f]{32})", summary["mlflow_run"]).group(1)
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["sample_videos"] == 11 and run.data.tags["vdm.outputs"] == summary["raw_videos"]
+    assert run.data.metrics["sample_videos"] == 11
+    assert json.loads(run.data.tags["vdm.outputs"]) == [summary["raw_videos"], summary["curated"]]
+    # Curation ran on the published samples: every bad file rejected, clips kept.
+    card = json.loads(store.get_bytes(summary["curated"] + "/dataset_card.json"))
+    assert card["rejected_files"] == int(summary["rejected_files"]) == 5
+    assert summary["clips_kept"] == f"{card['clips_after_filter']} of {card['clips_before_filter']}"
+    assert card["clips_after_filter"] > 0 and card["random_weights"] is True
+    assert run.data.metrics["clips_after_filter"] == card["clips_after_filter"]
     assert json.loads(store.get_bytes(summary["mlflow_artifacts"] + "/manifest.json")) == manifest

@@ -9,12 +9,16 @@ whole or is redone; a re-run skips parts that exist.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import multiprocessing
 import re
 import tempfile
+import time
+import traceback
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +49,8 @@ REJECTED_FILE = "rejected.jsonl"
 CLIPS_TAR = "clips.tar"
 PART_INFO = "part.json"
 THUMB_HEIGHT = 48
+# Anything unexpected while processing one file: recorded, and the shard goes on.
+PROCESSING_ERROR = "processing_error"
 
 
 @dataclass
@@ -56,6 +62,7 @@ class VideoResult:
     clip_mp4: list[bytes | None] = field(default_factory=list)  # None for clips too short to keep
     thumbnails: list[bytes] = field(default_factory=list)  # JPEG strip of the key frames
     timings_s: dict[str, float] = field(default_factory=dict)
+    decoded_frames: int = 0
 
 
 def clip_key(video: str, index: int) -> str:
@@ -70,7 +77,7 @@ def _encode_clip(frames: np.ndarray, fps: float, max_side: int, crf: int) -> byt
     if size != (w, h):
         frames = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
     with tempfile.NamedTemporaryFile(suffix=".mp4") as tmp:
-        write_video(Path(tmp.name), frames, fps, crf=crf)
+        write_video(Path(tmp.name), frames, fps, crf=crf, deterministic=False)
         return Path(tmp.name).read_bytes()
 
 
@@ -83,32 +90,52 @@ def _thumbnail_strip(keyframes: np.ndarray) -> bytes:
     return jpeg.tobytes()
 
 
+class Stopwatch:
+    """Seconds per named stage, summed over repeated `with watch("stage"):` blocks."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
 def process_video(video: str, path: Path, config: CurationConfig) -> VideoResult:
     """Everything but the neural annotators, for one file. Never raises for bad input."""
-    import time
-
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     detector: list[CutDetector] = []
 
     def start_cut_detection(fps: float):
         detector.append(CutDetector(fps, config.cuts))
-        return detector[0].feed
+
+        def feed(index: int, rgb: np.ndarray) -> None:
+            with watch("cuts"):
+                detector[0].feed(index, rgb)
+
+        return feed
 
     try:
-        decoded = decode(path, config.limits, config.decode, start_cut_detection)
+        with watch("decode"):
+            decoded = decode(path, config.limits, config.decode, start_cut_detection)
     except Rejected as e:
         return VideoResult(video, rejected={"video": video, "reason": e.reason, "detail": e.detail})
-    timings["decode_and_cuts"] = time.perf_counter() - t0
+    watch.seconds["decode"] -= watch.seconds["cuts"]  # cut detection ran inside the decode loop
 
-    t1 = time.perf_counter()
-    cuts = detector[0].finish()
+    with watch("cuts"):
+        cuts = detector[0].finish()
+        clips = segments(len(decoded.frames), decoded.fps, cuts, np.array(detector[0].luma), config.cuts)
     fps = decoded.fps
-    result = VideoResult(video, timings_s=timings)
+    result = VideoResult(video, timings_s=watch.seconds, decoded_frames=len(decoded.frames))
     step = max(1, int(round(fps / config.decode.sample_fps)))
-    for index, seg in enumerate(segments(len(decoded.frames), fps, cuts, np.array(detector[0].luma), config.cuts)):
+    for index, seg in enumerate(clips):
         frames = decoded.frames[seg.start : seg.end]
-        estimate = motion.estimate(frames, list(range(0, len(frames), step)), config.motion)
+        with watch("flow"):
+            estimate = motion.estimate(frames, list(range(0, len(frames), step)), config.motion)
         keyframes = frames[[0, len(frames) // 2, len(frames) - 1]]
         result.clips.append(
             {
@@ -129,11 +156,13 @@ def process_video(video: str, path: Path, config: CurationConfig) -> VideoResult
             }
         )
         result.keyframes.append(keyframes)
-        result.thumbnails.append(_thumbnail_strip(keyframes))
-        result.clip_mp4.append(
-            None if seg.too_short else _encode_clip(frames, fps, config.output.clip_max_side, config.output.clip_crf)
-        )
-    timings["cuts_flow_encode"] = time.perf_counter() - t1
+        with watch("encode"):
+            result.thumbnails.append(_thumbnail_strip(keyframes))
+            result.clip_mp4.append(
+                None
+                if seg.too_short
+                else _encode_clip(frames, fps, config.output.clip_max_side, config.output.clip_crf)
+            )
     return result
 
 
@@ -154,36 +183,20 @@ class Annotators:
     def annotate(self, clips: list[dict], keyframes: list[np.ndarray]) -> dict[str, float]:
         """Add text ratio, aesthetic, captions and CLIP similarity to each clip, in place;
         returns seconds per annotator."""
-        import time
-
         if not clips:
             return {}
-        timings = {}
+        watch = Stopwatch()
         flat = [frame for triple in keyframes for frame in triple]  # first, middle, last of each clip
-        t = time.perf_counter()
-        text_ratios = np.asarray(self.text.text_ratios(flat)).reshape(len(clips), 3).max(axis=1)
-        timings["ocr"] = time.perf_counter() - t
-        t = time.perf_counter()
-        embeddings = self.clip.embed_images(flat).reshape(len(clips), 3, -1).mean(axis=1)
-        embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-        aesthetic = self.clip.aesthetic(embeddings)
-        timings["clip"] = time.perf_counter() - t
-        t = time.perf_counter()
-        middles = [triple[1] for triple in keyframes]
-        image_captions = self.coca.caption(middles) if self.coca else [""] * len(clips)
-        video_captions = self.video_captioner.caption_clips(list(keyframes)) if self.video_captioner else None
-        captions = {"image": image_captions}
-        if video_captions is not None:
-            captions["video"] = video_captions
-        final = image_captions
-        if self.summarizer:
-            final = captions["summary"] = self.summarizer.summarize(
-                [list(c) for c in zip(*captions.values(), strict=True)]
-            )
-        timings["captions"] = time.perf_counter() - t
-        t = time.perf_counter()
-        similarity = self.clip.text_similarity(embeddings, list(final)) if any(final) else np.zeros(len(clips))
-        timings["clip"] += time.perf_counter() - t
+        with watch("ocr"):
+            text_ratios = np.asarray(self.text.text_ratios(flat)).reshape(len(clips), 3).max(axis=1)
+        with watch("clip"):
+            embeddings = self.clip.embed_images(flat).reshape(len(clips), 3, -1).mean(axis=1)
+            embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+            aesthetic = self.clip.aesthetic(embeddings)
+        with watch("captions"):
+            final, captions = self._captions(keyframes)
+        with watch("clip"):
+            similarity = self.clip.text_similarity(embeddings, final) if any(final) else np.zeros(len(clips))
         for i, clip in enumerate(clips):
             clip["caption"] = final[i]
             clip["captions"] = {name: values[i] for name, values in captions.items()}
@@ -192,7 +205,18 @@ class Annotators:
                 aesthetic=round(float(aesthetic[i]), 5),
                 clip_sim=round(float(similarity[i]), 5),
             )
-        return timings
+        return watch.seconds
+
+    def _captions(self, keyframes: list[np.ndarray]) -> tuple[list[str], dict[str, list[str]]]:
+        """SVD's captions: CoCa on the middle frame, optionally a video captioner, and an
+        optional summary of both; the final caption is the summary if there is one."""
+        middles = [triple[1] for triple in keyframes]
+        captions = {"image": self.coca.caption(middles) if self.coca else [""] * len(keyframes)}
+        if self.video_captioner:
+            captions["video"] = self.video_captioner.caption_clips([list(k) for k in keyframes])
+        if self.summarizer:
+            captions["summary"] = self.summarizer.summarize([list(c) for c in zip(*captions.values(), strict=True)])
+        return captions.get("summary", captions["image"]), captions
 
 
 def _local_copy(video: str, scratch: Path) -> Path:
@@ -205,11 +229,15 @@ def _local_copy(video: str, scratch: Path) -> Path:
 def _process(job: tuple[str, str, CurationConfig]) -> VideoResult:
     """Pool entry point: fetch if remote, process, drop the scratch copy."""
     video, scratch, config = job
-    path = _local_copy(video, Path(scratch))
+    path = None
     try:
+        path = _local_copy(video, Path(scratch))
         return process_video(video, path, config)
+    except Exception as e:  # noqa: BLE001 - one bad file must never fail the shard
+        detail = f"{type(e).__name__}: {e} | {traceback.format_exc(limit=3).splitlines()[-3:]}"
+        return VideoResult(video, rejected={"video": video, "reason": PROCESSING_ERROR, "detail": detail})
     finally:
-        if path.parent == Path(scratch):
+        if path is not None and path.parent == Path(scratch):
             path.unlink(missing_ok=True)
 
 

@@ -44,18 +44,23 @@ def estimate(frames: np.ndarray, sample_points: list[int], config: Motion) -> Mo
     if not points:
         return MotionEstimate(0.0, (0.0, 0.0), 0.0, STATIC)
     magnitudes, translations, zooms = [], [], []
+    radial = None
     for t in points:
         a, b = _gray(frames[t], config.flow_height), _gray(frames[t + 1], config.flow_height)
-        flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
-        h, w = a.shape
+        # Adjacent frames move little: 3 pyramid levels and 2 iterations are enough.
+        flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 2, 5, 1.2, 0)
+        if radial is None:
+            h, w = a.shape
+            ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+            rx, ry = xs - (w - 1) / 2, ys - (h - 1) / 2
+            radial = (rx, ry, float((rx**2 + ry**2).sum()), float(np.hypot(w / 2, h / 2)))
+        rx, ry, norm, corner = radial
         magnitudes.append(float(np.linalg.norm(flow, axis=-1).mean()))
         tx, ty = float(np.median(flow[..., 0])), float(np.median(flow[..., 1]))
-        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-        rx, ry = xs - (w - 1) / 2, ys - (h - 1) / 2
         # Least-squares radial expansion rate of the flow left after the translation.
-        rate = ((flow[..., 0] - tx) * rx + (flow[..., 1] - ty) * ry).sum() / (rx**2 + ry**2).sum()
+        rate = ((flow[..., 0] - tx) * rx + (flow[..., 1] - ty) * ry).sum() / norm
         translations.append((tx, ty))
-        zooms.append(float(rate) * float(np.hypot(w / 2, h / 2)))
+        zooms.append(float(rate) * corner)
     tx, ty = np.median(np.array(translations), axis=0)
     zoom = float(np.median(zooms))
     return MotionEstimate(float(np.mean(magnitudes)), (float(tx), float(ty)), zoom, _label(tx, ty, zoom, config))

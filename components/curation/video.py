@@ -104,7 +104,7 @@ def decode(
             for frame in container.decode(stream):
                 if count == len(frames):  # header undercounted: grow
                     frames = np.concatenate([frames, np.empty_like(frames)])
-                frames[count] = frame.to_ndarray(width=out_w, height=out_h, format="rgb24")
+                frames[count] = frame.to_ndarray(width=out_w, height=out_h, format="rgb24", interpolation="AREA")
                 if on_frame:
                     on_frame(count, frames[count])
                 count += 1

@@ -290,3 +290,9 @@ def test_ablation_subsets_without_reannotation(curated, store):
     for name, percent in (("motion-drop25", 25), ("motion-drop50", 50)):
         motions = np.array([r["scores"]["motion"] for r in candidates])
         assert index[name]["clips"] == int((motions >= np.percentile(motions, percent)).sum())
+
+
+def test_an_unexpected_failure_is_recorded_not_raised(tmp_path):
+    (result,) = run_videos([str(tmp_path / "vanished.mp4")], CurationConfig(), workers=1)
+    assert result.rejected["reason"] == "processing_error"
+    assert "FileNotFoundError" in result.rejected["detail"]

