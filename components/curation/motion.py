@@ -22,6 +22,7 @@ STATIC, PAN_LEFT, PAN_RIGHT, TILT_UP, TILT_DOWN, ZOOM_IN, ZOOM_OUT = (
     "zoom_in",
     "zoom_out",
 )
+CAMERA_MOTIONS = (STATIC, PAN_LEFT, PAN_RIGHT, TILT_UP, TILT_DOWN, ZOOM_IN, ZOOM_OUT)
 
 
 @dataclass(frozen=True)
