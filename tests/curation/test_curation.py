@@ -296,3 +296,47 @@ def test_an_unexpected_failure_is_recorded_not_raised(tmp_path):
     (result,) = run_videos([str(tmp_path / "vanished.mp4")], CurationConfig(), workers=1)
     assert result.rejected["reason"] == "processing_error"
     assert "FileNotFoundError" in result.rejected["detail"]
+
+
+def test_segments_trim_dark_ends_split_long_shots_and_mark_short_ones():
+    from components.curation.config import Cuts
+    from components.curation.cuts import segments
+
+    luma = np.full(400, 100.0)
+    luma[:5] = luma[195:205] = 0.0  # a dark start and a black gap around the cut at 200
+    config = Cuts(min_clip_s=1.0, max_clip_s=4.0, dark_luma=16)
+    got = segments(400, 25.0, [200, 380], luma, config)
+    assert [(s.start, s.end, s.too_short) for s in got] == [
+        (5, 100, False),
+        (100, 195, False),  # 190 frames over 4 s (100 frames): two equal halves
+        (205, 292, False),
+        (292, 380, False),
+        (380, 400, True),  # 0.8 s
+    ]
+
+
+def test_weights_from_the_object_store(stack, store, prefix, tmp_path):
+    """clip_weights / aesthetic_weights as s3:// URIs: fetched once (checksum verified), then loaded."""
+    from dataclasses import replace
+
+    from test_neural import saved_weights
+
+    from components.curation.neural import ClipScorer, NeuralConfig
+
+    base = NeuralConfig(allow_random_weights=True, tiny_models=True, device="cpu", cache_dir=str(tmp_path / "cache"))
+    random_clip = ClipScorer(base)
+    clip_path, head_path = saved_weights(random_clip, tmp_path)
+    store.upload_file(clip_path, f"{prefix}/clip.pt")
+    store.upload_file(head_path, f"{prefix}/aesthetic.safetensors")
+    remote = replace(
+        base,
+        allow_random_weights=False,
+        clip_weights=f"{prefix}/clip.pt",
+        aesthetic_weights=f"{prefix}/aesthetic.safetensors",
+    )
+    local = replace(remote, clip_weights=clip_path, aesthetic_weights=head_path)
+    frames = [np.full((64, 96, 3), v, np.uint8) for v in (30, 120, 220)]
+    from_s3 = ClipScorer(remote, store)
+    assert not from_s3.random_weights
+    np.testing.assert_allclose(from_s3.embed_images(frames), ClipScorer(local).embed_images(frames), atol=1e-6)
+    assert np.abs(from_s3.embed_images(frames) - random_clip.embed_images(frames)).max() > 1e-3

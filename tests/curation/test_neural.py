@@ -122,24 +122,37 @@ def test_aesthetic_and_text_similarity(clip, videos):
         clip.text_similarity(embeddings, ["one"])
 
 
+def perturbed(state: dict) -> dict:
+    """Other weights than the seeded random ones, so a load that silently failed shows."""
+    generator = torch.Generator().manual_seed(1)
+    return {
+        key: value + 0.05 * torch.randn(value.shape, generator=generator) if value.is_floating_point() else value
+        for key, value in state.items()
+    }
+
+
+def saved_weights(clip: ClipScorer, folder) -> tuple[str, str]:
+    """CLIP weights as a .pt state dict; the aesthetic head in LAION's layout ("layers.N.weight")
+    as .safetensors."""
+    torch.save(perturbed(clip._model.state_dict()), folder / "clip.pt")
+    head = perturbed(clip._aesthetic.state_dict())
+    save_file({f"layers.{key}": value.contiguous() for key, value in head.items()}, folder / "aesthetic.safetensors")
+    return str(folder / "clip.pt"), str(folder / "aesthetic.safetensors")
+
+
 def test_clip_loads_saved_weights(clip, tiny_config, tmp_path, videos):
-    """Weights written from one model and loaded into a fresh one give the same numbers; the
-    aesthetic head reads LAION's state-dict layout ("layers.N.weight") from .safetensors."""
-    torch.save(clip._model.state_dict(), tmp_path / "clip.pt")
-    laion_state = {f"layers.{key}": value.contiguous() for key, value in clip._aesthetic.state_dict().items()}
-    save_file(laion_state, tmp_path / "aesthetic.safetensors")
+    clip_weights, aesthetic_weights = saved_weights(clip, tmp_path)
     config = replace(
-        tiny_config,
-        allow_random_weights=False,
-        clip_weights=str(tmp_path / "clip.pt"),
-        aesthetic_weights=str(tmp_path / "aesthetic.safetensors"),
+        tiny_config, allow_random_weights=False, clip_weights=clip_weights, aesthetic_weights=aesthetic_weights
     )
-    loaded = ClipScorer(config)
+    loaded, again = ClipScorer(config), ClipScorer(config)
     assert not loaded.random_weights
     frames = list(videos["objects"][0][::FRAME_STEP])
     embeddings = loaded.embed_images(frames)
-    np.testing.assert_allclose(embeddings, clip.embed_images(frames), atol=1e-6)
-    np.testing.assert_allclose(loaded.aesthetic(embeddings), clip.aesthetic(embeddings), atol=1e-6)
+    np.testing.assert_allclose(embeddings, again.embed_images(frames), atol=1e-6)
+    np.testing.assert_allclose(loaded.aesthetic(embeddings), again.aesthetic(embeddings), atol=1e-6)
+    assert np.abs(embeddings - clip.embed_images(frames)).max() > 1e-3  # not the random model
+    assert np.abs(loaded.aesthetic(embeddings) - clip.aesthetic(embeddings)).max() > 1e-4
 
 
 def test_coca_captions_one_string_per_frame(tiny_config, videos):
