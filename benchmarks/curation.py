@@ -26,7 +26,6 @@ from components.curation.annotate import Annotators, process_video
 from components.curation.config import CurationConfig
 from components.sample_data.synth import SynthConfig, synthesize_local
 
-
 HD_SUBSET = {"cuts.mp4", "objects.mp4", "pan_left.mp4", "zoom_in.mp4", "text.mp4"}
 
 
