@@ -32,9 +32,11 @@ class CutDetector:
 
     def feed(self, index: int, rgb: np.ndarray) -> None:
         if self._size is None:
+            # An integer reduction (at least to detection_height): OpenCV's area resize
+            # has a fast path for those, about 3x faster than for 2.5x.
             h, w = rgb.shape[:2]
-            height = min(h, self.config.detection_height)
-            self._size = (max(2, round(w * height / h)), height)
+            factor = max(1, h // self.config.detection_height)
+            self._size = (w // factor, h // factor)
         small = cv2.resize(rgb, self._size, interpolation=cv2.INTER_AREA)
         bgr = np.ascontiguousarray(small[..., ::-1])  # the detectors expect OpenCV's BGR
         self.luma.append(float(small.mean()))
