@@ -18,7 +18,6 @@ import base64
 import html
 import io
 import json
-import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -122,8 +121,8 @@ def card_html(card: dict, clips: list[dict], thumbnails: dict[str, bytes]) -> st
             if c["key"] in thumbnails
         )
 
-    kept = [c for c in clips if c["kept"]][:12]
-    dropped = [c for c in clips if not c["kept"]][:12]
+    kept = [c for c in _showcase(clips) if c["kept"]]
+    dropped = [c for c in _showcase(clips) if not c["kept"]]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Dataset card</title><style>
 body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
 td{{border:1px solid #ccc;padding:2px 8px}}
@@ -180,22 +179,13 @@ def finalize(parts: list[S3Uri], output: S3Uri, config: CurationConfig, store: O
 
     with tempfile.TemporaryDirectory(prefix="vdm-final-") as tmp:
         folder = Path(tmp)
-        media, thumbnails = _read_part_tars(parts, store, folder / "parts")
-        (folder / "shards").mkdir()
-        per_shard = config.output.clips_per_shard
-        for start in range(0, len(kept), per_shard):
-            name = f"shards/shard-{start // per_shard:06d}.tar"
-            with wds.TarWriter(str(folder / name), mtime=0) as tar:
-                for clip in kept[start : start + per_shard]:
-                    clip["shard"] = str(output.join(name))
-                    tar.write({"__key__": clip["key"], "mp4": media[clip["key"]], "json": _row(clip)})
+        thumbnails = _write_shards(parts, {c["key"]: c for c in kept}, _showcase(clips), output, folder, config, store)
         with open(folder / "manifest.jsonl", "w") as f:
             f.writelines(json.dumps(_row(c), sort_keys=True) + "\n" for c in clips)
         with open(folder / "rejected.jsonl", "w") as f:
             f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in sorted(rejected, key=lambda r: r["video"]))
         (folder / "dataset_card.json").write_text(json.dumps(card, indent=1, sort_keys=True))
         (folder / "dataset_card.html").write_text(card_html(card, clips, thumbnails))
-        shutil.rmtree(folder / "parts")
         store.publish_folder(folder, output)
     return card
 
@@ -204,13 +194,43 @@ def _row(clip: dict) -> dict:
     return {k: v for k, v in clip.items() if k != "too_short"}
 
 
-def _read_part_tars(parts: list[S3Uri], store: ObjectStore, scratch: Path) -> tuple[dict[str, bytes], dict[str, bytes]]:
-    media, thumbnails = {}, {}
-    for i, part in enumerate(parts):
-        path = store.download_file(part.join(CLIPS_TAR), scratch / f"{i}.tar")
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
+def _showcase(clips: list[dict], count: int = 12) -> list[dict]:
+    """The clips the HTML card shows: the first kept and the first dropped ones."""
+    return [c for c in clips if c["kept"]][:count] + [c for c in clips if not c["kept"]][:count]
+
+
+def _write_shards(
+    parts: list[S3Uri],
+    kept: dict[str, dict],
+    showcase: list[dict],
+    output: S3Uri,
+    folder: Path,
+    config: CurationConfig,
+    store: ObjectStore,
+) -> dict[str, bytes]:
+    """Stream each part's clips once, in part order, into `shards/` (kept clips only),
+    setting each kept clip's `shard`; memory holds one clip at a time. Returns the
+    thumbnails of the showcase clips."""
+    (folder / "shards").mkdir()
+    wanted_thumbnails = {c["key"] for c in showcase}
+    thumbnails: dict[str, bytes] = {}
+    writer, written = None, 0
+    for part in parts:
+        with store.open(part.join(CLIPS_TAR)) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
                 key, _, ext = member.name.partition(".")
-                data = tar.extractfile(member).read()
-                (media if ext == "mp4" else thumbnails)[key] = data
-    return media, thumbnails
+                if ext == "jpg" and key in wanted_thumbnails:
+                    thumbnails[key] = tar.extractfile(member).read()
+                elif ext == "mp4" and key in kept:
+                    if written % config.output.clips_per_shard == 0:
+                        if writer:
+                            writer.close()
+                        name = f"shards/shard-{written // config.output.clips_per_shard:06d}.tar"
+                        writer = wds.TarWriter(str(folder / name), mtime=0)
+                    kept[key]["shard"] = str(output.join(name))
+                    writer.write({"__key__": key, "mp4": tar.extractfile(member).read(), "json": _row(kept[key])})
+                    written += 1
+            stream.read()  # to the end: tarfile stops at its end marker, the checksum is verified at EOF
+    if writer:
+        writer.close()
+    return thumbnails
