@@ -29,7 +29,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from components.common.media import write_video
-from components.common.objectstore import MANIFEST_NAME, ObjectStore, S3Uri, is_s3_uri
+from components.common.objectstore import MANIFEST_NAME, ObjectStore, ObjectStoreError, S3Uri, is_s3_uri
 from components.common.settings import load_settings
 from components.curation import motion
 from components.curation.config import CurationConfig
@@ -233,6 +233,8 @@ def _process(job: tuple[str, str, CurationConfig]) -> VideoResult:
     try:
         path = _local_copy(video, Path(scratch))
         return process_video(video, path, config)
+    except ObjectStoreError:
+        raise  # the store, not the file: fail the shard so a retry redoes it
     except Exception as e:  # noqa: BLE001 - one bad file must never fail the shard
         detail = f"{type(e).__name__}: {e} | {traceback.format_exc(limit=3).splitlines()[-3:]}"
         return VideoResult(video, rejected={"video": video, "reason": PROCESSING_ERROR, "detail": detail})
@@ -243,24 +245,14 @@ def _process(job: tuple[str, str, CurationConfig]) -> VideoResult:
 
 def run_videos(videos: list[str], config: CurationConfig, workers: int, progress: bool = False) -> list[VideoResult]:
     """`process_video` over many files on a process pool, results in input order."""
-    with tempfile.TemporaryDirectory(prefix="vdm-curate-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="vdm-curate-") as scratch, contextlib.ExitStack() as stack:
         jobs = [(video, scratch, config) for video in videos]
-        bar = tqdm(total=len(jobs), desc="decode, cut, flow", unit="video", disable=not progress)
-        if workers <= 1:
-            results = []
-            for job in jobs:
-                results.append(_process(job))
-                bar.update()
-        else:
+        mapped = map(_process, jobs)
+        if workers > 1:
             # spawn: workers must not inherit a parent's torch/OpenMP state.
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                results = []
-                for result in pool.map(_process, jobs):
-                    results.append(result)
-                    bar.update()
-        bar.close()
-    return results
+            mapped = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context)).map(_process, jobs)
+        return list(tqdm(mapped, total=len(jobs), desc="decode, cut, flow", unit="video", disable=not progress))
 
 
 def annotate_shard(

@@ -340,3 +340,10 @@ def test_weights_from_the_object_store(stack, store, prefix, tmp_path):
     assert not from_s3.random_weights
     np.testing.assert_allclose(from_s3.embed_images(frames), ClipScorer(local).embed_images(frames), atol=1e-6)
     assert np.abs(from_s3.embed_images(frames) - random_clip.embed_images(frames)).max() > 1e-3
+
+
+def test_an_object_store_failure_fails_the_shard_instead_of_rejecting_the_video(stack):
+    from components.common.objectstore import BucketNotFoundError
+
+    with pytest.raises(BucketNotFoundError):
+        run_videos(["s3://no-such-bucket/raw/clip.mp4"], CurationConfig(), workers=1)
