@@ -1,0 +1,158 @@
+"""Training data: curated WebDataset shards -> fixed-size video clips.
+
+Each sample of a shard is `<key>.mp4` + `<key>.json` (curation's contract). A clip
+is decoded with PyAV, `num_frames` frames are taken at the requested fps (a
+random window, seeded by sample, epoch and seed), resized and cropped to the
+stage's resolution, and scaled to [-1, 1] as (T, C, H, W).
+
+Order is deterministic and resumable: shards are permuted per epoch by the seed,
+dealt to (rank, worker) round robin, shuffled within a seeded buffer; the stream
+never ends (epochs follow each other). `ClipDataset(..., start=n)` resumes after
+the first `n` samples a rank consumed: each worker skips its share of raw samples
+without decoding them (the DataLoader takes workers round robin).
+
+Shard URLs are anything webdataset opens (paths, http(s) URLs, `pipe:` commands);
+the platform's components turn s3:// URIs into presigned URLs, so this module
+never touches credentials.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    num_frames: int = 8
+    fps: float = 8.0
+    height: int = 64
+    width: int = 64
+
+
+def frame_indices(source_frames: int, source_fps: float, spec: ClipSpec, rng: random.Random) -> list[int] | None:
+    """`spec.num_frames` indices spaced at `spec.fps` in a clip of `source_frames` at
+    `source_fps`, from a random start; None if the clip is too short."""
+    stride = source_fps / spec.fps
+    span = (spec.num_frames - 1) * stride
+    if span > source_frames - 1:
+        return None
+    start = rng.uniform(0, source_frames - 1 - span)
+    return [int(round(start + i * stride)) for i in range(spec.num_frames)]
+
+
+def decode_frames(mp4: bytes, indices: list[int]) -> np.ndarray:
+    """The frames at `indices` (sorted) of an mp4, RGB (len, H, W, 3); one decode pass
+    that stops after the last wanted frame."""
+    wanted, frames = set(indices), {}
+    with av.open(io.BytesIO(mp4)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                frames[i] = frame.to_ndarray(format="rgb24")
+            if i >= indices[-1]:
+                break
+    return np.stack([frames[i] for i in indices])
+
+
+def resize_crop(frames: np.ndarray, height: int, width: int, rng: random.Random | None) -> torch.Tensor:
+    """Shorter side to fit, then a crop (random if `rng`, else centred); (T, C, H, W) in [-1, 1]."""
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+    h, w = video.shape[-2:]
+    scale = max(height / h, width / w)
+    size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    video = F.interpolate(video, size=size, mode="bilinear", antialias=True, align_corners=False)
+    top = (size[0] - height) // 2 if rng is None else rng.randint(0, size[0] - height)
+    left = (size[1] - width) // 2 if rng is None else rng.randint(0, size[1] - width)
+    return video[:, :, top : top + height, left : left + width].clamp(-1, 1)
+
+
+class ClipDataset(IterableDataset):
+    def __init__(
+        self,
+        shards: list[str],
+        spec: ClipSpec,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 64,
+        start: int = 0,
+        random_crop: bool = True,
+    ):
+        if len(shards) < world_size:
+            raise ValueError(f"{len(shards)} shards cannot feed {world_size} ranks")
+        self.shards, self.spec, self.seed = list(shards), spec, seed
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer, self.start, self.random_crop = shuffle_buffer, start, random_crop
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def _raw(self, worker: int, workers: int) -> Iterator[tuple[int, dict]]:
+        """(epoch, raw sample) forever, in this (rank, worker)'s deterministic order."""
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        epoch = 0
+        while True:
+            order = self.shards[:]
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+            mine = order[slot::slots] or [order[slot % len(order)]]  # more slots than shards: share
+            buffer: list[dict] = []
+            rng = random.Random(f"{self.seed}:{epoch}:{slot}")
+            for sample in wds.WebDataset(mine, shardshuffle=False, nodesplitter=None, workersplitter=None):
+                buffer.append(sample)
+                if len(buffer) >= self.shuffle_buffer:
+                    yield epoch, buffer.pop(rng.randrange(len(buffer)))
+            while buffer:
+                yield epoch, buffer.pop(rng.randrange(len(buffer)))
+            epoch += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = self._worker()
+        # The DataLoader takes workers round robin from worker 0, and sample `start` of the
+        # uninterrupted run came from worker `start % workers`: rotate the roles so the
+        # resumed stream continues exactly where it stopped.
+        role = (worker + self.start) % workers
+        skip = self.start // workers + (1 if role < self.start % workers else 0)
+        usable, last_epoch = 0, 0
+        for epoch, raw in self._raw(role, workers):
+            if epoch != last_epoch:
+                if usable == 0:
+                    raise ValueError(f"no clip in these shards is long enough for {self.spec}")
+                usable, last_epoch = 0, epoch
+            plan = self._plan(epoch, raw)
+            if plan is None:
+                continue  # too short for this stage (decided from metadata, so resume counts agree)
+            usable += 1
+            if skip:
+                skip -= 1  # consumed before the resume: not decoded
+                continue
+            yield self._decode(raw, *plan)
+
+    def _plan(self, epoch: int, raw: dict) -> tuple[dict, list[int], random.Random] | None:
+        meta = json.loads(raw["json"])
+        rng = random.Random(f"{self.seed}:{epoch}:{raw['__key__']}")
+        indices = frame_indices(meta["end_frame"] - meta["start_frame"], meta["fps"], self.spec, rng)
+        return None if indices is None else (meta, indices, rng)
+
+    def _decode(self, raw: dict, meta: dict, indices: list[int], rng: random.Random) -> dict:
+        frames = decode_frames(raw["mp4"], indices)
+        return {
+            "key": raw["__key__"],
+            "video": resize_crop(frames, self.spec.height, self.spec.width, rng if self.random_crop else None),
+            "fps": torch.tensor(float(self.spec.fps)),
+            "motion": torch.tensor(float(meta["scores"]["motion"])),
+            "caption": meta.get("caption", ""),
+        }

@@ -1,0 +1,90 @@
+"""The clip loader: requested frames, fps and size; deterministic; resumable; split by rank."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from components.sample_data.shards import write_shapes_shards
+from model.data import ClipDataset, ClipSpec
+
+SOURCE_FPS = 24.0
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    paths, truth = write_shapes_shards(
+        folder, shards=4, clips_per_shard=5, num_frames=24, fps=SOURCE_FPS, height=48, width=64, max_speed=1.5
+    )
+    return [str(p) for p in paths], truth
+
+
+def keys(dataset, n: int, workers: int = 0) -> list[str]:
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers)
+    return [item["key"] for item in itertools.islice(loader, n)]
+
+
+def centroid(frame: torch.Tensor) -> np.ndarray:
+    weight = (frame.mean(0) + 1).clamp(min=0).numpy()  # bright disc on black
+    weight = np.where(weight > 0.5 * weight.max(), weight, 0)
+    ys, xs = np.mgrid[0 : weight.shape[0], 0 : weight.shape[1]]
+    return np.array([(weight * xs).sum(), (weight * ys).sum()]) / weight.sum()
+
+
+def test_clips_have_the_requested_frames_fps_and_size(shards):
+    paths, truth = shards
+    spec = ClipSpec(num_frames=4, fps=8.0, height=48, width=64)  # stride 3 source frames
+    item = next(iter(ClipDataset(paths, spec, random_crop=False)))
+    assert item["video"].shape == (4, 3, 48, 64)
+    assert item["video"].min() >= -1 and item["video"].max() <= 1
+    assert item["fps"].item() == 8.0
+    # The disc moves 3 source frames' worth between sampled frames.
+    velocity = np.array(truth[item["key"]]["velocities"][0])
+    steps = np.diff(np.stack([centroid(f) for f in item["video"]]), axis=0)
+    np.testing.assert_allclose(steps, np.tile(3 * velocity, (3, 1)), atol=0.35)
+
+
+def test_resize_and_crop_to_a_smaller_stage_resolution(shards):
+    paths, _ = shards
+    item = next(iter(ClipDataset(paths, ClipSpec(num_frames=2, fps=24.0, height=32, width=32))))
+    assert item["video"].shape == (2, 3, 32, 32)
+
+
+def test_clips_too_short_for_the_stage_are_an_error_not_a_hang(shards):
+    paths, _ = shards
+    long_clip = ClipSpec(num_frames=8, fps=4.0)  # needs 43 source frames; the clips have 24
+    with pytest.raises(ValueError, match="long enough"):
+        next(iter(ClipDataset(paths, long_clip)))
+
+
+def test_same_seed_same_stream_other_seed_other_order(shards):
+    paths, _ = shards
+    spec = ClipSpec(num_frames=2, fps=12.0, height=32, width=32)
+    a = list(itertools.islice(iter(ClipDataset(paths, spec, seed=3, shuffle_buffer=4)), 12))
+    b = list(itertools.islice(iter(ClipDataset(paths, spec, seed=3, shuffle_buffer=4)), 12))
+    assert [x["key"] for x in a] == [x["key"] for x in b]
+    assert all(torch.equal(x["video"], y["video"]) for x, y in zip(a, b, strict=True))
+    assert keys(ClipDataset(paths, spec, seed=4, shuffle_buffer=4), 12) != [x["key"] for x in a]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_the_same_order(shards, workers):
+    paths, _ = shards
+    spec = ClipSpec(num_frames=2, fps=12.0, height=32, width=32)
+    full = keys(ClipDataset(paths, spec, seed=1, shuffle_buffer=3), 45, workers)  # past one epoch (20 clips)
+    resumed = keys(ClipDataset(paths, spec, seed=1, shuffle_buffer=3, start=17), 28, workers)
+    assert resumed == full[17:45]
+    assert len(set(full[:20])) == 20  # an epoch visits every clip once
+
+
+def test_ranks_read_disjoint_shards(shards):
+    paths, _ = shards
+    spec = ClipSpec(num_frames=2, fps=12.0, height=32, width=32)
+    rank0 = set(keys(ClipDataset(paths, spec, rank=0, world_size=2, shuffle_buffer=1), 10))
+    rank1 = set(keys(ClipDataset(paths, spec, rank=1, world_size=2, shuffle_buffer=1), 10))
+    assert rank0.isdisjoint(rank1) and len(rank0 | rank1) == 20
