@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import os
 import tempfile
 from collections import defaultdict
@@ -27,13 +26,13 @@ import numpy as np
 import yaml
 
 from components.common.objectstore import ObjectStore, S3Uri, is_s3_uri
+from model import openclip
+from model.openclip import TINY_CLIP_MODEL, TINY_COCA_MODEL
 
 if TYPE_CHECKING:
     import torch
 
 OCR_MODEL_NAME = "PP-OCRv4_mobile_det"
-TINY_CLIP_MODEL = "vdm-tiny-clip"
-TINY_COCA_MODEL = "vdm-tiny-coca"
 _SOT_TOKEN, _EOT_TOKEN = 49406, 49407  # CLIP BPE vocabulary's start/end of text
 
 # PaddleX reads DecodeImage/DetResizeForTest/NormalizeImage/ToCHWImage and
@@ -62,25 +61,6 @@ _OCR_INFERENCE_YML = {
         "box_thresh": 0.6,
         "max_candidates": 1000,
         "unclip_ratio": 1.5,
-    },
-}
-
-_TINY_VISION = {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32}
-_TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
-_TINY_CONFIGS = {
-    TINY_CLIP_MODEL: {"embed_dim": 64, "vision_cfg": _TINY_VISION, "text_cfg": _TINY_TEXT},
-    TINY_COCA_MODEL: {
-        "embed_dim": 64,
-        "vision_cfg": {
-            **_TINY_VISION,
-            "attentional_pool": True,
-            "attn_pooler_queries": 16,
-            "attn_pooler_heads": 2,
-            "output_tokens": True,
-        },
-        "text_cfg": {**_TINY_TEXT, "context_length": 76, "embed_cls": True, "output_tokens": True},
-        "multimodal_cfg": {**_TINY_TEXT, "context_length": 76, "attn_pooler_heads": 2},
-        "custom_text": True,
     },
 }
 
@@ -253,38 +233,16 @@ def _model_name(config: NeuralConfig, name: str, tiny_name: str) -> str:
     """`tiny_name` (registered on first use) when config.tiny_models, else `name`."""
     if not config.tiny_models:
         return name
-    import open_clip
-
-    if tiny_name not in open_clip.list_models():
-        config_dir = Path(config.cache_dir) / "open_clip_configs"
-        config_dir.mkdir(parents=True, exist_ok=True)
-        for model, model_config in _TINY_CONFIGS.items():
-            (config_dir / f"{model}.json").write_text(json.dumps(model_config, indent=2))
-        open_clip.add_model_config(config_dir)
+    openclip.register_tiny_models(config.cache_dir)
     return tiny_name
-
-
-@contextlib.contextmanager
-def _fixed_seed(seed: int = 0) -> Iterator[None]:
-    """Random-initialised models come out the same in every process, so a curation run
-    with --allow-random-weights is reproducible (and a resumed run matches a clean one)."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def _build_open_clip(
     config: NeuralConfig, name: str, weights: str | None, store: ObjectStore | None, device: torch.device
 ) -> torch.nn.Module:
-    """An open_clip model in eval mode on `device`: `weights` loaded, or random where None."""
-    import open_clip
-
-    model = open_clip.create_model(name, pretrained=None)  # builds the architecture, downloads nothing
-    if weights is not None:
-        open_clip.load_checkpoint(model, str(resolve_weights(weights, config.cache_dir, store)))
-    return model.to(device).eval()
+    """An open_clip model in eval mode on `device`: `weights` loaded, or seeded random where None."""
+    path = resolve_weights(weights, config.cache_dir, store) if weights is not None else None
+    return openclip.build(name, path).to(device)
 
 
 def _to_model_input(model: torch.nn.Module, frames: list[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -348,8 +306,8 @@ class ClipScorer:
         self._device = _torch_device(config)
         name = _model_name(config, config.clip_model, TINY_CLIP_MODEL)
         self.embed_dim: int = open_clip.get_model_config(name)["embed_dim"]
-        with _fixed_seed():
-            self._model = _build_open_clip(config, name, config.clip_weights, store, self._device)
+        self._model = _build_open_clip(config, name, config.clip_weights, store, self._device)
+        with openclip.fixed_seed():
             self._aesthetic = _aesthetic_head(self.embed_dim)
         self._tokenizer = open_clip.get_tokenizer(name)
         if config.aesthetic_weights is not None:
@@ -413,8 +371,8 @@ class CocaCaptioner:
         self.random_weights = bool(missing)
         self._device = _torch_device(config)
         name = _model_name(config, config.coca_model, TINY_COCA_MODEL)
-        with _fixed_seed():
-            self._model = _build_open_clip(config, name, config.coca_weights, store, self._device)
+        self._model = _build_open_clip(config, name, config.coca_weights, store, self._device)
+        with openclip.fixed_seed():
             if self.random_weights:
                 # open_clip never initialises this parameter: torch.empty leaves whatever memory held
                 # (zeros: every caption one repeated token; or values near 1e20: NaN logits).

@@ -1,0 +1,66 @@
+"""open_clip models built without downloads: registered tiny architectures for tests
+and demos, seeded random initialisation (reproducible), weights from local files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+TINY_CLIP_MODEL = "vdm-tiny-clip"
+TINY_COCA_MODEL = "vdm-tiny-coca"
+
+_TINY_VISION = {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32}
+_TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
+_TINY_CONFIGS = {
+    TINY_CLIP_MODEL: {"embed_dim": 64, "vision_cfg": _TINY_VISION, "text_cfg": _TINY_TEXT},
+    TINY_COCA_MODEL: {
+        "embed_dim": 64,
+        "vision_cfg": {
+            **_TINY_VISION,
+            "attentional_pool": True,
+            "attn_pooler_queries": 16,
+            "attn_pooler_heads": 2,
+            "output_tokens": True,
+        },
+        "text_cfg": {**_TINY_TEXT, "context_length": 76, "embed_cls": True, "output_tokens": True},
+        "multimodal_cfg": {**_TINY_TEXT, "context_length": 76, "attn_pooler_heads": 2},
+        "custom_text": True,
+    },
+}
+
+
+def register_tiny_models(cache_dir: str | Path) -> None:
+    """Make the tiny architectures known to open_clip (idempotent)."""
+    import open_clip
+
+    if TINY_CLIP_MODEL in open_clip.list_models():
+        return
+    config_dir = Path(cache_dir) / "open_clip_configs"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    for model, model_config in _TINY_CONFIGS.items():
+        (config_dir / f"{model}.json").write_text(json.dumps(model_config, indent=2))
+    open_clip.add_model_config(config_dir)
+
+
+@contextlib.contextmanager
+def fixed_seed(seed: int = 0) -> Iterator[None]:
+    """Random-initialised models come out the same in every process, so runs with random
+    weights are reproducible (and a resumed run matches a clean one)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build(name: str, weights: Path | None) -> torch.nn.Module:
+    """An open_clip model in eval mode: `weights` (a local file) loaded, or seeded random."""
+    import open_clip
+
+    with fixed_seed():
+        model = open_clip.create_model(name, pretrained=None)  # builds the architecture, downloads nothing
+    if weights is not None:
+        open_clip.load_checkpoint(model, str(weights))
+    return model.eval()
