@@ -1,0 +1,157 @@
+"""The three training stages as one model: text + frozen VAE + a UNet (2D for Stage I,
+spatio-temporal for Stages II/III) behind EDM's preconditioning. A stage differs
+only by its config: resolution, frames, noise-level shift and what trains."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+
+from model.conditioning import LatentCodec, TextEncoder, added_time_ids, drop_conditions
+from model.data import ClipSpec
+from model.diffusion import Denoiser, denoising_loss, lognormal_sigmas, shifted_p_mean
+from model.networks import CONFIGS, image_unet, inflate, load_image_unet
+from model.openclip import TINY_CLIP_MODEL, register_tiny_models
+from model.training import OptimConfig, Strategy
+
+Stage = Literal["image", "video", "hq"]
+# Resolution at which p_mean is given; larger stages shift towards more noise.
+BASE_PIXELS = 64 * 64
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    stage: Stage
+    unet: str = "tiny"  # a named UNetConfig
+    strategy: Strategy = "full"
+    clip: ClipSpec = ClipSpec()
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    text_model: str = TINY_CLIP_MODEL
+    text_weights: str | None = None  # local path of open_clip weights; None: seeded random (tests)
+    vae: str = "tiny"  # "tiny" (random, tests) or a diffusers folder (e.g. a copy of SD 2.1)
+    cond_dropout: float = 0.1
+    batch_size: int = 2
+    max_steps: int = 100
+    checkpoint_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+    gradient_checkpointing: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cache_dir: str = ".vdm/cache/models"
+
+    @property
+    def video(self) -> bool:
+        return self.stage != "image"
+
+    @property
+    def p_mean_at_resolution(self) -> float:
+        return shifted_p_mean(self.p_mean, self.clip.height * self.clip.width, BASE_PIXELS)
+
+    @classmethod
+    def load(cls, path: str | Path) -> StageConfig:
+        raw = yaml.safe_load(Path(path).read_text())
+        raw["clip"] = ClipSpec(**raw.get("clip", {}))
+        raw["optim"] = OptimConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in raw.get("optim", {}).items()}
+        )
+        return cls(**raw)
+
+
+NAMED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def named_config(name_or_path: str, stage: Stage) -> StageConfig:
+    """`tiny` -> model/configs/tiny-<stage>.yaml; anything else is a path."""
+    path = NAMED_CONFIGS / f"{name_or_path}-{stage}.yaml"
+    config = StageConfig.load(path if path.exists() else name_or_path)
+    if config.stage != stage:
+        raise ValueError(f"{name_or_path} is a {config.stage!r} config, not {stage!r}")
+    return config
+
+
+class _ImageNetwork(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, c_noise, encoder_hidden_states=text).sample
+
+
+class _VideoNetwork(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, c_noise, text, added_time_ids=added).sample
+
+
+class VideoDiffusion(torch.nn.Module):
+    """Trainable UNet + frozen text encoder and VAE; `loss(batch)` for any stage."""
+
+    def __init__(self, config: StageConfig, unet: torch.nn.Module):
+        super().__init__()
+        register_tiny_models(config.cache_dir)
+        self.config = config
+        self.unet = unet
+        self.text = TextEncoder(config.text_model, Path(config.text_weights) if config.text_weights else None)
+        self.codec = LatentCodec.tiny() if config.vae == "tiny" else LatentCodec.from_folder(config.vae)
+        network = _VideoNetwork(unet) if config.video else _ImageNetwork(unet)
+        self.denoiser = Denoiser(network)
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+
+    @classmethod
+    def create(cls, config: StageConfig, init_from: str | Path | None = None) -> VideoDiffusion:
+        """Stage I from scratch (or an SD 2.1 folder); Stages II/III inflate or continue
+        from `init_from` (a folder with a Stage I `unet/` or a video `unet/`)."""
+        if not config.video:
+            unet = load_image_unet(init_from) if init_from else image_unet(CONFIGS[config.unet])
+            return cls(config, unet)
+        if init_from is None:
+            return cls(config, inflate(image_unet(CONFIGS[config.unet])))
+        folder = Path(init_from)
+        unet_folder = folder / "unet" if (folder / "unet").exists() else folder
+        class_name = json.loads((unet_folder / "config.json").read_text())["_class_name"]
+        if class_name == "UNet2DConditionModel":
+            return cls(config, inflate(load_image_unet(folder)))
+        from diffusers import UNetSpatioTemporalConditionModel
+
+        return cls(config, UNetSpatioTemporalConditionModel.from_pretrained(unet_folder))
+
+    def conditioning(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        text = self.text(list(batch["caption"]))
+        empty = self.text([""])
+        kwargs = {"text": drop_conditions(text, empty, self.config.cond_dropout if self.training else 0.0, generator)}
+        if self.config.video:
+            strength = torch.zeros_like(batch["fps"], dtype=torch.float32)  # text-to-video: no conditioning image
+            kwargs["added"] = added_time_ids(batch["fps"], batch["motion"], strength)
+        return kwargs
+
+    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """Every random draw (latent sample, dropout, noise level, noise) comes from
+        `generator`, which checkpoints save: a resumed run repeats the same draws."""
+        latents = self.codec.encode(batch["video"], generator)  # (B, T, 4, h, w)
+        cond = self.conditioning(batch, generator)
+        if not self.config.video:  # Stage I trains on frames as images
+            frames = latents.shape[1]
+            latents = latents.flatten(0, 1)
+            cond = {"text": cond["text"].repeat_interleave(frames, dim=0)}
+        sigma = lognormal_sigmas(
+            latents.shape[0], self.config.p_mean_at_resolution, self.config.p_std, generator=generator
+        ).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        return denoising_loss(self.denoiser, latents, sigma, noise=noise, **cond).mean()
+
+    def save(self, folder: Path) -> Path:
+        """The trained UNet as a diffusers folder (`unet/`), loadable by `create(init_from=...)`."""
+        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        return folder

@@ -1,0 +1,122 @@
+"""One training loop for every stage. Readable top to bottom: build, maybe resume,
+then step: batch -> loss -> optimisation step -> log -> checkpoint. Object storage,
+MLflow and process launching stay outside (components/training): the loop only
+calls `on_log(step, metrics)` and `on_checkpoint(folder, step)`.
+
+Distributed: under torchrun (RANK/WORLD_SIZE set) the UNet is wrapped in DDP
+(gloo on the CPU, NCCL on GPUs) and each rank reads its own shards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from model.data import ClipDataset
+from model.stages import StageConfig, VideoDiffusion
+from model.training import (
+    EMA,
+    apply_strategy,
+    load_checkpoint,
+    optimization_step,
+    optimizer_and_schedule,
+    save_checkpoint,
+    seed_everything,
+)
+
+LogFn = Callable[[int, dict[str, float]], None]
+CheckpointFn = Callable[[Path, int], None]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)  # this run's steps (after any resume)
+    final: Path | None = None
+
+
+def _distributed() -> tuple[int, int]:
+    if "RANK" not in os.environ or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def train(
+    config: StageConfig,
+    shards: list[str],
+    workdir: Path,
+    *,
+    init_from: str | Path | None = None,
+    resume: Path | None = None,
+    on_log: LogFn | None = None,
+    on_checkpoint: CheckpointFn | None = None,
+) -> TrainResult:
+    rank, world_size = _distributed()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    seed_everything(config.seed)  # the same initial weights on every rank
+    model = VideoDiffusion.create(config, init_from).to(device)
+    params = apply_strategy(model.unet, config.strategy)
+    if world_size > 1:
+        model.denoiser.network.unet = torch.nn.parallel.DistributedDataParallel(model.unet)
+    optimizer, schedule = optimizer_and_schedule(params, config.optim)
+    ema = EMA(params, config.optim.ema_decay)
+    generator = torch.Generator()
+
+    step, position = 0, 0
+    if resume is not None:
+        state = load_checkpoint(resume, model.unet, optimizer, schedule, ema)
+        step, position = state["step"], state["data_position"]
+    dataset = ClipDataset(shards, config.clip, seed=config.seed, rank=rank, world_size=world_size, start=position)
+    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    result = TrainResult(steps=step)
+    model.train()
+    clock = time.perf_counter()
+    for batch in loader:
+        if step >= config.max_steps:
+            break
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        # Every random draw of this step follows from (seed, rank, step): a resumed run repeats them.
+        generator.manual_seed(config.seed * 1_000_003 + rank * 10_007 + step)
+        with autocast:
+            loss = model.loss(batch, generator)
+        grad_norm = optimization_step(loss, params, optimizer, schedule, ema, config.optim.grad_clip)
+        step, position = step + 1, position + len(batch["key"])
+        result.losses.append(loss.item())
+        if on_log and rank == 0 and (step % config.log_every == 0 or step == config.max_steps):
+            elapsed, clock = time.perf_counter() - clock, time.perf_counter()
+            on_log(
+                step,
+                {
+                    "loss": loss.item(),
+                    "grad_norm": grad_norm,
+                    "lr": schedule.get_last_lr()[0],
+                    "samples_per_s": config.log_every * config.batch_size * world_size / elapsed,
+                    "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0,
+                },
+            )
+        if rank == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
+            folder = save_checkpoint(
+                workdir / f"checkpoint-{step:08d}",
+                model.unet,
+                optimizer,
+                schedule,
+                ema,
+                {"step": step, "data_position": position, "stage": config.stage},
+            )
+            if on_checkpoint:
+                on_checkpoint(folder, step)
+    result.steps = step
+    if rank == 0:
+        ema.copy_to(params)  # ship the averaged weights
+        result.final = model.save(workdir / "final")
+    return result
