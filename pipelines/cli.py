@@ -163,6 +163,41 @@ def curate_ablation(curated: str, grid_items: tuple[str, ...], config_path: str 
         click.echo(f"  {name:<22} {subset['clips']:>6} clips  {subset['hours']:.4f} h  {subset['uri']}")
 
 
+@main.command("train")
+@click.option("--stage", type=click.Choice(["image", "video", "hq"]), required=True)
+@click.option("--config", "config_name", default="tiny", show_default=True, help="Named config or a YAML file.")
+@click.option("--data", required=True, help="s3:// prefix or folder of WebDataset shards.")
+@click.option("--output", required=True, help="s3:// prefix for checkpoints and the final UNet.")
+@click.option("--init-from", default=None, help="Previous stage's final folder (s3:// or local), or an SD 2.1 copy.")
+@click.option("--max-steps", type=int, default=None)
+@click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint under --output.")
+def train_command(stage, config_name, data, output, init_from, max_steps, resume) -> None:
+    """Train one stage (I image, II video, III high quality) on the local stack or a pod."""
+    from components.common.objectstore import ObjectStore, ObjectStoreError
+    from components.training.run import run_training
+
+    settings = load_settings()
+    try:
+        result = run_training(
+            stage,
+            config_name,
+            data,
+            output,
+            ObjectStore.from_settings(settings),
+            settings,
+            init_from=init_from,
+            max_steps=max_steps,
+            resume=resume,
+        )
+    except (ObjectStoreError, ValueError) as e:
+        _fail(str(e))
+    click.echo(
+        f"\nvdm train: {stage} done at step {result['steps']}"
+        + (f" (resumed from {result['resumed_from']})" if result["resumed_from"] else "")
+    )
+    click.echo(f"  final       {result['final']}\n  mlflow_run  {result['mlflow_run']}")
+
+
 @main.command()
 @click.option("--seed", default=0, show_default=True)
 def demo(seed: int) -> None:

@@ -308,6 +308,20 @@ class ObjectStore:
             raise
         return path
 
+    def presigned_get(self, uri: str | S3Uri, expires_s: int = 7 * 24 * 3600) -> str:
+        """An https(s) URL that reads the object without credentials until it expires;
+        how streaming readers (webdataset's curl) get at shards."""
+        from datetime import timedelta
+
+        target = _uri(uri)
+        return self._call(
+            f"presign {target}",
+            self._client.presigned_get_object,
+            target.bucket,
+            target.key,
+            expires=timedelta(seconds=expires_s),
+        )
+
     def exists(self, uri: str | S3Uri) -> bool:
         try:
             self.recorded_sha256(uri)
