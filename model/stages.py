@@ -5,7 +5,7 @@ only by its config: resolution, frames, noise-level shift and what trains."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +20,7 @@ from model.openclip import TINY_CLIP_MODEL, register_tiny_models
 from model.training import OptimConfig, Strategy
 
 Stage = Literal["image", "video", "hq"]
+STAGE_FILE = "stage.json"
 # Resolution at which p_mean is given; larger stages shift towards more noise.
 BASE_PIXELS = 64 * 64
 
@@ -55,13 +56,17 @@ class StageConfig:
         return shifted_p_mean(self.p_mean, self.clip.height * self.clip.width, BASE_PIXELS)
 
     @classmethod
-    def load(cls, path: str | Path) -> StageConfig:
-        raw = yaml.safe_load(Path(path).read_text())
+    def from_dict(cls, raw: dict) -> StageConfig:
+        raw = dict(raw)
         raw["clip"] = ClipSpec(**raw.get("clip", {}))
         raw["optim"] = OptimConfig(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in raw.get("optim", {}).items()}
         )
         return cls(**raw)
+
+    @classmethod
+    def load(cls, path: str | Path) -> StageConfig:
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()))
 
 
 NAMED_CONFIGS = Path(__file__).parent / "configs"
@@ -152,6 +157,14 @@ class VideoDiffusion(torch.nn.Module):
         return denoising_loss(self.denoiser, latents, sigma, noise=noise, **cond).mean()
 
     def save(self, folder: Path) -> Path:
-        """The trained UNet as a diffusers folder (`unet/`), loadable by `create(init_from=...)`."""
+        """The trained UNet as a diffusers folder (`unet/`), loadable by `create(init_from=...)`,
+        and the stage config (`stage.json`) that `load` needs to rebuild the rest."""
         self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        (folder / STAGE_FILE).write_text(json.dumps(asdict(self.config), indent=1))
         return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> VideoDiffusion:
+        """A model saved by `save`, ready to sample."""
+        config = StageConfig.from_dict(json.loads((Path(folder) / STAGE_FILE).read_text()))
+        return cls.create(config, init_from=folder)

@@ -198,6 +198,47 @@ def train_command(stage, config_name, data, output, init_from, max_steps, resume
     click.echo(f"  final       {result['final']}\n  mlflow_run  {result['mlflow_run']}")
 
 
+@main.command("sample")
+@click.option("--model", "model_location", required=True, help="A trained stage's final folder (s3:// or local).")
+@click.option("--prompt", required=True)
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The mp4 to write.")
+@click.option("--frames", type=int, default=8, show_default=True)
+@click.option("--fps", type=float, default=8.0, show_default=True)
+@click.option("--size", type=int, default=32, show_default=True, help="Height and width in pixels.")
+@click.option("--steps", type=int, default=25, show_default=True)
+@click.option("--guidance", type=(float, float), default=(1.0, 3.0), show_default=True, help="First and last frame.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def sample_command(model_location, prompt, out_path, frames, fps, size, steps, guidance, seed) -> None:
+    """Generate a video from a trained model."""
+    import tempfile
+    from pathlib import Path
+
+    from components.common.media import write_video
+    from components.common.objectstore import ObjectStore, is_s3_uri
+    from model.pipeline import GenerationConfig, generate, to_uint8
+    from model.stages import VideoDiffusion
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(model_location)
+        if is_s3_uri(model_location):
+            folder = Path(tmp)
+            ObjectStore.from_settings(load_settings()).download_folder(model_location, folder)
+        model = VideoDiffusion.load(folder)
+    config = GenerationConfig(
+        num_frames=frames,
+        height=size,
+        width=size,
+        fps=fps,
+        steps=steps,
+        guidance_min=guidance[0],
+        guidance_max=guidance[1],
+        seed=seed,
+    )
+    video = to_uint8(generate(model, prompt, config)).numpy()
+    write_video(Path(out_path), video, fps, deterministic=False)
+    click.echo(f"wrote {out_path}: {frames} frames at {fps:g} fps, {size}x{size}")
+
+
 @main.command()
 @click.option("--seed", default=0, show_default=True)
 def demo(seed: int) -> None:

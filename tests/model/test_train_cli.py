@@ -8,8 +8,20 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
 
 from components.sample_data.shards import write_shapes_shards
+from model.stages import named_config
+from model.train import train
+
+
+@pytest.fixture(scope="module")
+def trained_final(tmp_path_factory):
+    from dataclasses import replace
+
+    paths, _ = write_shapes_shards(tmp_path_factory.mktemp("shards"), shards=2, clips_per_shard=2)
+    work = tmp_path_factory.mktemp("train")
+    return train(replace(named_config("tiny", "video"), max_steps=1), [str(p) for p in paths], work).final
 
 
 def _vdm(*args: str) -> subprocess.CompletedProcess:
@@ -51,3 +63,29 @@ def test_train_from_s3_with_checkpoints_and_resume(stack, store, prefix, tmp_pat
     run = mlflow.get_run(run_id)
     assert run.data.params["stage"] == "video" and run.data.params["init_from"] == f"{out}/final"
     assert "loss" in run.data.metrics and run.data.tags["vdm.outputs"] == f"{prefix}/stage2/final"
+
+
+def test_sample_writes_a_playable_video(trained_final, tmp_path):
+    import av
+
+    out = tmp_path / "clip.mp4"
+    result = _vdm(
+        "sample",
+        "--model",
+        str(trained_final),
+        "--prompt",
+        "a disc",
+        "--out",
+        str(out),
+        "--frames",
+        "6",
+        "--fps",
+        "12",
+        "--steps",
+        "3",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        assert float(stream.average_rate) == 12.0
+        assert sum(1 for _ in container.decode(stream)) == 6
