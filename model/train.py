@@ -39,7 +39,8 @@ CheckpointFn = Callable[[Path, int], None]
 class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)  # this run's steps (after any resume)
-    final: Path | None = None
+    final: Path | None = None  # rank 0's saved model
+    model: VideoDiffusion | None = None  # the trained model (EMA weights), on every rank
 
 
 def _distributed() -> tuple[int, int]:
@@ -116,7 +117,8 @@ def train(
             if on_checkpoint:
                 on_checkpoint(folder, step)
     result.steps = step
+    ema.copy_to(params)  # ship the averaged weights
+    result.model = model
     if rank == 0:
-        ema.copy_to(params)  # ship the averaged weights
         result.final = model.save(workdir / "final")
     return result
