@@ -111,6 +111,7 @@ class VideoDiffusion(torch.nn.Module):
         self.codec = LatentCodec.tiny() if config.vae == "tiny" else LatentCodec.from_folder(config.vae)
         network = _VideoNetwork(unet) if config.video else _ImageNetwork(unet)
         self.denoiser = Denoiser(network)
+        self._empty_text: torch.Tensor | None = None
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
 
@@ -134,7 +135,9 @@ class VideoDiffusion(torch.nn.Module):
 
     def conditioning(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         text = self.text(list(batch["caption"]))
-        empty = self.text([""])
+        if self._empty_text is None:  # the unconditional embedding never changes: encode it once
+            self._empty_text = self.text([""])
+        empty = self._empty_text
         kwargs = {"text": drop_conditions(text, empty, self.config.cond_dropout if self.training else 0.0, generator)}
         if self.config.video:
             strength = torch.zeros_like(batch["fps"], dtype=torch.float32)  # text-to-video: no conditioning image
