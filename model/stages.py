@@ -21,6 +21,8 @@ from model.training import OptimConfig, Strategy
 
 Stage = Literal["image", "video", "hq"]
 STAGE_FILE = "stage.json"
+# The open_clip text tower whose token width matches each UNet's cross-attention (SD 2.1: ViT-H-14).
+TEXT_MODELS = {"tiny": TINY_CLIP_MODEL, "small": "ViT-B-32", "base": "ViT-H-14"}
 # Resolution at which p_mean is given; larger stages shift towards more noise.
 BASE_PIXELS = 64 * 64
 
@@ -33,7 +35,7 @@ class StageConfig:
     clip: ClipSpec = ClipSpec()
     p_mean: float = -1.2
     p_std: float = 1.2
-    text_model: str = TINY_CLIP_MODEL
+    text_model: str | None = None  # open_clip model; None: the one matching `unet` (TEXT_MODELS)
     text_weights: str | None = None  # local path of open_clip weights; None: seeded random (tests)
     vae: str = "tiny"  # "tiny" (random, tests) or a diffusers folder (e.g. a copy of SD 2.1)
     cond_dropout: float = 0.1
@@ -107,7 +109,13 @@ class VideoDiffusion(torch.nn.Module):
         register_tiny_models(config.cache_dir)
         self.config = config
         self.unet = unet
-        self.text = TextEncoder(config.text_model, Path(config.text_weights) if config.text_weights else None)
+        text_model = config.text_model or TEXT_MODELS[config.unet]
+        self.text = TextEncoder(text_model, Path(config.text_weights) if config.text_weights else None)
+        if self.text.width != unet.config.cross_attention_dim:
+            raise ValueError(
+                f"text model {text_model} gives {self.text.width}-wide tokens; the UNet attends to "
+                f"{unet.config.cross_attention_dim}"
+            )
         self.codec = LatentCodec.tiny() if config.vae == "tiny" else LatentCodec.from_folder(config.vae)
         network = _VideoNetwork(unet) if config.video else _ImageNetwork(unet)
         self.denoiser = Denoiser(network)
