@@ -3,6 +3,7 @@ there, a resumed run picking up the newest complete checkpoint, MLflow tracking.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -89,3 +90,26 @@ def test_sample_writes_a_playable_video(trained_final, tmp_path):
         stream = container.streams.video[0]
         assert float(stream.average_rate) == 12.0
         assert sum(1 for _ in container.decode(stream)) == 6
+
+
+def test_eval_motion_logs_figures_and_samples(stack, trained_final, tmp_path):
+    write_shapes_shards(tmp_path / "shards", shards=2, clips_per_shard=2)
+    result = _vdm(
+        "eval",
+        "motion",
+        "--model",
+        str(trained_final),
+        "--data",
+        str(tmp_path / "shards"),
+        "--clips",
+        "2",
+        "--steps",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert report["data"]["straightness"] > 0.9 and "speed_px_per_frame" in report["generated"]
+    run = mlflow.get_run(re.search(r"/runs/([0-9a-f]{32})", report["mlflow_run"]).group(1))
+    assert run.data.metrics["data_straightness"] == pytest.approx(report["data"]["straightness"])
+    samples = mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="samples")
+    assert len(samples) == 2
