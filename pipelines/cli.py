@@ -214,16 +214,14 @@ def sample_command(model_location, prompt, out_path, frames, fps, size, steps, g
     from pathlib import Path
 
     from components.common.media import write_video
-    from components.common.objectstore import ObjectStore, is_s3_uri
+    from components.common.objectstore import ObjectStore
+    from components.training.run import local_folder
     from model.pipeline import GenerationConfig, generate, to_uint8
     from model.stages import VideoDiffusion
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(model_location)
-        if is_s3_uri(model_location):
-            folder = Path(tmp)
-            ObjectStore.from_settings(load_settings()).download_folder(model_location, folder)
-        model = VideoDiffusion.load(folder)
+        store = ObjectStore.from_settings(load_settings())
+        model = VideoDiffusion.load(local_folder(model_location, store, Path(tmp)))
     config = GenerationConfig(
         num_frames=frames,
         height=size,
@@ -257,9 +255,9 @@ def eval_motion(model_location: str, data: str, clips: int, steps: int) -> None:
     import mlflow
 
     from components.common.media import write_video
-    from components.common.objectstore import ObjectStore, is_s3_uri
+    from components.common.objectstore import ObjectStore
     from components.common.tracking import run_url, tracked_run
-    from components.training.run import shard_urls
+    from components.training.run import local_folder, shard_urls
     from model.evaluation import evaluate_motion
     from model.pipeline import to_uint8
     from model.stages import VideoDiffusion
@@ -267,11 +265,7 @@ def eval_motion(model_location: str, data: str, clips: int, steps: int) -> None:
     settings = load_settings()
     store = ObjectStore.from_settings(settings)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(model_location)
-        if is_s3_uri(model_location):
-            folder = Path(tmp) / "model"
-            store.download_folder(model_location, folder)
-        model = VideoDiffusion.load(folder)
+        model = VideoDiffusion.load(local_folder(model_location, store, Path(tmp) / "model"))
         report = evaluate_motion(model, shard_urls(data, store), clips=clips, steps=steps)
         with tracked_run(
             "vdm-eval-motion", config={"clips": clips, "steps": steps}, inputs=[model_location, data], settings=settings

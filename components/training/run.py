@@ -41,7 +41,8 @@ def latest_checkpoint(output: S3Uri, store: ObjectStore) -> S3Uri | None:
     return S3Uri(newest.bucket, newest.key.rsplit("/", 1)[0])
 
 
-def _local(location: str, store: ObjectStore, scratch: Path) -> Path:
+def local_folder(location: str, store: ObjectStore, scratch: Path) -> Path:
+    """A folder as a local path: itself, or its s3:// copy downloaded into `scratch`."""
     if not is_s3_uri(location):
         return Path(location)
     store.download_folder(location, scratch)
@@ -71,9 +72,9 @@ def run_training(
 
     with tempfile.TemporaryDirectory(prefix="vdm-train-") as tmp:
         scratch = Path(tmp)
-        init = _local(init_from, store, scratch / "init") if init_from else None
+        init = local_folder(init_from, store, scratch / "init") if init_from else None
         checkpoint = latest_checkpoint(out, store) if resume else None
-        resume_from = _local(str(checkpoint), store, scratch / "resume") if checkpoint else None
+        resume_from = local_folder(str(checkpoint), store, scratch / "resume") if checkpoint else None
 
         def on_log(step: int, metrics: dict[str, float]) -> None:
             mlflow.log_metrics(metrics, step=step)
