@@ -98,7 +98,9 @@ def decode(
             stream.codec_context.thread_count = options.threads
 
         on_frame = start(fps) if start else None
-        frames = np.empty((max(header_frames, 1), out_h, out_w, 3), np.uint8)
+        # The header is a hint, not a promise (a corrupt one can claim millions of frames):
+        # start from at most 1024 frames and grow by doubling.
+        frames = np.empty((min(max(header_frames, 1), 1024), out_h, out_w, 3), np.uint8)
         count, error = 0, None
         try:
             for frame in container.decode(stream):
