@@ -5,7 +5,8 @@ only by its config: resolution, frames, noise-level shift and what trains."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +22,7 @@ from model.training import OptimConfig, Strategy
 
 Stage = Literal["image", "video", "hq"]
 STAGE_FILE = "stage.json"
+TEXT_FOLDER, VAE_FOLDER = "text_encoder", "vae"
 # The open_clip text tower whose token width matches each UNet's cross-attention (SD 2.1: ViT-H-14).
 TEXT_MODELS = {"tiny": TINY_CLIP_MODEL, "small": "ViT-B-32", "base": "ViT-H-14"}
 # Resolution at which p_mean is given; larger stages shift towards more noise.
@@ -36,8 +38,11 @@ class StageConfig:
     p_mean: float = -1.2
     p_std: float = 1.2
     text_model: str | None = None  # open_clip model; None: the one matching `unet` (TEXT_MODELS)
-    text_weights: str | None = None  # local path of open_clip weights; None: seeded random (tests)
-    vae: str = "tiny"  # "tiny" (random, tests) or a diffusers folder (e.g. a copy of SD 2.1)
+    # Local path of open_clip weights (relative: inside the model folder); None: seeded random (tests).
+    text_weights: str | None = None
+    # A diffusers VAE folder (e.g. a copy of SD 2.1, or `vdm train-vae`'s output); None: the
+    # `vae/` of the folder the model starts from, else a seeded random tiny VAE (tests).
+    vae: str | None = None
     cond_dropout: float = 0.1
     batch_size: int = 2
     max_steps: int = 100
@@ -46,6 +51,9 @@ class StageConfig:
     seed: int = 0
     num_workers: int = 0
     gradient_checkpointing: bool = False
+    sample_every: int = 0  # also generate the sample prompts every N steps (0: only at the end)
+    sample_prompts: tuple[str, ...] = ("",)
+    sample_steps: int = 20
     optim: OptimConfig = field(default_factory=OptimConfig)
     cache_dir: str = ".vdm/cache/models"
 
@@ -61,6 +69,8 @@ class StageConfig:
     def from_dict(cls, raw: dict) -> StageConfig:
         raw = dict(raw)
         raw["clip"] = ClipSpec(**raw.get("clip", {}))
+        if "sample_prompts" in raw:
+            raw["sample_prompts"] = tuple(raw["sample_prompts"])
         raw["optim"] = OptimConfig(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in raw.get("optim", {}).items()}
         )
@@ -104,7 +114,7 @@ class _VideoNetwork(torch.nn.Module):
 class VideoDiffusion(torch.nn.Module):
     """Trainable UNet + frozen text encoder and VAE; `loss(batch)` for any stage."""
 
-    def __init__(self, config: StageConfig, unet: torch.nn.Module):
+    def __init__(self, config: StageConfig, unet: torch.nn.Module, vae_folder: Path | None = None):
         super().__init__()
         register_tiny_models(config.cache_dir)
         self.config = config
@@ -116,7 +126,8 @@ class VideoDiffusion(torch.nn.Module):
                 f"text model {text_model} gives {self.text.width}-wide tokens; the UNet attends to "
                 f"{unet.config.cross_attention_dim}"
             )
-        self.codec = LatentCodec.tiny() if config.vae == "tiny" else LatentCodec.from_folder(config.vae)
+        vae = config.vae or vae_folder
+        self.codec = LatentCodec.from_folder(vae) if vae else LatentCodec.tiny()
         network = _VideoNetwork(unet) if config.video else _ImageNetwork(unet)
         self.denoiser = Denoiser(network)
         self._empty_text: torch.Tensor | None = None
@@ -126,20 +137,21 @@ class VideoDiffusion(torch.nn.Module):
     @classmethod
     def create(cls, config: StageConfig, init_from: str | Path | None = None) -> VideoDiffusion:
         """Stage I from scratch (or an SD 2.1 folder); Stages II/III inflate or continue
-        from `init_from` (a folder with a Stage I `unet/` or a video `unet/`)."""
-        if not config.video:
-            unet = load_image_unet(init_from) if init_from else image_unet(CONFIGS[config.unet])
-            return cls(config, unet)
+        from `init_from` (a folder with a Stage I `unet/` or a video `unet/`, and maybe a `vae/`)."""
         if init_from is None:
-            return cls(config, inflate(image_unet(CONFIGS[config.unet])))
+            image = image_unet(CONFIGS[config.unet])
+            return cls(config, inflate(image) if config.video else image)
         folder = Path(init_from)
+        vae = folder / VAE_FOLDER if (folder / VAE_FOLDER / "config.json").exists() else None
+        if not config.video:
+            return cls(config, load_image_unet(folder), vae)
         unet_folder = folder / "unet" if (folder / "unet").exists() else folder
         class_name = json.loads((unet_folder / "config.json").read_text())["_class_name"]
         if class_name == "UNet2DConditionModel":
-            return cls(config, inflate(load_image_unet(folder)))
+            return cls(config, inflate(load_image_unet(folder)), vae)
         from diffusers import UNetSpatioTemporalConditionModel
 
-        return cls(config, UNetSpatioTemporalConditionModel.from_pretrained(unet_folder))
+        return cls(config, UNetSpatioTemporalConditionModel.from_pretrained(unet_folder), vae)
 
     def conditioning(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         text = self.text(list(batch["caption"]))
@@ -168,14 +180,26 @@ class VideoDiffusion(torch.nn.Module):
         return denoising_loss(self.denoiser, latents, sigma, noise=noise, **cond).mean()
 
     def save(self, folder: Path) -> Path:
-        """The trained UNet as a diffusers folder (`unet/`), loadable by `create(init_from=...)`,
-        and the stage config (`stage.json`) that `load` needs to rebuild the rest."""
+        """A self-contained model folder: the trained UNet and the VAE as diffusers folders
+        (`unet/`, `vae/`), the text tower's weights if any (`text_encoder/`), and the stage
+        config (`stage.json`) that `load` rebuilds the rest from. `create(init_from=...)`
+        starts the next stage from it."""
         self.unet.save_pretrained(folder / "unet", safe_serialization=True)
-        (folder / STAGE_FILE).write_text(json.dumps(asdict(self.config), indent=1))
+        self.codec.vae.save_pretrained(folder / VAE_FOLDER, safe_serialization=True)
+        config = replace(self.config, vae=None)  # the folder's own vae/
+        if self.config.text_weights:
+            weights = Path(self.config.text_weights)
+            (folder / TEXT_FOLDER).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(weights, folder / TEXT_FOLDER / weights.name)
+            config = replace(config, text_weights=f"{TEXT_FOLDER}/{weights.name}")
+        (folder / STAGE_FILE).write_text(json.dumps(asdict(config), indent=1))
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> VideoDiffusion:
         """A model saved by `save`, ready to sample."""
-        config = StageConfig.from_dict(json.loads((Path(folder) / STAGE_FILE).read_text()))
+        folder = Path(folder)
+        config = StageConfig.from_dict(json.loads((folder / STAGE_FILE).read_text()))
+        if config.text_weights and not Path(config.text_weights).is_absolute():
+            config = replace(config, text_weights=str(folder / config.text_weights))
         return cls.create(config, init_from=folder)

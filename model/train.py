@@ -1,7 +1,9 @@
 """One training loop for every stage. Readable top to bottom: build, maybe resume,
 then step: batch -> loss -> optimisation step -> log -> checkpoint. Object storage,
 MLflow and process launching stay outside (components/training): the loop only
-calls `on_log(step, metrics)` and `on_checkpoint(folder, step)`.
+calls `on_log(step, metrics)`, `on_checkpoint(folder, step)` and
+`on_samples(step, videos)` (the config's sample prompts, generated with the EMA
+weights every `sample_every` steps and at the end).
 
 Distributed: under torchrun (RANK/WORLD_SIZE set) the UNet is wrapped in DDP
 (gloo on the CPU, NCCL on GPUs) and each rank reads its own shards.
@@ -11,8 +13,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from model.data import ClipDataset
+from model.pipeline import GenerationConfig, generate
 from model.stages import StageConfig, VideoDiffusion
 from model.training import (
     EMA,
@@ -33,6 +37,7 @@ from model.training import (
 
 LogFn = Callable[[int, dict[str, float]], None]
 CheckpointFn = Callable[[Path, int], None]
+SamplesFn = Callable[[int, list[torch.Tensor]], None]
 
 
 @dataclass
@@ -50,6 +55,31 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+@contextmanager
+def _unwrapped(model: VideoDiffusion) -> Iterator[None]:
+    """The denoiser on the bare UNet: one rank can sample without DDP's collectives."""
+    network = model.denoiser.network
+    wrapped, network.unet = network.unet, model.unet
+    try:
+        yield
+    finally:
+        network.unet = wrapped
+
+
+def sample_videos(model: VideoDiffusion, ema: EMA) -> list[torch.Tensor]:
+    """The config's sample prompts, generated with the EMA weights; (T, 3, H, W) each."""
+    config, spec = model.config, model.config.clip
+    generation = GenerationConfig(
+        num_frames=spec.num_frames, height=spec.height, width=spec.width, fps=spec.fps, steps=config.sample_steps
+    )
+    with ema.applied(), _unwrapped(model):
+        videos = [
+            generate(model, prompt, replace(generation, seed=i)) for i, prompt in enumerate(config.sample_prompts)
+        ]
+    model.train()
+    return videos
+
+
 def train(
     config: StageConfig,
     shards: list[str],
@@ -59,6 +89,7 @@ def train(
     resume: Path | None = None,
     on_log: LogFn | None = None,
     on_checkpoint: CheckpointFn | None = None,
+    on_samples: SamplesFn | None = None,
 ) -> TrainResult:
     rank, world_size = _distributed()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
@@ -116,6 +147,10 @@ def train(
             )
             if on_checkpoint:
                 on_checkpoint(folder, step)
+        if on_samples and rank == 0 and config.sample_every and step % config.sample_every == 0:
+            on_samples(step, sample_videos(model, ema))
+    if on_samples and rank == 0 and not (config.sample_every and step % config.sample_every == 0):
+        on_samples(step, sample_videos(model, ema))
     result.steps = step
     ema.copy_to(params)  # ship the averaged weights
     result.model = model

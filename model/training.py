@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -55,6 +56,20 @@ class EMA:
     def copy_to(self, params: Iterable[torch.nn.Parameter]) -> None:
         for target, value in zip(params, self.shadow, strict=True):
             target.copy_(value)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The averaged weights in place for the duration (to sample mid-training), then
+        the training weights back."""
+        with torch.no_grad():
+            training = [p.detach().clone() for p in self.params]
+            self.copy_to(self.params)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(self.params, training, strict=True):
+                    param.copy_(value)
 
 
 @dataclass(frozen=True)

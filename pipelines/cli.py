@@ -169,9 +169,15 @@ def curate_ablation(curated: str, grid_items: tuple[str, ...], config_path: str 
 @click.option("--data", required=True, help="s3:// prefix or folder of WebDataset shards.")
 @click.option("--output", required=True, help="s3:// prefix for checkpoints and the final UNet.")
 @click.option("--init-from", default=None, help="Previous stage's final folder (s3:// or local), or an SD 2.1 copy.")
+@click.option("--vae", default=None, help="A diffusers VAE folder (s3:// or local); default: --init-from's vae/.")
 @click.option("--max-steps", type=int, default=None)
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint under --output.")
-def train_command(stage, config_name, data, output, init_from, max_steps, resume) -> None:
+@click.option(
+    "--register-as",
+    default=None,
+    help="Register the final pipeline as a new version of this MLflow model, alias `candidate`.",
+)
+def train_command(stage, config_name, data, output, init_from, vae, max_steps, resume, register_as) -> None:
     """Train one stage (I image, II video, III high quality) on the local stack or a pod."""
     from components.common.objectstore import ObjectStore, ObjectStoreError
     from components.training.run import run_training
@@ -186,8 +192,10 @@ def train_command(stage, config_name, data, output, init_from, max_steps, resume
             ObjectStore.from_settings(settings),
             settings,
             init_from=init_from,
+            vae=vae,
             max_steps=max_steps,
             resume=resume,
+            register_as=register_as,
         )
     except (ObjectStoreError, ValueError) as e:
         _fail(str(e))
@@ -196,15 +204,44 @@ def train_command(stage, config_name, data, output, init_from, max_steps, resume
         + (f" (resumed from {result['resumed_from']})" if result["resumed_from"] else "")
     )
     click.echo(f"  final       {result['final']}\n  mlflow_run  {result['mlflow_run']}")
+    if result["registered"]:
+        click.echo(f"  registered  {result['registered']} (alias candidate)")
+
+
+@main.command("train-vae")
+@click.option("--data", required=True, help="s3:// prefix or folder of WebDataset shards.")
+@click.option("--output", required=True, help="s3:// prefix for the VAE (a diffusers folder).")
+@click.option("--size", type=int, default=32, show_default=True, help="Frame height and width in pixels.")
+@click.option("--steps", type=int, default=400, show_default=True)
+def train_vae_command(data: str, output: str, size: int, steps: int) -> None:
+    """Train the small frame VAE that CPU-sized models use (production uses a pretrained one)."""
+    from components.common.objectstore import ObjectStore, ObjectStoreError
+    from components.training.run import run_autoencoder_training
+    from model.autoencoder import AutoencoderTraining
+
+    settings = load_settings()
+    try:
+        result = run_autoencoder_training(
+            data, output, ObjectStore.from_settings(settings), settings, size=size, config=AutoencoderTraining(steps)
+        )
+    except (ObjectStoreError, ValueError) as e:
+        _fail(str(e))
+    click.echo(f"\nvdm train-vae: reconstruction L1 {result['reconstruction_l1']:.4f}")
+    click.echo(f"  output      {result['output']}\n  mlflow_run  {result['mlflow_run']}")
 
 
 @main.command("sample")
-@click.option("--model", "model_location", required=True, help="A trained stage's final folder (s3:// or local).")
+@click.option(
+    "--model",
+    "model_location",
+    required=True,
+    help="models:/NAME@ALIAS, or a stage's final folder (s3:// or local).",
+)
 @click.option("--prompt", required=True)
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The mp4 to write.")
-@click.option("--frames", type=int, default=8, show_default=True)
-@click.option("--fps", type=float, default=8.0, show_default=True)
-@click.option("--size", type=int, default=32, show_default=True, help="Height and width in pixels.")
+@click.option("--frames", type=int, default=None, help="Default: the model's training clip.")
+@click.option("--fps", type=float, default=None, help="Default: the model's training clip.")
+@click.option("--size", type=int, default=None, help="Height and width in pixels; default: the model's training clip.")
 @click.option("--steps", type=int, default=25, show_default=True)
 @click.option("--guidance", type=(float, float), default=(1.0, 3.0), show_default=True, help="First and last frame.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -222,19 +259,20 @@ def sample_command(model_location, prompt, out_path, frames, fps, size, steps, g
     with tempfile.TemporaryDirectory() as tmp:
         store = ObjectStore.from_settings(load_settings())
         model = VideoDiffusion.load(local_folder(model_location, store, Path(tmp)))
+    spec = model.config.clip
     config = GenerationConfig(
-        num_frames=frames,
-        height=size,
-        width=size,
-        fps=fps,
+        num_frames=frames or spec.num_frames,
+        height=size or spec.height,
+        width=size or spec.width,
+        fps=fps or spec.fps,
         steps=steps,
         guidance_min=guidance[0],
         guidance_max=guidance[1],
         seed=seed,
     )
     video = to_uint8(generate(model, prompt, config)).numpy()
-    write_video(Path(out_path), video, fps, deterministic=False)
-    click.echo(f"wrote {out_path}: {frames} frames at {fps:g} fps, {size}x{size}")
+    write_video(Path(out_path), video, config.fps, deterministic=False)
+    click.echo(f"wrote {out_path}: {config.num_frames} frames at {config.fps:g} fps, {config.width}x{config.height}")
 
 
 @main.group("eval")
@@ -243,7 +281,12 @@ def eval_group() -> None:
 
 
 @eval_group.command("motion")
-@click.option("--model", "model_location", required=True, help="A trained video stage's final folder (s3:// or local).")
+@click.option(
+    "--model",
+    "model_location",
+    required=True,
+    help="models:/NAME@ALIAS, or a video stage's final folder.",
+)
 @click.option("--data", required=True, help="Shards with moving shapes (s3:// prefix or folder).")
 @click.option("--clips", type=int, default=8, show_default=True)
 @click.option("--steps", type=int, default=25, show_default=True)

@@ -1,16 +1,18 @@
-"""Encoding frames to video files, shared by sample data and curation."""
+"""Encoding frames to video files, shared by sample data, curation, training and serving."""
 
 from __future__ import annotations
 
+import io
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import numpy as np
 
 
 def write_video(
-    path: Path,
+    path: Path | BinaryIO,
     frames: np.ndarray,
     fps: float,
     *,
@@ -23,7 +25,8 @@ def write_video(
     (with it, this x264 build gave different bytes from run to run), at the price of
     files about 2.5x larger at the same CRF."""
     options = {"movflags": "+faststart"} if faststart else {}
-    with av.open(str(path), "w", format="mp4", options=options) as container:
+    target = str(path) if isinstance(path, str | Path) else path
+    with av.open(target, "w", format="mp4", options=options) as container:
         # PyAV wants an exact rate; 29.97 and friends are n/1001.
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
@@ -38,3 +41,10 @@ def write_video(
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def video_bytes(frames: np.ndarray, fps: float) -> bytes:
+    """RGB frames (T, H, W, 3) as the bytes of an mp4 (generated videos: not bit-reproducible)."""
+    buffer = io.BytesIO()
+    write_video(buffer, frames, fps, deterministic=False)
+    return buffer.getvalue()

@@ -15,10 +15,17 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import mlflow
+import torch
 
+from components.common.media import write_video
 from components.common.objectstore import MANIFEST_NAME, ObjectStore, S3Uri, is_s3_uri
 from components.common.settings import Settings
 from components.common.tracking import run_url, tracked_run
+from components.registry.pipeline_model import download_pipeline, register_pipeline
+from model.autoencoder import AutoencoderTraining, reconstruction_error, train_autoencoder
+from model.conditioning import LatentCodec
+from model.data import ClipDataset, ClipSpec
+from model.pipeline import to_uint8
 from model.stages import Stage, named_config
 from model.train import train
 
@@ -42,7 +49,10 @@ def latest_checkpoint(output: S3Uri, store: ObjectStore) -> S3Uri | None:
 
 
 def local_folder(location: str, store: ObjectStore, scratch: Path) -> Path:
-    """A folder as a local path: itself, or its s3:// copy downloaded into `scratch`."""
+    """A model folder as a local path: itself, its s3:// copy downloaded into `scratch`,
+    or the pipeline of a registered model (`models:/NAME@ALIAS`)."""
+    if location.startswith("models:/"):
+        return download_pipeline(location, scratch)
     if not is_s3_uri(location):
         return Path(location)
     store.download_folder(location, scratch)
@@ -58,10 +68,14 @@ def run_training(
     settings: Settings,
     *,
     init_from: str | None = None,
+    vae: str | None = None,
     max_steps: int | None = None,
     resume: bool = False,
+    register_as: str | None = None,
     progress: bool = True,
 ) -> dict:
+    """Train one stage; publish checkpoints and the final folder under `output`; with
+    `register_as`, register the final pipeline as a new `candidate` version of that model."""
     config = named_config(config_name, stage)
     if max_steps is not None:
         config = replace(config, max_steps=max_steps)
@@ -73,6 +87,8 @@ def run_training(
     with tempfile.TemporaryDirectory(prefix="vdm-train-") as tmp:
         scratch = Path(tmp)
         init = local_folder(init_from, store, scratch / "init") if init_from else None
+        if vae:
+            config = replace(config, vae=str(local_folder(vae, store, scratch / "vae")))
         checkpoint = latest_checkpoint(out, store) if resume else None
         resume_from = local_folder(str(checkpoint), store, scratch / "resume") if checkpoint else None
 
@@ -81,11 +97,18 @@ def run_training(
             if progress:
                 print(f"step {step:>6}  " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
 
+        def on_samples(step: int, videos: list) -> None:
+            folder = scratch / "samples" / f"step-{step:08d}"
+            folder.mkdir(parents=True)
+            for i, video in enumerate(videos):
+                write_video(folder / f"prompt-{i}.mp4", to_uint8(video).numpy(), config.clip.fps, deterministic=False)
+            mlflow.log_artifacts(str(folder), f"samples/step-{step:08d}")
+
         def on_checkpoint(folder: Path, step: int) -> None:
             store.publish_folder(folder, out.join(CHECKPOINTS, f"step-{step:08d}"))
             shutil.rmtree(folder)  # published: the local copy is not needed
 
-        lineage = {"data": data, "init_from": init_from or "", "output": output}
+        lineage = {"data": data, "init_from": init_from or "", "vae_from": vae or "", "output": output}
         with tracked_run(
             f"vdm-train-{stage}",
             run_name=f"{stage}-{config_name}",
@@ -102,14 +125,67 @@ def run_training(
                 resume=resume_from,
                 on_log=on_log,
                 on_checkpoint=on_checkpoint,
+                on_samples=on_samples,
             )
             final = out.join("final")
             store.publish_folder(result.final, final)
             mlflow.set_tag("vdm.outputs", str(final))
+            version = (
+                register_pipeline(result.final, register_as, {"vdm.data": data, "vdm.final": str(final)})
+                if register_as
+                else None
+            )
     return {
         "steps": result.steps,
         "final": str(final),
+        "registered": f"models:/{register_as}/{version.version}" if version else None,
         "losses": result.losses,
         "mlflow_run": run_url(run, settings),
         "resumed_from": str(checkpoint) if resume_from else None,
     }
+
+
+def run_autoencoder_training(
+    data: str,
+    output: str,
+    store: ObjectStore,
+    settings: Settings,
+    *,
+    size: int = 32,
+    config: AutoencoderTraining | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train the tiny frame VAE on the data's frames and publish it as a diffusers folder,
+    which `vdm train --vae` (or a stage config's `vae:`) then uses, frozen."""
+    config = config or AutoencoderTraining()
+    shards = shard_urls(data, store)
+    if not shards:
+        raise ValueError(f"no .tar shards under {data}")
+    clips = iter(ClipDataset(shards, ClipSpec(num_frames=4, fps=8.0, height=size, width=size), seed=config.seed))
+
+    def frames():
+        while True:
+            yield torch.cat([next(clips)["video"] for _ in range(config.batch_frames // 4)])
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics(metrics, step=step)
+        if progress:
+            print(f"step {step:>6}  " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+
+    with (
+        tempfile.TemporaryDirectory(prefix="vdm-vae-") as tmp,
+        tracked_run(
+            "vdm-train-vae",
+            run_name=f"vae-{size}",
+            config={**asdict(config), "size": size, "data": data},
+            inputs=[data],
+            settings=settings,
+        ) as run,
+    ):
+        vae = train_autoencoder(LatentCodec.tiny().vae, frames(), config, on_log)
+        error = reconstruction_error(vae, next(frames()))
+        mlflow.log_metrics({"reconstruction_l1": error, "scaling_factor": vae.config.scaling_factor})
+        vae.save_pretrained(Path(tmp) / "vae", safe_serialization=True)
+        store.publish_folder(Path(tmp) / "vae", output)
+        mlflow.set_tag("vdm.outputs", output)
+    return {"output": output, "reconstruction_l1": error, "mlflow_run": run_url(run, settings)}

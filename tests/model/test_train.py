@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from components.sample_data.shards import write_shapes_shards
 from model.networks import is_temporal
-from model.stages import named_config
+from model.pipeline import GenerationConfig, generate
+from model.stages import VideoDiffusion, named_config
 from model.train import train
 
 
@@ -36,6 +37,23 @@ def test_three_stages_chain(stage_one, shards, tmp_path):
     hq = train(replace(named_config("tiny", "hq"), max_steps=2), shards, tmp_path / "s3", init_from=video.final)
     assert video.steps == 3 and hq.steps == 2 and (hq.final / "unet" / "config.json").exists()
     assert named_config("tiny", "hq").p_mean_at_resolution > named_config("tiny", "video").p_mean_at_resolution
+
+
+def test_saved_model_is_self_contained_and_samples_are_made_with_the_ema_weights(stage_one, shards, tmp_path):
+    calls = []
+    config = replace(named_config("tiny", "video"), max_steps=3, sample_every=2, sample_prompts=("a", "b"))
+    result = train(
+        config, shards, tmp_path, init_from=stage_one.final, on_samples=lambda step, v: calls.append((step, v))
+    )
+    assert [step for step, _ in calls] == [2, 3]  # every 2 steps and at the end
+    assert all(len(videos) == 2 and videos[0].shape == (8, 3, 32, 32) for _, videos in calls)
+    # The end-of-run samples come from the EMA weights the final folder holds.
+    loaded = VideoDiffusion.load(result.final)
+    assert sorted(p.name for p in result.final.iterdir()) == ["stage.json", "unet", "vae"]
+    again = generate(loaded, "b", GenerationConfig(num_frames=8, height=32, width=32, steps=20, seed=1))
+    torch.testing.assert_close(again, calls[-1][1][1], atol=1e-3, rtol=0)
+    for a, b in zip(loaded.codec.vae.parameters(), result.model.codec.vae.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_partial_training_moves_only_temporal_layers(stage_one, shards, tmp_path):

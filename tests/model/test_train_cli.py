@@ -58,12 +58,52 @@ def test_train_from_s3_with_checkpoints_and_resume(stack, store, prefix, tmp_pat
         f"{out}/final",
         "--max-steps",
         "2",
+        "--register-as",
+        "vdm-test-cli",
     )
     assert video.returncode == 0, video.stderr[-3000:]
+    assert "registered  models:/vdm-test-cli/1 (alias candidate)" in video.stdout
     run_id = re.search(r"/runs/([0-9a-f]{32})", video.stdout).group(1)
     run = mlflow.get_run(run_id)
     assert run.data.params["stage"] == "video" and run.data.params["init_from"] == f"{out}/final"
     assert "loss" in run.data.metrics and run.data.tags["vdm.outputs"] == f"{prefix}/stage2/final"
+    # samples of the config's prompts at the end of the run, as mp4s
+    assert [a.path for a in mlflow.artifacts.list_artifacts(run_id=run_id, artifact_path="samples")] == [
+        "samples/step-00000002"
+    ]
+
+    sampled = _vdm(
+        "sample", "--model", "models:/vdm-test-cli@candidate", "--prompt", "a", "--out", str(tmp_path / "c.mp4")
+    )
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert "8 frames at 8 fps, 32x32" in sampled.stdout
+
+
+def test_train_vae_publishes_a_diffusers_vae_that_a_stage_uses(stack, store, prefix, tmp_path):
+    write_shapes_shards(tmp_path / "shards", shards=2, clips_per_shard=2)
+    store.publish_folder(tmp_path / "shards", f"{prefix}/data")
+    trained = _vdm("train-vae", "--data", f"{prefix}/data", "--output", f"{prefix}/vae", "--steps", "3")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run = mlflow.get_run(re.search(r"/runs/([0-9a-f]{32})", trained.stdout).group(1))
+    assert run.data.metrics["reconstruction_l1"] > 0 and run.data.tags["vdm.outputs"] == f"{prefix}/vae"
+
+    stage = _vdm(
+        "train",
+        "--stage",
+        "image",
+        "--data",
+        f"{prefix}/data",
+        "--output",
+        f"{prefix}/s1",
+        "--vae",
+        f"{prefix}/vae",
+        "--max-steps",
+        "1",
+    )
+    assert stage.returncode == 0, stage.stderr[-3000:]
+    store.download_folder(f"{prefix}/s1/final", tmp_path / "final")
+    published = store.get_bytes(f"{prefix}/vae/diffusion_pytorch_model.safetensors")
+    assert (tmp_path / "final" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == published
 
 
 def test_sample_writes_a_playable_video(trained_final, tmp_path):

@@ -100,6 +100,17 @@ def test_ema_tracks_the_weights():
     torch.testing.assert_close(ema.shadow[0], torch.full((3,), 0.75))
 
 
+def test_ema_weights_applied_for_a_while_then_the_training_weights_return():
+    param = torch.nn.Parameter(torch.ones(3))
+    ema = EMA([param], decay=0.5)
+    with torch.no_grad():
+        param.fill_(3.0)
+    ema.update()  # shadow 2.0
+    with ema.applied():
+        torch.testing.assert_close(param.detach(), torch.full((3,), 2.0))
+    torch.testing.assert_close(param.detach(), torch.full((3,), 3.0))
+
+
 def test_resume_from_a_checkpoint_continues_the_same_loss_curve(tmp_path):
     run = _setup()
     uninterrupted = [_step(*run) for _ in range(10)]

@@ -1,0 +1,104 @@
+"""A trained pipeline folder (`unet/`, `vae/`, `stage.json`: what `VideoDiffusion.save`
+writes) as an MLflow pyfunc model with the folder as an artifact, registered as a new
+version with the alias `candidate` and lineage tags. Serving and `vdm sample` resolve
+`models:/NAME@ALIAS` back to the folder with `download_pipeline`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import Model, ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+from components.common.media import video_bytes
+
+PIPELINE_ARTIFACT = "pipeline"
+CANDIDATE = "candidate"
+# Generation settings a caller may pass as pyfunc params (defaults: the model's own clip spec).
+GENERATION_PARAMS = (
+    ParamSpec("num_frames", "long", 0),
+    ParamSpec("fps", "double", 0.0),
+    ParamSpec("height", "long", 0),
+    ParamSpec("width", "long", 0),
+    ParamSpec("motion", "double", 1.0),
+    ParamSpec("steps", "long", 25),
+    ParamSpec("guidance_min", "double", 1.0),
+    ParamSpec("guidance_max", "double", 3.0),
+    ParamSpec("seed", "long", 0),
+)
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "negative_prompt", required=False)]),
+    outputs=Schema([ColSpec("binary", "video_mp4")]),
+    params=ParamSchema(list(GENERATION_PARAMS)),
+)
+
+
+class VideoPipelineModel(mlflow.pyfunc.PythonModel):
+    """prompts in, mp4 bytes out (one video per row)."""
+
+    def load_context(self, context) -> None:
+        from model.stages import VideoDiffusion
+
+        self.model = VideoDiffusion.load(context.artifacts[PIPELINE_ARTIFACT])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from model.pipeline import GenerationConfig, generate, to_uint8
+
+        spec = self.model.config.clip
+        p = {s.name: s.default for s in GENERATION_PARAMS} | (params or {})
+        config = GenerationConfig(
+            num_frames=p["num_frames"] or spec.num_frames,
+            height=p["height"] or spec.height,
+            width=p["width"] or spec.width,
+            fps=p["fps"] or spec.fps,
+            motion=p["motion"],
+            steps=p["steps"],
+            guidance_min=p["guidance_min"],
+            guidance_max=p["guidance_max"],
+            seed=p["seed"],
+        )
+        negatives = model_input.get("negative_prompt", pd.Series([""] * len(model_input))).fillna("")
+        videos = []
+        for prompt, negative in zip(model_input["prompt"], negatives, strict=True):
+            frames = to_uint8(generate(self.model, prompt, config, negative_prompt=negative)).numpy()
+            videos.append(video_bytes(frames, config.fps))
+        return pd.DataFrame({"video_mp4": videos})
+
+
+def register_pipeline(folder: Path, name: str, lineage: Mapping[str, str], *, alias: str = CANDIDATE) -> ModelVersion:
+    """Log `folder` as a pyfunc model in the active run, register it as a new version of
+    `name`, tag the version with its lineage and give it `alias`."""
+    from importlib.metadata import version
+
+    run = mlflow.active_run()
+    info = mlflow.pyfunc.log_model(
+        name="pipeline",
+        python_model=VideoPipelineModel(),
+        artifacts={PIPELINE_ARTIFACT: str(folder)},
+        signature=SIGNATURE,
+        # The project image provides the package; naming it skips MLflow's slow inference.
+        pip_requirements=[f"vdm-platform=={version('vdm-platform')}"],
+        registered_model_name=name,
+    )
+    client = MlflowClient()
+    number = str(info.registered_model_version)
+    tags = {**run.data.tags, **lineage} if run else dict(lineage)
+    for key, value in tags.items():
+        if key.startswith("vdm."):
+            client.set_model_version_tag(name, number, key, value)
+    if run:
+        client.set_model_version_tag(name, number, "vdm.training_run", run.info.run_id)
+    client.set_registered_model_alias(name, alias, number)
+    return client.get_model_version(name, number)
+
+
+def download_pipeline(model_uri: str, destination: Path) -> Path:
+    """The pipeline folder of a registered model (`models:/NAME@ALIAS`, `models:/NAME/3`)."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(destination)))
+    flavor = Model.load(local).flavors["python_function"]
+    return local / flavor["artifacts"][PIPELINE_ARTIFACT]["path"]

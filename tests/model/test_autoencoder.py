@@ -1,0 +1,33 @@
+"""The frame VAE for CPU-sized models learns to reconstruct the synthetic frames and
+is scaled to unit-variance latents."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from components.sample_data.shards import write_shapes_shards
+from model.autoencoder import AutoencoderTraining, reconstruction_error, train_autoencoder
+from model.conditioning import LatentCodec
+from model.data import ClipDataset, ClipSpec
+
+
+def test_training_reconstructs_frames_and_scales_latents_to_unit_variance(tmp_path):
+    paths, _ = write_shapes_shards(tmp_path, shards=2, clips_per_shard=4)
+    clips = ClipDataset([str(p) for p in paths], ClipSpec(num_frames=4, fps=8.0, height=32, width=32))
+
+    def batches():
+        stream = iter(clips)
+        while True:
+            yield torch.cat([next(stream)["video"] for _ in range(4)])
+
+    held_out = torch.cat([item["video"] for item in itertools.islice(iter(clips), 8)])
+    untrained = LatentCodec.tiny()
+    before = reconstruction_error(untrained.vae, held_out)
+    vae = train_autoencoder(LatentCodec.tiny().vae, batches(), AutoencoderTraining(steps=60, batch_frames=16))
+    after = reconstruction_error(vae, held_out)
+    assert after < 0.4 * before, (before, after)
+    codec = LatentCodec(vae)
+    latents = codec.encode(held_out[None], torch.Generator().manual_seed(0))
+    assert 0.7 < latents.std().item() < 1.4
