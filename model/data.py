@@ -1,4 +1,5 @@
-"""Training data: curated WebDataset shards -> fixed-size video clips.
+"""Training data: curated WebDataset shards -> fixed-size video clips (or images, for
+Stage I and image-only finetunes).
 
 Each sample of a shard is `<key>.mp4` + `<key>.json` (curation's contract). A clip
 is decoded with PyAV, `num_frames` frames are taken at the requested fps (a
@@ -154,5 +155,37 @@ class ClipDataset(IterableDataset):
             "video": resize_crop(frames, self.spec.height, self.spec.width, rng if self.random_crop else None),
             "fps": torch.tensor(float(self.spec.fps)),
             "motion": torch.tensor(float(meta["scores"]["motion"])),
+            "caption": meta.get("caption", ""),
+        }
+
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class ImageDataset(ClipDataset):
+    """WebDataset of images for Stage I and image-only (spatial) finetunes: each sample
+    `<key>.jpg|png|webp` with a caption in `<key>.json` (`caption`) or `<key>.txt`.
+    Items look like one-frame clips (video (1, C, H, W)), so every stage's loss takes
+    them; order, sharding and resume are the clip loader's."""
+
+    def __init__(self, shards: list[str], height: int, width: int, **kwargs):
+        super().__init__(shards, ClipSpec(num_frames=1, fps=1.0, height=height, width=width), **kwargs)
+
+    def _plan(self, epoch: int, raw: dict) -> tuple[dict, list[int], random.Random] | None:
+        if not any(ext in raw for ext in IMAGE_EXTENSIONS):
+            return None
+        meta = json.loads(raw["json"]) if "json" in raw else {"caption": raw.get("txt", b"").decode()}
+        return meta, [0], random.Random(f"{self.seed}:{epoch}:{raw['__key__']}")
+
+    def _decode(self, raw: dict, meta: dict, indices: list[int], rng: random.Random) -> dict:
+        from PIL import Image
+
+        data = next(raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw)
+        image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[None]
+        return {
+            "key": raw["__key__"],
+            "video": resize_crop(image, self.spec.height, self.spec.width, rng if self.random_crop else None),
+            "fps": torch.tensor(0.0),
+            "motion": torch.tensor(0.0),
             "caption": meta.get("caption", ""),
         }

@@ -35,6 +35,7 @@ class StageConfig:
     unet: str = "tiny"  # a named UNetConfig
     strategy: Strategy = "full"
     clip: ClipSpec = ClipSpec()
+    data: Literal["clips", "images"] = "clips"  # images: a WebDataset of images (Stage I, spatial finetunes)
     p_mean: float = -1.2
     p_std: float = 1.2
     text_model: str | None = None  # open_clip model; None: the one matching `unet` (TEXT_MODELS)
@@ -56,6 +57,10 @@ class StageConfig:
     sample_steps: int = 20
     optim: OptimConfig = field(default_factory=OptimConfig)
     cache_dir: str = ".vdm/cache/models"
+
+    def __post_init__(self):
+        if self.data == "images" and self.stage != "image" and self.strategy != "spatial":
+            raise ValueError("image data trains Stage I or the spatial layers only (strategy: spatial)")
 
     @property
     def video(self) -> bool:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from model.data import ClipDataset
+from model.data import ClipDataset, ImageDataset
 from model.pipeline import GenerationConfig, generate
 from model.stages import StageConfig, VideoDiffusion
 from model.training import (
@@ -106,7 +106,11 @@ def train(
     if resume is not None:
         state = load_checkpoint(resume, model.unet, optimizer, schedule, ema)
         step, position = state["step"], state["data_position"]
-    dataset = ClipDataset(shards, config.clip, seed=config.seed, rank=rank, world_size=world_size, start=position)
+    split = {"seed": config.seed, "rank": rank, "world_size": world_size, "start": position}
+    if config.data == "images":
+        dataset = ImageDataset(shards, config.clip.height, config.clip.width, **split)
+    else:
+        dataset = ClipDataset(shards, config.clip, **split)
     loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 

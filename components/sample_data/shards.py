@@ -4,6 +4,7 @@ training tests and the motion evaluation before (or without) real curated data."
 
 from __future__ import annotations
 
+import io
 import tempfile
 from pathlib import Path
 
@@ -67,5 +68,31 @@ def write_shapes_shards(
                     "velocities": clip.velocities.tolist(),
                     "radii": clip.radii.tolist(),
                 }
+        paths.append(path)
+    return paths, truth
+
+
+def write_image_shards(
+    folder: Path, *, shards: int = 2, images_per_shard: int = 8, size: int = 64, seed: int = 0
+) -> tuple[list[Path], dict[str, dict]]:
+    """Image shards (`<key>.png` + `<key>.json` with a caption) for Stage I and image-only
+    finetunes: discs at known positions. Returns the paths and, per key, the truth."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, truth = [], {}
+    for s in range(shards):
+        path = folder / f"images-{s:06d}.tar"
+        with wds.TarWriter(str(path), mtime=0) as tar:
+            for i in range(images_per_shard):
+                key = f"disc-{seed:04d}-{s:04d}-{i:04d}"
+                shapes = moving_shapes(
+                    1, size, size, num_shapes=1, radius_range=(5, 9), seed=seed * 100_003 + s * 1009 + i
+                )
+                png = io.BytesIO()
+                Image.fromarray(shapes.frames[0]).save(png, format="PNG")
+                meta = {"key": key, "caption": "a disc on black"}
+                tar.write({"__key__": key, "png": png.getvalue(), "json": meta})
+                truth[key] = {"position": shapes.positions[0, 0].tolist(), "radius": float(shapes.radii[0])}
         paths.append(path)
     return paths, truth

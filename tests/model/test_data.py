@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from components.sample_data.shards import write_shapes_shards
-from model.data import ClipDataset, ClipSpec
+from components.sample_data.shards import write_image_shards, write_shapes_shards
+from model.data import ClipDataset, ClipSpec, ImageDataset
 
 SOURCE_FPS = 24.0
 
@@ -88,3 +88,25 @@ def test_ranks_read_disjoint_shards(shards):
     rank0 = set(keys(ClipDataset(paths, spec, rank=0, world_size=2, shuffle_buffer=1), 10))
     rank1 = set(keys(ClipDataset(paths, spec, rank=1, world_size=2, shuffle_buffer=1), 10))
     assert rank0.isdisjoint(rank1) and len(rank0 | rank1) == 20
+
+
+@pytest.fixture(scope="module")
+def image_shards(tmp_path_factory):
+    paths, truth = write_image_shards(tmp_path_factory.mktemp("images"), shards=3, images_per_shard=4, size=64)
+    return [str(p) for p in paths], truth
+
+
+def test_image_shards_give_one_frame_items_at_the_stage_size_with_the_disc_in_place(image_shards):
+    paths, truth = image_shards
+    items = list(itertools.islice(iter(ImageDataset(paths, 32, 32, random_crop=False)), 12))
+    assert sorted(item["key"] for item in items) == sorted(truth)  # an epoch visits every image once
+    for item in items:
+        assert item["video"].shape == (1, 3, 32, 32) and item["caption"] == "a disc on black"
+        expected = np.array(truth[item["key"]]["position"]) / 2  # 64 -> 32 px
+        assert np.abs(centroid(item["video"][0]) - expected).max() < 1.0
+
+
+def test_image_loader_resumes_in_the_same_order(image_shards):
+    paths, _ = image_shards
+    full = keys(ImageDataset(paths, 32, 32, seed=3, shuffle_buffer=3), 20, 2)
+    assert keys(ImageDataset(paths, 32, 32, seed=3, shuffle_buffer=3, start=7), 13, 2) == full[7:20]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.sample_data.shards import write_shapes_shards
+from components.sample_data.shards import write_image_shards, write_shapes_shards
 from model.networks import is_temporal
 from model.pipeline import GenerationConfig, generate
 from model.stages import VideoDiffusion, named_config
@@ -54,6 +54,17 @@ def test_saved_model_is_self_contained_and_samples_are_made_with_the_ema_weights
     torch.testing.assert_close(again, calls[-1][1][1], atol=1e-3, rtol=0)
     for a, b in zip(loaded.codec.vae.parameters(), result.model.codec.vae.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_stage_one_trains_on_an_image_webdataset(tmp_path):
+    paths, _ = write_image_shards(tmp_path / "images", shards=2, images_per_shard=4)
+    config = replace(named_config("tiny", "image"), data="images", max_steps=3, checkpoint_every=3)
+    result = train(config, [str(p) for p in paths], tmp_path / "work")
+    assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    state = (tmp_path / "work" / "checkpoint-00000003" / "state.json").read_text()
+    assert '"data_position": 12' in state  # 3 steps of 4 images
+    with pytest.raises(ValueError, match="spatial"):
+        replace(named_config("tiny", "video"), data="images")
 
 
 def test_partial_training_moves_only_temporal_layers(stage_one, shards, tmp_path):
