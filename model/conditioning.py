@@ -87,6 +87,10 @@ class LatentCodec(torch.nn.Module):
         super().__init__()
         self.vae = vae.requires_grad_(False).eval()
 
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     @classmethod
     def tiny(cls) -> LatentCodec:
         with openclip.fixed_seed():

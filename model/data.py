@@ -91,12 +91,14 @@ class ClipDataset(IterableDataset):
         shuffle_buffer: int = 64,
         start: int = 0,
         random_crop: bool = True,
+        epochs: int | None = None,
     ):
         if len(shards) < world_size:
             raise ValueError(f"{len(shards)} shards cannot feed {world_size} ranks")
         self.shards, self.spec, self.seed = list(shards), spec, seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.start, self.random_crop = shuffle_buffer, start, random_crop
+        self.epochs = epochs  # None: the stream never ends
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -106,7 +108,7 @@ class ClipDataset(IterableDataset):
         """(epoch, raw sample) forever, in this (rank, worker)'s deterministic order."""
         slot, slots = self.rank * workers + worker, self.world_size * workers
         epoch = 0
-        while True:
+        while self.epochs is None or epoch < self.epochs:
             order = self.shards[:]
             random.Random(f"{self.seed}:{epoch}").shuffle(order)
             mine = order[slot::slots] or [order[slot % len(order)]]  # more slots than shards: share
@@ -141,6 +143,8 @@ class ClipDataset(IterableDataset):
                 skip -= 1  # consumed before the resume: not decoded
                 continue
             yield self._decode(raw, *plan)
+        if usable == 0:  # a finite stream (epochs=n) with nothing usable
+            raise ValueError(f"no clip in these shards is long enough for {self.spec}")
 
     def _plan(self, epoch: int, raw: dict) -> tuple[dict, list[int], random.Random] | None:
         meta = json.loads(raw["json"])

@@ -37,8 +37,7 @@ def generate(model: VideoDiffusion, prompt: str, config: GenerationConfig, negat
     """(T, 3, H, W) frames in [-1, 1]; Stage I models give T independent images."""
     model.eval()
     device = next(model.unet.parameters()).device
-    down = model.codec.vae.config.block_out_channels
-    factor = 2 ** (len(down) - 1)
+    factor = model.codec.downsampling
     latent_channels = model.codec.vae.config.latent_channels
     text = model.text([prompt]).to(device)
     negative = model.text([negative_prompt]).to(device)

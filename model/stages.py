@@ -16,6 +16,7 @@ import yaml
 from model.conditioning import LatentCodec, TextEncoder, added_time_ids, drop_conditions
 from model.data import ClipSpec
 from model.diffusion import Denoiser, denoising_loss, lognormal_sigmas, shifted_p_mean
+from model.latents import vae_fingerprint
 from model.networks import CONFIGS, image_unet, inflate, load_image_unet
 from model.openclip import TINY_CLIP_MODEL, register_tiny_models
 from model.training import OptimConfig, Strategy
@@ -35,7 +36,9 @@ class StageConfig:
     unet: str = "tiny"  # a named UNetConfig
     strategy: Strategy = "full"
     clip: ClipSpec = ClipSpec()
-    data: Literal["clips", "images"] = "clips"  # images: a WebDataset of images (Stage I, spatial finetunes)
+    # clips: curated video shards; images: a WebDataset of images (Stage I, spatial finetunes);
+    # latents: clips cached by `vdm cache-latents` for this stage and VAE.
+    data: Literal["clips", "images", "latents"] = "clips"
     p_mean: float = -1.2
     p_std: float = 1.2
     text_model: str | None = None  # open_clip model; None: the one matching `unet` (TEXT_MODELS)
@@ -136,6 +139,7 @@ class VideoDiffusion(torch.nn.Module):
         network = _VideoNetwork(unet) if config.video else _ImageNetwork(unet)
         self.denoiser = Denoiser(network)
         self._empty_text: torch.Tensor | None = None
+        self._vae_fingerprint: str | None = None
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
 
@@ -169,10 +173,27 @@ class VideoDiffusion(torch.nn.Module):
             kwargs["added"] = added_time_ids(batch["fps"], batch["motion"], strength)
         return kwargs
 
+    def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents of the batch: encoded now, or drawn from cached posteriors."""
+        if "latent_mean" not in batch:
+            return self.codec.encode(batch["video"], generator)
+        if self._vae_fingerprint is None:
+            self._vae_fingerprint = vae_fingerprint(self.codec)
+        if set(batch["vae"]) != {self._vae_fingerprint}:
+            raise ValueError(
+                f"latents were cached with VAE {set(batch['vae'])}, this model's is {self._vae_fingerprint}"
+            )
+        mean = batch["latent_mean"]
+        factor = self.codec.downsampling
+        if mean.shape[-2:] != (self.config.clip.height // factor, self.config.clip.width // factor):
+            raise ValueError(f"cached latents are {tuple(mean.shape[-2:])}, this stage needs {self.config.clip}")
+        noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+        return (mean + batch["latent_std"] * noise) * self.codec.vae.config.scaling_factor
+
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Every random draw (latent sample, dropout, noise level, noise) comes from
         `generator`, which checkpoints save: a resumed run repeats the same draws."""
-        latents = self.codec.encode(batch["video"], generator)  # (B, T, 4, h, w)
+        latents = self.latents(batch, generator)  # (B, T, 4, h, w)
         cond = self.conditioning(batch, generator)
         if not self.config.video:  # Stage I trains on frames as images
             frames = latents.shape[1]

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from model.data import ClipDataset, ImageDataset
+from model.latents import LatentDataset
 from model.pipeline import GenerationConfig, generate
 from model.stages import StageConfig, VideoDiffusion
 from model.training import (
@@ -109,6 +110,8 @@ def train(
     split = {"seed": config.seed, "rank": rank, "world_size": world_size, "start": position}
     if config.data == "images":
         dataset = ImageDataset(shards, config.clip.height, config.clip.width, **split)
+    elif config.data == "latents":
+        dataset = LatentDataset(shards, config.clip, **split)
     else:
         dataset = ClipDataset(shards, config.clip, **split)
     loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers)

@@ -170,6 +170,12 @@ def curate_ablation(curated: str, grid_items: tuple[str, ...], config_path: str 
 @click.option("--output", required=True, help="s3:// prefix for checkpoints and the final UNet.")
 @click.option("--init-from", default=None, help="Previous stage's final folder (s3:// or local), or an SD 2.1 copy.")
 @click.option("--vae", default=None, help="A diffusers VAE folder (s3:// or local); default: --init-from's vae/.")
+@click.option(
+    "--data-format",
+    type=click.Choice(["clips", "images", "latents"]),
+    default=None,
+    help="What --data holds (default: the config's `data`): curated clips, images, or `vdm cache-latents` output.",
+)
 @click.option("--max-steps", type=int, default=None)
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint under --output.")
 @click.option(
@@ -177,7 +183,9 @@ def curate_ablation(curated: str, grid_items: tuple[str, ...], config_path: str 
     default=None,
     help="Register the final pipeline as a new version of this MLflow model, alias `candidate`.",
 )
-def train_command(stage, config_name, data, output, init_from, vae, max_steps, resume, register_as) -> None:
+def train_command(
+    stage, config_name, data, output, init_from, vae, data_format, max_steps, resume, register_as
+) -> None:
     """Train one stage (I image, II video, III high quality) on the local stack or a pod."""
     from components.common.objectstore import ObjectStore, ObjectStoreError
     from components.training.run import run_training
@@ -193,6 +201,7 @@ def train_command(stage, config_name, data, output, init_from, vae, max_steps, r
             settings,
             init_from=init_from,
             vae=vae,
+            data_format=data_format,
             max_steps=max_steps,
             resume=resume,
             register_as=register_as,
@@ -206,6 +215,28 @@ def train_command(stage, config_name, data, output, init_from, vae, max_steps, r
     click.echo(f"  final       {result['final']}\n  mlflow_run  {result['mlflow_run']}")
     if result["registered"]:
         click.echo(f"  registered  {result['registered']} (alias candidate)")
+
+
+@main.command("cache-latents")
+@click.option("--stage", type=click.Choice(["image", "video", "hq"]), required=True)
+@click.option("--config", "config_name", default="tiny", show_default=True, help="Named config or a YAML file.")
+@click.option("--data", required=True, help="s3:// prefix or folder of curated shards.")
+@click.option("--output", required=True, help="s3:// prefix for the latent shards.")
+@click.option("--vae", default=None, help="The diffusers VAE folder the stage trains with (s3:// or local).")
+def cache_latents_command(stage, config_name, data, output, vae) -> None:
+    """Encode every clip once with the VAE; train on the result with `data: latents`."""
+    from components.common.objectstore import ObjectStore, ObjectStoreError
+    from components.training.run import run_latent_caching
+
+    settings = load_settings()
+    try:
+        result = run_latent_caching(
+            stage, config_name, data, output, ObjectStore.from_settings(settings), settings, vae=vae
+        )
+    except (ObjectStoreError, ValueError) as e:
+        _fail(str(e))
+    click.echo(f"\nvdm cache-latents: {result['shards']} shards")
+    click.echo(f"  output      {result['output']}\n  mlflow_run  {result['mlflow_run']}")
 
 
 @main.command("train-vae")

@@ -25,6 +25,7 @@ from components.registry.pipeline_model import download_pipeline, register_pipel
 from model.autoencoder import AutoencoderTraining, reconstruction_error, train_autoencoder
 from model.conditioning import LatentCodec
 from model.data import ClipDataset, ClipSpec
+from model.latents import vae_fingerprint, write_latent_shards
 from model.pipeline import to_uint8
 from model.stages import Stage, named_config
 from model.train import train
@@ -69,6 +70,7 @@ def run_training(
     *,
     init_from: str | None = None,
     vae: str | None = None,
+    data_format: str | None = None,
     max_steps: int | None = None,
     resume: bool = False,
     register_as: str | None = None,
@@ -79,6 +81,8 @@ def run_training(
     config = named_config(config_name, stage)
     if max_steps is not None:
         config = replace(config, max_steps=max_steps)
+    if data_format is not None:
+        config = replace(config, data=data_format)
     out = S3Uri.parse(output)
     shards = shard_urls(data, store)
     if not shards:
@@ -189,3 +193,38 @@ def run_autoencoder_training(
         store.publish_folder(Path(tmp) / "vae", output)
         mlflow.set_tag("vdm.outputs", output)
     return {"output": output, "reconstruction_l1": error, "mlflow_run": run_url(run, settings)}
+
+
+def run_latent_caching(
+    stage: Stage,
+    config_name: str,
+    data: str,
+    output: str,
+    store: ObjectStore,
+    settings: Settings,
+    *,
+    vae: str | None = None,
+) -> dict:
+    """Encode every clip of `data` once, at the stage's frames/fps/size, with the VAE the
+    stage will train with; publish the latent shards to `output` (train on them with
+    `data: latents` in the stage config)."""
+    config = named_config(config_name, stage)
+    shards = shard_urls(data, store)
+    if not shards:
+        raise ValueError(f"no .tar shards under {data}")
+    with tempfile.TemporaryDirectory(prefix="vdm-latents-") as tmp:
+        codec = LatentCodec.from_folder(local_folder(vae, store, Path(tmp) / "vae")) if vae else LatentCodec.tiny()
+        codec.to("cuda" if torch.cuda.is_available() else "cpu")
+        clips = ClipDataset(shards, config.clip, seed=config.seed, epochs=1)
+        with tracked_run(
+            "vdm-cache-latents",
+            run_name=f"{stage}-{config_name}",
+            config={"stage": stage, "config": config_name, "data": data, "vae": vae or "", "clip": asdict(config.clip)},
+            inputs=[data],
+            settings=settings,
+        ) as run:
+            written = list(write_latent_shards(clips, codec, Path(tmp) / "latents"))
+            store.publish_folder(Path(tmp) / "latents", output)
+            mlflow.log_metric("shards", len(written))
+            mlflow.set_tags({"vdm.outputs": output, "vdm.vae_fingerprint": vae_fingerprint(codec)})
+    return {"output": output, "shards": len(written), "mlflow_run": run_url(run, settings)}

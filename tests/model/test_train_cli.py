@@ -106,6 +106,20 @@ def test_train_vae_publishes_a_diffusers_vae_that_a_stage_uses(stack, store, pre
     assert (tmp_path / "final" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == published
 
 
+def test_cache_latents_then_train_on_them(stack, store, prefix, tmp_path):
+    write_shapes_shards(tmp_path / "shards", shards=2, clips_per_shard=2)
+    store.publish_folder(tmp_path / "shards", f"{prefix}/data")
+    args = ("--stage", "video", "--data")
+    cached = _vdm("cache-latents", *args, f"{prefix}/data", "--output", f"{prefix}/latents")
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    assert "1 shards" in cached.stdout and store.exists(f"{prefix}/latents/latents-000000.tar")
+    trained = _vdm(
+        "train", *args, f"{prefix}/latents", "--data-format", "latents", "--output", f"{prefix}/s2", "--max-steps", "2"
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "done at step 2" in trained.stdout
+
+
 def test_sample_writes_a_playable_video(trained_final, tmp_path):
     import av
 

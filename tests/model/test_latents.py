@@ -1,0 +1,58 @@
+"""Latent caching: the cached posterior gives the same training loss as encoding on the
+fly (same crop, same draws), and latents from another VAE or stage are refused."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+from components.sample_data.shards import write_shapes_shards
+from model.data import ClipDataset
+from model.latents import LatentDataset, write_latent_shards
+from model.stages import VideoDiffusion, named_config
+from model.train import train
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    paths, _ = write_shapes_shards(tmp_path_factory.mktemp("shards"), shards=2, clips_per_shard=3)
+    config = named_config("tiny", "video")
+    model = VideoDiffusion.create(config)
+    clips = ClipDataset([str(p) for p in paths], config.clip, seed=config.seed, epochs=1)
+    latent_shards = list(write_latent_shards(clips, model.codec, tmp_path_factory.mktemp("latents"), per_shard=4))
+    return [str(p) for p in paths], [str(p) for p in latent_shards], model, config
+
+
+def test_every_clip_is_cached_once_in_shards_of_the_requested_size(cached):
+    _, latent_shards, _, config = cached
+    assert len(latent_shards) == 2  # 6 clips, 4 per shard
+    items = list(LatentDataset(latent_shards, config.clip, epochs=1))
+    assert len({item["key"] for item in items}) == 6
+    assert items[0]["latent_mean"].shape == (8, 4, 8, 8) and items[0]["latent_std"].min() > 0
+
+
+def test_cached_latents_give_the_loss_of_encoding_on_the_fly(cached):
+    clip_shards, latent_shards, model, config = cached
+    model.eval()  # no condition dropout: the comparison is of the latents only
+    video = next(iter(DataLoader(ClipDataset(clip_shards, config.clip, seed=config.seed), batch_size=3)))
+    by_key = {item["key"]: item for item in LatentDataset(latent_shards, config.clip, epochs=1)}
+    latent = default_collate([by_key[key] for key in video["key"]])  # the same clips, epoch 0's crops
+    on_the_fly = model.loss(video, torch.Generator().manual_seed(5))
+    from_cache = model.loss(latent, torch.Generator().manual_seed(5))
+    assert from_cache.item() == pytest.approx(on_the_fly.item(), rel=2e-2)
+
+
+def test_training_on_cached_latents_and_refusals(cached, tmp_path):
+    _, latent_shards, _, config = cached
+    result = train(replace(config, data="latents", max_steps=2), latent_shards, tmp_path)
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    with pytest.raises(ValueError, match="cache again"):
+        next(iter(LatentDataset(latent_shards, replace(config.clip, num_frames=4))))
+    other_vae = VideoDiffusion.create(config)
+    torch.nn.init.normal_(other_vae.codec.vae.encoder.conv_in.weight)
+    batch = next(iter(DataLoader(LatentDataset(latent_shards, config.clip), batch_size=2)))
+    with pytest.raises(ValueError, match="cached with VAE"):
+        other_vae.loss(batch, torch.Generator())
