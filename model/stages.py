@@ -55,6 +55,7 @@ class StageConfig:
     seed: int = 0
     num_workers: int = 0
     gradient_checkpointing: bool = False
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # with several ranks: replicate (DDP) or shard (FSDP2)
     sample_every: int = 0  # also generate the sample prompts every N steps (0: only at the end)
     sample_prompts: tuple[str, ...] = ("",)
     sample_steps: int = 20
@@ -205,12 +206,12 @@ class VideoDiffusion(torch.nn.Module):
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         return denoising_loss(self.denoiser, latents, sigma, noise=noise, **cond).mean()
 
-    def save(self, folder: Path) -> Path:
+    def save(self, folder: Path, unet: torch.nn.Module | None = None) -> Path:
         """A self-contained model folder: the trained UNet and the VAE as diffusers folders
         (`unet/`, `vae/`), the text tower's weights if any (`text_encoder/`), and the stage
         config (`stage.json`) that `load` rebuilds the rest from. `create(init_from=...)`
-        starts the next stage from it."""
-        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        starts the next stage from it. `unet`: a plain copy to save instead of a sharded one."""
+        (unet or self.unet).save_pretrained(folder / "unet", safe_serialization=True)
         self.codec.vae.save_pretrained(folder / VAE_FOLDER, safe_serialization=True)
         config = replace(self.config, vae=None)  # the folder's own vae/
         if self.config.text_weights:

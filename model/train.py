@@ -5,8 +5,11 @@ calls `on_log(step, metrics)`, `on_checkpoint(folder, step)` and
 `on_samples(step, videos)` (the config's sample prompts, generated with the EMA
 weights every `sample_every` steps and at the end).
 
-Distributed: under torchrun (RANK/WORLD_SIZE set) the UNet is wrapped in DDP
-(gloo on the CPU, NCCL on GPUs) and each rank reads its own shards.
+Distributed: under torchrun (RANK/WORLD_SIZE set) each rank reads its own shards
+and the UNet is wrapped in DDP (gloo on the CPU, NCCL on GPUs), or, with
+`parallel: fsdp`, sharded with FSDP2 (`fully_shard` per UNet block, then the root):
+weights, gradients and optimizer state split across ranks, for `base` on GPUs
+whose memory one replica would fill. Checkpoints are unsharded either way.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from model.stages import StageConfig, VideoDiffusion
 from model.training import (
     EMA,
     apply_strategy,
+    full_model_state,
     load_checkpoint,
     optimization_step,
     optimizer_and_schedule,
@@ -96,9 +100,13 @@ def train(
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     seed_everything(config.seed)  # the same initial weights on every rank
     model = VideoDiffusion.create(config, init_from).to(device)
-    params = apply_strategy(model.unet, config.strategy)
-    if world_size > 1:
+    apply_strategy(model.unet, config.strategy)
+    sharded = world_size > 1 and config.parallel == "fsdp"
+    if sharded:
+        shard(model.unet)
+    elif world_size > 1:
         model.denoiser.network.unet = torch.nn.parallel.DistributedDataParallel(model.unet)
+    params = [p for p in model.unet.parameters() if p.requires_grad]  # after sharding: the shards
     optimizer, schedule = optimizer_and_schedule(params, config.optim)
     ema = EMA(params, config.optim.ema_decay)
     generator = torch.Generator()
@@ -143,24 +151,52 @@ def train(
                     "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0,
                 },
             )
-        if rank == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
+        if (rank == 0 or sharded) and (step % config.checkpoint_every == 0 or step == config.max_steps):
             folder = save_checkpoint(
-                workdir / f"checkpoint-{step:08d}",
+                workdir / f"checkpoint-{step:08d}" if rank == 0 else None,
                 model.unet,
                 optimizer,
                 schedule,
                 ema,
                 {"step": step, "data_position": position, "stage": config.stage},
             )
-            if on_checkpoint:
+            if on_checkpoint and folder:
                 on_checkpoint(folder, step)
-        if on_samples and rank == 0 and config.sample_every and step % config.sample_every == 0:
-            on_samples(step, sample_videos(model, ema))
-    if on_samples and rank == 0 and not (config.sample_every and step % config.sample_every == 0):
-        on_samples(step, sample_videos(model, ema))
+        if config.sample_every and step % config.sample_every == 0:
+            _samples(model, ema, rank, sharded, step, on_samples)
+    if not (config.sample_every and step % config.sample_every == 0):
+        _samples(model, ema, rank, sharded, step, on_samples)
     result.steps = step
     ema.copy_to(params)  # ship the averaged weights
     result.model = model
-    if rank == 0:
+    if sharded:
+        weights = full_model_state(model.unet)  # every rank gathers; rank 0 saves
+        if rank == 0:
+            result.final = model.save(workdir / "final", unet=unsharded(model.unet, weights))
+    elif rank == 0:
         result.final = model.save(workdir / "final")
     return result
+
+
+def _samples(model: VideoDiffusion, ema: EMA, rank: int, sharded: bool, step: int, on_samples: SamplesFn | None):
+    """Rank 0 generates (every rank under FSDP2: its forward passes are collectives)."""
+    if on_samples and (rank == 0 or sharded):
+        videos = sample_videos(model, ema)
+        if rank == 0:
+            on_samples(step, videos)
+
+
+def shard(unet: torch.nn.Module) -> None:
+    """FSDP2: each block gathers its weights just before it runs and frees them after."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        fully_shard(block)
+    fully_shard(unet)
+
+
+def unsharded(unet: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain copy of a sharded UNet holding the gathered `weights`."""
+    plain = type(unet).from_config(unet.config)  # FSDP2's class constructs the original class
+    plain.load_state_dict(weights)
+    return plain

@@ -16,6 +16,14 @@ from typing import Literal
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from model.networks import is_temporal
 
@@ -107,7 +115,7 @@ def optimization_step(
     schedule.step()
     if ema is not None:
         ema.update()
-    return float(norm)
+    return float(full_tensor(norm))
 
 
 def seed_everything(seed: int) -> None:
@@ -121,22 +129,43 @@ def seed_everything(seed: int) -> None:
 WEIGHTS, EMA_WEIGHTS, OPTIMIZER, STATE = "model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"
 
 
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a collective: every rank calls it), else itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded weights, also of an FSDP2 model (collective; under FSDP2 only rank 0 gets them)."""
+    return get_model_state_dict(model, options=FULL)
+
+
 def save_checkpoint(
-    folder: Path,
+    folder: Path | None,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     ema: EMA | None,
     state: dict,
-) -> Path:
+) -> Path | None:
     """Everything a resumed run needs, in one folder (the caller publishes it atomically).
-    `state` carries the step, the data position and anything else to restore."""
+    `state` carries the step, the data position and anything else to restore. Weights
+    and optimizer state are saved unsharded, so a run can resume on another world size
+    or with DDP instead of FSDP2. Under FSDP2 every rank calls this (the gathers are
+    collectives) and only the one given a `folder` writes."""
+    weights = full_model_state(model)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL)
+    shadow = [full_tensor(t) for t in ema.shadow] if ema is not None else None
+    if folder is None:
+        return None
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS)
-    if ema is not None:
-        save_file({str(i): t.contiguous() for i, t in enumerate(ema.shadow)}, folder / EMA_WEIGHTS)
+    save_file({k: v.detach().contiguous() for k, v in weights.items()}, folder / WEIGHTS)
+    if shadow is not None:
+        save_file({str(i): t.contiguous() for i, t in enumerate(shadow)}, folder / EMA_WEIGHTS)
     torch.save(
-        {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": _rng_state()},
+        {"optimizer": optimizer_state, "schedule": schedule.state_dict(), "rng": _rng_state()},
         folder / OPTIMIZER,
     )
     (folder / STATE).write_text(json.dumps(state, indent=1))
@@ -150,13 +179,17 @@ def load_checkpoint(
     schedule: torch.optim.lr_scheduler.LRScheduler,
     ema: EMA | None,
 ) -> dict:
-    model.load_state_dict(load_file(folder / WEIGHTS))
+    set_model_state_dict(model, load_file(folder / WEIGHTS), options=StateDictOptions(full_state_dict=True))
     if ema is not None:
         saved = load_file(folder / EMA_WEIGHTS)
-        for i, shadow in enumerate(ema.shadow):
-            shadow.copy_(saved[str(i)])
+        with torch.no_grad():
+            for i, shadow in enumerate(ema.shadow):
+                value = saved[str(i)].to(shadow.dtype)
+                if isinstance(shadow, DTensor):  # this rank's shard of the saved full tensor
+                    value = distribute_tensor(value.to(shadow.device), shadow.device_mesh, shadow.placements)
+                shadow.copy_(value)
     extra = torch.load(folder / OPTIMIZER, weights_only=False)
-    optimizer.load_state_dict(extra["optimizer"])
+    set_optimizer_state_dict(model, optimizer, extra["optimizer"], options=StateDictOptions(full_state_dict=True))
     schedule.load_state_dict(extra["schedule"])
     _set_rng_state(extra["rng"])
     return json.loads((folder / STATE).read_text())

@@ -176,6 +176,12 @@ def curate_ablation(curated: str, grid_items: tuple[str, ...], config_path: str 
     default=None,
     help="What --data holds (default: the config's `data`): curated clips, images, or `vdm cache-latents` output.",
 )
+@click.option(
+    "--strategy",
+    type=click.Choice(["full", "partial", "spatial"]),
+    default=None,
+    help="What trains (default: the config's): all layers, temporal only, spatial only.",
+)
 @click.option("--max-steps", type=int, default=None)
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint under --output.")
 @click.option(
@@ -184,7 +190,7 @@ def curate_ablation(curated: str, grid_items: tuple[str, ...], config_path: str 
     help="Register the final pipeline as a new version of this MLflow model, alias `candidate`.",
 )
 def train_command(
-    stage, config_name, data, output, init_from, vae, data_format, max_steps, resume, register_as
+    stage, config_name, data, output, init_from, vae, data_format, strategy, max_steps, resume, register_as
 ) -> None:
     """Train one stage (I image, II video, III high quality) on the local stack or a pod."""
     from components.common.objectstore import ObjectStore, ObjectStoreError
@@ -201,8 +207,7 @@ def train_command(
             settings,
             init_from=init_from,
             vae=vae,
-            data_format=data_format,
-            max_steps=max_steps,
+            overrides={"data": data_format, "strategy": strategy, "max_steps": max_steps},
             resume=resume,
             register_as=register_as,
         )

@@ -70,19 +70,16 @@ def run_training(
     *,
     init_from: str | None = None,
     vae: str | None = None,
-    data_format: str | None = None,
-    max_steps: int | None = None,
+    overrides: dict | None = None,
     resume: bool = False,
     register_as: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Train one stage; publish checkpoints and the final folder under `output`; with
-    `register_as`, register the final pipeline as a new `candidate` version of that model."""
+    `register_as`, register the final pipeline as a new `candidate` version of that model.
+    `overrides`: config fields to replace (None values ignored), e.g. max_steps, strategy."""
     config = named_config(config_name, stage)
-    if max_steps is not None:
-        config = replace(config, max_steps=max_steps)
-    if data_format is not None:
-        config = replace(config, data=data_format)
+    config = replace(config, **{k: v for k, v in (overrides or {}).items() if v is not None})
     out = S3Uri.parse(output)
     shards = shard_urls(data, store)
     if not shards:
