@@ -1,5 +1,6 @@
-"""Run by torchrun from test_ddp.py: two gloo ranks train the tiny image stage together;
-rank 0 writes every rank's weight checksum and the shards each rank read."""
+"""Run by torchrun from test_ddp.py: two gloo ranks train the tiny image stage together
+(DDP or FSDP2, optionally resuming); rank 0 writes every rank's weight checksum, the
+loss curve and the step count."""
 
 import hashlib
 import json
@@ -11,16 +12,21 @@ import torch.distributed as dist
 
 from model.stages import named_config
 from model.train import train
+from model.training import full_tensor
 
-shards, workdir = sys.argv[1].split(","), Path(sys.argv[2])
-result = train(replace(named_config("tiny", "image"), max_steps=3, batch_size=2, log_every=1), shards, workdir)
+shards, workdir, parallel = sys.argv[1].split(","), Path(sys.argv[2]), sys.argv[3]
+resume = Path(sys.argv[4]) if len(sys.argv) > 4 else None
+config = replace(named_config("tiny", "image"), max_steps=3, batch_size=2, log_every=1, checkpoint_every=2)
+result = train(replace(config, parallel=parallel), shards, workdir, resume=resume)
 digest = hashlib.sha256()
-for name, tensor in sorted(result.model.unet.state_dict().items()):
-    digest.update(name.encode() + tensor.detach().numpy().tobytes())
+for name, tensor in sorted(result.model.unet.state_dict().items()):  # every rank's whole weights
+    digest.update(name.encode() + full_tensor(tensor).detach().numpy().tobytes())
 digests = [None] * dist.get_world_size()
 dist.all_gather_object(digests, digest.hexdigest())
+losses = [None] * dist.get_world_size()
+dist.all_gather_object(losses, result.losses)
 if dist.get_rank() == 0:
     (workdir / "ranks.json").write_text(
-        json.dumps({"world_size": dist.get_world_size(), "digests": digests, "steps": result.steps})
+        json.dumps({"world_size": dist.get_world_size(), "digests": digests, "steps": result.steps, "losses": losses})
     )
 dist.destroy_process_group()
