@@ -187,12 +187,16 @@ def curate_ablation(curated: str, grid_items: tuple[str, ...], config_path: str 
 @click.option(
     "--register-as",
     default=None,
-    help="Register the final pipeline as a new version of this MLflow model, alias `candidate`.",
+    help="MLflow model to add the final pipeline to as a new version, alias `candidate` "
+    "(default: vdm-<stage>-<config>, e.g. vdm-video-tiny).",
 )
+@click.option("--no-register", is_flag=True, help="Do not register the final pipeline.")
 def train_command(
-    stage, config_name, data, output, init_from, vae, data_format, strategy, max_steps, resume, register_as
+    stage, config_name, data, output, init_from, vae, data_format, strategy, max_steps, resume, register_as, no_register
 ) -> None:
     """Train one stage (I image, II video, III high quality) on the local stack or a pod."""
+    from pathlib import Path
+
     from components.common.objectstore import ObjectStore, ObjectStoreError
     from components.training.run import run_training
 
@@ -209,7 +213,7 @@ def train_command(
             vae=vae,
             overrides={"data": data_format, "strategy": strategy, "max_steps": max_steps},
             resume=resume,
-            register_as=register_as,
+            register_as=None if no_register else register_as or f"vdm-{stage}-{Path(config_name).stem}",
         )
     except (ObjectStoreError, ValueError) as e:
         _fail(str(e))

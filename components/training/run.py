@@ -36,8 +36,12 @@ CHECKPOINTS = "checkpoints"
 def shard_urls(data: str, store: ObjectStore) -> list[str]:
     """Every .tar under a folder or s3:// prefix (curation's `shards/` included), as paths or presigned URLs."""
     if is_s3_uri(data):
-        return [store.presigned_get(o.uri) for o in store.list(data) if o.uri.key.endswith(".tar")]
-    return sorted(str(p) for p in Path(data).rglob("*.tar"))
+        urls = [store.presigned_get(o.uri) for o in store.list(data) if o.uri.key.endswith(".tar")]
+    else:
+        urls = sorted(str(p) for p in Path(data).rglob("*.tar"))
+    if not urls:
+        raise ValueError(f"no .tar shards under {data}")
+    return urls
 
 
 def latest_checkpoint(output: S3Uri, store: ObjectStore) -> S3Uri | None:
@@ -82,8 +86,6 @@ def run_training(
     config = replace(config, **{k: v for k, v in (overrides or {}).items() if v is not None})
     out = S3Uri.parse(output)
     shards = shard_urls(data, store)
-    if not shards:
-        raise ValueError(f"no .tar shards under {data}")
 
     with tempfile.TemporaryDirectory(prefix="vdm-train-") as tmp:
         scratch = Path(tmp)
@@ -160,8 +162,6 @@ def run_autoencoder_training(
     which `vdm train --vae` (or a stage config's `vae:`) then uses, frozen."""
     config = config or AutoencoderTraining()
     shards = shard_urls(data, store)
-    if not shards:
-        raise ValueError(f"no .tar shards under {data}")
     clips = iter(ClipDataset(shards, ClipSpec(num_frames=4, fps=8.0, height=size, width=size), seed=config.seed))
 
     def frames():
@@ -207,8 +207,6 @@ def run_latent_caching(
     `data: latents` in the stage config)."""
     config = named_config(config_name, stage)
     shards = shard_urls(data, store)
-    if not shards:
-        raise ValueError(f"no .tar shards under {data}")
     with tempfile.TemporaryDirectory(prefix="vdm-latents-") as tmp:
         codec = LatentCodec.from_folder(local_folder(vae, store, Path(tmp) / "vae")) if vae else LatentCodec.tiny()
         codec.to("cuda" if torch.cuda.is_available() else "cpu")
