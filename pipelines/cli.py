@@ -331,39 +331,68 @@ def eval_group() -> None:
 @click.option("--clips", type=int, default=8, show_default=True)
 @click.option("--steps", type=int, default=25, show_default=True)
 def eval_motion(model_location: str, data: str, clips: int, steps: int) -> None:
-    """Object speed and path straightness in generated clips against the data; logged to MLflow with sample mp4s."""
-    import tempfile
-    from pathlib import Path
-
-    import mlflow
-
-    from components.common.media import write_video
+    """Object speed and path straightness in generated clips against the data; logged to MLflow with sample
+    mp4s, and onto the version's tags when --model is a registered model (what `vdm registry promote` reads)."""
     from components.common.objectstore import ObjectStore
-    from components.common.tracking import run_url, tracked_run
-    from components.training.run import local_folder, shard_urls
-    from model.evaluation import evaluate_motion
-    from model.pipeline import to_uint8
-    from model.stages import VideoDiffusion
+    from components.evaluation.motion import run_motion_evaluation
 
     settings = load_settings()
-    store = ObjectStore.from_settings(settings)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = VideoDiffusion.load(local_folder(model_location, store, Path(tmp) / "model"))
-        report = evaluate_motion(model, shard_urls(data, store), clips=clips, steps=steps)
-        with tracked_run(
-            "vdm-eval-motion", config={"clips": clips, "steps": steps}, inputs=[model_location, data], settings=settings
-        ) as run:
-            for side in ("data", "generated"):
-                mlflow.log_metrics({f"{side}_{k}": v for k, v in report[side].items()})
-            for i, video in enumerate(report["samples"]):
-                path = Path(tmp) / f"sample-{i:02d}.mp4"
-                write_video(path, to_uint8(video).numpy(), model.config.clip.fps, deterministic=False)
-                mlflow.log_artifact(str(path), "samples")
-    click.echo(
-        json.dumps(
-            {"data": report["data"], "generated": report["generated"], "mlflow_run": run_url(run, settings)}, indent=1
-        )
+    report = run_motion_evaluation(
+        model_location, data, ObjectStore.from_settings(settings), settings, clips=clips, steps=steps
     )
+    click.echo(json.dumps(report, indent=1))
+
+
+@main.group()
+def registry() -> None:
+    """The MLflow model registry: versions, the promotion gate, rollback."""
+
+
+def _registry_call(fn, *args, **kwargs):
+    from components.common.tracking import connect
+    from components.registry.promotion import PromotionError
+
+    connect()
+    try:
+        return fn(*args, **kwargs)
+    except PromotionError as e:
+        _fail(str(e))
+
+
+@registry.command("list")
+@click.argument("name")
+def registry_list(name: str) -> None:
+    """Versions of a registered model, newest first, with aliases and evaluation figures."""
+    from components.registry.promotion import list_versions
+
+    for row in _registry_call(list_versions, name):
+        figures = "  ".join(f"{k}={v:.4g}" for k, v in sorted(row["eval"].items()))
+        click.echo(f"v{row['version']:<4} {','.join(row['aliases']) or '-':<20} {row['created']}  {figures}")
+
+
+@registry.command("promote")
+@click.argument("name")
+@click.option("--metric", default="motion_speed_error", show_default=True, help="A vdm.eval.* figure of the versions.")
+@click.option("--direction", type=click.Choice(["minimize", "maximize"]), default="minimize", show_default=True)
+@click.option("--min-improvement", type=float, default=0.0, show_default=True, help="In the metric's units.")
+def registry_promote(name: str, metric: str, direction: str, min_improvement: float) -> None:
+    """Move `champion` to the `candidate` if it beats the champion; exit 1 (changing nothing) if not."""
+    from components.registry.promotion import Gate, promote
+
+    decision = _registry_call(promote, name, Gate(metric, direction, min_improvement))
+    if not decision.promoted:
+        _fail(f"not promoted: {decision.reason}")
+    click.echo(f"promoted {name} v{decision.candidate} to champion: {decision.reason}")
+
+
+@registry.command("rollback")
+@click.argument("name")
+def registry_rollback(name: str) -> None:
+    """Give `champion` back to the version the current champion replaced."""
+    from components.registry.promotion import rollback
+
+    demoted, restored = _registry_call(rollback, name)
+    click.echo(f"{name}: champion back to v{restored} (was v{demoted})")
 
 
 @main.command()

@@ -59,6 +59,11 @@ def flatten(config: Mapping, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def connect(settings: Settings | None = None) -> None:
+    """Point the MLflow client (tracking and registry) at the platform's server."""
+    mlflow.set_tracking_uri((settings or load_settings()).mlflow_tracking_uri)
+
+
 @contextmanager
 def tracked_run(
     experiment: str,
@@ -74,8 +79,7 @@ def tracked_run(
     The config is logged as params (flattened) and as `config.json`; the run ends
     FAILED if the body raises.
     """
-    settings = settings or load_settings()
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    connect(settings)
     mlflow.set_experiment(experiment)
     config = dict(config or {})
     lineage = {

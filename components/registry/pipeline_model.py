@@ -16,9 +16,9 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from components.common.media import video_bytes
+from components.registry.promotion import CANDIDATE
 
 PIPELINE_ARTIFACT = "pipeline"
-CANDIDATE = "candidate"
 # Generation settings a caller may pass as pyfunc params (defaults: the model's own clip spec).
 GENERATION_PARAMS = (
     ParamSpec("num_frames", "long", 0),

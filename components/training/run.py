@@ -20,7 +20,7 @@ import torch
 from components.common.media import write_video
 from components.common.objectstore import MANIFEST_NAME, ObjectStore, S3Uri, is_s3_uri
 from components.common.settings import Settings
-from components.common.tracking import run_url, tracked_run
+from components.common.tracking import connect, run_url, tracked_run
 from components.registry.pipeline_model import download_pipeline, register_pipeline
 from model.autoencoder import AutoencoderTraining, reconstruction_error, train_autoencoder
 from model.conditioning import LatentCodec
@@ -57,6 +57,7 @@ def local_folder(location: str, store: ObjectStore, scratch: Path) -> Path:
     """A model folder as a local path: itself, its s3:// copy downloaded into `scratch`,
     or the pipeline of a registered model (`models:/NAME@ALIAS`)."""
     if location.startswith("models:/"):
+        connect()
         return download_pipeline(location, scratch)
     if not is_s3_uri(location):
         return Path(location)

@@ -4,6 +4,9 @@ as artifact, `candidate` alias, lineage tags; loaded back by URI and sampled."""
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import av
@@ -14,7 +17,8 @@ import torch
 from mlflow import MlflowClient
 
 from components.common.tracking import tracked_run
-from components.registry.pipeline_model import CANDIDATE, download_pipeline, register_pipeline
+from components.registry.pipeline_model import download_pipeline, register_pipeline
+from components.registry.promotion import CANDIDATE
 from components.sample_data.shards import write_shapes_shards
 from model.stages import VideoDiffusion, named_config
 from model.train import train
@@ -60,3 +64,32 @@ def test_pyfunc_generates_decodable_videos_with_the_requested_frames(settings, f
     loaded, original = VideoDiffusion.load(folder), VideoDiffusion.load(final)
     for a, b in zip(loaded.unet.parameters(), original.unet.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def _vdm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_evaluation_figures_land_on_the_version_and_drive_the_cli_gate(settings, final, request, tmp_path):
+    name = f"vdm-test-{request.node.name[:40]}"
+    with tracked_run("vdm-test-registry", settings=settings):
+        register_pipeline(final, name, {})
+    paths, _ = write_shapes_shards(tmp_path / "shapes", shards=1, clips_per_shard=2)
+    evaluated = _vdm(
+        "eval", "motion", "--model", f"models:/{name}@candidate", "--data", str(tmp_path / "shapes"),
+        "--clips", "1", "--steps", "2",
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads(evaluated.stdout[evaluated.stdout.index("{") :])
+    tags = MlflowClient().get_model_version(name, "1").tags
+    assert report["model_version"] == f"{name}/1"
+    assert float(tags["vdm.eval.motion_speed_error"]) == pytest.approx(report["gate_metrics"]["motion_speed_error"])
+
+    promoted = _vdm("registry", "promote", name)
+    assert promoted.returncode == 0 and f"promoted {name} v1 to champion" in promoted.stdout
+    listed = _vdm("registry", "list", name)
+    assert listed.stdout.split()[:2] == ["v1", "candidate,champion"] and "motion_speed_error=" in listed.stdout
+    again = _vdm("registry", "promote", name)
+    assert again.returncode == 1 and "already is the champion" in again.stderr
+    rolled = _vdm("registry", "rollback", name)
+    assert rolled.returncode == 1 and "nothing to roll back to" in rolled.stderr
