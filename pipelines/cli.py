@@ -217,6 +217,8 @@ def train_command(
         )
     except (ObjectStoreError, ValueError) as e:
         _fail(str(e))
+    if result["final"] is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     click.echo(
         f"\nvdm train: {stage} done at step {result['steps']}"
         + (f" (resumed from {result['resumed_from']})" if result["resumed_from"] else "")

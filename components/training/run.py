@@ -9,6 +9,8 @@ MLflow records the config, the lineage (data, init, output) and the loss curve.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, replace
@@ -113,14 +115,18 @@ def run_training(
             shutil.rmtree(folder)  # published: the local copy is not needed
 
         lineage = {"data": data, "init_from": init_from or "", "vae_from": vae or "", "output": output}
-        with tracked_run(
+        # Under torchrun every rank trains; rank 0 alone tracks, publishes and registers.
+        lead = int(os.environ.get("RANK", "0")) == 0
+        tracking = tracked_run(
             f"vdm-train-{stage}",
             run_name=f"{stage}-{config_name}",
             config={**asdict(config), **lineage},
             inputs=[data],
             settings=settings,
-        ) as run:
-            mlflow.set_tag("vdm.resumed_from", str(checkpoint or ""))
+        )
+        with tracking if lead else contextlib.nullcontext() as run:
+            if lead:
+                mlflow.set_tag("vdm.resumed_from", str(checkpoint or ""))
             result = train(
                 config,
                 shards,
@@ -131,6 +137,8 @@ def run_training(
                 on_checkpoint=on_checkpoint,
                 on_samples=on_samples,
             )
+            if not lead:
+                return {"steps": result.steps, "final": None, "registered": None, "losses": result.losses}
             final = out.join("final")
             store.publish_folder(result.final, final)
             mlflow.set_tag("vdm.outputs", str(final))

@@ -1,0 +1,71 @@
+"""Distributed training through TorchX: `vdm train` under torchrun on `nodes` x
+`procs_per_node` ranks, on this machine (`local_cwd`) or a cluster (`kubernetes`:
+a Volcano job in `queue`). The trainer's output streams into the caller's log (a
+KFP step's log); a failed rank fails the launch with its error lines. The KFP
+training steps always pass `--resume`: a retried step continues from the last
+published checkpoint (a first attempt finds none and starts fresh)."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torchx.components.dist import torchrun
+from torchx.runner import get_runner
+from torchx.specs import AppState
+
+RANK_ERROR = re.compile(r"^\[\d+\]:(error: |[\w.]*(Error|Exception): )")
+
+
+class TrainingLaunchError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Launch:
+    scheduler: str = "local_cwd"  # or "kubernetes"
+    nodes: int = 1
+    procs_per_node: int = 1
+    gpus_per_node: int = 0
+    cpu: int = 2
+    memory_mb: int = 8192
+    image: str = "vdm-platform:latest"  # kubernetes only; local_cwd runs in this environment
+    queue: str = "vdm-training"  # Volcano queue (kubernetes)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def launch_training(train_args: list[str], launch: Launch, log: Callable[[str], None] = print) -> None:
+    """Run `vdm train <train_args>` on every rank; returns when all ranks succeeded."""
+    env = dict(launch.env)
+    if launch.scheduler == "local_cwd":  # this environment's torchrun, even when its bin/ is not on PATH
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    app = torchrun(
+        "train",
+        *train_args,
+        m="pipelines.cli",
+        name="vdm-train",
+        image=launch.image,
+        j=f"{launch.nodes}x{launch.procs_per_node}",
+        gpu=launch.gpus_per_node,
+        cpu=launch.cpu,
+        memMB=launch.memory_mb,
+        env=env,
+    )
+    cfg = {"queue": launch.queue} if launch.scheduler == "kubernetes" else {}
+    runner = get_runner()
+    handle = runner.run(app, launch.scheduler, cfg)
+    tail: list[str] = []
+    for line in runner.log_lines(handle, app.roles[0].name, k=0, should_tail=True):
+        line = line.rstrip("\n")
+        log(line)
+        tail = (tail + [line])[-400:]
+    status = runner.wait(handle, wait_interval=1)
+    if status is None or status.state != AppState.SUCCEEDED:
+        state = status.state.name if status else "UNKNOWN"
+        # A rank's own error: `[rank]:error: ...` (the CLI's) or `[rank]:SomeError: ...` (a traceback's last line).
+        errors = [line for line in tail if RANK_ERROR.match(line)] or tail[-10:]
+        raise TrainingLaunchError(f"training {handle} ended {state}:\n" + "\n".join(errors))
