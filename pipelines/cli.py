@@ -397,6 +397,103 @@ def registry_rollback(name: str) -> None:
     click.echo(f"{name}: champion back to v{restored} (was v{demoted})")
 
 
+@main.group()
+def pipeline() -> None:
+    """Kubeflow pipelines: compile, submit, schedule."""
+
+
+@pipeline.command("compile")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the YAML files.")
+def pipeline_compile(out_dir: str) -> None:
+    """Write every pipeline's YAML (upload them in the Kubeflow UI, or use `submit`)."""
+    from pathlib import Path
+
+    from pipelines.submit import compile_all
+
+    for path in compile_all(Path(out_dir)):
+        click.echo(str(path))
+
+
+def _kfp_client(host: str):
+    import kfp
+
+    return kfp.Client(host=host)
+
+
+@pipeline.command("submit")
+@click.argument("name")
+@click.option("--host", required=True, help="The KFP API, e.g. http://ml-pipeline-ui.kubeflow:80")
+@click.option("--experiment", default="vdm", show_default=True)
+@click.option("--param", "params", multiple=True, help="KEY=VALUE pipeline parameter (repeatable).")
+def pipeline_submit(name: str, host: str, experiment: str, params: tuple[str, ...]) -> None:
+    """Upload NAME (a new version if it exists) and start a run."""
+    from pipelines.submit import parse_params, submit
+
+    try:
+        result = submit(_kfp_client(host), name, experiment, parse_params(params))
+    except ValueError as e:
+        _fail(str(e))
+    click.echo(json.dumps(result, indent=1))
+
+
+@pipeline.command("schedule")
+@click.argument("name")
+@click.option("--host", required=True)
+@click.option("--experiment", default="vdm", show_default=True)
+@click.option("--cron", required=True, help="Six-field cron (seconds first), e.g. '0 0 3 * * *'.")
+@click.option("--param", "params", multiple=True, help="KEY=VALUE pipeline parameter (repeatable).")
+def pipeline_schedule(name: str, host: str, experiment: str, cron: str, params: tuple[str, ...]) -> None:
+    """Upload NAME and create a recurring run."""
+    from pipelines.submit import parse_params, schedule
+
+    try:
+        result = schedule(_kfp_client(host), name, experiment, cron, parse_params(params))
+    except ValueError as e:
+        _fail(str(e))
+    click.echo(json.dumps(result, indent=1))
+
+
+@main.command("run")
+@click.option("--input", "input_uri", default=None, help="Videos (s3:// prefix); default: the built-in sample videos.")
+@click.option("--work", "work_uri", default=None, help="s3:// prefix for this run's outputs.")
+@click.option("--model-name", default="vdm-text-to-video", show_default=True)
+@click.option("--param", "params", multiple=True, help="KEY=VALUE end-to-end pipeline parameter (repeatable).")
+@click.option("--summary-json", type=click.Path(dir_okay=False), help="Also write the summary as JSON.")
+@click.option("--seed", default=0, show_default=True, help="Sample videos' seed (without --input).")
+def run_command(input_uri, work_uri, model_name, params, summary_json, seed) -> None:
+    """The main job: the end-to-end pipeline through kfp.local against the local stack, tiny configs."""
+    import time
+    from pathlib import Path
+
+    from components.common.objectstore import ObjectStore
+    from components.sample_data.synth import MANIFEST_NAME, SynthConfig, synthesize
+    from pipelines.local_run import run_end_to_end
+    from pipelines.stack import StackError
+    from pipelines.submit import parse_params
+
+    try:
+        _stack().up()
+    except StackError as e:
+        _fail(str(e))
+    settings = load_settings()
+    if input_uri is None:
+        input_uri = f"s3://{settings.data_bucket}/samples/seed-{seed}"
+        store = ObjectStore.from_settings(settings)
+        if not store.exists(f"{input_uri}/{MANIFEST_NAME}"):
+            synthesize(input_uri, SynthConfig(seed=seed), store=store)
+    work_uri = work_uri or f"s3://{settings.data_bucket}/runs/end-to-end-{time.strftime('%Y%m%d-%H%M%S')}"
+    defaults = {"random_weights": True}  # no pretrained annotator weights ship with the project
+    summary = run_end_to_end(
+        settings, input_uri, work_uri, model_name=model_name, params=defaults | parse_params(params),
+        progress=lambda line: click.echo(line, err=True),
+    )  # fmt: skip
+    click.echo("\nvdm run: done")
+    for key, value in summary.items():
+        click.echo(f"  {key:<18} {json.dumps(value) if isinstance(value, dict) else value}")
+    if summary_json:
+        Path(summary_json).write_text(json.dumps(summary, indent=1))
+
+
 @main.command()
 @click.option("--seed", default=0, show_default=True)
 def demo(seed: int) -> None:

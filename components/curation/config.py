@@ -107,10 +107,13 @@ class CurationConfig(_Strict):
     caption_summarizer: str | None = None  # "module:Class" of a CaptionSummarizer; off by default
 
     @classmethod
+    def from_yaml(cls, text: str) -> CurationConfig:
+        """A config from YAML text (a pipeline parameter); empty text: the defaults."""
+        return cls.model_validate(yaml.safe_load(text) or {})
+
+    @classmethod
     def load(cls, path: str | Path | None) -> CurationConfig:
-        if path is None:
-            return cls()
-        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+        return cls() if path is None else cls.from_yaml(Path(path).read_text())
 
 
 def with_random_weights(config: CurationConfig) -> CurationConfig:

@@ -21,6 +21,19 @@ from torchx.specs import AppState
 RANK_ERROR = re.compile(r"^\[\d+\]:(error: |[\w.]*(Error|Exception): )")
 
 
+# What the trainer pods need from the launching step's environment (Secrets and
+# ConfigMap values the KFP step received as env vars).
+FORWARDED_ENV = (
+    "VDM_S3_ENDPOINT",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "MLFLOW_TRACKING_URI",
+    "VDM_DATA_BUCKET",
+    "VDM_MLFLOW_BUCKET",
+    "VDM_IMAGE",
+)
+
+
 class TrainingLaunchError(RuntimeError):
     pass
 

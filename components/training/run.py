@@ -10,6 +10,7 @@ MLflow records the config, the lineage (data, init, output) and the loss curve.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -33,6 +34,7 @@ from model.stages import Stage, named_config
 from model.train import train
 
 CHECKPOINTS = "checkpoints"
+RESULT = "result.json"
 
 
 def shard_urls(data: str, store: ObjectStore) -> list[str]:
@@ -147,14 +149,17 @@ def run_training(
                 if register_as
                 else None
             )
-    return {
+    summary = {
         "steps": result.steps,
         "final": str(final),
         "registered": f"models:/{register_as}/{version.version}" if version else None,
-        "losses": result.losses,
         "mlflow_run": run_url(run, settings),
+        "mlflow_run_id": run.info.run_id,
         "resumed_from": str(checkpoint) if resume_from else None,
     }
+    # What a launcher that cannot see this process (TorchX on a cluster) reads back.
+    store.put_bytes(out.join(RESULT), json.dumps(summary, indent=1).encode())
+    return summary | {"losses": result.losses}
 
 
 def run_autoencoder_training(

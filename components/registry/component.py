@@ -1,0 +1,30 @@
+"""KFP component of promotion: the gate over the candidate's evaluation figures. A
+refusal is a decision, not a failure: the step succeeds and says why."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Output
+
+from components.common.settings import load_settings
+
+IMAGE = load_settings().image
+
+
+@dsl.component(base_image=IMAGE)
+def promote_candidate(
+    model_uri: str, metric: str, direction: str, min_improvement: float, decision: Output[Artifact]
+) -> bool:
+    """`model_uri` (models:/NAME/VERSION) becomes the candidate, then the gate runs."""
+    from dataclasses import asdict
+
+    from mlflow import MlflowClient
+
+    from components.common.tracking import connect
+    from components.registry.promotion import CANDIDATE, Gate, promote
+
+    connect()
+    name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
+    MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
+    result = promote(name, Gate(metric, direction, float(min_improvement)), actor="kubeflow-pipelines")
+    decision.metadata.update({k: v for k, v in asdict(result).items() if v is not None} | {"model": name})
+    print(("promoted: " if result.promoted else "not promoted: ") + result.reason)
+    return result.promoted

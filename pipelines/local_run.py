@@ -1,0 +1,125 @@
+"""`vdm run`: the end-to-end pipeline through `kfp.local` (SubprocessRunner, this
+environment) against the local stack, on tiny configs.
+
+kfp.local is verbose (every executor's log); the full log goes to
+`$VDM_HOME/runs/<run>.log` while the terminal gets one line per step. The summary is
+read back from what the steps published, not from kfp.local's return value: the
+dataset card, each stage's `result.json`, the registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from components.common.objectstore import ObjectStore, S3Uri
+from components.common.settings import Settings
+from components.common.tracking import connect
+
+STAGES = ("stage1", "stage2", "stage3")
+_TASK_LINE = re.compile(r"Task '?\x1b?\[?[\d;]*m?'?([\w-]+)'?\x1b?\[?[\d;]*m?'? (finished with status|started)")
+_ANSI = re.compile(r"\x1b\[[\d;]*m")
+
+
+@contextlib.contextmanager
+def _output_to(log_file: Path) -> Iterator[None]:
+    """Send this process's stdout/stderr (and its children's) to `log_file`; report
+    each step's end on the terminal (the original stderr) while it runs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    terminal = open(os.dup(saved[1]), "w", buffering=1)  # noqa: SIM115 (closed in `finally`)
+
+    def progress(line: str) -> None:
+        terminal.write(line + "\n")
+
+    with open(log_file, "ab") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def follow() -> None:
+        with open(log_file, errors="replace") as f:
+            while not done.is_set() or f.tell() < os.path.getsize(log_file):
+                line = f.readline()
+                if not line:
+                    time.sleep(0.2)
+                    continue
+                match = _TASK_LINE.search(_ANSI.sub("", line))
+                if match:
+                    status = _ANSI.sub("", line.rsplit("status", 1)[-1]).strip() if "finished" in line else "started"
+                    progress(f"[{time.perf_counter() - start:6.0f} s] {match.group(1):<28} {status}")
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        done.set()
+        thread.join(timeout=5)
+        terminal.close()
+
+
+def run_end_to_end(
+    settings: Settings,
+    input_uri: str,
+    work_uri: str,
+    *,
+    model_name: str = "vdm-text-to-video",
+    params: dict | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict:
+    import kfp.local
+
+    from pipelines.kubeflow import end_to_end
+
+    home = Path(settings.home)
+    (home / "runs").mkdir(parents=True, exist_ok=True)
+    name = f"end-to-end-{time.strftime('%Y%m%d-%H%M%S')}"
+    log_file = home / "runs" / f"{name}.log"
+    progress(f"vdm run: {name}; full log {log_file}")
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"))
+    started = time.perf_counter()
+    arguments = {"input_uri": input_uri, "work_uri": work_uri, "model_name": model_name, **(params or {})}
+    with _output_to(log_file):
+        end_to_end(**arguments)
+    return summarize(settings, work_uri, model_name, time.perf_counter() - started, log_file)
+
+
+def summarize(settings: Settings, work_uri: str, model_name: str, seconds: float, log_file: Path) -> dict:
+    store = ObjectStore.from_settings(settings)
+    work = S3Uri.parse(work_uri)
+    results = {s: json.loads(store.get_bytes(work.join("train", s, "result.json"))) for s in STAGES}
+    registered = results["stage3"]["registered"]  # models:/NAME/VERSION
+    connect(settings)
+    version = MlflowClient().get_model_version(model_name, registered.rsplit("/", 1)[1])
+    aliases = sorted(version.aliases)
+    alias = "champion" if "champion" in aliases else "candidate"
+    runs = {f"train_{s}": results[s]["mlflow_run_id"] for s in STAGES}
+    if "vdm.eval_run" in version.tags:
+        runs["evaluate"] = version.tags["vdm.eval_run"]
+    return {
+        "dataset_card_uri": str(work.join("curated", "dataset_card.html")),
+        "dataset_shards": str(work.join("curated", "shards")) + "/",
+        "mlflow_run_ids": runs,
+        "mlflow_runs": {s: results[s]["mlflow_run"] for s in STAGES},
+        "registered_model": {"name": model_name, "version": version.version, "aliases": aliases},
+        "promotion": version.tags.get("vdm.promotion.reason", "not promoted (see the promotion step's log)"),
+        "serve_command": f"vdm serve --model models:/{model_name}@{alias}",
+        "seconds": round(seconds, 1),
+        "log": str(log_file),
+    }

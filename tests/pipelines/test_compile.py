@@ -1,0 +1,83 @@
+"""Every pipeline compiles with `vdm pipeline compile`, and the YAML carries what a
+cluster needs where it belongs: GPU, toleration, node selector, /dev/shm and retries
+on training; Secret and ConfigMap env on every step; caching on for curation, off
+for training; ParallelFor's parallelism; a default for every run-form parameter."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipelines.kubeflow import PIPELINES, PLATFORM_CONFIG_MAP, S3_SECRET
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+    out = tmp_path_factory.mktemp("compiled")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "pipeline", "compile", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    docs = {p.stem: list(yaml.safe_load_all(p.read_text())) for p in out.glob("*.yaml")}
+    return {name: (d[0], d[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]) for name, d in docs.items()}
+
+
+def test_every_pipeline_compiles_with_defaults_for_every_parameter(compiled):
+    assert set(compiled) == set(PIPELINES)
+    for name, (spec, _) in compiled.items():
+        parameters = spec["root"]["inputDefinitions"]["parameters"]
+        missing = [p for p, d in parameters.items() if "defaultValue" not in d]
+        assert parameters and not missing, (name, missing)
+
+
+def test_training_steps_get_gpus_tolerations_shm_and_retries(compiled):
+    spec, platform = compiled["end-to-end"]
+    resources = spec["deploymentSpec"]["executors"]["exec-train-stage"]["container"]["resources"]
+    assert (
+        resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        and resources["accelerator"]["resourceCount"] == "8"
+    )
+    assert resources["resourceMemoryLimit"] == resources["resourceMemoryRequest"]
+    train = platform["exec-train-stage"]
+    assert {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"} in train["tolerations"]
+    assert train["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    assert train["emptyDirMounts"] == [
+        {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "64Gi", "volumeName": "dshm"}
+    ]
+    tasks = spec["root"]["dag"]["tasks"]
+    for stage in ("train-stage", "train-stage-2", "train-stage-3"):
+        assert tasks[stage]["cachingOptions"] == {} and tasks[stage]["retryPolicy"]["maxRetryCount"] == 2
+    # CPU steps get no accelerator and no GPU toleration
+    cpu = spec["deploymentSpec"]["executors"]["exec-plan-curation"]["container"]["resources"]
+    assert "accelerator" not in cpu and "tolerations" not in platform["exec-plan-curation"]
+
+
+def test_every_step_reads_credentials_from_the_secret_and_endpoints_from_the_config_map(compiled):
+    for name, (spec, platform) in compiled.items():
+        executors = spec["deploymentSpec"]["executors"]
+        assert set(platform) == set(executors), name  # every step has Kubernetes settings
+        for executor, config in platform.items():
+            (secret,) = config["secretAsEnv"]
+            assert secret["secretName"] == S3_SECRET
+            assert {k["envVar"] for k in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+            (config_map,) = config["configMapAsEnv"]
+            assert config_map["configMapName"] == PLATFORM_CONFIG_MAP
+            assert "MLFLOW_TRACKING_URI" in {k["envVar"] for k in config_map["keyToEnv"]}
+            assert "AWS_SECRET_ACCESS_KEY" not in str(executors[executor]["container"].get("env", ""))
+
+
+def test_curation_fans_out_over_shards_with_caching(compiled):
+    spec, _ = compiled["curation"]
+    tasks = spec["root"]["dag"]["tasks"]
+    loop = next(t for n, t in tasks.items() if n.startswith("for-loop"))
+    assert loop["iteratorPolicy"] == {"parallelismLimit": 8}
+    assert tasks["plan-curation"]["cachingOptions"] == {"enableCache": True}
+    assert tasks["finalize-curation"]["cachingOptions"] == {"enableCache": True}
+    image = spec["deploymentSpec"]["executors"]["exec-plan-curation"]["container"]["image"]
+    assert image.startswith("vdm-platform:") and not image.endswith(":latest")
