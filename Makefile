@@ -35,7 +35,7 @@ system-deps:
 	fi
 
 demo: install system-deps
-	$(BIN)/vdm demo
+	$(BIN)/vdm run
 
 test: install system-deps
 	$(BIN)/pytest

@@ -482,7 +482,8 @@ def run_command(input_uri, work_uri, model_name, params, summary_json, seed) -> 
         if not store.exists(f"{input_uri}/{MANIFEST_NAME}"):
             synthesize(input_uri, SynthConfig(seed=seed), store=store)
     work_uri = work_uri or f"s3://{settings.data_bucket}/runs/end-to-end-{time.strftime('%Y%m%d-%H%M%S')}"
-    defaults = {"random_weights": True}  # no pretrained annotator weights ship with the project
+    # No pretrained annotator weights ship with the project; a CPU-sized evaluation.
+    defaults = {"random_weights": True, "eval_clips": 4, "eval_steps": 12}
     summary = run_end_to_end(
         settings, input_uri, work_uri, model_name=model_name, params=defaults | parse_params(params),
         progress=lambda line: click.echo(line, err=True),
@@ -492,23 +493,6 @@ def run_command(input_uri, work_uri, model_name, params, summary_json, seed) -> 
         click.echo(f"  {key:<18} {json.dumps(value) if isinstance(value, dict) else value}")
     if summary_json:
         Path(summary_json).write_text(json.dumps(summary, indent=1))
-
-
-@main.command()
-@click.option("--seed", default=0, show_default=True)
-def demo(seed: int) -> None:
-    """The main job, end to end on sample data and the local stack."""
-    from pipelines.demo import run_demo
-    from pipelines.stack import StackError
-
-    try:
-        summary = run_demo(seed, log=lambda line: click.echo(line, err=True))
-    except StackError as e:
-        _fail(str(e))
-    click.echo("\nvdm demo: done")
-    width = max(map(len, summary))
-    for key, value in summary.items():
-        click.echo(f"  {key:<{width}}  {value}")
 
 
 if __name__ == "__main__":

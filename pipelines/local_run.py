@@ -37,6 +37,7 @@ def _output_to(log_file: Path) -> Iterator[None]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
+    sys.stdout.reconfigure(line_buffering=True)  # kfp.local logs step ends here: see them as they happen
     terminal = open(os.dup(saved[1]), "w", buffering=1)  # noqa: SIM115 (closed in `finally`)
 
     def progress(line: str) -> None:

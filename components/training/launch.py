@@ -18,6 +18,8 @@ from torchx.components.dist import torchrun
 from torchx.runner import get_runner
 from torchx.specs import AppState
 
+from components.common.settings import load_settings
+
 RANK_ERROR = re.compile(r"^\[\d+\]:(error: |[\w.]*(Error|Exception): )")
 
 
@@ -46,7 +48,7 @@ class Launch:
     gpus_per_node: int = 0
     cpu: int = 2
     memory_mb: int = 8192
-    image: str = "vdm-platform:latest"  # kubernetes only; local_cwd runs in this environment
+    image: str = field(default_factory=lambda: load_settings().image)  # kubernetes only; local_cwd: this env
     queue: str = "vdm-training"  # Volcano queue (kubernetes)
     env: dict[str, str] = field(default_factory=dict)
 

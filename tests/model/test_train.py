@@ -41,7 +41,9 @@ def test_three_stages_chain(stage_one, shards, tmp_path):
 
 def test_saved_model_is_self_contained_and_samples_are_made_with_the_ema_weights(stage_one, shards, tmp_path):
     calls = []
-    config = replace(named_config("tiny", "video"), max_steps=3, sample_every=2, sample_prompts=("a", "b"))
+    config = replace(
+        named_config("tiny", "video"), max_steps=3, sample_every=2, sample_prompts=("a", "b"), sample_steps=4
+    )
     result = train(
         config, shards, tmp_path, init_from=stage_one.final, on_samples=lambda step, v: calls.append((step, v))
     )
@@ -50,7 +52,7 @@ def test_saved_model_is_self_contained_and_samples_are_made_with_the_ema_weights
     # The end-of-run samples come from the EMA weights the final folder holds.
     loaded = VideoDiffusion.load(result.final)
     assert sorted(p.name for p in result.final.iterdir()) == ["stage.json", "unet", "vae"]
-    again = generate(loaded, "b", GenerationConfig(num_frames=8, height=32, width=32, steps=20, seed=1))
+    again = generate(loaded, "b", GenerationConfig(num_frames=8, height=32, width=32, steps=4, seed=1))
     torch.testing.assert_close(again, calls[-1][1][1], atol=1e-3, rtol=0)
     for a, b in zip(loaded.codec.vae.parameters(), result.model.codec.vae.parameters(), strict=True):
         assert torch.equal(a, b)
