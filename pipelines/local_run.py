@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from components.common.objectstore import ObjectStore, S3Uri
 from components.common.settings import Settings
 from components.common.tracking import connect
+from components.registry.promotion import Gate, evaluate_gate
 
 STAGES = ("stage1", "stage2", "stage3")
 _TASK_LINE = re.compile(r"Task '?\x1b?\[?[\d;]*m?'?([\w-]+)'?\x1b?\[?[\d;]*m?'? (finished with status|started)")
@@ -98,10 +99,11 @@ def run_end_to_end(
     arguments = {"input_uri": input_uri, "work_uri": work_uri, "model_name": model_name, **(params or {})}
     with _output_to(log_file):
         end_to_end(**arguments)
-    return summarize(settings, work_uri, model_name, time.perf_counter() - started, log_file)
+    gate = Gate(**{k: arguments[k] for k in ("metric", "direction", "min_improvement") if k in arguments})
+    return summarize(settings, work_uri, model_name, gate, time.perf_counter() - started, log_file)
 
 
-def summarize(settings: Settings, work_uri: str, model_name: str, seconds: float, log_file: Path) -> dict:
+def summarize(settings: Settings, work_uri: str, model_name: str, gate: Gate, seconds: float, log_file: Path) -> dict:
     store = ObjectStore.from_settings(settings)
     work = S3Uri.parse(work_uri)
     results = {s: json.loads(store.get_bytes(work.join("train", s, "result.json"))) for s in STAGES}
@@ -119,7 +121,9 @@ def summarize(settings: Settings, work_uri: str, model_name: str, seconds: float
         "mlflow_run_ids": runs,
         "mlflow_runs": {s: results[s]["mlflow_run"] for s in STAGES},
         "registered_model": {"name": model_name, "version": version.version, "aliases": aliases},
-        "promotion": version.tags.get("vdm.promotion.reason", "not promoted (see the promotion step's log)"),
+        # A refusal leaves no trace on the version by design: ask the gate again (read-only) why.
+        "promotion": version.tags.get("vdm.promotion.reason")
+        or f"not promoted: {evaluate_gate(model_name, gate).reason}",
         "serve_command": f"vdm serve --model models:/{model_name}@{alias}",
         "seconds": round(seconds, 1),
         "log": str(log_file),
