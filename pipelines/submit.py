@@ -64,9 +64,14 @@ def upload(client, name: str) -> tuple[str, str]:
     return pipeline_id, version.pipeline_version_id
 
 
-def submit(client, name: str, experiment: str, params: dict) -> dict:
+def _prepare(client, name: str, experiment: str) -> tuple[str, str, str]:
+    """(pipeline id, version id, experiment id): uploaded, and the experiment found or created."""
     pipeline_id, version_id = upload(client, name)
-    experiment_id = client.create_experiment(experiment).experiment_id
+    return pipeline_id, version_id, client.create_experiment(experiment).experiment_id
+
+
+def submit(client, name: str, experiment: str, params: dict) -> dict:
+    pipeline_id, version_id, experiment_id = _prepare(client, name, experiment)
     run = client.run_pipeline(
         experiment_id=experiment_id,
         job_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -78,8 +83,7 @@ def submit(client, name: str, experiment: str, params: dict) -> dict:
 
 
 def schedule(client, name: str, experiment: str, cron: str, params: dict, max_concurrency: int = 1) -> dict:
-    pipeline_id, version_id = upload(client, name)
-    experiment_id = client.create_experiment(experiment).experiment_id
+    pipeline_id, version_id, experiment_id = _prepare(client, name, experiment)
     job = client.create_recurring_run(
         experiment_id=experiment_id,
         job_name=f"{name}-schedule",
