@@ -9,7 +9,7 @@ PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check --progress-bar off
 QUIET := sed '/is ignored: it is neither a file nor a directory/d'
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps demo test bench lint clean stack-down
+.PHONY: install system-deps demo test bench evidence lint clean stack-down
 
 # Three pip steps, as measured in shared/STACK.md: torch first (local wheels), the
 # project with its pins, then two packages without deps (they would pull a second cv2).
@@ -44,6 +44,10 @@ test: install system-deps
 bench: install system-deps
 	$(BIN)/vdm stack up
 	@for b in benchmarks/*.py; do $(BIN)/python "$$b"; done
+
+# The training issue's motion evidence: VAE, Stage I, Stage II full and partial, evaluation (about 30 CPU-minutes).
+evidence: install system-deps
+	$(BIN)/python benchmarks/motion_evidence/run.py
 
 lint: install
 	$(BIN)/ruff check .
