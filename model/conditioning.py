@@ -71,10 +71,6 @@ class VAEConfig:
     latent_channels: int = 4
     scaling_factor: float = 0.18215  # SD's; a tiny random VAE keeps it
 
-    @property
-    def downsampling(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
-
 
 TINY_VAE = VAEConfig(block_out_channels=(32, 32, 64))
 

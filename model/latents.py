@@ -26,7 +26,7 @@ import torch
 import webdataset as wds
 
 from model.conditioning import LatentCodec
-from model.data import ClipDataset, ClipSpec
+from model.data import ClipDataset
 
 
 def vae_fingerprint(codec: LatentCodec) -> str:
@@ -87,9 +87,6 @@ def write_latent_shards(
 class LatentDataset(ClipDataset):
     """Cached latents in the clip loader's order; items carry `latent_mean`,
     `latent_std` (T, C, h, w) and the VAE fingerprint instead of `video`."""
-
-    def __init__(self, shards: list[str], spec: ClipSpec, **kwargs):
-        super().__init__(shards, spec, **kwargs)
 
     def _plan(self, epoch: int, raw: dict) -> tuple[dict, list[int], random.Random] | None:
         meta = json.loads(raw["json"])

@@ -126,6 +126,7 @@ def train(
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     result = TrainResult(steps=step)
+    sampled = bool(config.sample_every) and step % config.sample_every == 0
     model.train()
     clock = time.perf_counter()
     for batch in loader:
@@ -162,9 +163,10 @@ def train(
             )
             if on_checkpoint and folder:
                 on_checkpoint(folder, step)
-        if config.sample_every and step % config.sample_every == 0:
+        sampled = bool(config.sample_every) and step % config.sample_every == 0
+        if sampled:
             _samples(model, ema, rank, sharded, step, on_samples)
-    if not (config.sample_every and step % config.sample_every == 0):
+    if not sampled:  # the end of the run, unless its last step just sampled
         _samples(model, ema, rank, sharded, step, on_samples)
     result.steps = step
     ema.copy_to(params)  # ship the averaged weights

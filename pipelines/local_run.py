@@ -27,7 +27,7 @@ from components.common.tracking import connect
 from components.registry.promotion import Gate, evaluate_gate
 
 STAGES = ("stage1", "stage2", "stage3")
-_TASK_LINE = re.compile(r"Task '?\x1b?\[?[\d;]*m?'?([\w-]+)'?\x1b?\[?[\d;]*m?'? (finished with status|started)")
+_TASK_LINE = re.compile(r"Task '([\w-]+)' finished with status (\w+)")  # kfp.local's, colours stripped
 _ANSI = re.compile(r"\x1b\[[\d;]*m")
 
 
@@ -59,8 +59,7 @@ def _output_to(log_file: Path) -> Iterator[None]:
                     continue
                 match = _TASK_LINE.search(_ANSI.sub("", line))
                 if match:
-                    status = _ANSI.sub("", line.rsplit("status", 1)[-1]).strip() if "finished" in line else "started"
-                    progress(f"[{time.perf_counter() - start:6.0f} s] {match.group(1):<28} {status}")
+                    progress(f"[{time.perf_counter() - start:6.0f} s] {match.group(1):<28} {match.group(2)}")
 
     thread = threading.Thread(target=follow, daemon=True)
     thread.start()
@@ -71,6 +70,8 @@ def _output_to(log_file: Path) -> Iterator[None]:
         sys.stderr.flush()
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
         done.set()
         thread.join(timeout=5)
         terminal.close()

@@ -8,13 +8,12 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-from mlflow import MlflowClient
 
 from components.common.media import write_video
 from components.common.objectstore import ObjectStore
 from components.common.settings import Settings
 from components.common.tracking import connect, run_url, tracked_run
-from components.registry.promotion import record_evaluation
+from components.registry.promotion import record_evaluation, registered_version
 from components.training.run import local_folder, shard_urls
 from model.evaluation import evaluate_motion
 from model.pipeline import to_uint8
@@ -30,18 +29,6 @@ def gate_metrics(report: dict) -> dict[str, float]:
         "motion_straightness": generated["straightness"],
         "motion_jerk_px": generated["jerk_px"],
     }
-
-
-def registered_version(model_uri: str) -> tuple[str, str] | None:
-    """(name, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`, else None."""
-    if not model_uri.startswith("models:/"):
-        return None
-    ref = model_uri.removeprefix("models:/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return name, MlflowClient().get_model_version_by_alias(name, alias).version
-    name, version = ref.rsplit("/", 1)
-    return name, version
 
 
 def run_motion_evaluation(

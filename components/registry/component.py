@@ -19,10 +19,10 @@ def promote_candidate(
     from mlflow import MlflowClient
 
     from components.common.tracking import connect
-    from components.registry.promotion import CANDIDATE, Gate, promote
+    from components.registry.promotion import CANDIDATE, Gate, promote, registered_version
 
     connect()
-    name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
+    name, version = registered_version(model_uri)
     MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
     result = promote(name, Gate(metric, direction, float(min_improvement)), actor="kubeflow-pipelines")
     decision.metadata.update({k: v for k, v in asdict(result).items() if v is not None} | {"model": name})

@@ -45,6 +45,22 @@ class Decision:
     champion_value: float | None
 
 
+def registered_version(model_uri: str) -> tuple[str, str] | None:
+    """(name, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`, else None."""
+    if not model_uri.startswith("models:/"):
+        return None
+    ref = model_uri.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, MlflowClient().get_model_version_by_alias(name, alias).version
+    name, version = ref.rsplit("/", 1)
+    return name, version
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def record_evaluation(name: str, version: str, metrics: dict[str, float], run_id: str | None = None) -> None:
     client = MlflowClient()
     for metric, value in metrics.items():
@@ -106,7 +122,7 @@ def promote(name: str, gate: Gate, actor: str | None = None) -> Decision:
         "vdm.promotion.direction": gate.direction,
         "vdm.promotion.min_improvement": repr(gate.min_improvement),
         "vdm.promotion.by": actor or getpass.getuser(),
-        "vdm.promotion.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "vdm.promotion.at": _now(),
         PREVIOUS_CHAMPION: decision.champion or "",
     }
     for key, value in tags.items():
@@ -127,9 +143,7 @@ def rollback(name: str, actor: str | None = None) -> tuple[str, str]:
         raise PromotionError(f"champion v{champion.version} replaced no earlier champion: nothing to roll back to")
     client.set_registered_model_alias(name, CHAMPION, previous)
     client.set_model_version_tag(name, champion.version, "vdm.rolled_back_by", actor or getpass.getuser())
-    client.set_model_version_tag(
-        name, champion.version, "vdm.rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    )
+    client.set_model_version_tag(name, champion.version, "vdm.rolled_back_at", _now())
     return champion.version, previous
 
 

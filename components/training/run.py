@@ -69,6 +69,17 @@ def local_folder(location: str, store: ObjectStore, scratch: Path) -> Path:
     return scratch
 
 
+def _metrics_logger(progress: bool):
+    """Metrics to the active MLflow run, and a line per log step on the terminal."""
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics(metrics, step=step)
+        if progress:
+            print(f"step {step:>6}  " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+
+    return on_log
+
+
 def run_training(
     stage: Stage,
     config_name: str,
@@ -100,11 +111,6 @@ def run_training(
         checkpoint = latest_checkpoint(out, store) if resume else None
         resume_from = local_folder(str(checkpoint), store, scratch / "resume") if checkpoint else None
 
-        def on_log(step: int, metrics: dict[str, float]) -> None:
-            mlflow.log_metrics(metrics, step=step)
-            if progress:
-                print(f"step {step:>6}  " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-
         def on_samples(step: int, videos: list) -> None:
             folder = scratch / "samples" / f"step-{step:08d}"
             folder.mkdir(parents=True)
@@ -135,7 +141,7 @@ def run_training(
                 scratch / "work",
                 init_from=init,
                 resume=resume_from,
-                on_log=on_log,
+                on_log=_metrics_logger(progress),
                 on_checkpoint=on_checkpoint,
                 on_samples=on_samples,
             )
@@ -182,11 +188,6 @@ def run_autoencoder_training(
         while True:
             yield torch.cat([next(clips)["video"] for _ in range(config.batch_frames // 4)])
 
-    def on_log(step: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics(metrics, step=step)
-        if progress:
-            print(f"step {step:>6}  " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-
     with (
         tempfile.TemporaryDirectory(prefix="vdm-vae-") as tmp,
         tracked_run(
@@ -197,7 +198,7 @@ def run_autoencoder_training(
             settings=settings,
         ) as run,
     ):
-        vae = train_autoencoder(LatentCodec.tiny().vae, frames(), config, on_log)
+        vae = train_autoencoder(LatentCodec.tiny().vae, frames(), config, _metrics_logger(progress))
         error = reconstruction_error(vae, next(frames()))
         mlflow.log_metrics({"reconstruction_l1": error, "scaling_factor": vae.config.scaling_factor})
         vae.save_pretrained(Path(tmp) / "vae", safe_serialization=True)
