@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from model.conditioning import added_time_ids
-from model.samplers import SAMPLERS, frame_guidance, guided, karras_sigmas
+from model.samplers import SAMPLERS, StepCallback, frame_guidance, guided, karras_sigmas
 from model.stages import VideoDiffusion
 
 
@@ -33,8 +33,15 @@ class GenerationConfig:
 
 
 @torch.no_grad()
-def generate(model: VideoDiffusion, prompt: str, config: GenerationConfig, negative_prompt: str = "") -> torch.Tensor:
-    """(T, 3, H, W) frames in [-1, 1]; Stage I models give T independent images."""
+def generate(
+    model: VideoDiffusion,
+    prompt: str,
+    config: GenerationConfig,
+    negative_prompt: str = "",
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """(T, 3, H, W) frames in [-1, 1]; Stage I models give T independent images.
+    `on_step(i)` is called after each sampler step."""
     model.eval()
     device = next(model.unet.parameters()).device
     factor = model.codec.downsampling
@@ -63,7 +70,7 @@ def generate(model: VideoDiffusion, prompt: str, config: GenerationConfig, negat
 
         x = noise[0]
     denoise = guided(with_text(text), with_text(negative), scale)
-    latents = SAMPLERS[config.sampler](denoise, x, sigmas)
+    latents = SAMPLERS[config.sampler](denoise, x, sigmas, on_step)
     if not model.config.video:
         latents = latents[None]
     return model.codec.decode(latents)[0]

@@ -1,5 +1,6 @@
-"""Samplers as pure functions with one signature, `sample(denoise, x, sigmas) -> x`
-(k-diffusion style), over a Karras noise schedule; classifier-free guidance wraps
+"""Samplers as pure functions with one signature, `sample(denoise, x, sigmas, callback) -> x`
+(k-diffusion style; `callback(i)` after step i, e.g. to time steps or show progress),
+over a Karras noise schedule; classifier-free guidance wraps
 a denoiser and may grow across video frames (SVD: low for the first, high for the
 last frame).
 
@@ -14,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepCallback = Callable[[int], None]
 
 
 def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
@@ -30,23 +32,31 @@ def _derivative(denoise: DenoiseFn, x: torch.Tensor, sigma: float) -> torch.Tens
 
 
 @torch.no_grad()
-def sample_euler(denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+def sample_euler(
+    denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None = None
+) -> torch.Tensor:
     """First-order steps of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma."""
-    for sigma, next_sigma in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
+    for i, (sigma, next_sigma) in enumerate(zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True)):
         x = x + (next_sigma - sigma) * _derivative(denoise, x, sigma)
+        if callback:
+            callback(i)
     return x
 
 
 @torch.no_grad()
-def sample_heun(denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+def sample_heun(
+    denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None = None
+) -> torch.Tensor:
     """Heun's second-order method (EDM's Algorithm 1, deterministic); Euler on the last step to 0."""
-    for sigma, next_sigma in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
+    for i, (sigma, next_sigma) in enumerate(zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True)):
         d = _derivative(denoise, x, sigma)
         x_next = x + (next_sigma - sigma) * d
         if next_sigma > 0:
             d_next = _derivative(denoise, x_next, next_sigma)
             x_next = x + (next_sigma - sigma) * (d + d_next) / 2
         x = x_next
+        if callback:
+            callback(i)
     return x
 
 

@@ -109,6 +109,13 @@ def test_a_point_mass_is_recovered_exactly():
     torch.testing.assert_close(out, target.expand(3, 3))
 
 
+@pytest.mark.parametrize("sampler", [sample_euler, sample_heun])
+def test_samplers_call_back_once_per_step_in_order(sampler):
+    steps = []
+    sampler(lambda x, sigma: torch.zeros_like(x), torch.randn(2, 3), karras_sigmas(7), steps.append)
+    assert steps == list(range(7))
+
+
 def test_oracle_has_the_lowest_training_loss():
     denoiser = Denoiser(OracleNetwork(), EDMScaling(SIGMA_DATA))
     generator = torch.Generator().manual_seed(2)
