@@ -9,7 +9,7 @@ PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check --progress-bar off
 QUIET := sed '/is ignored: it is neither a file nor a directory/d'
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps demo test bench evidence lint clean stack-down
+.PHONY: install system-deps demo test bench evidence lint image clean stack-down
 
 # Three pip steps, as measured in shared/STACK.md: torch first (local wheels), the
 # project with its pins, then two packages without deps (they would pull a second cv2).
@@ -51,6 +51,20 @@ evidence: install system-deps
 
 lint: install
 	$(BIN)/ruff check .
+
+# The container image in its two variants (Containerfile; k8s/README.md): docker or
+# buildah, whichever is installed. Not part of `make test`: it pulls a base image.
+IMAGE ?= vdm-platform
+IMAGE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+image:
+	@if command -v docker >/dev/null; then build="docker build"; \
+	elif command -v buildah >/dev/null; then build="buildah bud"; \
+	else echo "make image needs docker or buildah" >&2; exit 1; fi; \
+	commit=$$(git rev-parse HEAD 2>/dev/null || echo unknown); \
+	set -x; \
+	$$build -f Containerfile --build-arg VDM_GIT_COMMIT=$$commit -t $(IMAGE):$(IMAGE_VERSION) . && \
+	$$build -f Containerfile --build-arg VDM_GIT_COMMIT=$$commit \
+	  --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t $(IMAGE):$(IMAGE_VERSION)-cpu .
 
 stack-down:
 	@test -x $(BIN)/vdm && $(BIN)/vdm stack down || true
