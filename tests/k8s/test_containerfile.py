@@ -135,3 +135,18 @@ def test_make_image_tags_what_the_manifests_run():
         in makefile
     )
     assert re.search(r"^IMAGE \?= vdm-platform$", makefile, re.M)
+
+
+def test_image_has_the_driver_of_mlflows_backend_store_uri():
+    """k8s/ gives MLflow a postgresql:// URI; SQLAlchemy opens it with its default driver
+    (psycopg 3 since SQLAlchemy 2.1), which the image's `cluster` extra must install."""
+    from sqlalchemy.engine import make_url
+
+    driver = make_url("postgresql://mlflow@postgres/mlflow").get_dialect().driver
+    extra = [
+        re.split(r"[\[=<>]", requirement)[0] for requirement in PYPROJECT["project"]["optional-dependencies"]["cluster"]
+    ]
+    assert driver in extra
+    assert '"/src[cluster]"' in CONTAINERFILE.read_text()
+    mlflow = (ROOT / "k8s" / "base" / "platform" / "mlflow.yaml").read_text()
+    assert "value: postgresql://mlflow:" in mlflow
