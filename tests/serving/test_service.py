@@ -1,0 +1,278 @@
+"""`vdm serve` (BentoML) against the real local MLflow and Prometheus: tiny models are
+registered and promoted, the server is started as a user would start it, and every
+call goes over HTTP, through BentoML's client or plain requests."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import replace
+
+import av
+import bentoml
+import httpx
+import pytest
+from conftest import free_port
+from diffusers import AutoencoderKL
+from mlflow import MlflowClient
+from PIL import Image
+
+from components.common.tracking import tracked_run
+from components.registry.pipeline_model import register_pipeline
+from components.sample_data.shards import write_shapes_shards
+from model.stages import named_config
+from model.train import train
+
+CHAMPION = "champion"
+MAX_CONCURRENCY = 2
+
+
+def _decoded(mp4: bytes) -> tuple[int, float, int, int]:
+    """Frame count, fps, width, height of an mp4."""
+    with av.open(io.BytesIO(mp4)) as container:
+        stream = container.streams.video[0]
+        return sum(1 for _ in container.decode(stream)), float(stream.average_rate), stream.width, stream.height
+
+
+def _png(size=(40, 24)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def versions(settings, tmp_path_factory, request):
+    """Three versions of one text-to-video model: 1 and 2 work, 3 has a VAE whose latents
+    do not fit its UNet (loads, then fails in every generation)."""
+    paths, _ = write_shapes_shards(tmp_path_factory.mktemp("shards"), shards=1, clips_per_shard=2)
+    config = replace(named_config("tiny", "video"), max_steps=1)
+    final = train(config, [str(p) for p in paths], tmp_path_factory.mktemp("train")).final
+    broken = tmp_path_factory.mktemp("broken") / "final"
+    shutil.copytree(final, broken)
+    vae = AutoencoderKL.from_pretrained(broken / "vae")
+    AutoencoderKL.from_config({**vae.config, "latent_channels": 2 * vae.config.latent_channels}).save_pretrained(
+        broken / "vae"
+    )
+    name = f"vdm-serve-test-{time.strftime('%H%M%S')}"
+    with tracked_run("vdm-test-serving", config={"stage": "video"}, settings=settings):
+        for folder in (final, final, broken):
+            register_pipeline(folder, name, {"vdm.data": "s3://vdm/test-shards"})
+    MlflowClient().set_registered_model_alias(name, CHAMPION, "1")
+    return name
+
+
+@pytest.fixture(scope="module")
+def server(stack, versions, tmp_path_factory):
+    """`vdm serve` on a free port, polling the alias every second; its log in a file."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    command = [sys.executable, "-m", "pipelines.cli", "serve", "--model", f"models:/{versions}@{CHAMPION}"]
+    options = ["--port", str(port), "--poll-seconds", "1", "--max-concurrency", str(MAX_CONCURRENCY)]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([*command, *options], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"never ready:\n{log_path.read_text()[-3000:]}")
+        yield {"url": url, "port": port, "name": versions, "log": log_path}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _post(server, endpoint: str, timeout: float = 120, **payload) -> httpx.Response:
+    return httpx.post(f"{server['url']}/{endpoint}", json=payload, timeout=timeout)
+
+
+def _served_version(server) -> str:
+    (info,) = _post(server, "model_info").json()
+    return info["version"]
+
+
+def _move_alias(server, version: str) -> None:
+    MlflowClient().set_registered_model_alias(server["name"], CHAMPION, version)
+    assert _post(server, "reload").status_code == 200
+    assert _served_version(server) == version
+
+
+def test_ready_once_loaded_and_model_info_names_the_champion(server):
+    assert httpx.get(f"{server['url']}/livez").status_code == 200
+    (info,) = _post(server, "model_info").json()
+    assert (info["name"], info["version"], info["alias"], info["kind"]) == (server["name"], "1", CHAMPION, "text")
+    assert info["lineage"]["vdm.data"] == "s3://vdm/test-shards" and info["lineage"]["vdm.training_run"]
+    assert info["default_clip"] == {"num_frames": 8, "fps": 8.0, "height": 32, "width": 32}
+
+
+def test_text_to_video_over_plain_http_returns_the_requested_video(server):
+    response = _post(server, "text_to_video", prompt="a red disc", num_frames=5, fps=12, num_steps=2, height=48)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "video/mp4"
+    assert response.headers["x-vdm-model"] == f"{server['name']}/1"
+    assert _decoded(response.content) == (5, 12.0, 32, 48)  # width: the model's default
+
+
+def test_text_to_video_through_the_bentoml_client(server):
+    with bentoml.SyncHTTPClient(server["url"], timeout=120) as client:
+        path = client.text_to_video(prompt="a disc", num_frames=3, num_steps=2)
+    assert _decoded(path.read_bytes())[:2] == (3, 8.0)  # fps: the model's default
+
+
+def _run_task(server, **payload) -> tuple[str, httpx.Response]:
+    """Submit to the task variant over plain HTTP (BentoML 1.4.39's SyncHTTPClient fails in
+    `.submit`: no `_opened_files`), wait for it to end; its final status and result."""
+    endpoint = f"{server['url']}/text_to_video_task"
+    submitted = httpx.post(f"{endpoint}/submit", json=payload)
+    assert submitted.status_code == 200, submitted.text
+    task = {"task_id": submitted.json()["task_id"]}
+    deadline, status = time.monotonic() + 120, None
+    while time.monotonic() < deadline and status not in ("completed", "failed"):
+        time.sleep(0.5)
+        status = httpx.get(f"{endpoint}/status", params=task).json()["status"]
+    return status, httpx.get(f"{endpoint}/get", params=task)
+
+
+def test_text_to_video_as_a_task(server):
+    status, result = _run_task(server, prompt="a disc", num_frames=4, fps=6, num_steps=2)
+    assert status == "completed"
+    assert result.headers["content-type"] == "video/mp4" and _decoded(result.content)[:2] == (4, 6.0)
+
+
+@pytest.mark.parametrize(
+    "payload, field",
+    [
+        ({"prompt": "x", "num_frames": 0}, "num_frames"),
+        ({"prompt": "x", "num_frames": 10_000}, "num_frames"),
+        ({"prompt": "x", "num_steps": 1_000}, "num_steps"),
+        ({"prompt": "x", "height": 4096}, "height"),
+        ({"prompt": "x", "fps": -1}, "fps"),
+        ({"prompt": "x" * 5_000}, "prompt"),
+        ({"prompt": "x", "guidance": 3}, "guidance"),  # unknown field: a typo is not ignored
+        ({"num_frames": 4}, "prompt"),
+    ],
+)
+def test_invalid_requests_get_400_naming_the_field(server, payload, field):
+    response = _post(server, "text_to_video", **payload)
+    assert response.status_code == 400
+    assert [error["loc"] for error in response.json()["detail"]] == [[field]]
+
+
+def test_sizes_the_network_cannot_take_get_400(server):
+    response = _post(server, "text_to_video", prompt="x", height=36, num_steps=1)
+    assert response.status_code == 400 and "height must be a multiple of 8" in response.text
+
+
+def test_image_endpoint_checks_the_upload_and_needs_an_image_model(server):
+    url = f"{server['url']}/image_to_video"
+    not_an_image = httpx.post(url, files={"image": ("x.png", b"not a png", "image/png")}, timeout=60)
+    assert not_an_image.status_code == 400 and "could not be read" in not_an_image.text
+    wrong_type = httpx.post(url, files={"image": ("x.txt", b"hello", "text/plain")}, timeout=60)
+    assert wrong_type.status_code == 400 and "expected image/*" in wrong_type.text
+    # This server holds only a text-to-video model.
+    response = httpx.post(url, files={"image": ("x.png", _png(), "image/png")}, timeout=60)
+    assert response.status_code == 404 and "no image-to-video model" in response.text
+
+
+def test_requests_beyond_max_concurrency_get_429_and_the_rest_finish(server):
+    statuses: list[int] = []
+
+    def call():
+        statuses.append(_post(server, "text_to_video", prompt="slow", num_frames=8, num_steps=12).status_code)
+
+    threads = [threading.Thread(target=call) for _ in range(MAX_CONCURRENCY + 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [200] * MAX_CONCURRENCY + [429] * 2
+    assert httpx.get(f"{server['url']}/readyz").status_code == 200
+
+
+def test_moving_the_alias_switches_versions_and_requests_in_flight_finish_on_theirs(server):
+    MlflowClient().set_registered_model_alias(server["name"], CHAMPION, "2")
+    deadline = time.monotonic() + 30
+    while _served_version(server) != "2" and time.monotonic() < deadline:  # the poll picks it up
+        time.sleep(0.5)
+    assert _served_version(server) == "2"
+
+    slow: list[httpx.Response] = []
+    in_flight = threading.Thread(
+        target=lambda: slow.append(_post(server, "text_to_video", prompt="old", num_frames=8, num_steps=16))
+    )
+    in_flight.start()
+    time.sleep(1.0)  # the slow request has taken version 2
+    _move_alias(server, "1")
+    fresh = _post(server, "text_to_video", prompt="new", num_frames=2, num_steps=1)
+    in_flight.join()
+    assert slow[0].status_code == 200 and slow[0].headers["x-vdm-model"] == f"{server['name']}/2"
+    assert fresh.status_code == 200 and fresh.headers["x-vdm-model"] == f"{server['name']}/1"
+
+
+def test_a_failing_generation_is_a_500_with_an_error_id_and_the_server_keeps_serving(server):
+    _move_alias(server, "3")
+    try:
+        failed = _post(server, "text_to_video", prompt="x", num_frames=2, num_steps=1)
+        assert failed.status_code == 500
+        error_id = failed.json()["error_id"]
+        assert len(error_id) == 12 and f"error id {error_id}" in server["log"].read_text()
+        # A task that fails ends `failed` (a raising BentoML task would stay in progress).
+        assert _run_task(server, prompt="x", num_frames=2, num_steps=1)[0] == "failed"
+    finally:
+        _move_alias(server, "1")
+    assert _post(server, "text_to_video", prompt="x", num_frames=2, num_steps=1).status_code == 200
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's prometheus is not installed")
+def test_prometheus_scrapes_the_service_metrics(stack, server):
+    assert _post(server, "text_to_video", prompt="counted", num_frames=3, num_steps=2).status_code == 200
+    prometheus = stack.endpoints()["VDM_PROMETHEUS_URL"]
+
+    def query(promql: str) -> list[dict]:
+        url = f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
+        return httpx.get(url, timeout=5).json()["data"]["result"]
+
+    queries = {
+        "frames": 'sum(vdm_serving_frames_generated_total{part="serving"})',
+        "steps": 'sum(vdm_serving_denoising_step_seconds_count{part="serving"})',
+        "loads": 'sum(vdm_serving_model_load_seconds_count{part="serving"})',
+        "served": f'vdm_serving_model_info{{part="serving", model="{server["name"]}"}} == 1',
+        "slow_bucket": 'sum(bentoml_service_request_duration_seconds_bucket{part="serving", le="600.0"})',
+    }
+    # What the server says now; Prometheus scrapes every 5 s, so wait until it has caught up.
+    exposed = httpx.get(f"{server['url']}/metrics").text
+    frames_now = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in exposed.splitlines()
+        if line.startswith("vdm_serving_frames_generated_total")
+    )
+    assert frames_now >= 3
+
+    def caught_up(results) -> bool:
+        served = [r["metric"]["version"] for r in results["served"]]
+        return all(results.values()) and float(results["frames"][0]["value"][1]) >= frames_now and served == ["1"]
+
+    deadline, results = time.monotonic() + 60, {}
+    while time.monotonic() < deadline and not (results and caught_up(results)):
+        time.sleep(1)
+        results = {key: query(promql) for key, promql in queries.items()}
+    assert caught_up(results), json.dumps(results)
+    assert float(results["steps"][0]["value"][1]) >= 2 and float(results["loads"][0]["value"][1]) >= 1
+    assert float(results["slow_bucket"][0]["value"][1]) >= 1
