@@ -453,6 +453,57 @@ def pipeline_schedule(name: str, host: str, experiment: str, cron: str, params: 
     click.echo(json.dumps(result, indent=1))
 
 
+@main.command("serve")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    help="NAME or models:/NAME@ALIAS (repeatable: one text- and one image-to-video model).",
+)
+@click.option("--alias", default="champion", show_default=True, help="Alias served for plain NAMEs.")
+@click.option("--port", default=3000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 only in a pod).")
+@click.option("--poll-seconds", default=30.0, show_default=True, help="How often the alias is checked (0: never).")
+@click.option("--max-concurrency", default=2, show_default=True, help="Requests at once; more get HTTP 429.")
+def serve_command(models, alias, port, host, poll_seconds, max_concurrency) -> None:
+    """Serve registered models with BentoML (`bentoml serve serving.service:VideoGeneration`)."""
+    import os
+    import signal
+    import subprocess
+
+    from serving.config import model_names
+
+    try:
+        names, alias = model_names(models, alias)
+    except ValueError as e:
+        _fail(str(e))
+    env = os.environ | {
+        "VDM_HOME": str(load_settings().home),
+        "VDM_SERVE_MODELS": ",".join(names),
+        "VDM_SERVE_ALIAS": alias,
+        "VDM_SERVE_POLL_SECONDS": str(poll_seconds),
+        "VDM_SERVE_MAX_CONCURRENCY": str(max_concurrency),
+    }
+    url = f"http://{host}:{port}"
+    click.echo(f"serving {', '.join(f'models:/{n}@{alias}' for n in names)} at {url}", err=True)
+    click.echo(f"  POST {url}/text_to_video  {url}/image_to_video  {url}/model_info;  GET {url}/readyz", err=True)
+    # The local stack's Prometheus scrapes every target file in this folder.
+    target = _stack().prometheus_targets_dir / f"serving-{port}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps([{"targets": [f"{host}:{port}"], "labels": {"part": "serving"}}]))
+    bentoml = [sys.executable, "-m", "bentoml", "serve", "serving.service:VideoGeneration"]
+    server = subprocess.Popen([*bentoml, "--host", host, "--port", str(port)], env=env)
+    # Ctrl-C reaches the server from the terminal; a SIGTERM (a supervisor, a test) is passed on.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: server.send_signal(signum))
+    try:
+        code = server.wait()
+    finally:
+        target.unlink(missing_ok=True)
+    sys.exit(code)
+
+
 @main.command("run")
 @click.option("--input", "input_uri", default=None, help="Videos (s3:// prefix); default: the built-in sample videos.")
 @click.option("--work", "work_uri", default=None, help="s3:// prefix for this run's outputs.")
