@@ -7,11 +7,11 @@ shipped overlays have none and that a deliberately broken copy is caught.
 - custom resources: the openAPIV3Schema of their published CRD (schemas/), closed the
   way `kubectl apply --validate=strict` closes them (an unknown field is an error,
   except under x-kubernetes-preserve-unknown-fields);
-- policy: non-root, no privilege escalation, all capabilities dropped, requests and
-  limits, probes on long-running containers, pinned images, and every reference
-  (Secret, ConfigMap and their keys, ServiceAccount, Role, Service and workload
-  selectors) resolving inside the rendered overlay or to something documented as
-  provided by another component.
+- policy: non-root, no privilege escalation, all capabilities dropped, a seccomp
+  profile (Pod Security "restricted"), requests and limits, probes on long-running
+  containers, pinned images, and every reference (Secret, ConfigMap and their keys,
+  ServiceAccount, Role, Service and workload selectors) resolving inside the rendered
+  overlay or to something documented as provided by another component.
 """
 
 from __future__ import annotations
@@ -173,6 +173,9 @@ def security_problems(objs: list[dict]) -> list[str]:
                 problems.append(f"{where}: does not drop ALL capabilities")
             if context.get("capabilities", {}).get("add"):
                 problems.append(f"{where}: adds capabilities")
+            seccomp = context.get("seccompProfile", pod_context.get("seccompProfile", {})).get("type")
+            if seccomp not in ("RuntimeDefault", "Localhost"):
+                problems.append(f"{where}: no RuntimeDefault seccomp profile")
     return problems
 
 

@@ -161,6 +161,7 @@ def _serving_container(deployment):
         (security_problems, lambda d: _serving_container(d)["securityContext"].update(allowPrivilegeEscalation=True)),
         (security_problems, lambda d: _serving_container(d)["securityContext"]["capabilities"].update(drop=[])),
         (security_problems, lambda d: d["spec"]["template"]["spec"]["securityContext"].pop("runAsNonRoot")),
+        (security_problems, lambda d: d["spec"]["template"]["spec"]["securityContext"].pop("seccompProfile")),
         (probe_problems, lambda d: _serving_container(d).pop("readinessProbe")),
         (image_problems, lambda d: _serving_container(d).update(image="vdm-platform:latest")),
         (image_problems, lambda d: _serving_container(d).update(image="registry.local:5000/vdm-platform")),
