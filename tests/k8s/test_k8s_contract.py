@@ -13,7 +13,7 @@ import tomllib
 from urllib.parse import urlparse
 
 import pytest
-from k8s_checks import OVERLAYS, ROOT, find, pod_templates
+from k8s_checks import OVERLAYS, ROOT, find, pod_templates, rendered
 from pydantic import AliasChoices
 from torchx.schedulers.kubernetes_scheduler import LABEL_ORGANIZATION
 from torchx.schedulers.kubernetes_scheduler import Opts as TorchXKubernetesOpts
@@ -57,28 +57,28 @@ def field_default(cls, name):
 
 @pytest.mark.parametrize("namespace", [RUNS, PLATFORM])
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_secret_and_config_map_have_the_keys_the_pipeline_steps_read(rendered, overlay, namespace):
-    secret = find(rendered[overlay], "Secret", S3_SECRET, namespace)
+def test_secret_and_config_map_have_the_keys_the_pipeline_steps_read(overlay, namespace):
+    secret = find(rendered(overlay), "Secret", S3_SECRET, namespace)
     assert secret is not None, f"no Secret {namespace}/{S3_SECRET}"
     assert set(S3_SECRET_KEYS) <= set(secret["data"])
-    config_map = find(rendered[overlay], "ConfigMap", PLATFORM_CONFIG_MAP, namespace)
+    config_map = find(rendered(overlay), "ConfigMap", PLATFORM_CONFIG_MAP, namespace)
     assert config_map is not None, f"no ConfigMap {namespace}/{PLATFORM_CONFIG_MAP}"
     assert set(PLATFORM_CONFIG_KEYS) <= set(config_map["data"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_key_is_a_setting_the_code_reads(rendered, overlay):
+def test_every_key_is_a_setting_the_code_reads(overlay):
     aliases = set()
     for field in Settings.model_fields.values():
         alias = field.validation_alias
         aliases |= set(alias.choices) if isinstance(alias, AliasChoices) else {alias}
-    keys = set(config(rendered[overlay])) | set(find(rendered[overlay], "Secret", S3_SECRET, RUNS)["data"])
+    keys = set(config(rendered(overlay))) | set(find(rendered(overlay), "Secret", S3_SECRET, RUNS)["data"])
     assert keys <= aliases, keys - aliases
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_endpoints_and_buckets_point_at_the_platform(rendered, overlay):
-    objs = rendered[overlay]
+def test_endpoints_and_buckets_point_at_the_platform(overlay):
+    objs = rendered(overlay)
     values = config(objs)
     assert config(objs, PLATFORM) == values
     s3, mlflow = urlparse(values["VDM_S3_ENDPOINT"]), urlparse(values["MLFLOW_TRACKING_URI"])
@@ -97,8 +97,8 @@ def test_endpoints_and_buckets_point_at_the_platform(rendered, overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_vdm_image_is_the_image_the_pods_run(rendered, overlay):
-    objs = rendered[overlay]
+def test_vdm_image_is_the_image_the_pods_run(overlay):
+    objs = rendered(overlay)
     image = config(objs)["VDM_IMAGE"]
     assert config(objs, PLATFORM)["VDM_IMAGE"] == image
     assert container(objs, "vdm-serving")["image"] == image
@@ -108,15 +108,15 @@ def test_vdm_image_is_the_image_the_pods_run(rendered, overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_training_pods_get_everything_the_step_forwards(rendered, overlay):
-    available = set(config(rendered[overlay])) | set(S3_SECRET_KEYS)
+def test_training_pods_get_everything_the_step_forwards(overlay):
+    available = set(config(rendered(overlay))) | set(S3_SECRET_KEYS)
     assert set(launch.FORWARDED_ENV) <= available
 
 
-def test_volcano_queue_is_the_launch_default(rendered):
+def test_volcano_queue_is_the_launch_default():
     queue = field_default(launch.Launch, "queue")
     for overlay in OVERLAYS:
-        assert find(rendered[overlay], "Queue", queue) is not None, f"no Volcano Queue {queue!r}"
+        assert find(rendered(overlay), "Queue", queue) is not None, f"no Volcano Queue {queue!r}"
 
 
 def torchx_namespace(monkeypatch) -> str:
@@ -138,9 +138,9 @@ def torchx_namespace(monkeypatch) -> str:
     return submitted["cfg"].get("namespace") or field_default(TorchXKubernetesOpts, "namespace")
 
 
-def test_training_rbac_and_network_paths_are_in_torchx_namespace(rendered, monkeypatch):
+def test_training_rbac_and_network_paths_are_in_torchx_namespace(monkeypatch):
     namespace = torchx_namespace(monkeypatch)
-    objs = rendered["prod"]
+    objs = rendered("prod")
     role = find(objs, "Role", "vdm-torchx-launcher", namespace)
     assert role is not None, f"TorchX submits into {namespace!r}; the launcher Role is not there"
     granted = {
@@ -162,7 +162,7 @@ def test_training_rbac_and_network_paths_are_in_torchx_namespace(rendered, monke
         assert torchx_peer in peers, f"training pods cannot reach {target}"
 
 
-def test_pipeline_steps_reach_minio_and_mlflow(rendered):
+def test_pipeline_steps_reach_minio_and_mlflow():
     step_peer = {
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": RUNS}},
         "podSelector": {"matchLabels": KFP_STEP_LABEL},
@@ -170,22 +170,22 @@ def test_pipeline_steps_reach_minio_and_mlflow(rendered):
     for target in ("minio", "mlflow"):
         peers = [
             p
-            for rule in find(rendered["prod"], "NetworkPolicy", target, PLATFORM)["spec"]["ingress"]
+            for rule in find(rendered("prod"), "NetworkPolicy", target, PLATFORM)["spec"]["ingress"]
             for p in rule["from"]
         ]
         assert step_peer in peers, f"pipeline steps cannot reach {target}"
 
 
-def test_prod_serving_schedules_like_the_training_steps(rendered):
-    pod = find(rendered["prod"], "Deployment", "vdm-serving", PLATFORM)["spec"]["template"]["spec"]
+def test_prod_serving_schedules_like_the_training_steps():
+    pod = find(rendered("prod"), "Deployment", "vdm-serving", PLATFORM)["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == dict([GPU_STEP.node_selector])
     assert {"key": GPU_STEP.accelerator, "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert GPU_STEP.accelerator in pod["containers"][0]["resources"]["limits"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_serving_runs_vdm_serve_with_options_it_has(rendered, overlay):
-    serving = container(rendered[overlay], "vdm-serving")
+def test_serving_runs_vdm_serve_with_options_it_has(overlay):
+    serving = container(rendered(overlay), "vdm-serving")
     command, *options = serving["args"]
     assert command == "serve" and command in vdm_cli.commands
     known = {opt for param in vdm_cli.commands["serve"].params for opt in param.opts}
@@ -219,8 +219,8 @@ def bentoml_service():
     raise AssertionError("no @bentoml.service class in serving/service.py")
 
 
-def test_autoscaling_counts_generations_in_flight(rendered):
-    objs = rendered["prod"]
+def test_autoscaling_counts_generations_in_flight():
+    objs = rendered("prod")
     trigger = find(objs, "ScaledObject", "vdm-serving", PLATFORM)["spec"]["triggers"][0]
     assert trigger["type"] == "prometheus"
     match = re.fullmatch(r"sum\((\w+)\{(.*)\}\)", trigger["metadata"]["query"])

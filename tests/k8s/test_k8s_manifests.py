@@ -19,6 +19,7 @@ from k8s_checks import (
     policy_problems,
     probe_problems,
     reference_problems,
+    rendered,
     resource_problems,
     security_problems,
 )
@@ -30,8 +31,8 @@ def test_renderer_is_a_current_kustomize():
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_overlay_renders_every_part(rendered, overlay):
-    kinds = {(o["kind"], o["metadata"]["name"]) for o in rendered[overlay]}
+def test_overlay_renders_every_part(overlay):
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in rendered(overlay)}
     expected = {
         ("StatefulSet", "minio"),
         ("Job", "minio-buckets"),
@@ -51,38 +52,38 @@ def test_overlay_renders_every_part(rendered, overlay):
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_core_kinds_pass_strict_validation(rendered, overlay, version):
-    assert core_problems(rendered[overlay], version) == []
+def test_core_kinds_pass_strict_validation(overlay, version):
+    assert core_problems(rendered(overlay), version) == []
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_custom_resources_match_their_crd_schemas(rendered, overlay):
-    assert custom_problems(rendered[overlay]) == []
+def test_custom_resources_match_their_crd_schemas(overlay):
+    assert custom_problems(rendered(overlay)) == []
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_policy(rendered, overlay):
-    assert policy_problems(rendered[overlay]) == []
+def test_policy(overlay):
+    assert policy_problems(rendered(overlay)) == []
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_default_deny_and_dns_for_every_platform_pod(rendered, overlay):
-    objs = rendered[overlay]
+def test_default_deny_and_dns_for_every_platform_pod(overlay):
+    objs = rendered(overlay)
     deny = find(objs, "NetworkPolicy", "default-deny", "vdm")
     assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     dns = find(objs, "NetworkPolicy", "allow-dns", "vdm")["spec"]
     assert dns["podSelector"] == {} and {p["port"] for p in dns["egress"][0]["ports"]} == {53}
 
 
-def test_postgres_is_reachable_from_mlflow_alone(rendered):
-    policy = find(rendered["prod"], "NetworkPolicy", "postgres", "vdm")["spec"]
+def test_postgres_is_reachable_from_mlflow_alone():
+    policy = find(rendered("prod"), "NetworkPolicy", "postgres", "vdm")["spec"]
     peers = [peer for rule in policy["ingress"] for peer in rule["from"]]
     assert peers == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}]
 
 
-def test_prod_serving_requests_a_gpu_and_dev_does_not(rendered):
+def test_prod_serving_requests_a_gpu_and_dev_does_not():
     def gpus(overlay):
-        pod = find(rendered[overlay], "Deployment", "vdm-serving")["spec"]["template"]["spec"]
+        pod = find(rendered(overlay), "Deployment", "vdm-serving")["spec"]["template"]["spec"]
         return pod["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
 
     assert gpus("prod") == "1" and gpus("dev") is None
@@ -118,19 +119,19 @@ def test_make_secrets_keeps_existing_files_and_hides_them(tmp_path):
 # A deliberately broken copy of a rendered overlay is caught by each check.
 
 
-def test_misspelled_core_field_is_caught(rendered):
+def test_misspelled_core_field_is_caught():
     def misspell(deployment):
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         container["resource"] = container.pop("resources")
 
-    broken = mutated(rendered["prod"], "Deployment", "vdm-serving", misspell)
+    broken = mutated(rendered("prod"), "Deployment", "vdm-serving", misspell)
     for version in KUBERNETES_VERSIONS:
         assert any("resource" in p for p in core_problems(broken, version))
 
 
-def test_unknown_core_kind_version_is_caught(rendered):
+def test_unknown_core_kind_version_is_caught():
     broken = mutated(
-        rendered["dev"], "PodDisruptionBudget", "vdm-serving", lambda o: o.update(apiVersion="policy/v1beta1")
+        rendered("dev"), "PodDisruptionBudget", "vdm-serving", lambda o: o.update(apiVersion="policy/v1beta1")
     )
     assert any("Couldn't find schema" in p for p in core_problems(broken, "1.33"))
 
@@ -145,8 +146,8 @@ def test_unknown_core_kind_version_is_caught(rendered):
         ("Queue", "vdm-training", lambda o: o["metadata"].update(nme="x"), "nme"),
     ],
 )
-def test_broken_custom_resource_is_caught(rendered, kind, name, change, expected):
-    problems = custom_problems(mutated(rendered["prod"], kind, name, change))
+def test_broken_custom_resource_is_caught(kind, name, change, expected):
+    problems = custom_problems(mutated(rendered("prod"), kind, name, change))
     assert any(expected in p for p in problems), problems
 
 
@@ -173,14 +174,14 @@ def _serving_container(deployment):
         ),
     ],
 )
-def test_broken_policy_is_caught(rendered, check, change):
-    assert check(mutated(rendered["prod"], "Deployment", "vdm-serving", change))
+def test_broken_policy_is_caught(check, change):
+    assert check(mutated(rendered("prod"), "Deployment", "vdm-serving", change))
 
 
-def test_missing_secret_key_is_caught(rendered):
+def test_missing_secret_key_is_caught():
     def drop_key(secret):
         secret["data"].pop("AWS_SECRET_ACCESS_KEY")
 
-    broken = mutated(rendered["prod"], "Secret", "vdm-s3-credentials", drop_key, namespace="kubeflow")
+    broken = mutated(rendered("prod"), "Secret", "vdm-s3-credentials", drop_key, namespace="kubeflow")
     problems = reference_problems(broken)
     assert any("AWS_SECRET_ACCESS_KEY" in p and "kfp-launcher" in p for p in problems), problems
