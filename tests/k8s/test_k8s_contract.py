@@ -193,6 +193,7 @@ def test_serving_runs_vdm_serve_with_options_it_has(overlay):
     assert set(values) <= known, set(values) - known
     assert values["--model"] == end_to_end.component_spec.inputs["model_name"].default
     assert values["--host"] == "0.0.0.0"
+    assert values["--max-concurrency"] == {"dev": "1", "prod": "2"}[overlay]  # dev patches args by index
     ports = {p["name"]: p["containerPort"] for p in serving["ports"]}
     assert ports["http"] == int(values["--port"])
     assert serving["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
