@@ -1,15 +1,19 @@
 """What the denoiser is conditioned on, as small composable pieces (sgm style):
-the text (open_clip text tower, SD 2.x's penultimate-layer tokens), SVD's
-micro-conditioning (fps, motion bucket, conditioning-noise strength), condition
-dropout for classifier-free guidance, and the frozen VAE that maps frames to latents."""
+the text (open_clip text tower, SD 2.x's penultimate-layer tokens) or, for
+image-to-video, the conditioning frame (open_clip vision tower's embedding and a
+noise-augmented VAE latent), SVD's micro-conditioning (fps, motion bucket,
+conditioning-noise strength), condition dropout for classifier-free guidance, and
+the frozen VAE that maps frames to latents."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
+from safetensors.torch import load_file
 
 from model import openclip
 
@@ -45,6 +49,38 @@ class TextEncoder(torch.nn.Module):
         return self.ln_final(x)
 
 
+class ImageEncoder(torch.nn.Module):
+    """The CLIP embedding of a conditioning frame, (B, 1, D): the open_clip vision tower's
+    projected (unnormalised) output, as SVD conditions on OpenCLIP ViT-H. The frame is
+    resized and normalised exactly as `StableVideoDiffusionPipeline` does, so a model
+    exported to that pipeline sees the same embedding. Frozen."""
+
+    def __init__(self, model_name: str, weights: Path | None):
+        super().__init__()
+        self.visual = openclip.build(model_name, None).visual
+        if weights is not None:
+            self.visual.load_state_dict(load_file(weights))
+        preprocess = self.visual.preprocess_cfg
+        self.register_buffer("mean", torch.tensor(preprocess["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess["std"]).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def width(self) -> int:
+        return self.visual.output_dim
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """`images` (B, 3, H, W) in [-1, 1]."""
+        from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
+            _resize_with_antialiasing,
+        )
+
+        x = (_resize_with_antialiasing(images.float(), self.visual.image_size) + 1) / 2
+        return self.visual((x - self.mean) / self.std)[:, None]
+
+
 def motion_bucket(score: torch.Tensor, scale: float = 64.0, buckets: int = 256) -> torch.Tensor:
     """Curation's motion score (px/frame at 128 px) to SVD's integer motion bucket 0..255."""
     return (score * scale).round().clamp(0, buckets - 1)
@@ -60,9 +96,25 @@ def drop_conditions(
 ) -> torch.Tensor:
     """Replace each sample's embedding by the empty prompt's with `probability`, so the
     model also learns the unconditional score that classifier-free guidance needs."""
-    drop = torch.rand(embeddings.shape[0], generator=generator) < probability
-    mask = drop.to(embeddings.device).reshape(-1, *([1] * (embeddings.ndim - 1)))
-    return torch.where(mask, empty.expand_as(embeddings), embeddings)
+    drop = dropped(embeddings.shape[0], probability, generator)
+    return torch.where(per_sample(drop, embeddings), empty.expand_as(embeddings), embeddings)
+
+
+def dropped(batch: int, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which samples of a batch lose their condition, (B,) bool."""
+    return torch.rand(batch, generator=generator) < probability
+
+
+def per_sample(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (B,) mask shaped to broadcast over `like` (B, ...)."""
+    return mask.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def noise_augmented(images: torch.Tensor, strength: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """SVD's conditioning-frame augmentation: Gaussian noise of `strength` (B,) added in pixel
+    space, so the model does not just copy the frame and tolerates real photos at sampling."""
+    noise = torch.randn(images.shape, generator=generator).to(images.device)
+    return images + per_sample(strength, images) * noise
 
 
 @dataclass(frozen=True)
@@ -76,10 +128,11 @@ TINY_VAE = VAEConfig(block_out_channels=(32, 32, 64))
 
 
 class LatentCodec(torch.nn.Module):
-    """The frozen AutoencoderKL applied frame by frame: (B, T, 3, H, W) in [-1, 1] <->
-    (B, T, 4, H/f, W/f) scaled latents."""
+    """The frozen VAE: (B, T, 3, H, W) in [-1, 1] <-> (B, T, 4, H/f, W/f) scaled latents.
+    An AutoencoderKL works frame by frame; SVD's AutoencoderKLTemporalDecoder (same
+    encoder) decodes each clip's frames together."""
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL | AutoencoderKLTemporalDecoder):
         super().__init__()
         self.vae = vae.requires_grad_(False).eval()
 
@@ -106,7 +159,9 @@ class LatentCodec(torch.nn.Module):
         """A diffusers VAE: a pipeline folder (with `vae/`, e.g. SD 2.1) or a bare VAE folder."""
         folder = Path(folder)
         sub = {"subfolder": "vae"} if (folder / "vae" / "config.json").exists() else {}
-        return cls(AutoencoderKL.from_pretrained(folder, **sub))
+        config = json.loads((folder / sub.get("subfolder", "") / "config.json").read_text())
+        temporal = config["_class_name"] == AutoencoderKLTemporalDecoder.__name__
+        return cls((AutoencoderKLTemporalDecoder if temporal else AutoencoderKL).from_pretrained(folder, **sub))
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -115,7 +170,15 @@ class LatentCodec(torch.nn.Module):
         return (latents * self.vae.config.scaling_factor).unflatten(0, (b, t))
 
     @torch.no_grad()
+    def condition_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 4, h, w) latent of conditioning frames: the posterior's mode, unscaled, as SVD
+        (and its diffusers pipeline) concatenates it."""
+        return self.vae.encode(images).latent_dist.mode()
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         b, t = latents.shape[:2]
-        frames = self.vae.decode(latents.flatten(0, 1) / self.vae.config.scaling_factor).sample
+        z = latents.flatten(0, 1) / self.vae.config.scaling_factor
+        clips = {"num_frames": t} if isinstance(self.vae, AutoencoderKLTemporalDecoder) else {}
+        frames = self.vae.decode(z, **clips).sample
         return frames.clamp(-1, 1).unflatten(0, (b, t))

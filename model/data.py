@@ -69,7 +69,11 @@ def decode_frames(mp4: bytes, indices: list[int]) -> np.ndarray:
 
 def resize_crop(frames: np.ndarray, height: int, width: int, rng: random.Random | None) -> torch.Tensor:
     """Shorter side to fit, then a crop (random if `rng`, else centred); (T, C, H, W) in [-1, 1]."""
-    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return fit_frames(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1, height, width, rng)
+
+
+def fit_frames(video: torch.Tensor, height: int, width: int, rng: random.Random | None = None) -> torch.Tensor:
+    """(T, C, h, w) in [-1, 1] resized (shorter side to fit) and cropped to (T, C, height, width)."""
     h, w = video.shape[-2:]
     scale = max(height / h, width / w)
     size = (max(height, round(h * scale)), max(width, round(w * scale)))

@@ -134,11 +134,8 @@ def inflate(image: UNet2DConditionModel, in_channels: int | None = None) -> UNet
     initialised to the identity. Extra input channels (image-to-video) start at zero."""
     video = video_unet(config_of(image), in_channels)
     state = {video_key(k): v for k, v in image.state_dict().items()}
-    if in_channels and in_channels != image.config.in_channels:
-        weight = state["conv_in.weight"]
-        state["conv_in.weight"] = torch.cat(
-            [weight, weight.new_zeros(weight.shape[0], in_channels - weight.shape[1], *weight.shape[2:])], dim=1
-        )
+    if in_channels:
+        state["conv_in.weight"] = _zero_padded_input(state["conv_in.weight"], in_channels)
     missing, unexpected = video.load_state_dict(state, strict=False)
     if unexpected or any(not is_temporal(k) for k in missing):
         raise ValueError(
@@ -148,6 +145,29 @@ def inflate(image: UNet2DConditionModel, in_channels: int | None = None) -> UNet
     _copy_norm_eps(image, video)
     _temporal_identity(video)
     return video
+
+
+def _zero_padded_input(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """conv_in's weight taking `in_channels` inputs, the new ones at zero."""
+    extra = weight.new_zeros(weight.shape[0], in_channels - weight.shape[1], *weight.shape[2:])
+    return torch.cat([weight, extra], dim=1)
+
+
+def widen_input(video: UNetSpatioTemporalConditionModel, in_channels: int) -> UNetSpatioTemporalConditionModel:
+    """The same video UNet taking `in_channels` inputs (image-to-video concatenates the
+    conditioning frame's latent): the new input channels start at zero, so it computes
+    what it did until training uses them."""
+    if video.config.in_channels == in_channels:
+        return video
+    wide = UNetSpatioTemporalConditionModel.from_config({**video.config, "in_channels": in_channels})
+    state = video.state_dict()
+    state["conv_in.weight"] = _zero_padded_input(state["conv_in.weight"], in_channels)
+    wide.load_state_dict(state)
+    norms = dict(wide.named_modules())
+    for name, module in video.named_modules():  # epsilons set after construction (inflate) are not in the config
+        if isinstance(module, torch.nn.GroupNorm | torch.nn.LayerNorm):
+            norms[name].eps = module.eps
+    return wide
 
 
 def _copy_norm_eps(image: UNet2DConditionModel, video: UNetSpatioTemporalConditionModel) -> None:

@@ -12,11 +12,19 @@ import torch
 
 TINY_CLIP_MODEL = "vdm-tiny-clip"
 TINY_COCA_MODEL = "vdm-tiny-coca"
+# The image-to-video tower: StableVideoDiffusionPipeline resizes its input to 224 x 224 whatever the
+# tower, so the tiny one takes 224 too (large patches keep it as cheap as the 64-pixel one).
+TINY_IMAGE_CLIP_MODEL = "vdm-tiny-clip-224"
 
 _TINY_VISION = {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32}
 _TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
 _TINY_CONFIGS = {
     TINY_CLIP_MODEL: {"embed_dim": 64, "vision_cfg": _TINY_VISION, "text_cfg": _TINY_TEXT},
+    TINY_IMAGE_CLIP_MODEL: {
+        "embed_dim": 64,
+        "vision_cfg": {**_TINY_VISION, "image_size": 224, "patch_size": 32},
+        "text_cfg": _TINY_TEXT,
+    },
     TINY_COCA_MODEL: {
         "embed_dim": 64,
         "vision_cfg": {
@@ -37,7 +45,7 @@ def register_tiny_models(cache_dir: str | Path) -> None:
     """Make the tiny architectures known to open_clip (idempotent)."""
     import open_clip
 
-    if TINY_CLIP_MODEL in open_clip.list_models():
+    if all(name in open_clip.list_models() for name in _TINY_CONFIGS):
         return
     config_dir = Path(cache_dir) / "open_clip_configs"
     config_dir.mkdir(parents=True, exist_ok=True)

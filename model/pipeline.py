@@ -1,8 +1,13 @@
-"""Text-to-video (and text-to-image for Stage I) generation: one readable call.
+"""Generation, one readable call per task.
 
-prompt -> text tokens (and the empty prompt's, for guidance) -> noise at sigma_max ->
-sampler over a Karras schedule with classifier-free guidance (optionally rising
-across frames) -> VAE decode -> frames in [-1, 1].
+`generate` (text-to-video; text-to-image for Stage I): prompt -> text tokens (and the
+empty prompt's, for guidance) -> noise at sigma_max -> sampler over a Karras schedule
+with classifier-free guidance (optionally rising across frames) -> VAE decode ->
+frames in [-1, 1].
+
+`animate` (image-to-video, SVD): image -> CLIP embedding + latent of the
+noise-augmented image (zeros for guidance) -> the same sampling, guidance rising
+from the first frame (which should be the image) to the last -> frames in [-1, 1].
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from model.conditioning import added_time_ids
+from model.data import fit_frames
 from model.samplers import SAMPLERS, StepCallback, frame_guidance, guided, karras_sigmas
 from model.stages import VideoDiffusion
 
@@ -30,6 +36,7 @@ class GenerationConfig:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     seed: int = 0
+    noise_aug_strength: float = 0.02  # image-to-video: noise added to the conditioning image (SVD's default)
 
 
 @torch.no_grad()
@@ -42,6 +49,8 @@ def generate(
 ) -> torch.Tensor:
     """(T, 3, H, W) frames in [-1, 1]; Stage I models give T independent images.
     `on_step(i)` is called after each sampler step."""
+    if model.text is None:
+        raise ValueError("this is an image-to-video model: it animates an image (animate), it takes no prompt")
     model.eval()
     device = next(model.unet.parameters()).device
     factor = model.codec.downsampling
@@ -73,6 +82,44 @@ def generate(
     latents = SAMPLERS[config.sampler](denoise, x, sigmas, on_step)
     if not model.config.video:
         latents = latents[None]
+    return model.codec.decode(latents)[0]
+
+
+@torch.no_grad()
+def animate(
+    model: VideoDiffusion, image: torch.Tensor, config: GenerationConfig, on_step: StepCallback | None = None
+) -> torch.Tensor:
+    """(T, 3, H, W) frames in [-1, 1] starting from `image`, (3, h, w) in [-1, 1]; an image
+    of another size is resized (shorter side) and centre-cropped to config's height x width.
+    `on_step(i)` is called after each sampler step. Random draws come in
+    StableVideoDiffusionPipeline's order (image noise, then latents): an exported model
+    given the same seed there starts from the same noise."""
+    if model.image is None:
+        raise ValueError("this is a text-to-video model: it takes a prompt (generate), not an image")
+    model.eval()
+    device = next(model.unet.parameters()).device
+    factor = model.codec.downsampling
+    generator = torch.Generator().manual_seed(config.seed)
+    frame = fit_frames(image[None].float(), config.height, config.width).to(device)
+    strength = torch.tensor([config.noise_aug_strength])
+    cond = model.image_condition(frame, strength.to(device), generator)
+    uncond = {k: torch.zeros_like(v) for k, v in cond.items()}  # what training's condition dropout gives
+    ids = added_time_ids(torch.tensor([config.fps]), torch.tensor([config.motion]), strength).to(device)
+    sigmas = karras_sigmas(config.steps, config.sigma_min, config.sigma_max).to(device)
+    shape = (
+        1,
+        config.num_frames,
+        model.codec.vae.config.latent_channels,
+        config.height // factor,
+        config.width // factor,
+    )
+    noise = torch.randn(shape, generator=generator).to(device) * sigmas[0]
+
+    def given(condition: dict[str, torch.Tensor]):
+        return lambda x, sigma: model.denoiser(x, sigma, **condition, added=ids)
+
+    scale = frame_guidance(config.num_frames, config.guidance_min, config.guidance_max).to(device)
+    latents = SAMPLERS[config.sampler](guided(given(cond), given(uncond), scale), noise, sigmas, on_step)
     return model.codec.decode(latents)[0]
 
 

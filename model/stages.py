@@ -1,6 +1,7 @@
-"""The three training stages as one model: text + frozen VAE + a UNet (2D for Stage I,
-spatio-temporal for Stages II/III) behind EDM's preconditioning. A stage differs
-only by its config: resolution, frames, noise-level shift and what trains."""
+"""The three training stages and the finetunes as one model: a frozen condition encoder
+(text, or the conditioning frame for image-to-video) + frozen VAE + a UNet (2D for
+Stage I, spatio-temporal for the rest) behind EDM's preconditioning. A stage differs
+only by its config: resolution, frames, noise-level shift, conditioning and what trains."""
 
 from __future__ import annotations
 
@@ -12,20 +13,34 @@ from typing import Literal
 
 import torch
 import yaml
+from safetensors.torch import save_file
 
-from model.conditioning import LatentCodec, TextEncoder, added_time_ids, drop_conditions
+from model.conditioning import (
+    ImageEncoder,
+    LatentCodec,
+    TextEncoder,
+    added_time_ids,
+    drop_conditions,
+    dropped,
+    noise_augmented,
+    per_sample,
+)
 from model.data import ClipSpec
 from model.diffusion import Denoiser, denoising_loss, lognormal_sigmas, shifted_p_mean
 from model.latents import vae_fingerprint
-from model.networks import CONFIGS, image_unet, inflate, load_image_unet
-from model.openclip import TINY_CLIP_MODEL, register_tiny_models
+from model.networks import CONFIGS, image_unet, inflate, load_image_unet, widen_input
+from model.openclip import TINY_CLIP_MODEL, TINY_IMAGE_CLIP_MODEL, register_tiny_models
 from model.training import OptimConfig, Strategy
 
-Stage = Literal["image", "video", "hq"]
+# Pretraining stages, then finetunes of a video model (`vdm finetune KIND`).
+Stage = Literal["image", "video", "hq", "i2v"]
 STAGE_FILE = "stage.json"
-TEXT_FOLDER, VAE_FOLDER = "text_encoder", "vae"
+TEXT_FOLDER, IMAGE_FOLDER, VAE_FOLDER = "text_encoder", "image_encoder", "vae"
+IMAGE_WEIGHTS = "open_clip_vision.safetensors"
 # The open_clip text tower whose token width matches each UNet's cross-attention (SD 2.1: ViT-H-14).
 TEXT_MODELS = {"tiny": TINY_CLIP_MODEL, "small": "ViT-B-32", "base": "ViT-H-14"}
+# The open_clip vision tower whose embedding width matches each UNet's cross-attention (SVD: ViT-H-14).
+IMAGE_MODELS = {"tiny": TINY_IMAGE_CLIP_MODEL, "small": "ViT-B-32", "base": "ViT-H-14"}
 # Resolution at which p_mean is given; larger stages shift towards more noise.
 BASE_PIXELS = 64 * 64
 
@@ -41,9 +56,17 @@ class StageConfig:
     data: Literal["clips", "images", "latents"] = "clips"
     p_mean: float = -1.2
     p_std: float = 1.2
+    # What a video is generated from: a caption, or a conditioning frame (image-to-video, SVD).
+    conditioning: Literal["text", "image"] = "text"
     text_model: str | None = None  # open_clip model; None: the one matching `unet` (TEXT_MODELS)
     # Local path of open_clip weights (relative: inside the model folder); None: seeded random (tests).
     text_weights: str | None = None
+    image_model: str | None = None  # open_clip vision tower; None: the one matching `unet` (IMAGE_MODELS)
+    # Local path of the vision tower's weights (safetensors; relative: inside the model folder).
+    image_weights: str | None = None
+    # Image-to-video training: ln(noise-augmentation strength) ~ N(mean, std) (about 0.05, as SVD).
+    noise_aug_mean: float = -3.0
+    noise_aug_std: float = 0.5
     # A diffusers VAE folder (e.g. a copy of SD 2.1, or `vdm train-vae`'s output); None: the
     # `vae/` of the folder the model starts from, else a seeded random tiny VAE (tests).
     vae: str | None = None
@@ -65,6 +88,8 @@ class StageConfig:
     def __post_init__(self):
         if self.data == "images" and self.stage != "image" and self.strategy != "spatial":
             raise ValueError("image data trains Stage I or the spatial layers only (strategy: spatial)")
+        if self.conditioning == "image" and (not self.video or self.data != "clips"):
+            raise ValueError("image-to-video trains a video model on clips (it needs each clip's first frame)")
 
     @property
     def video(self) -> bool:
@@ -120,24 +145,68 @@ class _VideoNetwork(torch.nn.Module):
         return self.unet(x, c_noise, text, added_time_ids=added).sample
 
 
-class VideoDiffusion(torch.nn.Module):
-    """Trainable UNet + frozen text encoder and VAE; `loss(batch)` for any stage."""
+class _ImageToVideoNetwork(torch.nn.Module):
+    """SVD's UNet input: the noisy frames with the conditioning frame's latent
+    concatenated channel-wise to every frame; the image embedding is the one token
+    the UNet attends to."""
 
-    def __init__(self, config: StageConfig, unet: torch.nn.Module, vae_folder: Path | None = None):
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c_noise: torch.Tensor,
+        image: torch.Tensor,
+        image_latent: torch.Tensor,
+        added: torch.Tensor,
+    ) -> torch.Tensor:
+        every_frame = image_latent[:, None].expand(-1, x.shape[1], -1, -1, -1)
+        return self.unet(torch.cat([x, every_frame], dim=2), c_noise, image, added_time_ids=added).sample
+
+
+class VideoDiffusion(torch.nn.Module):
+    """Trainable UNet + frozen condition encoder (`text` or `image`, the other is None)
+    and VAE; `loss(batch)` for any stage."""
+
+    def __init__(
+        self,
+        config: StageConfig,
+        unet: torch.nn.Module,
+        vae_folder: Path | None = None,
+        codec: LatentCodec | None = None,
+    ):
         super().__init__()
         register_tiny_models(config.cache_dir)
         self.config = config
         self.unet = unet
-        text_model = config.text_model or TEXT_MODELS[config.unet]
-        self.text = TextEncoder(text_model, Path(config.text_weights) if config.text_weights else None)
-        if self.text.width != unet.config.cross_attention_dim:
+        self.text: TextEncoder | None = None
+        self.image: ImageEncoder | None = None
+        if config.conditioning == "image":
+            encoder_name = config.image_model or IMAGE_MODELS[config.unet]
+            self.image = ImageEncoder(encoder_name, Path(config.image_weights) if config.image_weights else None)
+            width = self.image.width
+        else:
+            encoder_name = config.text_model or TEXT_MODELS[config.unet]
+            self.text = TextEncoder(encoder_name, Path(config.text_weights) if config.text_weights else None)
+            width = self.text.width
+        if width != unet.config.cross_attention_dim:
             raise ValueError(
-                f"text model {text_model} gives {self.text.width}-wide tokens; the UNet attends to "
+                f"{config.conditioning} model {encoder_name} gives {width}-wide embeddings; the UNet attends to "
                 f"{unet.config.cross_attention_dim}"
             )
         vae = config.vae or vae_folder
-        self.codec = LatentCodec.from_folder(vae) if vae else LatentCodec.tiny()
-        network = _VideoNetwork(unet) if config.video else _ImageNetwork(unet)
+        self.codec = codec or (LatentCodec.from_folder(vae) if vae else LatentCodec.tiny())
+        if config.conditioning == "image":
+            network = _ImageToVideoNetwork(unet)
+            expected = 2 * self.codec.vae.config.latent_channels
+            if unet.config.in_channels != expected:
+                raise ValueError(
+                    f"an image-to-video UNet takes {expected} input channels, not {unet.config.in_channels}"
+                )
+        else:
+            network = _VideoNetwork(unet) if config.video else _ImageNetwork(unet)
         self.denoiser = Denoiser(network)
         self._empty_text: torch.Tensor | None = None
         self._vae_fingerprint: str | None = None
@@ -147,23 +216,29 @@ class VideoDiffusion(torch.nn.Module):
     @classmethod
     def create(cls, config: StageConfig, init_from: str | Path | None = None) -> VideoDiffusion:
         """Stage I from scratch (or an SD 2.1 folder); Stages II/III inflate or continue
-        from `init_from` (a folder with a Stage I `unet/` or a video `unet/`, and maybe a `vae/`)."""
-        if init_from is None:
-            image = image_unet(CONFIGS[config.unet])
-            return cls(config, inflate(image) if config.video else image)
-        folder = Path(init_from)
-        vae = folder / VAE_FOLDER if (folder / VAE_FOLDER / "config.json").exists() else None
-        if not config.video:
-            return cls(config, load_image_unet(folder), vae)
-        unet_folder = folder / "unet" if (folder / "unet").exists() else folder
-        class_name = json.loads((unet_folder / "config.json").read_text())["_class_name"]
-        if class_name == "UNet2DConditionModel":
-            return cls(config, inflate(load_image_unet(folder)), vae)
-        from diffusers import UNetSpatioTemporalConditionModel
+        from `init_from` (a folder with a Stage I `unet/` or a video `unet/`, and maybe a `vae/`).
+        Image-to-video widens a video UNet's input for the conditioning latent, or starts
+        from an SVD-format folder (`StableVideoDiffusionPipeline`, e.g. the public SVD weights)."""
+        from model import svd
 
-        return cls(config, UNetSpatioTemporalConditionModel.from_pretrained(unet_folder), vae)
+        if init_from is not None and svd.is_svd_folder(Path(init_from)):
+            return svd.load_svd_folder(config, Path(init_from))
+        unet, vae = _networks(config, init_from)
+        if config.conditioning == "image":
+            unet = widen_input(unet, 2 * unet.config.out_channels)
+        return cls(config, unet, vae)
+
+    def image_condition(
+        self, images: torch.Tensor, noise_strength: torch.Tensor, generator: torch.Generator | None
+    ) -> dict[str, torch.Tensor]:
+        """Image-to-video conditioning of frames (B, 3, H, W) in [-1, 1]: the CLIP embedding
+        of the clean frame and the latent of the frame with noise of `noise_strength` (B,)."""
+        latent = self.codec.condition_latent(noise_augmented(images, noise_strength, generator))
+        return {"image": self.image(images), "image_latent": latent}
 
     def conditioning(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if self.config.conditioning == "image":
+            return self._image_conditioning(batch, generator)
         text = self.text(list(batch["caption"]))
         if self._empty_text is None:  # the unconditional embedding never changes: encode it once
             self._empty_text = self.text([""])
@@ -173,6 +248,19 @@ class VideoDiffusion(torch.nn.Module):
             strength = torch.zeros_like(batch["fps"], dtype=torch.float32)  # text-to-video: no conditioning image
             kwargs["added"] = added_time_ids(batch["fps"], batch["motion"], strength)
         return kwargs
+
+    def _image_conditioning(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The clip's first frame, noise-augmented at a random strength that the model is told
+        (micro-conditioning); dropped samples get zeros for both embedding and latent, the
+        unconditional input of SVD's guidance."""
+        frames = batch["video"][:, 0]
+        strength = lognormal_sigmas(
+            frames.shape[0], self.config.noise_aug_mean, self.config.noise_aug_std, generator=generator
+        ).to(frames.device)
+        cond = self.image_condition(frames, strength, generator)
+        drop = dropped(frames.shape[0], self.config.cond_dropout if self.training else 0.0, generator)
+        cond = {k: torch.where(per_sample(drop, v), torch.zeros_like(v), v) for k, v in cond.items()}
+        return cond | {"added": added_time_ids(batch["fps"], batch["motion"], strength)}
 
     def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents of the batch: encoded now, or drawn from cached posteriors."""
@@ -208,12 +296,20 @@ class VideoDiffusion(torch.nn.Module):
 
     def save(self, folder: Path, unet: torch.nn.Module | None = None) -> Path:
         """A self-contained model folder: the trained UNet and the VAE as diffusers folders
-        (`unet/`, `vae/`), the text tower's weights if any (`text_encoder/`), and the stage
+        (`unet/`, `vae/`), the text tower's weights if any (`text_encoder/`) or the vision
+        tower's (`image_encoder/`, always: it may come from an SVD folder), and the stage
         config (`stage.json`) that `load` rebuilds the rest from. `create(init_from=...)`
         starts the next stage from it. `unet`: a plain copy to save instead of a sharded one."""
         (unet or self.unet).save_pretrained(folder / "unet", safe_serialization=True)
         self.codec.vae.save_pretrained(folder / VAE_FOLDER, safe_serialization=True)
         config = replace(self.config, vae=None)  # the folder's own vae/
+        if self.image is not None:
+            (folder / IMAGE_FOLDER).mkdir(parents=True, exist_ok=True)
+            save_file(
+                {k: v.contiguous() for k, v in self.image.visual.state_dict().items()},
+                folder / IMAGE_FOLDER / IMAGE_WEIGHTS,
+            )
+            config = replace(config, image_weights=f"{IMAGE_FOLDER}/{IMAGE_WEIGHTS}")
         if self.config.text_weights:
             weights = Path(self.config.text_weights)
             (folder / TEXT_FOLDER).mkdir(parents=True, exist_ok=True)
@@ -229,4 +325,24 @@ class VideoDiffusion(torch.nn.Module):
         config = StageConfig.from_dict(json.loads((folder / STAGE_FILE).read_text()))
         if config.text_weights and not Path(config.text_weights).is_absolute():
             config = replace(config, text_weights=str(folder / config.text_weights))
+        if config.image_weights and not Path(config.image_weights).is_absolute():
+            config = replace(config, image_weights=str(folder / config.image_weights))
         return cls.create(config, init_from=folder)
+
+
+def _networks(config: StageConfig, init_from: str | Path | None) -> tuple[torch.nn.Module, Path | None]:
+    """The UNet a stage starts from and the VAE folder that comes with it, if any."""
+    if init_from is None:
+        image = image_unet(CONFIGS[config.unet])
+        return (inflate(image) if config.video else image), None
+    folder = Path(init_from)
+    vae = folder / VAE_FOLDER if (folder / VAE_FOLDER / "config.json").exists() else None
+    if not config.video:
+        return load_image_unet(folder), vae
+    unet_folder = folder / "unet" if (folder / "unet").exists() else folder
+    class_name = json.loads((unet_folder / "config.json").read_text())["_class_name"]
+    if class_name == "UNet2DConditionModel":
+        return inflate(load_image_unet(folder)), vae
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    return UNetSpatioTemporalConditionModel.from_pretrained(unet_folder), vae
