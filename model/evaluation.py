@@ -8,7 +8,7 @@ frame produces unrelated frames: erratic jumps, a path far from a line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -51,36 +51,62 @@ def summarize(stats: list[MotionStats]) -> dict[str, float]:
     }
 
 
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of frames in [-1, 1] (peak-to-peak 2)."""
+    mse = float((a.float() - b.float()).pow(2).mean())
+    return 10 * float(np.log10(4 / max(mse, 1e-12)))
+
+
+def first_frame_stats(model, frames: list[torch.Tensor], generated: list[torch.Tensor]) -> dict[str, float]:
+    """How well image-to-video keeps its conditioning frame: PSNR of generated frame 0
+    against the frame it was given, against another clip's frame (what an unrelated
+    start scores), against the VAE's reconstruction of the frame (what the latent
+    space allows), and how far the tracked object starts from where the frame has it."""
+    codec = model.codec
+    device = next(codec.parameters()).device
+    others = frames[1:] + frames[:1]
+    scale = codec.vae.config.scaling_factor
+    reconstructions = [
+        codec.decode(codec.condition_latent(f[None].to(device))[None] * scale)[0, 0].cpu() for f in frames
+    ]
+    return {
+        "psnr": float(np.mean([psnr(g[0], f) for g, f in zip(generated, frames, strict=True)])),
+        "psnr_mismatched": float(np.mean([psnr(g[0], o) for g, o in zip(generated, others, strict=True)])),
+        "psnr_vae_reconstruction": float(np.mean([psnr(r, f) for r, f in zip(reconstructions, frames, strict=True)])),
+        "start_error_px": float(
+            np.mean(
+                [np.linalg.norm(track(g[:1])[0] - track(f[None])[0]) for g, f in zip(generated, frames, strict=True)]
+            )
+        ),
+    }
+
+
 def evaluate_motion(model, shards: list[str], *, clips: int = 8, prompt: str = "", steps: int = 25) -> dict:
     """Motion of `clips` generated videos against the same number of data clips loaded at
-    the model's own frames, fps and size: both through the same tracker."""
+    the model's own frames, fps and size: both through the same tracker. An
+    image-to-video model animates each data clip's first frame (and the report adds
+    `first_frame`, how well it kept that frame)."""
     import itertools
 
     from model.data import ClipDataset
-    from model.pipeline import GenerationConfig, generate
+    from model.pipeline import GenerationConfig, animate, generate
 
     spec = model.config.clip
     items = list(itertools.islice(iter(ClipDataset(shards, spec, random_crop=False)), clips))
     data = [item["video"] for item in items]
     motion = float(np.mean([item["motion"].item() for item in items]))  # ask for the data's typical motion
-    generated = [
-        generate(
-            model,
-            prompt,
-            GenerationConfig(
-                num_frames=spec.num_frames,
-                height=spec.height,
-                width=spec.width,
-                fps=spec.fps,
-                motion=motion,
-                steps=steps,
-                seed=seed,
-            ),
-        )
-        for seed in range(clips)
-    ]
-    return {
+    config = GenerationConfig(
+        num_frames=spec.num_frames, height=spec.height, width=spec.width, fps=spec.fps, motion=motion, steps=steps
+    )
+    if model.image is not None:
+        generated = [animate(model, video[0], replace(config, seed=seed)) for seed, video in enumerate(data)]
+    else:
+        generated = [generate(model, prompt, replace(config, seed=seed)) for seed in range(clips)]
+    report = {
         "data": summarize([motion_stats(v) for v in data]),
         "generated": summarize([motion_stats(v) for v in generated]),
         "samples": generated,
     }
+    if model.image is not None:
+        report["first_frame"] = first_frame_stats(model, [video[0] for video in data], generated)
+    return report

@@ -2,8 +2,9 @@
 then step: batch -> loss -> optimisation step -> log -> checkpoint. Object storage,
 MLflow and process launching stay outside (components/training): the loop only
 calls `on_log(step, metrics)`, `on_checkpoint(folder, step)` and
-`on_samples(step, videos)` (the config's sample prompts, generated with the EMA
-weights every `sample_every` steps and at the end).
+`on_samples(step, videos)` (the config's sample prompts — for image-to-video, the
+first frames of the first batch — generated with the EMA weights every
+`sample_every` steps and at the end).
 
 Distributed: under torchrun (RANK/WORLD_SIZE set) each rank reads its own shards
 and the UNet is wrapped in DDP (gloo on the CPU, NCCL on GPUs), or, with
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from model.data import ClipDataset, ImageDataset
 from model.latents import LatentDataset
-from model.pipeline import GenerationConfig, generate
+from model.pipeline import GenerationConfig, animate, generate
 from model.stages import StageConfig, VideoDiffusion
 from model.training import (
     EMA,
@@ -71,16 +72,20 @@ def _unwrapped(model: VideoDiffusion) -> Iterator[None]:
         network.unet = wrapped
 
 
-def sample_videos(model: VideoDiffusion, ema: EMA) -> list[torch.Tensor]:
-    """The config's sample prompts, generated with the EMA weights; (T, 3, H, W) each."""
+def sample_videos(model: VideoDiffusion, ema: EMA, images: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The config's sample prompts (image-to-video: `images` (N, 3, H, W) animated),
+    generated with the EMA weights; (T, 3, H, W) each."""
     config, spec = model.config, model.config.clip
     generation = GenerationConfig(
         num_frames=spec.num_frames, height=spec.height, width=spec.width, fps=spec.fps, steps=config.sample_steps
     )
     with ema.applied(), _unwrapped(model):
-        videos = [
-            generate(model, prompt, replace(generation, seed=i)) for i, prompt in enumerate(config.sample_prompts)
-        ]
+        if model.image is not None:
+            videos = [animate(model, image, replace(generation, seed=i)) for i, image in enumerate(images)]
+        else:
+            videos = [
+                generate(model, prompt, replace(generation, seed=i)) for i, prompt in enumerate(config.sample_prompts)
+            ]
     model.train()
     return videos
 
@@ -126,10 +131,13 @@ def train(
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     result = TrainResult(steps=step)
+    first_frames = None  # image-to-video samples animate the first batch's first frames
     sampled = bool(config.sample_every) and step % config.sample_every == 0
     model.train()
     clock = time.perf_counter()
     for batch in loader:
+        if first_frames is None and model.image is not None:
+            first_frames = batch["video"][:, 0].clone()
         if step >= config.max_steps:
             break
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -165,9 +173,9 @@ def train(
                 on_checkpoint(folder, step)
         sampled = bool(config.sample_every) and step % config.sample_every == 0
         if sampled:
-            _samples(model, ema, rank, sharded, step, on_samples)
+            _samples(model, ema, rank, sharded, step, on_samples, first_frames)
     if not sampled:  # the end of the run, unless its last step just sampled
-        _samples(model, ema, rank, sharded, step, on_samples)
+        _samples(model, ema, rank, sharded, step, on_samples, first_frames)
     result.steps = step
     ema.copy_to(params)  # ship the averaged weights
     result.model = model
@@ -180,10 +188,18 @@ def train(
     return result
 
 
-def _samples(model: VideoDiffusion, ema: EMA, rank: int, sharded: bool, step: int, on_samples: SamplesFn | None):
+def _samples(
+    model: VideoDiffusion,
+    ema: EMA,
+    rank: int,
+    sharded: bool,
+    step: int,
+    on_samples: SamplesFn | None,
+    images: torch.Tensor | None,
+):
     """Rank 0 generates (every rank under FSDP2: its forward passes are collectives)."""
     if on_samples and (rank == 0 or sharded):
-        videos = sample_videos(model, ema)
+        videos = sample_videos(model, ema, images)
         if rank == 0:
             on_samples(step, videos)
 

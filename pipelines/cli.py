@@ -346,6 +346,62 @@ def eval_motion(model_location: str, data: str, clips: int, steps: int) -> None:
 
 
 @main.group()
+def finetune() -> None:
+    """Finetunes of a trained video model: one command per kind (SVD's image-to-video, ...)."""
+
+
+def _finetune_command(kind: str, help_text: str):
+    """`vdm finetune KIND`: the options every finetune takes, then `run_finetune`."""
+
+    @finetune.command(kind, help=help_text)
+    @click.option("--config", "config_name", default="tiny", show_default=True, help="Named config or a YAML file.")
+    @click.option("--data", required=True, help="s3:// prefix or folder of curated shards.")
+    @click.option("--output", required=True, help="s3:// prefix for checkpoints and the final folder.")
+    @click.option("--init-from", required=True, help="The trained model: a folder, s3:// or models:/NAME@ALIAS.")
+    @click.option("--max-steps", type=int, default=None)
+    @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint under --output.")
+    @click.option("--register-as", default=None, help=f"MLflow model (default: vdm-{kind}-<config>), alias candidate.")
+    @click.option("--no-register", is_flag=True, help="Do not register the final pipeline.")
+    def command(config_name, data, output, init_from, max_steps, resume, register_as, no_register) -> None:
+        from components.common.objectstore import ObjectStore, ObjectStoreError
+        from components.training.finetune import default_model_name, run_finetune
+
+        settings = load_settings()
+        try:
+            result = run_finetune(
+                kind,
+                config_name,
+                data,
+                output,
+                init_from,
+                ObjectStore.from_settings(settings),
+                settings,
+                overrides={"max_steps": max_steps},
+                resume=resume,
+                register_as=None if no_register else register_as or default_model_name(kind, config_name),
+            )
+        except (ObjectStoreError, ValueError) as e:
+            _fail(str(e))
+        if result["final"] is None:  # a rank other than 0 under torchrun: rank 0 reports
+            return
+        resumed = f" (resumed from {result['resumed_from']})" if result["resumed_from"] else ""
+        click.echo(f"\nvdm finetune {kind}: done at step {result['steps']}{resumed}")
+        click.echo(f"  final       {result['final']}\n  mlflow_run  {result['mlflow_run']}")
+        if result["registered"]:
+            click.echo(f"  registered  {result['registered']} (alias candidate)")
+
+    return command
+
+
+_finetune_command(
+    "i2v",
+    "Image-to-video (SVD): the conditioning frame's CLIP embedding replaces the text, its noise-augmented "
+    "latent is concatenated to every frame. --init-from a trained video model or a StableVideoDiffusionPipeline "
+    "folder; the result is also written in that pipeline's format (<output>/svd).",
+)
+
+
+@main.group()
 def registry() -> None:
     """The MLflow model registry: versions, the promotion gate, rollback."""
 

@@ -40,6 +40,8 @@ def run_motion_evaluation(
         model = VideoDiffusion.load(local_folder(model_location, store, Path(tmp) / "model"))
         report = evaluate_motion(model, shard_urls(data, store), clips=clips, steps=steps)
         metrics = gate_metrics(report)
+        # image-to-video: how well generated frame 0 keeps the conditioning frame
+        metrics |= {f"first_frame_{k}": v for k, v in report.get("first_frame", {}).items()}
         with tracked_run(
             "vdm-eval-motion", config={"clips": clips, "steps": steps}, inputs=[model_location, data], settings=settings
         ) as run:
@@ -56,6 +58,7 @@ def run_motion_evaluation(
     return {
         "data": report["data"],
         "generated": report["generated"],
+        "first_frame": report.get("first_frame"),
         "gate_metrics": metrics,
         "model_version": f"{version[0]}/{version[1]}" if version else None,
         "mlflow_run": run_url(run, settings),

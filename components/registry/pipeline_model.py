@@ -1,10 +1,13 @@
 """A trained pipeline folder (`unet/`, `vae/`, `stage.json`: what `VideoDiffusion.save`
 writes) as an MLflow pyfunc model with the folder as an artifact, registered as a new
-version with the alias `candidate` and lineage tags. Serving and `vdm sample` resolve
+version with the alias `candidate` and lineage tags. Text models take a `prompt`
+column; image-to-video models an `image` column (PNG/JPEG bytes). Serving and `vdm sample` resolve
 `models:/NAME@ALIAS` back to the folder with `download_pipeline`."""
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -36,10 +39,26 @@ SIGNATURE = ModelSignature(
     outputs=Schema([ColSpec("binary", "video_mp4")]),
     params=ParamSchema(list(GENERATION_PARAMS)),
 )
+# Image-to-video models: an `image` column of PNG/JPEG bytes instead of prompts.
+IMAGE_SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("binary", "image")]),
+    outputs=Schema([ColSpec("binary", "video_mp4")]),
+    params=ParamSchema([*GENERATION_PARAMS, ParamSpec("noise_aug_strength", "double", 0.02)]),
+)
+
+
+def decode_image(data: bytes):
+    """PNG/JPEG bytes -> (3, H, W) tensor in [-1, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
 class VideoPipelineModel(mlflow.pyfunc.PythonModel):
-    """prompts in, mp4 bytes out (one video per row)."""
+    """prompts (or, for image-to-video, images) in, mp4 bytes out (one video per row)."""
 
     def load_context(self, context) -> None:
         from model.stages import VideoDiffusion
@@ -47,10 +66,12 @@ class VideoPipelineModel(mlflow.pyfunc.PythonModel):
         self.model = VideoDiffusion.load(context.artifacts[PIPELINE_ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from model.pipeline import GenerationConfig, generate, to_uint8
+        from model.pipeline import GenerationConfig, animate, generate, to_uint8
 
         spec = self.model.config.clip
-        p = {s.name: s.default for s in GENERATION_PARAMS} | (params or {})
+        image_model = self.model.config.conditioning == "image"
+        schema = IMAGE_SIGNATURE if image_model else SIGNATURE
+        p = {s.name: s.default for s in schema.params} | (params or {})
         config = GenerationConfig(
             num_frames=p["num_frames"] or spec.num_frames,
             height=p["height"] or spec.height,
@@ -61,7 +82,11 @@ class VideoPipelineModel(mlflow.pyfunc.PythonModel):
             guidance_min=p["guidance_min"],
             guidance_max=p["guidance_max"],
             seed=p["seed"],
+            **({"noise_aug_strength": p["noise_aug_strength"]} if image_model else {}),
         )
+        if image_model:  # animate resizes and centre-crops each image to the requested size
+            videos = [animate(self.model, decode_image(data), config) for data in model_input["image"]]
+            return pd.DataFrame({"video_mp4": [video_bytes(to_uint8(v).numpy(), config.fps) for v in videos]})
         negatives = model_input.get("negative_prompt", pd.Series([""] * len(model_input))).fillna("")
         videos = []
         for prompt, negative in zip(model_input["prompt"], negatives, strict=True):
@@ -75,12 +100,16 @@ def register_pipeline(folder: Path, name: str, lineage: Mapping[str, str], *, al
     `name`, tag the version with its lineage and give it `alias`."""
     from importlib.metadata import version
 
+    from model.stages import STAGE_FILE
+
+    conditioning = json.loads((folder / STAGE_FILE).read_text()).get("conditioning", "text")
+
     run = mlflow.active_run()
     info = mlflow.pyfunc.log_model(
         name="pipeline",
         python_model=VideoPipelineModel(),
         artifacts={PIPELINE_ARTIFACT: str(folder)},
-        signature=SIGNATURE,
+        signature=IMAGE_SIGNATURE if conditioning == "image" else SIGNATURE,
         # The project image provides the package; naming it skips MLflow's slow inference.
         pip_requirements=[f"vdm-platform=={version('vdm-platform')}"],
         registered_model_name=name,

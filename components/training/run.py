@@ -3,8 +3,9 @@
 Data: an s3:// prefix (or folder) of WebDataset shards, read by the loader through
 presigned URLs. Checkpoints: published under `<output>/checkpoints/step-NNNNNNNN/`
 (manifest last, so a half-uploaded checkpoint is never picked up); `--resume`
-continues from the newest complete one. The final UNet goes to `<output>/final/`.
-MLflow records the config, the lineage (data, init, output) and the loss curve.
+continues from the newest complete one. The final UNet goes to `<output>/final/`
+(an image-to-video model also to `<output>/svd/`, in StableVideoDiffusionPipeline's
+format). MLflow records the config, the lineage (data, init, output) and the loss curve.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from model.data import ClipDataset, ClipSpec
 from model.latents import vae_fingerprint, write_latent_shards
 from model.pipeline import to_uint8
 from model.stages import Stage, named_config
+from model.svd import export_svd
 from model.train import train
 
 CHECKPOINTS = "checkpoints"
@@ -94,10 +96,12 @@ def run_training(
     resume: bool = False,
     register_as: str | None = None,
     progress: bool = True,
+    experiment: str | None = None,
 ) -> dict:
     """Train one stage; publish checkpoints and the final folder under `output`; with
     `register_as`, register the final pipeline as a new `candidate` version of that model.
-    `overrides`: config fields to replace (None values ignored), e.g. max_steps, strategy."""
+    `overrides`: config fields to replace (None values ignored), e.g. max_steps, strategy.
+    `experiment`: the MLflow experiment (default vdm-train-<stage>)."""
     config = named_config(config_name, stage)
     config = replace(config, **{k: v for k, v in (overrides or {}).items() if v is not None})
     out = S3Uri.parse(output)
@@ -126,7 +130,7 @@ def run_training(
         # Under torchrun every rank trains; rank 0 alone tracks, publishes and registers.
         lead = int(os.environ.get("RANK", "0")) == 0
         tracking = tracked_run(
-            f"vdm-train-{stage}",
+            experiment or f"vdm-train-{stage}",
             run_name=f"{stage}-{config_name}",
             config={**asdict(config), **lineage},
             inputs=[data],
@@ -134,7 +138,8 @@ def run_training(
         )
         with tracking if lead else contextlib.nullcontext() as run:
             if lead:
-                mlflow.set_tag("vdm.resumed_from", str(checkpoint or ""))
+                # What the model is generated from (text or image): serving picks the endpoint by it.
+                mlflow.set_tags({"vdm.resumed_from": str(checkpoint or ""), "vdm.conditioning": config.conditioning})
             result = train(
                 config,
                 shards,
@@ -150,6 +155,10 @@ def run_training(
             final = out.join("final")
             store.publish_folder(result.final, final)
             mlflow.set_tag("vdm.outputs", str(final))
+            if result.model.image is not None:
+                svd = out.join("svd")
+                store.publish_folder(export_svd(result.model, scratch / "svd"), svd)
+                mlflow.set_tag("vdm.svd_format", str(svd))
             version = (
                 register_pipeline(result.final, register_as, {"vdm.data": data, "vdm.final": str(final)})
                 if register_as
