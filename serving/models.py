@@ -36,7 +36,7 @@ class ServedModel:
 
     @property
     def kind(self) -> Kind:
-        return getattr(self.pipeline.config, "conditioning", "text")
+        return self.pipeline.config.conditioning
 
     @property
     def device(self) -> torch.device:

@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 
 from components.common.media import video_bytes
 from components.common.settings import load_settings
-from model.pipeline import GenerationConfig, generate, to_uint8
+from model.pipeline import GenerationConfig, animate, generate, to_uint8
 from serving.config import ServeSettings
 from serving.metrics import DENOISING_STEP_SECONDS, FRAMES_GENERATED, GENERATION_FAILURES
 from serving.models import LiveModels, ServedModel, UnknownKind, record_gpu_memory
@@ -93,8 +93,9 @@ class ImageToVideo(VideoControls):
     noise_aug_strength: Annotated[float, Field(ge=0, le=1)] = 0.02
 
 
-def _read_image(path: Path) -> Image.Image:
-    """An uploaded PNG/JPEG/WebP as RGB, or 400: checked before any model work."""
+def _conditioning_image(path: Path) -> torch.Tensor:
+    """An uploaded PNG/JPEG/WebP as (3, H, W) in [-1, 1] (`animate` fits it to the video's
+    size), or 400: checked before any model work."""
     if path.stat().st_size > LIMITS.max_image_bytes:
         raise InvalidArgument(f"image is larger than {LIMITS.max_image_bytes} bytes")
     try:
@@ -103,18 +104,9 @@ def _read_image(path: Path) -> Image.Image:
                 raise InvalidArgument(f"image must be one of {sorted(IMAGE_FORMATS)}, not {image.format}")
             if max(image.size) > 4 * LIMITS.max_side:
                 raise InvalidArgument(f"image is {image.size[0]}x{image.size[1]}; at most {4 * LIMITS.max_side} a side")
-            return image.convert("RGB")
+            array = np.asarray(image.convert("RGB"), dtype=np.float32)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise InvalidArgument(f"image could not be read: {error}") from error
-
-
-def _conditioning_frame(image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """`image` resized to cover height x width, center-cropped, as (3, H, W) in [-1, 1]."""
-    scale = max(height / image.height, width / image.width)
-    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    resized = image.resize(size, Image.BICUBIC)
-    left, top = (resized.width - width) // 2, (resized.height - height) // 2
-    array = np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
 
 
@@ -198,15 +190,14 @@ class VideoGeneration:
         )
 
     def _image_to_video(self, endpoint: str, request: ImageToVideo) -> Response:
-        from model.pipeline import animate
-
-        upload = _read_image(request.image)
+        image = _conditioning_image(request.image)
         served = self._served("image")
         config = request.generation_settings(served, noise_aug_strength=request.noise_aug_strength)
-        image = _conditioning_frame(upload, config.height, config.width)
-        return self._video(
-            endpoint, served, config, lambda pipeline, c, on_step: animate(pipeline, image, c, on_step=on_step)
-        )
+
+        def run(pipeline, c, on_step):
+            return animate(pipeline, image, c, on_step=on_step)
+
+        return self._video(endpoint, served, config, run)
 
     @bentoml.api(input_spec=TextToVideo)
     def text_to_video(self, **request) -> Annotated[Path, bentoml.validators.ContentType("video/mp4")]:

@@ -1,10 +1,11 @@
-"""`vdm serve --model` specs and the service's limits from the environment."""
+"""`vdm serve --model` specs, the service's limits from the environment, the model set's errors."""
 
 from __future__ import annotations
 
 import pytest
 
 from serving.config import ServeSettings, model_names
+from serving.models import LiveModels, UnknownKind
 
 
 def test_specs_name_models_and_one_alias():
@@ -24,3 +25,10 @@ def test_settings_read_a_comma_separated_model_list_and_validate_limits(monkeypa
     monkeypatch.setenv("VDM_SERVE_MAX_CONCURRENCY", "0")
     with pytest.raises(ValueError, match="max_concurrency"):
         ServeSettings()
+
+
+def test_live_models_need_a_name_and_say_what_kind_is_missing(tmp_path):
+    with pytest.raises(ValueError, match="no model to serve"):
+        LiveModels((), "champion", tmp_path)
+    with pytest.raises(UnknownKind, match=r"no image-to-video model is served here \(loaded: none yet\)"):
+        LiveModels(("t2v",), "champion", tmp_path).get("image")

@@ -27,7 +27,7 @@ from PIL import Image
 from components.common.tracking import tracked_run
 from components.registry.pipeline_model import register_pipeline
 from components.sample_data.shards import write_shapes_shards
-from model.stages import named_config
+from model.stages import VideoDiffusion, named_config
 from model.train import train
 
 CHAMPION = "champion"
@@ -69,11 +69,23 @@ def versions(settings, tmp_path_factory, request):
 
 
 @pytest.fixture(scope="module")
-def server(stack, versions, tmp_path_factory):
+def image_model(settings, versions, tmp_path_factory):
+    """An (untrained) image-to-video model next to the text one: one version, champion."""
+    folder = VideoDiffusion.create(named_config("tiny", "i2v")).save(tmp_path_factory.mktemp("i2v") / "final")
+    name = f"{versions}-i2v"
+    with tracked_run("vdm-test-serving", config={"stage": "i2v"}, settings=settings):
+        register_pipeline(folder, name, {"vdm.data": "s3://vdm/test-shards"})
+    MlflowClient().set_registered_model_alias(name, CHAMPION, "1")
+    return name
+
+
+@pytest.fixture(scope="module")
+def server(stack, versions, image_model, tmp_path_factory):
     """`vdm serve` on a free port, polling the alias every second; its log in a file."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    command = [sys.executable, "-m", "pipelines.cli", "serve", "--model", f"models:/{versions}@{CHAMPION}"]
+    models = ["--model", f"models:/{versions}@{CHAMPION}", "--model", f"models:/{image_model}@{CHAMPION}"]
+    command = [sys.executable, "-m", "pipelines.cli", "serve", *models]
     options = ["--port", str(port), "--poll-seconds", "1", "--max-concurrency", str(MAX_CONCURRENCY)]
     with open(log_path, "w") as log:
         process = subprocess.Popen([*command, *options], stdout=log, stderr=subprocess.STDOUT)
@@ -90,7 +102,7 @@ def server(stack, versions, tmp_path_factory):
             time.sleep(0.5)
         else:
             pytest.fail(f"never ready:\n{log_path.read_text()[-3000:]}")
-        yield {"url": url, "port": port, "name": versions, "log": log_path}
+        yield {"url": url, "port": port, "name": versions, "image_model": image_model, "log": log_path}
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -104,7 +116,8 @@ def _post(server, endpoint: str, timeout: float = 120, **payload) -> httpx.Respo
 
 
 def _served_version(server) -> str:
-    (info,) = _post(server, "model_info").json()
+    """The version the text-to-video model is served from."""
+    (info,) = [m for m in _post(server, "model_info").json() if m["name"] == server["name"]]
     return info["version"]
 
 
@@ -114,12 +127,13 @@ def _move_alias(server, version: str) -> None:
     assert _served_version(server) == version
 
 
-def test_ready_once_loaded_and_model_info_names_the_champion(server):
+def test_ready_once_loaded_and_model_info_names_the_champions(server):
     assert httpx.get(f"{server['url']}/livez").status_code == 200
-    (info,) = _post(server, "model_info").json()
-    assert (info["name"], info["version"], info["alias"], info["kind"]) == (server["name"], "1", CHAMPION, "text")
-    assert info["lineage"]["vdm.data"] == "s3://vdm/test-shards" and info["lineage"]["vdm.training_run"]
-    assert info["default_clip"] == {"num_frames": 8, "fps": 8.0, "height": 32, "width": 32}
+    text, image = sorted(_post(server, "model_info").json(), key=lambda m: m["kind"] != "text")
+    assert (text["name"], text["version"], text["alias"], text["kind"]) == (server["name"], "1", CHAMPION, "text")
+    assert (image["name"], image["version"], image["kind"]) == (server["image_model"], "1", "image")
+    assert text["lineage"]["vdm.data"] == "s3://vdm/test-shards" and text["lineage"]["vdm.training_run"]
+    assert text["default_clip"] == {"num_frames": 8, "fps": 8.0, "height": 32, "width": 32}
 
 
 def test_text_to_video_over_plain_http_returns_the_requested_video(server):
@@ -180,15 +194,29 @@ def test_sizes_the_network_cannot_take_get_400(server):
     assert response.status_code == 400 and "height must be a multiple of 8" in response.text
 
 
-def test_image_endpoint_checks_the_upload_and_needs_an_image_model(server):
+def test_image_to_video_returns_the_requested_video_and_checks_the_upload(server):
     url = f"{server['url']}/image_to_video"
+    controls = {"num_frames": "6", "fps": "10", "num_steps": "2", "noise_aug_strength": "0.05"}
+    response = httpx.post(url, files={"image": ("frame.png", _png(), "image/png")}, data=controls, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-vdm-model"] == f"{server['image_model']}/1"
+    assert _decoded(response.content) == (6, 10.0, 32, 32)  # a 40x24 upload fitted to the model's 32x32
+
     not_an_image = httpx.post(url, files={"image": ("x.png", b"not a png", "image/png")}, timeout=60)
     assert not_an_image.status_code == 400 and "could not be read" in not_an_image.text
     wrong_type = httpx.post(url, files={"image": ("x.txt", b"hello", "text/plain")}, timeout=60)
     assert wrong_type.status_code == 400 and "expected image/*" in wrong_type.text
-    # This server holds only a text-to-video model.
-    response = httpx.post(url, files={"image": ("x.png", _png(), "image/png")}, timeout=60)
-    assert response.status_code == 404 and "no image-to-video model" in response.text
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    unsupported = httpx.post(url, files={"image": ("x.gif", gif.getvalue(), "image/gif")}, timeout=60)
+    assert unsupported.status_code == 400 and "not GIF" in unsupported.text
+
+
+def test_image_to_video_through_the_bentoml_client(server, tmp_path):
+    (tmp_path / "frame.png").write_bytes(_png((32, 32)))
+    with bentoml.SyncHTTPClient(server["url"], timeout=120) as client:
+        path = client.image_to_video(image=tmp_path / "frame.png", num_frames=3, num_steps=2)
+    assert _decoded(path.read_bytes())[:2] == (3, 8.0)
 
 
 def test_requests_beyond_max_concurrency_get_429_and_the_rest_finish(server):
@@ -254,6 +282,7 @@ def test_prometheus_scrapes_the_service_metrics(stack, server):
         "steps": 'sum(vdm_serving_denoising_step_seconds_count{part="serving"})',
         "loads": 'sum(vdm_serving_model_load_seconds_count{part="serving"})',
         "served": f'vdm_serving_model_info{{part="serving", model="{server["name"]}"}} == 1',
+        "image_model": 'vdm_serving_model_info{part="serving", kind="image"} == 1',
         "slow_bucket": 'sum(bentoml_service_request_duration_seconds_bucket{part="serving", le="600.0"})',
     }
     # What the server says now; Prometheus scrapes every 5 s, so wait until it has caught up.
