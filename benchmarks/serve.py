@@ -12,7 +12,10 @@ depend on training). Prints JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -129,7 +132,9 @@ def main() -> None:
         port = free_port()
         serve = [sys.executable, "-m", "pipelines.cli", "serve", "--model", f"models:/{name}@bench"]
         options = ["--port", str(port), "--max-concurrency", str(max(CONCURRENCY)), "--poll-seconds", "0"]
-        server = subprocess.Popen([*serve, *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [*serve, *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 300
@@ -147,7 +152,11 @@ def main() -> None:
                 levels[str(concurrency)] = percentiles(latencies) | {"throughput_rps": round(len(latencies) / wall, 3)}
         finally:
             server.terminate()
-            server.wait(timeout=60)
+            try:
+                server.wait(timeout=60)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.pid, signal.SIGKILL)
 
     in_process_p50 = percentiles(baseline)["p50_s"]
     print(

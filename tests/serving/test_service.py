@@ -4,8 +4,10 @@ call goes over HTTP, through BentoML's client or plain requests."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -88,7 +90,8 @@ def server(stack, versions, image_model, tmp_path_factory):
     command = [sys.executable, "-m", "pipelines.cli", "serve", *models]
     options = ["--port", str(port), "--poll-seconds", "1", "--max-concurrency", str(MAX_CONCURRENCY)]
     with open(log_path, "w") as log:
-        process = subprocess.Popen([*command, *options], stdout=log, stderr=subprocess.STDOUT)
+        # Its own process group: teardown can stop BentoML's arbiter and workers together.
+        process = subprocess.Popen([*command, *options], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -105,10 +108,10 @@ def server(stack, versions, image_model, tmp_path_factory):
         yield {"url": url, "port": port, "name": versions, "image_model": image_model, "log": log_path}
     finally:
         process.send_signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        with contextlib.suppress(ProcessLookupError):  # whatever did not stop in time
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _post(server, endpoint: str, timeout: float = 120, **payload) -> httpx.Response:
