@@ -43,6 +43,7 @@ from diffusers import (
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from model.conditioning import LatentCodec
+from model.openclip import register_tiny_models
 from model.stages import IMAGE_MODELS, StageConfig, VideoDiffusion
 
 PIPELINE_CLASS = StableVideoDiffusionPipeline.__name__
@@ -246,6 +247,7 @@ def load_svd_folder(config: StageConfig, folder: Path) -> VideoDiffusion:
     open_clip tower it converts to."""
     if config.conditioning != "image":
         raise ValueError("an SVD folder starts image-to-video models only (conditioning: image)")
+    register_tiny_models(config.cache_dir)  # the candidate towers must be known to open_clip
     unet = our_unet(UNetSpatioTemporalConditionModel.from_pretrained(folder, subfolder="unet"))
     codec = LatentCodec.from_folder(folder)  # SVD's AutoencoderKLTemporalDecoder, or an exported AutoencoderKL
     codec.vae.register_to_config(scaling_factor=codec.vae.config.scaling_factor / DATA_SCALE)

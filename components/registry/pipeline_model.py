@@ -116,7 +116,8 @@ def register_pipeline(folder: Path, name: str, lineage: Mapping[str, str], *, al
     )
     client = MlflowClient()
     number = str(info.registered_model_version)
-    tags = {**run.data.tags, **lineage} if run else dict(lineage)
+    # The run's tags now (active_run() holds those of its start), then the lineage given.
+    tags = {**client.get_run(run.info.run_id).data.tags, **lineage} if run else dict(lineage)
     for key, value in tags.items():
         if key.startswith("vdm."):
             client.set_model_version_tag(name, number, key, value)
