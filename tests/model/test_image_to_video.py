@@ -1,16 +1,22 @@
-"""Image-to-video (SVD): the model a video model widens into, its conditioning, and the
-generation calls that refuse the other kind of model."""
+"""Image-to-video (SVD): the model a video model widens into, its conditioning, the
+generation calls that refuse the other kind of model, and a short finetune on static
+discs (known truth: every frame is the conditioning frame) after which the model
+predicts the first frame from its conditioning frame, not before."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
 import torch
 
-from model.conditioning import added_time_ids
+from components.sample_data.shards import write_shapes_shards
+from model.conditioning import LatentCodec, added_time_ids
+from model.data import ClipDataset, ClipSpec
 from model.pipeline import GenerationConfig, animate, generate
 from model.stages import VideoDiffusion, named_config
+from model.train import train
 
 CONFIG = named_config("tiny", "i2v")
 
@@ -83,3 +89,60 @@ def test_generation_refuses_the_other_kind_of_model(i2v, video_folder):
         animate(VideoDiffusion.load(video_folder), torch.zeros(3, 32, 32), GenerationConfig(steps=1))
     with pytest.raises(ValueError, match="image-to-video trains a video model on clips"):
         replace(CONFIG, data="latents")
+
+
+def _deterministic_vae(folder, frames: torch.Tensor):
+    """The tiny random VAE made deterministic (posterior log-variance at its floor) and scaled
+    to latents of std 0.5 (sigma_data): its latents are fixed random features of the frame,
+    so the latent error is the truth to measure without a trained decoder."""
+    vae = LatentCodec.tiny().vae
+    with torch.no_grad():
+        vae.quant_conv.weight[4:] = 0
+        vae.quant_conv.bias[4:] = -30.0
+        std = vae.encode(frames).latent_dist.mean.std()
+    vae.register_to_config(scaling_factor=float(0.5 / std))
+    vae.save_pretrained(folder)
+    return folder
+
+
+@torch.no_grad()
+def _first_frame_errors(model: VideoDiffusion, videos: torch.Tensor, sigma: float = 3.0) -> tuple[float, float]:
+    """MSE of the denoised first frame's latent at a high noise level (where only the
+    conditioning knows where the disc is), conditioned on each clip's own first frame and
+    on another clip's."""
+    model.eval()
+    x0 = model.codec.encode(videos)
+    n = len(videos)
+    noisy = x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    ids = added_time_ids(torch.full((n,), 8.0), torch.zeros(n), torch.full((n,), 0.02))
+    errors = []
+    for shift in (0, 1):  # own frame, the next clip's
+        cond = model.image_condition(videos[:, 0].roll(shift, 0), torch.full((n,), 0.02), torch.Generator())
+        denoised = model.denoiser(noisy, torch.full((n,), sigma), **cond, added=ids)
+        errors.append(float((denoised[:, 0] - x0[:, 0]).pow(2).mean()))
+    return errors[0], errors[1]
+
+
+def test_a_short_finetune_predicts_the_first_frame_from_the_conditioning_frame(tmp_path):
+    paths, _ = write_shapes_shards(
+        tmp_path / "shards", shards=2, clips_per_shard=8, num_frames=8, fps=8.0, height=32, width=32, max_speed=0.0
+    )
+    shards = [str(p) for p in paths]
+    spec = ClipSpec(num_frames=1, fps=8.0, height=32, width=32)  # the first frame is what is measured
+    videos = torch.stack([c["video"] for c in itertools.islice(ClipDataset(shards, spec, random_crop=False), 8)])
+    config = replace(
+        CONFIG,
+        clip=spec,
+        vae=str(_deterministic_vae(tmp_path / "vae", videos.flatten(0, 1))),
+        p_mean=0.5,
+        cond_dropout=0.0,
+        batch_size=8,
+        max_steps=80,
+        checkpoint_every=80,
+        optim=replace(CONFIG.optim, lr=5e-3, warmup_steps=2),
+    )
+    own, other = _first_frame_errors(VideoDiffusion.create(config), videos)
+    assert own == pytest.approx(other, rel=0.01)  # before: the conditioning frame makes no difference
+    finetuned = train(config, shards, tmp_path / "work").model
+    own, other = _first_frame_errors(finetuned, videos)
+    assert own < 0.85 * other, (own, other)
