@@ -5,6 +5,8 @@ samples, and the open_clip vision tower and transformers' CLIP agree on embeddin
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -34,6 +36,11 @@ def model(tmp_path_factory):
         for p in fresh.unet.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return VideoDiffusion.load(fresh.save(tmp_path_factory.mktemp("i2v") / "model"))
+
+
+@pytest.fixture(scope="module")
+def svd_folder(tmp_path_factory):
+    return write_tiny_svd_folder(tmp_path_factory.mktemp("svd") / "svd")
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +96,14 @@ def test_exported_model_samples_the_same_frames_in_diffusers_pipeline(model, ima
     torch.testing.assert_close(animate(again, _tensor(image), GENERATION), ours, atol=1e-4, rtol=0)
 
 
-def test_an_svd_folder_loads_and_samples_what_the_pipeline_samples(image, tmp_path):
-    folder = write_tiny_svd_folder(tmp_path / "svd")
-    model = VideoDiffusion.create(CONFIG, init_from=folder)
+def test_an_svd_folder_loads_and_samples_what_the_pipeline_samples(svd_folder, image, tmp_path):
+    model = VideoDiffusion.create(CONFIG, init_from=svd_folder)
     assert type(model.codec.vae).__name__ == "AutoencoderKLTemporalDecoder" and model.unet.config.in_channels == 8
     # SVD's own noise levels (0.002..700 in its units, half that in ours); its scheduler's
     # initial noise is sqrt(700^2 + 1), a relative 1e-6 from ours.
-    config = GenerationConfig(**{**GENERATION.__dict__, "sigma_min": 0.001, "sigma_max": 350.0})
+    config = replace(GENERATION, sigma_min=0.001, sigma_max=350.0)
     ours = animate(model, _tensor(image), config)
-    theirs = _pipeline_frames(folder, image, config)
+    theirs = _pipeline_frames(svd_folder, image, config)
     assert ours.std() > 0.01
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
     # saved as one of our folders, it is a self-contained image-to-video model
@@ -106,10 +112,9 @@ def test_an_svd_folder_loads_and_samples_what_the_pipeline_samples(image, tmp_pa
     torch.testing.assert_close(animate(saved, _tensor(image), config), ours, atol=1e-5, rtol=0)
 
 
-def test_only_image_models_export_and_only_as_image_models_import(tmp_path):
+def test_only_image_models_export_and_only_as_image_models_import(svd_folder, tmp_path):
     text = VideoDiffusion.create(named_config("tiny", "video"))
     with pytest.raises(ValueError, match="only image-to-video"):
         svd.export_svd(text, tmp_path / "x")
-    folder = write_tiny_svd_folder(tmp_path / "svd")
     with pytest.raises(ValueError, match="image-to-video models only"):
-        VideoDiffusion.create(named_config("tiny", "video"), init_from=folder)
+        VideoDiffusion.create(named_config("tiny", "video"), init_from=svd_folder)
