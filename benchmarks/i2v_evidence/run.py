@@ -11,7 +11,10 @@ reconstruction, the ceiling; where the disc starts), and speed / straightness / 
 of the tracked disc against the data's. Then the finetuned model's SVD-format folder
 sampled by diffusers' StableVideoDiffusionPipeline against our sampler.
 
-    python benchmarks/i2v_evidence/run.py [--steps 1500] [--prefix s3://vdm/evidence]
+    python benchmarks/i2v_evidence/run.py [--steps 1500] [--prefix s3://vdm/evidence] [--eval-steps 25]
+
+The finetune resumes from its newest checkpoint under <prefix>/i2v (a shorter --steps
+than a finished run's checkpoint finishes at once); the untrained model is made once.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def vdm(*args: str) -> tuple[str, float]:
     return result.stdout, time.perf_counter() - start
 
 
-def pipeline_agreement(svd_uri: str, data: str) -> dict:
+def pipeline_agreement(svd_uri: str, data: str, steps: int) -> dict:
     """Max |difference| of frames sampled from the exported folder by diffusers' pipeline and
     by ours, same seed and noise levels, conditioned on a data clip's first frame."""
     import itertools
@@ -61,7 +64,9 @@ def pipeline_agreement(svd_uri: str, data: str) -> dict:
         clip = next(itertools.islice(iter(ClipDataset(shard_urls(data, store), spec, random_crop=False)), 1))
         rgb = ((clip["video"][0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
         image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1
-        config = GenerationConfig(num_frames=spec.num_frames, height=spec.height, width=spec.width, sampler="euler")
+        config = GenerationConfig(
+            num_frames=spec.num_frames, height=spec.height, width=spec.width, sampler="euler", steps=steps
+        )
         ours = animate(model, image, config)
         from diffusers import StableVideoDiffusionPipeline
 
@@ -76,18 +81,27 @@ def pipeline_agreement(svd_uri: str, data: str) -> dict:
     return {"max_abs_difference": float((ours - theirs).abs().max()), "frame_std": float(ours.std())}
 
 
+def store_has(uri: str) -> bool:
+    from components.common.objectstore import ObjectStore
+    from components.common.settings import load_settings
+
+    return ObjectStore.from_settings(load_settings()).exists(uri)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prefix", default="s3://vdm/evidence")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--eval-clips", type=int, default=8)
+    parser.add_argument("--eval-steps", type=int, default=25)
     args = parser.parse_args()
 
     vdm("stack", "up")
     p, data = args.prefix, f"{args.prefix}/shapes"
     finetune = ("finetune", "i2v", "--config", str(HERE / "i2v.yaml"), "--data", data, "--init-from", f"{p}/full/final")
     seconds = {}
-    vdm(*finetune, "--max-steps", "0", "--output", f"{p}/i2v-untrained", "--no-register")
+    if not store_has(f"{p}/i2v-untrained/final/stage.json"):
+        vdm(*finetune, "--max-steps", "0", "--output", f"{p}/i2v-untrained", "--no-register")
     out, seconds["i2v"] = vdm(
         *finetune, "--max-steps", str(args.steps), "--output", f"{p}/i2v", "--resume",
         "--register-as", "vdm-i2v-evidence",
@@ -96,14 +110,17 @@ def main() -> None:
 
     report = {"steps": args.steps, "wall_s": {k: round(v, 1) for k, v in seconds.items()}, "registered": registered}
     for name in ("i2v-untrained", "i2v"):
-        out, _ = vdm("eval", "motion", "--model", f"{p}/{name}/final", "--data", data, "--clips", str(args.eval_clips))
+        out, _ = vdm(
+            "eval", "motion", "--model", f"{p}/{name}/final", "--data", data,
+            "--clips", str(args.eval_clips), "--steps", str(args.eval_steps),
+        )  # fmt: skip
         result = json.loads(out[out.index("{") :])
         report.setdefault("data", result["data"])
         report[name] = {"first_frame": result["first_frame"], "motion": result["generated"]}
         speed = result["generated"]["speed_px_per_frame"] / result["data"]["speed_px_per_frame"]
         report[name]["motion"]["speed_ratio"] = speed  # generated over the data's: 1 is right
         report[name]["mlflow_run"] = result["mlflow_run"]
-    report["diffusers_pipeline"] = pipeline_agreement(f"{p}/i2v/svd", data)
+    report["diffusers_pipeline"] = pipeline_agreement(f"{p}/i2v/svd", data, args.eval_steps)
     print(json.dumps(report, indent=1))
 
 
