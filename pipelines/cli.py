@@ -564,10 +564,11 @@ def serve_command(models, alias, port, host, poll_seconds, max_concurrency) -> N
 @click.option("--input", "input_uri", default=None, help="Videos (s3:// prefix); default: the built-in sample videos.")
 @click.option("--work", "work_uri", default=None, help="s3:// prefix for this run's outputs.")
 @click.option("--model-name", default="vdm-text-to-video", show_default=True)
+@click.option("--i2v-model-name", default="vdm-image-to-video", show_default=True)
 @click.option("--param", "params", multiple=True, help="KEY=VALUE end-to-end pipeline parameter (repeatable).")
 @click.option("--summary-json", type=click.Path(dir_okay=False), help="Also write the summary as JSON.")
 @click.option("--seed", default=0, show_default=True, help="Sample videos' seed (without --input).")
-def run_command(input_uri, work_uri, model_name, params, summary_json, seed) -> None:
+def run_command(input_uri, work_uri, model_name, i2v_model_name, params, summary_json, seed) -> None:
     """The main job: the end-to-end pipeline through kfp.local against the local stack, tiny configs."""
     import time
     from pathlib import Path
@@ -592,7 +593,8 @@ def run_command(input_uri, work_uri, model_name, params, summary_json, seed) -> 
     # No pretrained annotator weights ship with the project; a CPU-sized evaluation.
     defaults = {"random_weights": True, "eval_clips": 4, "eval_steps": 12}
     summary = run_end_to_end(
-        settings, input_uri, work_uri, model_name=model_name, params=defaults | parse_params(params),
+        settings, input_uri, work_uri, model_name=model_name, i2v_model_name=i2v_model_name,
+        params=defaults | parse_params(params),
         progress=lambda line: click.echo(line, err=True),
     )  # fmt: skip
     click.echo("\nvdm run: done")

@@ -17,7 +17,7 @@ from kfp import dsl, kubernetes
 from components.curation.component import annotate_input_shard, finalize_curation, plan_curation
 from components.evaluation.component import evaluate_motion
 from components.registry.component import promote_candidate
-from components.training.component import train_stage
+from components.training.component import finetune_model, train_stage
 
 # Names shared with k8s/ (the operator creates these; see k8s/README.md).
 S3_SECRET = "vdm-s3-credentials"
@@ -159,9 +159,46 @@ def evaluate_and_promote(
     _evaluate_and_promote(model_uri, data_uri, metric, direction, min_improvement, clips, steps)
 
 
+def _finetune(kind: str, init_from, data_uri, output_uri, config, max_steps, register_as, launch: dict):
+    task = gpu_step(
+        finetune_model(kind=kind, config=config, data_uri=data_uri, output_uri=output_uri, init_from=init_from,
+                       max_steps=max_steps, register_as=register_as, **launch)
+    )  # fmt: skip
+    return task.set_display_name(f"finetune {kind}")
+
+
+@dsl.pipeline(
+    name="finetune-i2v",
+    description="Image-to-video finetune (SVD) of a trained video model -> evaluation -> promotion gate.",
+)
+def finetune_i2v(
+    init_from: str = "models:/vdm-text-to-video@champion",
+    data_uri: str = "s3://vdm/curated/kfp/shards/",
+    output_uri: str = "s3://vdm/runs/finetune-i2v",
+    config: str = "tiny",
+    max_steps: int = 0,
+    model_name: str = "vdm-image-to-video",
+    scheduler: str = "local_cwd",
+    nodes: int = 1,
+    procs_per_node: int = 1,
+    gpus_per_node: int = 0,
+    metric: str = "motion_speed_error",
+    direction: str = "minimize",
+    min_improvement: float = 0.0,
+    eval_clips: int = 8,
+    eval_steps: int = 25,
+):
+    launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
+    i2v = _finetune("i2v", init_from, data_uri, output_uri, config, max_steps, model_name, launch)
+    _evaluate_and_promote(
+        i2v.outputs["model_uri"], data_uri, metric, direction, min_improvement, eval_clips, eval_steps
+    )
+
+
 @dsl.pipeline(
     name="end-to-end",
-    description="Curation -> Stage I/II/III -> evaluation -> registration (candidate) -> promotion gate.",
+    description="Curation -> Stage I/II/III -> image-to-video finetune -> evaluation -> registration (candidate) "
+    "-> promotion gate, for the text- and the image-to-video model.",
 )
 def end_to_end(
     input_uri: str = "s3://vdm/samples/seed-0",
@@ -175,6 +212,8 @@ def end_to_end(
     video_steps: int = 0,
     hq_steps: int = 0,
     model_name: str = "vdm-text-to-video",
+    i2v_steps: int = 0,
+    i2v_model_name: str = "vdm-image-to-video",
     scheduler: str = "local_cwd",
     nodes: int = 1,
     procs_per_node: int = 1,
@@ -190,12 +229,18 @@ def end_to_end(
     launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
     hq = _pretrain(shards, f"{work_uri}/train", config, vae, (image_steps, video_steps, hq_steps), model_name, launch)
     hq.after(curated)
-    _evaluate_and_promote(hq.outputs["model_uri"], shards, metric, direction, min_improvement, eval_clips, eval_steps)
+    gate = (metric, direction, min_improvement, eval_clips, eval_steps)
+    _evaluate_and_promote(hq.outputs["model_uri"], shards, *gate)
+    i2v = _finetune(
+        "i2v", hq.outputs["final"], shards, f"{work_uri}/train/i2v", config, i2v_steps, i2v_model_name, launch
+    )
+    _evaluate_and_promote(i2v.outputs["model_uri"], shards, *gate)
 
 
 PIPELINES = {
     "curation": curation,
     "pretraining": pretraining,
     "evaluate-and-promote": evaluate_and_promote,
+    "finetune-i2v": finetune_i2v,
     "end-to-end": end_to_end,
 }

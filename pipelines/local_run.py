@@ -4,7 +4,7 @@ environment) against the local stack, on tiny configs.
 kfp.local is verbose (every executor's log); the full log goes to
 `$VDM_HOME/runs/<run>.log` while the terminal gets one line per step. The summary is
 read back from what the steps published, not from kfp.local's return value: the
-dataset card, each stage's `result.json`, the registry.
+dataset card, each stage's and the image-to-video finetune's `result.json`, the registry.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def run_end_to_end(
     work_uri: str,
     *,
     model_name: str = "vdm-text-to-video",
+    i2v_model_name: str = "vdm-image-to-video",
     params: dict | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict:
@@ -97,35 +98,60 @@ def run_end_to_end(
     progress(f"vdm run: {name}; full log {log_file}")
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"))
     started = time.perf_counter()
-    arguments = {"input_uri": input_uri, "work_uri": work_uri, "model_name": model_name, **(params or {})}
+    arguments = {
+        "input_uri": input_uri,
+        "work_uri": work_uri,
+        "model_name": model_name,
+        "i2v_model_name": i2v_model_name,
+        **(params or {}),
+    }
     with _output_to(log_file):
         end_to_end(**arguments)
     gate = Gate(**{k: arguments[k] for k in ("metric", "direction", "min_improvement") if k in arguments})
-    return summarize(settings, work_uri, model_name, gate, time.perf_counter() - started, log_file)
+    return summarize(settings, work_uri, model_name, i2v_model_name, gate, time.perf_counter() - started, log_file)
 
 
-def summarize(settings: Settings, work_uri: str, model_name: str, gate: Gate, seconds: float, log_file: Path) -> dict:
+def _registered(client: MlflowClient, result: dict, name: str, gate: Gate) -> tuple[dict, str, str | None]:
+    """A trained step's registered version: its name, version and aliases, the alias to
+    serve, the evaluation run; and why it was (not) promoted."""
+    version = client.get_model_version(name, result["registered"].rsplit("/", 1)[1])  # models:/NAME/VERSION
+    aliases = sorted(version.aliases)
+    # A refusal leaves no trace on the version by design: ask the gate again (read-only) why.
+    promotion = version.tags.get("vdm.promotion.reason") or f"not promoted: {evaluate_gate(name, gate).reason}"
+    summary = {"name": name, "version": version.version, "aliases": aliases, "promotion": promotion}
+    return summary, "champion" if "champion" in aliases else "candidate", version.tags.get("vdm.eval_run")
+
+
+def summarize(
+    settings: Settings,
+    work_uri: str,
+    model_name: str,
+    i2v_model_name: str,
+    gate: Gate,
+    seconds: float,
+    log_file: Path,
+) -> dict:
     store = ObjectStore.from_settings(settings)
     work = S3Uri.parse(work_uri)
-    results = {s: json.loads(store.get_bytes(work.join("train", s, "result.json"))) for s in STAGES}
-    registered = results["stage3"]["registered"]  # models:/NAME/VERSION
+    results = {s: json.loads(store.get_bytes(work.join("train", s, "result.json"))) for s in (*STAGES, "i2v")}
     connect(settings)
-    version = MlflowClient().get_model_version(model_name, registered.rsplit("/", 1)[1])
-    aliases = sorted(version.aliases)
-    alias = "champion" if "champion" in aliases else "candidate"
-    runs = {f"train_{s}": results[s]["mlflow_run_id"] for s in STAGES}
-    if "vdm.eval_run" in version.tags:
-        runs["evaluate"] = version.tags["vdm.eval_run"]
+    client = MlflowClient()
+    text, text_alias, text_eval = _registered(client, results["stage3"], model_name, gate)
+    image, image_alias, image_eval = _registered(client, results["i2v"], i2v_model_name, gate)
+    runs = {f"train_{s}": results[s]["mlflow_run_id"] for s in STAGES} | {
+        "finetune_i2v": results["i2v"]["mlflow_run_id"]
+    }
+    runs |= {k: v for k, v in (("evaluate", text_eval), ("evaluate_i2v", image_eval)) if v}
     return {
         "dataset_card_uri": str(work.join("curated", "dataset_card.html")),
         "dataset_shards": str(work.join("curated", "shards")) + "/",
         "mlflow_run_ids": runs,
-        "mlflow_runs": {s: results[s]["mlflow_run"] for s in STAGES},
-        "registered_model": {"name": model_name, "version": version.version, "aliases": aliases},
-        # A refusal leaves no trace on the version by design: ask the gate again (read-only) why.
-        "promotion": version.tags.get("vdm.promotion.reason")
-        or f"not promoted: {evaluate_gate(model_name, gate).reason}",
-        "serve_command": f"vdm serve --model models:/{model_name}@{alias}",
+        "mlflow_runs": {s: results[s]["mlflow_run"] for s in (*STAGES, "i2v")},
+        "registered_model": {k: text[k] for k in ("name", "version", "aliases")},
+        "promotion": text["promotion"],
+        "image_to_video_model": image,
+        "serve_command": f"vdm serve --model models:/{model_name}@{text_alias} "
+        f"--model models:/{i2v_model_name}@{image_alias}",
         "seconds": round(seconds, 1),
         "log": str(log_file),
     }

@@ -1,4 +1,4 @@
-"""Distributed training through TorchX: `vdm train` under torchrun on `nodes` x
+"""Distributed training through TorchX: `vdm train` (or `vdm finetune KIND`) under torchrun on `nodes` x
 `procs_per_node` ranks, on this machine (`local_cwd`) or a cluster (`kubernetes`:
 a Volcano job in `queue`). The trainer's output streams into the caller's log (a
 KFP step's log); a failed rank fails the launch with its error lines. The KFP
@@ -53,16 +53,16 @@ class Launch:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def launch_training(train_args: list[str], launch: Launch, log: Callable[[str], None] = print) -> None:
-    """Run `vdm train <train_args>` on every rank; returns when all ranks succeeded."""
+def launch_training(vdm_args: list[str], launch: Launch, log: Callable[[str], None] = print) -> None:
+    """Run `vdm <vdm_args>` (`train …` or `finetune KIND …`) on every rank; returns when
+    all ranks succeeded."""
     env = dict(launch.env)
     if launch.scheduler == "local_cwd":  # this environment's torchrun, even when its bin/ is not on PATH
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     app = torchrun(
-        "train",
-        *train_args,
+        *vdm_args,
         m="pipelines.cli",
-        name="vdm-train",
+        name=f"vdm-{vdm_args[0]}",
         image=launch.image,
         j=f"{launch.nodes}x{launch.procs_per_node}",
         gpu=launch.gpus_per_node,
@@ -84,3 +84,27 @@ def launch_training(train_args: list[str], launch: Launch, log: Callable[[str], 
         # A rank's own error: `[rank]:error: ...` (the CLI's) or `[rank]:SomeError: ...` (a traceback's last line).
         errors = [line for line in tail if RANK_ERROR.match(line)] or tail[-10:]
         raise TrainingLaunchError(f"training {handle} ended {state}:\n" + "\n".join(errors))
+
+
+def launch_step(
+    vdm_args: list[str], output_uri: str, scheduler: str, nodes: int, procs_per_node: int, gpus_per_node: int
+) -> dict:
+    """A KFP training step's work: `vdm <vdm_args> --resume` through TorchX with the step's
+    platform environment forwarded to the ranks, then the summary rank 0 wrote to
+    `<output_uri>/result.json` (final folder, registered model, MLflow run)."""
+    import json
+
+    from components.common.objectstore import ObjectStore, S3Uri
+    from components.training.run import RESULT
+
+    settings = load_settings()
+    launch = Launch(
+        scheduler=scheduler,
+        nodes=nodes,
+        procs_per_node=procs_per_node,
+        gpus_per_node=gpus_per_node,
+        image=settings.image,
+        env={k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
+    )
+    launch_training([*vdm_args, "--resume"], launch)
+    return json.loads(ObjectStore.from_settings(settings).get_bytes(S3Uri.parse(output_uri).join(RESULT)))

@@ -133,7 +133,7 @@ def torchx_namespace(monkeypatch) -> str:
 
     monkeypatch.setattr(launch, "get_runner", Runner)
     with pytest.raises(Submitted):
-        launch.launch_training(["--help"], launch.Launch(scheduler="kubernetes", image="vdm-platform:test"))
+        launch.launch_training(["train", "--help"], launch.Launch(scheduler="kubernetes", image="vdm-platform:test"))
     assert submitted["scheduler"] == "kubernetes"
     return submitted["cfg"].get("namespace") or field_default(TorchXKubernetesOpts, "namespace")
 
@@ -189,9 +189,13 @@ def test_serving_runs_vdm_serve_with_options_it_has(overlay):
     command, *options = serving["args"]
     assert command == "serve" and command in vdm_cli.commands
     known = {opt for param in vdm_cli.commands["serve"].params for opt in param.opts}
-    values = dict(option.split("=", 1) for option in options)
+    pairs = [option.split("=", 1) for option in options]
+    values = dict(pairs)
     assert set(values) <= known, set(values) - known
-    assert values["--model"] == end_to_end.component_spec.inputs["model_name"].default
+    assert len(values) == len(pairs) - 1  # only --model repeats
+    models = [value for option, value in pairs if option == "--model"]
+    defaults = end_to_end.component_spec.inputs
+    assert models == [defaults["model_name"].default, defaults["i2v_model_name"].default]
     assert values["--host"] == "0.0.0.0"
     assert values["--max-concurrency"] == {"dev": "1", "prod": "2"}[overlay]  # dev patches args by index
     ports = {p["name"]: p["containerPort"] for p in serving["ports"]}

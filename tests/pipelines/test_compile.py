@@ -58,6 +58,28 @@ def test_training_steps_get_gpus_tolerations_shm_and_retries(compiled):
     assert "accelerator" not in cpu and "tolerations" not in platform["exec-plan-curation"]
 
 
+def test_the_i2v_finetune_is_a_gpu_step_started_from_the_last_stage_then_evaluated(compiled):
+    for name in ("end-to-end", "finetune-i2v"):
+        spec, platform = compiled[name]
+        tasks = spec["root"]["dag"]["tasks"]
+        finetune = tasks["finetune-model"]
+        assert finetune["inputs"]["parameters"]["kind"] == {"runtimeValue": {"constant": "i2v"}}
+        assert finetune["cachingOptions"] == {} and finetune["retryPolicy"]["maxRetryCount"] == 2
+        resources = spec["deploymentSpec"]["executors"]["exec-finetune-model"]["container"]["resources"]
+        assert resources["accelerator"]["resourceCount"] == "8"
+        assert {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"} in platform[
+            "exec-finetune-model"
+        ]["tolerations"]
+        evaluation = "evaluate-motion-2" if name == "end-to-end" else "evaluate-motion"
+        assert tasks[evaluation]["inputs"]["parameters"]["model_uri"] == {
+            "taskOutputParameter": {"outputParameterKey": "model_uri", "producerTask": "finetune-model"}
+        }
+    tasks = compiled["end-to-end"][0]["root"]["dag"]["tasks"]
+    assert tasks["finetune-model"]["inputs"]["parameters"]["init_from"] == {
+        "taskOutputParameter": {"outputParameterKey": "final", "producerTask": "train-stage-3"}
+    }
+
+
 def test_every_step_reads_credentials_from_the_secret_and_endpoints_from_the_config_map(compiled):
     for name, (spec, platform) in compiled.items():
         executors = spec["deploymentSpec"]["executors"]

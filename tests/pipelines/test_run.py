@@ -10,12 +10,14 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
 from mlflow import MlflowClient
 
 
+@pytest.mark.timeout(1500)  # the suite's slowest test: eleven pipeline steps, four of them training
 def test_vdm_run_end_to_end(stack, store, settings, tmp_path):
     summary_file = tmp_path / "summary.json"
-    params = ["image_steps=3", "video_steps=3", "hq_steps=2", "eval_clips=2", "eval_steps=4"]
+    params = ["image_steps=3", "video_steps=3", "hq_steps=2", "i2v_steps=2", "eval_clips=2", "eval_steps=4"]
     result = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "run", "--model-name", "vdm-e2e-test", "--summary-json",
          str(summary_file), *[arg for p in params for arg in ("--param", p)]],
@@ -23,14 +25,16 @@ def test_vdm_run_end_to_end(stack, store, settings, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "vdm run: done" in result.stdout
-    for step in ("plan-curation", "annotate-input-shard", "finalize-curation", "train-stage-3", "promote-candidate"):
+    steps = ("plan-curation", "annotate-input-shard", "finalize-curation", "train-stage-3", "finetune-model",
+             "promote-candidate-2")  # fmt: skip
+    for step in steps:
         assert step in result.stderr  # stage-by-stage progress
     summary = json.loads(summary_file.read_text())
 
     card = json.loads(store.get_bytes(summary["dataset_card_uri"].replace(".html", ".json")))
     assert card["clips_after_filter"] > 0 and card["rejected_files"] == 5
     runs = summary["mlflow_run_ids"]
-    assert set(runs) == {"train_stage1", "train_stage2", "train_stage3", "evaluate"}
+    assert set(runs) == {"train_stage1", "train_stage2", "train_stage3", "evaluate", "finetune_i2v", "evaluate_i2v"}
     assert all(mlflow.get_run(run_id).info.status == "FINISHED" for run_id in runs.values())
 
     model = summary["registered_model"]
@@ -39,4 +43,11 @@ def test_vdm_run_end_to_end(stack, store, settings, tmp_path):
     version = MlflowClient().get_model_version("vdm-e2e-test", "1")
     assert version.tags["vdm.data"] == summary["dataset_shards"] and "vdm.git_commit" in version.tags
     assert float(version.tags["vdm.eval.motion_speed_error"]) >= 0
-    assert summary["serve_command"] == "vdm serve --model models:/vdm-e2e-test@champion"
+
+    image = summary["image_to_video_model"]  # finetuned from Stage III, evaluated and promoted the same way
+    assert (image["name"], image["version"], image["aliases"]) == ("vdm-image-to-video", "1", ["candidate", "champion"])
+    version = MlflowClient().get_model_version("vdm-image-to-video", "1")
+    assert version.tags["vdm.data"] == summary["dataset_shards"] and "vdm.eval.motion_speed_error" in version.tags
+    assert summary["serve_command"] == (
+        "vdm serve --model models:/vdm-e2e-test@champion --model models:/vdm-image-to-video@champion"
+    )

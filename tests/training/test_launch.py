@@ -17,7 +17,7 @@ def test_two_ranks_train_and_rank_zero_publishes(stack, store, prefix, tmp_path)
     store.publish_folder(tmp_path / "shards", f"{prefix}/data")
     lines: list[str] = []
     args = ["--stage", "image", "--data", f"{prefix}/data", "--output", f"{prefix}/s1", "--max-steps", "2"]
-    launch_training([*args, "--no-register"], TWO_RANKS, log=lines.append)
+    launch_training(["train", *args, "--no-register"], TWO_RANKS, log=lines.append)
     assert any("vdm train: image done at step 2" in line for line in lines)
     assert store.exists(f"{prefix}/s1/final/unet/config.json")
     assert {o.uri.key.rsplit("/", 2)[-2] for o in store.list(f"{prefix}/s1/checkpoints/")} == {"step-00000002"}
@@ -28,5 +28,5 @@ def test_a_failing_rank_fails_the_launch_with_its_error(stack, store, prefix, tm
     store.publish_folder(tmp_path / "shards", f"{prefix}/data")
     args = ["--stage", "image", "--data", f"{prefix}/data", "--output", f"{prefix}/s1", "--max-steps", "2"]
     with pytest.raises(TrainingLaunchError, match="1 shards cannot feed 2 ranks"):
-        launch_training(args, TWO_RANKS, log=lambda line: None)
+        launch_training(["train", *args], TWO_RANKS, log=lambda line: None)
     assert not store.exists(f"{prefix}/s1/final/unet/config.json")
