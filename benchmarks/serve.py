@@ -33,6 +33,7 @@ from mlflow import MlflowClient
 from components.common.media import video_bytes
 from components.common.tracking import connect, tracked_run
 from components.registry.pipeline_model import download_pipeline, register_pipeline
+from components.registry.promotion import registered_version
 from model.pipeline import GenerationConfig, generate, to_uint8
 from model.stages import VideoDiffusion, named_config
 
@@ -54,16 +55,6 @@ def tiny_model(scratch: Path) -> str:
     with tracked_run("vdm-bench-serving"):
         version = register_pipeline(final, BENCH_MODEL, {})
     return f"models:/{BENCH_MODEL}/{version.version}"
-
-
-def resolve(uri: str) -> tuple[str, str]:
-    """models:/NAME@ALIAS or models:/NAME/VERSION -> (NAME, VERSION)."""
-    path = uri.removeprefix("models:/")
-    if "@" in path:
-        name, alias = path.split("@", 1)
-        return name, MlflowClient().get_model_version_by_alias(name, alias).version
-    name, version = path.rsplit("/", 1)
-    return name, version
 
 
 def free_port() -> int:
@@ -125,7 +116,7 @@ def main() -> None:
     request = {"prompt": "a red disc moving right", "num_frames": args.frames, "num_steps": args.steps}
 
     with tempfile.TemporaryDirectory() as tmp:
-        name, version = resolve(args.model or tiny_model(Path(tmp)))
+        name, version = registered_version(args.model or tiny_model(Path(tmp)))
         MlflowClient().set_registered_model_alias(name, "bench", version)  # pin it while we measure
         baseline = in_process(download_pipeline(f"models:/{name}/{version}", Path(tmp) / "dl"), request, args.requests)
 
