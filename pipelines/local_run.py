@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from components.common.objectstore import ObjectStore, S3Uri
 from components.common.settings import Settings
 from components.common.tracking import connect
-from components.registry.promotion import Gate, evaluate_gate
+from components.registry.promotion import CANDIDATE, CHAMPION, Gate, evaluate_gate
 
 STAGES = ("stage1", "stage2", "stage3")
 _TASK_LINE = re.compile(r"Task '([\w-]+)' finished with status (\w+)")  # kfp.local's, colours stripped
@@ -111,15 +111,14 @@ def run_end_to_end(
     return summarize(settings, work_uri, model_name, i2v_model_name, gate, time.perf_counter() - started, log_file)
 
 
-def _registered(client: MlflowClient, result: dict, name: str, gate: Gate) -> tuple[dict, str, str | None]:
-    """A trained step's registered version: its name, version and aliases, the alias to
-    serve, the evaluation run; and why it was (not) promoted."""
+def _registered(client: MlflowClient, result: dict, name: str, gate: Gate) -> tuple[dict, str | None]:
+    """A trained step's registered version (name, version, aliases, why it was or was not
+    promoted) and its evaluation run."""
     version = client.get_model_version(name, result["registered"].rsplit("/", 1)[1])  # models:/NAME/VERSION
-    aliases = sorted(version.aliases)
     # A refusal leaves no trace on the version by design: ask the gate again (read-only) why.
     promotion = version.tags.get("vdm.promotion.reason") or f"not promoted: {evaluate_gate(name, gate).reason}"
-    summary = {"name": name, "version": version.version, "aliases": aliases, "promotion": promotion}
-    return summary, "champion" if "champion" in aliases else "candidate", version.tags.get("vdm.eval_run")
+    summary = {"name": name, "version": version.version, "aliases": sorted(version.aliases), "promotion": promotion}
+    return summary, version.tags.get("vdm.eval_run")
 
 
 def summarize(
@@ -136,8 +135,11 @@ def summarize(
     results = {s: json.loads(store.get_bytes(work.join("train", s, "result.json"))) for s in (*STAGES, "i2v")}
     connect(settings)
     client = MlflowClient()
-    text, text_alias, text_eval = _registered(client, results["stage3"], model_name, gate)
-    image, image_alias, image_eval = _registered(client, results["i2v"], i2v_model_name, gate)
+    text, text_eval = _registered(client, results["stage3"], model_name, gate)
+    image, image_eval = _registered(client, results["i2v"], i2v_model_name, gate)
+    # One alias per service: the champions once both models have one (whichever versions), else the candidates.
+    has_champion = all(CHAMPION in client.get_registered_model(n).aliases for n in (model_name, i2v_model_name))
+    alias = CHAMPION if has_champion else CANDIDATE
     runs = {f"train_{s}": results[s]["mlflow_run_id"] for s in STAGES} | {
         "finetune_i2v": results["i2v"]["mlflow_run_id"]
     }
@@ -150,8 +152,7 @@ def summarize(
         "registered_model": {k: text[k] for k in ("name", "version", "aliases")},
         "promotion": text["promotion"],
         "image_to_video_model": image,
-        "serve_command": f"vdm serve --model models:/{model_name}@{text_alias} "
-        f"--model models:/{i2v_model_name}@{image_alias}",
+        "serve_command": f"vdm serve --model models:/{model_name}@{alias} --model models:/{i2v_model_name}@{alias}",
         "seconds": round(seconds, 1),
         "log": str(log_file),
     }
