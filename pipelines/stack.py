@@ -395,7 +395,9 @@ class Stack:
             return
         if current.state == "dead":
             self.log(f"{spec.name:<11} had died; restarting it on its data")
-        busy = _wait_ports_free(spec.ports, timeout_s=10 if current.state == "dead" else 0)
+        # A server that just died or was just stopped may hold a port for a moment (seen once in CI:
+        # SeaweedFS's, right after `down`); another program's stays taken and is reported.
+        busy = _wait_ports_free(spec.ports, timeout_s=10 if current.state == "dead" else 3)
         if busy:
             raise StackError(
                 f"{spec.name}: port(s) {busy} on {HOST} are in use by another process; "
