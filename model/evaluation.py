@@ -95,9 +95,7 @@ def evaluate_motion(model, shards: list[str], *, clips: int = 8, prompt: str = "
     items = list(itertools.islice(iter(ClipDataset(shards, spec, random_crop=False)), clips))
     data = [item["video"] for item in items]
     motion = float(np.mean([item["motion"].item() for item in items]))  # ask for the data's typical motion
-    config = GenerationConfig(
-        num_frames=spec.num_frames, height=spec.height, width=spec.width, fps=spec.fps, motion=motion, steps=steps
-    )
+    config = GenerationConfig.for_clip(spec, motion=motion, steps=steps)
     if model.image is not None:
         generated = [animate(model, video[0], replace(config, seed=seed)) for seed, video in enumerate(data)]
     else:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from model.conditioning import added_time_ids
-from model.data import fit_frames
+from model.data import ClipSpec, fit_frames
 from model.samplers import SAMPLERS, StepCallback, frame_guidance, guided, karras_sigmas
 from model.stages import VideoDiffusion
 
@@ -36,6 +36,14 @@ class GenerationConfig:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     seed: int = 0
+
+    @classmethod
+    def for_clip(cls, clip: ClipSpec, **settings) -> GenerationConfig:
+        """Settings for a model trained on `clip`: frames, size and fps left unset (None or 0)
+        are the clip's."""
+        defaults = {"num_frames": clip.num_frames, "height": clip.height, "width": clip.width, "fps": clip.fps}
+        return cls(**defaults | {k: v for k, v in settings.items() if v or k not in defaults})
+
     noise_aug_strength: float = 0.02  # image-to-video: noise added to the conditioning image (SVD's default)
 
 

@@ -76,9 +76,7 @@ def sample_videos(model: VideoDiffusion, ema: EMA, images: torch.Tensor | None =
     """The config's sample prompts (image-to-video: `images` (N, 3, H, W) animated),
     generated with the EMA weights; (T, 3, H, W) each."""
     config, spec = model.config, model.config.clip
-    generation = GenerationConfig(
-        num_frames=spec.num_frames, height=spec.height, width=spec.width, fps=spec.fps, steps=config.sample_steps
-    )
+    generation = GenerationConfig.for_clip(spec, steps=config.sample_steps)
     with ema.applied(), _unwrapped(model):
         if model.image is not None:
             videos = [animate(model, image, replace(generation, seed=i)) for i, image in enumerate(images)]

@@ -302,11 +302,12 @@ def sample_command(model_location, prompt, out_path, frames, fps, size, steps, g
         store = ObjectStore.from_settings(load_settings())
         model = VideoDiffusion.load(local_folder(model_location, store, Path(tmp)))
     spec = model.config.clip
-    config = GenerationConfig(
-        num_frames=frames or spec.num_frames,
-        height=size or spec.height,
-        width=size or spec.width,
-        fps=fps or spec.fps,
+    config = GenerationConfig.for_clip(
+        spec,
+        num_frames=frames,
+        height=size,
+        width=size,
+        fps=fps,
         steps=steps,
         guidance_min=guidance[0],
         guidance_max=guidance[1],

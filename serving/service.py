@@ -62,12 +62,12 @@ class VideoControls(BaseModel):
     width: Annotated[int, Field(ge=8, le=LIMITS.max_side)] | None = None
 
     def generation_settings(self, served: ServedModel, **extra) -> GenerationConfig:
-        clip = served.pipeline.config.clip
-        config = GenerationConfig(
-            num_frames=self.num_frames or clip.num_frames,
-            height=self.height or clip.height,
-            width=self.width or clip.width,
-            fps=self.fps or clip.fps,
+        config = GenerationConfig.for_clip(
+            served.pipeline.config.clip,
+            num_frames=self.num_frames,
+            height=self.height,
+            width=self.width,
+            fps=self.fps,
             motion=self.motion_bucket,
             steps=self.num_steps,
             guidance_min=self.guidance_min,

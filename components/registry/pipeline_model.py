@@ -72,11 +72,12 @@ class VideoPipelineModel(mlflow.pyfunc.PythonModel):
         image_model = self.model.config.conditioning == "image"
         schema = IMAGE_SIGNATURE if image_model else SIGNATURE
         p = {s.name: s.default for s in schema.params} | (params or {})
-        config = GenerationConfig(
-            num_frames=p["num_frames"] or spec.num_frames,
-            height=p["height"] or spec.height,
-            width=p["width"] or spec.width,
-            fps=p["fps"] or spec.fps,
+        config = GenerationConfig.for_clip(
+            spec,
+            num_frames=p["num_frames"],
+            height=p["height"],
+            width=p["width"],
+            fps=p["fps"],
             motion=p["motion"],
             steps=p["steps"],
             guidance_min=p["guidance_min"],
