@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,7 +51,11 @@ def register_tiny_models(cache_dir: str | Path) -> None:
     config_dir = Path(cache_dir) / "open_clip_configs"
     config_dir.mkdir(parents=True, exist_ok=True)
     for model, model_config in _TINY_CONFIGS.items():
-        (config_dir / f"{model}.json").write_text(json.dumps(model_config, indent=2))
+        # Written aside and renamed: ranks of one job register at the same time, and
+        # open_clip reads every *.json in the folder (a half-written one failed a CI run).
+        partial = config_dir / f"{model}.json.{os.getpid()}.partial"
+        partial.write_text(json.dumps(model_config, indent=2))
+        os.replace(partial, config_dir / f"{model}.json")
     open_clip.add_model_config(config_dir)
 
 

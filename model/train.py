@@ -61,6 +61,14 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def leave_distributed() -> None:
+    """Ranks meet, then close the process group while the interpreter is still whole:
+    gloo threads still alive at exit abort the process (a rank exiting 134 after success)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 @contextmanager
 def _unwrapped(model: VideoDiffusion) -> Iterator[None]:
     """The denoiser on the bare UNet: one rank can sample without DDP's collectives."""

@@ -33,7 +33,7 @@ from model.latents import vae_fingerprint, write_latent_shards
 from model.pipeline import to_uint8
 from model.stages import Stage, named_config
 from model.svd import export_svd
-from model.train import train
+from model.train import leave_distributed, train
 
 CHECKPOINTS = "checkpoints"
 RESULT = "result.json"
@@ -150,6 +150,7 @@ def run_training(
                 on_checkpoint=on_checkpoint,
                 on_samples=on_samples,
             )
+            leave_distributed()  # the training's collectives are over; the rest is rank 0's
             if not lead:
                 return {"steps": result.steps, "final": None, "registered": None, "losses": result.losses}
             final = out.join("final")

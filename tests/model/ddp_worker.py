@@ -11,7 +11,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from model.stages import named_config
-from model.train import train
+from model.train import leave_distributed, train
 from model.training import full_tensor
 
 shards, workdir, parallel = sys.argv[1].split(","), Path(sys.argv[2]), sys.argv[3]
@@ -29,4 +29,4 @@ if dist.get_rank() == 0:
     (workdir / "ranks.json").write_text(
         json.dumps({"world_size": dist.get_world_size(), "digests": digests, "steps": result.steps, "losses": losses})
     )
-dist.destroy_process_group()
+leave_distributed()
