@@ -400,6 +400,12 @@ _finetune_command(
     "latent is concatenated to every frame. --init-from a trained video model or a StableVideoDiffusionPipeline "
     "folder; the result is also written in that pipeline's format (<output>/svd).",
 )
+_finetune_command(
+    "temporal-decoder",
+    "Temporal VAE decoder (SVD's AutoencoderKLTemporalDecoder): the model's image decoder gets temporal layers "
+    "and is finetuned on clips (reconstruction + 3D patch discriminator) so decoded frames do not flicker; the "
+    "encoder and the UNet are unchanged. The result is the --init-from model folder with the new vae/.",
+)
 
 
 @main.group()

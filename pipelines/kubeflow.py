@@ -196,6 +196,35 @@ def finetune_i2v(
 
 
 @dsl.pipeline(
+    name="finetune-temporal-decoder",
+    description="Temporal VAE decoder finetune of a trained model (a new version of the same model, its decoder "
+    "made temporal) -> evaluation -> promotion gate.",
+)
+def finetune_temporal_decoder(
+    init_from: str = "models:/vdm-text-to-video@champion",
+    data_uri: str = "s3://vdm/curated/kfp/shards/",
+    output_uri: str = "s3://vdm/runs/finetune-temporal-decoder",
+    config: str = "tiny",
+    max_steps: int = 0,
+    model_name: str = "vdm-text-to-video",
+    scheduler: str = "local_cwd",
+    nodes: int = 1,
+    procs_per_node: int = 1,
+    gpus_per_node: int = 0,
+    metric: str = "motion_speed_error",
+    direction: str = "minimize",
+    min_improvement: float = 0.0,
+    eval_clips: int = 8,
+    eval_steps: int = 25,
+):
+    launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
+    decoder = _finetune("temporal-decoder", init_from, data_uri, output_uri, config, max_steps, model_name, launch)
+    _evaluate_and_promote(
+        decoder.outputs["model_uri"], data_uri, metric, direction, min_improvement, eval_clips, eval_steps
+    )
+
+
+@dsl.pipeline(
     name="end-to-end",
     description="Curation -> Stage I/II/III -> image-to-video finetune -> evaluation -> registration (candidate) "
     "-> promotion gate, for the text- and the image-to-video model.",
@@ -242,5 +271,6 @@ PIPELINES = {
     "pretraining": pretraining,
     "evaluate-and-promote": evaluate_and_promote,
     "finetune-i2v": finetune_i2v,
+    "finetune-temporal-decoder": finetune_temporal_decoder,
     "end-to-end": end_to_end,
 }

@@ -15,7 +15,10 @@ from components.common.settings import Settings
 from components.training.run import run_training
 
 # KIND -> what it makes; the config of a kind has `stage: KIND`.
-FINETUNES = {"i2v": "image-to-video (SVD): animates a conditioning frame"}
+FINETUNES = {
+    "i2v": "image-to-video (SVD): animates a conditioning frame",
+    "temporal-decoder": "the VAE decoder made temporal (SVD's video decoder): decoded frames do not flicker",
+}
 
 
 def default_model_name(kind: str, config_name: str) -> str:
@@ -41,6 +44,13 @@ def run_finetune(
         raise ValueError(f"unknown finetune {kind!r}; one of {sorted(FINETUNES)}")
     if not init_from:
         raise ValueError("a finetune starts from a trained model: give --init-from")
+    if kind == "temporal-decoder":  # trains the VAE decoder, not the UNet: its own loop
+        from components.training.temporal_decoder import run_temporal_decoder_finetune
+
+        return run_temporal_decoder_finetune(
+            config_name, data, output, init_from, store, settings,
+            overrides=overrides, resume=resume, register_as=register_as, progress=progress,
+        )  # fmt: skip
     return run_training(
         kind,  # a finetune's config names its kind as its stage
         config_name,

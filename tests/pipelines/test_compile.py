@@ -103,3 +103,15 @@ def test_curation_fans_out_over_shards_with_caching(compiled):
     assert tasks["finalize-curation"]["cachingOptions"] == {"enableCache": True}
     image = spec["deploymentSpec"]["executors"]["exec-plan-curation"]["container"]["image"]
     assert image.startswith("vdm-platform:") and not image.endswith(":latest")
+
+
+def test_the_temporal_decoder_finetune_is_a_gpu_step_whose_candidate_is_evaluated(compiled):
+    spec, platform = compiled["finetune-temporal-decoder"]
+    tasks = spec["root"]["dag"]["tasks"]
+    finetune = tasks["finetune-model"]
+    assert finetune["inputs"]["parameters"]["kind"] == {"runtimeValue": {"constant": "temporal-decoder"}}
+    assert finetune["cachingOptions"] == {} and finetune["retryPolicy"]["maxRetryCount"] == 2
+    assert "accelerator" in spec["deploymentSpec"]["executors"]["exec-finetune-model"]["container"]["resources"]
+    assert tasks["evaluate-motion"]["inputs"]["parameters"]["model_uri"] == {
+        "taskOutputParameter": {"outputParameterKey": "model_uri", "producerTask": "finetune-model"}
+    }

@@ -1,0 +1,151 @@
+"""`vdm finetune temporal-decoder`: a trained model's VAE decoder made temporal and
+finetuned on clips (model/temporal_decoder.py); everything else in the model folder is
+kept. Its own loop (a decoder and a discriminator, no UNet), with what `run_training`
+gives a stage: data from shards, checkpoints under `<output>/checkpoints/` and
+`--resume`, MLflow tracking (`vdm-finetune-temporal-decoder`: losses, and flicker /
+L1 / PSNR of the image decoder and the new one on held-out clips), the final folder at
+`<output>/final` (an image-to-video model also in SVD's format at `<output>/svd`),
+registration as `candidate` with lineage, and `<output>/result.json` for KFP."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import mlflow
+import torch
+
+from components.common.objectstore import ObjectStore, S3Uri
+from components.common.settings import Settings
+from components.common.tracking import run_url, tracked_run
+from components.registry.pipeline_model import register_pipeline
+from components.training.run import (
+    CHECKPOINTS,
+    RESULT,
+    _metrics_logger,
+    latest_checkpoint,
+    local_folder,
+    shard_urls,
+)
+from model.conditioning import LatentCodec
+from model.data import ClipDataset
+from model.stages import STAGE_FILE, VAE_FOLDER, VideoDiffusion
+from model.temporal_decoder import (
+    KIND,
+    TemporalDecoderTrainer,
+    decoding_metrics,
+    named_config,
+    temporal_vae,
+    train_temporal_decoder,
+)
+from model.training import seed_everything
+
+# Clips for the before/after metrics (drawn in another order than training's), and the latent noise they are decoded at.
+EVAL_CLIPS = 4
+EVAL_LATENT_NOISE = (0.0, 0.1)
+
+
+def _evaluate(vae, video: torch.Tensor, prefix: str) -> dict[str, float]:
+    metrics = {}
+    for noise in EVAL_LATENT_NOISE:
+        for name, value in decoding_metrics(vae, video, latent_noise=noise).items():
+            metrics[f"{prefix}_{name}_noise_{noise:g}"] = value
+    return metrics
+
+
+def run_temporal_decoder_finetune(
+    config_name: str,
+    data: str,
+    output: str,
+    init_from: str,
+    store: ObjectStore,
+    settings: Settings,
+    *,
+    overrides: dict | None = None,
+    resume: bool = False,
+    register_as: str | None = None,
+    progress: bool = True,
+) -> dict:
+    config = named_config(config_name)
+    config = replace(config, **{k: v for k, v in (overrides or {}).items() if v is not None})
+    out = S3Uri.parse(output)
+    shards = shard_urls(data, store)
+    with tempfile.TemporaryDirectory(prefix="vdm-temporal-decoder-") as tmp:
+        scratch = Path(tmp)
+        init = local_folder(init_from, store, scratch / "init")
+        if not (init / STAGE_FILE).exists() or not (init / VAE_FOLDER / "config.json").exists():
+            raise ValueError(f"{init_from} is not a model folder with {STAGE_FILE} and {VAE_FOLDER}/")
+        image_vae = LatentCodec.from_folder(init / VAE_FOLDER).vae
+        seed_everything(config.seed)
+        vae, dropped = temporal_vae(image_vae)
+        trainer = TemporalDecoderTrainer(vae, config)
+        checkpoint = latest_checkpoint(out, store) if resume else None
+        if checkpoint:
+            trainer.load(local_folder(str(checkpoint), store, scratch / "resume"))
+        evaluation_clips = torch.stack(
+            [c["video"] for c in itertools.islice(ClipDataset(shards, config.clip, seed=config.seed + 1), EVAL_CLIPS)]
+        )
+        clips = iter(ClipDataset(shards, config.clip, seed=config.seed, start=trainer.state.data_position))
+
+        def batches():
+            while True:
+                yield torch.stack([next(clips)["video"] for _ in range(config.batch_size)])
+
+        def on_checkpoint(step: int) -> None:
+            folder = trainer.save(scratch / f"checkpoint-{step:08d}")
+            store.publish_folder(folder, out.join(CHECKPOINTS, f"step-{step:08d}"))
+            shutil.rmtree(folder)
+
+        lineage = {"data": data, "init_from": init_from, "output": output}
+        with tracked_run(
+            f"vdm-finetune-{KIND}",
+            run_name=f"{KIND}-{config_name}",
+            config={**asdict(config), **lineage},
+            inputs=[data],
+            settings=settings,
+        ) as run:
+            conditioning = json.loads((init / STAGE_FILE).read_text()).get("conditioning", "text")
+            mlflow.set_tags(
+                {
+                    "vdm.resumed_from": str(checkpoint or ""),
+                    "vdm.conditioning": conditioning,
+                    "vdm.vae_dropped_weights": ",".join(dropped),
+                }
+            )
+            before = _evaluate(image_vae, evaluation_clips, "image_decoder")
+            state = train_temporal_decoder(
+                trainer, batches(), on_log=_metrics_logger(progress), on_checkpoint=on_checkpoint
+            )
+            after = _evaluate(vae, evaluation_clips, "temporal_decoder")
+            mlflow.log_metrics(before | after)
+            final_folder = scratch / "final"
+            shutil.copytree(init, final_folder, ignore=shutil.ignore_patterns(VAE_FOLDER))
+            vae.save_pretrained(final_folder / VAE_FOLDER, safe_serialization=True)
+            final = out.join("final")
+            store.publish_folder(final_folder, final)
+            mlflow.set_tag("vdm.outputs", str(final))
+            if conditioning == "image":
+                from model.svd import export_svd
+
+                svd = out.join("svd")
+                store.publish_folder(export_svd(VideoDiffusion.load(final_folder), scratch / "svd"), svd)
+                mlflow.set_tag("vdm.svd_format", str(svd))
+            version = (
+                register_pipeline(final_folder, register_as, {"vdm.data": data, "vdm.final": str(final)})
+                if register_as
+                else None
+            )
+    summary = {
+        "steps": state.step,
+        "final": str(final),
+        "registered": f"models:/{register_as}/{version.version}" if version else None,
+        "mlflow_run": run_url(run, settings),
+        "mlflow_run_id": run.info.run_id,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+    }
+    store.put_bytes(out.join(RESULT), json.dumps(summary, indent=1).encode())
+    return summary | {"losses": state.losses, "metrics": before | after}

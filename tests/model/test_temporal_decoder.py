@@ -1,0 +1,126 @@
+"""The temporal-decoder finetune's mechanism: the image VAE converts to diffusers'
+AutoencoderKLTemporalDecoder starting equal to its image decoder (exactly where
+diffusers' structure allows, the measured gap where it does not), only the decoder
+trains (the encoder stays bit-identical), the 3D patch discriminator sees across
+frames, the flicker metric reads what it should, and the model's codec decodes whole
+clips with the temporal decoder after save and load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
+
+from model.conditioning import LatentCodec
+from model.temporal_decoder import (
+    TEMPORAL_PARAMETER,
+    PatchDiscriminator3D,
+    TemporalDecoderConfig,
+    TemporalDecoderTrainer,
+    decode_frames,
+    flicker,
+    named_config,
+    temporal_vae,
+)
+
+
+def _image_vae(layers_per_block: int) -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=layers_per_block,
+        norm_num_groups=32,
+    ).eval()
+
+
+def _latents(frames: int = 4) -> torch.Tensor:
+    return torch.randn(2, frames, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_conversion_is_exact_when_the_vae_structure_maps_and_post_quant_conv_has_no_bias():
+    vae = _image_vae(layers_per_block=2)  # SD's VAE has 2: its mid block maps one to one
+    with torch.no_grad():
+        vae.post_quant_conv.bias.zero_()
+    temporal, dropped = temporal_vae(vae)
+    assert isinstance(temporal, AutoencoderKLTemporalDecoder) and dropped == []
+    latents = _latents()
+    with torch.no_grad():
+        difference = (decode_frames(vae, latents) - decode_frames(temporal, latents)).abs().max()
+    assert difference < 1e-4, difference
+    for name, value in vae.state_dict().items():  # encoder and quant_conv copied bit for bit
+        if name.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(value, temporal.state_dict()[name]), name
+
+
+def test_conversion_gaps_are_the_folded_bias_at_the_border_and_the_tiny_mid_block():
+    vae = _image_vae(layers_per_block=2)
+    temporal, _ = temporal_vae(vae)
+    latents = _latents()
+    with torch.no_grad():
+        # conv_in(post_quant_conv(z)) folded into one convolution: exact inside the latent
+        image_in = vae.decoder.conv_in(vae.post_quant_conv(latents.flatten(0, 1)))
+        temporal_in = temporal.decoder.conv_in(latents.flatten(0, 1))
+    inside = (image_in - temporal_in)[..., 1:-1, 1:-1].abs().max()
+    border = (image_in - temporal_in).abs().max()
+    assert inside < 1e-5 and border > 1e-3, (inside, border)
+    # layers_per_block=1: diffusers' temporal mid block has one res block and no attention
+    _, dropped = temporal_vae(_image_vae(layers_per_block=1))
+    assert {d.split(".spatial_res_block")[0] for d in dropped} == {"decoder.mid_block.resnets.1"}
+
+
+def test_a_training_step_moves_the_decoder_and_its_temporal_layers_only():
+    vae = LatentCodec.tiny().vae
+    temporal, _ = temporal_vae(vae)
+    before = {k: v.clone() for k, v in temporal.state_dict().items()}
+    trainer = TemporalDecoderTrainer(temporal, TemporalDecoderConfig(adversarial_start=0, lr=1e-3))
+    video = torch.rand(1, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    metrics = trainer.step(video, torch.Generator().manual_seed(0))
+    assert {"l1", "generator_loss", "discriminator_loss"} <= set(metrics)
+    after = temporal.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("decoder.") for k in changed)
+    assert any(TEMPORAL_PARAMETER.search(k) for k in changed)  # the zero-initialised layers learn
+    assert not any(p.requires_grad for p in temporal.encoder.parameters())
+
+
+def test_the_discriminator_scores_patches_across_neighbouring_frames():
+    discriminator = PatchDiscriminator3D(width=8)
+    video = torch.zeros(2, 6, 3, 32, 32, requires_grad=True)
+    logits = discriminator(video)
+    assert logits.shape == (2, 1, 6, 4, 4)
+    logits[:, :, 3].sum().backward()  # frame 3's scores depend on frames 2 and 4, not only 3
+    reach = video.grad.abs().sum(dim=(0, 2, 3, 4))
+    assert reach[2] > 0 and reach[3] > 0 and reach[4] > 0
+
+
+def test_flicker_is_the_frame_to_frame_change_the_decoder_adds():
+    truth = torch.linspace(-1, 1, 8).view(1, 8, 1, 1, 1).expand(1, 8, 3, 4, 4)  # a steady fade
+    assert flicker(truth, truth) == 0.0
+    assert flicker(truth + 0.3, truth) == pytest.approx(0.0, abs=1e-6)  # a constant offset does not flicker
+    alternating = torch.tensor([0.1, -0.1] * 4).view(1, 8, 1, 1, 1)
+    assert flicker(truth + alternating, truth) == pytest.approx(0.2)
+
+
+def test_the_codec_decodes_clips_with_the_temporal_decoder_after_save_and_load(tmp_path):
+    temporal, _ = temporal_vae(LatentCodec.tiny().vae)
+    with torch.no_grad():
+        temporal.decoder.time_conv_out.weight[:, :, 0] += 0.1  # frame t now sees frame t-1
+    temporal.save_pretrained(tmp_path / "vae")
+    codec = LatentCodec.from_folder(tmp_path / "vae")
+    assert isinstance(codec.vae, AutoencoderKLTemporalDecoder)
+    latents = _latents(frames=4)
+    clip = codec.decode(latents)
+    single = codec.decode(latents[:, 2:3])  # a frame decoded alone differs from in its clip
+    assert clip.shape == (2, 4, 3, 32, 32) and not torch.allclose(clip[:, 2:3], single)
+
+
+def test_named_config_and_bad_configs():
+    assert named_config("tiny").clip.num_frames == 8
+    with pytest.raises(ValueError, match="no config"):
+        named_config("nonexistent")
+    with pytest.raises(ValueError, match="unknown temporal-decoder config fields"):
+        TemporalDecoderConfig.from_dict({"stage": "temporal-decoder", "unet": "tiny"})
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        TemporalDecoderConfig.from_dict({"clip": {"num_frames": 1}})
