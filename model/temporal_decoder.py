@@ -19,7 +19,7 @@ The encoder, and with it the latent space the UNet was trained in, stays bit-ide
   frames of a generated clip never agree exactly), plus a hinge GAN loss from a small
   3D-convolution patch discriminator (`PatchDiscriminator3D`: diffusers and the
   installed libraries have none), weighted adaptively as in taming-transformers/LDM
-  (the ratio of the two losses' gradient norms at the decoder's last layer) and
+  (the ratio of the two losses' gradient norms at the decoder's last layer, `time_conv_out`) and
   switched on after `adversarial_start` steps. No perceptual (LPIPS) term: its weights
   are not available offline.
 - Metric (`decoding_metrics`): flicker = mean |(decoded[t+1] - decoded[t]) -
@@ -67,6 +67,9 @@ class TemporalDecoderConfig:
     # Per-frame Gaussian noise added to the scaled latents during training: std drawn
     # uniformly in [0, latent_noise] per clip (0: the encoder's posterior samples only).
     latent_noise: float = 0.1
+    # What trains: the whole decoder (SVD), or its temporal layers only (Video LDM's
+    # recipe: the image decoder's frames stay as they were, only their agreement changes).
+    trainable: Literal["decoder", "temporal"] = "decoder"
     grad_clip: float = 1.0
     checkpoint_every: int = 100
     log_every: int = 10
@@ -231,11 +234,18 @@ def adaptive_weight(reconstruction: torch.Tensor, adversarial: torch.Tensor, las
 # -- training -----------------------------------------------------------------------------
 
 
-def decoder_parameters(vae: AutoencoderKLTemporalDecoder) -> list[torch.nn.Parameter]:
-    """Freeze the encoder (and quant_conv); the decoder's parameters train."""
+def decoder_parameters(
+    vae: AutoencoderKLTemporalDecoder, trainable: Literal["decoder", "temporal"] = "decoder"
+) -> list[torch.nn.Parameter]:
+    """Freeze the encoder (and quant_conv) and, for `temporal`, the decoder's spatial
+    layers; returns the parameters that train."""
     vae.requires_grad_(False)
-    vae.decoder.requires_grad_(True)
-    return list(vae.decoder.parameters())
+    params = []
+    for name, param in vae.decoder.named_parameters():
+        param.requires_grad_(trainable == "decoder" or bool(TEMPORAL_PARAMETER.search(name)))
+        if param.requires_grad:
+            params.append(param)
+    return params
 
 
 @dataclass
@@ -265,7 +275,7 @@ class TemporalDecoderTrainer:
 
     def __init__(self, vae: AutoencoderKLTemporalDecoder, config: TemporalDecoderConfig):
         self.vae, self.config = vae, config
-        self.params = decoder_parameters(vae)
+        self.params = decoder_parameters(vae, config.trainable)
         self.discriminator = PatchDiscriminator3D(config.discriminator_width).to(next(vae.parameters()).device)
         self.optimizer = torch.optim.AdamW(self.params, config.lr, betas=(0.5, 0.9), weight_decay=0.0)
         self.discriminator_optimizer = torch.optim.AdamW(
@@ -286,7 +296,7 @@ class TemporalDecoderTrainer:
         if adversarial_on:
             self.discriminator.requires_grad_(False)
             generator_loss = -self.discriminator(decoded).mean()
-            weight = adaptive_weight(reconstruction, generator_loss, self.vae.decoder.conv_out.weight)
+            weight = adaptive_weight(reconstruction, generator_loss, self.vae.decoder.time_conv_out.weight)
             loss = loss + config.adversarial_weight * weight * generator_loss
             metrics |= {"generator_loss": generator_loss.item(), "adversarial_weight": weight.item()}
         self.optimizer.zero_grad(set_to_none=True)
