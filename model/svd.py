@@ -16,12 +16,14 @@ Three translations:
   transformers' `CLIPVisionModelWithProjection` (fused qkv split, projection
   transposed); `CLIPImageProcessor` carries the tower's mean and std.
 - VAE (as is, scaling_factor doubled). Import keeps SVD's AutoencoderKLTemporalDecoder:
-  our codec decodes whole clips with it. Export keeps our AutoencoderKL: the pipeline
-  decodes frame by frame with a VAE whose forward takes no `num_frames` (diffusers
-  checks the signature). Converting it to a temporal decoder is not exact in general:
-  AutoencoderKLTemporalDecoder has no `post_quant_conv`, and with `layers_per_block=1`
-  (our tiny VAE) its mid block is one resnet without attention where AutoencoderKL's
-  is resnet-attention-resnet; the temporal-decoder finetune makes real ones.
+  our codec decodes whole clips with it. Export keeps the model's VAE: an AutoencoderKL,
+  which the pipeline decodes frame by frame (its forward takes no `num_frames`;
+  diffusers checks the signature), or, after `vdm finetune temporal-decoder`, an
+  AutoencoderKLTemporalDecoder, which it decodes whole clips with (its default
+  `decode_chunk_size` is the clip). Converting an AutoencoderKL to a temporal decoder is
+  not exact in general (model/temporal_decoder.py): no `post_quant_conv`, and with
+  `layers_per_block=1` (our tiny VAE) a mid block of one resnet without attention where
+  AutoencoderKL's is resnet-attention-resnet; the finetune trains the gap away.
 
 The pipeline conditions on `fps - 1` (SVD's training quirk): call it with our fps + 1.
 """

@@ -161,3 +161,20 @@ def test_a_short_finetune_decodes_static_clips_with_less_flicker_than_the_image_
     assert finetuned["flicker"] < 0.9 * image["flicker"], (image, finetuned)
     assert finetuned["l1"] <= image["l1"], (image, finetuned)
     assert all(torch.equal(v, temporal.decoder.state_dict()[k]) for k, v in spatial.items())
+
+
+def test_an_image_to_video_model_with_a_temporal_decoder_exports_and_imports_it(tmp_path):
+    from model import svd
+    from model.stages import VideoDiffusion
+    from model.stages import named_config as stage_config
+
+    model = VideoDiffusion.create(stage_config("tiny", "i2v"))
+    temporal, _ = temporal_vae(model.codec.vae)
+    with torch.no_grad():
+        temporal.decoder.time_conv_out.weight[:, :, 0] += 0.1  # decoding a clip is not decoding its frames
+    model.codec = LatentCodec(temporal)
+    folder = svd.export_svd(model, tmp_path / "svd")
+    again = VideoDiffusion.create(stage_config("tiny", "i2v"), init_from=folder)
+    assert isinstance(again.codec.vae, AutoencoderKLTemporalDecoder)
+    latents = _latents(frames=4)
+    torch.testing.assert_close(again.codec.decode(latents), model.codec.decode(latents), atol=1e-5, rtol=0)
