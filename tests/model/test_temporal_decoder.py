@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
 
 from components.sample_data.render import moving_shapes
+from components.sample_data.shards import write_shapes_shards
 from model.conditioning import LatentCodec
 from model.data import ClipSpec
 from model.temporal_decoder import (
@@ -178,3 +179,39 @@ def test_an_image_to_video_model_with_a_temporal_decoder_exports_and_imports_it(
     assert isinstance(again.codec.vae, AutoencoderKLTemporalDecoder)
     latents = _latents(frames=4)
     torch.testing.assert_close(again.codec.decode(latents), model.codec.decode(latents), atol=1e-5, rtol=0)
+
+
+def test_a_resumed_finetune_continues_the_same_run(tmp_path):
+    clips = [torch.rand(1, 3, 3, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(2)]
+    config = TemporalDecoderConfig(
+        clip=ClipSpec(3, 8.0, 16, 16), max_steps=2, adversarial_start=0, lr=1e-3, checkpoint_every=1
+    )
+
+    def trainer() -> TemporalDecoderTrainer:
+        return TemporalDecoderTrainer(temporal_vae(LatentCodec.tiny().vae)[0], config)
+
+    whole = trainer()  # checkpoints after step 1, then runs on
+    train_temporal_decoder(whole, iter(clips), on_checkpoint=lambda step: whole.save(tmp_path / f"{step}"))
+    resumed = trainer()
+    resumed.load(tmp_path / "1")
+    assert resumed.state.step == 1 and resumed.state.data_position == 1
+    train_temporal_decoder(resumed, iter(clips[resumed.state.data_position :]))
+    for name, value in whole.vae.state_dict().items():
+        torch.testing.assert_close(resumed.vae.state_dict()[name], value, atol=1e-6, rtol=0, msg=name)
+    for name, value in whole.discriminator.state_dict().items():
+        torch.testing.assert_close(resumed.discriminator.state_dict()[name], value, atol=1e-6, rtol=0, msg=name)
+
+
+def test_finetuning_something_that_is_not_a_model_folder_is_a_clear_error(tmp_path):
+    from components.common.objectstore import ObjectStore
+    from components.common.settings import load_settings
+    from components.training.finetune import run_finetune
+
+    write_shapes_shards(tmp_path / "shards", shards=1, clips_per_shard=1, num_frames=8, height=32, width=32)
+    (tmp_path / "empty").mkdir()
+    settings = load_settings()
+    with pytest.raises(ValueError, match="not a model folder with stage.json and vae/"):
+        run_finetune(
+            "temporal-decoder", "tiny", str(tmp_path / "shards"), "s3://vdm/x", str(tmp_path / "empty"),
+            ObjectStore.from_settings(settings), settings,
+        )  # fmt: skip
