@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, replace
@@ -44,7 +45,9 @@ from model.temporal_decoder import (
 )
 from model.training import seed_everything
 
-# Clips for the before/after metrics (drawn in another order than training's), and the latent noise they are decoded at.
+# Clips for the metrics of the decoder the model came with (`before_*`: its image decoder,
+# or a temporal one being finetuned further) and the finetuned one (`after_*`), drawn in
+# another order than training's; and the latent noise they are decoded at.
 EVAL_CLIPS = 4
 EVAL_LATENT_NOISE = (0.0, 0.1)
 
@@ -70,6 +73,8 @@ def run_temporal_decoder_finetune(
     register_as: str | None = None,
     progress: bool = True,
 ) -> dict:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("the temporal-decoder finetune trains on one process: launch it with one rank")
     config = named_config(config_name)
     config = replace(config, **{k: v for k, v in (overrides or {}).items() if v is not None})
     out = S3Uri.parse(output)
@@ -79,21 +84,23 @@ def run_temporal_decoder_finetune(
         init = local_folder(init_from, store, scratch / "init")
         if not (init / STAGE_FILE).exists() or not (init / VAE_FOLDER / "config.json").exists():
             raise ValueError(f"{init_from} is not a model folder with {STAGE_FILE} and {VAE_FOLDER}/")
-        image_vae = LatentCodec.from_folder(init / VAE_FOLDER).vae
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        initial_vae = LatentCodec.from_folder(init / VAE_FOLDER).vae.to(device)
         seed_everything(config.seed)
-        vae, dropped = temporal_vae(image_vae)
+        vae, dropped = temporal_vae(initial_vae)
+        vae.to(device)
         trainer = TemporalDecoderTrainer(vae, config)
         checkpoint = latest_checkpoint(out, store) if resume else None
         if checkpoint:
             trainer.load(local_folder(str(checkpoint), store, scratch / "resume"))
         evaluation_clips = torch.stack(
             [c["video"] for c in itertools.islice(ClipDataset(shards, config.clip, seed=config.seed + 1), EVAL_CLIPS)]
-        )
+        ).to(device)
         clips = iter(ClipDataset(shards, config.clip, seed=config.seed, start=trainer.state.data_position))
 
         def batches():
             while True:
-                yield torch.stack([next(clips)["video"] for _ in range(config.batch_size)])
+                yield torch.stack([next(clips)["video"] for _ in range(config.batch_size)]).to(device)
 
         def on_checkpoint(step: int) -> None:
             folder = trainer.save(scratch / f"checkpoint-{step:08d}")
@@ -116,15 +123,15 @@ def run_temporal_decoder_finetune(
                     "vdm.vae_dropped_weights": ",".join(dropped),
                 }
             )
-            before = _evaluate(image_vae, evaluation_clips, "image_decoder")
+            before = _evaluate(initial_vae, evaluation_clips, "before")
             state = train_temporal_decoder(
                 trainer, batches(), on_log=_metrics_logger(progress), on_checkpoint=on_checkpoint
             )
-            after = _evaluate(vae, evaluation_clips, "temporal_decoder")
+            after = _evaluate(vae, evaluation_clips, "after")
             mlflow.log_metrics(before | after)
             final_folder = scratch / "final"
             shutil.copytree(init, final_folder, ignore=shutil.ignore_patterns(VAE_FOLDER))
-            vae.save_pretrained(final_folder / VAE_FOLDER, safe_serialization=True)
+            vae.to("cpu").save_pretrained(final_folder / VAE_FOLDER, safe_serialization=True)
             final = out.join("final")
             store.publish_folder(final_folder, final)
             mlflow.set_tag("vdm.outputs", str(final))

@@ -47,7 +47,7 @@ def test_finetune_temporal_decoder_registers_the_model_with_its_new_decoder(stac
     run = mlflow.get_run(re.search(r"/runs/([0-9a-f]{32})", result.stdout).group(1))
     assert run.info.experiment_id == mlflow.get_experiment_by_name("vdm-finetune-temporal-decoder").experiment_id
     assert run.data.params["init_from"] == str(init)
-    assert {"image_decoder_flicker_noise_0.1", "temporal_decoder_flicker_noise_0.1"} <= set(run.data.metrics)
+    assert {"before_flicker_noise_0.1", "after_flicker_noise_0.1"} <= set(run.data.metrics)
     tags = MlflowClient().get_model_version(name, "1").tags
     assert tags["vdm.conditioning"] == "text" and tags["vdm.data"] == f"{prefix}/data"
     assert tags["vdm.training_run"] == run.info.run_id and tags["vdm.final"] == f"{out}/final"
