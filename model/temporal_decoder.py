@@ -93,10 +93,10 @@ class TemporalDecoderConfig:
 
 def named_config(name_or_path: str) -> TemporalDecoderConfig:
     """`tiny` -> model/configs/tiny-temporal-decoder.yaml; anything else is a path."""
-    path = NAMED_CONFIGS / f"{name_or_path}-{KIND}.yaml"
-    path = path if path.exists() else Path(name_or_path)
+    named = NAMED_CONFIGS / f"{name_or_path}-{KIND}.yaml"
+    path = named if named.exists() else Path(name_or_path)
     if not path.exists():
-        raise ValueError(f"no config {name_or_path!r} (neither {path.name} in {NAMED_CONFIGS} nor a file)")
+        raise ValueError(f"no config {name_or_path!r} (neither {named.name} in {NAMED_CONFIGS} nor a file)")
     return TemporalDecoderConfig.from_dict(yaml.safe_load(path.read_text()))
 
 
