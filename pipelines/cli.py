@@ -400,6 +400,12 @@ _finetune_command(
     "latent is concatenated to every frame. --init-from a trained video model or a StableVideoDiffusionPipeline "
     "folder; the result is also written in that pipeline's format (<output>/svd).",
 )
+_finetune_command(
+    "spatial-hq",
+    "Image-only spatial finetune (VideoCrafter2): only the spatial layers train, on a high-quality image set "
+    "(--data: WebDataset shards of images); the temporal layers, and with them the motion, stay as they were. "
+    "--init-from a trained video model.",
+)
 
 
 @main.group()
