@@ -80,6 +80,8 @@ def test_the_image_set_is_saturated_and_the_video_data_is_not(tmp_path):
     assert min(image_saturation) > 0.97, image_saturation
     assert max(clip_saturation) < 0.6, clip_saturation  # channels uniform in 96..255: about 0.3
     assert foreground_saturation(torch.zeros(1, 3, 8, 8)) == 0  # black: nothing in the foreground
+    with pytest.raises(ValueError, match=r"no image \(jpg, jpeg, png, webp\) in these shards"):
+        next(iter(ImageDataset([str(p) for p in clips], 32, 32)))  # video shards given as the image set
 
 
 @torch.no_grad()
