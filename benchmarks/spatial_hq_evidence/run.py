@@ -36,10 +36,11 @@ from components.evaluation.motion import gate_metrics
 from components.sample_data.palette import write_palette_image_shards
 from components.sample_data.shards import write_shapes_shards
 from model.autoencoder import AutoencoderTraining, reconstruction_error, train_autoencoder
-from model.conditioning import LatentCodec
+from model.conditioning import LatentCodec, added_time_ids
 from model.data import ClipDataset, ClipSpec, ImageDataset
 from model.evaluation import evaluate_motion
 from model.networks import is_temporal
+from model.samplers import SAMPLERS, karras_sigmas
 from model.spatial import palette_report
 from model.stages import VideoDiffusion, named_config
 from model.train import train
@@ -49,12 +50,12 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def quick_base(video: list[str], images: list[str], work: Path, vae_steps: int, video_steps: int) -> Path:
+def quick_base(video: list[str], images: list[str], work: Path, vae_steps: int, video_steps: int, size: int) -> Path:
     """A tiny VAE trained on frames of both sets (a general VAE, as SD's is for the real
     model), then Stage II from scratch on the video clips; returns its model folder."""
-    spec = ClipSpec(num_frames=2, fps=8.0, height=32, width=32)
+    spec = ClipSpec(num_frames=2, fps=8.0, height=size, width=size)
     clips = iter(ClipDataset(video, spec, seed=1))
-    pictures = iter(ImageDataset(images, 32, 32, seed=1))
+    pictures = iter(ImageDataset(images, size, size, seed=1))
 
     def frames():
         while True:
@@ -65,7 +66,7 @@ def quick_base(video: list[str], images: list[str], work: Path, vae_steps: int, 
     vae.save_pretrained(work / "vae", safe_serialization=True)
     config = replace(
         named_config("tiny", "video"),
-        clip=ClipSpec(num_frames=8, fps=8.0, height=32, width=32),
+        clip=ClipSpec(num_frames=8, fps=8.0, height=size, width=size),
         vae=str(work / "vae"),
         max_steps=video_steps,
         checkpoint_every=video_steps,
@@ -78,9 +79,25 @@ def quick_base(video: list[str], images: list[str], work: Path, vae_steps: int, 
     return result.final
 
 
+@torch.no_grad()
+def resampled(model: VideoDiffusion, clip: torch.Tensor, sigma_start: float, steps: int) -> torch.Tensor:
+    """SDEdit: the clip's latents noised to `sigma_start` and sampled back to 0 by the model
+    (empty prompt, the clip's fps): layout and motion stay the clip's, the appearance is
+    the model's. A weak base generates no clean object from pure noise; from here it does."""
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    latents = model.codec.encode(clip[None], generator)
+    sigmas = karras_sigmas(steps, 0.002, sigma_start)
+    x = latents + sigma_start * torch.randn(latents.shape, generator=generator)
+    text = model.text([""])
+    ids = added_time_ids(torch.tensor([model.config.clip.fps]), torch.ones(1), torch.zeros(1))
+    x = SAMPLERS["heun"](lambda x, sigma: model.denoiser(x, sigma, text=text, added=ids), x, sigmas)
+    return model.codec.decode(x)[0]
+
+
 def measure(model: VideoDiffusion, video: list[str], images: list[torch.Tensor], clips: int, steps: int) -> dict:
-    """Motion on the video data (generated from the empty prompt, as `vdm eval motion`) and the
-    image-quality proxy of the same samples."""
+    """Motion on the video data (generated from the empty prompt, as `vdm eval motion`), the
+    image-quality proxy of the same samples and of the data clips resampled from sigma 1."""
     report = evaluate_motion(model, video, clips=clips, steps=steps)
     data_clips = [
         item["video"] for item in itertools.islice(ClipDataset(video, model.config.clip, random_crop=False), clips)
@@ -89,19 +106,23 @@ def measure(model: VideoDiffusion, video: list[str], images: list[torch.Tensor],
         "motion": report["generated"] | gate_metrics(report),
         "data_motion": report["data"],
         "image_quality": palette_report(report["samples"], images, data_clips),
+        "image_quality_resampled_from_sigma_1": palette_report(
+            [resampled(model, clip, 1.0, steps) for clip in data_clips], images, data_clips
+        ),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=150, help="spatial-hq finetune steps")
-    parser.add_argument("--lr", type=float, default=2e-3, help="spatial-hq learning rate (few steps: high)")
+    parser.add_argument("--steps", type=int, default=400, help="spatial-hq finetune steps")
+    parser.add_argument("--lr", type=float, default=1e-3, help="spatial-hq learning rate (few steps: high)")
     parser.add_argument("--base", default=None, help="a trained video model folder (default: make a small one)")
     parser.add_argument("--video-data", default=None, help="the base's video shards (folder; with --base)")
-    parser.add_argument("--vae-steps", type=int, default=120)
-    parser.add_argument("--base-steps", type=int, default=80)
-    parser.add_argument("--eval-clips", type=int, default=4)
-    parser.add_argument("--eval-steps", type=int, default=10)
+    parser.add_argument("--vae-steps", type=int, default=200)
+    parser.add_argument("--base-steps", type=int, default=400)
+    parser.add_argument("--size", type=int, default=16, help="frame size of the base made here")
+    parser.add_argument("--eval-clips", type=int, default=8)
+    parser.add_argument("--eval-steps", type=int, default=12)
     # On a machine shared by many processes, torch's two OpenMP threads spin-wait for each
     # other: a VAE step measured 10 s with 2 threads against 1 s with one. Raise it when quiet.
     parser.add_argument("--threads", type=int, default=1)
@@ -113,14 +134,20 @@ def main() -> None:
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="spatial-hq-evidence-") as tmp:
         work = Path(tmp)
-        image_shards = [str(p) for p in write_palette_image_shards(work / "images", shards=4, images_per_shard=16)[0]]
+        # Drawn at 32 px (discs of radius 5-7 px), like the video clips below: larger relative to the frame.
+        image_shards = [
+            str(p) for p in write_palette_image_shards(work / "images", shards=4, images_per_shard=16, size=32)[0]
+        ]
         if args.video_data:
             video = sorted(str(p) for p in Path(args.video_data).rglob("*.tar"))
         else:
-            video = [str(p) for p in write_shapes_shards(work / "video", shards=4, clips_per_shard=8, seed=1)[0]]
+            shards = write_shapes_shards(work / "video", shards=4, clips_per_shard=8, height=32, width=32, seed=1)
+            video = [str(p) for p in shards[0]]
         start = time.perf_counter()
         base_folder = (
-            Path(args.base) if args.base else quick_base(video, image_shards, work, args.vae_steps, args.base_steps)
+            Path(args.base)
+            if args.base
+            else quick_base(video, image_shards, work, args.vae_steps, args.base_steps, args.size)
         )
         seconds["base"] = time.perf_counter() - start
 
@@ -149,7 +176,9 @@ def main() -> None:
         temporal_identical = all(
             torch.equal(trained[name], param) for name, param in base.unet.named_parameters() if is_temporal(name)
         )
-        held_out = write_palette_image_shards(work / "held-out", shards=1, images_per_shard=args.eval_clips, seed=9)[0]
+        held_out = write_palette_image_shards(
+            work / "held-out", shards=1, images_per_shard=args.eval_clips, size=32, seed=9
+        )[0]
         images = [i["video"] for i in ImageDataset([str(p) for p in held_out], spec.height, spec.width, epochs=1)]
         start = time.perf_counter()
         report = {
