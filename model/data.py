@@ -137,7 +137,7 @@ class ClipDataset(IterableDataset):
         for epoch, raw in self._raw(role, workers):
             if epoch != last_epoch:
                 if usable == 0:
-                    raise ValueError(f"no clip in these shards is long enough for {self.spec}")
+                    raise ValueError(self._nothing_usable())
                 usable, last_epoch = 0, epoch
             plan = self._plan(epoch, raw)
             if plan is None:
@@ -148,7 +148,10 @@ class ClipDataset(IterableDataset):
                 continue
             yield self._decode(raw, *plan)
         if usable == 0:  # a finite stream (epochs=n) with nothing usable
-            raise ValueError(f"no clip in these shards is long enough for {self.spec}")
+            raise ValueError(self._nothing_usable())
+
+    def _nothing_usable(self) -> str:
+        return f"no clip in these shards is long enough for {self.spec}"
 
     def _plan(self, epoch: int, raw: dict) -> tuple[dict, list[int], random.Random] | None:
         meta = json.loads(raw["json"])
@@ -178,6 +181,9 @@ class ImageDataset(ClipDataset):
 
     def __init__(self, shards: list[str], height: int, width: int, **kwargs):
         super().__init__(shards, ClipSpec(num_frames=1, fps=1.0, height=height, width=width), **kwargs)
+
+    def _nothing_usable(self) -> str:
+        return f"no image ({', '.join(IMAGE_EXTENSIONS)}) in these shards: image data is a WebDataset of images"
 
     def _plan(self, epoch: int, raw: dict) -> tuple[dict, list[int], random.Random] | None:
         if not any(ext in raw for ext in IMAGE_EXTENSIONS):

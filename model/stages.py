@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -30,10 +31,11 @@ from model.diffusion import Denoiser, denoising_loss, lognormal_sigmas, shifted_
 from model.latents import vae_fingerprint
 from model.networks import CONFIGS, image_unet, inflate, load_image_unet, widen_input
 from model.openclip import TINY_CLIP_MODEL, TINY_IMAGE_CLIP_MODEL, register_tiny_models
+from model.spatial import images_only
 from model.training import OptimConfig, Strategy
 
 # Pretraining stages, then finetunes of a video model (`vdm finetune KIND`).
-Stage = Literal["image", "video", "hq", "i2v"]
+Stage = Literal["image", "video", "hq", "i2v", "spatial-hq"]
 STAGE_FILE = "stage.json"
 TEXT_FOLDER, IMAGE_FOLDER, VAE_FOLDER = "text_encoder", "image_encoder", "vae"
 IMAGE_WEIGHTS = "open_clip_vision.safetensors"
@@ -90,6 +92,8 @@ class StageConfig:
             raise ValueError("image data trains Stage I or the spatial layers only (strategy: spatial)")
         if self.conditioning == "image" and (not self.video or self.data != "clips"):
             raise ValueError("image-to-video trains a video model on clips (it needs each clip's first frame)")
+        if self.stage == "spatial-hq" and (self.data != "images" or self.strategy != "spatial"):
+            raise ValueError("the spatial-hq finetune trains the spatial layers only (strategy: spatial) on images")
 
     @property
     def video(self) -> bool:
@@ -292,7 +296,9 @@ class VideoDiffusion(torch.nn.Module):
             latents.shape[0], self.config.p_mean_at_resolution, self.config.p_std, generator=generator
         ).to(latents.device)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        return denoising_loss(self.denoiser, latents, sigma, noise=noise, **cond).mean()
+        # A video model trained on images runs them with its temporal branches off (model/spatial.py).
+        with images_only(self.unet) if self.config.video and self.config.data == "images" else nullcontext():
+            return denoising_loss(self.denoiser, latents, sigma, noise=noise, **cond).mean()
 
     def save(self, folder: Path, unet: torch.nn.Module | None = None) -> Path:
         """A self-contained model folder: the trained UNet and the VAE as diffusers folders

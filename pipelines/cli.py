@@ -406,6 +406,12 @@ _finetune_command(
     "and is finetuned on clips (reconstruction + 3D patch discriminator) so decoded frames do not flicker; the "
     "encoder and the UNet are unchanged. The result is the --init-from model folder with the new vae/.",
 )
+_finetune_command(
+    "spatial-hq",
+    "Image-only spatial finetune (VideoCrafter2): only the spatial layers train, on a high-quality image set "
+    "(--data: WebDataset shards of images); the temporal layers, and with them the motion, stay as they were. "
+    "--init-from a trained video model.",
+)
 
 
 @main.group()

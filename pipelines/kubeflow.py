@@ -225,6 +225,37 @@ def finetune_temporal_decoder(
 
 
 @dsl.pipeline(
+    name="finetune-spatial-hq",
+    description="Image-only spatial finetune (VideoCrafter2) of a trained video model on high-quality images -> "
+    "motion evaluation on the video data -> promotion gate.",
+)
+def finetune_spatial_hq(
+    init_from: str = "models:/vdm-text-to-video@champion",
+    image_data_uri: str = "s3://vdm/images/high-quality/",
+    video_data_uri: str = "s3://vdm/curated/kfp/shards/",
+    output_uri: str = "s3://vdm/runs/finetune-spatial-hq",
+    config: str = "tiny",
+    max_steps: int = 0,
+    model_name: str = "vdm-spatial-hq",
+    scheduler: str = "local_cwd",
+    nodes: int = 1,
+    procs_per_node: int = 1,
+    gpus_per_node: int = 0,
+    metric: str = "motion_speed_error",
+    direction: str = "minimize",
+    min_improvement: float = 0.0,
+    eval_clips: int = 8,
+    eval_steps: int = 25,
+):
+    launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
+    spatial = _finetune("spatial-hq", init_from, image_data_uri, output_uri, config, max_steps, model_name, launch)
+    # Trained on images; the gate checks that the motion on the video data holds.
+    _evaluate_and_promote(
+        spatial.outputs["model_uri"], video_data_uri, metric, direction, min_improvement, eval_clips, eval_steps
+    )
+
+
+@dsl.pipeline(
     name="end-to-end",
     description="Curation -> Stage I/II/III -> image-to-video finetune -> evaluation -> registration (candidate) "
     "-> promotion gate, for the text- and the image-to-video model.",
@@ -272,5 +303,6 @@ PIPELINES = {
     "evaluate-and-promote": evaluate_and_promote,
     "finetune-i2v": finetune_i2v,
     "finetune-temporal-decoder": finetune_temporal_decoder,
+    "finetune-spatial-hq": finetune_spatial_hq,
     "end-to-end": end_to_end,
 }

@@ -18,6 +18,7 @@ from components.training.run import run_training
 FINETUNES = {
     "i2v": "image-to-video (SVD): animates a conditioning frame",
     "temporal-decoder": "the VAE decoder made temporal (SVD's video decoder): decoded frames do not flicker",
+    "spatial-hq": "image-only spatial finetune (VideoCrafter2): spatial layers on high-quality images",
 }
 
 

@@ -140,6 +140,8 @@ def run_training(
             if lead:
                 # What the model is generated from (text or image): serving picks the endpoint by it.
                 mlflow.set_tags({"vdm.resumed_from": str(checkpoint or ""), "vdm.conditioning": config.conditioning})
+                if config.data == "images":  # Stage I or an image-only finetune: the lineage names its image set
+                    mlflow.set_tag("vdm.image_set", data)
             result = train(
                 config,
                 shards,

@@ -80,6 +80,22 @@ def test_the_i2v_finetune_is_a_gpu_step_started_from_the_last_stage_then_evaluat
     }
 
 
+def test_the_spatial_hq_finetune_trains_on_the_image_set_and_is_evaluated_on_the_video_data(compiled):
+    spec, platform = compiled["finetune-spatial-hq"]
+    tasks = spec["root"]["dag"]["tasks"]
+    finetune = tasks["finetune-model"]["inputs"]["parameters"]
+    assert finetune["kind"] == {"runtimeValue": {"constant": "spatial-hq"}}
+    assert finetune["data_uri"] == {"componentInputParameter": "image_data_uri"}
+    assert tasks["finetune-model"]["retryPolicy"]["maxRetryCount"] == 2
+    assert "nvidia.com/gpu" in str(platform["exec-finetune-model"]["tolerations"])
+    evaluation = tasks["evaluate-motion"]["inputs"]["parameters"]
+    assert evaluation["data_uri"] == {"componentInputParameter": "video_data_uri"}
+    assert evaluation["model_uri"] == {
+        "taskOutputParameter": {"outputParameterKey": "model_uri", "producerTask": "finetune-model"}
+    }
+    assert "promote-candidate" in tasks
+
+
 def test_every_step_reads_credentials_from_the_secret_and_endpoints_from_the_config_map(compiled):
     for name, (spec, platform) in compiled.items():
         executors = spec["deploymentSpec"]["executors"]
