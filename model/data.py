@@ -96,6 +96,7 @@ class ClipDataset(IterableDataset):
         start: int = 0,
         random_crop: bool = True,
         epochs: int | None = None,
+        camera_motion: tuple[str, ...] | None = None,
     ):
         if len(shards) < world_size:
             raise ValueError(f"{len(shards)} shards cannot feed {world_size} ranks")
@@ -103,6 +104,7 @@ class ClipDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.start, self.random_crop = shuffle_buffer, start, random_crop
         self.epochs = epochs  # None: the stream never ends
+        self.camera_motion = camera_motion  # curation's labels of the clips to keep (None: all)
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -137,7 +139,7 @@ class ClipDataset(IterableDataset):
         for epoch, raw in self._raw(role, workers):
             if epoch != last_epoch:
                 if usable == 0:
-                    raise ValueError(f"no clip in these shards is long enough for {self.spec}")
+                    raise ValueError(self._nothing_usable())
                 usable, last_epoch = 0, epoch
             plan = self._plan(epoch, raw)
             if plan is None:
@@ -148,10 +150,16 @@ class ClipDataset(IterableDataset):
                 continue
             yield self._decode(raw, *plan)
         if usable == 0:  # a finite stream (epochs=n) with nothing usable
-            raise ValueError(f"no clip in these shards is long enough for {self.spec}")
+            raise ValueError(self._nothing_usable())
+
+    def _nothing_usable(self) -> str:
+        labelled = f" and labelled {'/'.join(self.camera_motion)}" if self.camera_motion is not None else ""
+        return f"no clip in these shards is long enough for {self.spec}{labelled}"
 
     def _plan(self, epoch: int, raw: dict) -> tuple[dict, list[int], random.Random] | None:
         meta = json.loads(raw["json"])
+        if self.camera_motion is not None and meta.get("camera_motion") not in self.camera_motion:
+            return None  # another camera motion's clip (decided from metadata, like length)
         rng = random.Random(f"{self.seed}:{epoch}:{raw['__key__']}")
         indices = frame_indices(meta["end_frame"] - meta["start_frame"], meta["fps"], self.spec, rng)
         return None if indices is None else (meta, indices, rng)
