@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # the CLI reads MOTION_CLASSES without paying for torch
+    import torch
 
 # Motion class -> the curation labels (components/curation/motion.py) of its training clips.
 # `pan` is horizontal either way (SVD's "horizontal" class); the sign is left to the sampler.
@@ -73,6 +74,7 @@ def load_adapters(unet: torch.nn.Module, folder: Path) -> list[str]:
     """Every adapter saved under `folder/adapters/`, injected under its folder's name."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
     loaded = []
     for path in sorted((folder / ADAPTERS).glob(f"*/{ADAPTER_CONFIG}")):
@@ -90,6 +92,7 @@ def save_adapters(unet: torch.nn.Module, folder: Path) -> list[str]:
     """Each adapter of `unet` to `folder/adapters/<name>/` in peft's format (the files
     `PeftModel.from_pretrained` reads)."""
     from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
     names = adapter_names(unet)
     for name in names:
@@ -105,6 +108,8 @@ def save_adapters(unet: torch.nn.Module, folder: Path) -> list[str]:
 
 def base_unet(unet: torch.nn.Module) -> torch.nn.Module:
     """A plain copy of the base UNet under the adapters (what `unet/` of a folder holds)."""
+    import torch
+
     state = {k.replace(".base_layer.", "."): v for k, v in unet.state_dict().items() if ".lora_" not in k}
     plain = type(unet).from_config(unet.config)
     plain.load_state_dict(state)
