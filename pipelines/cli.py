@@ -365,7 +365,9 @@ def _finetune_command(kind: str, help_text: str, *kind_options):
     @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint under --output.")
     @click.option("--register-as", default=None, help=f"MLflow model (default: vdm-{kind}-<config>), alias candidate.")
     @click.option("--no-register", is_flag=True, help="Do not register the final pipeline.")
-    def command(config_name, data, output, init_from, max_steps, resume, register_as, no_register, **kind) -> None:
+    def command(
+        config_name, data, output, init_from, max_steps, resume, register_as, no_register, **kind_values
+    ) -> None:
         from components.common.objectstore import ObjectStore, ObjectStoreError
         from components.training.finetune import default_model_name, run_finetune
 
@@ -379,7 +381,7 @@ def _finetune_command(kind: str, help_text: str, *kind_options):
                 init_from,
                 ObjectStore.from_settings(settings),
                 settings,
-                overrides={"max_steps": max_steps, **kind},
+                overrides={"max_steps": max_steps, **kind_values},
                 resume=resume,
                 register_as=None if no_register else register_as or default_model_name(kind, config_name),
             )

@@ -5,6 +5,7 @@ sampling time without reloading."""
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import replace
 
@@ -19,6 +20,7 @@ from model.conditioning import added_time_ids
 from model.data import ClipDataset
 from model.pipeline import GenerationConfig, generate
 from model.stages import VideoDiffusion, named_config
+from model.train import train
 from model.training import apply_strategy
 
 CONFIG = named_config("tiny", "camera-lora")
@@ -124,3 +126,33 @@ def test_adapters_are_saved_apart_added_to_and_switched_without_reloading(base_f
     with pytest.raises(ValueError, match=r"no camera-motion adapter 'static'; it has \['pan', 'zoom'\]"):
         generate(both, "", replace(config, adapter="static"))
     assert generate(both, "", replace(config, adapter="zoom")).shape == (4, 3, 32, 32)
+
+
+@torch.no_grad()
+def _pan_error(model: VideoDiffusion, adapter: str | None, videos: torch.Tensor, sigma: float = 1.0) -> float:
+    """MSE of the denoised latents of pan clips at one noise level, the same noise for every model."""
+    model.eval()
+    camera_lora.use_adapter(model.unet, adapter)
+    x0 = model.codec.encode(videos, torch.Generator().manual_seed(0))
+    n = len(videos)
+    noisy = x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    ids = added_time_ids(torch.full((n,), 8.0), torch.ones(n), torch.zeros(n))
+    denoised = model.denoiser(noisy, torch.full((n,), sigma), text=model.text([""] * n), added=ids)
+    return float((denoised - x0).pow(2).mean())
+
+
+def test_a_short_pan_finetune_denoises_pan_clips_better_and_leaves_the_base_untouched(base_folder, tmp_path):
+    paths, _ = write_camera_shards(tmp_path / "shards", clips_per_label=4, shards=2)
+    shards = [str(p) for p in paths]
+    config = replace(
+        CONFIG, motion_class="pan", batch_size=4, max_steps=15, checkpoint_every=15, cond_dropout=0.0,
+        optim=replace(CONFIG.optim, lr=2e-2, warmup_steps=2, ema_decay=0.0),
+    )  # fmt: skip
+    pans = ClipDataset(shards, config.clip, camera_motion=config.camera_motion, random_crop=False, seed=1)
+    videos = torch.stack([c["video"] for c in itertools.islice(pans, 4)])
+    model = train(config, shards, tmp_path / "work", init_from=base_folder).model
+    base, pan = _pan_error(model, None, videos), _pan_error(model, "pan", videos)
+    assert pan < 0.95 * base, (pan, base)
+    trained_base = camera_lora.base_unet(model.unet).state_dict()
+    saved = UNetSpatioTemporalConditionModel.from_pretrained(base_folder / "unet").state_dict()
+    assert all(torch.equal(v, trained_base[k]) for k, v in saved.items())  # only the adapter trained
