@@ -3,8 +3,8 @@ attention of a frozen video UNet, one adapter per motion class, each trained on 
 that curation labelled with that class's camera motion.
 
 A model folder holds the base UNet unchanged (`unet/`) and each adapter apart, in peft's
-own format (`adapters/<class>/adapter_config.json` + `adapter_model.safetensors`, a few
-hundred kB for the tiny UNet): a later finetune adds its adapter next to the others, and
+own format (`adapters/<class>/adapter_config.json` + `adapter_model.safetensors`, about
+50 kB for the tiny UNet): a later finetune adds its adapter next to the others, and
 `use_adapter` switches between them (or back to the base) at sampling time without
 reloading anything.
 """
@@ -12,6 +12,8 @@ reloading anything.
 from __future__ import annotations
 
 import re
+import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,7 +48,8 @@ def lora_config(rank: int, alpha: float):
 
 
 def _lora_layers(unet: torch.nn.Module) -> list:
-    # peft is imported where it is used: `model.stages` needs only the class names.
+    if "peft" not in sys.modules:  # no adapter was ever injected: other models do not pay for importing peft
+        return []
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
@@ -60,9 +63,15 @@ def add_adapter(unet: torch.nn.Module, name: str, rank: int, alpha: float) -> No
     """A new adapter `name` (B at zero: the model computes what the base does until it trains)."""
     if name in adapter_names(unet):
         raise ValueError(f"the UNet already has an adapter {name!r}")
+    _inject(lora_config(rank, alpha), unet, name)
+
+
+def _inject(config, unet: torch.nn.Module, name: str) -> None:
     from peft import inject_adapter_in_model
 
-    inject_adapter_in_model(lora_config(rank, alpha), unet, adapter_name=name)
+    with warnings.catch_warnings():  # several adapters in one model is the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, unet, adapter_name=name)
 
 
 def is_adapter_weight(parameter_name: str, adapter: str) -> bool:
@@ -72,7 +81,7 @@ def is_adapter_weight(parameter_name: str, adapter: str) -> bool:
 
 def load_adapters(unet: torch.nn.Module, folder: Path) -> list[str]:
     """Every adapter saved under `folder/adapters/`, injected under its folder's name."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -80,7 +89,7 @@ def load_adapters(unet: torch.nn.Module, folder: Path) -> list[str]:
     for path in sorted((folder / ADAPTERS).glob(f"*/{ADAPTER_CONFIG}")):
         name = path.parent.name
         config = LoraConfig.from_pretrained(str(path.parent))
-        inject_adapter_in_model(config, unet, adapter_name=name)
+        _inject(config, unet, name)
         result = set_peft_model_state_dict(unet, load_file(path.parent / ADAPTER_WEIGHTS), adapter_name=name)
         if result.unexpected_keys:
             raise ValueError(f"adapter {name} does not fit this UNet: {result.unexpected_keys[:3]}")
