@@ -13,7 +13,8 @@ Prints JSON: per model, the fraction of its videos that read as each class and t
 |horizontal motion| and |zoom| (px per frame); the same figures for the data's clips
 through the VAE (what the estimator reads when the motion is there); whether the base
 weights are bit-identical after the three adapters trained. Runs in-process on the
-model API (no stack): about 8 minutes with the defaults on a 2-core machine.
+model API (no stack). The one run so far (cut-down arguments, a 2-core machine under
+load 16-21) took 35 minutes; the defaults are not yet timed.
 
     python benchmarks/camera_lora_evidence/run.py [--base-steps 150] [--adapter-steps 60] [--samples 6]
 """
