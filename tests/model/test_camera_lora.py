@@ -147,14 +147,14 @@ def test_a_short_pan_finetune_denoises_pan_clips_better_and_leaves_the_base_unto
     paths, _ = write_camera_shards(tmp_path / "shards", clips_per_label=4, shards=2)
     shards = [str(p) for p in paths]
     config = replace(
-        CONFIG, motion_class="pan", batch_size=4, max_steps=15, checkpoint_every=15, cond_dropout=0.0,
+        CONFIG, motion_class="pan", batch_size=2, max_steps=15, checkpoint_every=15, cond_dropout=0.0,
         optim=replace(CONFIG.optim, lr=2e-2, warmup_steps=2, ema_decay=0.0),
     )  # fmt: skip
     pans = ClipDataset(shards, config.clip, camera_motion=config.camera_motion, random_crop=False, seed=1)
     videos = torch.stack([c["video"] for c in itertools.islice(pans, 4)])
     model = train(config, shards, tmp_path / "work", init_from=base_folder).model
     base, pan = _pan_error(model, None, videos), _pan_error(model, "pan", videos)
-    assert pan < 0.95 * base, (pan, base)
+    assert pan < 0.9 * base, (pan, base)  # 0.82 on this seed
     trained_base = camera_lora.base_unet(model.unet).state_dict()
     saved = UNetSpatioTemporalConditionModel.from_pretrained(base_folder / "unet").state_dict()
     assert all(torch.equal(v, trained_base[k]) for k, v in saved.items())  # only the adapter trained
