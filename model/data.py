@@ -96,6 +96,7 @@ class ClipDataset(IterableDataset):
         start: int = 0,
         random_crop: bool = True,
         epochs: int | None = None,
+        camera_motion: tuple[str, ...] | None = None,
     ):
         if len(shards) < world_size:
             raise ValueError(f"{len(shards)} shards cannot feed {world_size} ranks")
@@ -103,6 +104,7 @@ class ClipDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.start, self.random_crop = shuffle_buffer, start, random_crop
         self.epochs = epochs  # None: the stream never ends
+        self.camera_motion = camera_motion  # curation's labels of the clips to keep (None: all)
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -151,10 +153,13 @@ class ClipDataset(IterableDataset):
             raise ValueError(self._nothing_usable())
 
     def _nothing_usable(self) -> str:
-        return f"no clip in these shards is long enough for {self.spec}"
+        labelled = f" and labelled {'/'.join(self.camera_motion)}" if self.camera_motion is not None else ""
+        return f"no clip in these shards is long enough for {self.spec}{labelled}"
 
     def _plan(self, epoch: int, raw: dict) -> tuple[dict, list[int], random.Random] | None:
         meta = json.loads(raw["json"])
+        if self.camera_motion is not None and meta.get("camera_motion") not in self.camera_motion:
+            return None  # another camera motion's clip (decided from metadata, like length)
         rng = random.Random(f"{self.seed}:{epoch}:{raw['__key__']}")
         indices = frame_indices(meta["end_frame"] - meta["start_frame"], meta["fps"], self.spec, rng)
         return None if indices is None else (meta, indices, rng)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.camera_lora import use_adapter
 from model.conditioning import added_time_ids
 from model.data import ClipSpec, fit_frames
 from model.samplers import SAMPLERS, StepCallback, frame_guidance, guided, karras_sigmas
@@ -45,6 +46,7 @@ class GenerationConfig:
         return cls(**defaults | {k: v for k, v in settings.items() if v or k not in defaults})
 
     noise_aug_strength: float = 0.02  # image-to-video: noise added to the conditioning image (SVD's default)
+    adapter: str | None = None  # camera-motion LoRA: the adapter to sample with (None: the base model)
 
 
 @torch.no_grad()
@@ -60,6 +62,7 @@ def generate(
     if model.text is None:
         raise ValueError("this is an image-to-video model: it animates an image (animate), it takes no prompt")
     model.eval()
+    use_adapter(model.unet, config.adapter)
     device = next(model.unet.parameters()).device
     factor = model.codec.downsampling
     latent_channels = model.codec.vae.config.latent_channels
@@ -105,6 +108,7 @@ def animate(
     if model.image is None:
         raise ValueError("this is a text-to-video model: it takes a prompt (generate), not an image")
     model.eval()
+    use_adapter(model.unet, config.adapter)
     device = next(model.unet.parameters()).device
     factor = model.codec.downsampling
     generator = torch.Generator().manual_seed(config.seed)

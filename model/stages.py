@@ -16,6 +16,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from model import camera_lora
 from model.conditioning import (
     ImageEncoder,
     LatentCodec,
@@ -35,7 +36,7 @@ from model.spatial import images_only
 from model.training import OptimConfig, Strategy
 
 # Pretraining stages, then finetunes of a video model (`vdm finetune KIND`).
-Stage = Literal["image", "video", "hq", "i2v", "spatial-hq"]
+Stage = Literal["image", "video", "hq", "i2v", "spatial-hq", "camera-lora"]
 STAGE_FILE = "stage.json"
 TEXT_FOLDER, IMAGE_FOLDER, VAE_FOLDER = "text_encoder", "image_encoder", "vae"
 IMAGE_WEIGHTS = "open_clip_vision.safetensors"
@@ -69,6 +70,11 @@ class StageConfig:
     # Image-to-video training: ln(noise-augmentation strength) ~ N(mean, std) (about 0.05, as SVD).
     noise_aug_mean: float = -3.0
     noise_aug_std: float = 0.5
+    # Camera-motion LoRA (strategy: lora): the motion class its adapter learns (model/camera_lora.py;
+    # its clips are those curation labelled with the class's camera motions) and the adapter's size.
+    motion_class: str | None = None
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
     # A diffusers VAE folder (e.g. a copy of SD 2.1, or `vdm train-vae`'s output); None: the
     # `vae/` of the folder the model starts from, else a seeded random tiny VAE (tests).
     vae: str | None = None
@@ -94,10 +100,19 @@ class StageConfig:
             raise ValueError("image-to-video trains a video model on clips (it needs each clip's first frame)")
         if self.stage == "spatial-hq" and (self.data != "images" or self.strategy != "spatial"):
             raise ValueError("the spatial-hq finetune trains the spatial layers only (strategy: spatial) on images")
+        if (self.stage == "camera-lora") != (self.strategy == "lora"):
+            raise ValueError("a camera-motion LoRA trains LoRA adapters only (strategy: lora), and only it does")
+        if self.motion_class is not None:
+            camera_lora.labels_of(self.motion_class)  # a known class, or a clear error
 
     @property
     def video(self) -> bool:
         return self.stage != "image"
+
+    @property
+    def camera_motion(self) -> tuple[str, ...] | None:
+        """Curation's camera-motion labels of the clips this config trains on (None: all)."""
+        return camera_lora.labels_of(self.motion_class) if self.motion_class else None
 
     @property
     def p_mean_at_resolution(self) -> float:
@@ -230,6 +245,8 @@ class VideoDiffusion(torch.nn.Module):
         unet, vae = _networks(config, init_from)
         if config.conditioning == "image":
             unet = widen_input(unet, 2 * unet.config.out_channels)
+        if config.stage == "camera-lora":
+            _camera_adapters(config, unet, init_from)
         return cls(config, unet, vae)
 
     def image_condition(
@@ -306,6 +323,9 @@ class VideoDiffusion(torch.nn.Module):
         tower's (`image_encoder/`, always: it may come from an SVD folder), and the stage
         config (`stage.json`) that `load` rebuilds the rest from. `create(init_from=...)`
         starts the next stage from it. `unet`: a plain copy to save instead of a sharded one."""
+        if camera_lora.adapter_names(self.unet):  # the base as it was, each adapter apart
+            camera_lora.save_adapters(self.unet, folder)
+            unet = unet or camera_lora.base_unet(self.unet)
         (unet or self.unet).save_pretrained(folder / "unet", safe_serialization=True)
         self.codec.vae.save_pretrained(folder / VAE_FOLDER, safe_serialization=True)
         config = replace(self.config, vae=None)  # the folder's own vae/
@@ -334,6 +354,19 @@ class VideoDiffusion(torch.nn.Module):
         if config.image_weights and not Path(config.image_weights).is_absolute():
             config = replace(config, image_weights=str(folder / config.image_weights))
         return cls.create(config, init_from=folder)
+
+
+def _camera_adapters(config: StageConfig, unet: torch.nn.Module, init_from: str | Path | None) -> None:
+    """The adapters `init_from` already has, and the config's class: its saved adapter
+    (a finetune continues it, a loaded model samples it) or a new one."""
+    if config.motion_class is None:
+        raise ValueError(
+            f"a camera-motion LoRA learns one motion class: give one of {sorted(camera_lora.MOTION_CLASSES)}"
+        )
+    loaded = camera_lora.load_adapters(unet, Path(init_from)) if init_from is not None else []
+    if config.motion_class not in loaded:
+        camera_lora.add_adapter(unet, config.motion_class, config.lora_rank, config.lora_alpha)
+    camera_lora.use_adapter(unet, config.motion_class)
 
 
 def _networks(config: StageConfig, init_from: str | Path | None) -> tuple[torch.nn.Module, Path | None]:

@@ -84,7 +84,7 @@ def sample_videos(model: VideoDiffusion, ema: EMA, images: torch.Tensor | None =
     """The config's sample prompts (image-to-video: `images` (N, 3, H, W) animated),
     generated with the EMA weights; (T, 3, H, W) each."""
     config, spec = model.config, model.config.clip
-    generation = GenerationConfig.for_clip(spec, steps=config.sample_steps)
+    generation = GenerationConfig.for_clip(spec, steps=config.sample_steps, adapter=config.motion_class)
     with ema.applied(), _unwrapped(model):
         if model.image is not None:
             videos = [animate(model, image, replace(generation, seed=i)) for i, image in enumerate(images)]
@@ -111,7 +111,7 @@ def train(
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     seed_everything(config.seed)  # the same initial weights on every rank
     model = VideoDiffusion.create(config, init_from).to(device)
-    apply_strategy(model.unet, config.strategy)
+    apply_strategy(model.unet, config.strategy, config.motion_class)
     sharded = world_size > 1 and config.parallel == "fsdp"
     if sharded:
         shard(model.unet)
@@ -132,7 +132,7 @@ def train(
     elif config.data == "latents":
         dataset = LatentDataset(shards, config.clip, **split)
     else:
-        dataset = ClipDataset(shards, config.clip, **split)
+        dataset = ClipDataset(shards, config.clip, camera_motion=config.camera_motion, **split)
     loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 

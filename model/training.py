@@ -25,24 +25,28 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from model.camera_lora import is_adapter_weight
 from model.networks import is_temporal
 
-Strategy = Literal["full", "partial", "spatial"]
+Strategy = Literal["full", "partial", "spatial", "lora"]
 
 
-def trainable(name: str, strategy: Strategy) -> bool:
+def trainable(name: str, strategy: Strategy, adapter: str | None = None) -> bool:
     """`full`: every layer; `partial`: temporal layers only, spatial frozen (Video LDM);
-    `spatial`: spatial layers only (VideoCrafter2's high-quality image finetune)."""
+    `spatial`: spatial layers only (VideoCrafter2's high-quality image finetune);
+    `lora`: the LoRA matrices of `adapter` only (camera-motion LoRA), every base weight frozen."""
     if strategy == "full":
         return True
+    if strategy == "lora":
+        return adapter is not None and is_adapter_weight(name, adapter)
     return is_temporal(name) == (strategy == "partial")
 
 
-def apply_strategy(model: torch.nn.Module, strategy: Strategy) -> list[torch.nn.Parameter]:
+def apply_strategy(model: torch.nn.Module, strategy: Strategy, adapter: str | None = None) -> list[torch.nn.Parameter]:
     """Freeze what the strategy does not train; returns the trainable parameters."""
     params = []
     for name, param in model.named_parameters():
-        param.requires_grad_(trainable(name, strategy))
+        param.requires_grad_(trainable(name, strategy, adapter))
         if param.requires_grad:
             params.append(param)
     return params

@@ -8,6 +8,7 @@ import sys
 import click
 
 from components.common.settings import load_settings
+from model.camera_lora import MOTION_CLASSES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -351,10 +352,11 @@ def finetune() -> None:
     """Finetunes of a trained video model: one command per kind (SVD's image-to-video, ...)."""
 
 
-def _finetune_command(kind: str, help_text: str):
-    """`vdm finetune KIND`: the options every finetune takes, then `run_finetune`."""
+def _finetune_command(kind: str, help_text: str, *kind_options):
+    """`vdm finetune KIND`: the options every finetune takes, then `run_finetune`.
+    `kind_options`: click options of this kind only; their values replace the config's
+    fields of the same name."""
 
-    @finetune.command(kind, help=help_text)
     @click.option("--config", "config_name", default="tiny", show_default=True, help="Named config or a YAML file.")
     @click.option("--data", required=True, help="s3:// prefix or folder of curated shards.")
     @click.option("--output", required=True, help="s3:// prefix for checkpoints and the final folder.")
@@ -363,7 +365,9 @@ def _finetune_command(kind: str, help_text: str):
     @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint under --output.")
     @click.option("--register-as", default=None, help=f"MLflow model (default: vdm-{kind}-<config>), alias candidate.")
     @click.option("--no-register", is_flag=True, help="Do not register the final pipeline.")
-    def command(config_name, data, output, init_from, max_steps, resume, register_as, no_register) -> None:
+    def command(
+        config_name, data, output, init_from, max_steps, resume, register_as, no_register, **kind_values
+    ) -> None:
         from components.common.objectstore import ObjectStore, ObjectStoreError
         from components.training.finetune import default_model_name, run_finetune
 
@@ -377,7 +381,7 @@ def _finetune_command(kind: str, help_text: str):
                 init_from,
                 ObjectStore.from_settings(settings),
                 settings,
-                overrides={"max_steps": max_steps},
+                overrides={"max_steps": max_steps, **kind_values},
                 resume=resume,
                 register_as=None if no_register else register_as or default_model_name(kind, config_name),
             )
@@ -391,7 +395,9 @@ def _finetune_command(kind: str, help_text: str):
         if result["registered"]:
             click.echo(f"  registered  {result['registered']} (alias candidate)")
 
-    return command
+    for option in kind_options:
+        command = option(command)
+    return finetune.command(kind, help=help_text)(command)
 
 
 _finetune_command(
@@ -411,6 +417,20 @@ _finetune_command(
     "Image-only spatial finetune (VideoCrafter2): only the spatial layers train, on a high-quality image set "
     "(--data: WebDataset shards of images); the temporal layers, and with them the motion, stay as they were. "
     "--init-from a trained video model.",
+)
+
+_finetune_command(
+    "camera-lora",
+    "Camera-motion LoRA: a LoRA adapter in the temporal attention of the frozen model, trained on the clips "
+    "curation labelled with the motion class's camera motion (pan: pan_left/pan_right, zoom: zoom_in/zoom_out, "
+    "static). The result is the base model with its adapters (<final>/adapters/<class>/): --init-from a result "
+    "to add another class; sample with an adapter by name (GenerationConfig.adapter, pyfunc param `adapter`).",
+    click.option(
+        "--motion-class",
+        type=click.Choice(sorted(MOTION_CLASSES)),
+        required=True,
+        help="The camera motion this adapter learns.",
+    ),
 )
 
 

@@ -18,6 +18,7 @@ from components.curation.component import annotate_input_shard, finalize_curatio
 from components.evaluation.component import evaluate_motion
 from components.registry.component import promote_candidate
 from components.training.component import finetune_model, train_stage
+from model.camera_lora import MOTION_CLASSES
 
 # Names shared with k8s/ (the operator creates these; see k8s/README.md).
 S3_SECRET = "vdm-s3-credentials"
@@ -159,12 +160,14 @@ def evaluate_and_promote(
     _evaluate_and_promote(model_uri, data_uri, metric, direction, min_improvement, clips, steps)
 
 
-def _finetune(kind: str, init_from, data_uri, output_uri, config, max_steps, register_as, launch: dict):
+def _finetune(kind: str, init_from, data_uri, output_uri, config, max_steps, register_as, launch: dict, **kind_inputs):
+    """`kind_inputs`: the inputs of `finetune_model` only some kinds take (camera-lora: motion_class)."""
     task = gpu_step(
         finetune_model(kind=kind, config=config, data_uri=data_uri, output_uri=output_uri, init_from=init_from,
-                       max_steps=max_steps, register_as=register_as, **launch)
+                       max_steps=max_steps, register_as=register_as, **launch, **kind_inputs)
     )  # fmt: skip
-    return task.set_display_name(f"finetune {kind}")
+    name = f"finetune {kind} {kind_inputs['motion_class']}" if "motion_class" in kind_inputs else f"finetune {kind}"
+    return task.set_display_name(name)
 
 
 @dsl.pipeline(
@@ -256,6 +259,35 @@ def finetune_spatial_hq(
 
 
 @dsl.pipeline(
+    name="finetune-camera-lora",
+    description="Camera-motion LoRA adapters of a trained video model, one per motion class in turn (pan, static, "
+    "zoom), each added to the previous result; the last, base + all three adapters, is registered (candidate).",
+)
+def finetune_camera_lora(
+    init_from: str = "models:/vdm-text-to-video@champion",
+    data_uri: str = "s3://vdm/curated/kfp/shards/",
+    output_uri: str = "s3://vdm/runs/finetune-camera-lora",
+    config: str = "tiny",
+    max_steps: int = 0,
+    model_name: str = "vdm-camera-lora",
+    scheduler: str = "local_cwd",
+    nodes: int = 1,
+    procs_per_node: int = 1,
+    gpus_per_node: int = 0,
+):
+    launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
+    base = init_from
+    classes = sorted(MOTION_CLASSES)
+    for motion_class in classes:
+        register_as = model_name if motion_class == classes[-1] else ""  # one version holding every adapter
+        step = _finetune(
+            "camera-lora", base, data_uri, f"{output_uri}/{motion_class}", config, max_steps, register_as, launch,
+            motion_class=motion_class,
+        )  # fmt: skip
+        base = step.outputs["final"]
+
+
+@dsl.pipeline(
     name="end-to-end",
     description="Curation -> Stage I/II/III -> image-to-video finetune -> evaluation -> registration (candidate) "
     "-> promotion gate, for the text- and the image-to-video model.",
@@ -304,5 +336,6 @@ PIPELINES = {
     "finetune-i2v": finetune_i2v,
     "finetune-temporal-decoder": finetune_temporal_decoder,
     "finetune-spatial-hq": finetune_spatial_hq,
+    "finetune-camera-lora": finetune_camera_lora,
     "end-to-end": end_to_end,
 }

@@ -33,6 +33,7 @@ GENERATION_PARAMS = (
     ParamSpec("guidance_min", "double", 1.0),
     ParamSpec("guidance_max", "double", 3.0),
     ParamSpec("seed", "long", 0),
+    ParamSpec("adapter", "string", ""),  # camera-motion LoRA: the adapter to sample with ("": the base model)
 )
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "negative_prompt", required=False)]),
@@ -83,6 +84,7 @@ class VideoPipelineModel(mlflow.pyfunc.PythonModel):
             guidance_min=p["guidance_min"],
             guidance_max=p["guidance_max"],
             seed=p["seed"],
+            adapter=p["adapter"] or None,
             **({"noise_aug_strength": p["noise_aug_strength"]} if image_model else {}),
         )
         if image_model:  # animate resizes and centre-crops each image to the requested size
@@ -101,6 +103,7 @@ def register_pipeline(folder: Path, name: str, lineage: Mapping[str, str], *, al
     `name`, tag the version with its lineage and give it `alias`."""
     from importlib.metadata import version
 
+    from model.camera_lora import saved_adapters
     from model.stages import STAGE_FILE
 
     conditioning = json.loads((folder / STAGE_FILE).read_text()).get("conditioning", "text")
@@ -124,6 +127,9 @@ def register_pipeline(folder: Path, name: str, lineage: Mapping[str, str], *, al
             client.set_model_version_tag(name, number, key, value)
     if run:
         client.set_model_version_tag(name, number, "vdm.training_run", run.info.run_id)
+    adapters = saved_adapters(folder)
+    if adapters:  # camera-motion LoRA: the adapters this version can sample with
+        client.set_model_version_tag(name, number, "vdm.adapters", ",".join(adapters))
     client.set_registered_model_alias(name, alias, number)
     return client.get_model_version(name, number)
 

@@ -8,11 +8,12 @@ import io
 import tempfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 import webdataset as wds
 
 from components.common.media import write_video
-from components.sample_data.render import moving_shapes
+from components.sample_data.render import moving_shapes, pan, texture, zoom
 
 
 def write_shapes_shards(
@@ -69,6 +70,80 @@ def write_shapes_shards(
                     "radii": clip.radii.tolist(),
                 }
         paths.append(path)
+    return paths, truth
+
+
+def write_camera_shards(
+    folder: Path,
+    *,
+    labels: tuple[str, ...] = ("pan_left", "pan_right", "zoom_in", "zoom_out", "static"),
+    clips_per_label: int = 4,
+    shards: int = 2,
+    num_frames: int = 8,
+    fps: float = 8.0,
+    size: int = 32,
+    pan_px_per_frame: int = 4,
+    zoom_rate_per_frame: float = 1.1,
+    seed: int = 0,
+) -> tuple[list[Path], dict[str, dict]]:
+    """Clips of a textured world filmed by a camera that pans horizontally, zooms or stays,
+    labelled in their metadata as curation labels them (`camera_motion`), dealt round robin
+    to `shards` shards. Returns the paths and, per key, the truth: the label, the content's
+    velocity (px per frame, x right) and the zoom rate per frame."""
+    camera = {
+        "pan_left": ((-pan_px_per_frame, 0), 1.0),  # the window moves left: the content moves right
+        "pan_right": ((pan_px_per_frame, 0), 1.0),
+        "zoom_in": ((0, 0), zoom_rate_per_frame),
+        "zoom_out": ((0, 0), 1 / zoom_rate_per_frame),
+        "static": ((0, 0), 1.0),
+    }
+    unknown = set(labels) - set(camera)
+    if unknown:
+        raise ValueError(f"no synthetic camera for {sorted(unknown)}; one of {sorted(camera)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"camera-{s:06d}.tar" for s in range(shards)]
+    writers = [wds.TarWriter(str(path), mtime=0) for path in paths]
+    truth = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        clips = [(label, i) for i in range(clips_per_label) for label in labels]
+        for n, (label, i) in enumerate(clips):
+            key = f"camera-{seed:04d}-{label}-{i:04d}"
+            rng = np.random.default_rng([seed, n])
+            window, rate = camera[label]
+            # Large enough for the whole pan and for zooming out; drawn at half resolution and
+            # enlarged, so its finest detail is a few pixels wide (no aliasing in small frames).
+            half = texture(rng, 3 * size // 2, 3 * size // 2, tuple(rng.uniform(0.5, 1.0, 3)))
+            world = cv2.resize(half, (3 * size, 3 * size), interpolation=cv2.INTER_CUBIC)
+            if rate == 1.0:
+                frames = pan(world, size, size, num_frames, window)
+            else:
+                frames = zoom(world, size, size, num_frames, rate)
+            video = Path(tmp) / f"{key}.mp4"
+            write_video(video, frames, fps)
+            velocity = [-float(window[0]), -float(window[1])]
+            meta = {
+                "key": key,
+                "video": key,
+                "start_frame": 0,
+                "end_frame": num_frames,
+                "start_s": 0.0,
+                "end_s": num_frames / fps,
+                "fps": fps,
+                "kept": True,
+                "drop_reasons": [],
+                "scores": {"motion": float(np.hypot(*velocity)), "text_ratio": 0.0, "aesthetic": 0.0, "clip_sim": 0.0},
+                "camera_motion": label,
+                # One caption for every class: the camera motion must come from the adapter, not the text.
+                "caption": "a textured landscape",
+            }
+            writers[n % shards].write({"__key__": key, "mp4": video.read_bytes(), "json": meta})
+            truth[key] = {
+                "camera_motion": label,
+                "content_velocity_px_per_frame": velocity,
+                "zoom_rate_per_frame": rate,
+            }
+    for writer in writers:
+        writer.close()
     return paths, truth
 
 

@@ -61,14 +61,17 @@ def finetune_model(
     procs_per_node: int,
     gpus_per_node: int,
     model: Output[Artifact],
+    motion_class: str = "",
 ) -> NamedTuple("FinetuneOutputs", [("final", str), ("model_uri", str), ("mlflow_run_id", str)]):
-    """`vdm finetune KIND` from `init_from` (s3:// folder or models:/ URI); outputs as `train_stage`'s."""
+    """`vdm finetune KIND` from `init_from` (s3:// folder or models:/ URI); outputs as `train_stage`'s.
+    `motion_class`: the camera-motion LoRA's class (camera-lora only)."""
     from collections import namedtuple
 
     from components.training.launch import launch_step
 
     args = ["finetune", kind, "--config", config, "--data", data_uri, "--output", output_uri]
     args += ["--init-from", init_from]
+    args += ["--motion-class", motion_class] if motion_class else []
     args += ["--max-steps", str(max_steps)] if max_steps > 0 else []
     args += ["--register-as", register_as] if register_as else ["--no-register"]
     result = launch_step(args, output_uri, scheduler, nodes, procs_per_node, gpus_per_node)

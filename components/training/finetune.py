@@ -19,6 +19,7 @@ FINETUNES = {
     "i2v": "image-to-video (SVD): animates a conditioning frame",
     "temporal-decoder": "the VAE decoder made temporal (SVD's video decoder): decoded frames do not flicker",
     "spatial-hq": "image-only spatial finetune (VideoCrafter2): spatial layers on high-quality images",
+    "camera-lora": "camera-motion LoRA: one adapter per motion class, added to the model's others",
 }
 
 
