@@ -196,6 +196,27 @@ def finetune_i2v(
 
 
 @dsl.pipeline(
+    name="finetune-multiview",
+    description="Multi-view finetune (SVD-MV) of an image-to-video model on orbit shards (JSON with the camera "
+    "elevation, e.g. `vdm data orbits`), registered as a candidate.",
+)
+def finetune_multiview(
+    init_from: str = "models:/vdm-image-to-video@champion",
+    data_uri: str = "s3://vdm/orbits/",
+    output_uri: str = "s3://vdm/runs/finetune-multiview",
+    config: str = "tiny",
+    max_steps: int = 0,
+    model_name: str = "vdm-multiview",
+    scheduler: str = "local_cwd",
+    nodes: int = 1,
+    procs_per_node: int = 1,
+    gpus_per_node: int = 0,
+):
+    launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
+    _finetune("multiview", init_from, data_uri, output_uri, config, max_steps, model_name, launch)
+
+
+@dsl.pipeline(
     name="end-to-end",
     description="Curation -> Stage I/II/III -> image-to-video finetune -> evaluation -> registration (candidate) "
     "-> promotion gate, for the text- and the image-to-video model.",
@@ -242,5 +263,6 @@ PIPELINES = {
     "pretraining": pretraining,
     "evaluate-and-promote": evaluate_and_promote,
     "finetune-i2v": finetune_i2v,
+    "finetune-multiview": finetune_multiview,
     "end-to-end": end_to_end,
 }

@@ -15,7 +15,10 @@ from components.common.settings import Settings
 from components.training.run import run_training
 
 # KIND -> what it makes; the config of a kind has `stage: KIND`.
-FINETUNES = {"i2v": "image-to-video (SVD): animates a conditioning frame"}
+FINETUNES = {
+    "i2v": "image-to-video (SVD): animates a conditioning frame",
+    "multiview": "multi-view (SVD-MV): an orbit around the object of a view, given its camera elevation",
+}
 
 
 def default_model_name(kind: str, config_name: str) -> str:
