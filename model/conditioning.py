@@ -91,6 +91,13 @@ def added_time_ids(fps: torch.Tensor, motion: torch.Tensor, noise_strength: torc
     return torch.stack([fps.float(), motion_bucket(motion), noise_strength.float()], dim=1)
 
 
+def camera_time_ids(fps: torch.Tensor, elevation: torch.Tensor, noise_strength: torch.Tensor) -> torch.Tensor:
+    """Multi-view (SVD-MV) micro-conditioning, (B, 3): the camera elevation in degrees where
+    SVD has the motion bucket (an orbit's motion is fixed: one turn), through the same
+    sinusoidal embedding, which resolves a degree as it resolves a bucket."""
+    return torch.stack([fps.float(), elevation.float(), noise_strength.float()], dim=1)
+
+
 def drop_conditions(
     embeddings: torch.Tensor, empty: torch.Tensor, probability: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:

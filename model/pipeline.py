@@ -8,6 +8,9 @@ frames in [-1, 1].
 `animate` (image-to-video, SVD): image -> CLIP embedding + latent of the
 noise-augmented image (zeros for guidance) -> the same sampling, guidance rising
 from the first frame (which should be the image) to the last -> frames in [-1, 1].
+A multi-view model (SVD-MV) animates the same way, told the camera elevation
+instead of a motion bucket: the frames are an orbit around the object
+(`model.multiview.orbit`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class GenerationConfig:
 
     noise_aug_strength: float = 0.02  # image-to-video: noise added to the conditioning image (SVD's default)
     adapter: str | None = None  # camera-motion LoRA: the adapter to sample with (None: the base model)
+    elevation: float | None = None  # multi-view: the camera elevation in degrees (`orbit`)
 
 
 @torch.no_grad()
@@ -116,7 +120,8 @@ def animate(
     strength = torch.tensor([config.noise_aug_strength])
     cond = model.image_condition(frame, strength.to(device), generator)
     uncond = {k: torch.zeros_like(v) for k, v in cond.items()}  # what training's condition dropout gives
-    ids = added_time_ids(torch.tensor([config.fps]), torch.tensor([config.motion]), strength).to(device)
+    elevation = None if config.elevation is None else torch.tensor([config.elevation])
+    ids = model.time_ids(torch.tensor([config.fps]), strength, torch.tensor([config.motion]), elevation).to(device)
     sigmas = karras_sigmas(config.steps, config.sigma_min, config.sigma_max).to(device)
     shape = (
         1,

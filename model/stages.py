@@ -22,6 +22,7 @@ from model.conditioning import (
     LatentCodec,
     TextEncoder,
     added_time_ids,
+    camera_time_ids,
     drop_conditions,
     dropped,
     noise_augmented,
@@ -36,7 +37,7 @@ from model.spatial import images_only
 from model.training import OptimConfig, Strategy
 
 # Pretraining stages, then finetunes of a video model (`vdm finetune KIND`).
-Stage = Literal["image", "video", "hq", "i2v", "spatial-hq", "camera-lora"]
+Stage = Literal["image", "video", "hq", "i2v", "spatial-hq", "camera-lora", "multiview"]
 STAGE_FILE = "stage.json"
 TEXT_FOLDER, IMAGE_FOLDER, VAE_FOLDER = "text_encoder", "image_encoder", "vae"
 IMAGE_WEIGHTS = "open_clip_vision.safetensors"
@@ -55,8 +56,9 @@ class StageConfig:
     strategy: Strategy = "full"
     clip: ClipSpec = ClipSpec()
     # clips: curated video shards; images: a WebDataset of images (Stage I, spatial finetunes);
-    # latents: clips cached by `vdm cache-latents` for this stage and VAE.
-    data: Literal["clips", "images", "latents"] = "clips"
+    # latents: clips cached by `vdm cache-latents` for this stage and VAE;
+    # orbits: turntable views with their camera elevation (multi-view, model/multiview.py).
+    data: Literal["clips", "images", "latents", "orbits"] = "clips"
     p_mean: float = -1.2
     p_std: float = 1.2
     # What a video is generated from: a caption, or a conditioning frame (image-to-video, SVD).
@@ -96,7 +98,7 @@ class StageConfig:
     def __post_init__(self):
         if self.data == "images" and self.stage != "image" and self.strategy != "spatial":
             raise ValueError("image data trains Stage I or the spatial layers only (strategy: spatial)")
-        if self.conditioning == "image" and (not self.video or self.data != "clips"):
+        if self.conditioning == "image" and (not self.video or self.data not in ("clips", "orbits")):
             raise ValueError("image-to-video trains a video model on clips (it needs each clip's first frame)")
         if self.stage == "spatial-hq" and (self.data != "images" or self.strategy != "spatial"):
             raise ValueError("the spatial-hq finetune trains the spatial layers only (strategy: spatial) on images")
@@ -104,6 +106,12 @@ class StageConfig:
             raise ValueError("a camera-motion LoRA trains LoRA adapters only (strategy: lora), and only it does")
         if self.motion_class is not None:
             camera_lora.labels_of(self.motion_class)  # a known class, or a clear error
+        if (self.stage == "multiview") != (self.data == "orbits") or (
+            self.stage == "multiview" and self.conditioning != "image"
+        ):
+            raise ValueError(
+                "multi-view is image-to-video on orbits (stage: multiview, conditioning: image, data: orbits)"
+            )
 
     @property
     def video(self) -> bool:
@@ -281,7 +289,22 @@ class VideoDiffusion(torch.nn.Module):
         cond = self.image_condition(frames, strength, generator)
         drop = dropped(frames.shape[0], self.config.cond_dropout if self.training else 0.0, generator)
         cond = {k: torch.where(per_sample(drop, v), torch.zeros_like(v), v) for k, v in cond.items()}
-        return cond | {"added": added_time_ids(batch["fps"], batch["motion"], strength)}
+        return cond | {"added": self.time_ids(batch["fps"], strength, batch.get("motion"), batch.get("elevation"))}
+
+    def time_ids(
+        self,
+        fps: torch.Tensor,
+        noise_strength: torch.Tensor,
+        motion: torch.Tensor | None = None,
+        elevation: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Image-to-video micro-conditioning (B, 3): SVD's (fps, motion bucket, noise strength),
+        or for multi-view (SVD-MV) the camera elevation in the motion bucket's place."""
+        if self.config.stage == "multiview":
+            if elevation is None:
+                raise ValueError("a multi-view model is conditioned on the camera elevation: give one")
+            return camera_time_ids(fps, elevation, noise_strength)
+        return added_time_ids(fps, motion, noise_strength)
 
     def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents of the batch: encoded now, or drawn from cached posteriors."""

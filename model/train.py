@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from model.data import ClipDataset, ImageDataset
 from model.latents import LatentDataset
+from model.multiview import OrbitDataset
 from model.pipeline import GenerationConfig, animate, generate
 from model.stages import StageConfig, VideoDiffusion
 from model.training import (
@@ -80,14 +81,20 @@ def _unwrapped(model: VideoDiffusion) -> Iterator[None]:
         network.unet = wrapped
 
 
-def sample_videos(model: VideoDiffusion, ema: EMA, images: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """The config's sample prompts (image-to-video: `images` (N, 3, H, W) animated),
-    generated with the EMA weights; (T, 3, H, W) each."""
+def sample_videos(
+    model: VideoDiffusion, ema: EMA, images: torch.Tensor | None = None, elevations: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """The config's sample prompts (image-to-video: `images` (N, 3, H, W) animated; multi-view:
+    seen from their orbits' `elevations`), generated with the EMA weights; (T, 3, H, W) each."""
     config, spec = model.config, model.config.clip
     generation = GenerationConfig.for_clip(spec, steps=config.sample_steps, adapter=config.motion_class)
     with ema.applied(), _unwrapped(model):
         if model.image is not None:
-            videos = [animate(model, image, replace(generation, seed=i)) for i, image in enumerate(images)]
+            views = [None] * len(images) if elevations is None else elevations.tolist()
+            videos = [
+                animate(model, image, replace(generation, seed=i, elevation=elevation))
+                for i, (image, elevation) in enumerate(zip(images, views, strict=True))
+            ]
         else:
             videos = [
                 generate(model, prompt, replace(generation, seed=i)) for i, prompt in enumerate(config.sample_prompts)
@@ -131,6 +138,8 @@ def train(
         dataset = ImageDataset(shards, config.clip.height, config.clip.width, **split)
     elif config.data == "latents":
         dataset = LatentDataset(shards, config.clip, **split)
+    elif config.data == "orbits":
+        dataset = OrbitDataset(shards, config.clip, **split)
     else:
         dataset = ClipDataset(shards, config.clip, camera_motion=config.camera_motion, **split)
     loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers)
@@ -138,12 +147,14 @@ def train(
 
     result = TrainResult(steps=step)
     first_frames = None  # image-to-video samples animate the first batch's first frames
+    first_elevations = None  # (multi-view: from the first batch's orbits' elevations)
     sampled = bool(config.sample_every) and step % config.sample_every == 0
     model.train()
     clock = time.perf_counter()
     for batch in loader:
         if first_frames is None and model.image is not None:
             first_frames = batch["video"][:, 0].clone()
+            first_elevations = batch.get("elevation")
         if step >= config.max_steps:
             break
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -179,9 +190,9 @@ def train(
                 on_checkpoint(folder, step)
         sampled = bool(config.sample_every) and step % config.sample_every == 0
         if sampled:
-            _samples(model, ema, rank, sharded, step, on_samples, first_frames)
+            _samples(model, ema, rank, sharded, step, on_samples, first_frames, first_elevations)
     if not sampled:  # the end of the run, unless its last step just sampled
-        _samples(model, ema, rank, sharded, step, on_samples, first_frames)
+        _samples(model, ema, rank, sharded, step, on_samples, first_frames, first_elevations)
     result.steps = step
     ema.copy_to(params)  # ship the averaged weights
     result.model = model
@@ -202,10 +213,11 @@ def _samples(
     step: int,
     on_samples: SamplesFn | None,
     images: torch.Tensor | None,
+    elevations: torch.Tensor | None = None,
 ):
     """Rank 0 generates (every rank under FSDP2: its forward passes are collectives)."""
     if on_samples and (rank == 0 or sharded):
-        videos = sample_videos(model, ema, images)
+        videos = sample_videos(model, ema, images, elevations)
         if rank == 0:
             on_samples(step, videos)
 

@@ -97,6 +97,35 @@ def data_synth(out: str, seed: int) -> None:
     click.echo(f"wrote {valid} videos and {len(manifest['videos']) - valid} bad files to {out} (manifest.json)")
 
 
+@data.command("orbits")
+@click.option("--out", required=True, help="Folder or s3://bucket/prefix to write the shards into.")
+@click.option("--shards", type=int, default=2, show_default=True)
+@click.option("--orbits-per-shard", type=int, default=8, show_default=True)
+@click.option("--views", type=int, default=8, show_default=True, help="Frames per orbit, evenly over 360 degrees.")
+@click.option("--size", type=int, default=32, show_default=True, help="Height and width in pixels.")
+@click.option("--seed", default=0, show_default=True, help="Same seed, same objects and cameras.")
+def data_orbits(out: str, shards: int, orbits_per_shard: int, views: int, size: int, seed: int) -> None:
+    """Write orbit shards for `vdm finetune multiview`: turns around procedural coloured boxes,
+    each sample's JSON carrying its camera `elevation` and `azimuths` (degrees)."""
+    import tempfile
+    from pathlib import Path
+
+    from components.common.objectstore import ObjectStore, ObjectStoreError, is_s3_uri
+    from components.sample_data.orbits import write_orbit_shards
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) if is_s3_uri(out) else Path(out)
+        paths, _ = write_orbit_shards(
+            folder, shards=shards, orbits_per_shard=orbits_per_shard, num_views=views, size=size, seed=seed
+        )
+        if is_s3_uri(out):
+            try:
+                ObjectStore.from_settings(load_settings()).publish_folder(folder, out)
+            except ObjectStoreError as e:
+                _fail(str(e))
+    click.echo(f"wrote {len(paths)} shards of {orbits_per_shard} orbits ({views} views, {size}px) to {out}")
+
+
 @main.command()
 @click.option("--input", "input_location", required=True, help="Folder or s3://bucket/prefix of raw videos.")
 @click.option("--output", required=True, help="s3://bucket/prefix for shards, manifest and dataset card.")
@@ -431,6 +460,14 @@ _finetune_command(
         required=True,
         help="The camera motion this adapter learns.",
     ),
+)
+
+_finetune_command(
+    "multiview",
+    "Multi-view (SVD-MV): image-to-video finetuned on orbits (shards whose JSON has the camera `elevation`, "
+    "e.g. `vdm data orbits`); generates a turn around the object in a view, given the view's "
+    "elevation (in SVD's motion-bucket slot). --init-from an image-to-video model, an SVD folder or a "
+    "video model (widened first).",
 )
 
 

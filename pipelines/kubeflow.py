@@ -288,6 +288,27 @@ def finetune_camera_lora(
 
 
 @dsl.pipeline(
+    name="finetune-multiview",
+    description="Multi-view finetune (SVD-MV) of an image-to-video model on orbit shards (JSON with the camera "
+    "elevation, e.g. `vdm data orbits`), registered as a candidate.",
+)
+def finetune_multiview(
+    init_from: str = "models:/vdm-image-to-video@champion",
+    data_uri: str = "s3://vdm/orbits/",
+    output_uri: str = "s3://vdm/runs/finetune-multiview",
+    config: str = "tiny",
+    max_steps: int = 0,
+    model_name: str = "vdm-multiview",
+    scheduler: str = "local_cwd",
+    nodes: int = 1,
+    procs_per_node: int = 1,
+    gpus_per_node: int = 0,
+):
+    launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
+    _finetune("multiview", init_from, data_uri, output_uri, config, max_steps, model_name, launch)
+
+
+@dsl.pipeline(
     name="end-to-end",
     description="Curation -> Stage I/II/III -> image-to-video finetune -> evaluation -> registration (candidate) "
     "-> promotion gate, for the text- and the image-to-video model.",
@@ -337,5 +358,6 @@ PIPELINES = {
     "finetune-temporal-decoder": finetune_temporal_decoder,
     "finetune-spatial-hq": finetune_spatial_hq,
     "finetune-camera-lora": finetune_camera_lora,
+    "finetune-multiview": finetune_multiview,
     "end-to-end": end_to_end,
 }

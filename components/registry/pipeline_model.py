@@ -1,7 +1,8 @@
 """A trained pipeline folder (`unet/`, `vae/`, `stage.json`: what `VideoDiffusion.save`
 writes) as an MLflow pyfunc model with the folder as an artifact, registered as a new
 version with the alias `candidate` and lineage tags. Text models take a `prompt`
-column; image-to-video models an `image` column (PNG/JPEG bytes). Serving and `vdm sample` resolve
+column; image-to-video models an `image` column (PNG/JPEG bytes), multi-view models
+too, with the view's camera `elevation` as a param. Serving and `vdm sample` resolve
 `models:/NAME@ALIAS` back to the folder with `download_pipeline`."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -46,6 +48,19 @@ IMAGE_SIGNATURE = ModelSignature(
     outputs=Schema([ColSpec("binary", "video_mp4")]),
     params=ParamSchema([*GENERATION_PARAMS, ParamSpec("noise_aug_strength", "double", 0.02)]),
 )
+# Multi-view models: an `image` column too, plus the camera elevation (degrees) it was taken from.
+MULTIVIEW_SIGNATURE = ModelSignature(
+    inputs=IMAGE_SIGNATURE.inputs,
+    outputs=IMAGE_SIGNATURE.outputs,
+    params=ParamSchema([*IMAGE_SIGNATURE.params.params, ParamSpec("elevation", "double", 0.0)]),
+)
+
+
+def signature_of(stage_config: dict) -> ModelSignature:
+    """The pyfunc signature of a model folder's stage config (`stage.json`)."""
+    if stage_config.get("stage") == "multiview":
+        return MULTIVIEW_SIGNATURE
+    return IMAGE_SIGNATURE if stage_config.get("conditioning", "text") == "image" else SIGNATURE
 
 
 def decode_image(data: bytes):
@@ -71,7 +86,7 @@ class VideoPipelineModel(mlflow.pyfunc.PythonModel):
 
         spec = self.model.config.clip
         image_model = self.model.config.conditioning == "image"
-        schema = IMAGE_SIGNATURE if image_model else SIGNATURE
+        schema = signature_of(asdict(self.model.config))
         p = {s.name: s.default for s in schema.params} | (params or {})
         config = GenerationConfig.for_clip(
             spec,
@@ -86,6 +101,7 @@ class VideoPipelineModel(mlflow.pyfunc.PythonModel):
             seed=p["seed"],
             adapter=p["adapter"] or None,
             **({"noise_aug_strength": p["noise_aug_strength"]} if image_model else {}),
+            **({"elevation": p["elevation"]} if "elevation" in p else {}),
         )
         if image_model:  # animate resizes and centre-crops each image to the requested size
             videos = [animate(self.model, decode_image(data), config) for data in model_input["image"]]
@@ -106,14 +122,14 @@ def register_pipeline(folder: Path, name: str, lineage: Mapping[str, str], *, al
     from model.camera_lora import saved_adapters
     from model.stages import STAGE_FILE
 
-    conditioning = json.loads((folder / STAGE_FILE).read_text()).get("conditioning", "text")
+    stage_config = json.loads((folder / STAGE_FILE).read_text())
 
     run = mlflow.active_run()
     info = mlflow.pyfunc.log_model(
         name="pipeline",
         python_model=VideoPipelineModel(),
         artifacts={PIPELINE_ARTIFACT: str(folder)},
-        signature=IMAGE_SIGNATURE if conditioning == "image" else SIGNATURE,
+        signature=signature_of(stage_config),
         # The project image provides the package; naming it skips MLflow's slow inference.
         pip_requirements=[f"vdm-platform=={version('vdm-platform')}"],
         registered_model_name=name,

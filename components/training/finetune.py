@@ -20,6 +20,7 @@ FINETUNES = {
     "temporal-decoder": "the VAE decoder made temporal (SVD's video decoder): decoded frames do not flicker",
     "spatial-hq": "image-only spatial finetune (VideoCrafter2): spatial layers on high-quality images",
     "camera-lora": "camera-motion LoRA: one adapter per motion class, added to the model's others",
+    "multiview": "multi-view (SVD-MV): an orbit around the object of a view, given its camera elevation",
 }
 
 

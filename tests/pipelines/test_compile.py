@@ -96,6 +96,21 @@ def test_the_spatial_hq_finetune_trains_on_the_image_set_and_is_evaluated_on_the
     assert "promote-candidate" in tasks
 
 
+def test_the_multiview_finetune_is_a_gpu_step_from_an_image_to_video_model_on_orbits(compiled):
+    spec, platform = compiled["finetune-multiview"]
+    finetune = spec["root"]["dag"]["tasks"]["finetune-model"]
+    assert finetune["inputs"]["parameters"]["kind"] == {"runtimeValue": {"constant": "multiview"}}
+    assert finetune["cachingOptions"] == {} and finetune["retryPolicy"]["maxRetryCount"] == 2
+    resources = spec["deploymentSpec"]["executors"]["exec-finetune-model"]["container"]["resources"]
+    assert resources["accelerator"]["resourceCount"] == "8"
+    assert {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"} in platform["exec-finetune-model"][
+        "tolerations"
+    ]
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert parameters["init_from"]["defaultValue"] == "models:/vdm-image-to-video@champion"
+    assert parameters["model_name"]["defaultValue"] == "vdm-multiview"
+
+
 def test_every_step_reads_credentials_from_the_secret_and_endpoints_from_the_config_map(compiled):
     for name, (spec, platform) in compiled.items():
         executors = spec["deploymentSpec"]["executors"]
