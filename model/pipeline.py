@@ -45,6 +45,8 @@ class GenerationConfig:
         return cls(**defaults | {k: v for k, v in settings.items() if v or k not in defaults})
 
     noise_aug_strength: float = 0.02  # image-to-video: noise added to the conditioning image (SVD's default)
+    # Interpolation and prediction: classifier-free guidance on the known frames (1: none).
+    context_guidance: float = 1.0
 
 
 @torch.no_grad()
