@@ -15,7 +15,11 @@ from components.common.settings import Settings
 from components.training.run import run_training
 
 # KIND -> what it makes; the config of a kind has `stage: KIND`.
-FINETUNES = {"i2v": "image-to-video (SVD): animates a conditioning frame"}
+FINETUNES = {
+    "i2v": "image-to-video (SVD): animates a conditioning frame",
+    "interpolation": "frame interpolation (Video LDM): three frames between each pair of key frames",
+    "prediction": "long-video prediction (Video LDM): continues 0, 1 or 2 context frames",
+}
 
 
 def default_model_name(kind: str, config_name: str) -> str:
