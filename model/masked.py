@@ -139,10 +139,6 @@ def _require(model, kind: KnownFrames) -> None:
         raise ValueError(f"this model was trained with known frames {model.config.known_frames!r}, not {kind!r}")
 
 
-def _text(model, prompt: str, device: torch.device) -> torch.Tensor:
-    return model.text([prompt]).to(device)
-
-
 @torch.no_grad()
 def interpolate(model, frames: torch.Tensor, config, prompt: str = "") -> torch.Tensor:
     """(4T - 3, 3, H, W) frames in [-1, 1]: `frames` (T, 3, h, w), resized to the config's
@@ -158,7 +154,7 @@ def interpolate(model, frames: torch.Tensor, config, prompt: str = "") -> torch.
     model.eval()
     device = next(model.unet.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
-    text = _text(model, prompt, device)
+    text = model.text([prompt]).to(device)
     keys = fit_frames(frames.float(), config.height, config.width).to(device)
     key_latents = frame_latents(model.codec, keys)
     window_keys = min((config.num_frames - 1) // KEY_EVERY + 1, len(keys))
@@ -196,7 +192,7 @@ def predict(model, context: torch.Tensor, num_frames: int, config, prompt: str =
     model.eval()
     device = next(model.unet.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
-    text = _text(model, prompt, device)
+    text = model.text([prompt]).to(device)
     factor = model.codec.downsampling
     channels = model.codec.vae.config.latent_channels
     shape = (1, config.num_frames, channels, config.height // factor, config.width // factor)
@@ -208,7 +204,7 @@ def predict(model, context: torch.Tensor, num_frames: int, config, prompt: str =
         context_latents = torch.zeros(1, 0, *shape[2:], device=device)
     video = context_latents
     while video.shape[1] < num_frames:
-        given = video[:, -MAX_CONTEXT:] if video.shape[1] else video
+        given = video[:, -MAX_CONTEXT:]
         known = torch.zeros(shape, device=device)
         known[:, : given.shape[1]] = given
         mask = torch.zeros(1, config.num_frames)
