@@ -51,6 +51,8 @@ class GenerationConfig:
     noise_aug_strength: float = 0.02  # image-to-video: noise added to the conditioning image (SVD's default)
     adapter: str | None = None  # camera-motion LoRA: the adapter to sample with (None: the base model)
     elevation: float | None = None  # multi-view: the camera elevation in degrees (`orbit`)
+    # Interpolation and prediction: classifier-free guidance on the known frames (1: none).
+    context_guidance: float = 1.0
 
 
 @torch.no_grad()

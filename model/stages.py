@@ -31,13 +31,14 @@ from model.conditioning import (
 from model.data import ClipSpec
 from model.diffusion import Denoiser, denoising_loss, lognormal_sigmas, shifted_p_mean
 from model.latents import vae_fingerprint
+from model.masked import KEY_EVERY, MAX_CONTEXT, KnownFrames, MaskedVideoNetwork, input_channels, training_condition
 from model.networks import CONFIGS, image_unet, inflate, load_image_unet, widen_input
 from model.openclip import TINY_CLIP_MODEL, TINY_IMAGE_CLIP_MODEL, register_tiny_models
 from model.spatial import images_only
 from model.training import OptimConfig, Strategy
 
 # Pretraining stages, then finetunes of a video model (`vdm finetune KIND`).
-Stage = Literal["image", "video", "hq", "i2v", "spatial-hq", "camera-lora", "multiview"]
+Stage = Literal["image", "video", "hq", "i2v", "spatial-hq", "camera-lora", "multiview", "interpolation", "prediction"]
 STAGE_FILE = "stage.json"
 TEXT_FOLDER, IMAGE_FOLDER, VAE_FOLDER = "text_encoder", "image_encoder", "vae"
 IMAGE_WEIGHTS = "open_clip_vision.safetensors"
@@ -63,6 +64,9 @@ class StageConfig:
     p_std: float = 1.2
     # What a video is generated from: a caption, or a conditioning frame (image-to-video, SVD).
     conditioning: Literal["text", "image"] = "text"
+    # Frames the video model is also given (model/masked.py): key frames to interpolate
+    # between, or leading context frames to continue.
+    known_frames: KnownFrames = "none"
     text_model: str | None = None  # open_clip model; None: the one matching `unet` (TEXT_MODELS)
     # Local path of open_clip weights (relative: inside the model folder); None: seeded random (tests).
     text_weights: str | None = None
@@ -112,6 +116,8 @@ class StageConfig:
             raise ValueError(
                 "multi-view is image-to-video on orbits (stage: multiview, conditioning: image, data: orbits)"
             )
+        if self.known_frames != "none":
+            _check_known_frames(self)
 
     @property
     def video(self) -> bool:
@@ -225,7 +231,14 @@ class VideoDiffusion(torch.nn.Module):
             )
         vae = config.vae or vae_folder
         self.codec = codec or (LatentCodec.from_folder(vae) if vae else LatentCodec.tiny())
-        if config.conditioning == "image":
+        if config.known_frames != "none":
+            network = MaskedVideoNetwork(unet)
+            expected = input_channels(self.codec.vae.config.latent_channels)
+            if unet.config.in_channels != expected:
+                raise ValueError(
+                    f"a UNet given known frames takes {expected} input channels, not {unet.config.in_channels}"
+                )
+        elif config.conditioning == "image":
             network = _ImageToVideoNetwork(unet)
             expected = 2 * self.codec.vae.config.latent_channels
             if unet.config.in_channels != expected:
@@ -253,6 +266,8 @@ class VideoDiffusion(torch.nn.Module):
         unet, vae = _networks(config, init_from)
         if config.conditioning == "image":
             unet = widen_input(unet, 2 * unet.config.out_channels)
+        if config.known_frames != "none":
+            unet = widen_input(unet, input_channels(unet.config.out_channels))
         if config.stage == "camera-lora":
             _camera_adapters(config, unet, init_from)
         return cls(config, unet, vae)
@@ -328,6 +343,9 @@ class VideoDiffusion(torch.nn.Module):
         `generator`, which checkpoints save: a resumed run repeats the same draws."""
         latents = self.latents(batch, generator)  # (B, T, 4, h, w)
         cond = self.conditioning(batch, generator)
+        if self.config.known_frames != "none":
+            dropout = self.config.cond_dropout if self.training else 0.0
+            cond |= training_condition(latents, self.config.known_frames, dropout, generator)
         if not self.config.video:  # Stage I trains on frames as images
             frames = latents.shape[1]
             latents = latents.flatten(0, 1)
@@ -390,6 +408,18 @@ def _camera_adapters(config: StageConfig, unet: torch.nn.Module, init_from: str 
     if config.motion_class not in loaded:
         camera_lora.add_adapter(unet, config.motion_class, config.lora_rank, config.lora_alpha)
     camera_lora.use_adapter(unet, config.motion_class)
+
+
+def _check_known_frames(config: StageConfig) -> None:
+    if not config.video or config.conditioning != "text":
+        raise ValueError("known frames condition a text-to-video model")
+    if config.strategy != "full":
+        raise ValueError("known frames need strategy full: the UNet's new input channels (conv_in) must train")
+    frames = config.clip.num_frames
+    if config.known_frames == "interpolation" and (frames < KEY_EVERY + 1 or (frames - 1) % KEY_EVERY):
+        raise ValueError(f"interpolation trains on clips of 4k + 1 frames (keys every {KEY_EVERY}), not {frames}")
+    if config.known_frames == "prediction" and frames <= MAX_CONTEXT:
+        raise ValueError(f"prediction trains on clips longer than its {MAX_CONTEXT} context frames, not {frames}")
 
 
 def _networks(config: StageConfig, init_from: str | Path | None) -> tuple[torch.nn.Module, Path | None]:

@@ -469,6 +469,18 @@ _finetune_command(
     "elevation (in SVD's motion-bucket slot). --init-from an image-to-video model, an SVD folder or a "
     "video model (widened first).",
 )
+_finetune_command(
+    "interpolation",
+    "Frame interpolation (Video LDM, x4): the video UNet also takes the key frames' latents (every 4th frame) and "
+    "their mask, concatenated channel-wise, and learns the three frames between each pair. --init-from a trained "
+    "video model.",
+)
+_finetune_command(
+    "prediction",
+    "Long-video prediction (Video LDM): the video UNet also takes 0, 1 or 2 leading context frames' latents and "
+    "their mask, and learns to continue them; long videos are generated chunk by chunk. --init-from a trained "
+    "video model.",
+)
 
 
 @main.group()

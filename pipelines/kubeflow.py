@@ -198,6 +198,54 @@ def finetune_i2v(
     )
 
 
+def _finetune_masked(kind: str, init_from, data_uri, output_uri, config, max_steps, model_name, scheduler, nodes,
+                     procs_per_node, gpus_per_node):  # fmt: skip
+    """A known-frames finetune, registered as a candidate. No motion gate: the text-to-video
+    motion evaluation does not measure interpolation or continuation (the evidence does)."""
+    launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
+    return _finetune(kind, init_from, data_uri, output_uri, config, max_steps, model_name, launch)
+
+
+@dsl.pipeline(
+    name="finetune-interpolation",
+    description="Frame interpolation finetune (Video LDM, x4 by masked key frames) of a trained video model.",
+)
+def finetune_interpolation(
+    init_from: str = "models:/vdm-text-to-video@champion",
+    data_uri: str = "s3://vdm/curated/kfp/shards/",
+    output_uri: str = "s3://vdm/runs/finetune-interpolation",
+    config: str = "tiny",
+    max_steps: int = 0,
+    model_name: str = "vdm-interpolation",
+    scheduler: str = "local_cwd",
+    nodes: int = 1,
+    procs_per_node: int = 1,
+    gpus_per_node: int = 0,
+):
+    _finetune_masked("interpolation", init_from, data_uri, output_uri, config, max_steps, model_name, scheduler,
+                     nodes, procs_per_node, gpus_per_node)  # fmt: skip
+
+
+@dsl.pipeline(
+    name="finetune-prediction",
+    description="Long-video prediction finetune (Video LDM, masked context frames) of a trained video model.",
+)
+def finetune_prediction(
+    init_from: str = "models:/vdm-text-to-video@champion",
+    data_uri: str = "s3://vdm/curated/kfp/shards/",
+    output_uri: str = "s3://vdm/runs/finetune-prediction",
+    config: str = "tiny",
+    max_steps: int = 0,
+    model_name: str = "vdm-prediction",
+    scheduler: str = "local_cwd",
+    nodes: int = 1,
+    procs_per_node: int = 1,
+    gpus_per_node: int = 0,
+):
+    _finetune_masked("prediction", init_from, data_uri, output_uri, config, max_steps, model_name, scheduler,
+                     nodes, procs_per_node, gpus_per_node)  # fmt: skip
+
+
 @dsl.pipeline(
     name="finetune-temporal-decoder",
     description="Temporal VAE decoder finetune of a trained model (a new version of the same model, its decoder "
@@ -359,5 +407,7 @@ PIPELINES = {
     "finetune-spatial-hq": finetune_spatial_hq,
     "finetune-camera-lora": finetune_camera_lora,
     "finetune-multiview": finetune_multiview,
+    "finetune-interpolation": finetune_interpolation,
+    "finetune-prediction": finetune_prediction,
     "end-to-end": end_to_end,
 }

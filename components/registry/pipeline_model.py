@@ -2,7 +2,8 @@
 writes) as an MLflow pyfunc model with the folder as an artifact, registered as a new
 version with the alias `candidate` and lineage tags. Text models take a `prompt`
 column; image-to-video models an `image` column (PNG/JPEG bytes), multi-view models
-too, with the view's camera `elevation` as a param. Serving and `vdm sample` resolve
+too, with the view's camera `elevation` as a param; interpolation and prediction models
+a `frames` column (an mp4 of the key frames or the context). Serving and `vdm sample` resolve
 `models:/NAME@ALIAS` back to the folder with `download_pipeline`."""
 
 from __future__ import annotations
@@ -55,11 +56,24 @@ MULTIVIEW_SIGNATURE = ModelSignature(
     params=ParamSchema([*IMAGE_SIGNATURE.params.params, ParamSpec("elevation", "double", 0.0)]),
 )
 
+# Interpolation and prediction models (known frames): `frames`, an mp4 of the key frames to
+# interpolate between or of the context to continue (may have no frames), and a prompt.
+# `video_frames`: the length of a predicted video (0: two of the model's clips).
+FRAMES_SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("binary", "frames"), ColSpec("string", "prompt", required=False)]),
+    outputs=Schema([ColSpec("binary", "video_mp4")]),
+    params=ParamSchema(
+        [*GENERATION_PARAMS, ParamSpec("context_guidance", "double", 1.0), ParamSpec("video_frames", "long", 0)]
+    ),
+)
+
 
 def signature_of(stage_config: dict) -> ModelSignature:
     """The pyfunc signature of a model folder's stage config (`stage.json`)."""
     if stage_config.get("stage") == "multiview":
         return MULTIVIEW_SIGNATURE
+    if stage_config.get("known_frames", "none") != "none":
+        return FRAMES_SIGNATURE
     return IMAGE_SIGNATURE if stage_config.get("conditioning", "text") == "image" else SIGNATURE
 
 
@@ -71,6 +85,19 @@ def decode_image(data: bytes):
 
     rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def decode_video(data: bytes):
+    """mp4 bytes -> (T, 3, H, W) tensor in [-1, 1]; T may be 0."""
+    import av
+    import numpy as np
+    import torch
+
+    with av.open(io.BytesIO(data)) as container:
+        rgb = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+    if not rgb:
+        return torch.zeros(0, 3, 1, 1)
+    return torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 class VideoPipelineModel(mlflow.pyfunc.PythonModel):
@@ -86,6 +113,7 @@ class VideoPipelineModel(mlflow.pyfunc.PythonModel):
 
         spec = self.model.config.clip
         image_model = self.model.config.conditioning == "image"
+        known_frames = self.model.config.known_frames
         schema = signature_of(asdict(self.model.config))
         p = {s.name: s.default for s in schema.params} | (params or {})
         config = GenerationConfig.for_clip(
@@ -102,7 +130,10 @@ class VideoPipelineModel(mlflow.pyfunc.PythonModel):
             adapter=p["adapter"] or None,
             **({"noise_aug_strength": p["noise_aug_strength"]} if image_model else {}),
             **({"elevation": p["elevation"]} if "elevation" in p else {}),
+            **({"context_guidance": p["context_guidance"]} if known_frames != "none" else {}),
         )
+        if known_frames != "none":
+            return self._from_known_frames(model_input, config, p["video_frames"] or 2 * spec.num_frames)
         if image_model:  # animate resizes and centre-crops each image to the requested size
             videos = [animate(self.model, decode_image(data), config) for data in model_input["image"]]
             return pd.DataFrame({"video_mp4": [video_bytes(to_uint8(v).numpy(), config.fps) for v in videos]})
@@ -111,6 +142,23 @@ class VideoPipelineModel(mlflow.pyfunc.PythonModel):
         for prompt, negative in zip(model_input["prompt"], negatives, strict=True):
             frames = to_uint8(generate(self.model, prompt, config, negative_prompt=negative)).numpy()
             videos.append(video_bytes(frames, config.fps))
+        return pd.DataFrame({"video_mp4": videos})
+
+    def _from_known_frames(self, model_input: pd.DataFrame, config, video_frames: int) -> pd.DataFrame:
+        """Interpolation: the frames at 4x their frame rate (`config.fps` is the output's);
+        prediction: a `video_frames` long video continuing them."""
+        from model.masked import interpolate, predict
+        from model.pipeline import to_uint8
+
+        prompts = model_input.get("prompt", pd.Series([""] * len(model_input))).fillna("")
+        videos = []
+        for data, prompt in zip(model_input["frames"], prompts, strict=True):
+            frames = decode_video(data)
+            if self.model.config.known_frames == "interpolation":
+                video = interpolate(self.model, frames, config, prompt)
+            else:
+                video = predict(self.model, frames, video_frames, config, prompt)
+            videos.append(video_bytes(to_uint8(video).numpy(), config.fps))
         return pd.DataFrame({"video_mp4": videos})
 
 

@@ -21,6 +21,8 @@ FINETUNES = {
     "spatial-hq": "image-only spatial finetune (VideoCrafter2): spatial layers on high-quality images",
     "camera-lora": "camera-motion LoRA: one adapter per motion class, added to the model's others",
     "multiview": "multi-view (SVD-MV): an orbit around the object of a view, given its camera elevation",
+    "interpolation": "frame interpolation (Video LDM): three frames between each pair of key frames",
+    "prediction": "long-video prediction (Video LDM): continues 0, 1 or 2 context frames",
 }
 
 

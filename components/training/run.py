@@ -139,7 +139,14 @@ def run_training(
         with tracking if lead else contextlib.nullcontext() as run:
             if lead:
                 # What the model is generated from (text or image): serving picks the endpoint by it.
-                mlflow.set_tags({"vdm.resumed_from": str(checkpoint or ""), "vdm.conditioning": config.conditioning})
+                mlflow.set_tags(
+                    {
+                        "vdm.resumed_from": str(checkpoint or ""),
+                        "vdm.conditioning": config.conditioning,
+                        # Interpolation / prediction models take an mp4 of known frames (pyfunc `frames`).
+                        "vdm.known_frames": config.known_frames,
+                    }
+                )
                 if config.data == "images":  # Stage I or an image-only finetune: the lineage names its image set
                     mlflow.set_tag("vdm.image_set", data)
             result = train(

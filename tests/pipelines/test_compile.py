@@ -172,3 +172,22 @@ def test_the_camera_lora_pipeline_adds_one_adapter_per_class_to_the_previous_res
         assert {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"} in platform[executor][
             "tolerations"
         ]
+
+
+@pytest.mark.parametrize("kind", ["interpolation", "prediction"])
+def test_a_masked_finetune_is_a_gpu_step_from_its_run_form_that_registers_a_candidate(compiled, kind):
+    spec, platform = compiled[f"finetune-{kind}"]
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"finetune-model"}
+    parameters = tasks["finetune-model"]["inputs"]["parameters"]
+    assert parameters["kind"] == {"runtimeValue": {"constant": kind}}
+    assert parameters["init_from"] == {"componentInputParameter": "init_from"}
+    assert parameters["register_as"] == {"componentInputParameter": "model_name"}
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["model_name"]["defaultValue"] == f"vdm-{kind}"
+    assert tasks["finetune-model"]["retryPolicy"]["maxRetryCount"] == 2
+    resources = spec["deploymentSpec"]["executors"]["exec-finetune-model"]["container"]["resources"]
+    assert resources["accelerator"]["resourceCount"] == "8"
+    assert {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"} in platform["exec-finetune-model"][
+        "tolerations"
+    ]
