@@ -161,15 +161,13 @@ def _unknown_frame_errors(model: VideoDiffusion, videos: torch.Tensor, sigma: fl
     return errors[0], errors[1]
 
 
-# Not run: measured on the loaded development machine, 30 steps did not teach either kind to
-# use its known frames (prediction: 0.2206 given 2 context frames vs 0.2207 given none; the
-# interpolation run passed 1500 s and timed out). The known frames reach the unknown ones only
-# through the temporal layers, unlike image-to-video's latent, which every frame is given.
-@pytest.mark.xfail(run=False, reason="30 finetune steps do not yet make the known frames help (see comment)")
+# Static discs: where a disc is in the unknown frames only the known frames can say (at this
+# noise level), and the known frames reach the unknown ones only through the temporal layers,
+# which take about 120 steps to learn it (30 steps: no difference yet).
 @pytest.mark.parametrize("kind, frames", [("interpolation", 5), ("prediction", 4)], ids=["interpolation", "prediction"])
 def test_a_short_finetune_predicts_the_unknown_frames_from_the_known_ones(tmp_path, kind, frames):
     paths, _ = write_shapes_shards(
-        tmp_path / "shards", shards=2, clips_per_shard=8, num_frames=12, fps=12.0, height=32, width=32
+        tmp_path / "shards", shards=2, clips_per_shard=8, num_frames=12, fps=12.0, height=32, width=32, max_speed=0.0
     )
     shards = [str(p) for p in paths]
     spec = ClipSpec(num_frames=frames, fps=12.0, height=32, width=32)
@@ -182,8 +180,8 @@ def test_a_short_finetune_predicts_the_unknown_frames_from_the_known_ones(tmp_pa
         p_mean=0.5,
         cond_dropout=0.3,  # also learn the prediction without known frames: the fair comparison
         batch_size=4,
-        max_steps=30,
-        checkpoint_every=30,
+        max_steps=120,
+        checkpoint_every=120,
         optim=replace(tiny.optim, lr=5e-3, warmup_steps=2),
     )
     # The known frames reach the other frames only through the temporal layers: start from a
@@ -196,4 +194,5 @@ def test_a_short_finetune_predicts_the_unknown_frames_from_the_known_ones(tmp_pa
     assert given == pytest.approx(without, rel=1e-4)  # before: the known frames make no difference
     finetuned = train(config, shards, tmp_path / "work", init_from=base).model
     given, without = _unknown_frame_errors(finetuned, videos)
+    print(f"{kind}: unknown-frame error given the known frames {given:.4f}, given none {without:.4f}")
     assert given < 0.85 * without, (given, without)
