@@ -23,6 +23,7 @@ import numpy as np
 import webdataset as wds
 
 from components.common.media import write_video
+from components.sample_data.shards import clip_metadata
 
 _SUBPIXEL_BITS = 4
 # Unit cube corners and its faces as corner indices, counter-clockwise seen from outside.
@@ -145,19 +146,7 @@ def write_orbit_shards(
                 orbit = render_orbit(boxes, elevation, orbit_azimuths(num_views, rng.uniform(0, 360)), size)
                 video = Path(tmp) / f"{key}.mp4"
                 write_video(video, orbit.frames, fps)
-                meta = {
-                    "key": key,
-                    "video": key,
-                    "start_frame": 0,
-                    "end_frame": num_views,
-                    "start_s": 0.0,
-                    "end_s": num_views / fps,
-                    "fps": fps,
-                    "kept": True,
-                    "drop_reasons": [],
-                    "scores": {"motion": 0.0, "text_ratio": 0.0, "aesthetic": 0.0, "clip_sim": 0.0},
-                    "camera_motion": "orbit",
-                    "caption": "an orbit around coloured boxes",
+                meta = clip_metadata(key, num_views, fps, 0.0, "orbit", "an orbit around coloured boxes") | {
                     "elevation": elevation,
                     "azimuths": orbit.azimuths.tolist(),
                 }

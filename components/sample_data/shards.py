@@ -16,6 +16,25 @@ from components.common.media import write_video
 from components.sample_data.render import moving_shapes, pan, texture, zoom
 
 
+def clip_metadata(key: str, num_frames: int, fps: float, motion: float, camera_motion: str, caption: str) -> dict:
+    """The JSON curation writes beside a kept clip (the loader's contract), for a whole
+    synthetic clip: its motion score, camera-motion label and caption."""
+    return {
+        "key": key,
+        "video": key,
+        "start_frame": 0,
+        "end_frame": num_frames,
+        "start_s": 0.0,
+        "end_s": num_frames / fps,
+        "fps": fps,
+        "kept": True,
+        "drop_reasons": [],
+        "scores": {"motion": motion, "text_ratio": 0.0, "aesthetic": 0.0, "clip_sim": 0.0},
+        "camera_motion": camera_motion,
+        "caption": caption,
+    }
+
+
 def write_shapes_shards(
     folder: Path,
     *,
@@ -49,20 +68,7 @@ def write_shapes_shards(
                 video = Path(tmp) / f"{key}.mp4"
                 write_video(video, clip.frames, fps)
                 speed = float(np.linalg.norm(clip.velocities, axis=1).mean())
-                meta = {
-                    "key": key,
-                    "video": key,
-                    "start_frame": 0,
-                    "end_frame": num_frames,
-                    "start_s": 0.0,
-                    "end_s": num_frames / fps,
-                    "fps": fps,
-                    "kept": True,
-                    "drop_reasons": [],
-                    "scores": {"motion": speed, "text_ratio": 0.0, "aesthetic": 0.0, "clip_sim": 0.0},
-                    "camera_motion": "static",
-                    "caption": "a disc moving on black",
-                }
+                meta = clip_metadata(key, num_frames, fps, speed, "static", "a disc moving on black")
                 tar.write({"__key__": key, "mp4": video.read_bytes(), "json": meta})
                 truth[key] = {
                     "positions": clip.positions.tolist(),
@@ -121,21 +127,8 @@ def write_camera_shards(
             video = Path(tmp) / f"{key}.mp4"
             write_video(video, frames, fps)
             velocity = [-float(window[0]), -float(window[1])]
-            meta = {
-                "key": key,
-                "video": key,
-                "start_frame": 0,
-                "end_frame": num_frames,
-                "start_s": 0.0,
-                "end_s": num_frames / fps,
-                "fps": fps,
-                "kept": True,
-                "drop_reasons": [],
-                "scores": {"motion": float(np.hypot(*velocity)), "text_ratio": 0.0, "aesthetic": 0.0, "clip_sim": 0.0},
-                "camera_motion": label,
-                # One caption for every class: the camera motion must come from the adapter, not the text.
-                "caption": "a textured landscape",
-            }
+            # One caption for every class: the camera motion must come from the adapter, not the text.
+            meta = clip_metadata(key, num_frames, fps, float(np.hypot(*velocity)), label, "a textured landscape")
             writers[n % shards].write({"__key__": key, "mp4": video.read_bytes(), "json": meta})
             truth[key] = {
                 "camera_motion": label,
