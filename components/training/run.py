@@ -20,6 +20,7 @@ from pathlib import Path
 
 import mlflow
 import torch
+from mlflow.entities.model_registry import ModelVersion
 
 from components.common.media import write_video
 from components.common.objectstore import MANIFEST_NAME, ObjectStore, S3Uri, is_s3_uri
@@ -31,7 +32,7 @@ from model.conditioning import LatentCodec
 from model.data import ClipDataset, ClipSpec
 from model.latents import vae_fingerprint, write_latent_shards
 from model.pipeline import to_uint8
-from model.stages import Stage, named_config
+from model.stages import Stage, VideoDiffusion, named_config
 from model.svd import export_svd
 from model.train import leave_distributed, train
 
@@ -162,29 +163,59 @@ def run_training(
             leave_distributed()  # the training's collectives are over; the rest is rank 0's
             if not lead:
                 return {"steps": result.steps, "final": None, "registered": None, "losses": result.losses}
-            final = out.join("final")
-            store.publish_folder(result.final, final)
-            mlflow.set_tag("vdm.outputs", str(final))
-            if result.model.image is not None:
-                svd = out.join("svd")
-                store.publish_folder(export_svd(result.model, scratch / "svd"), svd)
-                mlflow.set_tag("vdm.svd_format", str(svd))
-            version = (
-                register_pipeline(result.final, register_as, {"vdm.data": data, "vdm.final": str(final)})
-                if register_as
-                else None
-            )
+            svd_model = result.model if result.model.image is not None else None
+            final, version = publish_final(result.final, out, store, scratch, data, register_as, svd_model)
+    summary = write_summary(out, store, settings, run, result.steps, final, register_as, version, checkpoint)
+    return summary | {"losses": result.losses}
+
+
+def publish_final(
+    folder: Path,
+    out: S3Uri,
+    store: ObjectStore,
+    scratch: Path,
+    data: str,
+    register_as: str | None,
+    svd_model: VideoDiffusion | None,
+) -> tuple[str, ModelVersion | None]:
+    """Publish a trained model folder as `<out>/final` (an image-to-video `svd_model` also in
+    StableVideoDiffusionPipeline's format, `<out>/svd`) and, with `register_as`, register it
+    as a candidate; in the active MLflow run."""
+    final = out.join("final")
+    store.publish_folder(folder, final)
+    mlflow.set_tag("vdm.outputs", str(final))
+    if svd_model is not None:
+        svd = out.join("svd")
+        store.publish_folder(export_svd(svd_model, scratch / "svd"), svd)
+        mlflow.set_tag("vdm.svd_format", str(svd))
+    lineage = {"vdm.data": data, "vdm.final": str(final)}
+    version = register_pipeline(folder, register_as, lineage) if register_as else None
+    return str(final), version
+
+
+def write_summary(
+    out: S3Uri,
+    store: ObjectStore,
+    settings: Settings,
+    run,
+    steps: int,
+    final: str,
+    register_as: str | None,
+    version: ModelVersion | None,
+    resumed_from: S3Uri | None,
+) -> dict:
+    """A training run's summary, also written to `<out>/result.json`: what a launcher that
+    cannot see this process (TorchX on a cluster) reads back."""
     summary = {
-        "steps": result.steps,
-        "final": str(final),
+        "steps": steps,
+        "final": final,
         "registered": f"models:/{register_as}/{version.version}" if version else None,
         "mlflow_run": run_url(run, settings),
         "mlflow_run_id": run.info.run_id,
-        "resumed_from": str(checkpoint) if resume_from else None,
+        "resumed_from": str(resumed_from) if resumed_from else None,
     }
-    # What a launcher that cannot see this process (TorchX on a cluster) reads back.
     store.put_bytes(out.join(RESULT), json.dumps(summary, indent=1).encode())
-    return summary | {"losses": result.losses}
+    return summary
 
 
 def run_autoencoder_training(

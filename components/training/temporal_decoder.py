@@ -22,15 +22,15 @@ import torch
 
 from components.common.objectstore import ObjectStore, S3Uri
 from components.common.settings import Settings
-from components.common.tracking import run_url, tracked_run
-from components.registry.pipeline_model import register_pipeline
+from components.common.tracking import tracked_run
 from components.training.run import (
     CHECKPOINTS,
-    RESULT,
     _metrics_logger,
     latest_checkpoint,
     local_folder,
+    publish_final,
     shard_urls,
+    write_summary,
 )
 from model.conditioning import LatentCodec
 from model.data import ClipDataset
@@ -132,27 +132,7 @@ def run_temporal_decoder_finetune(
             final_folder = scratch / "final"
             shutil.copytree(init, final_folder, ignore=shutil.ignore_patterns(VAE_FOLDER))
             vae.to("cpu").save_pretrained(final_folder / VAE_FOLDER, safe_serialization=True)
-            final = out.join("final")
-            store.publish_folder(final_folder, final)
-            mlflow.set_tag("vdm.outputs", str(final))
-            if conditioning == "image":
-                from model.svd import export_svd
-
-                svd = out.join("svd")
-                store.publish_folder(export_svd(VideoDiffusion.load(final_folder), scratch / "svd"), svd)
-                mlflow.set_tag("vdm.svd_format", str(svd))
-            version = (
-                register_pipeline(final_folder, register_as, {"vdm.data": data, "vdm.final": str(final)})
-                if register_as
-                else None
-            )
-    summary = {
-        "steps": state.step,
-        "final": str(final),
-        "registered": f"models:/{register_as}/{version.version}" if version else None,
-        "mlflow_run": run_url(run, settings),
-        "mlflow_run_id": run.info.run_id,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-    }
-    store.put_bytes(out.join(RESULT), json.dumps(summary, indent=1).encode())
+            svd_model = VideoDiffusion.load(final_folder) if conditioning == "image" else None
+            final, version = publish_final(final_folder, out, store, scratch, data, register_as, svd_model)
+    summary = write_summary(out, store, settings, run, state.step, final, register_as, version, checkpoint)
     return summary | {"losses": state.losses, "metrics": before | after}
