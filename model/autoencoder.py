@@ -26,6 +26,9 @@ class AutoencoderTraining:
     lr: float = 2e-3
     kl_weight: float = 1e-6
     seed: int = 0
+    # Finetune the decoder only (as SD's VAE decoder was, ft-MSE): the encoder and the
+    # scaling stay, so latents, and every model trained on them, are unchanged.
+    decoder_only: bool = False
 
 
 def autoencoder_loss(vae: AutoencoderKL, frames: torch.Tensor, kl_weight: float, generator: torch.Generator) -> dict:
@@ -44,24 +47,30 @@ def train_autoencoder(
     on_log: Callable[[int, dict[str, float]], None] | None = None,
 ) -> AutoencoderKL:
     """`frames` yields batches (N, 3, H, W) in [-1, 1]; returns the trained VAE with
-    its `scaling_factor` measured on the last batches."""
+    its `scaling_factor` measured on the last batches (kept as it was if `decoder_only`)."""
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
+    trained = [vae.post_quant_conv, vae.decoder] if config.decoder_only else [vae]
+    parameters = [p for module in trained for p in module.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.steps, pct_start=0.1)
-    vae.requires_grad_(True).train()
+    vae.requires_grad_(False).train()
+    for module in trained:
+        module.requires_grad_(True)
     seen: list[torch.Tensor] = []
     for step in range(1, config.steps + 1):
         batch = next(frames)
         losses = autoencoder_loss(vae, batch, config.kl_weight, generator)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         seen = (seen + [batch])[-4:]
         if on_log and (step % 20 == 0 or step == config.steps):
             on_log(step, {k: v.item() for k, v in losses.items()})
     vae.requires_grad_(False).eval()
+    if config.decoder_only:
+        return vae
     with torch.no_grad():
         latents = torch.cat([vae.encode(b).latent_dist.mean for b in seen])
     vae.register_to_config(scaling_factor=float(1 / latents.std()))

@@ -31,3 +31,23 @@ def test_training_reconstructs_frames_and_scales_latents_to_unit_variance(tmp_pa
     codec = LatentCodec(vae)
     latents = codec.encode(held_out[None], torch.Generator().manual_seed(0))
     assert 0.7 < latents.std().item() < 1.4
+
+
+def test_decoder_only_finetune_keeps_the_latent_space_and_improves_reconstruction(tmp_path):
+    paths, _ = write_shapes_shards(tmp_path, shards=1, clips_per_shard=4)
+    clips = ClipDataset([str(p) for p in paths], ClipSpec(num_frames=4, fps=8.0, height=32, width=32))
+
+    def batches():
+        stream = iter(clips)
+        while True:
+            yield torch.cat([next(stream)["video"] for _ in range(4)])
+
+    held_out = torch.cat([item["video"] for item in itertools.islice(iter(clips), 8)])
+    vae = train_autoencoder(LatentCodec.tiny().vae, batches(), AutoencoderTraining(steps=20, batch_frames=16))
+    encoder = {k: v.clone() for k, v in vae.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
+    scaling, before = vae.config.scaling_factor, reconstruction_error(vae, held_out)
+    vae = train_autoencoder(vae, batches(), AutoencoderTraining(steps=20, lr=1e-3, decoder_only=True))
+    assert vae.config.scaling_factor == scaling
+    assert all(torch.equal(v, vae.state_dict()[k]) for k, v in encoder.items())
+    after = reconstruction_error(vae, held_out)
+    assert after < 0.9 * before, (before, after)
