@@ -103,12 +103,15 @@ def pan(world: np.ndarray, height: int, width: int, num_frames: int, velocity: t
     )
 
 
-def zoom(world: np.ndarray, height: int, width: int, num_frames: int, rate: float) -> np.ndarray:
-    """Frames magnified about the centre by `rate` per frame (>1 zooms in)."""
+def zoom(
+    world: np.ndarray, height: int, width: int, num_frames: int, rate: float, first_scale: float = 1.0
+) -> np.ndarray:
+    """Frames magnified about the centre by `rate` per frame (>1 zooms in), the first one
+    by `first_scale` (world pixels to frame pixels)."""
     cy, cx = world.shape[0] / 2, world.shape[1] / 2
     frames = []
     for t in range(num_frames):
-        s = rate**t
+        s = first_scale * rate**t
         # Maps world (x, y) to frame: scale about the world centre, then centre in the frame.
         m = np.array([[s, 0, width / 2 - s * cx], [0, s, height / 2 - s * cy]], np.float32)
         frames.append(cv2.warpAffine(world, m, (width, height), flags=cv2.INTER_LINEAR))

@@ -5,15 +5,17 @@ training tests and the motion evaluation before (or without) real curated data."
 from __future__ import annotations
 
 import io
+import math
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
 import webdataset as wds
 
 from components.common.media import write_video
-from components.sample_data.render import moving_shapes, pan, texture, zoom
+from components.sample_data.render import draw_shapes, moving_shapes, pan, texture, zoom
 
 
 def clip_metadata(key: str, num_frames: int, fps: float, motion: float, camera_motion: str, caption: str) -> dict:
@@ -91,11 +93,16 @@ def write_camera_shards(
     pan_px_per_frame: int = 4,
     zoom_rate_per_frame: float = 1.1,
     seed: int = 0,
+    scene: Literal["texture", "discs"] = "texture",
 ) -> tuple[list[Path], dict[str, dict]]:
-    """Clips of a textured world filmed by a camera that pans horizontally, zooms or stays,
-    labelled in their metadata as curation labels them (`camera_motion`), dealt round robin
-    to `shards` shards. Returns the paths and, per key, the truth: the label, the content's
-    velocity (px per frame, x right) and the zoom rate per frame."""
+    """Clips of a world filmed by a camera that pans horizontally, zooms or stays, labelled
+    in their metadata as curation labels them (`camera_motion`), dealt round robin to
+    `shards` shards. The world (`scene`) is a textured landscape, or discs on black drawn
+    like `write_shapes_shards`' (radius 2.5-3.5 px at 32 px, colours 96..255, about 2-3 in
+    view, captioned as those are: "a disc moving on black"), whose zoom is centred on the
+    middle frame (the discs keep about their size on average). Returns the paths and, per
+    key, the truth: the label, the content's velocity (px per frame, x right) and the zoom
+    rate per frame."""
     camera = {
         "pan_left": ((-pan_px_per_frame, 0), 1.0),  # the window moves left: the content moves right
         "pan_right": ((pan_px_per_frame, 0), 1.0),
@@ -106,6 +113,9 @@ def write_camera_shards(
     unknown = set(labels) - set(camera)
     if unknown:
         raise ValueError(f"no synthetic camera for {sorted(unknown)}; one of {sorted(camera)}")
+    if scene not in ("texture", "discs"):
+        raise ValueError(f"unknown scene {scene!r}; one of ['discs', 'texture']")
+    caption = "a textured landscape" if scene == "texture" else "a disc moving on black"
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"camera-{s:06d}.tar" for s in range(shards)]
     writers = [wds.TarWriter(str(path), mtime=0) for path in paths]
@@ -116,19 +126,24 @@ def write_camera_shards(
             key = f"camera-{seed:04d}-{label}-{i:04d}"
             rng = np.random.default_rng([seed, n])
             window, rate = camera[label]
-            # Large enough for the whole pan and for zooming out; drawn at half resolution and
-            # enlarged, so its finest detail is a few pixels wide (no aliasing in small frames).
-            half = texture(rng, 3 * size // 2, 3 * size // 2, tuple(rng.uniform(0.5, 1.0, 3)))
-            world = cv2.resize(half, (3 * size, 3 * size), interpolation=cv2.INTER_CUBIC)
+            if scene == "texture":
+                # Large enough for the whole pan and for zooming out; drawn at half resolution and
+                # enlarged, so its finest detail is a few pixels wide (no aliasing in small frames).
+                half = texture(rng, 3 * size // 2, 3 * size // 2, tuple(rng.uniform(0.5, 1.0, 3)))
+                world = cv2.resize(half, (3 * size, 3 * size), interpolation=cv2.INTER_CUBIC)
+                first_scale = 1.0
+            else:
+                world = disc_world(rng, 3 * size, size)
+                first_scale = rate ** (-(num_frames - 1) / 2)  # the middle frame at the world's scale
             if rate == 1.0:
                 frames = pan(world, size, size, num_frames, window)
             else:
-                frames = zoom(world, size, size, num_frames, rate)
+                frames = zoom(world, size, size, num_frames, rate, first_scale)
             video = Path(tmp) / f"{key}.mp4"
             write_video(video, frames, fps)
             velocity = [-float(window[0]), -float(window[1])]
             # One caption for every class: the camera motion must come from the adapter, not the text.
-            meta = clip_metadata(key, num_frames, fps, float(np.hypot(*velocity)), label, "a textured landscape")
+            meta = clip_metadata(key, num_frames, fps, float(np.hypot(*velocity)), label, caption)
             writers[n % shards].write({"__key__": key, "mp4": video.read_bytes(), "json": meta})
             truth[key] = {
                 "camera_motion": label,
@@ -138,6 +153,23 @@ def write_camera_shards(
     for writer in writers:
         writer.close()
     return paths, truth
+
+
+def disc_world(rng: np.random.Generator, world_size: int, view_size: int) -> np.ndarray:
+    """A black square world (uint8) with discs drawn like `write_shapes_shards`' at a frame
+    of `view_size` px (radius 5-7 px at 64, colours 96..255 per channel, anti-aliased),
+    one in each cell of a grid whose cells are 5/8 of the view: about 2.5 discs in a
+    view, evenly spread (a view seldom misses them all), never overlapping."""
+    cell = 5 * view_size / 8
+    cells = math.ceil(world_size / cell)
+    n = cells * cells
+    radii = rng.uniform(5 * view_size / 64, 7 * view_size / 64, n)
+    corners = np.stack(np.meshgrid(np.arange(cells), np.arange(cells), indexing="xy"), -1).reshape(-1, 2) * cell
+    centres = corners + radii[:, None] + rng.random((n, 2)) * (cell - 2 * radii[:, None])
+    colors = rng.integers(96, 256, size=(n, 3)).astype(np.uint8)
+    world = np.zeros((world_size, world_size, 3), np.uint8)
+    draw_shapes(world, centres, radii, colors)
+    return world
 
 
 def write_image_shards(

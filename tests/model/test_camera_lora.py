@@ -53,6 +53,22 @@ def test_synthetic_camera_clips_read_back_as_their_motion(shards):
         assert motion_class(motion) == known["camera_motion"].split("_")[0]
 
 
+def test_the_disc_world_reads_as_its_camera_motion(tmp_path):
+    paths, truth = write_camera_shards(tmp_path, clips_per_label=1, shards=1, pan_px_per_frame=3, scene="discs")
+    clips = list(ClipDataset([str(p) for p in paths], CONFIG.clip, random_crop=False, epochs=1))
+    assert len(clips) == 5 and all(c["caption"] == "a disc moving on black" for c in clips)
+    for clip in clips:
+        known = truth[clip["key"]]
+        frames = clip["video"]
+        assert ((frames > -0.5).float().mean() < 0.3) and frames.amax() > 0.5  # discs on black
+        motion = estimate(frames)
+        assert motion.translation[0] == pytest.approx(known["content_velocity_px_per_frame"][0], abs=0.2)
+        assert abs(motion.translation[1]) < 0.2
+        corner = (known["zoom_rate_per_frame"] - 1) * (32**2 / 2) ** 0.5
+        assert motion.zoom == pytest.approx(corner, abs=0.5)
+        assert motion_class(motion) == known["camera_motion"].split("_")[0]
+
+
 def test_a_motion_class_trains_on_its_labels_only(shards):
     paths, _ = shards
     keys = [c["key"] for c in ClipDataset(paths, CONFIG.clip, camera_motion=("pan_left", "pan_right"), epochs=1)]
