@@ -16,7 +16,8 @@ The encoder, and with it the latent space the UNet was trained in, stays bit-ide
   attention are dropped. `conversion_error` measures both; training closes the gap.
 - Loss: L1 + MSE reconstruction of the clip from its (frozen) encoder's posterior
   samples, plus per-frame Gaussian latent noise (what a sampler's latents carry: the
-  frames of a generated clip never agree exactly), plus a hinge GAN loss from a small
+  frames of a generated clip never agree exactly), plus the frame-change error (the
+  flicker metric below, `temporal_weight`), plus a hinge GAN loss from a small
   3D-convolution patch discriminator (`PatchDiscriminator3D`: diffusers and the
   installed libraries have none), weighted adaptively as in taming-transformers/LDM
   (the ratio of the two losses' gradient norms at the decoder's last layer, `time_conv_out`) and
@@ -61,6 +62,9 @@ class TemporalDecoderConfig:
     discriminator_lr: float = 2e-4
     l1_weight: float = 1.0
     mse_weight: float = 1.0
+    # Weight of the frame-change error (the flicker metric) in the loss: reconstruction
+    # alone spends the decoder on each frame's detail and, in short runs, adds flicker.
+    temporal_weight: float = 1.0
     adversarial_weight: float = 0.1
     adversarial_start: int = 50  # steps of reconstruction alone before the GAN loss joins
     discriminator_width: int = 32
@@ -289,8 +293,9 @@ class TemporalDecoderTrainer:
         decoded = decode_frames(self.vae, noisy_latents(self.vae, video, config.latent_noise, generator))
         l1 = (decoded - video).abs().mean()
         mse = (decoded - video).pow(2).mean()
-        reconstruction = config.l1_weight * l1 + config.mse_weight * mse
-        metrics = {"l1": l1.item(), "mse": mse.item()}
+        change = frame_change_error(decoded, video)
+        reconstruction = config.l1_weight * l1 + config.mse_weight * mse + config.temporal_weight * change
+        metrics = {"l1": l1.item(), "mse": mse.item(), "frame_change": change.item()}
         loss = reconstruction
         adversarial_on = self.state.step >= config.adversarial_start and config.adversarial_weight > 0
         if adversarial_on:
@@ -370,10 +375,14 @@ def train_temporal_decoder(
 # -- metric -------------------------------------------------------------------------------
 
 
-def flicker(decoded: torch.Tensor, truth: torch.Tensor) -> float:
+def frame_change_error(decoded: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Mean |(decoded[t+1] - decoded[t]) - (truth[t+1] - truth[t])| over clips (B, T, 3, H, W):
     the frame-to-frame change the decoder adds or removes, in [-1, 1] units."""
-    return float((decoded.diff(dim=1) - truth.diff(dim=1)).abs().mean())
+    return (decoded.diff(dim=1) - truth.diff(dim=1)).abs().mean()
+
+
+def flicker(decoded: torch.Tensor, truth: torch.Tensor) -> float:
+    return float(frame_change_error(decoded, truth))
 
 
 @torch.no_grad()

@@ -76,6 +76,9 @@ def main() -> None:
     parser.add_argument("--clips-per-label", type=int, default=16)
     parser.add_argument("--pan-px", type=int, default=3, help="pan speed, px per frame at 32 px")
     parser.add_argument("--zoom-rate", type=float, default=1.1, help="magnification per frame")
+    parser.add_argument(
+        "--labels", default="pan_left,pan_right,zoom_in,zoom_out,static", help="camera labels of the clips written"
+    )
     parser.add_argument("--classes", default=",".join(MOTION_CLASSES), help="adapters to train, in chain")
     parser.add_argument("--adapter-steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -107,7 +110,7 @@ def main() -> None:
         paths, _ = timed(
             "shards", write_camera_shards, work / "shards", clips_per_label=args.clips_per_label, shards=2,
             num_frames=clip.num_frames, fps=clip.fps, size=clip.height, pan_px_per_frame=args.pan_px,
-            zoom_rate_per_frame=args.zoom_rate, scene="discs",
+            zoom_rate_per_frame=args.zoom_rate, scene="discs", labels=tuple(args.labels.split(",")),
         )  # fmt: skip
         shards = [str(p) for p in paths]
 
@@ -137,8 +140,9 @@ def main() -> None:
 
         report = {
             "base_folder": str(base_folder),
-            "data": {"scene": "discs", "clips_per_label": args.clips_per_label, "pan_px_per_frame": args.pan_px,
-                     "zoom_rate_per_frame": args.zoom_rate, "clip": [clip.num_frames, clip.fps, clip.height]},
+            "data": {"scene": "discs", "labels": args.labels, "clips_per_label": args.clips_per_label,
+                     "pan_px_per_frame": args.pan_px, "zoom_rate_per_frame": args.zoom_rate,
+                     "clip": [clip.num_frames, clip.fps, clip.height]},
             "adapter_steps": args.adapter_steps,
             "batch_size": args.batch_size,
             "lr": args.lr,

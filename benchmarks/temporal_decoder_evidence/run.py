@@ -80,12 +80,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--train-clips", type=int, default=8, help="per kind")
     parser.add_argument("--eval-clips", type=int, default=2, help="per kind")
+    parser.add_argument("--trainable", choices=("decoder", "temporal"), default="decoder")
+    parser.add_argument("--adversarial-weight", type=float, default=None, help="default: the tiny config's")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     start = time.perf_counter()
     seed_everything(0)
     device = torch.device(args.device)
-    config = replace(named_config("tiny"), max_steps=args.steps, checkpoint_every=args.steps)
+    config = replace(named_config("tiny"), max_steps=args.steps, checkpoint_every=args.steps, trainable=args.trainable)
+    if args.adversarial_weight is not None:
+        config = replace(config, adversarial_weight=args.adversarial_weight)
     spec = config.clip
     train = torch.cat(list(clips(0, args.train_clips, spec.num_frames, spec.height).values()))
     held_out = clips(10_000, args.eval_clips, spec.num_frames, spec.height)
@@ -106,6 +110,8 @@ def main() -> None:
     result = {
         "vae_steps": args.vae_steps,
         "steps": args.steps,
+        "trainable": config.trainable,
+        "adversarial_weight": config.adversarial_weight,
         "device": str(device),
         "conversion": {
             "dropped_weights": dropped,
