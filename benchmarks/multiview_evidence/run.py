@@ -41,14 +41,11 @@ ignored). The first view's own elevation shows in the image (boxes seen from 50 
 show their tops, from -10 their undersides), so a model can get the elevation from the
 view and ignore the slot; these figures measure whether it uses the slot at all.
 
-    python benchmarks/multiview_evidence/run.py [--i2v-steps 150] [--steps 300] [--eval-orbits 8]
+    python benchmarks/multiview_evidence/run.py [--vae-steps 400] [--i2v-steps 300] [--steps 6000] [--eval-orbits 8]
 
-The defaults are sized for a quiet machine; on a loaded 2-core one, `--vae-steps 30
---vae-batch 16 --i2v-steps 10 --steps 60 --batch-size 2 --eval-orbits 2 --eval-steps 4`
-took 775 s (README, Finetunes, for its figures). With OMP_NUM_THREADS=1 on a shared 2-core
-machine (load about 4), `--vae-steps 400 --vae-batch 32 --i2v-steps 300 --steps 2000
---batch-size 4 --train-orbits 256 --eval-orbits 8 --eval-steps 12` took 1478 s (VAE 0.6 s
-a step, i2v and multi-view 0.45-0.5 s a step).
+The defaults are the README's run: 3208 s with OMP_NUM_THREADS=1 on a shared 2-core
+machine (load about 4: VAE 0.6 s a step, i2v and multi-view 0.45-0.5 s); at 2000
+multi-view steps (1478 s) the views did not yet turn (view retrieval at chance).
 """
 
 from __future__ import annotations
@@ -180,12 +177,12 @@ def elevation_test(
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--vae-steps", type=int, default=150)
+    parser.add_argument("--vae-steps", type=int, default=400)
     parser.add_argument("--vae-batch", type=int, default=32, help="frames per VAE step (half orbits, half discs)")
     parser.add_argument("--batch-size", type=int, default=4, help="clips per i2v and multi-view step")
-    parser.add_argument("--i2v-steps", type=int, default=150)
-    parser.add_argument("--steps", type=int, default=300, help="multi-view finetune steps")
-    parser.add_argument("--train-orbits", type=int, default=32, help="training orbits (two shards)")
+    parser.add_argument("--i2v-steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=6000, help="multi-view finetune steps")
+    parser.add_argument("--train-orbits", type=int, default=256, help="training orbits (two shards)")
     parser.add_argument("--eval-orbits", type=int, default=8)
     parser.add_argument("--eval-steps", type=int, default=12, help="sampler steps")
     parser.add_argument("--wrong-by", type=float, default=40.0, help="degrees off the true elevation")
