@@ -7,11 +7,14 @@ The base is a trained text-to-video model (`--base`: the motion evidence's Stage
 it samples at a random constant velocity). Its data's world is kept and a camera is added
 (`write_camera_shards(scene="discs")`: a black world of discs drawn like the base's,
 panned horizontally at `--pan-px` px per frame, zoomed by `--zoom-rate` per frame or held
-still, captioned as the base's clips: "a disc moving on black") -> one adapter per motion
-class (`pan`, `zoom`, `static`), each trained on its class's clips only and added to the
-previous result, starting from the base (the chain `vdm finetune camera-lora` and the
-`finetune-camera-lora` pipeline run) -> the same seeds sampled in full (Heun) with the
-base (no adapter) and with each adapter, the global camera motion of each video measured
+still, captioned as the base's clips: "a disc moving on black") -> the whole base
+continued on the clips of every class (`--camera-steps`: a base that has seen camera
+motion, as SVD's has from its curated data; the motion evidence's never saw a disc change
+size and samples no zoom, nor can any adapter on it) -> one adapter per motion class
+(`pan`, `zoom`, `static`), each trained on its class's clips only and added to the
+previous result (the chain `vdm finetune camera-lora` and the `finetune-camera-lora`
+pipeline run) -> the same seeds sampled in full (Heun) with that base (no adapter) and
+with each adapter, the global camera motion of each video measured
 (model/camera_motion.py) and read as a class.
 
 Prints JSON to stdout (progress to stderr): per model, the fraction of its videos that
@@ -19,12 +22,10 @@ read as each class, the classes they read as, the mean |horizontal motion| and |
 (px per frame at the frame's corner) and each video's (x, y, zoom); the same figures for
 the data's clips through the base's VAE (what the estimator reads when the motion is
 there); whether the base weights are bit-identical after the three adapters trained; wall
-times. Runs in-process on the model API (no stack). With the defaults, on one CPU thread
-of a loaded 2-core machine: 16 minutes (13 of them training), and the pan and static
-adapters clearly beat the base (5/8 fast pans against 0/8, 8/8 static against 2/8) while
-the zoom adapter does not zoom (it stills the discs: 6/8 static, 0/8 zoom).
+times. Runs in-process on the model API (no stack); the README gives the figures of the
+defaults (about 20 minutes on one CPU thread of a loaded 2-core machine).
 
-    OMP_NUM_THREADS=1 python benchmarks/camera_lora_evidence/run.py --base FOLDER [--adapter-steps 600] [--samples 8]
+    OMP_NUM_THREADS=1 python benchmarks/camera_lora_evidence/run.py --base FOLDER [--camera-steps 1500]
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ def main() -> None:
     parser.add_argument("--adapter-steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument(
+        "--camera-steps", type=int, default=1500, help="steps of the whole base on every class's clips first (0: none)"
+    )
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank)")
     parser.add_argument("--p-mean", type=float, default=1.0, help="training noise level (log sigma) mean")
     parser.add_argument("--samples", type=int, default=8)
@@ -100,10 +104,8 @@ def main() -> None:
 
     base_folder = args.base
     vae_folder = base_folder / VAE_FOLDER
-    base = VideoDiffusion.load(base_folder)
-    clip = base.config.clip
-    base_weights = {k: v.clone() for k, v in base.unet.state_dict().items()}
-    del base
+    base_config = VideoDiffusion.load(base_folder).config
+    clip = base_config.clip
 
     with tempfile.TemporaryDirectory(prefix="camera-lora-evidence-") as tmp:
         work = Path(tmp)
@@ -113,6 +115,18 @@ def main() -> None:
             zoom_rate_per_frame=args.zoom_rate, scene="discs", labels=tuple(args.labels.split(",")),
         )  # fmt: skip
         shards = [str(p) for p in paths]
+        if args.camera_steps:  # a base that has seen camera motion, as SVD's has in its curated data
+            print(f"continuing the base on every class for {args.camera_steps} steps", file=sys.stderr)
+            config = replace(
+                base_config, vae=str(vae_folder), max_steps=args.camera_steps, checkpoint_every=args.camera_steps,
+                log_every=max(1, args.camera_steps // 5), sample_every=0,
+                optim=replace(base_config.optim, lr=5e-4, warmup_steps=20),
+            )  # fmt: skip
+            base_folder = timed(
+                "camera base", train, config, shards, work / "camera-base", init_from=base_folder,
+                on_log=lambda step, m: print(f"    step {step}: loss {m['loss']:.4f}", file=sys.stderr),
+            ).final  # fmt: skip
+        base_weights = {k: v.clone() for k, v in VideoDiffusion.load(base_folder).unet.state_dict().items()}
 
         lora = named_config("tiny", "camera-lora")
         folder, losses = base_folder, {}
@@ -139,7 +153,8 @@ def main() -> None:
         trained_base = base_unet(model.unet).state_dict()
 
         report = {
-            "base_folder": str(base_folder),
+            "base_folder": str(args.base),
+            "camera_steps": args.camera_steps,
             "data": {"scene": "discs", "labels": args.labels, "clips_per_label": args.clips_per_label,
                      "pan_px_per_frame": args.pan_px, "zoom_rate_per_frame": args.zoom_rate,
                      "clip": [clip.num_frames, clip.fps, clip.height]},
