@@ -109,9 +109,12 @@ def _stage(stage: str, previous, **kwargs) -> dsl.PipelineTask:
     return task.set_display_name(f"train {stage}")
 
 
-def _pretrain(data_uri, output_uri, config, vae, steps: tuple, register_as, launch: dict):
+def _pretrain(data_uri, output_uri, config, vae, steps: tuple, register_as, launch: dict, after=None):
+    """Stage I -> II -> III; Stage I waits for `after` (the task that writes `data_uri`)."""
     common = {"config": config, "data_uri": data_uri, "vae": vae, **launch}
     image = _stage("image", None, output_uri=f"{output_uri}/stage1", max_steps=steps[0], register_as="", **common)
+    if after is not None:
+        image.after(after)
     video = _stage("video", image, output_uri=f"{output_uri}/stage2", max_steps=steps[1], register_as="", **common)
     return _stage("hq", video, output_uri=f"{output_uri}/stage3", max_steps=steps[2], register_as=register_as, **common)
 
@@ -388,8 +391,8 @@ def end_to_end(
     curated = _curate(input_uri, f"{work_uri}/curated", curation_config_yaml, videos_per_shard, random_weights, 2)
     shards = f"{work_uri}/curated/shards/"
     launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
-    hq = _pretrain(shards, f"{work_uri}/train", config, vae, (image_steps, video_steps, hq_steps), model_name, launch)
-    hq.after(curated)
+    steps = (image_steps, video_steps, hq_steps)
+    hq = _pretrain(shards, f"{work_uri}/train", config, vae, steps, model_name, launch, after=curated)
     gate = (metric, direction, min_improvement, eval_clips, eval_steps)
     _evaluate_and_promote(hq.outputs["model_uri"], shards, *gate)
     i2v = _finetune(

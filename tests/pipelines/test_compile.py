@@ -58,6 +58,20 @@ def test_training_steps_get_gpus_tolerations_shm_and_retries(compiled):
     assert "accelerator" not in cpu and "tolerations" not in platform["exec-plan-curation"]
 
 
+def test_no_training_stage_starts_before_curation_has_written_the_shards(compiled):
+    # The stages read the shards by URI (a string, no data edge): Stage I must name curation's
+    # last task explicitly, or it races curation (kfp.local once ran it first: "no .tar shards").
+    tasks = compiled["end-to-end"][0]["root"]["dag"]["tasks"]
+
+    def upstream(name: str) -> set[str]:
+        direct = set(tasks[name].get("dependentTasks", []))
+        return direct.union(*(upstream(d) for d in direct))
+
+    curation = next(name for name in tasks if name.startswith("finalize-curation"))
+    for stage in ("train-stage", "train-stage-2", "train-stage-3"):
+        assert curation in upstream(stage), (stage, upstream(stage))
+
+
 def test_the_i2v_finetune_is_a_gpu_step_started_from_the_last_stage_then_evaluated(compiled):
     for name in ("end-to-end", "finetune-i2v"):
         spec, platform = compiled[name]
