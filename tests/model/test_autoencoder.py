@@ -13,8 +13,9 @@ from model.conditioning import LatentCodec
 from model.data import ClipDataset, ClipSpec
 
 
-def test_training_reconstructs_frames_and_scales_latents_to_unit_variance(tmp_path):
-    paths, _ = write_shapes_shards(tmp_path, shards=2, clips_per_shard=4)
+def shape_frames(folder, shards: int):
+    """Batches of 16 frames (4 clips of 4) from moving-shapes shards, and 8 held-out clips' frames."""
+    paths, _ = write_shapes_shards(folder, shards=shards, clips_per_shard=4)
     clips = ClipDataset([str(p) for p in paths], ClipSpec(num_frames=4, fps=8.0, height=32, width=32))
 
     def batches():
@@ -22,7 +23,11 @@ def test_training_reconstructs_frames_and_scales_latents_to_unit_variance(tmp_pa
         while True:
             yield torch.cat([next(stream)["video"] for _ in range(4)])
 
-    held_out = torch.cat([item["video"] for item in itertools.islice(iter(clips), 8)])
+    return batches, torch.cat([item["video"] for item in itertools.islice(iter(clips), 8)])
+
+
+def test_training_reconstructs_frames_and_scales_latents_to_unit_variance(tmp_path):
+    batches, held_out = shape_frames(tmp_path, shards=2)
     untrained = LatentCodec.tiny()
     before = reconstruction_error(untrained.vae, held_out)
     vae = train_autoencoder(LatentCodec.tiny().vae, batches(), AutoencoderTraining(steps=60, batch_frames=16))
@@ -34,15 +39,7 @@ def test_training_reconstructs_frames_and_scales_latents_to_unit_variance(tmp_pa
 
 
 def test_decoder_only_finetune_keeps_the_latent_space_and_improves_reconstruction(tmp_path):
-    paths, _ = write_shapes_shards(tmp_path, shards=1, clips_per_shard=4)
-    clips = ClipDataset([str(p) for p in paths], ClipSpec(num_frames=4, fps=8.0, height=32, width=32))
-
-    def batches():
-        stream = iter(clips)
-        while True:
-            yield torch.cat([next(stream)["video"] for _ in range(4)])
-
-    held_out = torch.cat([item["video"] for item in itertools.islice(iter(clips), 8)])
+    batches, held_out = shape_frames(tmp_path, shards=1)
     vae = train_autoencoder(LatentCodec.tiny().vae, batches(), AutoencoderTraining(steps=20, batch_frames=16))
     encoder = {k: v.clone() for k, v in vae.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
     scaling, before = vae.config.scaling_factor, reconstruction_error(vae, held_out)
