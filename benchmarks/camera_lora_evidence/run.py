@@ -85,12 +85,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument(
-        "--camera-steps", type=int, default=1500, help="steps of the whole base on every class's clips first (0: none)"
+        "--camera-steps", type=int, default=3000, help="steps of the whole base on every class's clips first (0: none)"
     )
+    parser.add_argument("--camera-batch-size", type=int, default=None, help="their batch (default: the base's)")
+    parser.add_argument("--num-workers", type=int, default=0, help="data-loading processes (a GPU outruns one)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank)")
     parser.add_argument("--p-mean", type=float, default=1.0, help="training noise level (log sigma) mean")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--sample-steps", type=int, default=16)
+    parser.add_argument(
+        "--strengths", default="1", help="adapter strengths to sample each adapter at (LoRA multiplier; 1: as trained)"
+    )
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (1: none)")
     args = parser.parse_args()
     wall = {}
@@ -119,7 +124,8 @@ def main() -> None:
             print(f"continuing the base on every class for {args.camera_steps} steps", file=sys.stderr)
             config = replace(
                 base_config, vae=str(vae_folder), max_steps=args.camera_steps, checkpoint_every=args.camera_steps,
-                log_every=max(1, args.camera_steps // 5), sample_every=0,
+                log_every=max(1, args.camera_steps // 5), sample_every=0, num_workers=args.num_workers,
+                batch_size=args.camera_batch_size or base_config.batch_size,
                 optim=replace(base_config.optim, lr=5e-4, warmup_steps=20),
             )  # fmt: skip
             base_folder = timed(
@@ -136,7 +142,7 @@ def main() -> None:
             config = replace(
                 lora, motion_class=motion_class, vae=str(vae_folder), clip=clip, max_steps=args.adapter_steps,
                 checkpoint_every=args.adapter_steps, log_every=max(1, args.adapter_steps // 5),
-                batch_size=args.batch_size, cond_dropout=0.0, p_mean=args.p_mean,
+                batch_size=args.batch_size, cond_dropout=0.0, p_mean=args.p_mean, num_workers=args.num_workers,
                 lora_rank=args.rank, lora_alpha=float(args.rank),
                 optim=replace(lora.optim, lr=args.lr, warmup_steps=10, ema_decay=0.9),
             )  # fmt: skip
@@ -149,7 +155,8 @@ def main() -> None:
             losses[motion_class] = [
                 round(sum(part) / len(part), 4) for part in (result.losses[:tenth], result.losses[-tenth:])
             ]
-        model = VideoDiffusion.load(folder)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # sample where training ran
+        model = VideoDiffusion.load(folder).to(device)
         trained_base = base_unet(model.unet).state_dict()
 
         report = {
@@ -160,6 +167,7 @@ def main() -> None:
                      "clip": [clip.num_frames, clip.fps, clip.height]},
             "adapter_steps": args.adapter_steps,
             "batch_size": args.batch_size,
+            "camera_batch_size": args.camera_batch_size or base_config.batch_size,
             "lr": args.lr,
             "p_mean": args.p_mean,
             "lora_rank": args.rank,
@@ -167,6 +175,7 @@ def main() -> None:
             "samples_per_model": args.samples,
             "sample_steps": args.sample_steps,
             "guidance": args.guidance,
+            "strengths": args.strengths,
             "prompt": PROMPT,
             "base_weights_unchanged": all(torch.equal(v, trained_base[k]) for k, v in base_weights.items()),
         }  # fmt: skip
@@ -186,12 +195,14 @@ def main() -> None:
             clip, steps=args.sample_steps, guidance_min=args.guidance, guidance_max=args.guidance
         )
 
-        def sample(adapter: str | None) -> list[torch.Tensor]:
-            return [generate(model, PROMPT, replace(generation, seed=s, adapter=adapter)) for s in range(args.samples)]
+        def sample(adapter: str | None, strength: float) -> list[torch.Tensor]:
+            settings = replace(generation, adapter=adapter, adapter_strength=strength)
+            return [generate(model, PROMPT, replace(settings, seed=s)) for s in range(args.samples)]
 
-        for adapter in (None, *classes):
-            name = f"adapter_{adapter}" if adapter else "base"
-            report[name] = model_report(timed(f"sample {name}", sample, adapter), args.pan_px)
+        strengths = [float(x) for x in args.strengths.split(",")]
+        for adapter, strength in [(None, 1.0), *itertools.product(classes, strengths)]:
+            name = "base" if adapter is None else f"adapter_{adapter}" + ("" if strength == 1 else f"_x{strength:g}")
+            report[name] = model_report(timed(f"sample {name}", sample, adapter, strength), args.pan_px)
         report["wall_s"] = wall
     print(json.dumps(report, indent=1))
 

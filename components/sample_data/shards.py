@@ -96,13 +96,14 @@ def write_camera_shards(
     scene: Literal["texture", "discs"] = "texture",
 ) -> tuple[list[Path], dict[str, dict]]:
     """Clips of a world filmed by a camera that pans horizontally, zooms or stays, labelled
-    in their metadata as curation labels them (`camera_motion`), dealt round robin to
-    `shards` shards. The world (`scene`) is a textured landscape, or discs on black drawn
-    like `write_shapes_shards`' (radius 2.5-3.5 px at 32 px, colours 96..255, about 2-3 in
-    view, captioned as those are: "a disc moving on black"), whose zoom is centred on the
-    middle frame (the discs keep about their size on average). Returns the paths and, per
-    key, the truth: the label, the content's velocity (px per frame, x right) and the zoom
-    rate per frame."""
+    in their metadata as curation labels them (`camera_motion`), each label's clips dealt
+    round robin to `shards` shards (so every shard holds every label: a data-loading
+    worker or rank given one shard finds its class's clips there). The world (`scene`) is
+    a textured landscape, or discs on black drawn like `write_shapes_shards`' (radius
+    2.5-3.5 px at 32 px, colours 96..255, about 2-3 in view, captioned as those are: "a
+    disc moving on black"), whose zoom is centred on the middle frame (the discs keep about
+    their size on average). Returns the paths and, per key, the truth: the label, the
+    content's velocity (px per frame, x right) and the zoom rate per frame."""
     camera = {
         "pan_left": ((-pan_px_per_frame, 0), 1.0),  # the window moves left: the content moves right
         "pan_right": ((pan_px_per_frame, 0), 1.0),
@@ -144,7 +145,7 @@ def write_camera_shards(
             velocity = [-float(window[0]), -float(window[1])]
             # One caption for every class: the camera motion must come from the adapter, not the text.
             meta = clip_metadata(key, num_frames, fps, float(np.hypot(*velocity)), label, caption)
-            writers[n % shards].write({"__key__": key, "mp4": video.read_bytes(), "json": meta})
+            writers[i % shards].write({"__key__": key, "mp4": video.read_bytes(), "json": meta})
             truth[key] = {
                 "camera_motion": label,
                 "content_velocity_px_per_frame": velocity,
