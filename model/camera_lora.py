@@ -22,9 +22,12 @@ if TYPE_CHECKING:  # the CLI reads MOTION_CLASSES without paying for torch
 
 # Motion class -> the curation labels (components/curation/motion.py) of its training clips.
 # `pan` is horizontal either way (SVD's "horizontal" class); the sign is left to the sampler.
+# Zoom has a class per direction (as AnimateDiff's MotionLoRAs): one adapter trained on both
+# under one caption learnt neither clearly (benchmarks/camera_lora_evidence, README).
 MOTION_CLASSES: dict[str, tuple[str, ...]] = {
     "pan": ("pan_left", "pan_right"),
-    "zoom": ("zoom_in", "zoom_out"),
+    "zoom_in": ("zoom_in",),
+    "zoom_out": ("zoom_out",),
     "static": ("static",),
 }
 ADAPTERS = "adapters"
@@ -128,10 +131,12 @@ def base_unet(unet: torch.nn.Module) -> torch.nn.Module:
     return plain
 
 
-def use_adapter(unet: torch.nn.Module, adapter: str | None) -> None:
+def use_adapter(unet: torch.nn.Module, adapter: str | None, strength: float = 1.0) -> None:
     """Sample with `adapter` active, or with none (the base model). Only which LoRA
-    modules run changes: no weights are loaded, and what trains stays as it was (peft's
-    switch also freezes and unfreezes; that is training's business, not sampling's)."""
+    modules run, and how strongly, changes: no weights are loaded, and what trains stays as
+    it was (peft's switch also freezes and unfreezes; that is training's business, not
+    sampling's). `strength` multiplies the adapter's update to the base weights (1: as
+    trained; above 1 exaggerates its motion, as a LoRA weight does in SD tools)."""
     names = adapter_names(unet)
     if adapter is not None and adapter not in names:
         raise ValueError(f"this model has no camera-motion adapter {adapter!r}; it has {names or 'none'}")
@@ -143,6 +148,7 @@ def use_adapter(unet: torch.nn.Module, adapter: str | None) -> None:
             layer.enable_adapters(False)
         else:
             layer.set_adapter(adapter)
+            layer.set_scale(adapter, strength)
             layer.enable_adapters(True)
     for parameter, flag in trains.items():
         parameter.requires_grad_(flag)

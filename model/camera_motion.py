@@ -80,11 +80,11 @@ def estimate(frames: torch.Tensor) -> CameraMotion:
 
 
 def motion_class(motion: CameraMotion, static_px: float = 0.5, zoom_px: float = 0.5) -> str:
-    """`pan` (mostly horizontal translation), `tilt` (vertical), `zoom` or `static`:
-    curation's rule with thresholds for small frames."""
+    """`pan` (mostly horizontal translation), `tilt` (vertical), `zoom_in`, `zoom_out` or
+    `static`: curation's rule with thresholds for small frames."""
     shift = float(np.hypot(*motion.translation))
     if abs(motion.zoom) >= zoom_px and abs(motion.zoom) > shift:
-        return "zoom"
+        return "zoom_in" if motion.zoom > 0 else "zoom_out"
     if shift < static_px:
         return "static"
     return "pan" if abs(motion.translation[0]) >= abs(motion.translation[1]) else "tilt"

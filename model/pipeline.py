@@ -50,6 +50,7 @@ class GenerationConfig:
 
     noise_aug_strength: float = 0.02  # image-to-video: noise added to the conditioning image (SVD's default)
     adapter: str | None = None  # camera-motion LoRA: the adapter to sample with (None: the base model)
+    adapter_strength: float = 1.0  # its LoRA update's multiplier (1: as trained)
     elevation: float | None = None  # multi-view: the camera elevation in degrees (`orbit`)
     # Interpolation and prediction: classifier-free guidance on the known frames (1: none).
     context_guidance: float = 1.0
@@ -68,7 +69,7 @@ def generate(
     if model.text is None:
         raise ValueError("this is an image-to-video model: it animates an image (animate), it takes no prompt")
     model.eval()
-    use_adapter(model.unet, config.adapter)
+    use_adapter(model.unet, config.adapter, config.adapter_strength)
     device = next(model.unet.parameters()).device
     factor = model.codec.downsampling
     latent_channels = model.codec.vae.config.latent_channels
@@ -114,7 +115,7 @@ def animate(
     if model.image is None:
         raise ValueError("this is a text-to-video model: it takes a prompt (generate), not an image")
     model.eval()
-    use_adapter(model.unet, config.adapter)
+    use_adapter(model.unet, config.adapter, config.adapter_strength)
     device = next(model.unet.parameters()).device
     factor = model.codec.downsampling
     generator = torch.Generator().manual_seed(config.seed)

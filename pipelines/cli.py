@@ -451,9 +451,10 @@ _finetune_command(
 _finetune_command(
     "camera-lora",
     "Camera-motion LoRA: a LoRA adapter in the temporal attention of the frozen model, trained on the clips "
-    "curation labelled with the motion class's camera motion (pan: pan_left/pan_right, zoom: zoom_in/zoom_out, "
+    "curation labelled with the motion class's camera motion (pan: pan_left/pan_right, zoom_in, zoom_out, "
     "static). The result is the base model with its adapters (<final>/adapters/<class>/): --init-from a result "
-    "to add another class; sample with an adapter by name (GenerationConfig.adapter, pyfunc param `adapter`).",
+    "to add another class; sample with an adapter by name and strength (GenerationConfig.adapter and "
+    "adapter_strength, pyfunc params `adapter`, `adapter_strength`).",
     click.option(
         "--motion-class",
         type=click.Choice(sorted(MOTION_CLASSES)),

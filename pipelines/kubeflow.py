@@ -312,7 +312,8 @@ def finetune_spatial_hq(
 @dsl.pipeline(
     name="finetune-camera-lora",
     description="Camera-motion LoRA adapters of a trained video model, one per motion class in turn (pan, static, "
-    "zoom), each added to the previous result; the last, base + all three adapters, is registered (candidate).",
+    "zoom_in, zoom_out), each added to the previous result; the last, base + every adapter, is registered "
+    "(candidate).",
 )
 def finetune_camera_lora(
     init_from: str = "models:/vdm-text-to-video@champion",

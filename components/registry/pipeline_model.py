@@ -37,6 +37,7 @@ GENERATION_PARAMS = (
     ParamSpec("guidance_max", "double", 3.0),
     ParamSpec("seed", "long", 0),
     ParamSpec("adapter", "string", ""),  # camera-motion LoRA: the adapter to sample with ("": the base model)
+    ParamSpec("adapter_strength", "double", 1.0),  # its LoRA update's multiplier (1: as trained)
 )
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "negative_prompt", required=False)]),
@@ -128,6 +129,7 @@ class VideoPipelineModel(mlflow.pyfunc.PythonModel):
             guidance_max=p["guidance_max"],
             seed=p["seed"],
             adapter=p["adapter"] or None,
+            adapter_strength=p["adapter_strength"],
             **({"noise_aug_strength": p["noise_aug_strength"]} if image_model else {}),
             **({"elevation": p["elevation"]} if "elevation" in p else {}),
             **({"context_guidance": p["context_guidance"]} if known_frames != "none" else {}),

@@ -26,6 +26,7 @@ from model.train import train
 from model.training import apply_strategy
 
 CONFIG = named_config("tiny", "camera-lora")
+CLASS_OF_LABEL = {label: c for c, labels in camera_lora.MOTION_CLASSES.items() for label in labels}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_synthetic_camera_clips_read_back_as_their_motion(shards):
         assert abs(motion.translation[1]) < 0.2
         corner = (known["zoom_rate_per_frame"] - 1) * (32**2 / 2) ** 0.5  # radial px per frame at the corner
         assert motion.zoom == pytest.approx(corner, abs=0.3)
-        assert motion_class(motion) == known["camera_motion"].split("_")[0]
+        assert motion_class(motion) == CLASS_OF_LABEL[known["camera_motion"]]
 
 
 def test_the_disc_world_reads_as_its_camera_motion(tmp_path):
@@ -66,24 +67,25 @@ def test_the_disc_world_reads_as_its_camera_motion(tmp_path):
         assert abs(motion.translation[1]) < 0.2
         corner = (known["zoom_rate_per_frame"] - 1) * (32**2 / 2) ** 0.5
         assert motion.zoom == pytest.approx(corner, abs=0.5)
-        assert motion_class(motion) == known["camera_motion"].split("_")[0]
+        assert motion_class(motion) == CLASS_OF_LABEL[known["camera_motion"]]
 
 
 def test_a_motion_class_trains_on_its_labels_only(shards):
     paths, _ = shards
     keys = [c["key"] for c in ClipDataset(paths, CONFIG.clip, camera_motion=("pan_left", "pan_right"), epochs=1)]
     assert sorted(k.split("-")[2] for k in keys) == ["pan_left", "pan_right"]
-    assert replace(CONFIG, motion_class="zoom").camera_motion == ("zoom_in", "zoom_out")
+    assert replace(CONFIG, motion_class="zoom_out").camera_motion == ("zoom_out",)
     with pytest.raises(ValueError, match="labelled tilt_up"):
         list(ClipDataset(paths, CONFIG.clip, camera_motion=("tilt_up",), epochs=1))
-    with pytest.raises(ValueError, match=r"unknown motion class 'dolly'; one of \['pan', 'static', 'zoom'\]"):
+    classes = r"\['pan', 'static', 'zoom_in', 'zoom_out'\]"
+    with pytest.raises(ValueError, match=rf"unknown motion class 'dolly'; one of {classes}"):
         replace(CONFIG, motion_class="dolly")
     with pytest.raises(ValueError, match="strategy: lora"):
         replace(CONFIG, strategy="full")
 
 
-def _denoise(model: VideoDiffusion, adapter: str | None) -> torch.Tensor:
-    camera_lora.use_adapter(model.unet, adapter)
+def _denoise(model: VideoDiffusion, adapter: str | None, strength: float = 1.0) -> torch.Tensor:
+    camera_lora.use_adapter(model.unet, adapter, strength)
     x = torch.randn(1, 8, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ids = added_time_ids(torch.tensor([8.0]), torch.ones(1), torch.zeros(1))
     with torch.no_grad():
@@ -126,24 +128,36 @@ def test_adapters_are_saved_apart_added_to_and_switched_without_reloading(base_f
     assert all(torch.equal(v, saved_base[k]) for k, v in base.unet.state_dict().items())  # unet/ is the base
 
     # A later finetune adds its class next to the first one's.
-    zoom = VideoDiffusion.create(replace(CONFIG, motion_class="zoom"), init_from=first)
-    assert camera_lora.adapter_names(zoom.unet) == ["pan", "zoom"]
-    _randomize(zoom, "zoom", seed=2)
+    zoom = VideoDiffusion.create(replace(CONFIG, motion_class="zoom_in"), init_from=first)
+    assert camera_lora.adapter_names(zoom.unet) == ["pan", "zoom_in"]
+    _randomize(zoom, "zoom_in", seed=2)
     both = VideoDiffusion.load(zoom.save(tmp_path / "both"))
-    assert camera_lora.saved_adapters(tmp_path / "both") == ["pan", "zoom"]
+    assert camera_lora.saved_adapters(tmp_path / "both") == ["pan", "zoom_in"]
 
-    base_out, pan_out, zoom_out = _denoise(base, None), _denoise(pan, "pan"), _denoise(zoom, "zoom")
-    apply_strategy(both.unet, "lora", "zoom")
+    base_out, pan_out, zoom_out = _denoise(base, None), _denoise(pan, "pan"), _denoise(zoom, "zoom_in")
+    apply_strategy(both.unet, "lora", "zoom_in")
     trains = {n for n, p in both.unet.named_parameters() if p.requires_grad}
-    for adapter, expected in (("pan", pan_out), (None, base_out), ("zoom", zoom_out), ("pan", pan_out)):
+    for adapter, expected in (("pan", pan_out), (None, base_out), ("zoom_in", zoom_out), ("pan", pan_out)):
         torch.testing.assert_close(_denoise(both, adapter), expected)
     assert not torch.allclose(pan_out, base_out) and not torch.allclose(zoom_out, pan_out)
     assert {n for n, p in both.unet.named_parameters() if p.requires_grad} == trains  # sampling left training alone
 
+    # Strength scales the adapter's update: 0 is the base, 1 as trained again after 2.
+    torch.testing.assert_close(_denoise(both, "zoom_in", strength=0.0), base_out)
+    layer = next(m for n, m in both.unet.named_modules() if n.endswith("attn1.to_q") and hasattr(m, "lora_A"))
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(3))
+    update = {}
+    for strength in (1.0, 2.0):
+        camera_lora.use_adapter(both.unet, "zoom_in", strength)
+        update[strength] = layer(x) - layer.base_layer(x)
+    torch.testing.assert_close(update[2.0], 2 * update[1.0])
+    assert not torch.allclose(_denoise(both, "zoom_in", strength=2.0), zoom_out)
+    torch.testing.assert_close(_denoise(both, "zoom_in"), zoom_out)
+
     config = GenerationConfig(num_frames=4, steps=1)
-    with pytest.raises(ValueError, match=r"no camera-motion adapter 'static'; it has \['pan', 'zoom'\]"):
+    with pytest.raises(ValueError, match=r"no camera-motion adapter 'static'; it has \['pan', 'zoom_in'\]"):
         generate(both, "", replace(config, adapter="static"))
-    assert generate(both, "", replace(config, adapter="zoom")).shape == (4, 3, 32, 32)
+    assert generate(both, "", replace(config, adapter="zoom_in")).shape == (4, 3, 32, 32)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """`vdm finetune camera-lora` against the real local stack: a tiny video model gets a
 `pan` adapter trained on the pan clips of shards read from S3, registered as a version
-holding base + adapter; a second finetune from that version adds `zoom` as the next
+holding base + adapter; a second finetune from that version adds `zoom_in` as the next
 version; its pyfunc samples with an adapter by name and refuses one it lacks."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 
 import av
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -40,7 +41,7 @@ def test_finetune_camera_lora_registers_base_and_adapters_and_adds_a_class(stack
 
     args = ["finetune", "camera-lora", "--motion-class", "dolly", "--data", "x", "--output", "x", "--init-from", "x"]
     refused = CliRunner().invoke(main, args)  # click refuses it before anything runs: in-process is enough
-    assert refused.exit_code == 2 and "'dolly' is not one of 'pan', 'static', 'zoom'" in refused.output
+    assert refused.exit_code == 2 and "'dolly' is not one of 'pan', 'static', 'zoom_in', 'zoom_out'" in refused.output
 
     result = _vdm(
         "finetune",
@@ -61,18 +62,24 @@ def test_finetune_camera_lora_registers_base_and_adapters_and_adds_a_class(stack
     assert run.info.experiment_id == mlflow.get_experiment_by_name("vdm-finetune-camera-lora").experiment_id
 
     result = _vdm(
-        "finetune", "camera-lora", "--motion-class", "zoom", "--output", f"{prefix}/zoom",
+        "finetune", "camera-lora", "--motion-class", "zoom_in", "--output", f"{prefix}/zoom_in",
         "--init-from", f"models:/{name}@candidate", *common,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     tags = MlflowClient().get_model_version(name, "2").tags
-    assert tags["vdm.adapters"] == "pan,zoom" and tags["vdm.data"] == f"{prefix}/data"
+    assert tags["vdm.adapters"] == "pan,zoom_in" and tags["vdm.data"] == f"{prefix}/data"
     assert MlflowClient().get_model_version(name, "1").tags["vdm.adapters"] == "pan"
 
     model = mlflow.pyfunc.load_model(f"models:/{name}@candidate")
-    videos = model.predict(pd.DataFrame({"prompt": [""]}), params={"num_frames": 4, "steps": 1, "adapter": "zoom"})
-    with av.open(io.BytesIO(videos["video_mp4"][0])) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
-    assert len(frames) == 4 and frames[0].shape == (32, 32, 3)
-    with pytest.raises(Exception, match=r"no camera-motion adapter 'static'; it has \['pan', 'zoom'\]"):
+
+    def frames(**params) -> list:
+        videos = model.predict(pd.DataFrame({"prompt": [""]}), params={"num_frames": 4, "steps": 1} | params)
+        with av.open(io.BytesIO(videos["video_mp4"][0])) as container:
+            return [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+
+    zoomed = frames(adapter="zoom_in")
+    assert len(zoomed) == 4 and zoomed[0].shape == (32, 32, 3)
+    # Strength 0 is the base model (its effect in proportion: tests/model/test_camera_lora.py).
+    assert np.array_equal(frames(adapter="zoom_in", adapter_strength=0.0), frames(adapter=""))
+    with pytest.raises(Exception, match=r"no camera-motion adapter 'static'; it has \['pan', 'zoom_in'\]"):
         model.predict(pd.DataFrame({"prompt": [""]}), params={"num_frames": 4, "steps": 1, "adapter": "static"})

@@ -165,18 +165,16 @@ def test_the_temporal_decoder_finetune_is_a_gpu_step_whose_candidate_is_evaluate
 def test_the_camera_lora_pipeline_adds_one_adapter_per_class_to_the_previous_result(compiled):
     spec, platform = compiled["finetune-camera-lora"]
     tasks = spec["root"]["dag"]["tasks"]
-    chain = ["finetune-model", "finetune-model-2", "finetune-model-3"]
+    chain = ["finetune-model", "finetune-model-2", "finetune-model-3", "finetune-model-4"]
     assert sorted(tasks) == chain
     inputs = [tasks[t]["inputs"]["parameters"] for t in chain]
-    assert [i["motion_class"]["runtimeValue"]["constant"] for i in inputs] == ["pan", "static", "zoom"]
+    assert [i["motion_class"]["runtimeValue"]["constant"] for i in inputs] == ["pan", "static", "zoom_in", "zoom_out"]
     assert inputs[0]["init_from"] == {"componentInputParameter": "init_from"}
     for before, i in zip(chain[:-1], inputs[1:], strict=True):
         assert i["init_from"] == {"taskOutputParameter": {"outputParameterKey": "final", "producerTask": before}}
     # Only the last registers: one version holding the base and every adapter.
-    assert [i["register_as"] for i in inputs] == [
-        {"runtimeValue": {"constant": ""}},
-        {"runtimeValue": {"constant": ""}},
-        {"componentInputParameter": "model_name"},
+    assert [i["register_as"] for i in inputs] == [{"runtimeValue": {"constant": ""}}] * 3 + [
+        {"componentInputParameter": "model_name"}
     ]
     for task in chain:
         assert tasks[task]["retryPolicy"]["maxRetryCount"] == 2
