@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 
 from components.common.tracking import connect
 from components.registry.pipeline_model import download_pipeline
+from model.camera_lora import adapter_names
 from model.stages import VideoDiffusion
 from serving.metrics import GPU_MEMORY_BYTES, MODEL_LOAD_SECONDS, SERVED_MODEL
 
@@ -33,6 +34,9 @@ class ServedModel:
     run_id: str | None
     lineage: dict[str, str]
     pipeline: VideoDiffusion = field(repr=False)
+    # The adapter in use is state of the shared UNet: a model with adapters samples one
+    # request at a time (one without them runs requests side by side).
+    sampling_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def kind(self) -> Kind:
@@ -52,7 +56,13 @@ class ServedModel:
             "lineage": self.lineage,
             "device": str(self.device),
             "default_clip": asdict(self.pipeline.config.clip),
+            "camera_motions": self.camera_motions,
         }
+
+    @property
+    def camera_motions(self) -> list[str]:
+        """The camera-motion adapters this model can sample with (`camera_motion`)."""
+        return adapter_names(self.pipeline.unet)
 
 
 def serving_device() -> torch.device:

@@ -60,8 +60,15 @@ class VideoControls(BaseModel):
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
     height: Annotated[int, Field(ge=8, le=LIMITS.max_side)] | None = None
     width: Annotated[int, Field(ge=8, le=LIMITS.max_side)] | None = None
+    # Camera-motion LoRA: the adapter (motion class) to sample with, one the model has
+    # (model_info lists them); unset: the base model. Strength multiplies its update.
+    camera_motion: Annotated[str, Field(max_length=64)] | None = None
+    camera_motion_strength: Annotated[float, Field(ge=0, le=4)] = 1.0
 
     def generation_settings(self, served: ServedModel, **extra) -> GenerationConfig:
+        if self.camera_motion is not None and self.camera_motion not in served.camera_motions:
+            have = served.camera_motions or "none"
+            raise InvalidArgument(f"{served.name} has no camera-motion adapter {self.camera_motion!r}; it has {have}")
         config = GenerationConfig.for_clip(
             served.pipeline.config.clip,
             num_frames=self.num_frames,
@@ -73,6 +80,8 @@ class VideoControls(BaseModel):
             guidance_min=self.guidance_min,
             guidance_max=self.guidance_max,
             seed=self.seed,
+            adapter=self.camera_motion,
+            adapter_strength=self.camera_motion_strength,
             **extra,
         )
         # The UNet halves the latent at every level but the last; the VAE divides by its own factor.
@@ -163,8 +172,9 @@ class VideoGeneration:
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if served.device.type == "cuda" else contextlib.nullcontext()
         )
+        exclusive = served.sampling_lock if served.camera_motions else contextlib.nullcontext()
         try:
-            with autocast:
+            with exclusive, autocast:
                 frames = run(served.pipeline, config, on_step)
             mp4 = video_bytes(to_uint8(frames.float()).numpy(), config.fps)
         except Exception:

@@ -20,7 +20,9 @@ from dataclasses import replace
 import av
 import bentoml
 import httpx
+import numpy as np
 import pytest
+import torch
 from conftest import free_port
 from diffusers import AutoencoderKL
 from mlflow import MlflowClient
@@ -29,6 +31,7 @@ from PIL import Image
 from components.common.tracking import tracked_run
 from components.registry.pipeline_model import register_pipeline
 from components.sample_data.shards import write_shapes_shards
+from model.camera_lora import is_adapter_weight
 from model.stages import VideoDiffusion, named_config
 from model.train import train
 
@@ -51,11 +54,19 @@ def _png(size=(40, 24)) -> bytes:
 
 @pytest.fixture(scope="module")
 def versions(settings, tmp_path_factory, request):
-    """Three versions of one text-to-video model: 1 and 2 work, 3 has a VAE whose latents
-    do not fit its UNet (loads, then fails in every generation)."""
+    """Three versions of one text-to-video model: 1 and 2 work (1 with a camera-motion
+    adapter `pan`), 3 has a VAE whose latents do not fit its UNet (loads, then fails in
+    every generation)."""
     paths, _ = write_shapes_shards(tmp_path_factory.mktemp("shards"), shards=1, clips_per_shard=2)
     config = replace(named_config("tiny", "video"), max_steps=1)
     final = train(config, [str(p) for p in paths], tmp_path_factory.mktemp("train")).final
+    panned = VideoDiffusion.create(replace(named_config("tiny", "camera-lora"), motion_class="pan"), init_from=final)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-looking adapter weights (B starts at zero: no change)
+        for parameter_name, parameter in panned.unet.named_parameters():
+            if is_adapter_weight(parameter_name, "pan"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    with_pan = panned.save(tmp_path_factory.mktemp("pan") / "final")
     broken = tmp_path_factory.mktemp("broken") / "final"
     shutil.copytree(final, broken)
     vae = AutoencoderKL.from_pretrained(broken / "vae")
@@ -64,7 +75,7 @@ def versions(settings, tmp_path_factory, request):
     )
     name = f"vdm-serve-test-{time.strftime('%H%M%S')}"
     with tracked_run("vdm-test-serving", config={"stage": "video"}, settings=settings):
-        for folder in (final, final, broken):
+        for folder in (with_pan, final, broken):
             register_pipeline(folder, name, {"vdm.data": "s3://vdm/test-shards"})
     MlflowClient().set_registered_model_alias(name, CHAMPION, "1")
     return name
@@ -137,6 +148,7 @@ def test_ready_once_loaded_and_model_info_names_the_champions(server):
     assert (image["name"], image["version"], image["kind"]) == (server["image_model"], "1", "image")
     assert text["lineage"]["vdm.data"] == "s3://vdm/test-shards" and text["lineage"]["vdm.training_run"]
     assert text["default_clip"] == {"num_frames": 8, "fps": 8.0, "height": 32, "width": 32}
+    assert text["camera_motions"] == ["pan"] and image["camera_motions"] == []
 
 
 def test_text_to_video_over_plain_http_returns_the_requested_video(server):
@@ -190,6 +202,32 @@ def test_invalid_requests_get_400_naming_the_field(server, payload, field):
     response = _post(server, "text_to_video", **payload)
     assert response.status_code == 400
     assert [error["loc"] for error in response.json()["detail"]] == [[field]]
+
+
+def _frames(response: httpx.Response) -> np.ndarray:
+    with av.open(io.BytesIO(response.content)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
+
+
+def test_camera_motion_samples_with_the_models_adapter_and_one_it_lacks_is_a_400(server):
+    request = {"prompt": "a disc", "num_frames": 4, "num_steps": 2, "seed": 3}
+    plain = _post(server, "text_to_video", **request)
+    panned = _post(server, "text_to_video", **request, camera_motion="pan")
+    assert plain.status_code == panned.status_code == 200
+    change = np.abs(_frames(panned).astype(int) - _frames(plain)).mean()
+    assert change > 5, change  # the adapter changes the video...
+    off = _post(server, "text_to_video", **request, camera_motion="pan", camera_motion_strength=0)
+    assert np.abs(_frames(off).astype(int) - _frames(plain)).mean() < 0.1 * change  # ...in proportion to its strength
+    lacking = _post(server, "text_to_video", **request, camera_motion="zoom_in")
+    assert lacking.status_code == 400
+    assert "has no camera-motion adapter 'zoom_in'; it has ['pan']" in lacking.text
+    image = httpx.post(
+        f"{server['url']}/image_to_video",
+        files={"image": ("i.png", _png(), "image/png")},
+        data={"num_steps": "1", "camera_motion": "pan"},
+        timeout=60,
+    )
+    assert image.status_code == 400 and "it has none" in image.text
 
 
 def test_sizes_the_network_cannot_take_get_400(server):
