@@ -11,21 +11,25 @@ still, captioned as the base's clips: "a disc moving on black") -> the whole bas
 continued on the clips of every class (`--camera-steps`: a base that has seen camera
 motion, as SVD's has from its curated data; the motion evidence's never saw a disc change
 size and samples no zoom, nor can any adapter on it) -> one adapter per motion class
-(`pan`, `zoom`, `static`), each trained on its class's clips only and added to the
-previous result (the chain `vdm finetune camera-lora` and the `finetune-camera-lora`
-pipeline run) -> the same seeds sampled in full (Heun) with that base (no adapter) and
-with each adapter, the global camera motion of each video measured
-(model/camera_motion.py) and read as a class.
+(`pan`, `zoom_in`, `zoom_out`, `static`), each trained on its class's clips only and
+added to the previous result (the chain `vdm finetune camera-lora` and the
+`finetune-camera-lora` pipeline run) -> the same seeds sampled in full (Heun) with that
+base (no adapter) and with each adapter (at each `--strengths`), the global camera motion
+of each video measured (model/camera_motion.py) and read as a class.
 
-Prints JSON to stdout (progress to stderr): per model, the fraction of its videos that
-read as each class, the classes they read as, the mean |horizontal motion| and |zoom|
-(px per frame at the frame's corner) and each video's (x, y, zoom); the same figures for
-the data's clips through the base's VAE (what the estimator reads when the motion is
-there); whether the base weights are bit-identical after the three adapters trained; wall
-times. Runs in-process on the model API (no stack); the README gives the figures of the
-defaults (about 20 minutes on one CPU thread of a loaded 2-core machine).
+Each class's comparison samples at that class's motion score in the data (SVD's motion
+micro-conditioning), the base as well as the adapter.
 
-    OMP_NUM_THREADS=1 python benchmarks/camera_lora_evidence/run.py --base FOLDER [--camera-steps 1500]
+Prints JSON to stdout (progress to stderr): per class and model, the fraction of its
+videos that read as each class, the classes they read as, the mean |horizontal motion|,
+|zoom| and signed zoom (px per frame at the frame's corner) and each video's (x, y,
+zoom); the same figures for the data's clips through the base's VAE (what the estimator
+reads when the motion is there); whether the base weights are bit-identical after the
+adapters trained; wall times. Runs in-process on the model API (no stack), on the GPU if
+there is one; the README gives the figures of the defaults (about 30 minutes on one CPU
+thread of a 2-core machine).
+
+    OMP_NUM_THREADS=1 python benchmarks/camera_lora_evidence/run.py --base FOLDER [--strengths 1,2]
 """
 
 from __future__ import annotations
@@ -56,8 +60,8 @@ PROMPT = "a disc moving on black"  # the base's caption, and the camera clips'
 def model_report(videos: list[torch.Tensor], pan_px: float) -> dict:
     """How often the videos read as each motion class (and as a pan at least half the
     data's speed: a disc the base moves sideways reads as a pan too, a slower one), what
-    they read as, their mean |horizontal motion| and |zoom|, and each one's (x, y, zoom)
-    in px per frame."""
+    they read as, their mean |horizontal motion|, |zoom| and zoom (> 0: in), and each
+    one's (x, y, zoom) in px per frame."""
     first = class_report(videos, next(iter(MOTION_CLASSES)))
     motions = [estimate(v) for v in videos]
     fast = [motion_class(m) == "pan" and abs(m.translation[0]) >= pan_px / 2 for m in motions]
@@ -67,6 +71,7 @@ def model_report(videos: list[torch.Tensor], pan_px: float) -> dict:
         "classes": first["classes"],
         "abs_pan_px_per_frame": round(first["abs_pan_px_per_frame"], 3),
         "abs_zoom_px_per_frame": round(first["abs_zoom_px_per_frame"], 3),
+        "mean_zoom_px_per_frame": round(sum(m.zoom for m in motions) / len(motions), 3),
         "videos_x_y_zoom": [[round(v, 2) for v in (*m.translation, m.zoom)] for m in motions],
     }
 
@@ -180,12 +185,16 @@ def main() -> None:
             "base_weights_unchanged": all(torch.equal(v, trained_base[k]) for k, v in base_weights.items()),
         }  # fmt: skip
         codec = LatentCodec.from_folder(vae_folder)
-        report["data_through_vae"] = {}
+        report["data_through_vae"], motion_score = {}, {}
+        written = set(args.labels.split(","))
         for motion_class, labels in MOTION_CLASSES.items():
+            if not written & set(labels):
+                continue
             data = ClipDataset(shards, clip, camera_motion=labels, random_crop=False, epochs=1)
-            videos = [c["video"] for c in itertools.islice(data, 6)]
+            clips = list(itertools.islice(data, 6))
+            motion_score[motion_class] = round(float(torch.stack([c["motion"] for c in clips]).mean()), 2)
             with torch.no_grad():
-                through_vae = [codec.decode(codec.encode(v[None]))[0] for v in videos]
+                through_vae = [codec.decode(codec.encode(c["video"][None]))[0] for c in clips]
             reading = class_report(through_vae, motion_class)
             report["data_through_vae"][motion_class] = {
                 k: round(v, 3) if isinstance(v, float) else v for k, v in reading.items()
@@ -195,14 +204,27 @@ def main() -> None:
             clip, steps=args.sample_steps, guidance_min=args.guidance, guidance_max=args.guidance
         )
 
-        def sample(adapter: str | None, strength: float) -> list[torch.Tensor]:
-            settings = replace(generation, adapter=adapter, adapter_strength=strength)
+        def sample(adapter: str | None, strength: float, motion: float) -> list[torch.Tensor]:
+            settings = replace(generation, adapter=adapter, adapter_strength=strength, motion=motion)
             return [generate(model, PROMPT, replace(settings, seed=s)) for s in range(args.samples)]
 
+        # Each class is sampled at its clips' motion score (the micro-conditioning one asks for
+        # with that camera motion; a zoom's is not a static clip's 0), and the base at the same
+        # score: one setting per comparison, the same seeds.
         strengths = [float(x) for x in args.strengths.split(",")]
-        for adapter, strength in [(None, 1.0), *itertools.product(classes, strengths)]:
-            name = "base" if adapter is None else f"adapter_{adapter}" + ("" if strength == 1 else f"_x{strength:g}")
-            report[name] = model_report(timed(f"sample {name}", sample, adapter, strength), args.pan_px)
+        base_at: dict[float, dict] = {}
+        for motion_class in classes:
+            motion = motion_score[motion_class]
+            if motion not in base_at:
+                base_at[motion] = model_report(
+                    timed(f"sample base at {motion}", sample, None, 1.0, motion), args.pan_px
+                )
+            entry = {"motion_score": motion, "base": base_at[motion]}
+            for strength in strengths:
+                name = "adapter" + ("" if strength == 1 else f"_x{strength:g}")
+                videos = timed(f"sample {motion_class} {name}", sample, motion_class, strength, motion)
+                entry[name] = model_report(videos, args.pan_px)
+            report[motion_class] = entry
         report["wall_s"] = wall
     print(json.dumps(report, indent=1))
 

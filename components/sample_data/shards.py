@@ -144,7 +144,7 @@ def write_camera_shards(
             write_video(video, frames, fps)
             velocity = [-float(window[0]), -float(window[1])]
             # One caption for every class: the camera motion must come from the adapter, not the text.
-            meta = clip_metadata(key, num_frames, fps, float(np.hypot(*velocity)), label, caption)
+            meta = clip_metadata(key, num_frames, fps, camera_motion_score(size, window, rate), label, caption)
             writers[i % shards].write({"__key__": key, "mp4": video.read_bytes(), "json": meta})
             truth[key] = {
                 "camera_motion": label,
@@ -154,6 +154,17 @@ def write_camera_shards(
     for writer in writers:
         writer.close()
     return paths, truth
+
+
+def camera_motion_score(size: int, window: tuple[float, float], rate: float) -> float:
+    """Curation's motion score (mean optical-flow magnitude, px per frame) of a camera
+    moving the window by `window` px per frame or magnifying by `rate` per frame about the
+    centre of a `size`-px frame: a zoom moves each pixel by |rate - 1| times its distance
+    from the centre, so a zoom's score is not 0 (a static clip's) although nothing pans."""
+    if rate == 1.0:
+        return float(np.hypot(*window))
+    offsets = np.arange(size) - (size - 1) / 2
+    return float(abs(rate - 1) * np.hypot(*np.meshgrid(offsets, offsets)).mean())
 
 
 def disc_world(rng: np.random.Generator, world_size: int, view_size: int) -> np.ndarray:

@@ -52,6 +52,10 @@ def test_synthetic_camera_clips_read_back_as_their_motion(shards):
         corner = (known["zoom_rate_per_frame"] - 1) * (32**2 / 2) ** 0.5  # radial px per frame at the corner
         assert motion.zoom == pytest.approx(corner, abs=0.3)
         assert motion_class(motion) == CLASS_OF_LABEL[known["camera_motion"]]
+        # Curation's motion score, mean flow magnitude: a 1.1x zoom moves a pixel 0.1x its
+        # distance from the centre, 12.24 px on average in a 32 px frame.
+        score = {"pan_left": 4.0, "pan_right": 4.0, "zoom_in": 1.224, "zoom_out": 1.113, "static": 0.0}
+        assert float(clip["motion"]) == pytest.approx(score[known["camera_motion"]], abs=0.001)
 
 
 def test_the_disc_world_reads_as_its_camera_motion(tmp_path):
