@@ -93,7 +93,11 @@ def motion_class(motion: CameraMotion, static_px: float = 0.5, zoom_px: float = 
 def class_report(videos: list[torch.Tensor], expected: str) -> dict:
     """How many of `videos` read as the motion class `expected`, what they read as, and
     their mean |horizontal motion| and |zoom| (px per frame)."""
-    motions = [estimate(v) for v in videos]
+    return motions_report([estimate(v) for v in videos], expected)
+
+
+def motions_report(motions: list[CameraMotion], expected: str) -> dict:
+    """`class_report` of motions already estimated."""
     classes = [motion_class(m) for m in motions]
     return {
         "match_rate": sum(c == expected for c in classes) / len(classes),

@@ -5,6 +5,7 @@ in flight finish on the version they started with while new ones get the new one
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -59,7 +60,7 @@ class ServedModel:
             "camera_motions": self.camera_motions,
         }
 
-    @property
+    @functools.cached_property  # read on every request; a loaded model's adapters do not change
     def camera_motions(self) -> list[str]:
         """The camera-motion adapters this model can sample with (`camera_motion`)."""
         return adapter_names(self.pipeline.unet)
