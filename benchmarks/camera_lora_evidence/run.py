@@ -18,7 +18,10 @@ base (no adapter) and with each adapter (at each `--strengths`), the global came
 of each video measured (model/camera_motion.py) and read as a class.
 
 Each class's comparison samples at that class's motion score in the data (SVD's motion
-micro-conditioning), the base as well as the adapter.
+micro-conditioning), the base as well as the adapter, and again at one score for every
+class (`--common-motion`, the default request's 1.0), where the score does not ask for
+the class. `--camera-base DIR` keeps the continued base (most of the run's time) and a
+later run with it reuses it: adapter experiments on one base.
 
 Prints JSON to stdout (progress to stderr): per class and model, the fraction of its
 videos that read as each class, the classes they read as, the mean |horizontal motion|,
@@ -26,8 +29,8 @@ videos that read as each class, the classes they read as, the mean |horizontal m
 zoom); the same figures for the data's clips through the base's VAE (what the estimator
 reads when the motion is there); whether the base weights are bit-identical after the
 adapters trained; wall times. Runs in-process on the model API (no stack), on the GPU if
-there is one; the README gives the figures of the defaults (about 30 minutes on one CPU
-thread of a 2-core machine).
+there is one; the README gives the figures of the defaults (about 75 minutes on one CPU
+thread of a 2-core machine, 20 reusing a base).
 
     OMP_NUM_THREADS=1 python benchmarks/camera_lora_evidence/run.py --base FOLDER [--strengths 1,2]
 """
@@ -90,17 +93,29 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument(
-        "--camera-steps", type=int, default=3000, help="steps of the whole base on every class's clips first (0: none)"
+        "--camera-steps", type=int, default=9000, help="steps of the whole base on every class's clips first (0: none)"
     )
     parser.add_argument("--camera-batch-size", type=int, default=None, help="their batch (default: the base's)")
+    parser.add_argument(
+        "--camera-p-mean", type=float, default=None, help="their noise level (log sigma) mean (default: the base's)"
+    )
+    parser.add_argument(
+        "--camera-base", type=Path, default=None,
+        help="keep the continued base in this folder, or reuse the one there (adapter experiments on one base)",
+    )  # fmt: skip
     parser.add_argument("--num-workers", type=int, default=0, help="data-loading processes (a GPU outruns one)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank)")
     parser.add_argument("--p-mean", type=float, default=1.0, help="training noise level (log sigma) mean")
-    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="the adapters' training seed")
+    parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--sample-steps", type=int, default=16)
     parser.add_argument(
         "--strengths", default="1", help="adapter strengths to sample each adapter at (LoRA multiplier; 1: as trained)"
     )
+    parser.add_argument(
+        "--common-motion", type=float, default=1.0,
+        help="also sample every model at this one motion score, which tells no class",
+    )  # fmt: skip
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (1: none)")
     args = parser.parse_args()
     wall = {}
@@ -125,16 +140,21 @@ def main() -> None:
             zoom_rate_per_frame=args.zoom_rate, scene="discs", labels=tuple(args.labels.split(",")),
         )  # fmt: skip
         shards = [str(p) for p in paths]
-        if args.camera_steps:  # a base that has seen camera motion, as SVD's has in its curated data
+        kept = args.camera_base and args.camera_base / "final"
+        if kept and kept.is_dir():
+            print(f"reusing the continued base {kept}", file=sys.stderr)
+            base_folder = kept
+        elif args.camera_steps:  # a base that has seen camera motion, as SVD's has in its curated data
             print(f"continuing the base on every class for {args.camera_steps} steps", file=sys.stderr)
             config = replace(
                 base_config, vae=str(vae_folder), max_steps=args.camera_steps, checkpoint_every=args.camera_steps,
                 log_every=max(1, args.camera_steps // 5), sample_every=0, num_workers=args.num_workers,
                 batch_size=args.camera_batch_size or base_config.batch_size,
+                p_mean=base_config.p_mean if args.camera_p_mean is None else args.camera_p_mean,
                 optim=replace(base_config.optim, lr=5e-4, warmup_steps=20),
             )  # fmt: skip
             base_folder = timed(
-                "camera base", train, config, shards, work / "camera-base", init_from=base_folder,
+                "camera base", train, config, shards, args.camera_base or work / "camera-base", init_from=base_folder,
                 on_log=lambda step, m: print(f"    step {step}: loss {m['loss']:.4f}", file=sys.stderr),
             ).final  # fmt: skip
         base_weights = {k: v.clone() for k, v in VideoDiffusion.load(base_folder).unet.state_dict().items()}
@@ -148,7 +168,7 @@ def main() -> None:
                 lora, motion_class=motion_class, vae=str(vae_folder), clip=clip, max_steps=args.adapter_steps,
                 checkpoint_every=args.adapter_steps, log_every=max(1, args.adapter_steps // 5),
                 batch_size=args.batch_size, cond_dropout=0.0, p_mean=args.p_mean, num_workers=args.num_workers,
-                lora_rank=args.rank, lora_alpha=float(args.rank),
+                lora_rank=args.rank, lora_alpha=float(args.rank), seed=args.seed,
                 optim=replace(lora.optim, lr=args.lr, warmup_steps=10, ema_decay=0.9),
             )  # fmt: skip
             result = timed(
@@ -167,6 +187,8 @@ def main() -> None:
         report = {
             "base_folder": str(args.base),
             "camera_steps": args.camera_steps,
+            "camera_p_mean": base_config.p_mean if args.camera_p_mean is None else args.camera_p_mean,
+            "camera_base": str(args.camera_base) if args.camera_base else None,
             "data": {"scene": "discs", "labels": args.labels, "clips_per_label": args.clips_per_label,
                      "pan_px_per_frame": args.pan_px, "zoom_rate_per_frame": args.zoom_rate,
                      "clip": [clip.num_frames, clip.fps, clip.height]},
@@ -176,11 +198,13 @@ def main() -> None:
             "lr": args.lr,
             "p_mean": args.p_mean,
             "lora_rank": args.rank,
+            "seed": args.seed,
             "loss_first_last_tenth": losses,
             "samples_per_model": args.samples,
             "sample_steps": args.sample_steps,
             "guidance": args.guidance,
             "strengths": args.strengths,
+            "common_motion": args.common_motion,
             "prompt": PROMPT,
             "base_weights_unchanged": all(torch.equal(v, trained_base[k]) for k, v in base_weights.items()),
         }  # fmt: skip
@@ -213,17 +237,27 @@ def main() -> None:
         # score: one setting per comparison, the same seeds.
         strengths = [float(x) for x in args.strengths.split(",")]
         base_at: dict[float, dict] = {}
+
+        def base_report(motion: float) -> dict:
+            if motion not in base_at:
+                videos = timed(f"sample base at {motion}", sample, None, 1.0, motion)
+                base_at[motion] = model_report(videos, args.pan_px)
+            return base_at[motion]
+
         for motion_class in classes:
             motion = motion_score[motion_class]
-            if motion not in base_at:
-                base_at[motion] = model_report(
-                    timed(f"sample base at {motion}", sample, None, 1.0, motion), args.pan_px
-                )
-            entry = {"motion_score": motion, "base": base_at[motion]}
+            entry = {"motion_score": motion, "base": base_report(motion)}
             for strength in strengths:
                 name = "adapter" + ("" if strength == 1 else f"_x{strength:g}")
                 videos = timed(f"sample {motion_class} {name}", sample, motion_class, strength, motion)
                 entry[name] = model_report(videos, args.pan_px)
+            # At one score for every class the base cannot tell which motion is wanted from
+            # the micro-conditioning: the class then comes from the adapter alone.
+            videos = timed(f"sample {motion_class} at {args.common_motion}", sample, motion_class, 1.0,
+                           args.common_motion)  # fmt: skip
+            entry["at_common_motion"] = {
+                "base": base_report(args.common_motion), "adapter": model_report(videos, args.pan_px)
+            }  # fmt: skip
             report[motion_class] = entry
         report["wall_s"] = wall
     print(json.dumps(report, indent=1))
