@@ -81,6 +81,13 @@ class StageConfig:
     motion_class: str | None = None
     lora_rank: int = 4
     lora_alpha: float = 4.0
+    # While training, this share of the clips get a motion score drawn uniformly in
+    # [0, motion_jitter_max] instead of theirs. For a camera-motion adapter: the base already
+    # reads the class from the score where the score tells it (a pan's is high, a held
+    # camera's 0), so an adapter trained only at its class's score learns little of its own
+    # and does not move the camera at another score (the default request's).
+    motion_jitter: float = 0.0
+    motion_jitter_max: float = 3.0
     # A diffusers VAE folder (e.g. a copy of SD 2.1, or `vdm train-vae`'s output); None: the
     # `vae/` of the folder the model starts from, else a seeded random tiny VAE (tests).
     vae: str | None = None
@@ -110,6 +117,8 @@ class StageConfig:
             raise ValueError("a camera-motion LoRA trains LoRA adapters only (strategy: lora), and only it does")
         if self.motion_class is not None:
             camera_lora.labels_of(self.motion_class)  # a known class, or a clear error
+        if not 0.0 <= self.motion_jitter <= 1.0 or self.motion_jitter_max < 0:
+            raise ValueError("motion_jitter is a share of the clips (0 to 1), motion_jitter_max a score (>= 0)")
         if (self.stage == "multiview") != (self.data == "orbits") or (
             self.stage == "multiview" and self.conditioning != "image"
         ):
@@ -290,7 +299,7 @@ class VideoDiffusion(torch.nn.Module):
         kwargs = {"text": drop_conditions(text, empty, self.config.cond_dropout if self.training else 0.0, generator)}
         if self.config.video:
             strength = torch.zeros_like(batch["fps"], dtype=torch.float32)  # text-to-video: no conditioning image
-            kwargs["added"] = added_time_ids(batch["fps"], batch["motion"], strength)
+            kwargs["added"] = added_time_ids(batch["fps"], self.training_motion(batch, generator), strength)
         return kwargs
 
     def _image_conditioning(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -304,7 +313,17 @@ class VideoDiffusion(torch.nn.Module):
         cond = self.image_condition(frames, strength, generator)
         drop = dropped(frames.shape[0], self.config.cond_dropout if self.training else 0.0, generator)
         cond = {k: torch.where(per_sample(drop, v), torch.zeros_like(v), v) for k, v in cond.items()}
-        return cond | {"added": self.time_ids(batch["fps"], strength, batch.get("motion"), batch.get("elevation"))}
+        motion = self.training_motion(batch, generator)
+        return cond | {"added": self.time_ids(batch["fps"], strength, motion, batch.get("elevation"))}
+
+    def training_motion(self, batch: dict, generator: torch.Generator) -> torch.Tensor | None:
+        """The clips' motion scores, `motion_jitter` of them redrawn while training."""
+        motion = batch.get("motion")
+        if motion is None or not (self.training and self.config.motion_jitter):
+            return motion
+        redraw = torch.rand(motion.shape, generator=generator) < self.config.motion_jitter
+        drawn = torch.rand(motion.shape, generator=generator) * self.config.motion_jitter_max
+        return torch.where(redraw.to(motion.device), drawn.to(motion.device), motion.float())
 
     def time_ids(
         self,

@@ -105,6 +105,23 @@ def _randomize(model: VideoDiffusion, adapter: str, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
 
 
+def test_motion_jitter_redraws_its_share_of_training_scores_within_its_range(base_folder):
+    model = VideoDiffusion.load(base_folder)
+    model.config = replace(model.config, motion_jitter=0.5, motion_jitter_max=3.0)
+    batch = {"motion": torch.full((4000,), 7.0)}
+    model.train()
+    motion = model.training_motion(batch, torch.Generator().manual_seed(0))
+    redrawn = motion != 7.0
+    assert 0.46 < redrawn.float().mean() < 0.54
+    assert motion[redrawn].min() >= 0 and motion[redrawn].max() <= 3.0
+    assert 1.4 < motion[redrawn].mean() < 1.6  # uniform in [0, 3]
+    model.eval()  # sampling asks for the score it is given
+    assert torch.equal(model.training_motion(batch, torch.Generator().manual_seed(0)), batch["motion"])
+    assert CONFIG.motion_jitter == 0.5  # the camera-lora config trains with it
+    with pytest.raises(ValueError, match="motion_jitter"):
+        replace(CONFIG, motion_jitter=1.5)
+
+
 def test_lora_wraps_the_temporal_attention_only_starts_as_the_base_and_only_it_trains(base_folder):
     base = VideoDiffusion.load(base_folder)
     model = VideoDiffusion.create(replace(CONFIG, motion_class="pan"), init_from=base_folder)
