@@ -198,6 +198,7 @@ def main() -> None:
             "lr": args.lr,
             "p_mean": args.p_mean,
             "lora_rank": args.rank,
+            "motion_jitter": [lora.motion_jitter, lora.motion_jitter_max],
             "seed": args.seed,
             "loss_first_last_tenth": losses,
             "samples_per_model": args.samples,
