@@ -321,7 +321,7 @@ class VideoDiffusion(torch.nn.Module):
         motion = batch.get("motion")
         if motion is None or not (self.training and self.config.motion_jitter):
             return motion
-        redraw = torch.rand(motion.shape, generator=generator) < self.config.motion_jitter
+        redraw = dropped(len(motion), self.config.motion_jitter, generator)  # the clips that lose theirs
         drawn = torch.rand(motion.shape, generator=generator) * self.config.motion_jitter_max
         return torch.where(redraw.to(motion.device), drawn.to(motion.device), motion.float())
 

@@ -131,6 +131,7 @@ def main() -> None:
     vae_folder = base_folder / VAE_FOLDER
     base_config = VideoDiffusion.load(base_folder).config
     clip = base_config.clip
+    camera_p_mean = base_config.p_mean if args.camera_p_mean is None else args.camera_p_mean
 
     with tempfile.TemporaryDirectory(prefix="camera-lora-evidence-") as tmp:
         work = Path(tmp)
@@ -150,7 +151,7 @@ def main() -> None:
                 base_config, vae=str(vae_folder), max_steps=args.camera_steps, checkpoint_every=args.camera_steps,
                 log_every=max(1, args.camera_steps // 5), sample_every=0, num_workers=args.num_workers,
                 batch_size=args.camera_batch_size or base_config.batch_size,
-                p_mean=base_config.p_mean if args.camera_p_mean is None else args.camera_p_mean,
+                p_mean=camera_p_mean,
                 optim=replace(base_config.optim, lr=5e-4, warmup_steps=20),
             )  # fmt: skip
             base_folder = timed(
@@ -187,7 +188,7 @@ def main() -> None:
         report = {
             "base_folder": str(args.base),
             "camera_steps": args.camera_steps,
-            "camera_p_mean": base_config.p_mean if args.camera_p_mean is None else args.camera_p_mean,
+            "camera_p_mean": camera_p_mean,
             "camera_base": str(args.camera_base) if args.camera_base else None,
             "data": {"scene": "discs", "labels": args.labels, "clips_per_label": args.clips_per_label,
                      "pan_px_per_frame": args.pan_px, "zoom_rate_per_frame": args.zoom_rate,
