@@ -31,7 +31,7 @@ class more often than the base); the same figures for the data's clips through t
 base's VAE (what the estimator reads when the motion is there); whether the base weights
 are bit-identical after the adapters trained; wall times. Runs in-process on the model
 API (no stack), on the GPU if there is one; the README gives the figures of the defaults
-(about 85 minutes on one CPU thread of a 2-core machine, 36 reusing a base).
+(about 90 minutes on one CPU thread of a 2-core machine, 40 reusing a base).
 
     OMP_NUM_THREADS=1 python benchmarks/camera_lora_evidence/run.py --base FOLDER [--strengths 1,2]
 """
