@@ -85,8 +85,9 @@ def p_more_often(adapter: dict, base: dict, wanted: str) -> float:
     """One-sided Fisher exact p-value of the adapter's videos reading as the class `wanted`
     more often than the base's (`model_report`s); we call the adapter clearly better below
     0.05 (16 videos each: 15 against 10 is 0.04, 13 against 9 is 0.13)."""
-    table = [[round(r["match_rate"][wanted] * n), round((1 - r["match_rate"][wanted]) * n)]
-             for r in (adapter, base) for n in [len(r["videos_x_y_zoom"])]]  # fmt: skip
+    table = [
+        [r["classes"].get(wanted, 0), len(r["videos_x_y_zoom"]) - r["classes"].get(wanted, 0)] for r in (adapter, base)
+    ]
     return round(float(fisher_exact(table, alternative="greater").pvalue), 4)
 
 
