@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install system-deps demo test bench evidence lint image clean stack-down
 
-# Three pip steps, as measured in shared/STACK.md: torch first (local wheels), the
+# Three pip steps (docs/install.md says why): torch first (local wheels), the
 # project with its pins, then two packages without deps (they would pull a second cv2).
 $(STAMP): pyproject.toml
 	@echo "== installing into $(VENV) (first time: a few minutes)"
@@ -45,7 +45,7 @@ bench: install system-deps
 	$(BIN)/vdm stack up
 	@for b in benchmarks/*.py; do $(BIN)/python "$$b"; done
 
-# The training issue's motion evidence: VAE, Stage I, Stage II full and partial, evaluation (about 30 CPU-minutes).
+# The motion evidence (docs/evidence/motion.md): VAE, Stage I, Stage II full and partial, evaluation (about 30 CPU-minutes).
 evidence: install system-deps
 	$(BIN)/python benchmarks/motion_evidence/run.py
 

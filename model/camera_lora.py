@@ -34,7 +34,7 @@ ADAPTERS = "adapters"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # Query, key, value and output projections of the temporal transformer blocks' attention
 # (attn1: frames attend to each other; attn2: to the text). A plain suffix list would also
-# wrap the spatial attention (STACK.md).
+# wrap the spatial attention.
 TEMPORAL_ATTENTION = r".*temporal_transformer_blocks\.\d+\.attn\d\.(to_q|to_k|to_v|to_out\.0)"
 
 

@@ -6,12 +6,12 @@ C + C + 1 channels. A trained video UNet is widened for it with its new input ch
 at zero (`networks.widen_input`), so the finetune starts as the base model; the text
 conditioning stays.
 
-- Frame interpolation (`known_frames: interpolation`): every `KEY_EVERY`-th frame of a
+- Frame interpolation (`stage: interpolation`): every `KEY_EVERY`-th frame of a
   clip is known (the key frames); the model fills the three between each pair.
   `interpolate` turns T frames into 4T - 3: three new frames go between each of the
   T - 1 pairs, none after the last key (that would be extrapolation, prediction's job).
   Applied twice, T -> 4T - 3 -> 16T - 15: Video LDM's x4 then x16.
-- Long-video prediction (`known_frames: prediction`): 0, 1 or 2 leading frames of a
+- Long-video prediction (`stage: prediction`): 0, 1 or 2 leading frames of a
   clip are known (drawn per sample); `predict` generates a video chunk by chunk, each
   chunk continuing from the last `MAX_CONTEXT` frames of the one before.
 
@@ -23,15 +23,12 @@ known frames at all (`generate`) is a text-to-video model.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from model.conditioning import added_time_ids, dropped, per_sample
 from model.data import fit_frames
 from model.samplers import SAMPLERS, guided, karras_sigmas
 
-KnownFrames = Literal["none", "interpolation", "prediction"]
 KEY_EVERY = 4  # interpolation: a key frame every 4th frame, x4 frame rate
 MAX_CONTEXT = 2  # prediction: at most 2 leading known frames, also what each chunk feeds back
 
@@ -69,18 +66,17 @@ def key_positions(num_frames: int) -> list[int]:
     return list(range(0, num_frames, KEY_EVERY))
 
 
-def known_mask(kind: KnownFrames, batch: int, num_frames: int, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, T) float mask of the frames training shows the model: the key frames, or
-    0, 1 or 2 leading context frames drawn per sample."""
+def interpolation_mask(batch: int, num_frames: int) -> torch.Tensor:
+    """(B, T) float mask of an interpolation clip's key frames."""
     mask = torch.zeros(batch, num_frames)
-    if kind == "interpolation":
-        mask[:, key_positions(num_frames)] = 1.0
-    elif kind == "prediction":
-        counts = torch.randint(0, MAX_CONTEXT + 1, (batch,), generator=generator)
-        mask = (torch.arange(num_frames)[None] < counts[:, None]).float()
-    else:
-        raise ValueError(f"no known frames for {kind!r}")
+    mask[:, key_positions(num_frames)] = 1.0
     return mask
+
+
+def prediction_mask(batch: int, num_frames: int, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, T) float mask of 0, 1 or 2 leading context frames, drawn per sample."""
+    counts = torch.randint(0, MAX_CONTEXT + 1, (batch,), generator=generator)
+    return (torch.arange(num_frames)[None] < counts[:, None]).float()
 
 
 def masked_condition(latents: torch.Tensor, frame_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -91,11 +87,10 @@ def masked_condition(latents: torch.Tensor, frame_mask: torch.Tensor) -> dict[st
 
 
 def training_condition(
-    latents: torch.Tensor, kind: KnownFrames, dropout: float, generator: torch.Generator
+    latents: torch.Tensor, mask: torch.Tensor, dropout: float, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
-    """Known frames for a training batch; with probability `dropout` a sample gets none
-    (the unconditional input of context guidance)."""
-    mask = known_mask(kind, latents.shape[0], latents.shape[1], generator)
+    """Known frames (`mask` (B, T)) for a training batch; with probability `dropout` a
+    sample gets none (the unconditional input of context guidance)."""
     mask = torch.where(per_sample(dropped(latents.shape[0], dropout, generator), mask), 0.0, mask)
     return masked_condition(latents, mask)
 
@@ -134,9 +129,9 @@ def frame_latents(codec, frames: torch.Tensor) -> torch.Tensor:
     return codec.condition_latent(frames) * codec.vae.config.scaling_factor
 
 
-def _require(model, kind: KnownFrames) -> None:
-    if model.config.known_frames != kind:
-        raise ValueError(f"this model was trained with known frames {model.config.known_frames!r}, not {kind!r}")
+def _require(model, kind: str) -> None:
+    if model.task.name != kind:
+        raise ValueError(f"this is a {model.task.name!r} model, not a {kind!r} one")
 
 
 @torch.no_grad()

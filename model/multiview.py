@@ -3,9 +3,8 @@ conditioned on the camera elevation. Given one view and the elevation it was tak
 from, it generates the views of a full turn around the object (`num_frames` azimuths
 evenly over 360 degrees, starting at the given view).
 
-The model is the image-to-video one (`VideoDiffusion` with `conditioning: image`),
-only told the elevation in degrees where SVD's micro-conditioning has the motion
-bucket (`VideoDiffusion.time_ids`): an orbit's motion is always one turn, and the
+The model is the image-to-video one, only told the elevation in degrees where SVD's
+micro-conditioning has the motion bucket (`model.tasks.multiview`): an orbit's motion is always one turn, and the
 same slot exported to `StableVideoDiffusionPipeline` is its `motion_bucket_id`.
 Training data (`data: orbits`): shards whose JSON carries `elevation` (degrees) and
 `azimuths` (components/sample_data/orbits.py writes synthetic ones).
@@ -56,8 +55,8 @@ def orbit(
 ) -> torch.Tensor:
     """(T, 3, H, W) views in [-1, 1] of a turn around the object in `image` ((3, h, w) in
     [-1, 1], taken from `elevation` degrees), from the image's azimuth on."""
-    if model.config.stage != "multiview":
-        raise ValueError(f"this is a {model.config.stage!r} model; orbits come from a multi-view model")
+    if model.task.name != "multiview":
+        raise ValueError(f"this is a {model.task.name!r} model; orbits come from a multi-view model")
     return animate(model, image, replace(config, elevation=float(elevation)), on_step)
 
 

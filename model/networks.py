@@ -205,3 +205,49 @@ def load_image_unet(folder: str | Path) -> UNet2DConditionModel:
     if (folder / "unet" / "config.json").exists():
         return UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     return UNet2DConditionModel.from_pretrained(folder)
+
+
+# -- the network behind the denoiser: the UNet and the inputs a kind gives it -----------
+
+
+class ImageNetwork(torch.nn.Module):
+    """Stage I: a text-to-image UNet on frames as images."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, c_noise, encoder_hidden_states=text).sample
+
+
+class VideoNetwork(torch.nn.Module):
+    """The spatio-temporal UNet on text tokens and SVD's micro-conditioning."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, c_noise, text, added_time_ids=added).sample
+
+
+class ImageToVideoNetwork(torch.nn.Module):
+    """SVD's UNet input: the noisy frames with the conditioning frame's latent
+    concatenated channel-wise to every frame; the image embedding is the one token
+    the UNet attends to."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c_noise: torch.Tensor,
+        image: torch.Tensor,
+        image_latent: torch.Tensor,
+        added: torch.Tensor,
+    ) -> torch.Tensor:
+        every_frame = image_latent[:, None].expand(-1, x.shape[1], -1, -1, -1)
+        return self.unet(torch.cat([x, every_frame], dim=2), c_noise, image, added_time_ids=added).sample

@@ -80,7 +80,7 @@ def generate(
     shape = (1, config.num_frames, latent_channels, config.height // factor, config.width // factor)
     noise = torch.randn(shape, generator=generator).to(device) * sigmas[0]
 
-    if model.config.video:
+    if model.task.video:
         ids = added_time_ids(torch.tensor([config.fps]), torch.tensor([config.motion]), torch.zeros(1)).to(device)
         scale = frame_guidance(config.num_frames, config.guidance_min, config.guidance_max).to(device)
 
@@ -98,7 +98,7 @@ def generate(
         x = noise[0]
     denoise = guided(with_text(text), with_text(negative), scale)
     latents = SAMPLERS[config.sampler](denoise, x, sigmas, on_step)
-    if not model.config.video:
+    if not model.task.video:
         latents = latents[None]
     return model.codec.decode(latents)[0]
 
@@ -123,8 +123,10 @@ def animate(
     strength = torch.tensor([config.noise_aug_strength])
     cond = model.image_condition(frame, strength.to(device), generator)
     uncond = {k: torch.zeros_like(v) for k, v in cond.items()}  # what training's condition dropout gives
-    elevation = None if config.elevation is None else torch.tensor([config.elevation])
-    ids = model.time_ids(torch.tensor([config.fps]), strength, torch.tensor([config.motion]), elevation).to(device)
+    micro = {"motion": torch.tensor([config.motion])}
+    if config.elevation is not None:
+        micro["elevation"] = torch.tensor([config.elevation])
+    ids = model.task.time_ids(torch.tensor([config.fps]), strength, micro).to(device)
     sigmas = karras_sigmas(config.steps, config.sigma_min, config.sigma_max).to(device)
     shape = (
         1,

@@ -1,14 +1,16 @@
 """The three training stages and the finetunes as one model: a frozen condition encoder
 (text, or the conditioning frame for image-to-video) + frozen VAE + a UNet (2D for
-Stage I, spatio-temporal for the rest) behind EDM's preconditioning. A stage differs
-only by its config: resolution, frames, noise-level shift, conditioning and what trains."""
+Stage I, spatio-temporal for the rest) behind EDM's preconditioning. A config names
+its kind (`stage`, a `model.tasks` kind), which decides the network's inputs, the
+training conditioning and the data; the rest is resolution, frames, noise-level shift
+and what trains."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -16,78 +18,52 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from model import camera_lora
+from model import camera_lora, svd
 from model.conditioning import (
     ImageEncoder,
     LatentCodec,
     TextEncoder,
     added_time_ids,
-    camera_time_ids,
     drop_conditions,
-    dropped,
     noise_augmented,
-    per_sample,
 )
 from model.data import ClipSpec
 from model.diffusion import Denoiser, denoising_loss, lognormal_sigmas, shifted_p_mean
 from model.latents import vae_fingerprint
-from model.masked import KEY_EVERY, MAX_CONTEXT, KnownFrames, MaskedVideoNetwork, input_channels, training_condition
-from model.networks import CONFIGS, image_unet, inflate, load_image_unet, widen_input
-from model.openclip import TINY_CLIP_MODEL, TINY_IMAGE_CLIP_MODEL, register_tiny_models
+from model.networks import CONFIGS, image_unet, inflate, load_image_unet
+from model.openclip import IMAGE_MODELS, TEXT_MODELS, register_tiny_models
 from model.spatial import images_only
+from model.tasks import NoOptions, Task, task_of
 from model.training import OptimConfig, Strategy
 
-# Pretraining stages, then finetunes of a video model (`vdm finetune KIND`).
-Stage = Literal["image", "video", "hq", "i2v", "spatial-hq", "camera-lora", "multiview", "interpolation", "prediction"]
 STAGE_FILE = "stage.json"
 TEXT_FOLDER, IMAGE_FOLDER, VAE_FOLDER = "text_encoder", "image_encoder", "vae"
 IMAGE_WEIGHTS = "open_clip_vision.safetensors"
-# The open_clip text tower whose token width matches each UNet's cross-attention (SD 2.1: ViT-H-14).
-TEXT_MODELS = {"tiny": TINY_CLIP_MODEL, "small": "ViT-B-32", "base": "ViT-H-14"}
-# The open_clip vision tower whose embedding width matches each UNet's cross-attention (SVD: ViT-H-14).
-IMAGE_MODELS = {"tiny": TINY_IMAGE_CLIP_MODEL, "small": "ViT-B-32", "base": "ViT-H-14"}
 # Resolution at which p_mean is given; larger stages shift towards more noise.
 BASE_PIXELS = 64 * 64
 
 
 @dataclass(frozen=True)
 class StageConfig:
-    stage: Stage
+    """The fields every kind shares; `options` holds the kind's own (its `Options`),
+    written flat beside these in YAML and `stage.json`."""
+
+    stage: str  # the kind (model/tasks): image, video, hq, i2v, camera-lora, ...
     unet: str = "tiny"  # a named UNetConfig
     strategy: Strategy = "full"
     clip: ClipSpec = ClipSpec()
     # clips: curated video shards; images: a WebDataset of images (Stage I, spatial finetunes);
     # latents: clips cached by `vdm cache-latents` for this stage and VAE;
-    # orbits: turntable views with their camera elevation (multi-view, model/multiview.py).
+    # orbits: turntable views with their camera elevation (multi-view).
     data: Literal["clips", "images", "latents", "orbits"] = "clips"
     p_mean: float = -1.2
     p_std: float = 1.2
-    # What a video is generated from: a caption, or a conditioning frame (image-to-video, SVD).
-    conditioning: Literal["text", "image"] = "text"
-    # Frames the video model is also given (model/masked.py): key frames to interpolate
-    # between, or leading context frames to continue.
-    known_frames: KnownFrames = "none"
     text_model: str | None = None  # open_clip model; None: the one matching `unet` (TEXT_MODELS)
     # Local path of open_clip weights (relative: inside the model folder); None: seeded random (tests).
     text_weights: str | None = None
     image_model: str | None = None  # open_clip vision tower; None: the one matching `unet` (IMAGE_MODELS)
     # Local path of the vision tower's weights (safetensors; relative: inside the model folder).
     image_weights: str | None = None
-    # Image-to-video training: ln(noise-augmentation strength) ~ N(mean, std) (about 0.05, as SVD).
-    noise_aug_mean: float = -3.0
-    noise_aug_std: float = 0.5
-    # Camera-motion LoRA (strategy: lora): the motion class its adapter learns (model/camera_lora.py;
-    # its clips are those curation labelled with the class's camera motions) and the adapter's size.
-    motion_class: str | None = None
-    lora_rank: int = 4
-    lora_alpha: float = 4.0
-    # While training, this share of the clips get a motion score drawn uniformly in
-    # [0, motion_jitter_max] instead of theirs. For a camera-motion adapter: the base already
-    # reads the class from the score where the score tells it (a pan's is high, a held
-    # camera's 0), so an adapter trained only at its class's score learns little of its own
-    # and does not move the camera at another score (the default request's).
-    motion_jitter: float = 0.0
-    motion_jitter_max: float = 3.0
     # A diffusers VAE folder (e.g. a copy of SD 2.1, or `vdm train-vae`'s output); None: the
     # `vae/` of the folder the model starts from, else a seeded random tiny VAE (tests).
     vae: str | None = None
@@ -100,57 +76,60 @@ class StageConfig:
     num_workers: int = 0
     gradient_checkpointing: bool = False
     parallel: Literal["ddp", "fsdp"] = "ddp"  # with several ranks: replicate (DDP) or shard (FSDP2)
-    sample_every: int = 0  # also generate the sample prompts every N steps (0: only at the end)
+    sample_every: int | None = None  # also generate the sample prompts every N steps (None: only at the end)
     sample_prompts: tuple[str, ...] = ("",)
     sample_steps: int = 20
     optim: OptimConfig = field(default_factory=OptimConfig)
     cache_dir: str = ".vdm/cache/models"
+    options: object = NoOptions()  # the kind's own fields (its task's Options)
 
     def __post_init__(self):
-        if self.data == "images" and self.stage != "image" and self.strategy != "spatial":
-            raise ValueError("image data trains Stage I or the spatial layers only (strategy: spatial)")
-        if self.conditioning == "image" and (not self.video or self.data not in ("clips", "orbits")):
-            raise ValueError("image-to-video trains a video model on clips (it needs each clip's first frame)")
-        if self.stage == "spatial-hq" and (self.data != "images" or self.strategy != "spatial"):
-            raise ValueError("the spatial-hq finetune trains the spatial layers only (strategy: spatial) on images")
-        if (self.stage == "camera-lora") != (self.strategy == "lora"):
-            raise ValueError("a camera-motion LoRA trains LoRA adapters only (strategy: lora), and only it does")
-        if self.motion_class is not None:
-            camera_lora.labels_of(self.motion_class)  # a known class, or a clear error
-        if not 0.0 <= self.motion_jitter <= 1.0 or self.motion_jitter_max < 0:
-            raise ValueError("motion_jitter is a share of the clips (0 to 1), motion_jitter_max a score (>= 0)")
-        if (self.stage == "multiview") != (self.data == "orbits") or (
-            self.stage == "multiview" and self.conditioning != "image"
-        ):
-            raise ValueError(
-                "multi-view is image-to-video on orbits (stage: multiview, conditioning: image, data: orbits)"
-            )
-        if self.known_frames != "none":
-            _check_known_frames(self)
+        if not isinstance(self.options, self.task.Options):
+            raise ValueError(f"a {self.stage!r} config takes {self.task.Options.__name__}, not {self.options!r}")
+        self.task.check(self)
+
+    @property
+    def task(self) -> Task:
+        return task_of(self.stage)
 
     @property
     def video(self) -> bool:
-        return self.stage != "image"
-
-    @property
-    def camera_motion(self) -> tuple[str, ...] | None:
-        """Curation's camera-motion labels of the clips this config trains on (None: all)."""
-        return camera_lora.labels_of(self.motion_class) if self.motion_class else None
+        return self.task.video
 
     @property
     def p_mean_at_resolution(self) -> float:
         return shifted_p_mean(self.p_mean, self.clip.height * self.clip.width, BASE_PIXELS)
 
+    def with_fields(self, **values) -> StageConfig:
+        """A copy with shared fields or the kind's option fields replaced."""
+        own = {k: v for k, v in values.items() if k in {f.name for f in fields(self.options)}}
+        shared = {k: v for k, v in values.items() if k not in own}
+        unknown = set(shared) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"{sorted(unknown)} are not config fields of a {self.stage!r} model")
+        return replace(self, **shared, **({"options": replace(self.options, **own)} if own else {}))
+
+    def to_dict(self) -> dict:
+        """Flat: shared fields and the kind's options side by side (what `from_dict` reads)."""
+        raw = asdict(self)
+        return raw | raw.pop("options")
+
     @classmethod
     def from_dict(cls, raw: dict) -> StageConfig:
         raw = dict(raw)
+        if "stage" not in raw:
+            raise ValueError("a config names its kind of model: `stage: <kind>`")
+        for derived in ("conditioning", "known_frames"):  # the kind's, not the config's (older folders hold them)
+            raw.pop(derived, None)
+        shared = {f.name for f in fields(cls)} - {"options"}
+        options = task_of(raw["stage"]).options({k: raw.pop(k) for k in list(raw) if k not in shared})
         raw["clip"] = ClipSpec(**raw.get("clip", {}))
         if "sample_prompts" in raw:
             raw["sample_prompts"] = tuple(raw["sample_prompts"])
         raw["optim"] = OptimConfig(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in raw.get("optim", {}).items()}
         )
-        return cls(**raw)
+        return cls(**raw, options=options)
 
     @classmethod
     def load(cls, path: str | Path) -> StageConfig:
@@ -160,7 +139,7 @@ class StageConfig:
 NAMED_CONFIGS = Path(__file__).parent / "configs"
 
 
-def named_config(name_or_path: str, stage: Stage) -> StageConfig:
+def named_config(name_or_path: str, stage: str) -> StageConfig:
     """`tiny` -> model/configs/tiny-<stage>.yaml; anything else is a path."""
     path = NAMED_CONFIGS / f"{name_or_path}-{stage}.yaml"
     config = StageConfig.load(path if path.exists() else name_or_path)
@@ -169,48 +148,9 @@ def named_config(name_or_path: str, stage: Stage) -> StageConfig:
     return config
 
 
-class _ImageNetwork(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, c_noise, encoder_hidden_states=text).sample
-
-
-class _VideoNetwork(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, c_noise, text, added_time_ids=added).sample
-
-
-class _ImageToVideoNetwork(torch.nn.Module):
-    """SVD's UNet input: the noisy frames with the conditioning frame's latent
-    concatenated channel-wise to every frame; the image embedding is the one token
-    the UNet attends to."""
-
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        c_noise: torch.Tensor,
-        image: torch.Tensor,
-        image_latent: torch.Tensor,
-        added: torch.Tensor,
-    ) -> torch.Tensor:
-        every_frame = image_latent[:, None].expand(-1, x.shape[1], -1, -1, -1)
-        return self.unet(torch.cat([x, every_frame], dim=2), c_noise, image, added_time_ids=added).sample
-
-
 class VideoDiffusion(torch.nn.Module):
     """Trainable UNet + frozen condition encoder (`text` or `image`, the other is None)
-    and VAE; `loss(batch)` for any stage."""
+    and VAE; `loss(batch)` for any kind (its task builds the inputs)."""
 
     def __init__(
         self,
@@ -222,10 +162,11 @@ class VideoDiffusion(torch.nn.Module):
         super().__init__()
         register_tiny_models(config.cache_dir)
         self.config = config
+        self.task = config.task
         self.unet = unet
         self.text: TextEncoder | None = None
         self.image: ImageEncoder | None = None
-        if config.conditioning == "image":
+        if self.task.conditioning == "image":
             encoder_name = config.image_model or IMAGE_MODELS[config.unet]
             self.image = ImageEncoder(encoder_name, Path(config.image_weights) if config.image_weights else None)
             width = self.image.width
@@ -235,28 +176,15 @@ class VideoDiffusion(torch.nn.Module):
             width = self.text.width
         if width != unet.config.cross_attention_dim:
             raise ValueError(
-                f"{config.conditioning} model {encoder_name} gives {width}-wide embeddings; the UNet attends to "
+                f"{self.task.conditioning} model {encoder_name} gives {width}-wide embeddings; the UNet attends to "
                 f"{unet.config.cross_attention_dim}"
             )
         vae = config.vae or vae_folder
         self.codec = codec or (LatentCodec.from_folder(vae) if vae else LatentCodec.tiny())
-        if config.known_frames != "none":
-            network = MaskedVideoNetwork(unet)
-            expected = input_channels(self.codec.vae.config.latent_channels)
-            if unet.config.in_channels != expected:
-                raise ValueError(
-                    f"a UNet given known frames takes {expected} input channels, not {unet.config.in_channels}"
-                )
-        elif config.conditioning == "image":
-            network = _ImageToVideoNetwork(unet)
-            expected = 2 * self.codec.vae.config.latent_channels
-            if unet.config.in_channels != expected:
-                raise ValueError(
-                    f"an image-to-video UNet takes {expected} input channels, not {unet.config.in_channels}"
-                )
-        else:
-            network = _VideoNetwork(unet) if config.video else _ImageNetwork(unet)
-        self.denoiser = Denoiser(network)
+        expected = self.task.input_channels(self.codec.vae.config.latent_channels)
+        if unet.config.in_channels != expected:
+            raise ValueError(f"a {self.task.name} UNet takes {expected} input channels, not {unet.config.in_channels}")
+        self.denoiser = Denoiser(self.task.network(unet))
         self._empty_text: torch.Tensor | None = None
         self._vae_fingerprint: str | None = None
         if config.gradient_checkpointing:
@@ -265,21 +193,28 @@ class VideoDiffusion(torch.nn.Module):
     @classmethod
     def create(cls, config: StageConfig, init_from: str | Path | None = None) -> VideoDiffusion:
         """Stage I from scratch (or an SD 2.1 folder); Stages II/III inflate or continue
-        from `init_from` (a folder with a Stage I `unet/` or a video `unet/`, and maybe a `vae/`).
-        Image-to-video widens a video UNet's input for the conditioning latent, or starts
-        from an SVD-format folder (`StableVideoDiffusionPipeline`, e.g. the public SVD weights)."""
-        from model import svd
+        from `init_from` (a folder with a Stage I `unet/` or a video `unet/`, and maybe a `vae/`);
+        a finetune's task prepares the UNet it starts from (a wider input, adapters).
+        Image kinds may also start from an SVD-format folder (`StableVideoDiffusionPipeline`,
+        e.g. the public SVD weights)."""
+        folder = Path(init_from) if init_from is not None else None
+        if folder is not None and svd.is_svd_folder(folder):
+            return cls._from_svd_folder(config, folder)
+        unet, vae = _networks(config, folder)
+        return cls(config, config.task.prepare_unet(unet, config, folder), vae)
 
-        if init_from is not None and svd.is_svd_folder(Path(init_from)):
-            return svd.load_svd_folder(config, Path(init_from))
-        unet, vae = _networks(config, init_from)
-        if config.conditioning == "image":
-            unet = widen_input(unet, 2 * unet.config.out_channels)
-        if config.known_frames != "none":
-            unet = widen_input(unet, input_channels(unet.config.out_channels))
-        if config.stage == "camera-lora":
-            _camera_adapters(config, unet, init_from)
-        return cls(config, unet, vae)
+    @classmethod
+    def _from_svd_folder(cls, config: StageConfig, folder: Path) -> VideoDiffusion:
+        """An image-to-video model from a StableVideoDiffusionPipeline folder: its UNet under our
+        preconditioning, its VAE (latents rescaled to ours), its image encoder as the
+        open_clip tower it converts to."""
+        if config.task.conditioning != "image":
+            raise ValueError(f"an SVD folder starts image-to-video models only, not {config.stage!r}")
+        register_tiny_models(config.cache_dir)  # the candidate towers must be known to open_clip
+        unet, codec, (name, vision) = svd.load_svd_parts(folder)
+        model = cls(replace(config, image_model=name, image_weights=None, vae=None), unet, codec=codec)
+        model.image.visual.load_state_dict(vision)
+        return model
 
     def image_condition(
         self, images: torch.Tensor, noise_strength: torch.Tensor, generator: torch.Generator | None
@@ -289,56 +224,20 @@ class VideoDiffusion(torch.nn.Module):
         latent = self.codec.condition_latent(noise_augmented(images, noise_strength, generator))
         return {"image": self.image(images), "image_latent": latent}
 
-    def conditioning(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        if self.config.conditioning == "image":
-            return self._image_conditioning(batch, generator)
+    def text_condition(
+        self, batch: dict, generator: torch.Generator, micro_conditioning: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """The captions' tokens (some dropped to the empty prompt's while training) and SVD's
+        micro-conditioning (fps, motion score; no conditioning image)."""
         text = self.text(list(batch["caption"]))
         if self._empty_text is None:  # the unconditional embedding never changes: encode it once
             self._empty_text = self.text([""])
-        empty = self._empty_text
-        kwargs = {"text": drop_conditions(text, empty, self.config.cond_dropout if self.training else 0.0, generator)}
-        if self.config.video:
-            strength = torch.zeros_like(batch["fps"], dtype=torch.float32)  # text-to-video: no conditioning image
-            kwargs["added"] = added_time_ids(batch["fps"], self.training_motion(batch, generator), strength)
+        dropout = self.config.cond_dropout if self.training else 0.0
+        kwargs = {"text": drop_conditions(text, self._empty_text, dropout, generator)}
+        if micro_conditioning:
+            strength = torch.zeros_like(batch["fps"], dtype=torch.float32)
+            kwargs["added"] = added_time_ids(batch["fps"], batch["motion"], strength)
         return kwargs
-
-    def _image_conditioning(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """The clip's first frame, noise-augmented at a random strength that the model is told
-        (micro-conditioning); dropped samples get zeros for both embedding and latent, the
-        unconditional input of SVD's guidance."""
-        frames = batch["video"][:, 0]
-        strength = lognormal_sigmas(
-            frames.shape[0], self.config.noise_aug_mean, self.config.noise_aug_std, generator=generator
-        ).to(frames.device)
-        cond = self.image_condition(frames, strength, generator)
-        drop = dropped(frames.shape[0], self.config.cond_dropout if self.training else 0.0, generator)
-        cond = {k: torch.where(per_sample(drop, v), torch.zeros_like(v), v) for k, v in cond.items()}
-        motion = self.training_motion(batch, generator)
-        return cond | {"added": self.time_ids(batch["fps"], strength, motion, batch.get("elevation"))}
-
-    def training_motion(self, batch: dict, generator: torch.Generator) -> torch.Tensor | None:
-        """The clips' motion scores, `motion_jitter` of them redrawn while training."""
-        motion = batch.get("motion")
-        if motion is None or not (self.training and self.config.motion_jitter):
-            return motion
-        redraw = dropped(len(motion), self.config.motion_jitter, generator)  # the clips that lose theirs
-        drawn = torch.rand(motion.shape, generator=generator) * self.config.motion_jitter_max
-        return torch.where(redraw.to(motion.device), drawn.to(motion.device), motion.float())
-
-    def time_ids(
-        self,
-        fps: torch.Tensor,
-        noise_strength: torch.Tensor,
-        motion: torch.Tensor | None = None,
-        elevation: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Image-to-video micro-conditioning (B, 3): SVD's (fps, motion bucket, noise strength),
-        or for multi-view (SVD-MV) the camera elevation in the motion bucket's place."""
-        if self.config.stage == "multiview":
-            if elevation is None:
-                raise ValueError("a multi-view model is conditioned on the camera elevation: give one")
-            return camera_time_ids(fps, elevation, noise_strength)
-        return added_time_ids(fps, motion, noise_strength)
 
     def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents of the batch: encoded now, or drawn from cached posteriors."""
@@ -360,15 +259,7 @@ class VideoDiffusion(torch.nn.Module):
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Every random draw (latent sample, dropout, noise level, noise) comes from
         `generator`, which checkpoints save: a resumed run repeats the same draws."""
-        latents = self.latents(batch, generator)  # (B, T, 4, h, w)
-        cond = self.conditioning(batch, generator)
-        if self.config.known_frames != "none":
-            dropout = self.config.cond_dropout if self.training else 0.0
-            cond |= training_condition(latents, self.config.known_frames, dropout, generator)
-        if not self.config.video:  # Stage I trains on frames as images
-            frames = latents.shape[1]
-            latents = latents.flatten(0, 1)
-            cond = {"text": cond["text"].repeat_interleave(frames, dim=0)}
+        latents, cond = self.task.training_inputs(self, batch, self.latents(batch, generator), generator)
         sigma = lognormal_sigmas(
             latents.shape[0], self.config.p_mean_at_resolution, self.config.p_std, generator=generator
         ).to(latents.device)
@@ -401,7 +292,7 @@ class VideoDiffusion(torch.nn.Module):
             (folder / TEXT_FOLDER).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(weights, folder / TEXT_FOLDER / weights.name)
             config = replace(config, text_weights=f"{TEXT_FOLDER}/{weights.name}")
-        (folder / STAGE_FILE).write_text(json.dumps(asdict(config), indent=1))
+        (folder / STAGE_FILE).write_text(json.dumps(config.to_dict(), indent=1))
         return folder
 
     @classmethod
@@ -416,37 +307,12 @@ class VideoDiffusion(torch.nn.Module):
         return cls.create(config, init_from=folder)
 
 
-def _camera_adapters(config: StageConfig, unet: torch.nn.Module, init_from: str | Path | None) -> None:
-    """The adapters `init_from` already has, and the config's class: its saved adapter
-    (a finetune continues it, a loaded model samples it) or a new one."""
-    if config.motion_class is None:
-        raise ValueError(
-            f"a camera-motion LoRA learns one motion class: give one of {sorted(camera_lora.MOTION_CLASSES)}"
-        )
-    loaded = camera_lora.load_adapters(unet, Path(init_from)) if init_from is not None else []
-    if config.motion_class not in loaded:
-        camera_lora.add_adapter(unet, config.motion_class, config.lora_rank, config.lora_alpha)
-    camera_lora.use_adapter(unet, config.motion_class)
-
-
-def _check_known_frames(config: StageConfig) -> None:
-    if not config.video or config.conditioning != "text":
-        raise ValueError("known frames condition a text-to-video model")
-    if config.strategy != "full":
-        raise ValueError("known frames need strategy full: the UNet's new input channels (conv_in) must train")
-    frames = config.clip.num_frames
-    if config.known_frames == "interpolation" and (frames < KEY_EVERY + 1 or (frames - 1) % KEY_EVERY):
-        raise ValueError(f"interpolation trains on clips of 4k + 1 frames (keys every {KEY_EVERY}), not {frames}")
-    if config.known_frames == "prediction" and frames <= MAX_CONTEXT:
-        raise ValueError(f"prediction trains on clips longer than its {MAX_CONTEXT} context frames, not {frames}")
-
-
-def _networks(config: StageConfig, init_from: str | Path | None) -> tuple[torch.nn.Module, Path | None]:
+def _networks(config: StageConfig, init_from: Path | None) -> tuple[torch.nn.Module, Path | None]:
     """The UNet a stage starts from and the VAE folder that comes with it, if any."""
     if init_from is None:
         image = image_unet(CONFIGS[config.unet])
         return (inflate(image) if config.video else image), None
-    folder = Path(init_from)
+    folder = init_from
     vae = folder / VAE_FOLDER if (folder / VAE_FOLDER / "config.json").exists() else None
     if not config.video:
         return load_image_unet(folder), vae

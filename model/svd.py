@@ -1,6 +1,7 @@
 """Stable Video Diffusion's diffusers format (`StableVideoDiffusionPipeline`) in and out:
 an image-to-video model we train exports to a folder that pipeline loads and samples,
-and an SVD-format folder (e.g. a copy of the public SVD weights) starts `vdm finetune i2v`.
+and an SVD-format folder (e.g. a copy of the public SVD weights) starts `vdm finetune i2v`
+(`VideoDiffusion.create` reads it with `load_svd_parts`).
 
 Three translations:
 
@@ -33,7 +34,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,8 +45,7 @@ from diffusers import (
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from model.conditioning import LatentCodec
-from model.openclip import register_tiny_models
-from model.stages import IMAGE_MODELS, StageConfig, VideoDiffusion
+from model.openclip import IMAGE_MODELS
 
 PIPELINE_CLASS = StableVideoDiffusionPipeline.__name__
 # SVD's noise levels and latents over ours (sigma_data 1 over 0.5).
@@ -216,7 +215,7 @@ def scheduler(sigma_min: float = 0.002, sigma_max: float = 80.0) -> EulerDiscret
     )
 
 
-def export_svd(model: VideoDiffusion, folder: Path) -> Path:
+def export_svd(model, folder: Path) -> Path:
     """An image-to-video model as a StableVideoDiffusionPipeline folder."""
     if model.image is None:
         raise ValueError("only image-to-video models export to StableVideoDiffusionPipeline")
@@ -243,20 +242,14 @@ def export_svd(model: VideoDiffusion, folder: Path) -> Path:
     return folder
 
 
-def load_svd_folder(config: StageConfig, folder: Path) -> VideoDiffusion:
-    """An image-to-video model from a StableVideoDiffusionPipeline folder: its UNet under our
-    preconditioning, its VAE (latents rescaled to ours), its image encoder as the
-    open_clip tower it converts to."""
-    if config.conditioning != "image":
-        raise ValueError("an SVD folder starts image-to-video models only (conditioning: image)")
-    register_tiny_models(config.cache_dir)  # the candidate towers must be known to open_clip
+def load_svd_parts(folder: Path) -> tuple[UNetSpatioTemporalConditionModel, LatentCodec, tuple[str, dict]]:
+    """A StableVideoDiffusionPipeline folder's parts under our conventions: the UNet under
+    our preconditioning, the VAE with latents rescaled to ours (SVD's
+    AutoencoderKLTemporalDecoder, or an exported AutoencoderKL), and the image encoder as
+    (open_clip architecture, vision-tower weights). The tiny towers must be registered
+    with open_clip first (`register_tiny_models`)."""
     unet = our_unet(UNetSpatioTemporalConditionModel.from_pretrained(folder, subfolder="unet"))
-    codec = LatentCodec.from_folder(folder)  # SVD's AutoencoderKLTemporalDecoder, or an exported AutoencoderKL
+    codec = LatentCodec.from_folder(folder)
     codec.vae.register_to_config(scaling_factor=codec.vae.config.scaling_factor / DATA_SCALE)
-    name, vision = open_clip_vision_tower(
-        CLIPVisionModelWithProjection.from_pretrained(folder, subfolder="image_encoder")
-    )
-    config = replace(config, image_model=name, image_weights=None, vae=None)
-    model = VideoDiffusion(config, unet, codec=codec)
-    model.image.visual.load_state_dict(vision)
-    return model
+    tower = open_clip_vision_tower(CLIPVisionModelWithProjection.from_pretrained(folder, subfolder="image_encoder"))
+    return unet, codec, tower

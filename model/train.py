@@ -26,10 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from model.data import ClipDataset, ImageDataset
-from model.latents import LatentDataset
-from model.multiview import OrbitDataset
-from model.pipeline import GenerationConfig, animate, generate
+from model.pipeline import GenerationConfig
 from model.stages import StageConfig, VideoDiffusion
 from model.training import (
     EMA,
@@ -81,24 +78,16 @@ def _unwrapped(model: VideoDiffusion) -> Iterator[None]:
         network.unet = wrapped
 
 
-def sample_videos(
-    model: VideoDiffusion, ema: EMA, images: torch.Tensor | None = None, elevations: torch.Tensor | None = None
-) -> list[torch.Tensor]:
-    """The config's sample prompts (image-to-video: `images` (N, 3, H, W) animated; multi-view:
-    seen from their orbits' `elevations`), generated with the EMA weights; (T, 3, H, W) each."""
-    config, spec = model.config, model.config.clip
-    generation = GenerationConfig.for_clip(spec, steps=config.sample_steps, adapter=config.motion_class)
+def sample_videos(model: VideoDiffusion, ema: EMA, first_batch: dict) -> list[torch.Tensor]:
+    """The kind's training samples (the config's prompts; image kinds animate the first
+    batch's first frames), generated with the EMA weights; (T, 3, H, W) each."""
+    config, task = model.config, model.task
+    generation = GenerationConfig.for_clip(config.clip, steps=config.sample_steps, **task.generation_defaults(config))
     with ema.applied(), _unwrapped(model):
-        if model.image is not None:
-            views = [None] * len(images) if elevations is None else elevations.tolist()
-            videos = [
-                animate(model, image, replace(generation, seed=i, elevation=elevation))
-                for i, (image, elevation) in enumerate(zip(images, views, strict=True))
-            ]
-        else:
-            videos = [
-                generate(model, prompt, replace(generation, seed=i)) for i, prompt in enumerate(config.sample_prompts)
-            ]
+        videos = [
+            task.sample(model, inputs, replace(generation, seed=i))
+            for i, inputs in enumerate(task.training_samples(config, first_batch))
+        ]
     model.train()
     return videos
 
@@ -118,7 +107,7 @@ def train(
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     seed_everything(config.seed)  # the same initial weights on every rank
     model = VideoDiffusion.create(config, init_from).to(device)
-    apply_strategy(model.unet, config.strategy, config.motion_class)
+    apply_strategy(model.unet, config.strategy, model.task.adapter(config))
     sharded = world_size > 1 and config.parallel == "fsdp"
     if sharded:
         shard(model.unet)
@@ -134,27 +123,18 @@ def train(
         state = load_checkpoint(resume, model.unet, optimizer, schedule, ema)
         step, position = state["step"], state["data_position"]
     split = {"seed": config.seed, "rank": rank, "world_size": world_size, "start": position}
-    if config.data == "images":
-        dataset = ImageDataset(shards, config.clip.height, config.clip.width, **split)
-    elif config.data == "latents":
-        dataset = LatentDataset(shards, config.clip, **split)
-    elif config.data == "orbits":
-        dataset = OrbitDataset(shards, config.clip, **split)
-    else:
-        dataset = ClipDataset(shards, config.clip, camera_motion=config.camera_motion, **split)
+    dataset = model.task.dataset(config, shards, **split)
     loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     result = TrainResult(steps=step)
-    first_frames = None  # image-to-video samples animate the first batch's first frames
-    first_elevations = None  # (multi-view: from the first batch's orbits' elevations)
+    first_batch = None  # image-to-video samples animate its first frames
     sampled = bool(config.sample_every) and step % config.sample_every == 0
     model.train()
     clock = time.perf_counter()
     for batch in loader:
-        if first_frames is None and model.image is not None:
-            first_frames = batch["video"][:, 0].clone()
-            first_elevations = batch.get("elevation")
+        if first_batch is None:
+            first_batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         if step >= config.max_steps:
             break
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -190,9 +170,9 @@ def train(
                 on_checkpoint(folder, step)
         sampled = bool(config.sample_every) and step % config.sample_every == 0
         if sampled:
-            _samples(model, ema, rank, sharded, step, on_samples, first_frames, first_elevations)
+            _samples(model, ema, rank, sharded, step, on_samples, first_batch)
     if not sampled:  # the end of the run, unless its last step just sampled
-        _samples(model, ema, rank, sharded, step, on_samples, first_frames, first_elevations)
+        _samples(model, ema, rank, sharded, step, on_samples, first_batch)
     result.steps = step
     ema.copy_to(params)  # ship the averaged weights
     result.model = model
@@ -212,12 +192,11 @@ def _samples(
     sharded: bool,
     step: int,
     on_samples: SamplesFn | None,
-    images: torch.Tensor | None,
-    elevations: torch.Tensor | None = None,
+    first_batch: dict,
 ):
     """Rank 0 generates (every rank under FSDP2: its forward passes are collectives)."""
     if on_samples and (rank == 0 or sharded):
-        videos = sample_videos(model, ema, images, elevations)
+        videos = sample_videos(model, ema, first_batch)
         if rank == 0:
             on_samples(step, videos)
 

@@ -8,7 +8,6 @@ import sys
 import click
 
 from components.common.settings import load_settings
-from model.camera_lora import MOTION_CLASSES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -381,7 +380,7 @@ def finetune() -> None:
     """Finetunes of a trained video model: one command per kind (SVD's image-to-video, ...)."""
 
 
-def _finetune_command(kind: str, help_text: str, *kind_options):
+def _finetune_command(kind: str, title: str, help_text: str, *kind_options):
     """`vdm finetune KIND`: the options every finetune takes, then `run_finetune`.
     `kind_options`: click options of this kind only; their values replace the config's
     fields of the same name."""
@@ -426,62 +425,28 @@ def _finetune_command(kind: str, help_text: str, *kind_options):
 
     for option in kind_options:
         command = option(command)
-    return finetune.command(kind, help=help_text)(command)
+    return finetune.command(kind, help=help_text, short_help=title)(command)
 
 
-_finetune_command(
-    "i2v",
-    "Image-to-video (SVD): the conditioning frame's CLIP embedding replaces the text, its noise-augmented "
-    "latent is concatenated to every frame. --init-from a trained video model or a StableVideoDiffusionPipeline "
-    "folder; the result is also written in that pipeline's format (<output>/svd).",
-)
-_finetune_command(
-    "temporal-decoder",
-    "Temporal VAE decoder (SVD's AutoencoderKLTemporalDecoder): the model's image decoder gets temporal layers "
-    "and is finetuned on clips (reconstruction + 3D patch discriminator) so decoded frames do not flicker; the "
-    "encoder and the UNet are unchanged. The result is the --init-from model folder with the new vae/.",
-)
-_finetune_command(
-    "spatial-hq",
-    "Image-only spatial finetune (VideoCrafter2): only the spatial layers train, on a high-quality image set "
-    "(--data: WebDataset shards of images); the temporal layers, and with them the motion, stay as they were. "
-    "--init-from a trained video model.",
-)
+def _finetune_commands() -> None:
+    """One `vdm finetune KIND` per finetune kind (model/tasks), its help and its own options from the kind."""
+    from model.tasks import FINETUNES
 
-_finetune_command(
-    "camera-lora",
-    "Camera-motion LoRA: a LoRA adapter in the temporal attention of the frozen model, trained on the clips "
-    "curation labelled with the motion class's camera motion (pan: pan_left/pan_right, zoom_in, zoom_out, "
-    "static). The result is the base model with its adapters (<final>/adapters/<class>/): --init-from a result "
-    "to add another class; sample with an adapter by name and strength (GenerationConfig.adapter and "
-    "adapter_strength, pyfunc params `adapter`, `adapter_strength`).",
-    click.option(
-        "--motion-class",
-        type=click.Choice(sorted(MOTION_CLASSES)),
-        required=True,
-        help="The camera motion this adapter learns.",
-    ),
-)
+    for kind, task in FINETUNES.items():
+        options = [
+            click.option(
+                f"--{name.replace('_', '-')}",
+                name,
+                type=click.Choice(task.option_choices(name)) if task.option_choices(name) else str,
+                required=True,
+                help=help_text,
+            )
+            for name, help_text in task.run_options.items()
+        ]
+        _finetune_command(kind, task.title, task.description, *options)
 
-_finetune_command(
-    "multiview",
-    "Multi-view (SVD-MV): image-to-video finetuned on orbits (shards whose JSON has the camera `elevation`, "
-    "e.g. `vdm data orbits`); generates a turn around the object in a view, given the view's "
-    "elevation (in SVD's motion-bucket slot). --init-from an image-to-video model, an SVD folder or a "
-    "video model (widened first).",
-)
-_finetune_command(
-    "interpolation",
-    "Frame interpolation (Video LDM, x4): the video UNet also takes the key frames' latents (every 4th frame) and "
-    "their mask, concatenated channel-wise, and learns the three frames between each pair. --init-from a trained "
-    "video model.",
-)
-_finetune_command(
-    "prediction",
-    "Long-video prediction (Video LDM): the video UNet also takes 0, 1 or 2 leading context frames' latents and "
-    "their mask, and learns to continue them; long videos are generated chunk by chunk. --init-from a trained "
-    "video model.",
-)
+
+_finetune_commands()
 
 
 @main.group()

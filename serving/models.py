@@ -41,7 +41,7 @@ class ServedModel:
 
     @property
     def kind(self) -> Kind:
-        return self.pipeline.config.conditioning
+        return self.pipeline.task.conditioning
 
     @property
     def device(self) -> torch.device:

@@ -1,8 +1,10 @@
-"""The project installs as designed: packages, CLI, pinned stack, import direction."""
+"""The project installs as designed (packages, CLI, pinned stack, import direction) and
+its documentation holds together (a short README, links that resolve, no outside references)."""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +99,83 @@ def test_code_is_lint_clean():
         [str(ruff), "check", "--output-format", "concise", str(ROOT)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+# The README is the guide; the details live in docs/.
+README_MAX_LINES = 250
+# Markdown links `[text](target)`; the target ends at whitespace or the closing parenthesis.
+MARKDOWN_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+# Pointers to notes and trackers that live outside this repository, which its readers do not have.
+OUTSIDE_REFERENCE = re.compile(r"STACK\.md|SPEC section|issue: |the training issue", re.IGNORECASE)
+
+
+def _repository_files() -> list[Path]:
+    """Tracked files plus new files git does not ignore (so new docs are checked before a commit)."""
+    result = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    if result.returncode != 0:
+        pytest.skip(f"not a git checkout: {result.stderr.strip()}")
+    paths = {ROOT / line for line in result.stdout.splitlines() if not line.startswith(".venv/")}
+    return sorted(path for path in paths if path.is_file())
+
+
+def _markdown_pages() -> list[Path]:
+    return [ROOT / "README.md", ROOT / "k8s" / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def test_readme_is_a_short_guide():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move details into docs/"
+
+
+def test_docs_cover_every_area_and_the_readme_links_them():
+    readme = (ROOT / "README.md").read_text()
+    pages = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "docs").rglob("*.md"))
+    assert {"docs/curation.md", "docs/training.md", "docs/finetunes.md", "docs/pipelines-and-registry.md",
+            "docs/serving.md", "docs/operations.md", "docs/evidence/README.md"} <= set(pages)  # fmt: skip
+    assert [page for page in pages if f"({page})" not in readme] == []
+
+
+def _anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    anchors, fenced = set(), False
+    for line in page.read_text().splitlines():
+        fenced ^= line.startswith("```")
+        if not fenced and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+@pytest.mark.parametrize("page", _markdown_pages(), ids=lambda path: str(path.relative_to(ROOT)))
+def test_relative_links_resolve_inside_the_repository(page):
+    broken = []
+    for target in MARKDOWN_LINK.findall(page.read_text()):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        file, _, anchor = target.partition("#")
+        path = (page.parent / file).resolve() if file else page
+        missing = not path.is_relative_to(ROOT) or not path.exists()
+        if missing or (anchor and path.suffix == ".md" and anchor not in _anchors(path)):
+            broken.append(target)
+    assert broken == []
+
+
+def test_nothing_refers_to_notes_or_issues_outside_the_repository():
+    this_file = Path(__file__).resolve()
+    offenders = []
+    for path in _repository_files():
+        if path.resolve() == this_file:  # names the patterns it looks for
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        offenders += [
+            f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+            for number, line in enumerate(text.splitlines(), 1)
+            if OUTSIDE_REFERENCE.search(line)
+        ]
+    assert offenders == []

@@ -1,6 +1,6 @@
-"""Evidence of whether the camera-motion LoRA (issue: finetunes, item 2) does what it is
-for: with full sampling, whether each adapter makes the camera motion of the sampled
-videos its class clearly more often than the base model does.
+"""Evidence of whether the camera-motion LoRA finetune does what it is for: with full
+sampling, whether each adapter makes the camera motion of the sampled videos its class
+clearly more often than the base model does.
 
 The base is a trained text-to-video model (`--base`: the motion evidence's Stage II
 `full/final` folder, downloaded; a tiny model trained on one disc moving on black, which
@@ -30,8 +30,8 @@ zoom); each comparison's one-sided Fisher exact p-value (`*_p`: the adapter make
 class more often than the base); the same figures for the data's clips through the
 base's VAE (what the estimator reads when the motion is there); whether the base weights
 are bit-identical after the adapters trained; wall times. Runs in-process on the model
-API (no stack), on the GPU if there is one; the README gives the figures of the defaults
-(about 90 minutes on one CPU thread of a 2-core machine, 40 reusing a base).
+API (no stack), on the GPU if there is one; docs/evidence/camera-lora.md gives the figures
+of the defaults (about 90 minutes on one CPU thread of a 2-core machine, 40 reusing a base).
 
     OMP_NUM_THREADS=1 python benchmarks/camera_lora_evidence/run.py --base FOLDER [--strengths 1,2]
 """
@@ -172,7 +172,7 @@ def main() -> None:
             print(f"continuing the base on every class for {args.camera_steps} steps", file=sys.stderr)
             config = replace(
                 base_config, vae=str(vae_folder), max_steps=args.camera_steps, checkpoint_every=args.camera_steps,
-                log_every=max(1, args.camera_steps // 5), sample_every=0, num_workers=args.num_workers,
+                log_every=max(1, args.camera_steps // 5), sample_every=None, num_workers=args.num_workers,
                 batch_size=args.camera_batch_size or base_config.batch_size,
                 p_mean=camera_p_mean,
                 optim=replace(base_config.optim, lr=5e-4, warmup_steps=20),
@@ -185,15 +185,15 @@ def main() -> None:
 
         lora = named_config("tiny", "camera-lora")
         if args.motion_jitter is not None:
-            lora = replace(lora, motion_jitter=args.motion_jitter)
+            lora = lora.with_fields(motion_jitter=args.motion_jitter)
         if args.motion_jitter_max is not None:
-            lora = replace(lora, motion_jitter_max=args.motion_jitter_max)
+            lora = lora.with_fields(motion_jitter_max=args.motion_jitter_max)
         folder, losses = base_folder, {}
         classes = args.classes.split(",")
         for motion_class in classes:
             print(f"training the {motion_class} adapter", file=sys.stderr)
-            config = replace(
-                lora, motion_class=motion_class, vae=str(vae_folder), clip=clip, max_steps=args.adapter_steps,
+            config = lora.with_fields(
+                motion_class=motion_class, vae=str(vae_folder), clip=clip, max_steps=args.adapter_steps,
                 checkpoint_every=args.adapter_steps, log_every=max(1, args.adapter_steps // 5),
                 batch_size=args.batch_size, cond_dropout=0.0, p_mean=args.p_mean, num_workers=args.num_workers,
                 lora_rank=args.rank, lora_alpha=float(args.rank), seed=args.seed,
@@ -226,7 +226,7 @@ def main() -> None:
             "lr": args.lr,
             "p_mean": args.p_mean,
             "lora_rank": args.rank,
-            "motion_jitter": [lora.motion_jitter, lora.motion_jitter_max],
+            "motion_jitter": [lora.options.motion_jitter, lora.options.motion_jitter_max],
             "seed": args.seed,
             "loss_first_last_tenth": losses,
             "samples_per_model": args.samples,

@@ -1,5 +1,5 @@
-"""Evidence that the image-to-video finetune (issue: finetunes, item 1) does what it is
-for, end to end through the CLI against the local stack, on the motion evidence's
+"""Evidence that the image-to-video finetune does what it is for, end to end
+through the CLI against the local stack, on the motion evidence's
 artifacts (`make evidence` writes them: moving-disc shards with known velocities, the
 trained tiny VAE, Stage II trained `full`):
 
@@ -15,6 +15,7 @@ sampled by diffusers' StableVideoDiffusionPipeline against our sampler.
 
 The finetune resumes from its newest checkpoint under <prefix>/i2v (a shorter --steps
 than a finished run's checkpoint finishes at once); the untrained model is made once.
+Figures of a run: docs/evidence/i2v.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Evidence that the masked finetunes (issue: finetunes, items 3 and 4) do what they are
+"""Evidence that the masked finetunes (interpolation and prediction) do what they are
 for, on linear synthetic motion (discs at known constant velocity), with full sampling:
 
 moving-shapes shards -> the base video model: --base, a trained video model folder
@@ -18,6 +18,8 @@ Prints JSON. Sized for a few minutes on a loaded 2-core CPU:
 
     python benchmarks/masked_evidence/run.py [--steps 100] [--vae-steps 120] [--eval-clips 4] [--sample-steps 6]
     python benchmarks/masked_evidence/run.py --base FOLDER --size 64 --steps 600 --eval-clips 8
+
+Figures of a run from a trained base: docs/evidence/masked.md.
 """
 
 from __future__ import annotations

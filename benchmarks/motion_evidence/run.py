@@ -1,4 +1,4 @@
-"""Evidence that the video stage learns motion (issue: model and training), end to end
+"""Evidence that the video stage (Stage II) learns motion, end to end
 through the CLI against the local stack:
 
 moving-shapes shards (known velocities) -> `vdm train-vae` -> `vdm train --stage image`
@@ -8,6 +8,8 @@ each. Prints JSON: per model the tracked speed, straightness and jerk of generat
 clips against the data's, and each step's wall time. Samples land in MLflow.
 
     python benchmarks/motion_evidence/run.py [--video-steps 3000] [--prefix s3://vdm/evidence]
+
+Method and figures: docs/evidence/motion.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Evidence that the multi-view finetune (issue: finetunes, item 7) does what it is for:
+"""Evidence that the multi-view finetune does what it is for:
 given one view of an object and its camera elevation, generate the views of a turn
 around it. Known truth: the same procedural objects rendered at the same azimuths and
 elevation (components/sample_data/orbits.py).
@@ -43,9 +43,10 @@ view and ignore the slot; these figures measure whether it uses the slot at all.
 
     python benchmarks/multiview_evidence/run.py [--vae-steps 400] [--i2v-steps 300] [--steps 6000] [--eval-orbits 8]
 
-The defaults are the README's run: 3208 s with OMP_NUM_THREADS=1 on a shared 2-core
-machine (load about 4: VAE 0.6 s a step, i2v and multi-view 0.45-0.5 s); at 2000
-multi-view steps (1478 s) the views did not yet turn (view retrieval at chance).
+The defaults are the run in docs/evidence/multiview.md: 3208 s with OMP_NUM_THREADS=1
+on a shared 2-core machine (load about 4: VAE 0.6 s a step, i2v and multi-view 0.45-0.5
+s); at 2000 multi-view steps (1478 s) the views do not yet turn (view retrieval at
+chance).
 """
 
 from __future__ import annotations
@@ -141,11 +142,10 @@ def elevation_embedding(model: VideoDiffusion, elevations: list[float], wrong: l
     unet = model.unet
 
     def embedded(values: list[float]) -> torch.Tensor:
-        ids = model.time_ids(
+        ids = model.task.time_ids(
             torch.full((len(values),), model.config.clip.fps),
             torch.full((len(values),), strength),
-            None,
-            torch.tensor(values),
+            {"elevation": torch.tensor(values)},
         )
         return unet.add_embedding(unet.add_time_proj(ids.flatten()).reshape(len(values), -1))
 

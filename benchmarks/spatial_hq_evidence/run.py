@@ -1,6 +1,6 @@
-"""Evidence for the image-only spatial finetune (issue: finetunes, item 6): the motion
-metric of the training issue does not degrade while the image-quality proxy improves
-on the image set's distribution. Full sampling on both models, same seeds.
+"""Evidence for the image-only spatial finetune: the motion metric (`vdm eval motion`)
+does not degrade while the image-quality proxy improves on the image set's
+distribution. Full sampling on both models, same seeds.
 
 Proxy (known target): the synthetic high-quality image set draws its discs fully
 saturated (foreground HSV saturation 1.0), the video data's discs are greyish (about
@@ -29,6 +29,8 @@ unchanged); the report gives both sets' saturation through the VAE before and af
 
     python benchmarks/spatial_hq_evidence/run.py --base FOLDER --video-data FOLDER \
         --image-size 64 --refine-decoder 800 --steps 600 --lr 5e-4
+
+Figures of a run from a trained base: docs/evidence/spatial-hq.md.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Evidence that the temporal-decoder finetune (issue: finetunes, item 5) does what it is
-for: decoded frames flicker less than with the image decoder, reconstruction not worse.
+"""Evidence that the temporal-decoder finetune does what it is for: decoded frames
+flicker less than with the image decoder, reconstruction not worse.
 
 In one process, on synthetic clips with known ground truth (32x32, 8 frames): static
 discs (`moving_shapes` with max_speed 0), slowly moving discs (max speed 0.5 px/frame)
@@ -15,9 +15,10 @@ the image decoder, the converted decoder before finetuning, and after.
 
     python benchmarks/temporal_decoder_evidence/run.py [--vae-steps 300] [--steps 600]
 
-The defaults are the README's run: 8 minutes with OMP_NUM_THREADS=1 on a shared 2-core machine
-(the VAE 3.5 of them; the GAN joins at step 50). `--device` defaults to cuda when there
-is one; `--trainable` and `--adversarial-weight` override the tiny config's.
+The defaults are the run in docs/evidence/temporal-decoder.md: 8 minutes with
+OMP_NUM_THREADS=1 on a shared 2-core machine (the VAE 3.5 of them; the GAN joins at
+step 50). `--device` defaults to cuda when there is one; `--trainable` and
+`--adversarial-weight` override the tiny config's.
 """
 
 from __future__ import annotations

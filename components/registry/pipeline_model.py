@@ -1,17 +1,17 @@
 """A trained pipeline folder (`unet/`, `vae/`, `stage.json`: what `VideoDiffusion.save`
 writes) as an MLflow pyfunc model with the folder as an artifact, registered as a new
-version with the alias `candidate` and lineage tags. Text models take a `prompt`
-column; image-to-video models an `image` column (PNG/JPEG bytes), multi-view models
-too, with the view's camera `elevation` as a param; interpolation and prediction models
-a `frames` column (an mp4 of the key frames or the context). Serving and `vdm sample` resolve
-`models:/NAME@ALIAS` back to the folder with `download_pipeline`."""
+version with the alias `candidate` and lineage tags. Its input columns are its kind's
+`Inputs` (model/tasks): text models take a `prompt`; image-to-video models an `image`
+(PNG/JPEG bytes), multi-view models also the view's camera `elevation`; interpolation
+and prediction models `frames` (an mp4 of the key frames or the context). Serving and
+`vdm sample` resolve `models:/NAME@ALIAS` back to the folder with `download_pipeline`."""
 
 from __future__ import annotations
 
 import io
 import json
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import mlflow
@@ -25,7 +25,7 @@ from components.common.media import video_bytes
 from components.registry.promotion import CANDIDATE
 
 PIPELINE_ARTIFACT = "pipeline"
-# Generation settings a caller may pass as pyfunc params (defaults: the model's own clip spec).
+# Generation settings every kind takes as pyfunc params (defaults: the model's own clip spec).
 GENERATION_PARAMS = (
     ParamSpec("num_frames", "long", 0),
     ParamSpec("fps", "double", 0.0),
@@ -39,43 +39,35 @@ GENERATION_PARAMS = (
     ParamSpec("adapter", "string", ""),  # camera-motion LoRA: the adapter to sample with ("": the base model)
     ParamSpec("adapter_strength", "double", 1.0),  # its LoRA update's multiplier (1: as trained)
 )
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "negative_prompt", required=False)]),
-    outputs=Schema([ColSpec("binary", "video_mp4")]),
-    params=ParamSchema(list(GENERATION_PARAMS)),
-)
-# Image-to-video models: an `image` column of PNG/JPEG bytes instead of prompts.
-IMAGE_SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("binary", "image")]),
-    outputs=Schema([ColSpec("binary", "video_mp4")]),
-    params=ParamSchema([*GENERATION_PARAMS, ParamSpec("noise_aug_strength", "double", 0.02)]),
-)
-# Multi-view models: an `image` column too, plus the camera elevation (degrees) it was taken from.
-MULTIVIEW_SIGNATURE = ModelSignature(
-    inputs=IMAGE_SIGNATURE.inputs,
-    outputs=IMAGE_SIGNATURE.outputs,
-    params=ParamSchema([*IMAGE_SIGNATURE.params.params, ParamSpec("elevation", "double", 0.0)]),
-)
-
-# Interpolation and prediction models (known frames): `frames`, an mp4 of the key frames to
-# interpolate between or of the context to continue (may have no frames), and a prompt.
-# `video_frames`: the length of a predicted video (0: two of the model's clips).
-FRAMES_SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("binary", "frames"), ColSpec("string", "prompt", required=False)]),
-    outputs=Schema([ColSpec("binary", "video_mp4")]),
-    params=ParamSchema(
-        [*GENERATION_PARAMS, ParamSpec("context_guidance", "double", 1.0), ParamSpec("video_frames", "long", 0)]
-    ),
-)
+# Params whose 0 / "" means "the model's own" (MLflow params cannot be None).
+UNSET_PARAMS = {"num_frames": 0, "fps": 0.0, "height": 0, "width": 0, "adapter": ""}
+_COLUMN_TYPES = {"str": "string", "float": "double", "int": "long", "int | None": "long", "float | None": "double"}
+OUTPUT = Schema([ColSpec("binary", "video_mp4")])
 
 
-def signature_of(stage_config: dict) -> ModelSignature:
-    """The pyfunc signature of a model folder's stage config (`stage.json`)."""
-    if stage_config.get("stage") == "multiview":
-        return MULTIVIEW_SIGNATURE
-    if stage_config.get("known_frames", "none") != "none":
-        return FRAMES_SIGNATURE
-    return IMAGE_SIGNATURE if stage_config.get("conditioning", "text") == "image" else SIGNATURE
+def _input_columns(task) -> list[ColSpec]:
+    """A column per field of the kind's `Inputs`: media as bytes (PNG/JPEG, mp4), the rest as is."""
+    columns = []
+    for f in fields(task.Inputs):
+        required = f.default is MISSING and f.default_factory is MISSING
+        kind = "binary" if "media" in f.metadata else _COLUMN_TYPES[str(f.type)]
+        columns.append(ColSpec(kind, f.name, required=required))
+    return columns
+
+
+def signature_of(task) -> ModelSignature:
+    """The pyfunc signature of a kind (model/tasks): its `Inputs` as columns, the shared
+    generation settings and the kind's own (`generation_fields`) as params."""
+    from model.pipeline import GenerationConfig
+
+    defaults = GenerationConfig()
+    own = [
+        ParamSpec(name, _COLUMN_TYPES[type(getattr(defaults, name)).__name__], getattr(defaults, name))
+        for name in task.generation_fields
+    ]
+    return ModelSignature(
+        inputs=Schema(_input_columns(task)), outputs=OUTPUT, params=ParamSchema([*GENERATION_PARAMS, *own])
+    )
 
 
 def decode_image(data: bytes):
@@ -101,8 +93,21 @@ def decode_video(data: bytes):
     return torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def _decoded(task, row: dict) -> object:
+    """The kind's `Inputs` of one input row: media decoded, missing optional values left out."""
+    values = {}
+    for f in fields(task.Inputs):
+        value = row.get(f.name)
+        if value is None or (isinstance(value, float) and pd.isna(value)):
+            continue
+        media = f.metadata.get("media")
+        values[f.name] = decode_image(value) if media == "image" else decode_video(value) if media else value
+    return task.Inputs(**values)
+
+
 class VideoPipelineModel(mlflow.pyfunc.PythonModel):
-    """prompts (or, for image-to-video, images) in, mp4 bytes out (one video per row)."""
+    """One video per input row (mp4 bytes), from the kind's inputs (model/tasks): prompts,
+    images, key or context frames."""
 
     def load_context(self, context) -> None:
         from model.stages import VideoDiffusion
@@ -110,57 +115,31 @@ class VideoPipelineModel(mlflow.pyfunc.PythonModel):
         self.model = VideoDiffusion.load(context.artifacts[PIPELINE_ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from model.pipeline import GenerationConfig, animate, generate, to_uint8
+        from model.pipeline import GenerationConfig, to_uint8
 
-        spec = self.model.config.clip
-        image_model = self.model.config.conditioning == "image"
-        known_frames = self.model.config.known_frames
-        schema = signature_of(asdict(self.model.config))
+        task = self.model.task
+        schema = signature_of(task)
         p = {s.name: s.default for s in schema.params} | (params or {})
+        settings = {k: (None if UNSET_PARAMS.get(k, object()) == v else v) for k, v in p.items()}
         config = GenerationConfig.for_clip(
-            spec,
-            num_frames=p["num_frames"],
-            height=p["height"],
-            width=p["width"],
-            fps=p["fps"],
+            self.model.config.clip,
+            num_frames=settings["num_frames"],
+            height=settings["height"],
+            width=settings["width"],
+            fps=settings["fps"],
             motion=p["motion"],
             steps=p["steps"],
             guidance_min=p["guidance_min"],
             guidance_max=p["guidance_max"],
             seed=p["seed"],
-            adapter=p["adapter"] or None,
+            adapter=settings["adapter"],
             adapter_strength=p["adapter_strength"],
-            **({"noise_aug_strength": p["noise_aug_strength"]} if image_model else {}),
-            **({"elevation": p["elevation"]} if "elevation" in p else {}),
-            **({"context_guidance": p["context_guidance"]} if known_frames != "none" else {}),
+            **{name: p[name] for name in task.generation_fields},
         )
-        if known_frames != "none":
-            return self._from_known_frames(model_input, config, p["video_frames"] or 2 * spec.num_frames)
-        if image_model:  # animate resizes and centre-crops each image to the requested size
-            videos = [animate(self.model, decode_image(data), config) for data in model_input["image"]]
-            return pd.DataFrame({"video_mp4": [video_bytes(to_uint8(v).numpy(), config.fps) for v in videos]})
-        negatives = model_input.get("negative_prompt", pd.Series([""] * len(model_input))).fillna("")
         videos = []
-        for prompt, negative in zip(model_input["prompt"], negatives, strict=True):
-            frames = to_uint8(generate(self.model, prompt, config, negative_prompt=negative)).numpy()
-            videos.append(video_bytes(frames, config.fps))
-        return pd.DataFrame({"video_mp4": videos})
-
-    def _from_known_frames(self, model_input: pd.DataFrame, config, video_frames: int) -> pd.DataFrame:
-        """Interpolation: the frames at 4x their frame rate (`config.fps` is the output's);
-        prediction: a `video_frames` long video continuing them."""
-        from model.masked import interpolate, predict
-        from model.pipeline import to_uint8
-
-        prompts = model_input.get("prompt", pd.Series([""] * len(model_input))).fillna("")
-        videos = []
-        for data, prompt in zip(model_input["frames"], prompts, strict=True):
-            frames = decode_video(data)
-            if self.model.config.known_frames == "interpolation":
-                video = interpolate(self.model, frames, config, prompt)
-            else:
-                video = predict(self.model, frames, video_frames, config, prompt)
-            videos.append(video_bytes(to_uint8(video).numpy(), config.fps))
+        for row in model_input.to_dict("records"):
+            frames = task.sample(self.model, _decoded(task, row), config)
+            videos.append(video_bytes(to_uint8(frames).numpy(), config.fps))
         return pd.DataFrame({"video_mp4": videos})
 
 
@@ -171,15 +150,16 @@ def register_pipeline(folder: Path, name: str, lineage: Mapping[str, str], *, al
 
     from model.camera_lora import saved_adapters
     from model.stages import STAGE_FILE
+    from model.tasks import task_of
 
-    stage_config = json.loads((folder / STAGE_FILE).read_text())
+    task = task_of(json.loads((folder / STAGE_FILE).read_text())["stage"])
 
     run = mlflow.active_run()
     info = mlflow.pyfunc.log_model(
         name="pipeline",
         python_model=VideoPipelineModel(),
         artifacts={PIPELINE_ARTIFACT: str(folder)},
-        signature=signature_of(stage_config),
+        signature=signature_of(task),
         # The project image provides the package; naming it skips MLflow's slow inference.
         pip_requirements=[f"vdm-platform=={version('vdm-platform')}"],
         registered_model_name=name,

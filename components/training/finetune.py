@@ -1,5 +1,5 @@
-"""`vdm finetune KIND`: a finetune of a trained video model (SPEC section 3) against the
-platform's services. Each kind is a config (`model/configs/<name>-<kind>.yaml`) that
+"""`vdm finetune KIND`: a finetune of a trained video model against the platform's
+services. Each kind (model/tasks) has a config (`model/configs/<name>-<kind>.yaml`) that
 `run_training` trains like a stage — data from curated shards, checkpoints and resume,
 MLflow tracking, registration as `candidate` with lineage — starting from a trained
 model (`init_from`: a folder, s3://, models:/, or for image-to-video an SVD-format folder).
@@ -13,17 +13,7 @@ from pathlib import Path
 from components.common.objectstore import ObjectStore
 from components.common.settings import Settings
 from components.training.run import run_training
-
-# KIND -> what it makes; the config of a kind has `stage: KIND`.
-FINETUNES = {
-    "i2v": "image-to-video (SVD): animates a conditioning frame",
-    "temporal-decoder": "the VAE decoder made temporal (SVD's video decoder): decoded frames do not flicker",
-    "spatial-hq": "image-only spatial finetune (VideoCrafter2): spatial layers on high-quality images",
-    "camera-lora": "camera-motion LoRA: one adapter per motion class, added to the model's others",
-    "multiview": "multi-view (SVD-MV): an orbit around the object of a view, given its camera elevation",
-    "interpolation": "frame interpolation (Video LDM): three frames between each pair of key frames",
-    "prediction": "long-video prediction (Video LDM): continues 0, 1 or 2 context frames",
-}
+from model.tasks import FINETUNES
 
 
 def default_model_name(kind: str, config_name: str) -> str:
@@ -49,7 +39,7 @@ def run_finetune(
         raise ValueError(f"unknown finetune {kind!r}; one of {sorted(FINETUNES)}")
     if not init_from:
         raise ValueError("a finetune starts from a trained model: give --init-from")
-    if kind == "temporal-decoder":  # trains the VAE decoder, not the UNet: its own loop
+    if FINETUNES[kind].trains == "vae":  # the temporal decoder trains the VAE decoder, not the UNet: its own loop
         from components.training.temporal_decoder import run_temporal_decoder_finetune
 
         return run_temporal_decoder_finetune(

@@ -32,7 +32,7 @@ from model.conditioning import LatentCodec
 from model.data import ClipDataset, ClipSpec
 from model.latents import vae_fingerprint, write_latent_shards
 from model.pipeline import to_uint8
-from model.stages import Stage, VideoDiffusion, named_config
+from model.stages import VideoDiffusion, named_config
 from model.svd import export_svd
 from model.train import leave_distributed, train
 
@@ -84,7 +84,7 @@ def _metrics_logger(progress: bool):
 
 
 def run_training(
-    stage: Stage,
+    stage: str,
     config_name: str,
     data: str,
     output: str,
@@ -104,7 +104,7 @@ def run_training(
     `overrides`: config fields to replace (None values ignored), e.g. max_steps, strategy.
     `experiment`: the MLflow experiment (default vdm-train-<stage>)."""
     config = named_config(config_name, stage)
-    config = replace(config, **{k: v for k, v in (overrides or {}).items() if v is not None})
+    config = config.with_fields(**{k: v for k, v in (overrides or {}).items() if v is not None})
     out = S3Uri.parse(output)
     shards = shard_urls(data, store)
 
@@ -133,21 +133,14 @@ def run_training(
         tracking = tracked_run(
             experiment or f"vdm-train-{stage}",
             run_name=f"{stage}-{config_name}",
-            config={**asdict(config), **lineage},
+            config={**config.to_dict(), **lineage},
             inputs=[data],
             settings=settings,
         )
         with tracking if lead else contextlib.nullcontext() as run:
             if lead:
-                # What the model is generated from (text or image): serving picks the endpoint by it.
-                mlflow.set_tags(
-                    {
-                        "vdm.resumed_from": str(checkpoint or ""),
-                        "vdm.conditioning": config.conditioning,
-                        # Interpolation / prediction models take an mp4 of known frames (pyfunc `frames`).
-                        "vdm.known_frames": config.known_frames,
-                    }
-                )
+                # The kind of model (model/tasks): what it is generated from and which API serves it.
+                mlflow.set_tags({"vdm.resumed_from": str(checkpoint or ""), "vdm.kind": config.stage})
                 if config.data == "images":  # Stage I or an image-only finetune: the lineage names its image set
                     mlflow.set_tag("vdm.image_set", data)
             result = train(
@@ -163,7 +156,7 @@ def run_training(
             leave_distributed()  # the training's collectives are over; the rest is rank 0's
             if not lead:
                 return {"steps": result.steps, "final": None, "registered": None, "losses": result.losses}
-            svd_model = result.model if result.model.image is not None else None
+            svd_model = result.model if result.model.task.conditioning == "image" else None
             final, version = publish_final(result.final, out, store, scratch, data, register_as, svd_model)
     summary = write_summary(out, store, settings, run, result.steps, final, register_as, version, checkpoint)
     return summary | {"losses": result.losses}
@@ -258,7 +251,7 @@ def run_autoencoder_training(
 
 
 def run_latent_caching(
-    stage: Stage,
+    stage: str,
     config_name: str,
     data: str,
     output: str,

@@ -35,6 +35,7 @@ from components.training.run import (
 from model.conditioning import LatentCodec
 from model.data import ClipDataset
 from model.stages import STAGE_FILE, VAE_FOLDER, VideoDiffusion
+from model.tasks import task_of
 from model.temporal_decoder import (
     KIND,
     TemporalDecoderTrainer,
@@ -115,11 +116,11 @@ def run_temporal_decoder_finetune(
             inputs=[data],
             settings=settings,
         ) as run:
-            conditioning = json.loads((init / STAGE_FILE).read_text()).get("conditioning", "text")
+            kind = task_of(json.loads((init / STAGE_FILE).read_text())["stage"])  # the model's, kept
             mlflow.set_tags(
                 {
                     "vdm.resumed_from": str(checkpoint or ""),
-                    "vdm.conditioning": conditioning,
+                    "vdm.kind": kind.name,
                     "vdm.vae_dropped_weights": ",".join(dropped),
                 }
             )
@@ -132,7 +133,7 @@ def run_temporal_decoder_finetune(
             final_folder = scratch / "final"
             shutil.copytree(init, final_folder, ignore=shutil.ignore_patterns(VAE_FOLDER))
             vae.to("cpu").save_pretrained(final_folder / VAE_FOLDER, safe_serialization=True)
-            svd_model = VideoDiffusion.load(final_folder) if conditioning == "image" else None
+            svd_model = VideoDiffusion.load(final_folder) if kind.conditioning == "image" else None
             final, version = publish_final(final_folder, out, store, scratch, data, register_as, svd_model)
     summary = write_summary(out, store, settings, run, state.step, final, register_as, version, checkpoint)
     return summary | {"losses": state.losses, "metrics": before | after}

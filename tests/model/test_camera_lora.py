@@ -78,12 +78,12 @@ def test_a_motion_class_trains_on_its_labels_only(shards):
     paths, _ = shards
     keys = [c["key"] for c in ClipDataset(paths, CONFIG.clip, camera_motion=("pan_left", "pan_right"), epochs=1)]
     assert sorted(k.split("-")[2] for k in keys) == ["pan_left", "pan_right"]
-    assert replace(CONFIG, motion_class="zoom_out").camera_motion == ("zoom_out",)
+    assert camera_lora.labels_of("zoom_out") == ("zoom_out",)
     with pytest.raises(ValueError, match="labelled tilt_up"):
         list(ClipDataset(paths, CONFIG.clip, camera_motion=("tilt_up",), epochs=1))
     classes = r"\['pan', 'static', 'zoom_in', 'zoom_out'\]"
     with pytest.raises(ValueError, match=rf"unknown motion class 'dolly'; one of {classes}"):
-        replace(CONFIG, motion_class="dolly")
+        CONFIG.with_fields(motion_class="dolly")
     with pytest.raises(ValueError, match="strategy: lora"):
         replace(CONFIG, strategy="full")
 
@@ -107,24 +107,24 @@ def _randomize(model: VideoDiffusion, adapter: str, seed: int) -> None:
 
 def test_motion_jitter_redraws_its_share_of_training_scores_within_its_range(base_folder):
     model = VideoDiffusion.load(base_folder)
-    model.config = replace(model.config, motion_jitter=0.5, motion_jitter_max=3.0)
+    model.config = CONFIG.with_fields(motion_class="pan", motion_jitter=0.5, motion_jitter_max=3.0)
     batch = {"motion": torch.full((4000,), 7.0)}
     model.train()
-    motion = model.training_motion(batch, torch.Generator().manual_seed(0))
+    motion = CONFIG.task.training_motion(model, batch, torch.Generator().manual_seed(0))
     redrawn = motion != 7.0
     assert 0.46 < redrawn.float().mean() < 0.54
     assert motion[redrawn].min() >= 0 and motion[redrawn].max() <= 3.0
     assert 1.4 < motion[redrawn].mean() < 1.6  # uniform in [0, 3]
     model.eval()  # sampling asks for the score it is given
-    assert torch.equal(model.training_motion(batch, torch.Generator().manual_seed(0)), batch["motion"])
-    assert CONFIG.motion_jitter == 0.5  # the camera-lora config trains with it
+    assert torch.equal(CONFIG.task.training_motion(model, batch, torch.Generator().manual_seed(0)), batch["motion"])
+    assert CONFIG.options.motion_jitter == 0.5  # the camera-lora config trains with it
     with pytest.raises(ValueError, match="motion_jitter"):
-        replace(CONFIG, motion_jitter=1.5)
+        CONFIG.with_fields(motion_jitter=1.5)
 
 
 def test_lora_wraps_the_temporal_attention_only_starts_as_the_base_and_only_it_trains(base_folder):
     base = VideoDiffusion.load(base_folder)
-    model = VideoDiffusion.create(replace(CONFIG, motion_class="pan"), init_from=base_folder)
+    model = VideoDiffusion.create(CONFIG.with_fields(motion_class="pan"), init_from=base_folder)
     wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in model.unet.named_parameters() if ".lora_A.pan." in n}
     blocks = [n for n, _ in base.unet.named_modules() if re.search(r"temporal_transformer_blocks\.\d+$", n)]
     assert len(blocks) == 4 and len(wrapped) == len(blocks) * 2 * 4  # attn1 and attn2: q, k, v, out each
@@ -139,7 +139,7 @@ def test_lora_wraps_the_temporal_attention_only_starts_as_the_base_and_only_it_t
 
 def test_adapters_are_saved_apart_added_to_and_switched_without_reloading(base_folder, tmp_path):
     base = VideoDiffusion.load(base_folder)
-    pan = VideoDiffusion.create(replace(CONFIG, motion_class="pan"), init_from=base_folder)
+    pan = VideoDiffusion.create(CONFIG.with_fields(motion_class="pan"), init_from=base_folder)
     _randomize(pan, "pan", seed=1)
     first = pan.save(tmp_path / "pan")
     weights = first / "adapters" / "pan" / camera_lora.ADAPTER_WEIGHTS
@@ -149,7 +149,7 @@ def test_adapters_are_saved_apart_added_to_and_switched_without_reloading(base_f
     assert all(torch.equal(v, saved_base[k]) for k, v in base.unet.state_dict().items())  # unet/ is the base
 
     # A later finetune adds its class next to the first one's.
-    zoom = VideoDiffusion.create(replace(CONFIG, motion_class="zoom_in"), init_from=first)
+    zoom = VideoDiffusion.create(CONFIG.with_fields(motion_class="zoom_in"), init_from=first)
     assert camera_lora.adapter_names(zoom.unet) == ["pan", "zoom_in"]
     _randomize(zoom, "zoom_in", seed=2)
     both = VideoDiffusion.load(zoom.save(tmp_path / "both"))
@@ -197,11 +197,13 @@ def _pan_error(model: VideoDiffusion, adapter: str | None, videos: torch.Tensor,
 def test_a_short_pan_finetune_denoises_pan_clips_better_and_leaves_the_base_untouched(base_folder, tmp_path):
     paths, _ = write_camera_shards(tmp_path / "shards", clips_per_label=4, shards=2)
     shards = [str(p) for p in paths]
-    config = replace(
-        CONFIG, motion_class="pan", batch_size=2, max_steps=15, checkpoint_every=15, cond_dropout=0.0,
+    config = CONFIG.with_fields(
+        motion_class="pan", batch_size=2, max_steps=15, checkpoint_every=15, cond_dropout=0.0,
         optim=replace(CONFIG.optim, lr=2e-2, warmup_steps=2, ema_decay=0.0),
     )  # fmt: skip
-    pans = ClipDataset(shards, config.clip, camera_motion=config.camera_motion, random_crop=False, seed=1)
+    pans = ClipDataset(
+        shards, config.clip, camera_motion=camera_lora.labels_of(config.options.motion_class), random_crop=False, seed=1
+    )
     videos = torch.stack([c["video"] for c in itertools.islice(pans, 4)])
     model = train(config, shards, tmp_path / "work", init_from=base_folder).model
     base, pan = _pan_error(model, None, videos), _pan_error(model, "pan", videos)

@@ -33,7 +33,7 @@ def i2v(video_folder):
 
 def test_an_i2v_model_starts_as_the_video_model_it_widens(i2v, video_folder):
     video = VideoDiffusion.load(video_folder)
-    assert i2v.config.conditioning == "image" and i2v.text is None and i2v.image.width == 64
+    assert i2v.task.conditioning == "image" and i2v.text is None and i2v.image.width == 64
     weight = i2v.unet.conv_in.weight
     assert weight.shape[1] == 8 and weight[:, 4:].abs().sum() == 0
     torch.testing.assert_close(weight[:, :4], video.unet.conv_in.weight)
@@ -57,7 +57,7 @@ def test_training_conditions_on_the_first_frame_with_noise_it_is_told(i2v):
         "motion": torch.tensor([0.0, 1.0, 2.0]),
     }
     i2v.train()
-    cond = i2v.conditioning(batch, torch.Generator().manual_seed(0))
+    cond = i2v.task.condition(i2v, batch, torch.Generator().manual_seed(0))
     i2v.eval()
     strength = cond["added"][:, 2]
     assert ((strength > 0.01) & (strength < 0.3)).all()  # about exp(-3), lognormal

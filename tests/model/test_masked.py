@@ -17,7 +17,15 @@ from components.sample_data.render import moving_shapes
 from components.sample_data.shards import write_shapes_shards
 from model.conditioning import added_time_ids
 from model.data import ClipDataset, ClipSpec
-from model.masked import frame_latents, interpolate, known_mask, masked_condition, predict, training_condition
+from model.masked import (
+    frame_latents,
+    interpolate,
+    interpolation_mask,
+    masked_condition,
+    predict,
+    prediction_mask,
+    training_condition,
+)
 from model.masked_evaluation import interpolation_errors, velocity_error
 from model.networks import CONFIGS, video_unet
 from model.pipeline import GenerationConfig, animate, generate
@@ -55,7 +63,7 @@ def test_a_masked_model_starts_as_the_video_model_it_widens(interpolation, predi
     x, sigma = torch.randn(2, 5, 4, 8, 8), torch.tensor([1.0, 5.0])
     text = interpolation.text(["a disc", ""])
     ids = added_time_ids(torch.full((2,), 12.0), torch.ones(2), torch.zeros(2))
-    known = masked_condition(torch.randn(2, 5, 4, 8, 8), known_mask("interpolation", 2, 5, None))
+    known = masked_condition(torch.randn(2, 5, 4, 8, 8), interpolation_mask(2, 5))
     with torch.no_grad():
         given = interpolation.denoiser(x, sigma, text=text, added=ids, **known)
         without = interpolation.denoiser(x, sigma, text=text, added=ids)
@@ -74,15 +82,15 @@ def test_what_trains_and_what_is_frozen(interpolation):
 
 
 def test_masks_know_the_key_frames_or_up_to_two_leading_frames():
-    assert known_mask("interpolation", 2, 9, None).tolist() == [[1, 0, 0, 0, 1, 0, 0, 0, 1]] * 2
-    leading = known_mask("prediction", 300, 6, torch.Generator().manual_seed(0))
+    assert interpolation_mask(2, 9).tolist() == [[1, 0, 0, 0, 1, 0, 0, 0, 1]] * 2
+    leading = prediction_mask(300, 6, torch.Generator().manual_seed(0))
     counts = leading.sum(1)
     assert set(counts.tolist()) == {0.0, 1.0, 2.0}
     assert (leading == (torch.arange(6)[None] < counts[:, None]).float()).all()  # a prefix of the clip
     assert abs(float((counts == 0).float().mean()) - 1 / 3) < 0.1  # uniform over 0, 1, 2
 
     latents = torch.randn(64, 9, 4, 8, 8)
-    cond = training_condition(latents, "interpolation", 0.25, torch.Generator().manual_seed(0))
+    cond = training_condition(latents, interpolation_mask(*latents.shape[:2]), 0.25, torch.Generator().manual_seed(0))
     assert cond["known"].shape == latents.shape and cond["mask"].shape == (64, 9, 1, 8, 8)
     kept = cond["mask"].flatten(1).amax(1) > 0
     assert 0.1 < float((~kept).float().mean()) < 0.4  # condition dropout: no frame known
@@ -95,8 +103,8 @@ def test_configs_refuse_what_the_mechanism_cannot_train():
         replace(INTERPOLATION, clip=ClipSpec(num_frames=8, fps=12.0, height=32, width=32))
     with pytest.raises(ValueError, match="longer than its 2 context frames"):
         replace(PREDICTION, clip=ClipSpec(num_frames=2, fps=8.0, height=32, width=32))
-    with pytest.raises(ValueError, match="text-to-video"):
-        replace(PREDICTION, conditioning="image")
+    with pytest.raises(ValueError, match="strategy full"):
+        replace(PREDICTION, strategy="partial")
 
 
 def test_interpolate_keeps_the_keys_and_fills_three_frames_between_each_pair(interpolation):
@@ -118,7 +126,7 @@ def test_predict_continues_the_context_chunk_by_chunk(prediction, interpolation)
     assert video.shape == (9, 3, 32, 32)
     assert predict(prediction, context[:0], 5, config).shape == (5, 3, 32, 32)  # no context: text-to-video
     assert generate(prediction, "a disc", config).shape == (4, 3, 32, 32)  # no known frames at all
-    with pytest.raises(ValueError, match="trained with known frames 'interpolation', not 'prediction'"):
+    with pytest.raises(ValueError, match="this is a 'interpolation' model, not a 'prediction' one"):
         predict(interpolation, context, 9, config)
     with pytest.raises(ValueError, match="text-to-video model"):
         animate(prediction, context[0], config)
@@ -149,8 +157,8 @@ def _unknown_frame_errors(model: VideoDiffusion, videos: torch.Tensor, sigma: fl
     noisy = x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
     ids = added_time_ids(torch.full((n,), model.config.clip.fps), torch.zeros(n), torch.zeros(n))
     text = model.text([""] * n)
-    if model.config.known_frames == "interpolation":
-        mask = known_mask("interpolation", n, frames, None)
+    if model.task.name == "interpolation":
+        mask = interpolation_mask(n, frames)
     else:
         mask = (torch.arange(frames)[None] < 2).float().expand(n, -1)
     unknown = ~mask[0].bool()

@@ -105,12 +105,11 @@ def test_the_orbit_loader_refuses_clips_without_elevation_or_uneven_views(tmp_pa
 
 
 def test_the_config_ties_multiview_to_orbits_and_image_conditioning():
-    assert CONFIG.stage == "multiview" and CONFIG.data == "orbits" and CONFIG.conditioning == "image"
-    for wrong in ({"data": "clips"}, {"conditioning": "text"}):
-        with pytest.raises(ValueError, match="multi-view is image-to-video on orbits"):
-            replace(CONFIG, **wrong)
-    with pytest.raises(ValueError, match="multi-view is image-to-video on orbits"):
-        StageConfig.from_dict({"stage": "i2v", "conditioning": "image", "data": "orbits"})
+    assert CONFIG.stage == "multiview" and CONFIG.data == "orbits" and CONFIG.task.conditioning == "image"
+    with pytest.raises(ValueError, match="multi-view trains on orbits"):
+        replace(CONFIG, data="clips")
+    with pytest.raises(ValueError, match="orbit data trains the multi-view finetune only"):
+        StageConfig.from_dict({"stage": "i2v", "data": "orbits"})
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +133,17 @@ def test_a_multiview_model_starts_as_the_i2v_model_and_is_told_the_elevation(mul
     for name, ours in multiview.unet.state_dict().items():
         torch.testing.assert_close(ours, theirs[name], msg=name)
     fps, strength = torch.full((2,), 8.0), torch.full((2,), 0.02)
-    ids = multiview.time_ids(fps, strength, elevation=torch.tensor([-10.0, 50.0]))
+    ids = multiview.task.time_ids(fps, strength, {"elevation": torch.tensor([-10.0, 50.0])})
     torch.testing.assert_close(ids, torch.tensor([[8.0, -10.0, 0.02], [8.0, 50.0, 0.02]]))
     motion = torch.tensor([0.5, 1.0])
-    torch.testing.assert_close(i2v.time_ids(fps, strength, motion), added_time_ids(fps, motion, strength))
+    torch.testing.assert_close(
+        i2v.task.time_ids(fps, strength, {"motion": motion}), added_time_ids(fps, motion, strength)
+    )
     with pytest.raises(ValueError, match="conditioned on the camera elevation"):
-        multiview.time_ids(fps, strength, motion)
+        multiview.task.time_ids(fps, strength, {"motion": motion})
     # Training takes the elevation from the batch, in the motion bucket's slot.
     batch = {"video": torch.rand(2, 8, 3, 32, 32) * 2 - 1, "fps": fps, "elevation": torch.tensor([30.0, -10.0])}
-    cond = multiview.conditioning(batch, torch.Generator().manual_seed(0))
+    cond = multiview.task.condition(multiview, batch, torch.Generator().manual_seed(0))
     assert cond["added"][:, 1].tolist() == [30.0, -10.0]
     # The whole UNet trains (strategy full); the image encoder and the VAE stay frozen.
     assert CONFIG.strategy == "full"
@@ -176,7 +177,9 @@ def _novel_view_errors(model: VideoDiffusion, videos: torch.Tensor, elevations: 
     wrong = torch.where(elevations > 20, elevations - 40, elevations + 40)
     errors = []
     for elevation in (elevations, wrong):
-        ids = model.time_ids(torch.full((n,), 8.0), torch.full((n,), 0.02), torch.ones(n), elevation)
+        ids = model.task.time_ids(
+            torch.full((n,), 8.0), torch.full((n,), 0.02), {"motion": torch.ones(n), "elevation": elevation}
+        )
         denoised = model.denoiser(noisy, torch.full((n,), sigma), **cond, added=ids)
         errors.append(float((denoised[:, 1:] - x0[:, 1:]).pow(2).mean()))
     return errors[0], errors[1]
@@ -237,17 +240,17 @@ def test_finetune_multiview_registers_a_model_whose_pyfunc_orbits_an_image(
     assert run.data.params["stage"] == "multiview" and run.data.params["init_from"] == str(i2v_folder)
     assert run.info.experiment_id == mlflow.get_experiment_by_name("vdm-finetune-multiview").experiment_id
     tags = MlflowClient().get_model_version(name, "1").tags
-    assert tags["vdm.conditioning"] == "image" and tags["vdm.data"] == data
+    assert tags["vdm.kind"] == "multiview" and tags["vdm.data"] == data
     assert tags["vdm.training_run"] == run.info.run_id and tags["vdm.final"] == f"{out}/final"
 
     png = io.BytesIO()
     Image.fromarray(render_view(CUBE, 30.0, 0.0, 48)).save(png, format="PNG")
     model = mlflow.pyfunc.load_model(f"models:/{name}@candidate")
-    assert model.metadata.get_params_schema().to_dict()[-1] == {
-        "name": "elevation", "type": "double", "default": 0.0, "shape": None
-    }  # fmt: skip
+    inputs = {c["name"]: c for c in model.metadata.get_input_schema().to_dict()}
+    assert inputs["elevation"]["type"] == "double" and inputs["elevation"]["required"]  # the view's, no default
+    assert inputs["image"]["type"] == "binary"
     videos = model.predict(
-        pd.DataFrame({"image": [png.getvalue()]}), params={"num_frames": 4, "steps": 2, "elevation": 30.0}
+        pd.DataFrame({"image": [png.getvalue()], "elevation": [30.0]}), params={"num_frames": 4, "steps": 2}
     )
     with av.open(io.BytesIO(videos["video_mp4"][0])) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]

@@ -55,7 +55,7 @@ def test_finetune_spatial_hq_keeps_the_temporal_layers_and_registers_with_the_im
     assert run.data.params["init_from"] == str(video) and run.data.params["strategy"] == "spatial"
     tags = MlflowClient().get_model_version(name, "1").tags
     assert tags["vdm.image_set"] == images and tags["vdm.data"] == images
-    assert tags["vdm.training_run"] == run.info.run_id and tags["vdm.conditioning"] == "text"
+    assert tags["vdm.training_run"] == run.info.run_id and tags["vdm.kind"] == "spatial-hq"
 
     model = mlflow.pyfunc.load_model(f"models:/{name}@candidate")
     videos = model.predict(pd.DataFrame({"prompt": ["a disc"]}), params={"num_frames": 3, "steps": 1})

@@ -108,7 +108,7 @@ def test_an_svd_folder_loads_and_samples_what_the_pipeline_samples(svd_folder, i
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
     # saved as one of our folders, it is a self-contained image-to-video model
     saved = VideoDiffusion.load(model.save(tmp_path / "ours"))
-    assert saved.config.conditioning == "image" and saved.config.image_model == "vdm-tiny-clip-224"
+    assert saved.task.conditioning == "image" and saved.config.image_model == "vdm-tiny-clip-224"
     torch.testing.assert_close(animate(saved, _tensor(image), config), ours, atol=1e-5, rtol=0)
 
 

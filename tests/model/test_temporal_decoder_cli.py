@@ -49,7 +49,7 @@ def test_finetune_temporal_decoder_registers_the_model_with_its_new_decoder(stac
     assert run.data.params["init_from"] == str(init)
     assert {"before_flicker_noise_0.1", "after_flicker_noise_0.1"} <= set(run.data.metrics)
     tags = MlflowClient().get_model_version(name, "1").tags
-    assert tags["vdm.conditioning"] == "text" and tags["vdm.data"] == f"{prefix}/data"
+    assert tags["vdm.kind"] == "video" and tags["vdm.data"] == f"{prefix}/data"
     assert tags["vdm.training_run"] == run.info.run_id and tags["vdm.final"] == f"{out}/final"
 
     model = mlflow.pyfunc.load_model(f"models:/{name}@candidate")

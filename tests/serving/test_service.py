@@ -60,7 +60,7 @@ def versions(settings, tmp_path_factory, request):
     paths, _ = write_shapes_shards(tmp_path_factory.mktemp("shards"), shards=1, clips_per_shard=2)
     config = replace(named_config("tiny", "video"), max_steps=1)
     final = train(config, [str(p) for p in paths], tmp_path_factory.mktemp("train")).final
-    panned = VideoDiffusion.create(replace(named_config("tiny", "camera-lora"), motion_class="pan"), init_from=final)
+    panned = VideoDiffusion.create(named_config("tiny", "camera-lora").with_fields(motion_class="pan"), init_from=final)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # trained-looking adapter weights (B starts at zero: no change)
         for parameter_name, parameter in panned.unet.named_parameters():
