@@ -17,20 +17,22 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from model.folder import ModelFolder
+from model.records import PAN_LEFT, PAN_RIGHT, STATIC, ZOOM_IN, ZOOM_OUT, CameraMotion
+
 if TYPE_CHECKING:  # the CLI reads MOTION_CLASSES without paying for torch
     import torch
 
-# Motion class -> the curation labels (components/curation/motion.py) of its training clips.
+# Motion class -> the curation labels (model/records.py CAMERA_MOTIONS) of its training clips.
 # `pan` is horizontal either way (SVD's "horizontal" class); the sign is left to the sampler.
 # Zoom has a class per direction (as AnimateDiff's MotionLoRAs): one adapter trained on both
 # under one caption learnt neither clearly (benchmarks/camera_lora_evidence, README).
-MOTION_CLASSES: dict[str, tuple[str, ...]] = {
-    "pan": ("pan_left", "pan_right"),
-    "zoom_in": ("zoom_in",),
-    "zoom_out": ("zoom_out",),
-    "static": ("static",),
+MOTION_CLASSES: dict[str, tuple[CameraMotion, ...]] = {
+    "pan": (PAN_LEFT, PAN_RIGHT),
+    ZOOM_IN: (ZOOM_IN,),
+    ZOOM_OUT: (ZOOM_OUT,),
+    STATIC: (STATIC,),
 }
-ADAPTERS = "adapters"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # Query, key, value and output projections of the temporal transformer blocks' attention
 # (attn1: frames attend to each other; attn2: to the text). A plain suffix list would also
@@ -89,7 +91,7 @@ def load_adapters(unet: torch.nn.Module, folder: Path) -> list[str]:
     from safetensors.torch import load_file
 
     loaded = []
-    for path in sorted((folder / ADAPTERS).glob(f"*/{ADAPTER_CONFIG}")):
+    for path in sorted(ModelFolder(folder).adapters.glob(f"*/{ADAPTER_CONFIG}")):
         name = path.parent.name
         config = LoraConfig.from_pretrained(str(path.parent))
         _inject(config, unet, name)
@@ -108,7 +110,7 @@ def save_adapters(unet: torch.nn.Module, folder: Path) -> list[str]:
 
     names = adapter_names(unet)
     for name in names:
-        target = folder / ADAPTERS / name
+        target = ModelFolder(folder).adapters / name
         target.mkdir(parents=True, exist_ok=True)
         weights = get_peft_model_state_dict(unet, adapter_name=name)
         save_file({k: v.detach().contiguous() for k, v in weights.items()}, target / ADAPTER_WEIGHTS)
@@ -156,4 +158,4 @@ def use_adapter(unet: torch.nn.Module, adapter: str | None, strength: float = 1.
 
 def saved_adapters(folder: Path) -> list[str]:
     """The adapters a model folder holds."""
-    return sorted(p.parent.name for p in (folder / ADAPTERS).glob(f"*/{ADAPTER_CONFIG}"))
+    return sorted(p.parent.name for p in ModelFolder(folder).adapters.glob(f"*/{ADAPTER_CONFIG}"))

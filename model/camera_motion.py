@@ -105,3 +105,75 @@ def motions_report(motions: list[CameraMotion], expected: str) -> dict:
         "abs_pan_px_per_frame": float(np.mean([abs(m.translation[0]) for m in motions])),
         "abs_zoom_px_per_frame": float(np.mean([abs(m.zoom) for m in motions])),
     }
+
+
+def class_accuracy(videos: dict[str, list[torch.Tensor]]) -> dict:
+    """How often videos read as the motion class they were made for, `videos` class ->
+    its videos: `accuracy`, the mean over classes of the share of a class's videos whose
+    estimated motion class is that class (each class weighs the same, however many videos
+    it has); `per_class` each share; `classes` what each class's videos read as;
+    `abs_pan_px_per_frame` and `abs_zoom_px_per_frame` their mean |horizontal motion| and
+    |zoom|."""
+    if not videos or not all(videos.values()):
+        raise ValueError("class accuracy needs at least one video of at least one class")
+    reports = {name: class_report(made, name) for name, made in videos.items()}
+    return {
+        "accuracy": float(np.mean([r["match_rate"] for r in reports.values()])),
+        "per_class": {name: r["match_rate"] for name, r in reports.items()},
+        "classes": {name: r["classes"] for name, r in reports.items()},
+        "abs_pan_px_per_frame": {name: r["abs_pan_px_per_frame"] for name, r in reports.items()},
+        "abs_zoom_px_per_frame": {name: r["abs_zoom_px_per_frame"] for name, r in reports.items()},
+    }
+
+
+def class_clips(shards: list[str], spec, motion_class: str, clips: int) -> list[dict]:
+    """The first `clips` items of `shards` curation labelled with `motion_class`'s camera
+    motions (model.camera_lora.MOTION_CLASSES), at `spec`'s frames and size, centre-cropped;
+    none when the shards hold no such clip."""
+    import itertools
+
+    from model.camera_lora import labels_of
+    from model.data import ClipDataset
+
+    data = ClipDataset(shards, spec, camera_motion=labels_of(motion_class), random_crop=False, epochs=1)
+    try:
+        return list(itertools.islice(iter(data), clips))
+    except ValueError as error:  # no clip of the class (or none long enough) in these shards
+        if "no clip in these shards" not in str(error):
+            raise
+        return []
+
+
+def evaluate_adapters(model, shards: list[str], *, clips: int, steps: int, base: bool = True) -> dict:
+    """A camera-motion LoRA model's adapters on held-out camera clips `shards`: per adapter
+    (`model.camera_lora.adapter_names`), `clips` videos sampled with it (seeds 0..clips-1)
+    at the mean motion score of the data's clips of its class (the generation default's
+    where the data has none) with their caption, each read as a motion class
+    (`estimate`, `motion_class`) and scored by `class_accuracy`; with `base`, the same
+    seeds and settings without an adapter (`base`: what the adapters improve on).
+    `samples`: each adapter's first video."""
+    from dataclasses import replace
+
+    from model.camera_lora import adapter_names, use_adapter
+    from model.pipeline import GenerationConfig, generate
+
+    names = adapter_names(model.unet)
+    if not names:
+        raise ValueError("this model has no camera-motion adapter to evaluate")
+    spec = model.config.clip
+    config = GenerationConfig.for_clip(spec, steps=steps)
+    settings, made, without = {}, {}, {}
+    for name in names:
+        items = class_clips(shards, spec, name, clips)
+        motion = float(np.mean([float(i["motion"]) for i in items])) if items else config.motion
+        prompt = items[0]["caption"] if items else ""
+        settings[name] = {"motion_score": motion, "data_clips": len(items), "prompt": prompt}
+        at = replace(config, motion=motion)
+        made[name] = [generate(model, prompt, replace(at, seed=s, adapter=name)) for s in range(clips)]
+        if base:
+            without[name] = [generate(model, prompt, replace(at, seed=s)) for s in range(clips)]
+    use_adapter(model.unet, None)
+    report = class_accuracy(made) | {"settings": settings, "samples": [videos[0] for videos in made.values()]}
+    if base:
+        report["base"] = class_accuracy(without)
+    return report

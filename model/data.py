@@ -1,7 +1,8 @@
 """Training data: curated WebDataset shards -> fixed-size video clips (or images, for
 Stage I and image-only finetunes).
 
-Each sample of a shard is `<key>.mp4` + `<key>.json` (curation's contract). A clip
+Each sample of a shard is `<key>.mp4` + `<key>.json` (curation's contract: a
+`ClipRecord`, model/records.py). A clip
 is decoded with PyAV, `num_frames` frames are taken at the requested fps (a
 random window, seeded by sample, epoch and seed), resized and cropped to the
 stage's resolution, and scaled to [-1, 1] as (T, C, H, W).
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
+
+from model.records import CAMERA_MOTIONS, ClipRecord, check_camera_motion
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ class ClipDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.start, self.random_crop = shuffle_buffer, start, random_crop
         self.epochs = epochs  # None: the stream never ends
+        for label in camera_motion or ():
+            check_camera_motion(label, CAMERA_MOTIONS)
         self.camera_motion = camera_motion  # curation's labels of the clips to keep (None: all)
 
     def _worker(self) -> tuple[int, int]:
@@ -156,22 +161,24 @@ class ClipDataset(IterableDataset):
         labelled = f" and labelled {'/'.join(self.camera_motion)}" if self.camera_motion is not None else ""
         return f"no clip in these shards is long enough for {self.spec}{labelled}"
 
-    def _plan(self, epoch: int, raw: dict) -> tuple[dict, list[int], random.Random] | None:
-        meta = json.loads(raw["json"])
-        if self.camera_motion is not None and meta.get("camera_motion") not in self.camera_motion:
+    def _plan(self, epoch: int, raw: dict) -> tuple[ClipRecord, list[int], random.Random] | None:
+        record = ClipRecord.from_json(raw["json"])
+        if self.camera_motion is not None and record.camera_motion not in self.camera_motion:
             return None  # another camera motion's clip (decided from metadata, like length)
         rng = random.Random(f"{self.seed}:{epoch}:{raw['__key__']}")
-        indices = frame_indices(meta["end_frame"] - meta["start_frame"], meta["fps"], self.spec, rng)
-        return None if indices is None else (meta, indices, rng)
+        indices = frame_indices(record.frames, record.fps, self.spec, rng)
+        return None if indices is None else (record, indices, rng)
 
-    def _decode(self, raw: dict, meta: dict, indices: list[int], rng: random.Random) -> dict:
+    def _decode(self, raw: dict, record: ClipRecord, indices: list[int], rng: random.Random) -> dict:
         frames = decode_frames(raw["mp4"], indices)
+        if "motion" not in record.scores:
+            raise ValueError(f"clip {record.key!r} has no motion score: the loader conditions on it")
         return {
             "key": raw["__key__"],
             "video": resize_crop(frames, self.spec.height, self.spec.width, rng if self.random_crop else None),
             "fps": torch.tensor(float(self.spec.fps)),
-            "motion": torch.tensor(float(meta["scores"]["motion"])),
-            "caption": meta.get("caption", ""),
+            "motion": torch.tensor(float(record.scores["motion"])),
+            "caption": record.caption or "",
         }
 
 

@@ -81,30 +81,42 @@ def first_frame_stats(model, frames: list[torch.Tensor], generated: list[torch.T
     }
 
 
-def evaluate_motion(model, shards: list[str], *, clips: int = 8, prompt: str = "", steps: int = 25) -> dict:
+def evaluate_motion(model, shards: list[str], *, clips: int = 8, steps: int = 25) -> dict:
     """Motion of `clips` generated videos against the same number of data clips loaded at
-    the model's own frames, fps and size: both through the same tracker. An
-    image-to-video model animates each data clip's first frame (and the report adds
-    `first_frame`, how well it kept that frame)."""
+    the model's own frames, fps and size: both through the same tracker. Each video is
+    generated from what its kind takes of a data clip (`Task.inputs_of`): a text model
+    from the empty prompt, an image-to-video model from the clip's first frame (and the
+    report adds `first_frame`, how well it kept that frame)."""
     import itertools
 
     from model.data import ClipDataset
-    from model.pipeline import GenerationConfig, animate, generate
+    from model.pipeline import GenerationConfig
 
     spec = model.config.clip
     items = list(itertools.islice(iter(ClipDataset(shards, spec, random_crop=False)), clips))
     data = [item["video"] for item in items]
     motion = float(np.mean([item["motion"].item() for item in items]))  # ask for the data's typical motion
     config = GenerationConfig.for_clip(spec, motion=motion, steps=steps)
-    if model.image is not None:
-        generated = [animate(model, video[0], replace(config, seed=seed)) for seed, video in enumerate(data)]
-    else:
-        generated = [generate(model, prompt, replace(config, seed=seed)) for seed in range(clips)]
+    task = model.task
+    generated = [
+        task.sample(model, task.inputs_of(item), replace(config, seed=seed)) for seed, item in enumerate(items)
+    ]
     report = {
         "data": summarize([motion_stats(v) for v in data]),
         "generated": summarize([motion_stats(v) for v in generated]),
         "samples": generated,
     }
-    if model.image is not None:
+    if task.conditioning == "image":
         report["first_frame"] = first_frame_stats(model, [video[0] for video in data], generated)
     return report
+
+
+def motion_gate_metrics(report: dict) -> dict[str, float]:
+    """What the motion gate compares: how far the generated speed is from the data's
+    (relative, 0 is right), how straight and how smooth the generated paths are."""
+    data, generated = report["data"], report["generated"]
+    return {
+        "motion_speed_error": abs(generated["speed_px_per_frame"] / data["speed_px_per_frame"] - 1),
+        "motion_straightness": generated["straightness"],
+        "motion_jerk_px": generated["jerk_px"],
+    }

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from model.evaluation import track
-from model.masked import KEY_EVERY
+from model.masked import KEY_EVERY, MAX_CONTEXT
 
 # Key frames closer than this (px) give no usable fraction: the segment is too short.
 MIN_KEY_DISTANCE = 2.0
@@ -55,3 +55,98 @@ def velocity_error(video: torch.Tensor, velocity: np.ndarray, first: int = 0) ->
         raise ValueError("a velocity needs at least 2 frames")
     measured = (positions[-1] - positions[0]) / (len(positions) - 1)
     return float(np.linalg.norm(measured - np.asarray(velocity, dtype=float)))
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def interpolation_report(clips: list[torch.Tensor], generated: list[torch.Tensor]) -> dict:
+    """In-between positions of `generated` videos (each interpolated from the keys, every
+    KEY_EVERY-th frame, of the clip beside it in `clips`), against the clips' tracked keys:
+    `fraction_error` (mean |fraction - j/4| over the clips whose keys are far enough apart
+    to give one; NaN when none is) and `position_error_px`; `data` is the same measured on
+    the clips themselves (what the tracker gives a true interpolation), `measured_clips`
+    how many clips gave a fraction."""
+    if len(clips) != len(generated) or not clips:
+        raise ValueError(f"{len(generated)} generated videos for {len(clips)} clips")
+    made = [interpolation_errors(g, track(c[::KEY_EVERY])) for c, g in zip(clips, generated, strict=True)]
+    data = [interpolation_errors(c) for c in clips]
+    return {
+        "fraction_error": _nanmean([m["fraction_error"] for m in made]),
+        "position_error_px": float(np.mean([m["position_error_px"] for m in made])),
+        "measured_clips": sum(not np.isnan(m["fraction_error"]) for m in made),
+        "data": {
+            "fraction_error": _nanmean([d["fraction_error"] for d in data]),
+            "position_error_px": float(np.mean([d["position_error_px"] for d in data])),
+        },
+    }
+
+
+def prediction_report(clips: list[torch.Tensor], generated: list[torch.Tensor], context: int) -> dict:
+    """How `generated` videos continue the first `context` frames of the clips beside them
+    (frame for frame: a generated video holds the context, then the continuation):
+    `velocity_error` (px/frame) of the tracked object from the last context frame on over
+    the clip's length against the clip's own velocity (its tracked displacement per frame);
+    `next_position_error_px`, how far the first continued frame's object is from the
+    clip's there; `still_velocity_error`, what a continuation that does not move scores
+    (the clips' mean speed)."""
+    if len(clips) != len(generated) or not clips:
+        raise ValueError(f"{len(generated)} generated videos for {len(clips)} clips")
+    first = max(context - 1, 0)
+    velocity, next_position, still = [], [], []
+    for clip, video in zip(clips, generated, strict=True):
+        if len(video) < len(clip) or len(clip) <= context:
+            raise ValueError(f"a {len(video)}-frame continuation of {context} of a {len(clip)}-frame clip")
+        truth = track(clip)
+        true_velocity = (truth[-1] - truth[0]) / (len(clip) - 1)
+        velocity.append(velocity_error(video[: len(clip)], true_velocity, first))
+        next_position.append(float(np.linalg.norm(track(video[context : context + 1])[0] - truth[context])))
+        still.append(float(np.linalg.norm(true_velocity)))
+    return {
+        "velocity_error": float(np.mean(velocity)),
+        "next_position_error_px": float(np.mean(next_position)),
+        "still_velocity_error": float(np.mean(still)),
+    }
+
+
+def _held_out(model, shards: list[str], clips: int) -> list[torch.Tensor]:
+    import itertools
+
+    from model.data import ClipDataset
+
+    items = itertools.islice(iter(ClipDataset(shards, model.config.clip, random_crop=False)), clips)
+    return [item["video"] for item in items]
+
+
+def evaluate_interpolation(model, shards: list[str], *, clips: int, steps: int, prompt: str = "") -> dict:
+    """An interpolation model on the first `clips` held-out clips of `shards` (at the
+    model's frames, fps and size): each clip's keys interpolated (seed = its index) and
+    measured by `interpolation_report`; `samples` are the interpolated videos."""
+    from dataclasses import replace
+
+    from model.masked import interpolate
+    from model.pipeline import GenerationConfig
+
+    data = _held_out(model, shards, clips)
+    config = GenerationConfig.for_clip(model.config.clip, steps=steps)
+    generated = [interpolate(model, c[::KEY_EVERY], replace(config, seed=i), prompt) for i, c in enumerate(data)]
+    return interpolation_report(data, generated) | {"samples": generated}
+
+
+def evaluate_prediction(
+    model, shards: list[str], *, clips: int, steps: int, context: int = MAX_CONTEXT, prompt: str = ""
+) -> dict:
+    """A prediction model on the first `clips` held-out clips of `shards`: each clip's first
+    `context` frames continued to the clip's length (seed = its index) and measured by
+    `prediction_report`; `samples` are the continuations."""
+    from dataclasses import replace
+
+    from model.masked import predict
+    from model.pipeline import GenerationConfig
+
+    data = _held_out(model, shards, clips)
+    config = GenerationConfig.for_clip(model.config.clip, steps=steps)
+    generated = [predict(model, c[:context], len(c), replace(config, seed=i), prompt) for i, c in enumerate(data)]
+    return prediction_report(data, generated, context) | {"context": context, "samples": generated}

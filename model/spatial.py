@@ -64,3 +64,25 @@ def palette_report(generated: list[torch.Tensor], images: list[torch.Tensor], cl
         "video_data_saturation": float(np.mean([foreground_saturation(c) for c in clips])),
         "saturation_gap": abs(image_saturation - generated_saturation),
     }
+
+
+def evaluate_palette(
+    model, shards: list[str], reference: list[str], generated: list[torch.Tensor], *, clips: int
+) -> dict:
+    """`palette_report` of `generated` videos against the first `clips` images of the image
+    set `reference` and the first `clips` clips of the video data `shards`, both at the
+    model's size, centre-cropped."""
+    import itertools
+
+    from model.data import ClipDataset, ImageDataset
+
+    if not reference:
+        raise ValueError("the image-quality proxy compares with the high-quality image set: give its shards")
+    spec = model.config.clip
+    images = ImageDataset(reference, spec.height, spec.width, random_crop=False)
+    data = ClipDataset(shards, spec, random_crop=False)
+    return palette_report(
+        generated,
+        [item["video"] for item in itertools.islice(iter(images), clips)],
+        [item["video"] for item in itertools.islice(iter(data), clips)],
+    )

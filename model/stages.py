@@ -29,6 +29,7 @@ from model.conditioning import (
 )
 from model.data import ClipSpec
 from model.diffusion import Denoiser, denoising_loss, lognormal_sigmas, shifted_p_mean
+from model.folder import ModelFolder
 from model.latents import vae_fingerprint
 from model.networks import CONFIGS, image_unet, inflate, load_image_unet
 from model.openclip import IMAGE_MODELS, TEXT_MODELS, register_tiny_models
@@ -36,9 +37,6 @@ from model.spatial import images_only
 from model.tasks import NoOptions, Task, task_of
 from model.training import OptimConfig, Strategy
 
-STAGE_FILE = "stage.json"
-TEXT_FOLDER, IMAGE_FOLDER, VAE_FOLDER = "text_encoder", "image_encoder", "vae"
-IMAGE_WEIGHTS = "open_clip_vision.safetensors"
 # Resolution at which p_mean is given; larger stages shift towards more noise.
 BASE_PIXELS = 64 * 64
 
@@ -269,37 +267,36 @@ class VideoDiffusion(torch.nn.Module):
             return denoising_loss(self.denoiser, latents, sigma, noise=noise, **cond).mean()
 
     def save(self, folder: Path, unet: torch.nn.Module | None = None) -> Path:
-        """A self-contained model folder: the trained UNet and the VAE as diffusers folders
-        (`unet/`, `vae/`), the text tower's weights if any (`text_encoder/`) or the vision
-        tower's (`image_encoder/`, always: it may come from an SVD folder), and the stage
-        config (`stage.json`) that `load` rebuilds the rest from. `create(init_from=...)`
-        starts the next stage from it. `unet`: a plain copy to save instead of a sharded one."""
+        """A self-contained model folder (model/folder.py): the trained UNet and the VAE as
+        diffusers folders, the text tower's weights if any or the vision tower's (always:
+        it may come from an SVD folder), and the config that `load` rebuilds the rest from.
+        `create(init_from=...)` starts the next stage from it. `unet`: a plain copy to save
+        instead of a sharded one."""
+        layout = ModelFolder(folder)
         if camera_lora.adapter_names(self.unet):  # the base as it was, each adapter apart
             camera_lora.save_adapters(self.unet, folder)
             unet = unet or camera_lora.base_unet(self.unet)
-        (unet or self.unet).save_pretrained(folder / "unet", safe_serialization=True)
-        self.codec.vae.save_pretrained(folder / VAE_FOLDER, safe_serialization=True)
+        (unet or self.unet).save_pretrained(layout.unet, safe_serialization=True)
+        self.codec.vae.save_pretrained(layout.vae, safe_serialization=True)
         config = replace(self.config, vae=None)  # the folder's own vae/
         if self.image is not None:
-            (folder / IMAGE_FOLDER).mkdir(parents=True, exist_ok=True)
-            save_file(
-                {k: v.contiguous() for k, v in self.image.visual.state_dict().items()},
-                folder / IMAGE_FOLDER / IMAGE_WEIGHTS,
-            )
-            config = replace(config, image_weights=f"{IMAGE_FOLDER}/{IMAGE_WEIGHTS}")
+            layout.image_weights.parent.mkdir(parents=True, exist_ok=True)
+            state = {k: v.contiguous() for k, v in self.image.visual.state_dict().items()}
+            save_file(state, layout.image_weights)
+            config = replace(config, image_weights=layout.relative(layout.image_weights))
         if self.config.text_weights:
             weights = Path(self.config.text_weights)
-            (folder / TEXT_FOLDER).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(weights, folder / TEXT_FOLDER / weights.name)
-            config = replace(config, text_weights=f"{TEXT_FOLDER}/{weights.name}")
-        (folder / STAGE_FILE).write_text(json.dumps(config.to_dict(), indent=1))
+            layout.text_encoder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(weights, layout.text_encoder / weights.name)
+            config = replace(config, text_weights=layout.relative(layout.text_encoder / weights.name))
+        layout.config_file.write_text(json.dumps(config.to_dict(), indent=1))
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> VideoDiffusion:
         """A model saved by `save`, ready to sample."""
         folder = Path(folder)
-        config = StageConfig.from_dict(json.loads((folder / STAGE_FILE).read_text()))
+        config = StageConfig.from_dict(ModelFolder(folder).raw_config())
         if config.text_weights and not Path(config.text_weights).is_absolute():
             config = replace(config, text_weights=str(folder / config.text_weights))
         if config.image_weights and not Path(config.image_weights).is_absolute():
@@ -312,11 +309,11 @@ def _networks(config: StageConfig, init_from: Path | None) -> tuple[torch.nn.Mod
     if init_from is None:
         image = image_unet(CONFIGS[config.unet])
         return (inflate(image) if config.video else image), None
-    folder = init_from
-    vae = folder / VAE_FOLDER if (folder / VAE_FOLDER / "config.json").exists() else None
+    folder, layout = init_from, ModelFolder(init_from)
+    vae = layout.vae if layout.has_vae() else None
     if not config.video:
         return load_image_unet(folder), vae
-    unet_folder = folder / "unet" if (folder / "unet").exists() else folder
+    unet_folder = layout.unet if layout.unet.exists() else folder
     class_name = json.loads((unet_folder / "config.json").read_text())["_class_name"]
     if class_name == "UNet2DConditionModel":
         return inflate(load_image_unet(folder)), vae

@@ -8,6 +8,9 @@ import sys
 import click
 
 from components.common.settings import load_settings
+from model.tasks import STAGES
+
+PRETRAINING_STAGES = list(STAGES)  # image, video, hq
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -193,7 +196,7 @@ def curate_ablation(curated: str, grid_items: tuple[str, ...], config_path: str 
 
 
 @main.command("train")
-@click.option("--stage", type=click.Choice(["image", "video", "hq"]), required=True)
+@click.option("--stage", type=click.Choice(PRETRAINING_STAGES), required=True)
 @click.option("--config", "config_name", default="tiny", show_default=True, help="Named config or a YAML file.")
 @click.option("--data", required=True, help="s3:// prefix or folder of WebDataset shards.")
 @click.option("--output", required=True, help="s3:// prefix for checkpoints and the final UNet.")
@@ -224,41 +227,45 @@ def train_command(
     stage, config_name, data, output, init_from, vae, data_format, strategy, max_steps, resume, register_as, no_register
 ) -> None:
     """Train one stage (I image, II video, III high quality) on the local stack or a pod."""
-    from pathlib import Path
+    from components.training.entrypoint import default_model_name
+    from components.training.request import TrainingRequest
 
+    _run_training(
+        TrainingRequest(
+            kind=stage,
+            data=data,
+            output=output,
+            config=config_name,
+            init_from=init_from,
+            vae=vae,
+            overrides=_set({"data": data_format, "strategy": strategy, "max_steps": max_steps}),
+            register_as=None if no_register else register_as or default_model_name(stage, config_name),
+            resume=resume,
+        )
+    )
+
+
+def _set(values: dict) -> dict:
+    """The options given (click's None: not given)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _run_training(request) -> None:
+    """Run a training request in this process (under torchrun: this rank's part) and report."""
     from components.common.objectstore import ObjectStore, ObjectStoreError
-    from components.training.run import run_training
+    from components.training.entrypoint import command_of, run_request
 
     settings = load_settings()
     try:
-        result = run_training(
-            stage,
-            config_name,
-            data,
-            output,
-            ObjectStore.from_settings(settings),
-            settings,
-            init_from=init_from,
-            vae=vae,
-            overrides={"data": data_format, "strategy": strategy, "max_steps": max_steps},
-            resume=resume,
-            register_as=None if no_register else register_as or f"vdm-{stage}-{Path(config_name).stem}",
-        )
+        result = run_request(request, ObjectStore.from_settings(settings), settings)
     except (ObjectStoreError, ValueError) as e:
         _fail(str(e))
-    if result["final"] is None:  # a rank other than 0 under torchrun: rank 0 reports
-        return
-    click.echo(
-        f"\nvdm train: {stage} done at step {result['steps']}"
-        + (f" (resumed from {result['resumed_from']})" if result["resumed_from"] else "")
-    )
-    click.echo(f"  final       {result['final']}\n  mlflow_run  {result['mlflow_run']}")
-    if result["registered"]:
-        click.echo(f"  registered  {result['registered']} (alias candidate)")
+    if result.final is not None:  # rank 0 reports
+        click.echo("\n".join(result.lines(command_of(request))))
 
 
 @main.command("cache-latents")
-@click.option("--stage", type=click.Choice(["image", "video", "hq"]), required=True)
+@click.option("--stage", type=click.Choice(PRETRAINING_STAGES), required=True)
 @click.option("--config", "config_name", default="tiny", show_default=True, help="Named config or a YAML file.")
 @click.option("--data", required=True, help="s3:// prefix or folder of curated shards.")
 @click.option("--output", required=True, help="s3:// prefix for the latent shards.")
@@ -306,33 +313,55 @@ def train_vae_command(data: str, output: str, size: int, steps: int) -> None:
     "--model",
     "model_location",
     required=True,
-    help="models:/NAME@ALIAS, or a stage's final folder (s3:// or local).",
+    help="models:/NAME@ALIAS, or a trained model's final folder (s3:// or local).",
 )
-@click.option("--prompt", required=True)
+@click.option("--prompt", default=None, help="Text kinds, interpolation and prediction: what the video shows.")
+@click.option("--negative-prompt", default=None, help="Text kinds: what it should not show.")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Image kinds: the frame to animate.")
+@click.option(
+    "--video", type=click.Path(exists=True, dir_okay=False), help="Interpolation: key frames; prediction: context."
+)
+@click.option("--elevation", type=float, default=None, help="Multi-view: the camera elevation of --image, degrees.")
+@click.option("--length", type=int, default=None, help="Prediction: frames of the continued video (context included).")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The mp4 to write.")
 @click.option("--frames", type=int, default=None, help="Default: the model's training clip.")
 @click.option("--fps", type=float, default=None, help="Default: the model's training clip.")
 @click.option("--size", type=int, default=None, help="Height and width in pixels; default: the model's training clip.")
-@click.option("--steps", type=int, default=25, show_default=True)
+@click.option("--steps", type=int, default=25, show_default=True, help="Sampling steps.")
 @click.option("--guidance", type=(float, float), default=(1.0, 3.0), show_default=True, help="First and last frame.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def sample_command(model_location, prompt, out_path, frames, fps, size, steps, guidance, seed) -> None:
-    """Generate a video from a trained model."""
+def sample_command(
+    model_location, prompt, negative_prompt, image, video, elevation, length, out_path, frames, fps, size, steps,
+    guidance, seed,
+) -> None:  # fmt: skip
+    """Generate a video from a trained model of any kind, from what its kind takes."""
     import tempfile
     from pathlib import Path
 
     from components.common.media import write_video
-    from components.common.objectstore import ObjectStore
+    from components.common.objectstore import ObjectStore, ObjectStoreError
+    from components.registry.pipeline_model import inputs_from_row
     from components.training.run import local_folder
-    from model.pipeline import GenerationConfig, generate, to_uint8
+    from model.pipeline import GenerationConfig, to_uint8
     from model.stages import VideoDiffusion
 
-    with tempfile.TemporaryDirectory() as tmp:
-        store = ObjectStore.from_settings(load_settings())
-        model = VideoDiffusion.load(local_folder(model_location, store, Path(tmp)))
-    spec = model.config.clip
+    row = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "image": Path(image).read_bytes() if image else None,
+        "frames": Path(video).read_bytes() if video else None,
+        "elevation": elevation,
+        "video_frames": length,
+    }
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = ObjectStore.from_settings(load_settings())
+            model = VideoDiffusion.load(local_folder(model_location, store, Path(tmp)))
+        inputs = inputs_from_row(model.task, row)
+    except (ObjectStoreError, ValueError) as e:
+        _fail(str(e).replace("needs `frames`", "needs --video").replace("needs `image`", "needs --image"))
     config = GenerationConfig.for_clip(
-        spec,
+        model.config.clip,
         num_frames=frames,
         height=size,
         width=size,
@@ -342,37 +371,40 @@ def sample_command(model_location, prompt, out_path, frames, fps, size, steps, g
         guidance_max=guidance[1],
         seed=seed,
     )
-    video = to_uint8(generate(model, prompt, config)).numpy()
-    write_video(Path(out_path), video, config.fps, deterministic=False)
-    click.echo(f"wrote {out_path}: {config.num_frames} frames at {config.fps:g} fps, {config.width}x{config.height}")
+    result = to_uint8(model.task.sample(model, inputs, config)).numpy()
+    write_video(Path(out_path), result, config.fps, deterministic=False)
+    click.echo(f"wrote {out_path}: {len(result)} frames at {config.fps:g} fps, {config.width}x{config.height}")
 
 
-@main.group("eval")
-def eval_group() -> None:
-    """Evaluations of trained models."""
-
-
-@eval_group.command("motion")
+@main.command("eval")
 @click.option(
     "--model",
     "model_location",
     required=True,
-    help="models:/NAME@ALIAS, or a video stage's final folder.",
+    help="models:/NAME@ALIAS, or a trained model's final folder (s3:// or local).",
 )
-@click.option("--data", required=True, help="Shards with moving shapes (s3:// prefix or folder).")
-@click.option("--clips", type=int, default=8, show_default=True)
-@click.option("--steps", type=int, default=25, show_default=True)
-def eval_motion(model_location: str, data: str, clips: int, steps: int) -> None:
-    """Object speed and path straightness in generated clips against the data; logged to MLflow with sample
-    mp4s, and onto the version's tags when --model is a registered model (what `vdm registry promote` reads)."""
-    from components.common.objectstore import ObjectStore
-    from components.evaluation.motion import run_motion_evaluation
+@click.option("--data", required=True, help="Held-out shards (s3:// prefix or folder); orbits for multi-view.")
+@click.option("--reference", default=None, help="A second data set the kind compares with (spatial-hq: its images).")
+@click.option("--clips", type=int, default=8, show_default=True, help="Held-out clips (or orbits) to evaluate on.")
+@click.option("--steps", type=int, default=25, show_default=True, help="Sampling steps per generated video.")
+def eval_command(model_location: str, data: str, reference: str | None, clips: int, steps: int) -> None:
+    """Measure a model by its kind's evaluation (motion; in-between positions; velocity; view retrieval; camera
+    class accuracy; image-quality proxy): figures and sample mp4s to MLflow, and onto the version's tags when
+    --model is a registered model (what `vdm registry promote` reads)."""
+    from dataclasses import asdict
+
+    from components.common.objectstore import ObjectStore, ObjectStoreError
+    from components.evaluation.evaluate import run_evaluation
 
     settings = load_settings()
-    report = run_motion_evaluation(
-        model_location, data, ObjectStore.from_settings(settings), settings, clips=clips, steps=steps
-    )
-    click.echo(json.dumps(report, indent=1))
+    try:
+        report = run_evaluation(
+            model_location, data, ObjectStore.from_settings(settings), settings,
+            clips=clips, steps=steps, reference=reference,
+        )  # fmt: skip
+    except (ObjectStoreError, ValueError) as e:
+        _fail(str(e))
+    click.echo(json.dumps(asdict(report), indent=1))
 
 
 @main.group()
@@ -381,7 +413,7 @@ def finetune() -> None:
 
 
 def _finetune_command(kind: str, title: str, help_text: str, *kind_options):
-    """`vdm finetune KIND`: the options every finetune takes, then `run_finetune`.
+    """`vdm finetune KIND`: the options every finetune takes, then the training request.
     `kind_options`: click options of this kind only; their values replace the config's
     fields of the same name."""
 
@@ -396,32 +428,21 @@ def _finetune_command(kind: str, title: str, help_text: str, *kind_options):
     def command(
         config_name, data, output, init_from, max_steps, resume, register_as, no_register, **kind_values
     ) -> None:
-        from components.common.objectstore import ObjectStore, ObjectStoreError
-        from components.training.finetune import default_model_name, run_finetune
+        from components.training.entrypoint import default_model_name
+        from components.training.request import TrainingRequest
 
-        settings = load_settings()
-        try:
-            result = run_finetune(
-                kind,
-                config_name,
-                data,
-                output,
-                init_from,
-                ObjectStore.from_settings(settings),
-                settings,
-                overrides={"max_steps": max_steps, **kind_values},
-                resume=resume,
+        _run_training(
+            TrainingRequest(
+                kind=kind,
+                data=data,
+                output=output,
+                config=config_name,
+                init_from=init_from,
+                overrides=_set({"max_steps": max_steps, **kind_values}),
                 register_as=None if no_register else register_as or default_model_name(kind, config_name),
+                resume=resume,
             )
-        except (ObjectStoreError, ValueError) as e:
-            _fail(str(e))
-        if result["final"] is None:  # a rank other than 0 under torchrun: rank 0 reports
-            return
-        resumed = f" (resumed from {result['resumed_from']})" if result["resumed_from"] else ""
-        click.echo(f"\nvdm finetune {kind}: done at step {result['steps']}{resumed}")
-        click.echo(f"  final       {result['final']}\n  mlflow_run  {result['mlflow_run']}")
-        if result["registered"]:
-            click.echo(f"  registered  {result['registered']} (alias candidate)")
+        )
 
     for option in kind_options:
         command = option(command)
@@ -478,14 +499,18 @@ def registry_list(name: str) -> None:
 
 @registry.command("promote")
 @click.argument("name")
-@click.option("--metric", default="motion_speed_error", show_default=True, help="A vdm.eval.* figure of the versions.")
-@click.option("--direction", type=click.Choice(["minimize", "maximize"]), default="minimize", show_default=True)
+@click.option("--metric", default=None, help="A vdm.eval.* figure of the versions (default: the candidate's kind's).")
+@click.option("--direction", type=click.Choice(["minimize", "maximize"]), default=None, help="Default: the metric's.")
 @click.option("--min-improvement", type=float, default=0.0, show_default=True, help="In the metric's units.")
-def registry_promote(name: str, metric: str, direction: str, min_improvement: float) -> None:
+def registry_promote(name: str, metric: str | None, direction: str | None, min_improvement: float) -> None:
     """Move `champion` to the `candidate` if it beats the champion; exit 1 (changing nothing) if not."""
-    from components.registry.promotion import Gate, promote
+    from components.registry.promotion import Gate, kind_gate, promote
 
-    decision = _registry_call(promote, name, Gate(metric, direction, min_improvement))
+    if metric:
+        gate = Gate(metric, direction or "minimize", min_improvement)
+    else:
+        gate = _registry_call(kind_gate, name, min_improvement)
+    decision = _registry_call(promote, name, gate)
     if not decision.promoted:
         _fail(f"not promoted: {decision.reason}")
     click.echo(f"promoted {name} v{decision.candidate} to champion: {decision.reason}")
@@ -563,7 +588,7 @@ def pipeline_schedule(name: str, host: str, experiment: str, cron: str, params: 
     "models",
     multiple=True,
     required=True,
-    help="NAME or models:/NAME@ALIAS (repeatable: one text- and one image-to-video model).",
+    help="NAME or models:/NAME@ALIAS (repeatable: any number of models of any kind, each at its own alias).",
 )
 @click.option("--alias", default="champion", show_default=True, help="Alias served for plain NAMEs.")
 @click.option("--port", default=3000, show_default=True)
@@ -576,22 +601,24 @@ def serve_command(models, alias, port, host, poll_seconds, max_concurrency) -> N
     import signal
     import subprocess
 
-    from serving.config import model_names
+    from model.tasks import ENDPOINTS
+    from serving.config import model_specs
 
     try:
-        names, alias = model_names(models, alias)
+        specs = model_specs(models, alias)
     except ValueError as e:
         _fail(str(e))
     env = os.environ | {
         "VDM_HOME": str(load_settings().home),
-        "VDM_SERVE_MODELS": ",".join(names),
+        "VDM_SERVE_MODELS": ",".join(f"{spec.name}@{spec.alias}" for spec in specs),
         "VDM_SERVE_ALIAS": alias,
         "VDM_SERVE_POLL_SECONDS": str(poll_seconds),
         "VDM_SERVE_MAX_CONCURRENCY": str(max_concurrency),
     }
     url = f"http://{host}:{port}"
-    click.echo(f"serving {', '.join(f'models:/{n}@{alias}' for n in names)} at {url}", err=True)
-    click.echo(f"  POST {url}/text_to_video  {url}/image_to_video  {url}/model_info;  GET {url}/readyz", err=True)
+    click.echo(f"serving {', '.join(map(str, specs))} at {url}", err=True)
+    endpoints = "  ".join(f"{url}/{name}" for name in [*ENDPOINTS, "model_info"])
+    click.echo(f"  POST {endpoints};  GET {url}/readyz", err=True)
     # The local stack's Prometheus scrapes every target file in this folder.
     target = _stack().prometheus_targets_dir / f"serving-{port}.json"
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -10,15 +10,16 @@ for training, caching on for curation (unchanged inputs skip) and off for traini
 reads the annotations of pipeline and component functions as types.)
 """
 
+import inspect
 from dataclasses import dataclass
 
 from kfp import dsl, kubernetes
 
 from components.curation.component import annotate_input_shard, finalize_curation, plan_curation
-from components.evaluation.component import evaluate_motion
+from components.evaluation.component import evaluate_model
 from components.registry.component import promote_candidate
 from components.training.component import finetune_model, train_stage
-from model.camera_lora import MOTION_CLASSES
+from model.tasks import FINETUNES
 
 # Names shared with k8s/ (the operator creates these; see k8s/README.md).
 S3_SECRET = "vdm-s3-credentials"
@@ -138,226 +139,122 @@ def pretraining(
     _pretrain(data_uri, output_uri, config, vae, (image_steps, video_steps, hq_steps), register_as, launch)
 
 
-def _evaluate_and_promote(model_uri, data_uri, metric, direction, min_improvement, clips, steps):
+def _evaluate_and_promote(model_uri, data_uri, min_improvement, clips, steps, kind: str, reference_uri="",
+                          metric="", direction=""):  # fmt: skip
+    """The kind's evaluation of a registered version, then the promotion gate on the kind's
+    metric (`metric`/`direction` empty: the kind's own)."""
     evaluation = cpu_step(
-        evaluate_motion(model_uri=model_uri, data_uri=data_uri, clips=clips, steps=steps), cache=False
+        evaluate_model(model_uri=model_uri, data_uri=data_uri, reference_uri=reference_uri, clips=clips, steps=steps),
+        cache=False,
     )
-    evaluation.set_display_name("evaluate motion")
+    evaluation.set_display_name(f"evaluate {kind}")
     promotion = cpu_step(
         promote_candidate(model_uri=model_uri, metric=metric, direction=direction, min_improvement=min_improvement),
         cache=False,
     ).after(evaluation)
-    return evaluation, promotion.set_display_name("promotion gate")
+    return evaluation, promotion.set_display_name(f"promotion gate {kind}")
 
 
-@dsl.pipeline(name="evaluate-and-promote", description="Motion evaluation of a version, then the promotion gate.")
+@dsl.pipeline(name="evaluate-and-promote", description="A version's evaluation (its kind's), then the promotion gate.")
 def evaluate_and_promote(
     model_uri: str = "models:/vdm-text-to-video/1",
     data_uri: str = "s3://vdm/curated/kfp/shards/",
-    metric: str = "motion_speed_error",
-    direction: str = "minimize",
+    reference_uri: str = "",
+    metric: str = "",
+    direction: str = "",
     min_improvement: float = 0.0,
     clips: int = 8,
     steps: int = 25,
 ):
-    _evaluate_and_promote(model_uri, data_uri, metric, direction, min_improvement, clips, steps)
+    """Evaluate a registered version by its kind's evaluation and run the promotion gate.
+
+    Args:
+        model_uri: The version to evaluate and promote: models:/NAME/VERSION.
+        data_uri: Held-out shards to evaluate on (s3:// prefix): clips, or orbits for multi-view models.
+        reference_uri: A second data set the kind compares with (spatial-HQ: its image set); empty for the others.
+        metric: The vdm.eval.* figure the gate compares; empty: the kind's own.
+        direction: minimize or maximize; empty: the kind's metric's.
+        min_improvement: How much the candidate must beat the champion by, in the metric's units.
+        clips: Held-out clips (or orbits) the evaluation generates from.
+        steps: Sampling steps per generated video.
+    """
+    _evaluate_and_promote(model_uri, data_uri, min_improvement, clips, steps, "model", reference_uri, metric,
+                          direction)  # fmt: skip
 
 
 def _finetune(kind: str, init_from, data_uri, output_uri, config, max_steps, register_as, launch: dict, **kind_inputs):
-    """`kind_inputs`: the inputs of `finetune_model` only some kinds take (camera-lora: motion_class)."""
+    """`kind_inputs`: run options of the kind (camera-lora: motion_class)."""
     task = gpu_step(
         finetune_model(kind=kind, config=config, data_uri=data_uri, output_uri=output_uri, init_from=init_from,
                        max_steps=max_steps, register_as=register_as, **launch, **kind_inputs)
     )  # fmt: skip
-    name = f"finetune {kind} {kind_inputs['motion_class']}" if "motion_class" in kind_inputs else f"finetune {kind}"
-    return task.set_display_name(name)
+    return task.set_display_name(" ".join(["finetune", kind, *kind_inputs.values()]))
 
 
-@dsl.pipeline(
-    name="finetune-i2v",
-    description="Image-to-video finetune (SVD) of a trained video model -> evaluation -> promotion gate.",
-)
-def finetune_i2v(
-    init_from: str = "models:/vdm-text-to-video@champion",
-    data_uri: str = "s3://vdm/curated/kfp/shards/",
-    output_uri: str = "s3://vdm/runs/finetune-i2v",
-    config: str = "tiny",
-    max_steps: int = 0,
-    model_name: str = "vdm-image-to-video",
-    scheduler: str = "local_cwd",
-    nodes: int = 1,
-    procs_per_node: int = 1,
-    gpus_per_node: int = 0,
-    metric: str = "motion_speed_error",
-    direction: str = "minimize",
-    min_improvement: float = 0.0,
-    eval_clips: int = 8,
-    eval_steps: int = 25,
-):
-    launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
-    i2v = _finetune("i2v", init_from, data_uri, output_uri, config, max_steps, model_name, launch)
-    _evaluate_and_promote(
-        i2v.outputs["model_uri"], data_uri, metric, direction, min_improvement, eval_clips, eval_steps
+# The run form of a finetune pipeline: (name, type, default, description); the kind fills in the
+# defaults that depend on it.
+def _finetune_parameters(task) -> list[tuple[str, type, object, str]]:
+    return [
+        ("init_from", str, f"models:/{task.starts_from}@champion",
+         "The trained model to finetune: models:/NAME@ALIAS, or an s3:// model folder."),
+        ("data_uri", str, task.training_data, f"Training data (s3:// prefix of WebDataset shards). {task.title}."),
+        ("eval_data_uri", str, task.evaluation_data, "Held-out shards the candidate is evaluated on."),
+        ("output_uri", str, f"s3://vdm/runs/finetune-{task.name}", "s3:// prefix for checkpoints and the final model."),
+        ("config", str, "tiny", "The model config: a shipped size (tiny) or an s3:// YAML."),
+        ("max_steps", int, 0, "Training steps; 0: the config's max_steps."),
+        ("model_name", str, task.registered_name, "Registered model the result is added to (alias candidate)."),
+        ("scheduler", str, "local_cwd", "TorchX scheduler: local_cwd (ranks in the step's pod) or kubernetes."),
+        ("nodes", int, 1, "Nodes (kubernetes scheduler)."),
+        ("procs_per_node", int, 1, "Ranks per node."),
+        ("gpus_per_node", int, 0, "GPUs per node (kubernetes scheduler)."),
+        ("min_improvement", float, 0.0,
+         f"Promotion gate: how much the candidate's {task.metric.name} must beat the champion's by "
+         f"({task.metric.direction}; {task.metric.description})."),
+        ("eval_clips", int, 8, "Held-out clips (or orbits) the evaluation generates from."),
+        ("eval_steps", int, 25, "Sampling steps per generated video in the evaluation."),
+    ]  # fmt: skip
+
+
+def _finetune_pipeline(task):
+    """The `finetune-KIND` pipeline of a finetune kind (model/tasks): finetune (a run per value
+    of the kind's run option, each added to the previous result; the last registers) ->
+    the kind's evaluation -> the promotion gate on its metric. Its run form is an explicit
+    signature with a description per parameter (the Kubeflow UI shows both)."""
+    parameters = _finetune_parameters(task)
+    signature = inspect.Signature(
+        [
+            inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d, annotation=t)
+            for n, t, d, _ in parameters
+        ]
     )
 
+    def body(*args, **kwargs):
+        p = signature.bind(*args, **kwargs).arguments
+        launch = {k: p[k] for k in ("scheduler", "nodes", "procs_per_node", "gpus_per_node")}
+        runs = [{}]
+        if task.run_options:  # e.g. camera-lora: one adapter per motion class, chained
+            (option,) = task.run_options
+            runs = [{option: value} for value in task.option_choices(option)]
+        base, step = p["init_from"], None
+        for i, options in enumerate(runs):
+            last = i == len(runs) - 1
+            output = p["output_uri"] if len(runs) == 1 else f"{p['output_uri']}/{'-'.join(options.values())}"
+            step = _finetune(task.name, base, p["data_uri"], output, p["config"], p["max_steps"],
+                             p["model_name"] if last else "", launch, **options)  # fmt: skip
+            base = step.outputs["final"]
+        reference = p["data_uri"] if task.training_data_is_reference else ""
+        _evaluate_and_promote(step.outputs["model_uri"], p["eval_data_uri"], p["min_improvement"], p["eval_clips"],
+                              p["eval_steps"], task.name, reference)  # fmt: skip
 
-def _finetune_masked(kind: str, init_from, data_uri, output_uri, config, max_steps, model_name, scheduler, nodes,
-                     procs_per_node, gpus_per_node):  # fmt: skip
-    """A known-frames finetune, registered as a candidate. No motion gate: the text-to-video
-    motion evaluation does not measure interpolation or continuation (the evidence does)."""
-    launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
-    return _finetune(kind, init_from, data_uri, output_uri, config, max_steps, model_name, launch)
-
-
-@dsl.pipeline(
-    name="finetune-interpolation",
-    description="Frame interpolation finetune (Video LDM, x4 by masked key frames) of a trained video model.",
-)
-def finetune_interpolation(
-    init_from: str = "models:/vdm-text-to-video@champion",
-    data_uri: str = "s3://vdm/curated/kfp/shards/",
-    output_uri: str = "s3://vdm/runs/finetune-interpolation",
-    config: str = "tiny",
-    max_steps: int = 0,
-    model_name: str = "vdm-interpolation",
-    scheduler: str = "local_cwd",
-    nodes: int = 1,
-    procs_per_node: int = 1,
-    gpus_per_node: int = 0,
-):
-    _finetune_masked("interpolation", init_from, data_uri, output_uri, config, max_steps, model_name, scheduler,
-                     nodes, procs_per_node, gpus_per_node)  # fmt: skip
+    body.__name__ = f"finetune_{task.name.replace('-', '_')}"
+    body.__signature__ = signature
+    args = "\n".join(f"    {n}: {text}" for n, _, _, text in parameters)
+    body.__doc__ = f"{task.description}\n\nArgs:\n{args}\n"
+    description = f"{task.title} -> evaluation ({task.metric.name}) -> promotion gate."
+    return dsl.pipeline(name=f"finetune-{task.name}", description=description)(body)
 
 
-@dsl.pipeline(
-    name="finetune-prediction",
-    description="Long-video prediction finetune (Video LDM, masked context frames) of a trained video model.",
-)
-def finetune_prediction(
-    init_from: str = "models:/vdm-text-to-video@champion",
-    data_uri: str = "s3://vdm/curated/kfp/shards/",
-    output_uri: str = "s3://vdm/runs/finetune-prediction",
-    config: str = "tiny",
-    max_steps: int = 0,
-    model_name: str = "vdm-prediction",
-    scheduler: str = "local_cwd",
-    nodes: int = 1,
-    procs_per_node: int = 1,
-    gpus_per_node: int = 0,
-):
-    _finetune_masked("prediction", init_from, data_uri, output_uri, config, max_steps, model_name, scheduler,
-                     nodes, procs_per_node, gpus_per_node)  # fmt: skip
-
-
-@dsl.pipeline(
-    name="finetune-temporal-decoder",
-    description="Temporal VAE decoder finetune of a trained model (a new version of the same model, its decoder "
-    "made temporal) -> evaluation -> promotion gate.",
-)
-def finetune_temporal_decoder(
-    init_from: str = "models:/vdm-text-to-video@champion",
-    data_uri: str = "s3://vdm/curated/kfp/shards/",
-    output_uri: str = "s3://vdm/runs/finetune-temporal-decoder",
-    config: str = "tiny",
-    max_steps: int = 0,
-    model_name: str = "vdm-text-to-video",
-    scheduler: str = "local_cwd",
-    nodes: int = 1,
-    procs_per_node: int = 1,
-    gpus_per_node: int = 0,
-    metric: str = "motion_speed_error",
-    direction: str = "minimize",
-    min_improvement: float = 0.0,
-    eval_clips: int = 8,
-    eval_steps: int = 25,
-):
-    launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
-    decoder = _finetune("temporal-decoder", init_from, data_uri, output_uri, config, max_steps, model_name, launch)
-    _evaluate_and_promote(
-        decoder.outputs["model_uri"], data_uri, metric, direction, min_improvement, eval_clips, eval_steps
-    )
-
-
-@dsl.pipeline(
-    name="finetune-spatial-hq",
-    description="Image-only spatial finetune (VideoCrafter2) of a trained video model on high-quality images -> "
-    "motion evaluation on the video data -> promotion gate.",
-)
-def finetune_spatial_hq(
-    init_from: str = "models:/vdm-text-to-video@champion",
-    image_data_uri: str = "s3://vdm/images/high-quality/",
-    video_data_uri: str = "s3://vdm/curated/kfp/shards/",
-    output_uri: str = "s3://vdm/runs/finetune-spatial-hq",
-    config: str = "tiny",
-    max_steps: int = 0,
-    model_name: str = "vdm-spatial-hq",
-    scheduler: str = "local_cwd",
-    nodes: int = 1,
-    procs_per_node: int = 1,
-    gpus_per_node: int = 0,
-    metric: str = "motion_speed_error",
-    direction: str = "minimize",
-    min_improvement: float = 0.0,
-    eval_clips: int = 8,
-    eval_steps: int = 25,
-):
-    launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
-    spatial = _finetune("spatial-hq", init_from, image_data_uri, output_uri, config, max_steps, model_name, launch)
-    # Trained on images; the gate checks that the motion on the video data holds.
-    _evaluate_and_promote(
-        spatial.outputs["model_uri"], video_data_uri, metric, direction, min_improvement, eval_clips, eval_steps
-    )
-
-
-@dsl.pipeline(
-    name="finetune-camera-lora",
-    description="Camera-motion LoRA adapters of a trained video model, one per motion class in turn (pan, static, "
-    "zoom_in, zoom_out), each added to the previous result; the last, base + every adapter, is registered "
-    "(candidate).",
-)
-def finetune_camera_lora(
-    init_from: str = "models:/vdm-text-to-video@champion",
-    data_uri: str = "s3://vdm/curated/kfp/shards/",
-    output_uri: str = "s3://vdm/runs/finetune-camera-lora",
-    config: str = "tiny",
-    max_steps: int = 0,
-    model_name: str = "vdm-camera-lora",
-    scheduler: str = "local_cwd",
-    nodes: int = 1,
-    procs_per_node: int = 1,
-    gpus_per_node: int = 0,
-):
-    launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
-    base = init_from
-    classes = sorted(MOTION_CLASSES)
-    for motion_class in classes:
-        register_as = model_name if motion_class == classes[-1] else ""  # one version holding every adapter
-        step = _finetune(
-            "camera-lora", base, data_uri, f"{output_uri}/{motion_class}", config, max_steps, register_as, launch,
-            motion_class=motion_class,
-        )  # fmt: skip
-        base = step.outputs["final"]
-
-
-@dsl.pipeline(
-    name="finetune-multiview",
-    description="Multi-view finetune (SVD-MV) of an image-to-video model on orbit shards (JSON with the camera "
-    "elevation, e.g. `vdm data orbits`), registered as a candidate.",
-)
-def finetune_multiview(
-    init_from: str = "models:/vdm-image-to-video@champion",
-    data_uri: str = "s3://vdm/orbits/",
-    output_uri: str = "s3://vdm/runs/finetune-multiview",
-    config: str = "tiny",
-    max_steps: int = 0,
-    model_name: str = "vdm-multiview",
-    scheduler: str = "local_cwd",
-    nodes: int = 1,
-    procs_per_node: int = 1,
-    gpus_per_node: int = 0,
-):
-    launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
-    _finetune("multiview", init_from, data_uri, output_uri, config, max_steps, model_name, launch)
+FINETUNE_PIPELINES = {f"finetune-{name}": _finetune_pipeline(task) for name, task in FINETUNES.items()}
 
 
 @dsl.pipeline(
@@ -383,8 +280,6 @@ def end_to_end(
     nodes: int = 1,
     procs_per_node: int = 1,
     gpus_per_node: int = 0,
-    metric: str = "motion_speed_error",
-    direction: str = "minimize",
     min_improvement: float = 0.0,
     eval_clips: int = 8,
     eval_steps: int = 25,
@@ -394,24 +289,18 @@ def end_to_end(
     launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
     steps = (image_steps, video_steps, hq_steps)
     hq = _pretrain(shards, f"{work_uri}/train", config, vae, steps, model_name, launch, after=curated)
-    gate = (metric, direction, min_improvement, eval_clips, eval_steps)
-    _evaluate_and_promote(hq.outputs["model_uri"], shards, *gate)
+    gate = {"min_improvement": min_improvement, "clips": eval_clips, "steps": eval_steps}
+    _evaluate_and_promote(hq.outputs["model_uri"], shards, kind="text-to-video", **gate)
     i2v = _finetune(
         "i2v", hq.outputs["final"], shards, f"{work_uri}/train/i2v", config, i2v_steps, i2v_model_name, launch
     )
-    _evaluate_and_promote(i2v.outputs["model_uri"], shards, *gate)
+    _evaluate_and_promote(i2v.outputs["model_uri"], shards, kind="i2v", **gate)
 
 
 PIPELINES = {
     "curation": curation,
     "pretraining": pretraining,
     "evaluate-and-promote": evaluate_and_promote,
-    "finetune-i2v": finetune_i2v,
-    "finetune-temporal-decoder": finetune_temporal_decoder,
-    "finetune-spatial-hq": finetune_spatial_hq,
-    "finetune-camera-lora": finetune_camera_lora,
-    "finetune-multiview": finetune_multiview,
-    "finetune-interpolation": finetune_interpolation,
-    "finetune-prediction": finetune_prediction,
+    **FINETUNE_PIPELINES,
     "end-to-end": end_to_end,
 }

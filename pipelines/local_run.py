@@ -10,7 +10,6 @@ dataset card, each stage's and the image-to-video finetune's `result.json`, the 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import sys
@@ -25,6 +24,8 @@ from components.common.objectstore import ObjectStore, S3Uri
 from components.common.settings import Settings
 from components.common.tracking import connect
 from components.registry.promotion import CANDIDATE, CHAMPION, Gate, evaluate_gate
+from components.training.request import RunResult
+from components.training.run import RESULT
 
 STAGES = ("stage1", "stage2", "stage3")
 _TASK_LINE = re.compile(r"Task '([\w-]+)' finished with status (\w+)")  # kfp.local's, colours stripped
@@ -111,10 +112,10 @@ def run_end_to_end(
     return summarize(settings, work_uri, model_name, i2v_model_name, gate, time.perf_counter() - started, log_file)
 
 
-def _registered(client: MlflowClient, result: dict, name: str, gate: Gate) -> tuple[dict, str | None]:
+def _registered(client: MlflowClient, result: RunResult, name: str, gate: Gate) -> tuple[dict, str | None]:
     """A trained step's registered version (name, version, aliases, why it was or was not
     promoted) and its evaluation run."""
-    version = client.get_model_version(name, result["registered"].rsplit("/", 1)[1])  # models:/NAME/VERSION
+    version = client.get_model_version(name, result.registered.rsplit("/", 1)[1])  # models:/NAME/VERSION
     # A refusal leaves no trace on the version by design: ask the gate again (read-only) why.
     promotion = version.tags.get("vdm.promotion.reason") or f"not promoted: {evaluate_gate(name, gate).reason}"
     summary = {"name": name, "version": version.version, "aliases": sorted(version.aliases), "promotion": promotion}
@@ -132,7 +133,7 @@ def summarize(
 ) -> dict:
     store = ObjectStore.from_settings(settings)
     work = S3Uri.parse(work_uri)
-    results = {s: json.loads(store.get_bytes(work.join("train", s, "result.json"))) for s in (*STAGES, "i2v")}
+    results = {s: RunResult.from_json(store.get_bytes(work.join("train", s, RESULT))) for s in (*STAGES, "i2v")}
     connect(settings)
     client = MlflowClient()
     text, text_eval = _registered(client, results["stage3"], model_name, gate)
@@ -140,15 +141,13 @@ def summarize(
     # One alias per service: the champions once both models have one (whichever versions), else the candidates.
     has_champion = all(CHAMPION in client.get_registered_model(n).aliases for n in (model_name, i2v_model_name))
     alias = CHAMPION if has_champion else CANDIDATE
-    runs = {f"train_{s}": results[s]["mlflow_run_id"] for s in STAGES} | {
-        "finetune_i2v": results["i2v"]["mlflow_run_id"]
-    }
+    runs = {f"train_{s}": results[s].mlflow_run_id for s in STAGES} | {"finetune_i2v": results["i2v"].mlflow_run_id}
     runs |= {k: v for k, v in (("evaluate", text_eval), ("evaluate_i2v", image_eval)) if v}
     return {
         "dataset_card_uri": str(work.join("curated", "dataset_card.html")),
         "dataset_shards": str(work.join("curated", "shards")) + "/",
         "mlflow_run_ids": runs,
-        "mlflow_runs": {s: results[s]["mlflow_run"] for s in (*STAGES, "i2v")},
+        "mlflow_runs": {s: results[s].mlflow_run for s in (*STAGES, "i2v")},
         "registered_model": {k: text[k] for k in ("name", "version", "aliases")},
         "promotion": text["promotion"],
         "image_to_video_model": image,

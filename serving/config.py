@@ -7,32 +7,36 @@ run at once (more get 429, not an out-of-memory kill)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_ALIAS = "champion"
+URI_PREFIX = "models:/"
 
 
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VDM_SERVE_", extra="ignore", frozen=True)
 
-    # Registered model names; each is a text- or an image-to-video model (at most one of each).
+    # The registered models to serve, any number of any kind: `NAME` (served at `alias`),
+    # `NAME@ALIAS` or `models:/NAME@ALIAS`; comma separated in VDM_SERVE_MODELS.
     models: Annotated[tuple[str, ...], NoDecode] = ()
     alias: str = DEFAULT_ALIAS
-    # How often the alias is checked; 0: only on POST /reload.
+    # How often the aliases are checked; 0: only on POST /reload.
     poll_seconds: float = 30.0
 
     max_concurrency: int = Field(2, ge=1)
     # A 14-frame 576x1024 generation takes minutes on a GPU; BentoML's default is 60 s.
     timeout_seconds: float = Field(900.0, gt=0)
 
-    max_frames: int = Field(32, ge=1)
+    max_frames: int = Field(32, ge=1)  # generated, and in an uploaded video
     max_side: int = Field(1024, ge=8)  # pixels, height and width
     max_steps: int = Field(100, ge=1)
     max_prompt_chars: int = Field(1000, ge=1)
     max_image_bytes: int = Field(10 * 2**20, ge=1)
+    max_video_bytes: int = Field(50 * 2**20, ge=1)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -41,19 +45,33 @@ class ServeSettings(BaseSettings):
             return tuple(name.strip() for name in value.split(",") if name.strip())
         return tuple(value)
 
+    def specs(self) -> tuple[ModelSpec, ...]:
+        """The configured models, each with its alias."""
+        return model_specs(self.models, self.alias)
 
-def model_names(specs: tuple[str, ...], alias: str) -> tuple[tuple[str, ...], str]:
-    """`NAME` (served at `alias`) or `models:/NAME@ALIAS` specs as (names, alias). One
-    alias for the whole service: its models follow the same promotion."""
-    names, aliases = [], set()
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One served model: a registered NAME followed at ALIAS."""
+
+    name: str
+    alias: str
+
+    def __str__(self) -> str:
+        return f"{URI_PREFIX}{self.name}@{self.alias}"
+
+
+def model_specs(specs: tuple[str, ...] | list[str], alias: str) -> tuple[ModelSpec, ...]:
+    """`NAME` (served at `alias`), `NAME@ALIAS` or `models:/NAME@ALIAS` specs, each model
+    with its own alias. A name may appear once: a request picks its model by name."""
+    parsed: list[ModelSpec] = []
     for spec in specs:
-        name, spec_alias = spec, alias
-        if spec.startswith("models:/"):
-            name, sep, spec_alias = spec.removeprefix("models:/").partition("@")
-            if not (sep and name and spec_alias):
-                raise ValueError(f"{spec}: expected models:/NAME@ALIAS")
-        names.append(name)
-        aliases.add(spec_alias)
-    if len(aliases) > 1:
-        raise ValueError(f"one alias per service, got {sorted(aliases)}")
-    return tuple(names), aliases.pop() if aliases else alias
+        text = spec.strip()
+        uri = text.startswith(URI_PREFIX)
+        name, sep, spec_alias = text.removeprefix(URI_PREFIX).partition("@")
+        if (uri and not sep) or not name or (sep and not spec_alias) or "/" in name or "@" in spec_alias:
+            raise ValueError(f"{spec!r}: expected NAME, NAME@ALIAS or models:/NAME@ALIAS")
+        if any(p.name == name for p in parsed):
+            raise ValueError(f"{name} is listed twice: serve each registered model once")
+        parsed.append(ModelSpec(name, spec_alias or alias))
+    return tuple(parsed)

@@ -21,8 +21,8 @@ MODEL_LOAD_SECONDS = Histogram(
 )
 SERVED_MODEL = Gauge(
     "vdm_serving_model_info",
-    "1 for the model version each kind is served from, 0 for versions it served before",
-    ["kind", "model", "version", "alias"],
+    "1 for the version each served model is served from, 0 for versions it served before",
+    ["model", "version", "alias", "kind", "endpoint"],
     multiprocess_mode="livemostrecent",
 )
 GPU_MEMORY_BYTES = Gauge(

@@ -1,6 +1,7 @@
-"""The models a pod serves: `models:/NAME@ALIAS` resolved in the MLflow registry,
-downloaded once per version into a cache, loaded, and swapped atomically when the
-alias moves. A request takes the current `ServedModel` once and keeps it, so requests
+"""The models a pod serves: any number of `models:/NAME@ALIAS`, each resolved in the
+MLflow registry, downloaded once per version into a cache, loaded, and swapped
+atomically when its alias moves. A model's kind is its task (model/tasks): the task's
+`endpoint` is the API that serves it. A request takes the current `ServedModel` once and keeps it, so requests
 in flight finish on the version they started with while new ones get the new one."""
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from mlflow import MlflowClient
@@ -20,10 +20,11 @@ from components.common.tracking import connect
 from components.registry.pipeline_model import download_pipeline
 from model.camera_lora import adapter_names
 from model.stages import VideoDiffusion
+from model.tasks import Task
+from serving.config import ModelSpec
 from serving.metrics import GPU_MEMORY_BYTES, MODEL_LOAD_SECONDS, SERVED_MODEL
 
 log = logging.getLogger(__name__)
-Kind = Literal["text", "image"]
 COMPLETE = ".complete"  # written after a download finishes: a half-downloaded version is fetched again
 
 
@@ -40,8 +41,17 @@ class ServedModel:
     sampling_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
-    def kind(self) -> Kind:
-        return self.pipeline.task.conditioning
+    def task(self) -> Task:
+        return self.pipeline.task
+
+    @property
+    def kind(self) -> str:
+        return self.task.name
+
+    @property
+    def endpoint(self) -> str | None:
+        """The API that serves this model (None: a kind not served on its own)."""
+        return self.task.endpoint
 
     @property
     def device(self) -> torch.device:
@@ -53,6 +63,7 @@ class ServedModel:
             "version": self.version,
             "alias": self.alias,
             "kind": self.kind,
+            "endpoint": self.endpoint,
             "run_id": self.run_id,
             "lineage": self.lineage,
             "device": str(self.device),
@@ -94,32 +105,52 @@ def load_version(client: MlflowClient, name: str, version: str, alias: str, cach
 
 
 class UnknownKind(LookupError):
-    """No served model does what the request asks (e.g. image-to-video on a text model)."""
+    """No served model answers the endpoint (HTTP 404)."""
+
+
+class WrongModel(ValueError):
+    """The model a request names is not served here, or is of another kind (HTTP 400)."""
 
 
 class LiveModels:
-    """The current version of each configured model, kept in step with the alias."""
+    """The current version of each configured model, kept in step with its alias."""
 
-    def __init__(self, names: tuple[str, ...], alias: str, cache: Path):
-        if not names:
+    def __init__(self, specs: tuple[ModelSpec, ...], cache: Path):
+        if not specs:
             raise ValueError("no model to serve: set VDM_SERVE_MODELS (or `vdm serve --model NAME`)")
-        self.names, self.alias, self.cache = names, alias, cache
+        self.specs, self.cache = specs, cache
         self._by_name: dict[str, ServedModel] = {}
         self._lock = threading.Lock()  # one refresh at a time; readers never wait on it
 
     @property
     def ready(self) -> bool:
-        return len(self._by_name) == len(self.names)
+        return len(self._by_name) == len(self.specs)
 
-    def get(self, kind: Kind) -> ServedModel:
-        for served in list(self._by_name.values()):
-            if served.kind == kind:
+    def _loaded(self) -> str:
+        return ", ".join(f"{m.name} v{m.version} ({m.kind})" for m in self.all()) or "none yet"
+
+    def get(self, endpoint: str, name: str | None = None) -> ServedModel:
+        """The model `name` if it serves `endpoint` (else WrongModel); without a name the
+        endpoint's default, the first configured model that serves it (else UnknownKind)."""
+        by_name = self._by_name  # one snapshot: a swap mid-lookup does not mix versions
+        if name is not None:
+            served = by_name.get(name)
+            if served is None:
+                raise WrongModel(f"model: {name!r} is not served here (served: {self._loaded()})")
+            if served.endpoint != endpoint:
+                answered = f"the {served.endpoint} endpoint" if served.endpoint else "no endpoint"
+                raise WrongModel(f"model: {name} is a {served.kind!r} model, served by {answered}, not {endpoint}")
+            return served
+        for spec in self.specs:
+            served = by_name.get(spec.name)
+            if served is not None and served.endpoint == endpoint:
                 return served
-        loaded = ", ".join(f"{m.name} v{m.version} ({m.kind})" for m in self._by_name.values()) or "none yet"
-        raise UnknownKind(f"no {kind}-to-video model is served here (loaded: {loaded})")
+        raise UnknownKind(f"no model for the {endpoint} endpoint is served here (loaded: {self._loaded()})")
 
     def all(self) -> list[ServedModel]:
-        return list(self._by_name.values())
+        """The loaded models in configured order."""
+        by_name = self._by_name
+        return [by_name[spec.name] for spec in self.specs if spec.name in by_name]
 
     def refresh(self) -> list[str]:
         """Load the version each alias points at where it moved; returns what changed."""
@@ -127,21 +158,21 @@ class LiveModels:
             connect()
             client = MlflowClient()
             changes = []
-            for name in self.names:
-                version = client.get_model_version_by_alias(name, self.alias).version
+            for spec in self.specs:
+                name, alias = spec.name, spec.alias
+                version = client.get_model_version_by_alias(name, alias).version
                 current = self._by_name.get(name)
                 if current and current.version == version:
                     continue
-                served = load_version(client, name, version, self.alias, self.cache)
-                clash = [m for m in self._by_name.values() if m.kind == served.kind and m.name != name]
-                if clash:
-                    raise ValueError(f"{name} and {clash[0].name} are both {served.kind}-to-video models")
+                served = load_version(client, name, version, alias, self.cache)
                 self._by_name = {**self._by_name, name: served}  # one assignment: readers see old or new
                 if current:
-                    SERVED_MODEL.labels(current.kind, name, current.version, self.alias).set(0)
-                SERVED_MODEL.labels(served.kind, name, version, self.alias).set(1)
-                changes.append(f"{name}@{self.alias}: v{current.version if current else '-'} -> v{version}")
-                log.info("serving %s v%s (%s-to-video) on %s", name, version, served.kind, served.device)
+                    SERVED_MODEL.labels(name, current.version, alias, current.kind, current.endpoint or "").set(0)
+                SERVED_MODEL.labels(name, version, alias, served.kind, served.endpoint or "").set(1)
+                changes.append(f"{spec}: v{current.version if current else '-'} -> v{version}")
+                log.info(
+                    "serving %s v%s (%s, endpoint %s) on %s", name, version, served.kind, served.endpoint, served.device
+                )
             return changes
 
     def poll(self, every: float, stop: threading.Event) -> None:
@@ -150,4 +181,4 @@ class LiveModels:
             try:
                 self.refresh()
             except Exception:
-                log.exception("checking %s for a moved alias failed; still serving what is loaded", self.names)
+                log.exception("checking %s for a moved alias failed; still serving what is loaded", self.specs)

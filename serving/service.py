@@ -1,17 +1,25 @@
-"""BentoML service: text-to-video and image-to-video from the registry's champion.
+"""BentoML service: every configured registered model, of any kind, from its alias.
 
-    bentoml serve serving.service:VideoGeneration      (or `vdm serve --model NAME`)
+    bentoml serve serving.service:VideoGeneration      (or `vdm serve --model NAME ...`)
 
 At start-up a background thread resolves `models:/NAME@ALIAS` for each configured
 model, downloads and loads it (GPU with bf16 autocast if there is one); `/readyz`
-answers 200 only once every model is loaded, `/livez` at once. The alias is then
+answers 200 only once every model is loaded, `/livez` at once. The aliases are then
 checked every `VDM_SERVE_POLL_SECONDS` (and on POST /reload): a moved alias loads the
 new version next to the old one and switches atomically.
 
+A model's kind is its task (model/tasks): `task.endpoint` is the API that serves it,
+`task.Inputs` what one video is generated from, `task.sample` the generation. Each
+endpoint has a request schema here (`REQUESTS`); its fields fill the served task's
+`Inputs` (uploads by medium: `image`, `video`) and its `GenerationConfig`, so nothing
+below branches on a kind. A request may name its `model`; otherwise the endpoint's
+default is the first configured model that the endpoint serves.
+
 Errors: invalid inputs get 400 with the field at fault (pydantic limits from
-`ServeSettings`), an endpoint without a model of its kind 404, a full server 429
-(BentoML's `max_concurrency`), a generation that raises 500 with an `error_id` that
-is also in the server log; the server keeps serving."""
+`ServeSettings`, or a message that starts with the field's name), an endpoint without
+a model 404, a `model` that is not served or of another kind 400, a full server 429
+(BentoML's `max_concurrency`), a generation that raises 500 with an `error_id` that is
+also in the server log; the server keeps serving."""
 
 from __future__ import annotations
 
@@ -20,9 +28,11 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
+import av
 import bentoml
 import numpy as np
 import torch
@@ -33,57 +43,57 @@ from starlette.responses import JSONResponse, Response
 
 from components.common.media import video_bytes
 from components.common.settings import load_settings
-from model.pipeline import GenerationConfig, animate, generate, to_uint8
+from model.pipeline import GenerationConfig, to_uint8
+from model.tasks import Task
 from serving.config import ServeSettings
 from serving.metrics import DENOISING_STEP_SECONDS, FRAMES_GENERATED, GENERATION_FAILURES
-from serving.models import LiveModels, ServedModel, UnknownKind, record_gpu_memory
+from serving.models import LiveModels, ServedModel, UnknownKind, WrongModel, record_gpu_memory
 
 log = logging.getLogger("vdm.serving")
 LIMITS = ServeSettings()
 # BentoML's default duration buckets stop at 180 s; video generation can take minutes.
 DURATION_BUCKETS = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0, 900.0, 1800.0]
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
+MP4 = "video/mp4"
+Prompt = Annotated[str, Field(max_length=LIMITS.max_prompt_chars)]
 
 
-class VideoControls(BaseModel):
-    """Controls both endpoints share; unset frames, fps and size are the model's training clip."""
+class Request(BaseModel):
+    """What every endpoint takes: the model to use, and the sampling controls all kinds
+    read. Unset size and fps are the model's training clip."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    endpoint: ClassVar[str]  # the API (a task's `endpoint`) this schema is for
+    # Fields of the task's `Inputs` filled from a request field of another name.
+    renames: ClassVar[dict[str, str]] = {}
+    min_frames: ClassVar[int] = 1  # an uploaded video's fewest frames
 
-    num_frames: Annotated[int, Field(ge=1, le=LIMITS.max_frames)] | None = None
+    # A served model's NAME (model_info lists them); unset: the endpoint's default.
+    model: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     fps: Annotated[float, Field(gt=0, le=60)] | None = None
     # Curation's motion score the video should have (SVD's motion bucket, before bucketing).
     motion_bucket: Annotated[float, Field(ge=0, le=64)] = 1.0
     num_steps: Annotated[int, Field(ge=1, le=LIMITS.max_steps)] = 25
-    guidance_min: Annotated[float, Field(ge=0, le=30)] = 1.0
-    guidance_max: Annotated[float, Field(ge=0, le=30)] = 3.0
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
     height: Annotated[int, Field(ge=8, le=LIMITS.max_side)] | None = None
     width: Annotated[int, Field(ge=8, le=LIMITS.max_side)] | None = None
-    # Camera-motion LoRA: the adapter (motion class) to sample with, one the model has
-    # (model_info lists them); unset: the base model. Strength multiplies its update.
-    camera_motion: Annotated[str, Field(max_length=64)] | None = None
-    camera_motion_strength: Annotated[float, Field(ge=0, le=4)] = 1.0
 
-    def generation_settings(self, served: ServedModel, **extra) -> GenerationConfig:
-        if self.camera_motion is not None and self.camera_motion not in served.camera_motions:
-            have = served.camera_motions or "none"
-            raise InvalidArgument(f"{served.name} has no camera-motion adapter {self.camera_motion!r}; it has {have}")
-        config = GenerationConfig.for_clip(
-            served.pipeline.config.clip,
-            num_frames=self.num_frames,
-            height=self.height,
-            width=self.width,
-            fps=self.fps,
-            motion=self.motion_bucket,
-            steps=self.num_steps,
-            guidance_min=self.guidance_min,
-            guidance_max=self.guidance_max,
-            seed=self.seed,
-            adapter=self.camera_motion,
-            adapter_strength=self.camera_motion_strength,
-            **extra,
-        )
+    def settings(self, served: ServedModel) -> dict:
+        """GenerationConfig fields this request sets (None: the model's own)."""
+        return {
+            "fps": self.fps,
+            "motion": self.motion_bucket,
+            "steps": self.num_steps,
+            "seed": self.seed,
+            "height": self.height,
+            "width": self.width,
+        }
+
+    def generation_settings(self, served: ServedModel) -> GenerationConfig:
+        """The generation config for `served`, the kind's own fields (`generation_fields`)
+        included where this endpoint takes them; a size the network cannot take is a 400."""
+        own = {name: getattr(self, name) for name in served.task.generation_fields if name in type(self).model_fields}
+        config = GenerationConfig.for_clip(served.pipeline.config.clip, **self.settings(served), **own)
         # The UNet halves the latent at every level but the last; the VAE divides by its own factor.
         multiple = served.pipeline.codec.downsampling * 2 ** (len(served.pipeline.unet.config.down_block_types) - 1)
         for side in ("height", "width"):
@@ -91,32 +101,155 @@ class VideoControls(BaseModel):
                 raise InvalidArgument(f"{side} must be a multiple of {multiple} for {served.name}")
         return config
 
+    def media(self) -> dict[str, torch.Tensor]:
+        """The uploads, decoded and checked (400 naming the field) before any model work,
+        by medium: an `Inputs` field with `metadata={"media": M}` takes the upload field M."""
+        uploads = [medium for medium in DECODERS if medium in type(self).model_fields]
+        return {medium: DECODERS[medium](self, medium) for medium in uploads}
+
+    def task_inputs(self, task: Task, media: dict[str, torch.Tensor]):
+        """The served kind's `Inputs`: media from the uploads, the rest from the request
+        fields of the same name (or `renames`); fields it lacks keep their defaults."""
+        values = {}
+        for f in fields(task.Inputs):
+            medium = f.metadata.get("media")
+            source = self.renames.get(f.name, f.name)
+            if medium:
+                values[f.name] = media[medium]
+            elif source in type(self).model_fields:
+                values[f.name] = getattr(self, source)
+        return task.Inputs(**values)
+
+
+class VideoControls(Request):
+    """Controls the endpoints that generate a clip of the model's kind share."""
+
+    num_frames: Annotated[int, Field(ge=1, le=LIMITS.max_frames)] | None = None
+    guidance_min: Annotated[float, Field(ge=0, le=30)] = 1.0
+    guidance_max: Annotated[float, Field(ge=0, le=30)] = 3.0
+    # Camera-motion LoRA: the adapter (motion class) to sample with, one the model has
+    # (model_info lists them); unset: the base model. Strength multiplies its update.
+    camera_motion: Annotated[str, Field(max_length=64)] | None = None
+    camera_motion_strength: Annotated[float, Field(ge=0, le=4)] = 1.0
+
+    def settings(self, served: ServedModel) -> dict:
+        if self.camera_motion is not None and self.camera_motion not in served.camera_motions:
+            have = served.camera_motions or "none"
+            raise InvalidArgument(
+                f"camera_motion: {served.name} has no camera-motion adapter {self.camera_motion!r}; it has {have}"
+            )
+        return super().settings(served) | {
+            "num_frames": self.num_frames,
+            "guidance_min": self.guidance_min,
+            "guidance_max": self.guidance_max,
+            "adapter": self.camera_motion,
+            "adapter_strength": self.camera_motion_strength,
+        }
+
 
 class TextToVideo(VideoControls):
-    prompt: Annotated[str, Field(max_length=LIMITS.max_prompt_chars)]
-    negative_prompt: Annotated[str, Field(max_length=LIMITS.max_prompt_chars)] = ""
+    endpoint = "text_to_video"
+    prompt: Prompt
+    negative_prompt: Prompt = ""
 
 
 class ImageToVideo(VideoControls):
+    endpoint = "image_to_video"
     image: Annotated[Path, bentoml.validators.ContentType("image/*")]  # PNG, JPEG or WebP
     noise_aug_strength: Annotated[float, Field(ge=0, le=1)] = 0.02
 
 
-def _conditioning_image(path: Path) -> torch.Tensor:
-    """An uploaded PNG/JPEG/WebP as (3, H, W) in [-1, 1] (`animate` fits it to the video's
-    size), or 400: checked before any model work."""
+class MultiView(ImageToVideo):
+    """An orbit around the object in `image`: `num_frames` views over one turn."""
+
+    endpoint = "multiview"
+    elevation: Annotated[float, Field(ge=-90, le=90)]  # the camera elevation of `image`, degrees
+
+
+class KnownFrames(Request):
+    """Endpoints that take an mp4 of known frames (`video`)."""
+
+    video: Path  # an mp4; any content type (curl sends application/octet-stream)
+    prompt: Prompt = ""
+    # Classifier-free guidance on the known frames (1: none).
+    context_guidance: Annotated[float, Field(ge=0, le=30)] = 1.0
+
+
+class Interpolate(KnownFrames):
+    """`video`'s frames as key frames, three generated between each pair: 4T - 3 frames at
+    `fps` (the output's; default the model's clip fps, 4x its key frames' rate)."""
+
+    endpoint = "interpolate"
+    min_frames = 2
+
+
+class Extend(KnownFrames):
+    """`video`'s frames (its last 2 are the context) continued to `num_frames` in all."""
+
+    endpoint = "extend"
+    renames = {"video_frames": "num_frames"}
+    # The whole video's length, the context included; unset: two of the model's chunks.
+    num_frames: Annotated[int, Field(ge=1, le=LIMITS.max_frames)] | None = None
+
+
+REQUESTS: dict[str, type[Request]] = {
+    cls.endpoint: cls for cls in (TextToVideo, ImageToVideo, Interpolate, Extend, MultiView)
+}
+
+
+def _conditioning_image(request: Request, medium: str) -> torch.Tensor:
+    """An uploaded PNG/JPEG/WebP as (3, H, W) in [-1, 1] (sampling fits it to the video's
+    size), or 400."""
+    path: Path = getattr(request, medium)
     if path.stat().st_size > LIMITS.max_image_bytes:
-        raise InvalidArgument(f"image is larger than {LIMITS.max_image_bytes} bytes")
+        raise InvalidArgument(f"{medium}: image is larger than {LIMITS.max_image_bytes} bytes")
     try:
         with Image.open(path) as image:
             if image.format not in IMAGE_FORMATS:
-                raise InvalidArgument(f"image must be one of {sorted(IMAGE_FORMATS)}, not {image.format}")
+                raise InvalidArgument(f"{medium}: image must be one of {sorted(IMAGE_FORMATS)}, not {image.format}")
             if max(image.size) > 4 * LIMITS.max_side:
-                raise InvalidArgument(f"image is {image.size[0]}x{image.size[1]}; at most {4 * LIMITS.max_side} a side")
+                raise InvalidArgument(
+                    f"{medium}: image is {image.size[0]}x{image.size[1]}; at most {4 * LIMITS.max_side} a side"
+                )
             array = np.asarray(image.convert("RGB"), dtype=np.float32)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-        raise InvalidArgument(f"image could not be read: {error}") from error
+        raise InvalidArgument(f"{medium}: image could not be read: {error}") from error
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
+
+
+def _uploaded_video(request: Request, medium: str) -> torch.Tensor:
+    """An uploaded mp4 as (T, 3, H, W) in [-1, 1], `request.min_frames` <= T <=
+    `max_frames`, at most `max_side` pixels a side, or 400."""
+    path: Path = getattr(request, medium)
+    if path.stat().st_size > LIMITS.max_video_bytes:
+        raise InvalidArgument(f"{medium}: video is larger than {LIMITS.max_video_bytes} bytes")
+    rgb = []
+    try:
+        with av.open(str(path)) as container:
+            if "mp4" not in container.format.name.split(","):
+                raise InvalidArgument(f"{medium}: video must be an mp4, not {container.format.name}")
+            if not container.streams.video:
+                raise InvalidArgument(f"{medium}: the mp4 has no video stream")
+            stream = container.streams.video[0]
+            if max(stream.width, stream.height) > LIMITS.max_side:
+                raise InvalidArgument(
+                    f"{medium}: video is {stream.width}x{stream.height}; at most {LIMITS.max_side} a side"
+                )
+            for frame in container.decode(stream):
+                if len(rgb) == LIMITS.max_frames:
+                    raise InvalidArgument(f"{medium}: video has more than {LIMITS.max_frames} frames")
+                rgb.append(frame.to_ndarray(format="rgb24"))
+        array = np.stack(rgb) if rgb else None
+    except (av.FFmpegError, OSError, ValueError) as error:
+        raise InvalidArgument(f"{medium}: video could not be read as an mp4: {error}") from error
+    if len(rgb) < request.min_frames:
+        raise InvalidArgument(f"{medium}: video has {len(rgb)} frames; {request.endpoint} needs {request.min_frames}+")
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# An upload field per medium of the kinds' `Inputs` (`metadata={"media": ...}`).
+DECODERS = {"image": _conditioning_image, "video": _uploaded_video}
+Video = Annotated[Path, bentoml.validators.ContentType(MP4)]
 
 
 @bentoml.service(
@@ -127,7 +260,7 @@ def _conditioning_image(path: Path) -> torch.Tensor:
 )
 class VideoGeneration:
     def __init__(self) -> None:
-        self.models = LiveModels(LIMITS.models, LIMITS.alias, load_settings().home / "cache" / "serving")
+        self.models = LiveModels(LIMITS.specs(), load_settings().home / "cache" / "serving")
         self._stop = threading.Event()
         threading.Thread(target=self._load_then_poll, name="vdm-model-loader", daemon=True).start()
 
@@ -137,7 +270,7 @@ class VideoGeneration:
             try:
                 self.models.refresh()
             except Exception:
-                log.exception("loading %s@%s failed; retrying in %.0f s", LIMITS.models, LIMITS.alias, delay)
+                log.exception("loading %s failed; retrying in %.0f s", [str(m) for m in self.models.specs], delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 60.0)
         if LIMITS.poll_seconds > 0:
@@ -150,17 +283,23 @@ class VideoGeneration:
     def _shutdown(self) -> None:
         self._stop.set()
 
-    def _served(self, kind: str) -> ServedModel:
+    def _served(self, request: Request) -> ServedModel:
         if not self.models.ready:
-            raise ServiceUnavailable("the model is still loading; see /readyz")
+            raise ServiceUnavailable("the models are still loading; see /readyz")
         try:
-            return self.models.get(kind)
+            return self.models.get(request.endpoint, request.model)
         except UnknownKind as error:
             raise NotFound(str(error)) from error
+        except WrongModel as error:
+            raise InvalidArgument(str(error)) from error
 
-    def _video(self, endpoint: str, served: ServedModel, config: GenerationConfig, run) -> Response:
-        """Run one generation on `served` (the caller's snapshot) and answer with an mp4,
-        or with a 500 carrying an error id; the exception goes to the log, not the caller."""
+    def _generate(self, endpoint: str, request: Request) -> Response:
+        """Run one generation of `request` on its model (a snapshot: a swap does not reach a
+        request in flight) and answer with an mp4, or with a 500 carrying an error id; the
+        exception goes to the log, not the caller. `endpoint`: the metrics' label."""
+        served = self._served(request)
+        media = request.media()
+        config = request.generation_settings(served)
         step_started = time.perf_counter()
 
         def on_step(_step: int) -> None:
@@ -174,8 +313,9 @@ class VideoGeneration:
         )
         exclusive = served.sampling_lock if served.camera_motions else contextlib.nullcontext()
         try:
+            inputs = request.task_inputs(served.task, media)
             with exclusive, autocast:
-                frames = run(served.pipeline, config, on_step)
+                frames = served.task.sample(served.pipeline, inputs, config, on_step)
             mp4 = video_bytes(to_uint8(frames.float()).numpy(), config.fps)
         except Exception:
             error_id = uuid.uuid4().hex[:12]
@@ -184,55 +324,51 @@ class VideoGeneration:
             return JSONResponse({"error": "video generation failed", "error_id": error_id}, status_code=500)
         finally:
             record_gpu_memory()
-        FRAMES_GENERATED.labels(endpoint).inc(config.num_frames)
-        return Response(mp4, media_type="video/mp4", headers={"X-VDM-Model": f"{served.name}/{served.version}"})
+        FRAMES_GENERATED.labels(endpoint).inc(len(frames))
+        return Response(mp4, media_type=MP4, headers={"X-VDM-Model": f"{served.name}/{served.version}"})
 
-    def _text_to_video(self, endpoint: str, request: TextToVideo) -> Response:
-        served = self._served("text")
-        config = request.generation_settings(served)
-        return self._video(
-            endpoint,
-            served,
-            config,
-            lambda pipeline, c, on_step: generate(
-                pipeline, request.prompt, c, request.negative_prompt, on_step=on_step
-            ),
-        )
-
-    def _image_to_video(self, endpoint: str, request: ImageToVideo) -> Response:
-        image = _conditioning_image(request.image)
-        served = self._served("image")
-        config = request.generation_settings(served, noise_aug_strength=request.noise_aug_strength)
-
-        def run(pipeline, c, on_step):
-            return animate(pipeline, image, c, on_step=on_step)
-
-        return self._video(endpoint, served, config, run)
-
+    # One API per endpoint of model/tasks (`task.endpoint`); each returns an mp4 and names
+    # the version that made it in the X-VDM-Model header.
     @bentoml.api(input_spec=TextToVideo)
-    def text_to_video(self, **request) -> Annotated[Path, bentoml.validators.ContentType("video/mp4")]:
+    def text_to_video(self, **request) -> Video:
         """An mp4 of `prompt`."""
-        return self._text_to_video("text_to_video", TextToVideo(**request))
+        return self._generate("text_to_video", TextToVideo(**request))
 
     @bentoml.api(input_spec=ImageToVideo)
-    def image_to_video(self, **request) -> Annotated[Path, bentoml.validators.ContentType("video/mp4")]:
+    def image_to_video(self, **request) -> Video:
         """An mp4 that starts from `image`."""
-        return self._image_to_video("image_to_video", ImageToVideo(**request))
+        return self._generate("image_to_video", ImageToVideo(**request))
+
+    @bentoml.api(input_spec=Interpolate)
+    def interpolate(self, **request) -> Video:
+        """`video`'s frames with three generated between each pair: an mp4 at 4x the frame rate."""
+        return self._generate("interpolate", Interpolate(**request))
+
+    @bentoml.api(input_spec=Extend)
+    def extend(self, **request) -> Video:
+        """`video` continued to `num_frames` frames in all."""
+        return self._generate("extend", Extend(**request))
+
+    @bentoml.api(input_spec=MultiView)
+    def multiview(self, **request) -> Video:
+        """An orbit around the object in `image`, seen from `elevation` degrees."""
+        return self._generate("multiview", MultiView(**request))
 
     # Task variants for generations longer than a client wants to hold a connection:
     # POST /<name>/submit, then /<name>/status and /<name>/get. Their queue lives in
     # this pod's memory: lost on restart, not shared between replicas.
     @bentoml.task(input_spec=TextToVideo)
-    def text_to_video_task(self, **request) -> Annotated[Path, bentoml.validators.ContentType("video/mp4")]:
-        return self._text_to_video("text_to_video_task", TextToVideo(**request))
+    def text_to_video_task(self, **request) -> Video:
+        return self._generate("text_to_video_task", TextToVideo(**request))
 
     @bentoml.task(input_spec=ImageToVideo)
-    def image_to_video_task(self, **request) -> Annotated[Path, bentoml.validators.ContentType("video/mp4")]:
-        return self._image_to_video("image_to_video_task", ImageToVideo(**request))
+    def image_to_video_task(self, **request) -> Video:
+        return self._generate("image_to_video_task", ImageToVideo(**request))
 
     @bentoml.api
     def model_info(self) -> list[dict]:
-        """Each served model: name, version, alias, kind, training run and lineage tags."""
+        """Each served model: name, version, alias, kind, endpoint, training run, lineage,
+        default clip and camera motions."""
         return [served.info() for served in self.models.all()]
 
     @bentoml.api

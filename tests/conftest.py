@@ -19,6 +19,16 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 _taken: set[int] = set()
+# Tests that start servers of their own (besides the session's stack).
+OWN_SERVERS = {"own_stack"}
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that need the local stack's servers are marked `stack`, so `pytest -m "not stack"`
+    runs the rest alone (no SeaweedFS, MLflow or Prometheus started)."""
+    for item in items:
+        if "stack" in item.fixturenames or OWN_SERVERS & set(item.fixturenames):
+            item.add_marker(pytest.mark.stack)
 
 
 def free_port(with_grpc: bool = False) -> int:

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from components.common.objectstore import sha256_file
-from components.curation.motion import CAMERA_MOTIONS
 from components.sample_data.render import moving_shapes
 from components.sample_data.synth import (
     REJECT_EMPTY,
@@ -23,6 +22,7 @@ from components.sample_data.synth import (
     SynthConfig,
     synthesize_local,
 )
+from model.records import CAMERA_MOTIONS
 
 
 @pytest.fixture(scope="module")

@@ -55,8 +55,9 @@ from model.camera_lora import MOTION_CLASSES, base_unet
 from model.camera_motion import class_report, estimate, motion_class, motions_report
 from model.conditioning import LatentCodec
 from model.data import ClipDataset
+from model.folder import ModelFolder
 from model.pipeline import GenerationConfig, generate
-from model.stages import VAE_FOLDER, VideoDiffusion, named_config
+from model.stages import VideoDiffusion, named_config
 from model.train import train
 
 PROMPT = "a disc moving on black"  # the base's caption, and the camera clips'
@@ -151,7 +152,7 @@ def main() -> None:
         return out
 
     base_folder = args.base
-    vae_folder = base_folder / VAE_FOLDER
+    vae_folder = ModelFolder(base_folder).vae
     base_config = VideoDiffusion.load(base_folder).config
     clip = base_config.clip
     camera_p_mean = base_config.p_mean if args.camera_p_mean is None else args.camera_p_mean

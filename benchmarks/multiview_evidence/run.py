@@ -67,7 +67,7 @@ from components.sample_data.shards import write_shapes_shards
 from model.autoencoder import AutoencoderTraining, reconstruction_error, train_autoencoder
 from model.conditioning import LatentCodec
 from model.data import ClipDataset, ClipSpec
-from model.multiview import OrbitDataset, orbit, orbit_l1, orbit_psnr, summarize_views
+from model.multiview import OrbitDataset, orbit, orbit_l1, orbit_psnr, summarize_views, view_retrieval
 from model.pipeline import GenerationConfig, animate
 from model.stages import VideoDiffusion, named_config
 from model.train import train
@@ -106,23 +106,16 @@ def silhouette_iou(generated: torch.Tensor, truth: torch.Tensor) -> list[float]:
     return torch.where(union > 0, (a & b).flatten(1).sum(1) / union.clamp(min=1), torch.ones_like(union)).tolist()
 
 
-def pairwise_l1(generated: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """(T, T): L1 of generated view i to true view j."""
-    return (generated.float()[:, None] - truth.float()[None]).abs().flatten(2).mean(2)
-
-
 def compare(generated: list[torch.Tensor], truth: list[torch.Tensor]) -> dict:
     pairs = list(zip(generated, truth, strict=True))
-    distances = [pairwise_l1(g, t) for g, t in pairs]
-    retrieval = [(d.argmin(dim=1) == torch.arange(len(d))).float()[1:].tolist() for d in distances]
-    margin = [(d[:, 0] - d.diagonal())[1:] for d in distances]
+    retrieval = view_retrieval(generated, truth)
     return {
         "psnr_db": summarize_views([orbit_psnr(g, t) for g, t in pairs]),
         "l1": summarize_views([orbit_l1(g, t) for g, t in pairs]),
         "object_psnr_db": summarize_views([object_psnr(g, t) for g, t in pairs]),
         "silhouette_iou": summarize_views([silhouette_iou(g, t) for g, t in pairs]),
-        "view_retrieval": float(np.mean(retrieval)),
-        "turn_margin": float(torch.stack(margin).mean()),
+        "view_retrieval": retrieval["view_retrieval"],
+        "turn_margin": retrieval["turn_margin"],
     }
 
 

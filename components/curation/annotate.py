@@ -43,6 +43,7 @@ from components.curation.neural import (
     load_plugin,
 )
 from components.curation.video import Rejected, decode, output_size
+from model.records import ClipRecord, Flow
 
 CLIPS_FILE = "clips.jsonl"
 REJECTED_FILE = "rejected.jsonl"
@@ -57,7 +58,7 @@ PROCESSING_ERROR = "processing_error"
 class VideoResult:
     video: str
     rejected: dict | None = None
-    clips: list[dict] = field(default_factory=list)
+    clips: list[ClipRecord] = field(default_factory=list)
     keyframes: list[np.ndarray] = field(default_factory=list)  # per clip: (3, h, w, 3) first, middle, last
     clip_mp4: list[bytes | None] = field(default_factory=list)  # None for clips too short to keep
     thumbnails: list[bytes] = field(default_factory=list)  # JPEG strip of the key frames
@@ -137,23 +138,24 @@ def process_video(video: str, path: Path, config: CurationConfig) -> VideoResult
         with watch("flow"):
             estimate = motion.estimate(frames, list(range(0, len(frames), step)), config.motion)
         keyframes = frames[[0, len(frames) // 2, len(frames) - 1]]
+        tx, ty = (round(v, 4) for v in estimate.translation)
         result.clips.append(
-            {
-                "key": clip_key(video, index),
-                "video": video,
-                "start_frame": seg.start,
-                "end_frame": seg.end,
-                "start_s": round(seg.start / fps, 6),
-                "end_s": round(seg.end / fps, 6),
-                "fps": fps,
-                "num_frames": seg.end - seg.start,
-                "source_size": [decoded.width, decoded.height],
-                "codec": decoded.codec,
-                "too_short": seg.too_short,
-                "camera_motion": estimate.camera_motion,
-                "flow": {"translation": [round(v, 4) for v in estimate.translation], "zoom": round(estimate.zoom, 4)},
-                "scores": {"motion": round(estimate.score, 5)},
-            }
+            ClipRecord(
+                key=clip_key(video, index),
+                video=video,
+                start_frame=seg.start,
+                end_frame=seg.end,
+                start_s=round(seg.start / fps, 6),
+                end_s=round(seg.end / fps, 6),
+                fps=fps,
+                num_frames=seg.end - seg.start,
+                source_size=(decoded.width, decoded.height),
+                codec=decoded.codec,
+                too_short=seg.too_short,
+                camera_motion=estimate.camera_motion,
+                flow=Flow((tx, ty), round(estimate.zoom, 4)),
+                scores={"motion": round(estimate.score, 5)},
+            )
         )
         result.keyframes.append(keyframes)
         with watch("encode"):
@@ -180,7 +182,7 @@ class Annotators:
     def random_weights(self) -> bool:
         return self.clip.random_weights or bool(self.coca and self.coca.random_weights)
 
-    def annotate(self, clips: list[dict], keyframes: list[np.ndarray]) -> dict[str, float]:
+    def annotate(self, clips: list[ClipRecord], keyframes: list[np.ndarray]) -> dict[str, float]:
         """Add text ratio, aesthetic, captions and CLIP similarity to each clip, in place;
         returns seconds per annotator."""
         if not clips:
@@ -198,9 +200,9 @@ class Annotators:
         with watch("clip"):
             similarity = self.clip.text_similarity(embeddings, final) if any(final) else np.zeros(len(clips))
         for i, clip in enumerate(clips):
-            clip["caption"] = final[i]
-            clip["captions"] = {name: values[i] for name, values in captions.items()}
-            clip["scores"].update(
+            clip.caption = final[i] or None  # no captioner gave one: not set
+            clip.captions = {name: values[i] for name, values in captions.items() if values[i]} or None
+            clip.scores.update(
                 text_ratio=round(float(text_ratios[i]), 5),
                 aesthetic=round(float(aesthetic[i]), 5),
                 clip_sim=round(float(similarity[i]), 5),
@@ -275,12 +277,12 @@ def annotate_shard(
 
     with tempfile.TemporaryDirectory(prefix="vdm-part-") as tmp:
         folder = Path(tmp)
-        _write_jsonl(folder / CLIPS_FILE, clips)
-        _write_jsonl(folder / REJECTED_FILE, [r.rejected for r in results if r.rejected])
+        _write_jsonl(folder / CLIPS_FILE, [clip.to_json() for clip in clips])
+        _write_jsonl(folder / REJECTED_FILE, [json.dumps(r.rejected, sort_keys=True) for r in results if r.rejected])
         with wds.TarWriter(str(folder / CLIPS_TAR), mtime=0) as tar:
             for r in results:
                 for clip, mp4, jpg in zip(r.clips, r.clip_mp4, r.thumbnails, strict=True):
-                    sample = {"__key__": clip["key"], "jpg": jpg}
+                    sample = {"__key__": clip.key, "jpg": jpg}
                     if mp4 is not None:
                         sample["mp4"] = mp4
                     tar.write(sample)
@@ -293,7 +295,7 @@ def annotate_shard(
             "clips": len(clips),
             "rejected": sum(r.rejected is not None for r in results),
             "random_weights": annotators.random_weights,
-            "clip_frames": sum(c["num_frames"] for c in clips),
+            "clip_frames": sum(c.frames for c in clips),
             "seconds": {**per_stage, **neural_s},
         }
         (folder / PART_INFO).write_text(json.dumps(info, indent=1))
@@ -301,11 +303,15 @@ def annotate_shard(
     return info | {"skipped": False}
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def _write_jsonl(path: Path, lines: list[str]) -> None:
     with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.writelines(line + "\n" for line in lines)
 
 
 def read_jsonl(data: bytes) -> list[dict]:
     return [json.loads(line) for line in io.StringIO(data.decode()) if line.strip()]
+
+
+def read_clips(data: bytes) -> list[ClipRecord]:
+    """A part's `clips.jsonl`."""
+    return [ClipRecord.from_json(line) for line in io.StringIO(data.decode()) if line.strip()]

@@ -13,16 +13,18 @@ import numpy as np
 
 from components.curation.config import Motion
 
-STATIC, PAN_LEFT, PAN_RIGHT, TILT_UP, TILT_DOWN, ZOOM_IN, ZOOM_OUT = (
-    "static",
-    "pan_left",
-    "pan_right",
-    "tilt_up",
-    "tilt_down",
-    "zoom_in",
-    "zoom_out",
+# The labels are the clip record's vocabulary (model/records.py), re-exported here.
+from model.records import (  # noqa: F401 - CAMERA_MOTIONS: every label this module can give
+    CAMERA_MOTIONS,
+    PAN_LEFT,
+    PAN_RIGHT,
+    STATIC,
+    TILT_DOWN,
+    TILT_UP,
+    ZOOM_IN,
+    ZOOM_OUT,
+    CameraMotion,
 )
-CAMERA_MOTIONS = (STATIC, PAN_LEFT, PAN_RIGHT, TILT_UP, TILT_DOWN, ZOOM_IN, ZOOM_OUT)
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class MotionEstimate:
     score: float  # mean flow magnitude, px per source frame at flow height
     translation: tuple[float, float]  # robust global content motion (x right, y down), px/frame
     zoom: float  # radial expansion at the frame corner, px/frame (> 0: zoom in)
-    camera_motion: str
+    camera_motion: CameraMotion
 
 
 def _gray(rgb: np.ndarray, height: int) -> np.ndarray:
@@ -67,7 +69,7 @@ def estimate(frames: np.ndarray, sample_points: list[int], config: Motion) -> Mo
     return MotionEstimate(float(np.mean(magnitudes)), (float(tx), float(ty)), zoom, _label(tx, ty, zoom, config))
 
 
-def _label(tx: float, ty: float, zoom: float, config: Motion) -> str:
+def _label(tx: float, ty: float, zoom: float, config: Motion) -> CameraMotion:
     shift = float(np.hypot(tx, ty))
     if abs(zoom) >= config.zoom_px_per_frame and abs(zoom) > shift:
         return ZOOM_IN if zoom > 0 else ZOOM_OUT

@@ -1,5 +1,6 @@
-"""KFP component of the motion evaluation: figures into the step's Metrics (the
-Kubeflow UI shows them) and onto the registered version (the promotion gate reads them)."""
+"""KFP component of evaluation: the model's kind decides what is measured (model/tasks);
+figures into the step's Metrics (the Kubeflow UI shows them) and onto the registered
+version (the promotion gate reads them)."""
 
 from kfp import dsl
 from kfp.dsl import Metrics, Output
@@ -10,16 +11,26 @@ IMAGE = load_settings().image
 
 
 @dsl.component(base_image=IMAGE)
-def evaluate_motion(model_uri: str, data_uri: str, clips: int, steps: int, evaluation: Output[Metrics]) -> str:
-    """Returns the evaluation's MLflow run URL."""
+def evaluate_model(
+    model_uri: str, data_uri: str, reference_uri: str, clips: int, steps: int, evaluation: Output[Metrics]
+) -> str:
+    """Returns the evaluation's MLflow run URL. `reference_uri`: a second data set the kind
+    compares with (spatial-HQ: its image set); empty for the others."""
     from components.common.objectstore import ObjectStore
     from components.common.settings import load_settings
-    from components.evaluation.motion import run_motion_evaluation
+    from components.evaluation.evaluate import run_evaluation
 
     settings = load_settings()
-    report = run_motion_evaluation(
-        model_uri, data_uri, ObjectStore.from_settings(settings), settings, clips=clips, steps=steps
+    report = run_evaluation(
+        model_uri,
+        data_uri,
+        ObjectStore.from_settings(settings),
+        settings,
+        clips=clips,
+        steps=steps,
+        reference=reference_uri or None,
     )
-    for name, value in {**report["gate_metrics"], **{f"data_{k}": v for k, v in report["data"].items()}}.items():
+    for name, value in report.metrics.items():
         evaluation.log_metric(name, float(value))
-    return report["mlflow_run"]
+    evaluation.metadata.update({"kind": report.kind, "gate_metric": report.metric})
+    return report.mlflow_run

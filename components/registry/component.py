@@ -13,18 +13,25 @@ IMAGE = load_settings().image
 def promote_candidate(
     model_uri: str, metric: str, direction: str, min_improvement: float, decision: Output[Artifact]
 ) -> bool:
-    """`model_uri` (models:/NAME/VERSION) becomes the candidate, then the gate runs."""
+    """`model_uri` (models:/NAME/VERSION) becomes the candidate, then the gate runs on `metric`
+    in `direction`, or (both empty) on the metric of the candidate's kind."""
     from dataclasses import asdict
 
     from mlflow import MlflowClient
 
     from components.common.tracking import connect
-    from components.registry.promotion import CANDIDATE, Gate, promote, registered_version
+    from components.registry.promotion import CANDIDATE, Gate, kind_gate, promote, registered_version
 
     connect()
     name, version = registered_version(model_uri)
     MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
-    result = promote(name, Gate(metric, direction, float(min_improvement)), actor="kubeflow-pipelines")
-    decision.metadata.update({k: v for k, v in asdict(result).items() if v is not None} | {"model": name})
+    if metric:
+        gate = Gate(metric, direction or "minimize", float(min_improvement))
+    else:
+        gate = kind_gate(name, float(min_improvement))
+    result = promote(name, gate, actor="kubeflow-pipelines")
+    decision.metadata.update(
+        {k: v for k, v in asdict(result).items() if v is not None} | {"model": name, "metric": gate.metric}
+    )
     print(("promoted: " if result.promoted else "not promoted: ") + result.reason)
     return result.promoted

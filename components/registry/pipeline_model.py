@@ -9,7 +9,6 @@ and prediction models `frames` (an mp4 of the key frames or the context). Servin
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Mapping
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -93,12 +92,16 @@ def decode_video(data: bytes):
     return torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def _decoded(task, row: dict) -> object:
-    """The kind's `Inputs` of one input row: media decoded, missing optional values left out."""
+def inputs_from_row(task, row: dict) -> object:
+    """The kind's `Inputs` of one input row (column -> value; media as file bytes): media
+    decoded, missing optional values left out; a missing required one is a ValueError
+    naming it."""
     values = {}
     for f in fields(task.Inputs):
         value = row.get(f.name)
         if value is None or (isinstance(value, float) and pd.isna(value)):
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ValueError(f"this {task.name} model needs `{f.name}`")
             continue
         media = f.metadata.get("media")
         values[f.name] = decode_image(value) if media == "image" else decode_video(value) if media else value
@@ -138,7 +141,7 @@ class VideoPipelineModel(mlflow.pyfunc.PythonModel):
         )
         videos = []
         for row in model_input.to_dict("records"):
-            frames = task.sample(self.model, _decoded(task, row), config)
+            frames = task.sample(self.model, inputs_from_row(task, row), config)
             videos.append(video_bytes(to_uint8(frames).numpy(), config.fps))
         return pd.DataFrame({"video_mp4": videos})
 
@@ -149,10 +152,10 @@ def register_pipeline(folder: Path, name: str, lineage: Mapping[str, str], *, al
     from importlib.metadata import version
 
     from model.camera_lora import saved_adapters
-    from model.stages import STAGE_FILE
+    from model.folder import ModelFolder
     from model.tasks import task_of
 
-    task = task_of(json.loads((folder / STAGE_FILE).read_text())["stage"])
+    task = task_of(ModelFolder(folder).kind())
 
     run = mlflow.active_run()
     info = mlflow.pyfunc.log_model(
@@ -171,6 +174,7 @@ def register_pipeline(folder: Path, name: str, lineage: Mapping[str, str], *, al
     for key, value in tags.items():
         if key.startswith("vdm."):
             client.set_model_version_tag(name, number, key, value)
+    client.set_model_version_tag(name, number, "vdm.kind", task.name)  # its API and its gate's metric
     if run:
         client.set_model_version_tag(name, number, "vdm.training_run", run.info.run_id)
     adapters = saved_adapters(folder)

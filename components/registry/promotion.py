@@ -11,6 +11,7 @@ read the same numbers.
 from __future__ import annotations
 
 import getpass
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -33,6 +34,21 @@ class Gate:
     metric: str = "motion_speed_error"
     direction: Literal["minimize", "maximize"] = "minimize"
     min_improvement: float = 0.0  # in the metric's units; the candidate must beat the champion by more
+
+
+def kind_gate(name: str, min_improvement: float = 0.0) -> Gate:
+    """The gate of the candidate's kind (its `vdm.kind` tag; model/tasks): the kind's metric
+    and direction."""
+    from model.tasks import task_of
+
+    candidate = _by_alias(MlflowClient(), name, CANDIDATE)
+    if candidate is None:
+        raise PromotionError(f"{name} has no version with the alias {CANDIDATE!r}")
+    kind = candidate.tags.get("vdm.kind")
+    if kind is None:
+        raise PromotionError(f"{name} v{candidate.version} does not say its kind (tag vdm.kind): give the metric")
+    metric = task_of(kind).metric
+    return Gate(metric.name, metric.direction, min_improvement)
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,9 @@ def evaluate_gate(name: str, gate: Gate) -> Decision:
 
     if value is None:
         return decide(False, f"candidate v{candidate.version} has no {gate.metric} (run the evaluation step first)")
+    if math.isnan(value):
+        return decide(False, f"candidate v{candidate.version}'s {gate.metric} is not a number: the evaluation measured "
+                      "nothing (see its run)")  # fmt: skip
     if champion is None:
         return decide(True, f"no champion yet; candidate v{candidate.version} has {gate.metric}={value:.4g}")
     if champion.version == candidate.version:

@@ -24,6 +24,7 @@ import webdataset as wds
 
 from components.common.media import write_video
 from components.sample_data.shards import clip_metadata
+from model.records import ORBIT, OrbitRecord
 
 _SUBPIXEL_BITS = 4
 # Unit cube corners and its faces as corner indices, counter-clockwise seen from outside.
@@ -146,11 +147,18 @@ def write_orbit_shards(
                 orbit = render_orbit(boxes, elevation, orbit_azimuths(num_views, rng.uniform(0, 360)), size)
                 video = Path(tmp) / f"{key}.mp4"
                 write_video(video, orbit.frames, fps)
-                meta = clip_metadata(key, num_views, fps, 0.0, "orbit", "an orbit around coloured boxes") | {
-                    "elevation": elevation,
-                    "azimuths": orbit.azimuths.tolist(),
-                }
-                tar.write({"__key__": key, "mp4": video.read_bytes(), "json": meta})
+                meta = clip_metadata(
+                    key,
+                    num_views,
+                    fps,
+                    0.0,
+                    ORBIT,
+                    "an orbit around coloured boxes",
+                    record=OrbitRecord,
+                    elevation=elevation,
+                    azimuths=orbit.azimuths.tolist(),
+                )
+                tar.write({"__key__": key, "mp4": video.read_bytes(), "json": meta.to_json()})
                 truth[key] = {
                     "boxes": [[list(b.centre), list(b.half_size), list(b.color)] for b in boxes],
                     "elevation": elevation,

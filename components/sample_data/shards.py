@@ -8,7 +8,7 @@ import io
 import math
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import cv2
 import numpy as np
@@ -16,25 +16,41 @@ import webdataset as wds
 
 from components.common.media import write_video
 from components.sample_data.render import draw_shapes, moving_shapes, pan, texture, zoom
+from model.records import PAN_LEFT, PAN_RIGHT, STATIC, ZOOM_IN, ZOOM_OUT, CameraMotion, ClipRecord
+
+R = TypeVar("R", bound=ClipRecord)
 
 
-def clip_metadata(key: str, num_frames: int, fps: float, motion: float, camera_motion: str, caption: str) -> dict:
-    """The JSON curation writes beside a kept clip (the loader's contract), for a whole
-    synthetic clip: its motion score, camera-motion label and caption."""
-    return {
-        "key": key,
-        "video": key,
-        "start_frame": 0,
-        "end_frame": num_frames,
-        "start_s": 0.0,
-        "end_s": num_frames / fps,
-        "fps": fps,
-        "kept": True,
-        "drop_reasons": [],
-        "scores": {"motion": motion, "text_ratio": 0.0, "aesthetic": 0.0, "clip_sim": 0.0},
-        "camera_motion": camera_motion,
-        "caption": caption,
-    }
+def clip_metadata(
+    key: str,
+    num_frames: int,
+    fps: float,
+    motion: float,
+    camera_motion: str,
+    caption: str,
+    *,
+    record: type[R] = ClipRecord,
+    **fields,
+) -> R:
+    """The record curation writes beside a kept clip (the loader's contract; `.to_json()`
+    is the shard's `<key>.json`), for a whole synthetic clip: its motion score (the only
+    score measured: the others are not set), camera-motion label and caption; `record`
+    and `fields` for a record with more (OrbitRecord: `elevation`, `azimuths`)."""
+    return record(
+        key=key,
+        video=key,
+        start_frame=0,
+        end_frame=num_frames,
+        start_s=0.0,
+        end_s=num_frames / fps,
+        fps=fps,
+        kept=True,
+        drop_reasons=[],
+        scores={"motion": motion},
+        camera_motion=camera_motion,
+        caption=caption,
+        **fields,
+    )
 
 
 def write_shapes_shards(
@@ -70,8 +86,8 @@ def write_shapes_shards(
                 video = Path(tmp) / f"{key}.mp4"
                 write_video(video, clip.frames, fps)
                 speed = float(np.linalg.norm(clip.velocities, axis=1).mean())
-                meta = clip_metadata(key, num_frames, fps, speed, "static", "a disc moving on black")
-                tar.write({"__key__": key, "mp4": video.read_bytes(), "json": meta})
+                meta = clip_metadata(key, num_frames, fps, speed, STATIC, "a disc moving on black")
+                tar.write({"__key__": key, "mp4": video.read_bytes(), "json": meta.to_json()})
                 truth[key] = {
                     "positions": clip.positions.tolist(),
                     "velocities": clip.velocities.tolist(),
@@ -84,7 +100,7 @@ def write_shapes_shards(
 def write_camera_shards(
     folder: Path,
     *,
-    labels: tuple[str, ...] = ("pan_left", "pan_right", "zoom_in", "zoom_out", "static"),
+    labels: tuple[CameraMotion, ...] = (PAN_LEFT, PAN_RIGHT, ZOOM_IN, ZOOM_OUT, STATIC),
     clips_per_label: int = 4,
     shards: int = 2,
     num_frames: int = 8,
@@ -105,11 +121,11 @@ def write_camera_shards(
     their size on average). Returns the paths and, per key, the truth: the label, the
     content's velocity (px per frame, x right) and the zoom rate per frame."""
     camera = {
-        "pan_left": ((-pan_px_per_frame, 0), 1.0),  # the window moves left: the content moves right
-        "pan_right": ((pan_px_per_frame, 0), 1.0),
-        "zoom_in": ((0, 0), zoom_rate_per_frame),
-        "zoom_out": ((0, 0), 1 / zoom_rate_per_frame),
-        "static": ((0, 0), 1.0),
+        PAN_LEFT: ((-pan_px_per_frame, 0), 1.0),  # the window moves left: the content moves right
+        PAN_RIGHT: ((pan_px_per_frame, 0), 1.0),
+        ZOOM_IN: ((0, 0), zoom_rate_per_frame),
+        ZOOM_OUT: ((0, 0), 1 / zoom_rate_per_frame),
+        STATIC: ((0, 0), 1.0),
     }
     unknown = set(labels) - set(camera)
     if unknown:
@@ -145,7 +161,7 @@ def write_camera_shards(
             velocity = [-float(window[0]), -float(window[1])]
             # One caption for every class: the camera motion must come from the adapter, not the text.
             meta = clip_metadata(key, num_frames, fps, camera_motion_score(size, window, rate), label, caption)
-            writers[i % shards].write({"__key__": key, "mp4": video.read_bytes(), "json": meta})
+            writers[i % shards].write({"__key__": key, "mp4": video.read_bytes(), "json": meta.to_json()})
             truth[key] = {
                 "camera_motion": label,
                 "content_velocity_px_per_frame": velocity,

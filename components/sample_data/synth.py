@@ -28,6 +28,7 @@ from components.sample_data.render import (
     write_audio_only,
     zoom,
 )
+from model.records import PAN_LEFT, PAN_RIGHT, STATIC, TILT_DOWN, TILT_UP, ZOOM_IN, ZOOM_OUT, CameraMotion
 
 MANIFEST_NAME = "manifest.json"
 GENERATOR_VERSION = 1
@@ -62,7 +63,7 @@ def _truth(**overrides) -> dict:
     base = {
         "cuts": [],
         "fades": [],
-        "camera_motion": "static",
+        "camera_motion": STATIC,
         "content_velocity_px_per_frame": [0.0, 0.0],
         "zoom_rate_per_frame": 1.0,
         "objects": [],
@@ -143,7 +144,7 @@ class _Catalogue:
         frames, objects = self.shot_with_objects(self.c.frames, 3, 3)
         return frames, _truth(objects=objects)
 
-    def camera_pan(self, label: str, window_velocity: tuple[int, int]):
+    def camera_pan(self, label: CameraMotion, window_velocity: tuple[int, int]):
         travel = (self.c.frames - 1) * np.abs(window_velocity)
         world = self.background(4, extra_height=int(travel[1]), extra_width=int(travel[0]))
         frames = pan(world, self.c.height, self.c.width, self.c.frames, window_velocity)
@@ -151,7 +152,7 @@ class _Catalogue:
         content = [-float(window_velocity[0]), -float(window_velocity[1])]
         return frames, _truth(camera_motion=label, content_velocity_px_per_frame=content)
 
-    def camera_zoom(self, label: str, rate: float):
+    def camera_zoom(self, label: CameraMotion, rate: float):
         world = self.background(1, extra_height=self.c.height, extra_width=self.c.width)
         frames = zoom(world, self.c.height, self.c.width, self.c.frames, rate)
         return frames, _truth(camera_motion=label, zoom_rate_per_frame=rate)
@@ -176,12 +177,13 @@ class _Catalogue:
             "fade.mp4": self.fade,
             "static.mp4": self.static,
             "objects.mp4": self.objects,
-            "pan_left.mp4": lambda: self.camera_pan("pan_left", (-v, 0)),
-            "pan_right.mp4": lambda: self.camera_pan("pan_right", (v, 0)),
-            "tilt_up.mp4": lambda: self.camera_pan("tilt_up", (0, -v)),
-            "tilt_down.mp4": lambda: self.camera_pan("tilt_down", (0, v)),
-            "zoom_in.mp4": lambda: self.camera_zoom("zoom_in", z),
-            "zoom_out.mp4": lambda: self.camera_zoom("zoom_out", 1 / z),
+            # A file per camera-motion label, named after it.
+            f"{PAN_LEFT}.mp4": lambda: self.camera_pan(PAN_LEFT, (-v, 0)),
+            f"{PAN_RIGHT}.mp4": lambda: self.camera_pan(PAN_RIGHT, (v, 0)),
+            f"{TILT_UP}.mp4": lambda: self.camera_pan(TILT_UP, (0, -v)),
+            f"{TILT_DOWN}.mp4": lambda: self.camera_pan(TILT_DOWN, (0, v)),
+            f"{ZOOM_IN}.mp4": lambda: self.camera_zoom(ZOOM_IN, z),
+            f"{ZOOM_OUT}.mp4": lambda: self.camera_zoom(ZOOM_OUT, 1 / z),
             "text.mp4": self.text,
         }
 

@@ -31,20 +31,28 @@ def train_stage(
     model: Output[Artifact],
 ) -> NamedTuple("StageOutputs", [("final", str), ("model_uri", str), ("mlflow_run_id", str)]):
     """Outputs: `final` (s3:// folder: the next stage's --init-from), `model_uri`
-    (models:/NAME/VERSION, the candidate; empty when not registered), `mlflow_run_id`."""
+    (models:/NAME/VERSION, the candidate; empty when not registered), `mlflow_run_id`.
+    Run-form values "" and 0 mean "not set" (the Kubeflow UI has no null)."""
     from collections import namedtuple
+    from dataclasses import asdict
 
     from components.training.launch import launch_step
+    from components.training.request import TrainingRequest
 
-    args = ["train", "--stage", stage, "--config", config, "--data", data_uri, "--output", output_uri]
-    args += ["--init-from", init_from] if init_from else []
-    args += ["--vae", vae] if vae else []
-    args += ["--max-steps", str(max_steps)] if max_steps > 0 else []
-    args += ["--register-as", register_as] if register_as else ["--no-register"]
-    result = launch_step(args, output_uri, scheduler, nodes, procs_per_node, gpus_per_node)
-    model.metadata.update({k: v for k, v in result.items() if v is not None})
+    request = TrainingRequest(
+        kind=stage,
+        data=data_uri,
+        output=output_uri,
+        config=config,
+        init_from=init_from or None,
+        vae=vae or None,
+        overrides={"max_steps": max_steps} if max_steps > 0 else {},
+        register_as=register_as or None,
+    )
+    result = launch_step(request, scheduler, nodes, procs_per_node, gpus_per_node)
+    model.metadata.update({k: v for k, v in asdict(result).items() if v not in (None, [], {})})
     outputs = namedtuple("StageOutputs", ["final", "model_uri", "mlflow_run_id"])
-    return outputs(result["final"], result["registered"] or "", result["mlflow_run_id"])
+    return outputs(result.final, result.registered or "", result.mlflow_run_id)
 
 
 @dsl.component(base_image=IMAGE)
@@ -63,18 +71,25 @@ def finetune_model(
     model: Output[Artifact],
     motion_class: str = "",
 ) -> NamedTuple("FinetuneOutputs", [("final", str), ("model_uri", str), ("mlflow_run_id", str)]):
-    """`vdm finetune KIND` from `init_from` (s3:// folder or models:/ URI); outputs as `train_stage`'s.
-    `motion_class`: the camera-motion LoRA's class (camera-lora only)."""
+    """A finetune of kind `kind` from `init_from` (s3:// folder or models:/ URI); outputs as
+    `train_stage`'s. `motion_class`: the camera-motion LoRA's class (camera-lora only)."""
     from collections import namedtuple
+    from dataclasses import asdict
 
     from components.training.launch import launch_step
+    from components.training.request import TrainingRequest
 
-    args = ["finetune", kind, "--config", config, "--data", data_uri, "--output", output_uri]
-    args += ["--init-from", init_from]
-    args += ["--motion-class", motion_class] if motion_class else []
-    args += ["--max-steps", str(max_steps)] if max_steps > 0 else []
-    args += ["--register-as", register_as] if register_as else ["--no-register"]
-    result = launch_step(args, output_uri, scheduler, nodes, procs_per_node, gpus_per_node)
-    model.metadata.update({k: v for k, v in result.items() if v is not None})
+    overrides = {"max_steps": max_steps} if max_steps > 0 else {}
+    request = TrainingRequest(
+        kind=kind,
+        data=data_uri,
+        output=output_uri,
+        config=config,
+        init_from=init_from,
+        overrides=overrides | ({"motion_class": motion_class} if motion_class else {}),
+        register_as=register_as or None,
+    )
+    result = launch_step(request, scheduler, nodes, procs_per_node, gpus_per_node)
+    model.metadata.update({k: v for k, v in asdict(result).items() if v not in (None, [], {})})
     outputs = namedtuple("FinetuneOutputs", ["final", "model_uri", "mlflow_run_id"])
-    return outputs(result["final"], result["registered"] or "", result["mlflow_run_id"])
+    return outputs(result.final, result.registered or "", result.mlflow_run_id)

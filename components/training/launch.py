@@ -1,9 +1,10 @@
-"""Distributed training through TorchX: `vdm train` (or `vdm finetune KIND`) under torchrun on `nodes` x
-`procs_per_node` ranks, on this machine (`local_cwd`) or a cluster (`kubernetes`:
-a Volcano job in `queue`). The trainer's output streams into the caller's log (a
-KFP step's log); a failed rank fails the launch with its error lines. The KFP
-training steps always pass `--resume`: a retried step continues from the last
-published checkpoint (a first attempt finds none and starts fresh)."""
+"""Distributed training through TorchX: a `TrainingRequest` run by every rank
+(`components.training.entrypoint` under torchrun) on `nodes` x `procs_per_node` ranks,
+on this machine (`local_cwd`) or a cluster (`kubernetes`: a Volcano job in `queue`).
+The trainer's output streams into the caller's log (a KFP step's log); a failed rank
+fails the launch with its error lines. The KFP training steps always resume: a retried
+step continues from the last published checkpoint (a first attempt finds none and
+starts fresh)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torchx.components.dist import torchrun
@@ -19,6 +20,7 @@ from torchx.runner import get_runner
 from torchx.specs import AppState
 
 from components.common.settings import load_settings
+from components.training.request import RunResult, TrainingRequest
 
 RANK_ERROR = re.compile(r"^\[\d+\]:(error: |[\w.]*(Error|Exception): )")
 
@@ -53,16 +55,15 @@ class Launch:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def launch_training(vdm_args: list[str], launch: Launch, log: Callable[[str], None] = print) -> None:
-    """Run `vdm <vdm_args>` (`train …` or `finetune KIND …`) on every rank; returns when
-    all ranks succeeded."""
+def launch_training(request: TrainingRequest, launch: Launch, log: Callable[[str], None] = print) -> None:
+    """Run `request` on every rank; returns when all ranks succeeded."""
     env = dict(launch.env)
     if launch.scheduler == "local_cwd":  # this environment's torchrun, even when its bin/ is not on PATH
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     app = torchrun(
-        *vdm_args,
-        m="pipelines.cli",
-        name=f"vdm-{vdm_args[0]}",
+        request.to_json(),
+        m="components.training.entrypoint",
+        name=f"vdm-{request.kind}",
         image=launch.image,
         j=f"{launch.nodes}x{launch.procs_per_node}",
         gpu=launch.gpus_per_node,
@@ -87,13 +88,11 @@ def launch_training(vdm_args: list[str], launch: Launch, log: Callable[[str], No
 
 
 def launch_step(
-    vdm_args: list[str], output_uri: str, scheduler: str, nodes: int, procs_per_node: int, gpus_per_node: int
-) -> dict:
-    """A KFP training step's work: `vdm <vdm_args> --resume` through TorchX with the step's
-    platform environment forwarded to the ranks, then the summary rank 0 wrote to
-    `<output_uri>/result.json` (final folder, registered model, MLflow run)."""
-    import json
-
+    request: TrainingRequest, scheduler: str, nodes: int, procs_per_node: int, gpus_per_node: int
+) -> RunResult:
+    """A KFP training step's work: `request`, resumed from any checkpoint, through TorchX with
+    the step's platform environment forwarded to the ranks, then the result rank 0 wrote to
+    `<output>/result.json` (final folder, registered model, MLflow run)."""
     from components.common.objectstore import ObjectStore, S3Uri
     from components.training.run import RESULT
 
@@ -106,5 +105,6 @@ def launch_step(
         image=settings.image,
         env={k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
     )
-    launch_training([*vdm_args, "--resume"], launch)
-    return json.loads(ObjectStore.from_settings(settings).get_bytes(S3Uri.parse(output_uri).join(RESULT)))
+    launch_training(replace(request, resume=True), launch)
+    store = ObjectStore.from_settings(settings)
+    return RunResult.from_json(store.get_bytes(S3Uri.parse(request.output).join(RESULT)))

@@ -11,7 +11,6 @@ format). MLflow records the config, the lineage (data, init, output) and the los
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ from components.common.objectstore import MANIFEST_NAME, ObjectStore, S3Uri, is_
 from components.common.settings import Settings
 from components.common.tracking import connect, run_url, tracked_run
 from components.registry.pipeline_model import download_pipeline, register_pipeline
+from components.training.request import RunResult
 from model.autoencoder import AutoencoderTraining, reconstruction_error, train_autoencoder
 from model.conditioning import LatentCodec
 from model.data import ClipDataset, ClipSpec
@@ -98,7 +98,7 @@ def run_training(
     register_as: str | None = None,
     progress: bool = True,
     experiment: str | None = None,
-) -> dict:
+) -> RunResult:
     """Train one stage; publish checkpoints and the final folder under `output`; with
     `register_as`, register the final pipeline as a new `candidate` version of that model.
     `overrides`: config fields to replace (None values ignored), e.g. max_steps, strategy.
@@ -155,11 +155,11 @@ def run_training(
             )
             leave_distributed()  # the training's collectives are over; the rest is rank 0's
             if not lead:
-                return {"steps": result.steps, "final": None, "registered": None, "losses": result.losses}
+                return RunResult(steps=result.steps, final=None, losses=result.losses)
             svd_model = result.model if result.model.task.conditioning == "image" else None
             final, version = publish_final(result.final, out, store, scratch, data, register_as, svd_model)
     summary = write_summary(out, store, settings, run, result.steps, final, register_as, version, checkpoint)
-    return summary | {"losses": result.losses}
+    return replace(summary, losses=result.losses)
 
 
 def publish_final(
@@ -196,19 +196,21 @@ def write_summary(
     register_as: str | None,
     version: ModelVersion | None,
     resumed_from: S3Uri | None,
-) -> dict:
-    """A training run's summary, also written to `<out>/result.json`: what a launcher that
+    metrics: dict[str, float] | None = None,
+) -> RunResult:
+    """A training run's result, also written to `<out>/result.json`: what a launcher that
     cannot see this process (TorchX on a cluster) reads back."""
-    summary = {
-        "steps": steps,
-        "final": final,
-        "registered": f"models:/{register_as}/{version.version}" if version else None,
-        "mlflow_run": run_url(run, settings),
-        "mlflow_run_id": run.info.run_id,
-        "resumed_from": str(resumed_from) if resumed_from else None,
-    }
-    store.put_bytes(out.join(RESULT), json.dumps(summary, indent=1).encode())
-    return summary
+    result = RunResult(
+        steps=steps,
+        final=final,
+        registered=f"models:/{register_as}/{version.version}" if version else None,
+        mlflow_run=run_url(run, settings),
+        mlflow_run_id=run.info.run_id,
+        resumed_from=str(resumed_from) if resumed_from else None,
+        metrics=metrics or {},
+    )
+    store.put_bytes(out.join(RESULT), result.to_json().encode())
+    return result
 
 
 def run_autoencoder_training(

@@ -10,7 +10,6 @@ registration as `candidate` with lineage, and `<output>/result.json` for KFP."""
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ import torch
 from components.common.objectstore import ObjectStore, S3Uri
 from components.common.settings import Settings
 from components.common.tracking import tracked_run
+from components.training.request import RunResult
 from components.training.run import (
     CHECKPOINTS,
     _metrics_logger,
@@ -34,7 +34,8 @@ from components.training.run import (
 )
 from model.conditioning import LatentCodec
 from model.data import ClipDataset
-from model.stages import STAGE_FILE, VAE_FOLDER, VideoDiffusion
+from model.folder import ModelFolder
+from model.stages import VideoDiffusion
 from model.tasks import task_of
 from model.temporal_decoder import (
     KIND,
@@ -73,7 +74,7 @@ def run_temporal_decoder_finetune(
     resume: bool = False,
     register_as: str | None = None,
     progress: bool = True,
-) -> dict:
+) -> RunResult:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("the temporal-decoder finetune trains on one process: launch it with one rank")
     config = named_config(config_name)
@@ -83,10 +84,11 @@ def run_temporal_decoder_finetune(
     with tempfile.TemporaryDirectory(prefix="vdm-temporal-decoder-") as tmp:
         scratch = Path(tmp)
         init = local_folder(init_from, store, scratch / "init")
-        if not (init / STAGE_FILE).exists() or not (init / VAE_FOLDER / "config.json").exists():
-            raise ValueError(f"{init_from} is not a model folder with {STAGE_FILE} and {VAE_FOLDER}/")
+        layout = ModelFolder(init)
+        if not layout.config_file.exists() or not layout.has_vae():
+            raise ValueError(f"{init_from} is not a model folder with {layout.CONFIG_FILE} and {layout.VAE}/")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        initial_vae = LatentCodec.from_folder(init / VAE_FOLDER).vae.to(device)
+        initial_vae = LatentCodec.from_folder(layout.vae).vae.to(device)
         seed_everything(config.seed)
         vae, dropped = temporal_vae(initial_vae)
         vae.to(device)
@@ -116,7 +118,7 @@ def run_temporal_decoder_finetune(
             inputs=[data],
             settings=settings,
         ) as run:
-            kind = task_of(json.loads((init / STAGE_FILE).read_text())["stage"])  # the model's, kept
+            kind = task_of(layout.kind())  # the model's, kept
             mlflow.set_tags(
                 {
                     "vdm.resumed_from": str(checkpoint or ""),
@@ -131,9 +133,11 @@ def run_temporal_decoder_finetune(
             after = _evaluate(vae, evaluation_clips, "after")
             mlflow.log_metrics(before | after)
             final_folder = scratch / "final"
-            shutil.copytree(init, final_folder, ignore=shutil.ignore_patterns(VAE_FOLDER))
-            vae.to("cpu").save_pretrained(final_folder / VAE_FOLDER, safe_serialization=True)
+            shutil.copytree(init, final_folder, ignore=shutil.ignore_patterns(layout.VAE))
+            vae.to("cpu").save_pretrained(ModelFolder(final_folder).vae, safe_serialization=True)
             svd_model = VideoDiffusion.load(final_folder) if kind.conditioning == "image" else None
             final, version = publish_final(final_folder, out, store, scratch, data, register_as, svd_model)
-    summary = write_summary(out, store, settings, run, state.step, final, register_as, version, checkpoint)
-    return summary | {"losses": state.losses, "metrics": before | after}
+    summary = write_summary(
+        out, store, settings, run, state.step, final, register_as, version, checkpoint, metrics=before | after
+    )
+    return replace(summary, losses=state.losses)

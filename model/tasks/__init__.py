@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from model.tasks.base import Metric, NoOptions, Task
+from model.tasks.base import Evaluation, Metric, NoOptions, Task
 
 _MODULES = (
     "text_to_video",
@@ -38,4 +38,4 @@ def task_of(kind: str) -> Task:
     return KINDS[kind]
 
 
-__all__ = ["ENDPOINTS", "FINETUNES", "KINDS", "STAGES", "Metric", "NoOptions", "Task", "task_of"]
+__all__ = ["ENDPOINTS", "FINETUNES", "KINDS", "STAGES", "Evaluation", "Metric", "NoOptions", "Task", "task_of"]

@@ -19,7 +19,7 @@ its task, never in a branch on the kind's name elsewhere:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 if TYPE_CHECKING:
@@ -35,6 +35,16 @@ Conditioning = Literal["text", "image"]
 @dataclass(frozen=True)
 class NoOptions:
     """A kind without config fields of its own."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What evaluating a model gives: the figures the gate and the UI read (`metrics`, the
+    kind's `metric` among them), details for the report, and sample videos to look at."""
+
+    metrics: dict[str, float]
+    details: dict = field(default_factory=dict)
+    samples: list = field(default_factory=list)  # (T, 3, H, W) frames in [-1, 1]
 
 
 @dataclass(frozen=True)
@@ -68,10 +78,19 @@ class Task:
     # given per run (name -> help); their choices come from `option_choices`.
     run_options: ClassVar[dict[str, str]] = {}
     endpoint: ClassVar[str | None] = None  # the served API (serving/service.py)
+    # Training samples come from the first batch's clips (`inputs_of`), not the sample prompts.
+    samples_from_data: ClassVar[bool] = False
     # GenerationConfig fields a caller may set for this kind beyond the shared ones.
     generation_fields: ClassVar[tuple[str, ...]] = ()
     metric: ClassVar[Metric] = MOTION_SPEED_ERROR
     registered_name: ClassVar[str]  # the registered model a finetune pipeline adds to
+    # What a finetune pipeline's run form offers by default: the registered model it starts
+    # from, its training data, the held-out data it is evaluated on, and whether the
+    # evaluation also compares with the training data (`reference`).
+    starts_from: ClassVar[str] = "vdm-text-to-video"
+    training_data: ClassVar[str] = "s3://vdm/curated/kfp/shards/"
+    evaluation_data: ClassVar[str] = "s3://vdm/curated/kfp/shards/"
+    training_data_is_reference: ClassVar[bool] = False
 
     def option_choices(self, option: str) -> list[str] | None:
         """The allowed values of a run option (None: any)."""
@@ -149,14 +168,40 @@ class Task:
 
         return generate(model, inputs.prompt, config, inputs.negative_prompt, on_step=on_step)
 
+    def inputs_of(self, clip: dict) -> object:
+        """What a video like a data clip (a loader item) is generated from, for evaluations
+        that compare generated videos with data: text kinds the empty prompt (the data's
+        motion, not a caption's), image kinds the clip's first frame."""
+        return self.Inputs()
+
     def training_samples(self, config: StageConfig, first_batch: dict) -> list:
-        """The `Inputs` training samples with (the config's sample prompts; image kinds:
-        the first batch's first frames)."""
-        return [self.Inputs(prompt=prompt) for prompt in config.sample_prompts]
+        """The `Inputs` training samples with: the config's sample prompts, or (kinds that
+        generate from frames) what each clip of the first batch gives (`inputs_of`)."""
+        if not self.samples_from_data:
+            return [self.Inputs(prompt=prompt) for prompt in config.sample_prompts]
+        items = [{k: v[i] for k, v in first_batch.items()} for i in range(len(first_batch["video"]))]
+        return [self.inputs_of(item) for item in items]
 
     def generation_defaults(self, config: StageConfig) -> dict:
         """GenerationConfig fields a model of this config samples with unless told otherwise."""
         return {"adapter": self.adapter(config)}
+
+    # -- evaluation ---------------------------------------------------------------------
+
+    def evaluate(
+        self, model: VideoDiffusion, shards: list[str], *, clips: int, steps: int, reference: list[str] | None = None
+    ) -> Evaluation:
+        """The kind's figures on held-out data `shards` (`reference`: a second data set a kind
+        compares with, e.g. spatial-HQ's image set): motion of generated videos against the
+        data's, unless the kind measures what it is for otherwise."""
+        from model.evaluation import evaluate_motion, motion_gate_metrics
+
+        report = evaluate_motion(model, shards, clips=clips, steps=steps)
+        metrics = motion_gate_metrics(report)
+        # image-to-video: how well generated frame 0 keeps the conditioning frame
+        metrics |= {f"first_frame_{k}": v for k, v in report.get("first_frame", {}).items()}
+        details = {"data": report["data"], "generated": report["generated"]}
+        return Evaluation(metrics, details, report["samples"])
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from model.camera_lora import MOTION_CLASSES, labels_of
-from model.tasks.base import Metric
+from model.tasks.base import Evaluation, Metric
 from model.tasks.text_to_video import TextToVideo
 
 if TYPE_CHECKING:
@@ -105,6 +105,22 @@ class CameraLora(TextToVideo):
         redraw = dropped(len(motion), options.motion_jitter, generator)  # the clips that lose theirs
         drawn = torch.rand(motion.shape, generator=generator) * options.motion_jitter_max
         return torch.where(redraw.to(motion.device), drawn.to(motion.device), motion.float())
+
+    def evaluate(self, model, shards, *, clips, steps, reference=None) -> Evaluation:
+        """Videos sampled with each adapter at its class's motion score in the held-out camera
+        clips, read as a camera-motion class; the base model beside it (model/camera_motion.py:
+        `evaluate_adapters`)."""
+        from model.camera_motion import evaluate_adapters
+
+        report = evaluate_adapters(model, shards, clips=clips, steps=steps)
+        metrics = {
+            self.metric.name: report["accuracy"],
+            "camera_class_accuracy_base": report["base"]["accuracy"],
+            **{f"camera_class_accuracy_{name}": share for name, share in report["per_class"].items()},
+        }
+        details = {k: report[k] for k in ("per_class", "classes", "abs_pan_px_per_frame", "abs_zoom_px_per_frame")}
+        details |= {"settings": report["settings"], "base": report["base"]}
+        return Evaluation(metrics, details, report["samples"])
 
 
 TASKS = (CameraLora(),)

@@ -36,6 +36,7 @@ class ImageToVideo(Task):
     conditioning = "image"
     Options = ImageToVideoOptions
     endpoint = "image_to_video"
+    samples_from_data = True
     generation_fields = ("noise_aug_strength",)
     registered_name = "vdm-image-to-video"
 
@@ -91,8 +92,8 @@ class ImageToVideo(Task):
 
         return animate(model, inputs.image, config, on_step)
 
-    def training_samples(self, config, first_batch):
-        return [self.Inputs(image=video[0]) for video in first_batch["video"]]
+    def inputs_of(self, clip):
+        return self.Inputs(image=clip["video"][0])
 
 
 TASKS = (ImageToVideo(),)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from model.tasks.base import Metric
+from model.tasks.base import Evaluation, Metric
 from model.tasks.known_frames import KnownFramesTask
 
 if TYPE_CHECKING:
@@ -48,10 +48,28 @@ class Interpolation(KnownFramesTask):
         frames: torch.Tensor = field(metadata={"media": "video"})  # (T, 3, H, W) in [-1, 1], T >= 2: the keys
         prompt: str = ""
 
+    def inputs_of(self, clip):
+        from model.masked import KEY_EVERY
+
+        return self.Inputs(frames=clip["video"][::KEY_EVERY], prompt=clip.get("caption", ""))
+
     def sample(self, model, inputs, config, on_step=None):
         from model.masked import interpolate
 
         return interpolate(model, inputs.frames, config, inputs.prompt)
+
+    def evaluate(self, model, shards, *, clips, steps, reference=None) -> Evaluation:
+        """The held-out clips' keys (every 4th frame) interpolated, the in-between objects'
+        positions against the keys' (model/masked_evaluation.py: `evaluate_interpolation`)."""
+        from model.masked_evaluation import evaluate_interpolation
+
+        report = evaluate_interpolation(model, shards, clips=clips, steps=steps)
+        metrics = {
+            self.metric.name: report["fraction_error"],
+            "interpolation_position_error_px": report["position_error_px"],
+        }
+        details = {"measured_clips": report["measured_clips"], "data": report["data"]}
+        return Evaluation(metrics, details, report["samples"])
 
 
 TASKS = (Interpolation(),)

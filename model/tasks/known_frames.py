@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 class KnownFramesTask(TextToVideo):
     finetune = True
     generation_fields = ("context_guidance",)
+    samples_from_data = True
 
     def known_mask(self, batch: int, num_frames: int, generator: torch.Generator) -> torch.Tensor:
         """(B, T) mask of the frames a training clip shows the model."""

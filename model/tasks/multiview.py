@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from model.tasks.base import Metric
+from model.tasks.base import Evaluation, Metric
 from model.tasks.image_to_video import ImageToVideo
 
 if TYPE_CHECKING:
@@ -26,6 +26,8 @@ class MultiView(ImageToVideo):
         "video model (widened first)."
     )
     endpoint = "multiview"
+    starts_from = "vdm-image-to-video"
+    training_data = evaluation_data = "s3://vdm/orbits/"
     registered_name = "vdm-multiview"
     metric = Metric(
         "view_retrieval",
@@ -55,16 +57,28 @@ class MultiView(ImageToVideo):
         image: torch.Tensor = field(metadata={"media": "image"})  # (3, H, W) in [-1, 1]: one view of the object
         elevation: float  # the camera elevation it was taken from, degrees
 
+    def inputs_of(self, clip):
+        return self.Inputs(image=clip["video"][0], elevation=float(clip["elevation"]))
+
     def sample(self, model, inputs, config, on_step=None):
         from model.multiview import orbit
 
         return orbit(model, inputs.image, inputs.elevation, config, on_step)
 
-    def training_samples(self, config, first_batch):
-        return [
-            self.Inputs(image=video[0], elevation=float(elevation))
-            for video, elevation in zip(first_batch["video"], first_batch["elevation"], strict=True)
-        ]
+    def evaluate(self, model, shards, *, clips, steps, reference=None) -> Evaluation:
+        """Held-out orbits' first views turned into orbits at their elevation, each generated
+        view retrieved among the orbit's true views (model/multiview.py: `evaluate_orbits`)."""
+        from model.multiview import evaluate_orbits
+
+        report = evaluate_orbits(model, shards, clips=clips, steps=steps)
+        metrics = {
+            self.metric.name: report["view_retrieval"],
+            "view_turn_margin": report["turn_margin"],
+            "view_novel_l1": report["novel_l1"],
+            "view_novel_psnr_db": report["psnr_db"]["novel_views"],
+        }
+        keys = ("chance", "per_view", "first_view_repeated", "psnr_db", "elevations")
+        return Evaluation(metrics, {k: report[k] for k in keys}, report["samples"])
 
 
 TASKS = (MultiView(),)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from model.tasks.base import Metric
+from model.tasks.base import Evaluation, Metric
 from model.tasks.known_frames import KnownFramesTask
 
 if TYPE_CHECKING:
@@ -52,11 +52,30 @@ class Prediction(KnownFramesTask):
         # The length of the video to make, the context's frames included (None: two chunks).
         video_frames: int | None = None
 
+    def inputs_of(self, clip):
+        from model.masked import MAX_CONTEXT
+
+        video = clip["video"]
+        return self.Inputs(frames=video[:MAX_CONTEXT], prompt=clip.get("caption", ""), video_frames=len(video))
+
     def sample(self, model, inputs, config, on_step=None):
         from model.masked import predict
 
         length = inputs.video_frames if inputs.video_frames is not None else 2 * config.num_frames
         return predict(model, inputs.frames, length, config, inputs.prompt)
+
+    def evaluate(self, model, shards, *, clips, steps, reference=None) -> Evaluation:
+        """The held-out clips' first 2 frames continued to the clip's length, the continued
+        object's velocity against the clip's (model/masked_evaluation.py: `evaluate_prediction`)."""
+        from model.masked_evaluation import evaluate_prediction
+
+        report = evaluate_prediction(model, shards, clips=clips, steps=steps)
+        metrics = {
+            self.metric.name: report["velocity_error"],
+            "prediction_next_position_error_px": report["next_position_error_px"],
+        }
+        details = {"context_frames": report["context"], "still_velocity_error": report["still_velocity_error"]}
+        return Evaluation(metrics, details, report["samples"])
 
 
 TASKS = (Prediction(),)

@@ -5,7 +5,7 @@ temporal branches off); the temporal layers, which hold the motion, stay unchang
 
 from __future__ import annotations
 
-from model.tasks.base import Metric
+from model.tasks.base import Evaluation, Metric
 from model.tasks.text_to_video import TextToVideo
 
 
@@ -19,6 +19,8 @@ class SpatialHighQuality(TextToVideo):
     )
     finetune = True
     registered_name = "vdm-spatial-hq"
+    training_data = "s3://vdm/images/high-quality/"  # the image set; evaluated on the video data against it
+    training_data_is_reference = True
     metric = Metric(
         "saturation_gap",
         "minimize",
@@ -29,6 +31,20 @@ class SpatialHighQuality(TextToVideo):
     def check(self, config) -> None:
         if config.data != "images" or config.strategy != "spatial":
             raise ValueError("the spatial-hq finetune trains the spatial layers only (strategy: spatial) on images")
+
+    def evaluate(self, model, shards, *, clips, steps, reference=None) -> Evaluation:
+        """The default motion evaluation on the video data `shards` (motion_speed_error guards
+        the motion), and the same samples' foreground saturation against the image set
+        `reference`'s (model/spatial.py: `evaluate_palette`)."""
+        from model.spatial import evaluate_palette
+
+        if not reference:
+            raise ValueError("a spatial-hq model is evaluated against its image set: give the reference shards")
+        motion = super().evaluate(model, shards, clips=clips, steps=steps)
+        palette = evaluate_palette(model, shards, reference, motion.samples, clips=clips)
+        metrics = {self.metric.name: palette["saturation_gap"]} | motion.metrics
+        metrics |= {k: v for k, v in palette.items() if k != "saturation_gap"}
+        return Evaluation(metrics, motion.details | {"image_quality": palette}, motion.samples)
 
 
 TASKS = (SpatialHighQuality(),)

@@ -21,6 +21,7 @@ from components.curation.annotate import run_videos
 from components.curation.config import CurationConfig, Filter, Limits
 from components.curation.finalize import apply_filters, thresholds
 from components.sample_data.synth import SynthConfig, synthesize_local
+from model.records import ClipRecord
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def processed(samples):
 
 
 def _bounds(result) -> list[tuple[int, int]]:
-    return [(c["start_frame"], c["end_frame"]) for c in result.clips]
+    return [(c.start_frame, c.end_frame) for c in result.clips]
 
 
 def test_hard_cuts_found_within_two_frames(processed, samples):
@@ -77,17 +78,17 @@ def test_single_shot_videos_are_one_clip(processed, samples, name):
 def test_camera_motion_labels(processed, samples, name):
     _, videos = samples
     (clip,) = processed[name].clips
-    assert clip["camera_motion"] == videos[name]["truth"]["camera_motion"]
+    assert clip.camera_motion == videos[name]["truth"]["camera_motion"]
 
 
 def test_motion_scores_order_static_objects_pans(processed, samples):
     _, videos = samples
-    score = {n: processed[n].clips[0]["scores"]["motion"] for n in ("static.mp4", "objects.mp4", "pan_left.mp4")}
+    score = {n: processed[n].clips[0].scores["motion"] for n in ("static.mp4", "objects.mp4", "pan_left.mp4")}
     assert score["static.mp4"] < 0.01 < score["objects.mp4"] < score["pan_left.mp4"]
     # A pan of v px/frame at the decode height, seen at the flow height.
     expected = abs(videos["pan_left.mp4"]["truth"]["content_velocity_px_per_frame"][0]) * 128 / 180
     assert score["pan_left.mp4"] == pytest.approx(expected, rel=0.1)
-    assert processed["objects.mp4"].clips[0]["camera_motion"] == "static"  # objects move, the camera does not
+    assert processed["objects.mp4"].clips[0].camera_motion == "static"  # objects move, the camera does not
 
 
 def test_every_bad_file_is_rejected_with_its_reason(processed, samples):
@@ -114,16 +115,31 @@ def test_configured_limits_reject_with_reasons(samples):
         assert result.rejected["reason"] == reason
 
 
+def _record(i: int, too_short: bool, motion: float, text_ratio: float) -> ClipRecord:
+    return ClipRecord(
+        key=f"clip-{i:04d}",
+        video="v.mp4",
+        start_frame=0,
+        end_frame=48,
+        start_s=0.0,
+        end_s=2.0,
+        fps=24.0,
+        too_short=too_short,
+        camera_motion="static",
+        scores={"motion": motion, "text_ratio": text_ratio},
+    )
+
+
 def test_percentile_and_absolute_filters():
-    clips = [{"too_short": False, "scores": {"motion": float(i), "text_ratio": i / 100}} for i in range(100)]
-    clips.append({"too_short": True, "scores": {"motion": 1000.0, "text_ratio": 0.0}})
+    clips = [_record(i, False, float(i), i / 100) for i in range(100)]
+    clips.append(_record(100, True, 1000.0, 0.0))
     filters = (Filter(score="motion", drop_lowest_percent=25), Filter(score="text_ratio", max=0.9))
     bounds = thresholds(clips, filters)
     assert bounds["motion:drop_lowest_percent=25.0"]["min"] == pytest.approx(24.75)
     apply_filters(clips, bounds)
-    assert sum(c["kept"] for c in clips) == 100 - 25 - 9
-    assert clips[-1]["drop_reasons"] == ["too_short"]
-    assert clips[95]["drop_reasons"] == ["text_ratio:max=0.9"]
+    assert sum(c.kept for c in clips) == 100 - 25 - 9
+    assert clips[-1].drop_reasons == ["too_short"]
+    assert clips[95].drop_reasons == ["text_ratio:max=0.9"]
     with pytest.raises(ValueError, match="exactly one"):
         Filter(score="motion", min=1, max=2)
 
@@ -183,6 +199,9 @@ def test_curate_publishes_the_documented_outputs(curated, store, samples):
     }
     assert all(required <= row.keys() for row in rows)
     assert all({"motion", "text_ratio", "aesthetic", "clip_sim"} <= row["scores"].keys() for row in rows)
+    # Every row is a clip record, written back byte for byte.
+    for line in store.get_bytes(f"{out}/manifest.jsonl").decode().splitlines():
+        assert ClipRecord.from_json(line).to_json() == line
     rejected = [json.loads(x) for x in store.get_bytes(f"{out}/rejected.jsonl").decode().splitlines()]
     assert {Path(r["video"]).name: r["reason"] for r in rejected} == {
         n: v["expected_rejection"] for n, v in videos.items() if not v["valid"]
@@ -216,11 +235,14 @@ def test_shards_decode_to_the_clips_they_describe(curated, store, tmp_path):
         local = store.download_file(uri, tmp_path / S3Uri.parse(uri).key.rsplit("/", 1)[1])
         for sample in wds.WebDataset(str(local), shardshuffle=False):
             meta = json.loads(sample["json"])
+            assert meta == rows[meta["key"]] | {"shard": meta["shard"]}  # the manifest row, as the loader reads it
+            record = ClipRecord.from_json(sample["json"])
+            assert record.to_dict() == meta and record.too_short is None
             with av.open(io.BytesIO(sample["mp4"])) as container:
                 frames = sum(1 for _ in container.decode(video=0))
-            assert frames == meta["end_frame"] - meta["start_frame"]
-            assert meta["kept"] and sample["__key__"] == meta["key"]
-            seen.add(meta["key"])
+            assert frames == record.frames
+            assert record.kept and sample["__key__"] == record.key
+            seen.add(record.key)
     assert seen == set(rows)
 
 

@@ -20,6 +20,7 @@ from torchx.schedulers.kubernetes_scheduler import Opts as TorchXKubernetesOpts
 
 from components.common.settings import Settings
 from components.training import launch
+from components.training.request import TrainingRequest
 from pipelines.cli import main as vdm_cli
 from pipelines.kubeflow import (
     GPU_STEP,
@@ -133,7 +134,8 @@ def torchx_namespace(monkeypatch) -> str:
 
     monkeypatch.setattr(launch, "get_runner", Runner)
     with pytest.raises(Submitted):
-        launch.launch_training(["train", "--help"], launch.Launch(scheduler="kubernetes", image="vdm-platform:test"))
+        request = TrainingRequest(kind="image", data="s3://vdm/data", output="s3://vdm/out")
+        launch.launch_training(request, launch.Launch(scheduler="kubernetes", image="vdm-platform:test"))
     assert submitted["scheduler"] == "kubernetes"
     return submitted["cfg"].get("namespace") or field_default(TorchXKubernetesOpts, "namespace")
 

@@ -110,3 +110,31 @@ def test_image_loader_resumes_in_the_same_order(image_shards):
     paths, _ = image_shards
     full = keys(ImageDataset(paths, 32, 32, seed=3, shuffle_buffer=3), 20, 2)
     assert keys(ImageDataset(paths, 32, 32, seed=3, shuffle_buffer=3, start=7), 13, 2) == full[7:20]
+
+
+def test_shards_written_before_the_record_class_still_load(shards, tmp_path):
+    """`<key>.json` as the synthetic writers wrote it before model/records.py (every score, 0.0
+    for the unmeasured ones) reads as a ClipRecord: the loader's contract did not change."""
+    import json
+
+    import webdataset as wds
+
+    paths, _ = shards
+    sample = next(iter(wds.WebDataset(paths[0], shardshuffle=False)))
+    legacy = json.loads(sample["json"])
+    legacy["scores"] |= {"text_ratio": 0.0, "aesthetic": 0.0, "clip_sim": 0.0}
+    path = tmp_path / "legacy-000000.tar"
+    with wds.TarWriter(str(path), mtime=0) as tar:
+        tar.write({"__key__": sample["__key__"], "mp4": sample["mp4"], "json": json.dumps(legacy).encode()})
+    item = next(iter(ClipDataset([str(path)], ClipSpec(num_frames=2, fps=12.0, height=32, width=32))))
+    assert item["key"] == sample["__key__"] and item["caption"] == legacy["caption"]
+    assert item["motion"].item() == pytest.approx(legacy["scores"]["motion"])
+
+
+def test_a_camera_motion_filter_outside_the_vocabulary_is_refused(shards):
+    paths, _ = shards
+    with pytest.raises(ValueError, match="unknown camera motion 'pan-left'"):
+        ClipDataset(paths, ClipSpec(), camera_motion=("pan-left",))
+    # A known label no clip has: nothing usable (the shapes clips are all static).
+    with pytest.raises(ValueError, match="labelled zoom_in"):
+        next(iter(ClipDataset(paths, ClipSpec(num_frames=2, fps=12.0), camera_motion=("zoom_in",), epochs=1)))

@@ -42,7 +42,11 @@ def test_finetune_i2v_from_an_svd_folder_registers_an_image_model(stack, store, 
     assert store.exists(f"{out}/svd/model_index.json")  # StableVideoDiffusionPipeline's format
 
     run = mlflow.get_run(re.search(r"/runs/([0-9a-f]{32})", result.stdout).group(1))
-    assert run.data.params["init_from"] == str(svd) and run.data.params["conditioning"] == "image"
+    assert (
+        run.data.params["init_from"] == str(svd)
+        and run.data.params["stage"] == "i2v"
+        and run.data.params["noise_aug_mean"] == "-3.0"
+    )
     tags = MlflowClient().get_model_version(name, "1").tags
     assert tags["vdm.kind"] == "i2v" and tags["vdm.data"] == f"{prefix}/data"
     assert tags["vdm.training_run"] == run.info.run_id and tags["vdm.svd_format"] == f"{out}/svd"

@@ -72,3 +72,15 @@ def test_a_masked_finetune_registers_a_model_that_takes_known_frames(
     frames = _frames(videos["video_mp4"][0])
     # Interpolation: 4T - 3 frames; prediction: `video_frames`, the context first. The model's size.
     assert len(frames) == expected and frames[0].shape == (32, 32, 3)
+
+    # `vdm sample` takes what the kind takes: the known frames as an mp4 (a one-line error without them).
+    (tmp_path / "known.mp4").write_bytes(video_bytes(known, 3.0))
+    extra = ["--length", str(expected)] if kind == "prediction" else []
+    sampled = _vdm(
+        "sample", "--model", f"models:/{name}@candidate", "--video", str(tmp_path / "known.mp4"), *extra,
+        "--steps", "1", "--out", str(tmp_path / "sampled.mp4"),
+    )  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert len(_frames((tmp_path / "sampled.mp4").read_bytes())) == expected
+    missing = _vdm("sample", "--model", f"models:/{name}@candidate", "--out", str(tmp_path / "x.mp4"))
+    assert missing.returncode == 1 and missing.stderr.splitlines()[-1] == f"error: this {kind} model needs --video"

@@ -11,6 +11,7 @@ import sys
 import pytest
 import yaml
 
+from model.tasks import FINETUNES
 from pipelines.kubeflow import PIPELINES, PLATFORM_CONFIG_MAP, S3_SECRET
 
 
@@ -84,7 +85,7 @@ def test_the_i2v_finetune_is_a_gpu_step_started_from_the_last_stage_then_evaluat
         assert {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"} in platform[
             "exec-finetune-model"
         ]["tolerations"]
-        evaluation = "evaluate-motion-2" if name == "end-to-end" else "evaluate-motion"
+        evaluation = "evaluate-model-2" if name == "end-to-end" else "evaluate-model"
         assert tasks[evaluation]["inputs"]["parameters"]["model_uri"] == {
             "taskOutputParameter": {"outputParameterKey": "model_uri", "producerTask": "finetune-model"}
         }
@@ -99,11 +100,14 @@ def test_the_spatial_hq_finetune_trains_on_the_image_set_and_is_evaluated_on_the
     tasks = spec["root"]["dag"]["tasks"]
     finetune = tasks["finetune-model"]["inputs"]["parameters"]
     assert finetune["kind"] == {"runtimeValue": {"constant": "spatial-hq"}}
-    assert finetune["data_uri"] == {"componentInputParameter": "image_data_uri"}
+    assert finetune["data_uri"] == {"componentInputParameter": "data_uri"}
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["data_uri"]["defaultValue"] == "s3://vdm/images/high-quality/"
     assert tasks["finetune-model"]["retryPolicy"]["maxRetryCount"] == 2
     assert "nvidia.com/gpu" in str(platform["exec-finetune-model"]["tolerations"])
-    evaluation = tasks["evaluate-motion"]["inputs"]["parameters"]
-    assert evaluation["data_uri"] == {"componentInputParameter": "video_data_uri"}
+    evaluation = tasks["evaluate-model"]["inputs"]["parameters"]
+    assert evaluation["data_uri"] == {"componentInputParameter": "eval_data_uri"}
+    assert evaluation["reference_uri"] == {"componentInputParameter": "data_uri"}  # the image set
     assert evaluation["model_uri"] == {
         "taskOutputParameter": {"outputParameterKey": "model_uri", "producerTask": "finetune-model"}
     }
@@ -157,7 +161,7 @@ def test_the_temporal_decoder_finetune_is_a_gpu_step_whose_candidate_is_evaluate
     assert finetune["inputs"]["parameters"]["kind"] == {"runtimeValue": {"constant": "temporal-decoder"}}
     assert finetune["cachingOptions"] == {} and finetune["retryPolicy"]["maxRetryCount"] == 2
     assert "accelerator" in spec["deploymentSpec"]["executors"]["exec-finetune-model"]["container"]["resources"]
-    assert tasks["evaluate-motion"]["inputs"]["parameters"]["model_uri"] == {
+    assert tasks["evaluate-model"]["inputs"]["parameters"]["model_uri"] == {
         "taskOutputParameter": {"outputParameterKey": "model_uri", "producerTask": "finetune-model"}
     }
 
@@ -166,7 +170,7 @@ def test_the_camera_lora_pipeline_adds_one_adapter_per_class_to_the_previous_res
     spec, platform = compiled["finetune-camera-lora"]
     tasks = spec["root"]["dag"]["tasks"]
     chain = ["finetune-model", "finetune-model-2", "finetune-model-3", "finetune-model-4"]
-    assert sorted(tasks) == chain
+    assert sorted(tasks) == ["evaluate-model", *chain, "promote-candidate"]
     inputs = [tasks[t]["inputs"]["parameters"] for t in chain]
     assert [i["motion_class"]["runtimeValue"]["constant"] for i in inputs] == ["pan", "static", "zoom_in", "zoom_out"]
     assert inputs[0]["init_from"] == {"componentInputParameter": "init_from"}
@@ -190,7 +194,7 @@ def test_the_camera_lora_pipeline_adds_one_adapter_per_class_to_the_previous_res
 def test_a_masked_finetune_is_a_gpu_step_from_its_run_form_that_registers_a_candidate(compiled, kind):
     spec, platform = compiled[f"finetune-{kind}"]
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"finetune-model"}
+    assert set(tasks) == {"finetune-model", "evaluate-model", "promote-candidate"}
     parameters = tasks["finetune-model"]["inputs"]["parameters"]
     assert parameters["kind"] == {"runtimeValue": {"constant": kind}}
     assert parameters["init_from"] == {"componentInputParameter": "init_from"}
@@ -203,3 +207,26 @@ def test_a_masked_finetune_is_a_gpu_step_from_its_run_form_that_registers_a_cand
     assert {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"} in platform["exec-finetune-model"][
         "tolerations"
     ]
+
+
+@pytest.mark.parametrize("kind", sorted(FINETUNES))
+def test_every_finetune_pipeline_ends_in_its_kinds_evaluation_and_the_gate(compiled, kind):
+    task = FINETUNES[kind]
+    spec, _ = compiled[f"finetune-{kind}"]
+    tasks = spec["root"]["dag"]["tasks"]
+    finetunes = sorted(t for t in tasks if t.startswith("finetune-model"))
+    last = finetunes[-1]
+    evaluation = tasks["evaluate-model"]
+    assert evaluation["inputs"]["parameters"]["model_uri"] == {
+        "taskOutputParameter": {"outputParameterKey": "model_uri", "producerTask": last}
+    }
+    gate = tasks["promote-candidate"]
+    assert gate["dependentTasks"] == ["evaluate-model"] or "evaluate-model" in gate["dependentTasks"]
+    # The gate decides on the kind's metric (empty: read from the candidate's kind).
+    assert gate["inputs"]["parameters"]["metric"] == {"runtimeValue": {"constant": ""}}
+    assert evaluation["taskInfo"]["name"] == f"evaluate {kind}" and gate["taskInfo"]["name"] == f"promotion gate {kind}"
+    # The run form explains every parameter, and names the kind's metric.
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert all(p.get("description") for p in parameters.values()), kind
+    assert task.metric.name in parameters["min_improvement"]["description"]
+    assert parameters["model_name"]["defaultValue"] == task.registered_name

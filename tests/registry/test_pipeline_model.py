@@ -76,17 +76,19 @@ def test_evaluation_figures_land_on_the_version_and_drive_the_cli_gate(settings,
         register_pipeline(final, name, {})
     paths, _ = write_shapes_shards(tmp_path / "shapes", shards=1, clips_per_shard=2)
     evaluated = _vdm(
-        "eval", "motion", "--model", f"models:/{name}@candidate", "--data", str(tmp_path / "shapes"),
+        "eval", "--model", f"models:/{name}@candidate", "--data", str(tmp_path / "shapes"),
         "--clips", "1", "--steps", "2",
     )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     report = json.loads(evaluated.stdout[evaluated.stdout.index("{") :])
     tags = MlflowClient().get_model_version(name, "1").tags
-    assert report["model_version"] == f"{name}/1"
-    assert float(tags["vdm.eval.motion_speed_error"]) == pytest.approx(report["gate_metrics"]["motion_speed_error"])
+    assert report["model_version"] == f"{name}/1" and report["kind"] == tags["vdm.kind"] == "video"
+    assert report["metric"] == "motion_speed_error" and report["direction"] == "minimize"
+    assert float(tags["vdm.eval.motion_speed_error"]) == pytest.approx(report["metrics"]["motion_speed_error"])
 
-    promoted = _vdm("registry", "promote", name)
+    promoted = _vdm("registry", "promote", name)  # on the kind's metric
     assert promoted.returncode == 0 and f"promoted {name} v1 to champion" in promoted.stdout
+    assert "motion_speed_error=" in promoted.stdout
     listed = _vdm("registry", "list", name)
     assert listed.stdout.split()[:2] == ["v1", "candidate,champion"] and "motion_speed_error=" in listed.stdout
     again = _vdm("registry", "promote", name)

@@ -28,15 +28,18 @@ from diffusers import AutoencoderKL
 from mlflow import MlflowClient
 from PIL import Image
 
+from components.common.media import video_bytes
 from components.common.tracking import tracked_run
 from components.registry.pipeline_model import register_pipeline
 from components.sample_data.shards import write_shapes_shards
 from model.camera_lora import is_adapter_weight
 from model.stages import VideoDiffusion, named_config
+from model.tasks import ENDPOINTS
 from model.train import train
 
 CHAMPION = "champion"
 MAX_CONCURRENCY = 2
+MAX_VIDEO_BYTES = 100_000  # the server's upload limit (tiny test videos are a few kB)
 
 
 def _decoded(mp4: bytes) -> tuple[int, float, int, int]:
@@ -53,13 +56,19 @@ def _png(size=(40, 24)) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def versions(settings, tmp_path_factory, request):
-    """Three versions of one text-to-video model: 1 and 2 work (1 with a camera-motion
-    adapter `pan`), 3 has a VAE whose latents do not fit its UNet (loads, then fails in
-    every generation)."""
+def trained_video(tmp_path_factory):
+    """A tiny text-to-video model folder (one training step): the other kinds start from it."""
     paths, _ = write_shapes_shards(tmp_path_factory.mktemp("shards"), shards=1, clips_per_shard=2)
     config = replace(named_config("tiny", "video"), max_steps=1)
-    final = train(config, [str(p) for p in paths], tmp_path_factory.mktemp("train")).final
+    return train(config, [str(p) for p in paths], tmp_path_factory.mktemp("train")).final
+
+
+@pytest.fixture(scope="module")
+def versions(settings, trained_video, tmp_path_factory):
+    """Three versions of one text-to-video model: 1 and 2 work (1 with a camera-motion
+    adapter `pan`), 3 has a VAE with twice the latent channels and a UNet that takes them
+    but still predicts the old count (loads, then fails in every generation)."""
+    final = trained_video
     panned = VideoDiffusion.create(named_config("tiny", "camera-lora").with_fields(motion_class="pan"), init_from=final)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # trained-looking adapter weights (B starts at zero: no change)
@@ -70,9 +79,10 @@ def versions(settings, tmp_path_factory, request):
     broken = tmp_path_factory.mktemp("broken") / "final"
     shutil.copytree(final, broken)
     vae = AutoencoderKL.from_pretrained(broken / "vae")
-    AutoencoderKL.from_config({**vae.config, "latent_channels": 2 * vae.config.latent_channels}).save_pretrained(
-        broken / "vae"
-    )
+    latent_channels = 2 * vae.config.latent_channels
+    AutoencoderKL.from_config({**vae.config, "latent_channels": latent_channels}).save_pretrained(broken / "vae")
+    unet = VideoDiffusion.load(final).unet
+    type(unet).from_config({**unet.config, "in_channels": latent_channels}).save_pretrained(broken / "unet")
     name = f"vdm-serve-test-{time.strftime('%H%M%S')}"
     with tracked_run("vdm-test-serving", config={"stage": "video"}, settings=settings):
         for folder in (with_pan, final, broken):
@@ -93,16 +103,48 @@ def image_model(settings, versions, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(stack, versions, image_model, tmp_path_factory):
-    """`vdm serve` on a free port, polling the alias every second; its log in a file."""
+def kind_models(settings, versions, trained_video, tmp_path_factory):
+    """(Untrained) interpolation, prediction and multi-view models started from the
+    text-to-video one, one registered name each at champion 1. The prediction name also
+    has a version 2 that is a text-to-video model: its alias moving there leaves the
+    `extend` endpoint without a model."""
+    folders = {
+        kind: VideoDiffusion.create(named_config("tiny", kind), init_from=trained_video).save(
+            tmp_path_factory.mktemp(kind) / "final"
+        )
+        for kind in ("interpolation", "prediction", "multiview")
+    }
+    names = {kind: f"{versions}-{kind}" for kind in folders}
+    with tracked_run("vdm-test-serving", config={"stage": "kinds"}, settings=settings):
+        for kind, folder in folders.items():
+            register_pipeline(folder, names[kind], {"vdm.data": "s3://vdm/test-shards"})
+        register_pipeline(trained_video, names["prediction"], {"vdm.data": "s3://vdm/test-shards"})
+    for name in names.values():
+        MlflowClient().set_registered_model_alias(name, CHAMPION, "1")
+    return names
+
+
+@pytest.fixture(scope="module")
+def server(stack, versions, image_model, kind_models, tmp_path_factory):
+    """`vdm serve` of every kind at once on a free port, polling the aliases every second
+    (the multi-view model at its own alias, `models:/NAME@ALIAS`; the others plain NAMEs
+    at --alias); its log in a file."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    models = ["--model", f"models:/{versions}@{CHAMPION}", "--model", f"models:/{image_model}@{CHAMPION}"]
-    command = [sys.executable, "-m", "pipelines.cli", "serve", *models]
+    multiview = kind_models["multiview"]
+    MlflowClient().set_registered_model_alias(multiview, "mv-live", "1")
+    names = [versions, image_model, kind_models["interpolation"], kind_models["prediction"]]
+    models = [*(f"--model={name}" for name in names), f"--model=models:/{multiview}@mv-live"]
+    command = [sys.executable, "-m", "pipelines.cli", "serve", *models, "--alias", CHAMPION]
     options = ["--port", str(port), "--poll-seconds", "1", "--max-concurrency", str(MAX_CONCURRENCY)]
+    # Its own BentoML home: the task queue's SQLite file is not shared with other servers.
+    bentoml_home = tmp_path_factory.mktemp("bentoml")
+    env = os.environ | {"VDM_SERVE_MAX_VIDEO_BYTES": str(MAX_VIDEO_BYTES), "BENTOML_HOME": str(bentoml_home)}
     with open(log_path, "w") as log:
         # Its own process group: teardown can stop BentoML's arbiter and workers together.
-        process = subprocess.Popen([*command, *options], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [*command, *options], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -116,7 +158,7 @@ def server(stack, versions, image_model, tmp_path_factory):
             time.sleep(0.5)
         else:
             pytest.fail(f"never ready:\n{log_path.read_text()[-3000:]}")
-        yield {"url": url, "port": port, "name": versions, "image_model": image_model, "log": log_path}
+        yield {"url": url, "port": port, "name": versions, "image_model": image_model, "log": log_path, **kind_models}
     finally:
         process.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -143,11 +185,19 @@ def _move_alias(server, version: str) -> None:
 
 def test_ready_once_loaded_and_model_info_names_the_champions(server):
     assert httpx.get(f"{server['url']}/livez").status_code == 200
-    text, image = sorted(_post(server, "model_info").json(), key=lambda m: m["kind"] != "text")
-    assert (text["name"], text["version"], text["alias"], text["kind"]) == (server["name"], "1", CHAMPION, "text")
-    assert (image["name"], image["version"], image["kind"]) == (server["image_model"], "1", "image")
+    info = _post(server, "model_info").json()
+    # Configured order; each model's kind is its task, its endpoint the task's.
+    assert [(m["name"], m["version"], m["alias"], m["kind"], m["endpoint"]) for m in info] == [
+        (server["name"], "1", CHAMPION, "camera-lora", "text_to_video"),
+        (server["image_model"], "1", CHAMPION, "i2v", "image_to_video"),
+        (server["interpolation"], "1", CHAMPION, "interpolation", "interpolate"),
+        (server["prediction"], "1", CHAMPION, "prediction", "extend"),
+        (server["multiview"], "1", "mv-live", "multiview", "multiview"),
+    ]
+    text, image = info[:2]
     assert text["lineage"]["vdm.data"] == "s3://vdm/test-shards" and text["lineage"]["vdm.training_run"]
     assert text["default_clip"] == {"num_frames": 8, "fps": 8.0, "height": 32, "width": 32}
+    assert info[2]["default_clip"]["fps"] == 12.0 and info[2]["run_id"]
     assert text["camera_motions"] == ["pan"] and image["camera_motions"] == []
 
 
@@ -260,6 +310,129 @@ def test_image_to_video_through_the_bentoml_client(server, tmp_path):
     assert _decoded(path.read_bytes())[:2] == (3, 8.0)
 
 
+def _mp4(frames: int, fps: float = 3.0, size=(40, 24)) -> bytes:
+    """An mp4 of `frames` frames (a bright square moving right on grey), width x height `size`."""
+    width, height = size
+    video = np.full((frames, height, width, 3), 90, dtype=np.uint8)
+    for t in range(frames):
+        video[t, 8:16, 4 * t : 4 * t + 8] = 230
+    return video_bytes(video, fps)
+
+
+def _upload(server, endpoint: str, files: dict, timeout: float = 120, **data) -> httpx.Response:
+    form = {key: str(value) for key, value in data.items()}
+    return httpx.post(f"{server['url']}/{endpoint}", files=files, data=form, timeout=timeout)
+
+
+def _field_errors(response: httpx.Response) -> list:
+    assert response.status_code == 400, response.text
+    return [error["loc"] for error in response.json()["detail"]]
+
+
+def test_interpolate_fills_three_frames_between_each_pair_at_four_times_the_rate(server):
+    keys = {"video": ("keys.mp4", _mp4(3, fps=3.0), "video/mp4")}
+    response = _upload(server, "interpolate", keys, num_steps=1)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "video/mp4"
+    assert response.headers["x-vdm-model"] == f"{server['interpolation']}/1"
+    # 4T - 3 frames at the model's clip fps (12: 4x the keys' 3), fitted to its 32x32.
+    assert _decoded(response.content) == (9, 12.0, 32, 32)
+    # curl sends an .mp4 as application/octet-stream: any content type is read as an mp4.
+    other = _upload(
+        server, "interpolate", {"video": ("k.mp4", _mp4(2), "application/octet-stream")}, num_steps=1, fps=6
+    )
+    assert other.status_code == 200, other.text
+    assert _decoded(other.content)[:2] == (5, 6.0)
+
+
+def test_uploaded_videos_are_checked_before_any_model_work(server):
+    def interpolate(data: bytes, name="keys.mp4"):
+        return _upload(server, "interpolate", {"video": (name, data, "video/mp4")}, num_steps=1)
+
+    one_frame = interpolate(_mp4(1))
+    assert one_frame.status_code == 400 and "video: video has 1 frames; interpolate needs 2+" in one_frame.text
+    not_a_video = interpolate(b"not an mp4")
+    assert not_a_video.status_code == 400 and "video: video could not be read as an mp4" in not_a_video.text
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    wrong_container = interpolate(gif.getvalue(), "keys.gif")
+    assert wrong_container.status_code == 400 and "video: video must be an mp4, not gif" in wrong_container.text
+    too_long = interpolate(_mp4(33, size=(8, 8)))  # the default VDM_SERVE_MAX_FRAMES: 32
+    assert too_long.status_code == 400 and "video: video has more than 32 frames" in too_long.text
+    too_big = interpolate(np.random.default_rng(0).bytes(MAX_VIDEO_BYTES + 1))
+    assert too_big.status_code == 400 and f"video: video is larger than {MAX_VIDEO_BYTES} bytes" in too_big.text
+    assert _field_errors(_upload(server, "interpolate", {}, num_steps=1)) == [["video"]]
+
+
+def test_extend_continues_the_context_to_the_requested_length(server):
+    context = {"video": ("context.mp4", _mp4(2), "video/mp4")}
+    response = _upload(server, "extend", context, num_frames=11, num_steps=1, prompt="a square moving right")
+    assert response.status_code == 200, response.text
+    assert response.headers["x-vdm-model"] == f"{server['prediction']}/1"
+    assert _decoded(response.content) == (11, 8.0, 32, 32)  # the context's 2 frames included
+    one = _upload(server, "extend", {"video": ("c.mp4", _mp4(1), "video/mp4")}, num_frames=3, num_steps=1, fps=4)
+    assert one.status_code == 200, one.text
+    assert _decoded(one.content)[:2] == (3, 4.0)
+    assert _field_errors(_upload(server, "extend", context, num_frames=0)) == [["num_frames"]]
+    assert _field_errors(_upload(server, "extend", context, num_frames=1000)) == [["num_frames"]]
+    assert _field_errors(_upload(server, "extend", context, context_guidance=-1)) == [["context_guidance"]]
+
+
+def test_multiview_orbits_the_view_from_its_elevation(server):
+    view = {"image": ("view.png", _png((32, 32)), "image/png")}
+    response = _upload(server, "multiview", view, elevation=20, num_frames=4, num_steps=1)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-vdm-model"] == f"{server['multiview']}/1"
+    assert _decoded(response.content) == (4, 8.0, 32, 32)
+    assert _field_errors(_upload(server, "multiview", view, elevation=95)) == [["elevation"]]
+    assert _field_errors(_upload(server, "multiview", view, num_frames=4)) == [["elevation"]]
+
+
+def test_a_request_may_name_its_model_one_not_served_or_of_another_kind_is_a_400(server):
+    named = _post(server, "text_to_video", prompt="a disc", num_frames=2, num_steps=1, model=server["name"])
+    assert named.status_code == 200 and named.headers["x-vdm-model"] == f"{server['name']}/1"
+    missing = _post(server, "text_to_video", prompt="a disc", num_steps=1, model="no-such-model")
+    assert missing.status_code == 400 and "model: 'no-such-model' is not served here" in missing.text
+    other_kind = _post(server, "text_to_video", prompt="a disc", num_steps=1, model=server["interpolation"])
+    assert other_kind.status_code == 400
+    assert f"model: {server['interpolation']} is a 'interpolation' model" in other_kind.text
+    keys = {"video": ("keys.mp4", _mp4(2), "video/mp4")}
+    wrong = _upload(server, "extend", keys, num_steps=1, model=server["multiview"])
+    assert wrong.status_code == 400 and f"model: {server['multiview']} is a 'multiview' model" in wrong.text
+    assert _field_errors(_post(server, "text_to_video", prompt="x", model="")) == [["model"]]
+
+
+def test_an_endpoint_without_a_model_is_a_404_naming_it_and_each_alias_moves_alone(server):
+    name = server["prediction"]
+    MlflowClient().set_registered_model_alias(name, CHAMPION, "2")  # a text-to-video model
+    assert _post(server, "reload").status_code == 200
+    keys = {"video": ("keys.mp4", _mp4(2), "video/mp4")}
+    try:
+        info = {m["name"]: m for m in _post(server, "model_info").json()}
+        assert (info[name]["version"], info[name]["endpoint"]) == ("2", "text_to_video")
+        assert info[server["interpolation"]]["version"] == "1"  # the other models stay
+        missing = _upload(server, "extend", keys, num_steps=1)
+        assert missing.status_code == 404 and "no model for the extend endpoint" in missing.text
+        # text_to_video's default is still the first configured model; the moved one by name.
+        default = _post(server, "text_to_video", prompt="x", num_frames=2, num_steps=1)
+        assert default.headers["x-vdm-model"] == f"{server['name']}/1"
+        moved = _post(server, "text_to_video", prompt="x", num_frames=2, num_steps=1, model=name)
+        assert moved.status_code == 200 and moved.headers["x-vdm-model"] == f"{name}/2"
+    finally:
+        MlflowClient().set_registered_model_alias(name, CHAMPION, "1")
+        assert _post(server, "reload").status_code == 200
+    assert _upload(server, "extend", keys, num_frames=3, num_steps=1).status_code == 200
+
+
+def test_the_openapi_document_declares_mp4_responses_for_every_generating_endpoint(server):
+    paths = httpx.get(f"{server['url']}/docs.json", timeout=10).json()["paths"]
+    generating = [f"/{name}" for name in ENDPOINTS] + ["/text_to_video_task/get", "/image_to_video_task/get"]
+    assert set(ENDPOINTS) == {"text_to_video", "image_to_video", "interpolate", "extend", "multiview"}
+    for path in generating:
+        operation = paths[path]["post" if path.count("/") == 1 else "get"]
+        assert list(operation["responses"]["200"]["content"]) == ["video/mp4"], path
+
+
 def test_requests_beyond_max_concurrency_get_429_and_the_rest_finish(server):
     statuses: list[int] = []
 
@@ -323,7 +496,7 @@ def test_prometheus_scrapes_the_service_metrics(stack, server):
         "steps": 'sum(vdm_serving_denoising_step_seconds_count{part="serving"})',
         "loads": 'sum(vdm_serving_model_load_seconds_count{part="serving"})',
         "served": f'vdm_serving_model_info{{part="serving", model="{server["name"]}"}} == 1',
-        "image_model": 'vdm_serving_model_info{part="serving", kind="image"} == 1',
+        "image_model": 'vdm_serving_model_info{part="serving", kind="i2v", endpoint="image_to_video"} == 1',
         "slow_bucket": 'sum(bentoml_service_request_duration_seconds_bucket{part="serving", le="600.0"})',
     }
     # What the server says now; Prometheus scrapes every 5 s, so wait until it has caught up.

@@ -1,0 +1,187 @@
+"""The clip record: curation's manifest row, the `<key>.json` beside each clip in the
+training shards, and the training loaders' input, defined once.
+
+Curation builds a `ClipRecord` per clip (components/curation/annotate.py), its
+annotators set attributes on it, finalize sets `kept`, `drop_reasons` and `shard` and
+writes `to_json()`; the synthetic data writers (components/sample_data) build the same
+class; the loaders (model/data.py, model/multiview.py) read it back with `from_json`.
+Orbit shards (multi-view) carry an `OrbitRecord`: a clip record with the camera's
+`elevation` and per-frame `azimuths`.
+
+On disk a record is a JSON object with one key per field that is set: a field that is
+not set is None here and absent there (never "" or 0), so the JSON curation wrote
+before this class existed loads and is written back with the same keys and values.
+
+Also here: the camera-motion vocabulary, the labels curation's flow analysis assigns
+(components/curation/motion.py) and the camera-motion LoRA's classes are made of
+(model/camera_lora.py).
+
+Standard library only: curation's workers and the CLI import this without torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Self, get_args
+
+CameraMotion = Literal["static", "pan_left", "pan_right", "tilt_up", "tilt_down", "zoom_in", "zoom_out"]
+STATIC: CameraMotion = "static"
+PAN_LEFT: CameraMotion = "pan_left"
+PAN_RIGHT: CameraMotion = "pan_right"
+TILT_UP: CameraMotion = "tilt_up"
+TILT_DOWN: CameraMotion = "tilt_down"
+ZOOM_IN: CameraMotion = "zoom_in"
+ZOOM_OUT: CameraMotion = "zoom_out"
+# Every label curation can give a clip, in this order.
+CAMERA_MOTIONS: tuple[CameraMotion, ...] = get_args(CameraMotion)
+
+# The label of synthetic orbits (components/sample_data/orbits.py): a camera circling the
+# object. Curation never assigns it; only an OrbitRecord may carry it.
+Orbit = Literal["orbit"]
+ORBIT: Orbit = "orbit"
+
+
+def check_camera_motion(label: object, allowed: tuple[str, ...] = CAMERA_MOTIONS) -> str:
+    """`label` if it is one of `allowed` (curation's labels); a ValueError naming them if not."""
+    if label not in allowed:
+        raise ValueError(f"unknown camera motion {label!r}; one of {list(allowed)}")
+    return label  # type: ignore[return-value]
+
+
+@dataclass
+class Flow:
+    """The clip's robust global optical flow: content translation (x right, y down) and
+    radial expansion at the frame corner (> 0: zoom in), px per source frame."""
+
+    translation: tuple[float, float]
+    zoom: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"translation": list(self.translation), "zoom": self.zoom}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        if not isinstance(data, dict) or set(data) != {"translation", "zoom"}:
+            raise ValueError(f"flow must be {{'translation': [x, y], 'zoom': z}}, got {data!r}")
+        x, y = data["translation"]
+        return cls((x, y), data["zoom"])
+
+
+@dataclass(kw_only=True)
+class ClipRecord:
+    """One clip of a source video, as curation describes it (fields in curation's order).
+
+    Required: what every writer knows and the loaders need. Optional (None: not set,
+    absent from the JSON): what only some writers know or what a later step adds."""
+
+    key: str  # WebDataset key of the clip's samples (no dots)
+    video: str  # the source file (path or URI); synthetic clips: the key
+    start_frame: int  # [start_frame, end_frame) of the source, in frames
+    end_frame: int
+    start_s: float
+    end_s: float
+    fps: float  # the source's
+    num_frames: int | None = None  # end_frame - start_frame
+    source_size: tuple[int, int] | None = None  # (width, height) of the source
+    codec: str | None = None
+    # Curation's parts only: shorter than the minimum clip length (the manifest says it
+    # with the drop reason `too_short` instead).
+    too_short: bool | None = None
+    camera_motion: CameraMotion
+    flow: Flow | None = None
+    # Score name -> value (components/curation/config.py SCORES: motion, text_ratio,
+    # aesthetic, clip_sim); a score not measured is absent. The loaders need `motion`.
+    scores: dict[str, float]
+    caption: str | None = None  # the final caption (the summary if there is one)
+    captions: dict[str, str] | None = None  # captioner name (image, video, summary) -> caption
+    kept: bool | None = None  # set by the filters
+    drop_reasons: list[str] | None = None  # set by the filters; [] for kept clips
+    shard: str | None = None  # URI of the training shard holding a kept clip
+
+    # The camera-motion labels this kind of record may carry.
+    camera_motions: ClassVar[tuple[str, ...]] = CAMERA_MOTIONS
+
+    def __post_init__(self) -> None:
+        check_camera_motion(self.camera_motion, self.camera_motions)
+        if not isinstance(self.scores, dict):
+            raise ValueError(f"clip record {self.key!r}: scores must map score names to values, got {self.scores!r}")
+        if self.source_size is not None:
+            self.source_size = tuple(self.source_size)  # type: ignore[assignment]
+        if isinstance(self.flow, dict):
+            self.flow = Flow.from_dict(self.flow)
+
+    @property
+    def frames(self) -> int:
+        """The clip's length in source frames."""
+        return self.end_frame - self.start_frame
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: every field that is set (not None), plain JSON types."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, Flow):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, dict | list):
+                value = copy.deepcopy(value)  # the caller's to change, not the record's
+            out[f.name] = value
+        return out
+
+    def to_json(self) -> str:
+        """One line of JSON, keys sorted (manifest rows and shard `<key>.json` alike)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, data: bytes | str | dict[str, Any]) -> Self:
+        """A record from its JSON (a shard's `<key>.json` bytes, a manifest line, or the
+        parsed object). `ClipRecord.from_json` of an orbit's JSON (it has `elevation`)
+        gives an OrbitRecord. Missing required fields and unknown fields are a ValueError
+        naming them; so is a camera-motion label outside the vocabulary."""
+        if isinstance(data, bytes | bytearray):
+            data = data.decode()
+        if isinstance(data, str):
+            data = json.loads(data)
+        if not isinstance(data, dict):
+            raise ValueError(f"a clip record is a JSON object, got {type(data).__name__}")
+        target = cls
+        if cls is ClipRecord and ("elevation" in data or "azimuths" in data):
+            target = OrbitRecord
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        key = data.get("key", "<no key>")
+        missing = [
+            name
+            for name, f in fields.items()
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in data
+        ]
+        if missing:
+            raise ValueError(f"{target.__name__} {key!r} lacks required field(s): {', '.join(missing)}")
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            fields_list = ", ".join(unknown)
+            raise ValueError(f"{target.__name__} {key!r} has unknown field(s): {fields_list} (see model/records.py)")
+        values = dict(data)
+        if values.get("flow") is not None:
+            values["flow"] = Flow.from_dict(values["flow"])
+        try:
+            return target(**values)
+        except ValueError as e:
+            raise ValueError(f"{target.__name__} {key!r}: {e}") from None
+
+
+@dataclass(kw_only=True)
+class OrbitRecord(ClipRecord):
+    """A clip of a camera orbiting an object (multi-view shards): each frame one view,
+    taken at `elevation` degrees and the frame's azimuth (degrees)."""
+
+    camera_motion: CameraMotion | Orbit
+    elevation: float
+    azimuths: list[float]
+
+    camera_motions: ClassVar[tuple[str, ...]] = (*CAMERA_MOTIONS, ORBIT)
