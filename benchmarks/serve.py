@@ -121,7 +121,7 @@ def main() -> None:
         baseline = in_process(download_pipeline(f"models:/{name}/{version}", Path(tmp) / "dl"), request, args.requests)
 
         port = free_port()
-        serve = [sys.executable, "-m", "pipelines.cli", "serve", "--model", f"models:/{name}@bench"]
+        serve = [sys.executable, "-m", "vdm.cli", "serve", "--model", f"models:/{name}@bench"]
         options = ["--port", str(port), "--max-concurrency", str(max(CONCURRENCY)), "--poll-seconds", "0"]
         server = subprocess.Popen(
             [*serve, *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True

@@ -27,6 +27,7 @@ import torch
 
 from model.conditioning import added_time_ids, dropped, per_sample
 from model.data import fit_frames
+from model.networks import VideoNetwork
 from model.samplers import SAMPLERS, guided, karras_sigmas
 
 KEY_EVERY = 4  # interpolation: a key frame every 4th frame, x4 frame rate
@@ -38,13 +39,9 @@ def input_channels(latent_channels: int) -> int:
     return 2 * latent_channels + 1
 
 
-class MaskedVideoNetwork(torch.nn.Module):
+class MaskedVideoNetwork(VideoNetwork):
     """The video UNet with the known frames' latents and the mask concatenated to its
     input. Without them (text-to-video generation) both are zeros: no frame is known."""
-
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
 
     def forward(
         self,

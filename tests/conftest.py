@@ -12,7 +12,7 @@ import pytest
 
 from components.common.objectstore import ObjectStore
 from components.common.settings import load_settings
-from pipelines.stack import SEAWEED_GRPC_OFFSET, Stack, port_is_free
+from vdm.stack import SEAWEED_GRPC_OFFSET, Stack, port_is_free
 
 # Fail fast instead of MLflow's default of minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")

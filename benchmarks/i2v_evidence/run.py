@@ -4,7 +4,7 @@ artifacts (`make evidence` writes them: moving-disc shards with known velocities
 trained tiny VAE, Stage II trained `full`):
 
 Stage II -> `vdm finetune i2v --max-steps 0` (the widened, untrained i2v model) and
-`vdm finetune i2v` for --steps -> `vdm eval motion` on each (each data clip's first
+`vdm finetune i2v` for --steps -> `vdm eval` on each (each data clip's first
 frame animated). Prints JSON: per model, generated frame 0 against the conditioning
 frame (PSNR; against another clip's frame, what an unrelated start scores; the VAE's
 reconstruction, the ceiling; where the disc starts), and speed / straightness / jerk
@@ -33,7 +33,7 @@ HERE = Path(__file__).parent
 
 def vdm(*args: str) -> tuple[str, float]:
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "vdm.cli", *args], capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"vdm {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     print(f"  vdm {args[0]} {args[1] if len(args) > 1 else ''}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
@@ -112,13 +112,15 @@ def main() -> None:
     report = {"steps": args.steps, "wall_s": {k: round(v, 1) for k, v in seconds.items()}, "registered": registered}
     for name in ("i2v-untrained", "i2v"):
         out, _ = vdm(
-            "eval", "motion", "--model", f"{p}/{name}/final", "--data", data,
+            "eval", "--model", f"{p}/{name}/final", "--data", data,
             "--clips", str(args.eval_clips), "--steps", str(args.eval_steps),
         )  # fmt: skip
         result = json.loads(out[out.index("{") :])
-        report.setdefault("data", result["data"])
-        report[name] = {"first_frame": result["first_frame"], "motion": result["generated"]}
-        speed = result["generated"]["speed_px_per_frame"] / result["data"]["speed_px_per_frame"]
+        details = result["details"]
+        report.setdefault("data", details["data"])
+        first_frame = {k.removeprefix("first_frame_"): v for k, v in result["metrics"].items() if "first_frame" in k}
+        report[name] = {"first_frame": first_frame, "motion": details["generated"]}
+        speed = details["generated"]["speed_px_per_frame"] / details["data"]["speed_px_per_frame"]
         report[name]["motion"]["speed_ratio"] = speed  # generated over the data's: 1 is right
         report[name]["mlflow_run"] = result["mlflow_run"]
     report["diffusers_pipeline"] = pipeline_agreement(f"{p}/i2v/svd", data, args.eval_steps)

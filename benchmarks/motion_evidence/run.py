@@ -3,7 +3,7 @@ through the CLI against the local stack:
 
 moving-shapes shards (known velocities) -> `vdm train-vae` -> `vdm train --stage image`
 -> the inflated, untrained video model (`vdm train --stage video --max-steps 0`) and
-Stage II trained `full` and `partial` on the same step budget -> `vdm eval motion` on
+Stage II trained `full` and `partial` on the same step budget -> `vdm eval` on
 each. Prints JSON: per model the tracked speed, straightness and jerk of generated
 clips against the data's, and each step's wall time. Samples land in MLflow.
 
@@ -27,7 +27,7 @@ HERE = Path(__file__).parent
 
 def vdm(*args: str) -> tuple[str, float]:
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "vdm.cli", *args], capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"vdm {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     print(f"  vdm {args[0]} {args[1] if len(args) > 1 else ''}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
@@ -70,10 +70,10 @@ def main() -> None:
 
     report = {"video_steps": args.video_steps, "wall_s": {k: round(v, 1) for k, v in seconds.items()}}
     for name in ("untrained", "full", "partial"):
-        out, _ = vdm("eval", "motion", "--model", f"{p}/{name}/final", "--data", data, "--clips", str(args.eval_clips))
+        out, _ = vdm("eval", "--model", f"{p}/{name}/final", "--data", data, "--clips", str(args.eval_clips))
         result = json.loads(out[out.index("{") :])
-        report.setdefault("data", result["data"])
-        report[name] = result["generated"] | {"mlflow_run": result["mlflow_run"]}
+        report.setdefault("data", result["details"]["data"])
+        report[name] = result["details"]["generated"] | {"mlflow_run": result["mlflow_run"]}
     for name in ("untrained", "full", "partial"):  # generated speed over the data's: 1 is right
         report[name]["speed_ratio"] = report[name]["speed_px_per_frame"] / report["data"]["speed_px_per_frame"]
     print(json.dumps(report, indent=1))

@@ -1,11 +1,11 @@
-"""Evidence for the image-only spatial finetune: the motion metric (`vdm eval motion`)
+"""Evidence for the image-only spatial finetune: the motion metric (`vdm eval`)
 does not degrade while the image-quality proxy improves on the image set's
 distribution. Full sampling on both models, same seeds.
 
 Proxy (known target): the synthetic high-quality image set draws its discs fully
 saturated (foreground HSV saturation 1.0), the video data's discs are greyish (about
 0.3); `saturation_gap` = |saturation of the generated object - the image set's|,
-lower is better (model/spatial.py). Motion: `vdm eval motion`'s figures (tracked
+lower is better (model/spatial.py). Motion: `vdm eval`'s figures (tracked
 speed, straightness, jerk) and the promotion gate's `motion_speed_error`, on the
 video data, for the base model and the finetune.
 
@@ -49,13 +49,12 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from components.evaluation.motion import gate_metrics
 from components.sample_data.palette import write_palette_image_shards
 from components.sample_data.shards import write_shapes_shards
 from model.autoencoder import AutoencoderTraining, reconstruction_error, train_autoencoder
 from model.conditioning import LatentCodec, added_time_ids
 from model.data import ClipDataset, ClipSpec, ImageDataset
-from model.evaluation import evaluate_motion
+from model.evaluation import evaluate_motion, motion_gate_metrics
 from model.networks import is_temporal
 from model.samplers import SAMPLERS, karras_sigmas
 from model.spatial import foreground_saturation, palette_report
@@ -149,14 +148,14 @@ def resampled(model: VideoDiffusion, clip: torch.Tensor, sigma_start: float, ste
 
 
 def measure(model: VideoDiffusion, video: list[str], images: list[torch.Tensor], clips: int, steps: int) -> dict:
-    """Motion on the video data (generated from the empty prompt, as `vdm eval motion`), the
+    """Motion on the video data (generated from the empty prompt, as `vdm eval`), the
     image-quality proxy of the same samples and of the data clips resampled from sigma 1."""
     report = evaluate_motion(model, video, clips=clips, steps=steps)
     data_clips = [
         item["video"] for item in itertools.islice(ClipDataset(video, model.config.clip, random_crop=False), clips)
     ]
     return {
-        "motion": report["generated"] | gate_metrics(report),
+        "motion": report["generated"] | motion_gate_metrics(report),
         "data_motion": report["data"],
         "image_quality": palette_report(report["samples"], images, data_clips),
         "image_quality_resampled_from_sigma_1": palette_report(

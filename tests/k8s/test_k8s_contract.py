@@ -21,7 +21,6 @@ from torchx.schedulers.kubernetes_scheduler import Opts as TorchXKubernetesOpts
 from components.common.settings import Settings
 from components.training import launch
 from components.training.request import TrainingRequest
-from pipelines.cli import main as vdm_cli
 from pipelines.kubeflow import (
     GPU_STEP,
     PLATFORM_CONFIG_KEYS,
@@ -30,6 +29,8 @@ from pipelines.kubeflow import (
     S3_SECRET_KEYS,
     end_to_end,
 )
+from serving.config import model_specs
+from vdm.cli import main as vdm_cli
 
 PLATFORM = "vdm"  # MinIO, MLflow, serving
 RUNS = "kubeflow"  # where Kubeflow Pipelines runs steps (k8s/base/pipeline-runs)
@@ -194,10 +195,13 @@ def test_serving_runs_vdm_serve_with_options_it_has(overlay):
     pairs = [option.split("=", 1) for option in options]
     values = dict(pairs)
     assert set(values) <= known, set(values) - known
-    assert len(values) == len(pairs) - 1  # only --model repeats
-    models = [value for option, value in pairs if option == "--model"]
+    assert len(values) == len(pairs) and "--model" not in values  # the list comes from a ConfigMap
+    (listed,) = [e["valueFrom"]["configMapKeyRef"] for e in serving["env"] if e["name"] == "VDM_SERVE_MODELS"]
+    config_map = find(rendered(overlay), "ConfigMap", listed["name"], "vdm")
+    models = config_map["data"][listed["key"]].split(",")
     defaults = end_to_end.component_spec.inputs
     assert models == [defaults["model_name"].default, defaults["i2v_model_name"].default]
+    assert [spec.name for spec in model_specs(models, "champion")] == models  # what `vdm serve` parses
     assert values["--host"] == "0.0.0.0"
     assert values["--max-concurrency"] == {"dev": "1", "prod": "2"}[overlay]  # dev patches args by index
     ports = {p["name"]: p["containerPort"] for p in serving["ports"]}

@@ -217,7 +217,7 @@ def test_a_short_finetune_predicts_the_novel_views_from_the_first_view_and_start
 
 
 def _vdm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "vdm.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_finetune_multiview_registers_a_model_whose_pyfunc_orbits_an_image(

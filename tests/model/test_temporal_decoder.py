@@ -12,7 +12,6 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
 
 from components.sample_data.render import moving_shapes
-from components.sample_data.shards import write_shapes_shards
 from model.conditioning import LatentCodec
 from model.data import ClipSpec
 from model.temporal_decoder import (
@@ -200,18 +199,3 @@ def test_a_resumed_finetune_continues_the_same_run(tmp_path):
         torch.testing.assert_close(resumed.vae.state_dict()[name], value, atol=1e-6, rtol=0, msg=name)
     for name, value in whole.discriminator.state_dict().items():
         torch.testing.assert_close(resumed.discriminator.state_dict()[name], value, atol=1e-6, rtol=0, msg=name)
-
-
-def test_finetuning_something_that_is_not_a_model_folder_is_a_clear_error(tmp_path):
-    from components.common.objectstore import ObjectStore
-    from components.common.settings import load_settings
-    from components.training.finetune import run_finetune
-
-    write_shapes_shards(tmp_path / "shards", shards=1, clips_per_shard=1, num_frames=8, height=32, width=32)
-    (tmp_path / "empty").mkdir()
-    settings = load_settings()
-    with pytest.raises(ValueError, match="not a model folder with stage.json and vae/"):
-        run_finetune(
-            "temporal-decoder", "tiny", str(tmp_path / "shards"), "s3://vdm/x", str(tmp_path / "empty"),
-            ObjectStore.from_settings(settings), settings,
-        )  # fmt: skip

@@ -19,7 +19,7 @@ from pipelines.kubeflow import PIPELINES, PLATFORM_CONFIG_MAP, S3_SECRET
 def compiled(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
     out = tmp_path_factory.mktemp("compiled")
     result = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "pipeline", "compile", "--out", str(out)],
+        [sys.executable, "-m", "vdm.cli", "pipeline", "compile", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -19,7 +19,7 @@ def test_vdm_run_end_to_end(stack, store, settings, tmp_path):
     summary_file = tmp_path / "summary.json"
     params = ["image_steps=3", "video_steps=3", "hq_steps=2", "i2v_steps=2", "eval_clips=2", "eval_steps=4"]
     result = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "run", "--model-name", "vdm-e2e-test", "--summary-json",
+        [sys.executable, "-m", "vdm.cli", "run", "--model-name", "vdm-e2e-test", "--summary-json",
          str(summary_file), *[arg for p in params for arg in ("--param", p)]],
         capture_output=True, text=True, timeout=1500,
     )  # fmt: skip

@@ -135,7 +135,7 @@ def server(stack, versions, image_model, kind_models, tmp_path_factory):
     MlflowClient().set_registered_model_alias(multiview, "mv-live", "1")
     names = [versions, image_model, kind_models["interpolation"], kind_models["prediction"]]
     models = [*(f"--model={name}" for name in names), f"--model=models:/{multiview}@mv-live"]
-    command = [sys.executable, "-m", "pipelines.cli", "serve", *models, "--alias", CHAMPION]
+    command = [sys.executable, "-m", "vdm.cli", "serve", *models, "--alias", CHAMPION]
     options = ["--port", str(port), "--poll-seconds", "1", "--max-concurrency", str(MAX_CONCURRENCY)]
     # Its own BentoML home: the task queue's SQLite file is not shared with other servers.
     bentoml_home = tmp_path_factory.mktemp("bentoml")

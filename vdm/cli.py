@@ -11,6 +11,12 @@ from components.common.settings import load_settings
 from model.tasks import STAGES
 
 PRETRAINING_STAGES = list(STAGES)  # image, video, hq
+MODEL_OPTION = click.option(
+    "--model",
+    "model_location",
+    required=True,
+    help="models:/NAME@ALIAS, or a trained model's final folder (s3:// or local).",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,7 +30,7 @@ def stack() -> None:
 
 
 def _stack():
-    from pipelines.stack import Stack
+    from vdm.stack import Stack
 
     return Stack(load_settings(), log=lambda line: click.echo(line, err=True))
 
@@ -37,7 +43,7 @@ def _fail(message: str) -> None:
 @stack.command("up")
 def stack_up() -> None:
     """Start every server (idempotent); restart any that died, on its data."""
-    from pipelines.stack import StackError
+    from vdm.stack import StackError
 
     s = _stack()
     try:
@@ -309,12 +315,7 @@ def train_vae_command(data: str, output: str, size: int, steps: int) -> None:
 
 
 @main.command("sample")
-@click.option(
-    "--model",
-    "model_location",
-    required=True,
-    help="models:/NAME@ALIAS, or a trained model's final folder (s3:// or local).",
-)
+@MODEL_OPTION
 @click.option("--prompt", default=None, help="Text kinds, interpolation and prediction: what the video shows.")
 @click.option("--negative-prompt", default=None, help="Text kinds: what it should not show.")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Image kinds: the frame to animate.")
@@ -377,12 +378,7 @@ def sample_command(
 
 
 @main.command("eval")
-@click.option(
-    "--model",
-    "model_location",
-    required=True,
-    help="models:/NAME@ALIAS, or a trained model's final folder (s3:// or local).",
-)
+@MODEL_OPTION
 @click.option("--data", required=True, help="Held-out shards (s3:// prefix or folder); orbits for multi-view.")
 @click.option("--reference", default=None, help="A second data set the kind compares with (spatial-hq: its images).")
 @click.option("--clips", type=int, default=8, show_default=True, help="Held-out clips (or orbits) to evaluate on.")
@@ -587,8 +583,8 @@ def pipeline_schedule(name: str, host: str, experiment: str, cron: str, params: 
     "--model",
     "models",
     multiple=True,
-    required=True,
-    help="NAME or models:/NAME@ALIAS (repeatable: any number of models of any kind, each at its own alias).",
+    help="NAME, NAME@ALIAS or models:/NAME@ALIAS (repeatable: any number of models of any kind, each at its own "
+    "alias). Default: the comma-separated list in VDM_SERVE_MODELS (the cluster's ConfigMap vdm-serving-models).",
 )
 @click.option("--alias", default="champion", show_default=True, help="Alias served for plain NAMEs.")
 @click.option("--port", default=3000, show_default=True)
@@ -604,8 +600,11 @@ def serve_command(models, alias, port, host, poll_seconds, max_concurrency) -> N
     from model.tasks import ENDPOINTS
     from serving.config import model_specs
 
+    listed = tuple(m.strip() for m in os.environ.get("VDM_SERVE_MODELS", "").split(",") if m.strip())
+    if not (models or listed):
+        _fail("no model to serve: give --model NAME (repeatable) or set VDM_SERVE_MODELS")
     try:
-        specs = model_specs(models, alias)
+        specs = model_specs(models or listed, alias)
     except ValueError as e:
         _fail(str(e))
     env = os.environ | {
@@ -651,8 +650,8 @@ def run_command(input_uri, work_uri, model_name, i2v_model_name, params, summary
     from components.common.objectstore import ObjectStore
     from components.sample_data.synth import MANIFEST_NAME, SynthConfig, synthesize
     from pipelines.local_run import run_end_to_end
-    from pipelines.stack import StackError
     from pipelines.submit import parse_params
+    from vdm.stack import StackError
 
     try:
         _stack().up()

@@ -67,7 +67,7 @@ def test_pyfunc_generates_decodable_videos_with_the_requested_frames(settings, f
 
 
 def _vdm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "vdm.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_evaluation_figures_land_on_the_version_and_drive_the_cli_gate(settings, final, request, tmp_path):

@@ -17,7 +17,7 @@ from conftest import listening_addresses, occupy, stack_env
 
 from components.common.objectstore import ObjectStore
 from components.common.settings import load_settings
-from pipelines.stack import Stack, StackError, port_is_free, process_start_time
+from vdm.stack import Stack, StackError, port_is_free, process_start_time
 
 HAS_PROMETHEUS = shutil.which("prometheus") is not None
 
@@ -82,7 +82,7 @@ def test_lifecycle_kill_recover_and_restart_twice_keeps_data(own_stack):
         time.sleep(0.1)
     assert _states(stack)["s3"] == "dead"
     assert _states(stack)["mlflow"] == "running"
-    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "stack", "status"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "vdm.cli", "stack", "status"], capture_output=True, text=True)
     assert result.returncode == 1 and "dead" in result.stdout
 
     write_error: list[BaseException] = []
@@ -174,7 +174,7 @@ def test_env_exports_evaluate_in_a_shell(stack):
 
 
 def test_status_cli_reports_every_server(stack):
-    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "stack", "status"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "vdm.cli", "stack", "status"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()}
     assert lines["s3"] == "running" and lines["mlflow"] == "running"

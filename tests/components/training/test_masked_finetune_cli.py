@@ -23,7 +23,7 @@ from model.stages import NAMED_CONFIGS, VideoDiffusion, named_config
 
 
 def _vdm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "vdm.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def _frames(mp4: bytes) -> list[np.ndarray]:

@@ -21,11 +21,11 @@ from mlflow import MlflowClient
 
 from components.sample_data.shards import write_camera_shards
 from model.stages import NAMED_CONFIGS, VideoDiffusion, named_config
-from pipelines.cli import main
+from vdm.cli import main
 
 
 def _vdm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "vdm.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_finetune_camera_lora_registers_base_and_adapters_and_adds_a_class(stack, store, prefix, tmp_path, request):

@@ -26,7 +26,7 @@ def trained_final(tmp_path_factory):
 
 
 def _vdm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "vdm.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_train_from_s3_with_checkpoints_and_resume(stack, store, prefix, tmp_path):

@@ -22,7 +22,7 @@ from model.stages import VideoDiffusion, named_config
 
 
 def _vdm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "vdm.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_finetune_spatial_hq_keeps_the_temporal_layers_and_registers_with_the_image_set(

@@ -15,6 +15,7 @@ from pathlib import Path
 import av
 import mlflow
 import pandas as pd
+import pytest
 from mlflow import MlflowClient
 
 from components.sample_data.shards import write_shapes_shards
@@ -22,7 +23,7 @@ from model.stages import VideoDiffusion, named_config
 
 
 def _vdm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "vdm.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_finetune_temporal_decoder_registers_the_model_with_its_new_decoder(stack, store, prefix, tmp_path, request):
@@ -57,3 +58,19 @@ def test_finetune_temporal_decoder_registers_the_model_with_its_new_decoder(stac
     with av.open(io.BytesIO(videos["video_mp4"][0])) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
     assert len(frames) == 4 and frames[0].shape == (32, 32, 3)
+
+
+def test_finetuning_something_that_is_not_a_model_folder_is_a_clear_error(tmp_path):
+    from components.common.objectstore import ObjectStore
+    from components.common.settings import load_settings
+    from components.training.entrypoint import run_request
+    from components.training.request import TrainingRequest
+
+    write_shapes_shards(tmp_path / "shards", shards=1, clips_per_shard=1, num_frames=8, height=32, width=32)
+    (tmp_path / "empty").mkdir()
+    settings = load_settings()
+    request = TrainingRequest(
+        "temporal-decoder", str(tmp_path / "shards"), "s3://vdm/x", init_from=str(tmp_path / "empty")
+    )
+    with pytest.raises(ValueError, match="not a model folder with stage.json and vae/"):
+        run_request(request, ObjectStore.from_settings(settings), settings)

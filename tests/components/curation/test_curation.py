@@ -145,7 +145,7 @@ def test_percentile_and_absolute_filters():
 
 
 def _vdm(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, **kwargs)
+    return subprocess.run([sys.executable, "-m", "vdm.cli", *args], capture_output=True, text=True, **kwargs)
 
 
 def _manifest(store, prefix: str) -> list[dict]:
@@ -283,7 +283,7 @@ def test_rerun_skips_done_shards_and_a_killed_run_resumes_to_the_same_manifest(c
 
     out = f"{prefix}/b"
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", *args, "--output", out],
+        [sys.executable, "-m", "vdm.cli", *args, "--output", out],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

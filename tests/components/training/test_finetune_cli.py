@@ -22,7 +22,7 @@ from components.sample_data.shards import write_shapes_shards
 
 
 def _vdm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "vdm.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_finetune_i2v_from_an_svd_folder_registers_an_image_model(stack, store, prefix, tmp_path, request):
