@@ -500,12 +500,17 @@ def registry_list(name: str) -> None:
 @click.option("--min-improvement", type=float, default=0.0, show_default=True, help="In the metric's units.")
 def registry_promote(name: str, metric: str | None, direction: str | None, min_improvement: float) -> None:
     """Move `champion` to the `candidate` if it beats the champion; exit 1 (changing nothing) if not."""
+    from dataclasses import replace
+
     from components.registry.promotion import Gate, kind_gate, promote
 
-    if metric:
-        gate = Gate(metric, direction or "minimize", min_improvement)
+    if metric and direction:
+        gate = Gate(metric, direction, min_improvement)
     else:
         gate = _registry_call(kind_gate, name, min_improvement)
+        if metric and metric != gate.metric:  # another figure: its direction must be said
+            _fail(f"--metric {metric} is not the kind's ({gate.metric}): give --direction too")
+        gate = replace(gate, direction=direction or gate.direction)
     decision = _registry_call(promote, name, gate)
     if not decision.promoted:
         _fail(f"not promoted: {decision.reason}")

@@ -25,9 +25,9 @@ def promote_candidate(
     connect()
     name, version = registered_version(model_uri)
     MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
-    if metric:
-        gate = Gate(metric, direction or "minimize", float(min_improvement))
-    else:
+    if metric and direction:
+        gate = Gate(metric, direction, float(min_improvement))
+    else:  # the candidate's kind's metric, direction and guard
         gate = kind_gate(name, float(min_improvement))
     result = promote(name, gate, actor="kubeflow-pipelines")
     decision.metadata.update(

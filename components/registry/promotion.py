@@ -34,6 +34,11 @@ class Gate:
     metric: str = "motion_speed_error"
     direction: Literal["minimize", "maximize"] = "minimize"
     min_improvement: float = 0.0  # in the metric's units; the candidate must beat the champion by more
+    # A figure that must not get worse than the champion's by more than `guard_tolerance` (its
+    # units), e.g. the motion of a spatial-only finetune; None: no guard.
+    guard: str | None = None
+    guard_direction: Literal["minimize", "maximize"] = "minimize"
+    guard_tolerance: float = 0.0
 
 
 def kind_gate(name: str, min_improvement: float = 0.0) -> Gate:
@@ -47,8 +52,11 @@ def kind_gate(name: str, min_improvement: float = 0.0) -> Gate:
     kind = candidate.tags.get("vdm.kind")
     if kind is None:
         raise PromotionError(f"{name} v{candidate.version} does not say its kind (tag vdm.kind): give the metric")
-    metric = task_of(kind).metric
-    return Gate(metric.name, metric.direction, min_improvement)
+    task = task_of(kind)
+    metric, guard = task.metric, task.guard
+    if guard is None:
+        return Gate(metric.name, metric.direction, min_improvement)
+    return Gate(metric.name, metric.direction, min_improvement, guard.name, guard.direction, task.guard_tolerance)
 
 
 @dataclass(frozen=True)
@@ -123,9 +131,30 @@ def evaluate_gate(name: str, gate: Gate) -> Decision:
         return decide(True, f"champion v{champion.version} has no {gate.metric}; candidate has {value:.4g}")
     gain = (current - value) if gate.direction == "minimize" else (value - current)
     verdict = f"{gate.metric} {value:.4g} vs champion v{champion.version}'s {current:.4g} ({gate.direction})"
-    if gain > gate.min_improvement:
-        return decide(True, f"{verdict}: improves by {gain:.4g} > {gate.min_improvement:g}")
-    return decide(False, f"{verdict}: improvement {gain:.4g} is not more than {gate.min_improvement:g}")
+    if gain <= gate.min_improvement:
+        return decide(False, f"{verdict}: improvement {gain:.4g} is not more than {gate.min_improvement:g}")
+    guarded = _guard_refusal(gate, candidate, champion)
+    if guarded:
+        return decide(False, f"{verdict} improves, but {guarded}")
+    return decide(True, f"{verdict}: improves by {gain:.4g} > {gate.min_improvement:g}")
+
+
+def _guard_refusal(gate: Gate, candidate: ModelVersion, champion: ModelVersion) -> str | None:
+    """Why the guard figure refuses the candidate, or None (no guard, or it holds)."""
+    if gate.guard is None:
+        return None
+    value, current = _metric(candidate, gate.guard), _metric(champion, gate.guard)
+    if value is None or math.isnan(value):
+        return f"the candidate has no {gate.guard} to guard with"
+    if current is None:
+        return None
+    loss = (value - current) if gate.guard_direction == "minimize" else (current - value)
+    if loss > gate.guard_tolerance:
+        return (
+            f"its {gate.guard} {value:.4g} is worse than the champion's {current:.4g} by {loss:.4g} "
+            f"(> {gate.guard_tolerance:g} allowed)"
+        )
+    return None
 
 
 def promote(name: str, gate: Gate, actor: str | None = None) -> Decision:

@@ -1,35 +1,29 @@
 """The kinds of model, one module each: `KINDS[name]` is the kind's `Task` (base.py says
-what a task defines). A new kind is a module here with a `TASKS` tuple, named in
-`_MODULES`, plus its config (model/configs/<size>-<kind>.yaml) and its tests: the
+what a task defines). A new kind is a module here with a `TASKS` tuple (found by
+itself), plus its config (model/configs/<size>-<kind>.yaml) and its tests: the
 training loop, `vdm finetune`, the KFP finetune pipelines, registration, evaluation and
 serving all look kinds up here."""
 
 from __future__ import annotations
 
+import pkgutil
 from importlib import import_module
 
 from model.tasks.base import Evaluation, Metric, NoOptions, Task
 
-_MODULES = (
-    "text_to_video",
-    "image_to_video",
-    "camera_lora",
-    "interpolation",
-    "prediction",
-    "multiview",
-    "spatial_hq",
-    "temporal_decoder",
-)
+# Every module of this package that defines kinds (a `TASKS` tuple); pretraining stages first.
+_MODULES = sorted((m.name for m in pkgutil.iter_modules(__path__)), key=lambda name: name != "text_to_video")
 KINDS: dict[str, Task] = {
-    task.name: task for module in _MODULES for task in import_module(f"model.tasks.{module}").TASKS
+    task.name: task for module in _MODULES for task in getattr(import_module(f"model.tasks.{module}"), "TASKS", ())
 }
 FINETUNES: dict[str, Task] = {name: task for name, task in KINDS.items() if task.finetune}
 STAGES: dict[str, Task] = {name: task for name, task in KINDS.items() if not task.finetune}
-# The served APIs (serving/service.py), each with the first kind that answers it (its `Inputs`).
-ENDPOINTS: dict[str, Task] = {}
-for _task in KINDS.values():
-    if _task.endpoint:
-        ENDPOINTS.setdefault(_task.endpoint, _task)
+# The served APIs (serving/service.py), each with the most general kind that answers it (its
+# `Inputs`; kinds that refine it, e.g. camera-lora of text-to-video, take the same).
+ENDPOINTS: dict[str, Task] = {
+    endpoint: min((t for t in KINDS.values() if t.endpoint == endpoint), key=lambda t: len(type(t).__mro__))
+    for endpoint in dict.fromkeys(t.endpoint for t in KINDS.values() if t.endpoint)
+}
 
 
 def task_of(kind: str) -> Task:

@@ -83,6 +83,9 @@ class Task:
     # GenerationConfig fields a caller may set for this kind beyond the shared ones.
     generation_fields: ClassVar[tuple[str, ...]] = ()
     metric: ClassVar[Metric] = MOTION_SPEED_ERROR
+    # A figure the gate also checks: not worse than the champion's by more than the tolerance.
+    guard: ClassVar[Metric | None] = None
+    guard_tolerance: ClassVar[float] = 0.0
     registered_name: ClassVar[str]  # the registered model a finetune pipeline adds to
     # What a finetune pipeline's run form offers by default: the registered model it starts
     # from, its training data, the held-out data it is evaluated on, and whether the

@@ -5,7 +5,7 @@ temporal branches off); the temporal layers, which hold the motion, stay unchang
 
 from __future__ import annotations
 
-from model.tasks.base import Evaluation, Metric
+from model.tasks.base import MOTION_SPEED_ERROR, Evaluation, Metric
 from model.tasks.text_to_video import TextToVideo
 
 
@@ -21,6 +21,10 @@ class SpatialHighQuality(TextToVideo):
     registered_name = "vdm-spatial-hq"
     training_data = "s3://vdm/images/high-quality/"  # the image set; evaluated on the video data against it
     training_data_is_reference = True
+    # The spatial finetune must not cost motion: the gate refuses a candidate whose speed
+    # error is more than 0.05 (5 % of the data's speed) worse than the champion's.
+    guard = MOTION_SPEED_ERROR
+    guard_tolerance = 0.05
     metric = Metric(
         "saturation_gap",
         "minimize",

@@ -87,3 +87,37 @@ def test_gate_needs_the_metric_and_respects_direction(model):
 def test_promote_without_a_candidate_is_a_clear_error(model):
     with pytest.raises(PromotionError, match="no version with the alias 'candidate'"):
         promote(model, Gate())
+
+
+def test_a_nan_figure_is_refused_and_changes_nothing(model):
+    new_candidate(model, {"motion_speed_error": float("nan")})
+    decision = promote(model, Gate())
+    assert not decision.promoted and "is not a number" in decision.reason
+    assert CHAMPION not in aliases(model)
+
+
+def test_the_kind_gate_is_the_candidates_kinds_metric_and_guard(model):
+    from components.registry.promotion import kind_gate
+
+    version = new_candidate(model, {"saturation_gap": 0.5, "motion_speed_error": 0.10})
+    MlflowClient().set_model_version_tag(model, version, "vdm.kind", "spatial-hq")
+    gate = kind_gate(model, 0.01)
+    assert (gate.metric, gate.direction, gate.min_improvement) == ("saturation_gap", "minimize", 0.01)
+    assert (gate.guard, gate.guard_direction, gate.guard_tolerance) == ("motion_speed_error", "minimize", 0.05)
+    assert promote(model, gate).promoted  # the first champion
+    # Better images but motion worse by more than the tolerance: refused, nothing changes.
+    worse = new_candidate(model, {"saturation_gap": 0.3, "motion_speed_error": 0.20})
+    decision = promote(model, gate)
+    assert not decision.promoted and "motion_speed_error 0.2 is worse than the champion's 0.1" in decision.reason
+    assert aliases(model)[CHAMPION] == version
+    # Within the tolerance: promoted.
+    within = new_candidate(model, {"saturation_gap": 0.3, "motion_speed_error": 0.14})
+    assert promote(model, gate).promoted and aliases(model)[CHAMPION] == within != worse
+
+
+def test_the_kind_gate_needs_the_candidates_kind(model):
+    from components.registry.promotion import kind_gate
+
+    new_candidate(model, {"motion_speed_error": 0.1})
+    with pytest.raises(PromotionError, match="does not say its kind"):
+        kind_gate(model)
