@@ -43,10 +43,10 @@ class GenerationConfig:
 
     @classmethod
     def for_clip(cls, clip: ClipSpec, **settings) -> GenerationConfig:
-        """Settings for a model trained on `clip`: frames, size and fps left unset (None or 0)
-        are the clip's."""
+        """Settings for a model trained on `clip`: frames, size and fps left unset (None) are
+        the clip's."""
         defaults = {"num_frames": clip.num_frames, "height": clip.height, "width": clip.width, "fps": clip.fps}
-        return cls(**defaults | {k: v for k, v in settings.items() if v or k not in defaults})
+        return cls(**defaults | {k: v for k, v in settings.items() if v is not None or k not in defaults})
 
     noise_aug_strength: float = 0.02  # image-to-video: noise added to the conditioning image (SVD's default)
     adapter: str | None = None  # camera-motion LoRA: the adapter to sample with (None: the base model)
