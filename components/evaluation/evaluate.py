@@ -35,6 +35,17 @@ class EvaluationReport:
     mlflow_run: str | None = None
 
 
+def _numbers(details: dict, prefix: str = "") -> dict[str, float]:
+    """The numeric figures of a details tree as flat metric names (`data_straightness`)."""
+    flat = {}
+    for key, value in details.items():
+        if isinstance(value, dict):
+            flat |= _numbers(value, f"{prefix}{key}_")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
 def run_evaluation(
     model_location: str,
     data: str,
@@ -66,8 +77,8 @@ def run_evaluation(
             inputs=inputs,
             settings=settings,
         ) as run:
-            mlflow.log_metrics(evaluation.metrics)
-            mlflow.log_dict(evaluation.details, "details.json")
+            mlflow.log_metrics(evaluation.metrics | _numbers(evaluation.details))
+            mlflow.log_dict(json.loads(json.dumps(evaluation.details, default=float)), "details.json")
             for i, video in enumerate(evaluation.samples):
                 path = Path(tmp) / f"sample-{i:02d}.mp4"
                 write_video(path, to_uint8(video).numpy(), model.config.clip.fps, deterministic=False)

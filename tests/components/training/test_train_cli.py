@@ -148,11 +148,10 @@ def test_sample_writes_a_playable_video(trained_final, tmp_path):
         assert sum(1 for _ in container.decode(stream)) == 6
 
 
-def test_eval_motion_logs_figures_and_samples(stack, trained_final, tmp_path):
+def test_eval_of_a_video_model_logs_its_motion_figures_and_samples(stack, trained_final, tmp_path):
     write_shapes_shards(tmp_path / "shards", shards=2, clips_per_shard=2)
     result = _vdm(
         "eval",
-        "motion",
         "--model",
         str(trained_final),
         "--data",
@@ -164,8 +163,13 @@ def test_eval_motion_logs_figures_and_samples(stack, trained_final, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout[result.stdout.index("{") :])
-    assert report["data"]["straightness"] > 0.9 and "speed_px_per_frame" in report["generated"]
+    details = report["details"]
+    assert report["kind"] == "video" and report["metric"] == "motion_speed_error" and report["model_version"] is None
+    assert details["data"]["straightness"] > 0.9 and "speed_px_per_frame" in details["generated"]
+    speed = details["generated"]["speed_px_per_frame"] / details["data"]["speed_px_per_frame"]
+    assert report["metrics"]["motion_speed_error"] == pytest.approx(abs(speed - 1))
     run = mlflow.get_run(re.search(r"/runs/([0-9a-f]{32})", report["mlflow_run"]).group(1))
-    assert run.data.metrics["data_straightness"] == pytest.approx(report["data"]["straightness"])
+    assert run.data.metrics["data_straightness"] == pytest.approx(details["data"]["straightness"])
+    assert run.data.metrics["motion_speed_error"] == pytest.approx(report["metrics"]["motion_speed_error"])
     samples = mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="samples")
     assert len(samples) == 2
