@@ -106,8 +106,10 @@ def test_code_is_lint_clean():
 README_MAX_LINES = 250
 # Markdown links `[text](target)`; the target ends at whitespace or the closing parenthesis.
 MARKDOWN_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-# Pointers to notes and trackers that live outside this repository, which its readers do not have.
-OUTSIDE_REFERENCE = re.compile(r"STACK\.md|SPEC section|issue: |the training issue", re.IGNORECASE)
+# Mentions of Markdown pages (each must be a page of this repository) and of an issue
+# tracker (its readers have none): notes and trackers outside it mean nothing to them.
+PAGE_NAME = re.compile(r"\b[\w.-]+\.md\b")
+TRACKER = re.compile(r"\bissues?\b", re.IGNORECASE)
 
 
 def _repository_files() -> list[Path]:
@@ -166,17 +168,18 @@ def test_relative_links_resolve_inside_the_repository(page):
 
 def test_nothing_refers_to_notes_or_issues_outside_the_repository():
     this_file = Path(__file__).resolve()
+    files = _repository_files()
+    pages = {path.name for path in files if path.suffix == ".md"}
     offenders = []
-    for path in _repository_files():
-        if path.resolve() == this_file:  # names the patterns it looks for
+    for path in files:
+        if path.resolve() == this_file:  # its own name says what it looks for
             continue
         try:
             text = path.read_text()
         except UnicodeDecodeError:
             continue
-        offenders += [
-            f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
-            for number, line in enumerate(text.splitlines(), 1)
-            if OUTSIDE_REFERENCE.search(line)
-        ]
+        for number, line in enumerate(text.splitlines(), 1):
+            outside = [name for name in PAGE_NAME.findall(line) if name not in pages]
+            if outside or TRACKER.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []

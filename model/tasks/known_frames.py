@@ -2,7 +2,8 @@
 conditioning, model/masked.py): the text-to-video UNet widened to also take the known
 frames' latents and their mask (C + C + 1 input channels, new ones at zero), trained
 with condition dropout (the unconditional side of context guidance). Each kind says
-which frames are known (`known_mask`)."""
+which frames a training clip shows the model: `known_mask(batch, num_frames, generator)`,
+a (B, T) mask (interpolation: the key frames; prediction: 0-2 leading frames)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,13 @@ from typing import TYPE_CHECKING
 from model.tasks.text_to_video import TextToVideo
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 
 class KnownFramesTask(TextToVideo):
     finetune = True
     generation_fields = ("context_guidance",)
     samples_from_data = True
-
-    def known_mask(self, batch: int, num_frames: int, generator: torch.Generator) -> torch.Tensor:
-        """(B, T) mask of the frames a training clip shows the model."""
-        raise NotImplementedError
 
     def check(self, config) -> None:
         super().check(config)
