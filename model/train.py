@@ -128,13 +128,13 @@ def train(
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     result = TrainResult(steps=step)
-    first_batch = None  # image-to-video samples animate its first frames
+    first_batch = None  # kinds that sample from data (image-to-video, known frames) use its clips
     sampled = bool(config.sample_every) and step % config.sample_every == 0
     model.train()
     clock = time.perf_counter()
     for batch in loader:
-        if first_batch is None:
-            first_batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if first_batch is None and model.task.samples_from_data:
+            first_batch = batch  # the loop moves a new dict to the device; this one stays as loaded
         if step >= config.max_steps:
             break
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

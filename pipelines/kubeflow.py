@@ -200,7 +200,7 @@ def _finetune_parameters(task) -> list[tuple[str, type, object, str]]:
         ("data_uri", str, task.training_data, f"Training data (s3:// prefix of WebDataset shards). {task.title}."),
         ("eval_data_uri", str, task.evaluation_data, "Held-out shards the candidate is evaluated on."),
         ("output_uri", str, f"s3://vdm/runs/finetune-{task.name}", "s3:// prefix for checkpoints and the final model."),
-        ("config", str, "tiny", "The model config: a shipped size (tiny) or an s3:// YAML."),
+        ("config", str, "tiny", "The model config: a shipped config name (tiny) or a YAML file in the image."),
         ("max_steps", int, 0, "Training steps; 0: the config's max_steps."),
         ("model_name", str, task.registered_name, "Registered model the result is added to (alias candidate)."),
         ("scheduler", str, "local_cwd", "TorchX scheduler: local_cwd (ranks in the step's pod) or kubernetes."),

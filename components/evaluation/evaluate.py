@@ -77,8 +77,9 @@ def run_evaluation(
             inputs=inputs,
             settings=settings,
         ) as run:
-            mlflow.log_metrics(evaluation.metrics | _numbers(evaluation.details))
-            mlflow.log_dict(json.loads(json.dumps(evaluation.details, default=float)), "details.json")
+            details = json.loads(json.dumps(evaluation.details, default=float))  # numpy figures as plain JSON
+            mlflow.log_metrics(evaluation.metrics | _numbers(details))
+            mlflow.log_dict(details, "details.json")
             for i, video in enumerate(evaluation.samples):
                 path = Path(tmp) / f"sample-{i:02d}.mp4"
                 write_video(path, to_uint8(video).numpy(), model.config.clip.fps, deterministic=False)
@@ -91,7 +92,7 @@ def run_evaluation(
         metric=task.metric.name,
         direction=task.metric.direction,
         metrics=evaluation.metrics,
-        details=json.loads(json.dumps(evaluation.details, default=float)),
+        details=details,
         model_version=f"{version[0]}/{version[1]}" if version else None,
         mlflow_run=run_url(run, settings),
     )

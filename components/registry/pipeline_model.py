@@ -123,22 +123,9 @@ class VideoPipelineModel(mlflow.pyfunc.PythonModel):
         task = self.model.task
         schema = signature_of(task)
         p = {s.name: s.default for s in schema.params} | (params or {})
+        # Every param is a GenerationConfig field; the run form's 0 / "" mean "the model's own".
         settings = {k: (None if UNSET_PARAMS.get(k, object()) == v else v) for k, v in p.items()}
-        config = GenerationConfig.for_clip(
-            self.model.config.clip,
-            num_frames=settings["num_frames"],
-            height=settings["height"],
-            width=settings["width"],
-            fps=settings["fps"],
-            motion=p["motion"],
-            steps=p["steps"],
-            guidance_min=p["guidance_min"],
-            guidance_max=p["guidance_max"],
-            seed=p["seed"],
-            adapter=settings["adapter"],
-            adapter_strength=p["adapter_strength"],
-            **{name: p[name] for name in task.generation_fields},
-        )
+        config = GenerationConfig.for_clip(self.model.config.clip, **settings)
         videos = []
         for row in model_input.to_dict("records"):
             frames = task.sample(self.model, inputs_from_row(task, row), config)
