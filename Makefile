@@ -9,7 +9,7 @@ PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check --progress-bar off
 QUIET := sed '/is ignored: it is neither a file nor a directory/d'
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps demo test bench evidence lint image clean stack-down
+.PHONY: install system-deps demo test bench gpu-check evidence lint image clean stack-down
 
 # Three pip steps (docs/install.md says why): torch first (local wheels), the
 # project with its pins, then two packages without deps (they would pull a second cv2).
@@ -44,6 +44,11 @@ test: install system-deps
 bench: install system-deps
 	$(BIN)/vdm stack up
 	@for b in benchmarks/*.py; do $(BIN)/python "$$b"; done
+
+# One GPU check (docs/gpu-check.md): training steps, sampling against diffusers' SVD pipeline,
+# curation annotators, a served request; at most 8 minutes on one H100/H200. Without a GPU: --smoke sizes.
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py
 
 # The motion evidence (docs/evidence/motion.md): VAE, Stage I, Stage II full and partial, evaluation (about 30 CPU-minutes).
 evidence: install system-deps

@@ -152,7 +152,9 @@ def main() -> None:
                 Path(tmp) / name, shards=2, clips_per_shard=4, num_frames=frames * 3, height=side, width=side
             )
             shards = [str(p) for p in paths]
-            config = StageConfig(stage="video", unet=name, clip=spec, batch_size=args.batch_size)
+            config = StageConfig(
+                stage="video", unet=name, clip=spec, batch_size=args.batch_size, allow_random_weights=True
+            )
             loader = DataLoader(ClipDataset(shards, spec), batch_size=args.batch_size)
             batches = [
                 {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}

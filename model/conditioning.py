@@ -59,7 +59,7 @@ class ImageEncoder(torch.nn.Module):
         super().__init__()
         self.visual = openclip.build(model_name, None).visual
         if weights is not None:
-            self.visual.load_state_dict(load_file(weights))
+            self.visual.load_state_dict(vision_state(weights))
         preprocess = self.visual.preprocess_cfg
         self.register_buffer("mean", torch.tensor(preprocess["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocess["std"]).view(1, 3, 1, 1), persistent=False)
@@ -79,6 +79,17 @@ class ImageEncoder(torch.nn.Module):
 
         x = (_resize_with_antialiasing(images.float(), self.visual.image_size) + 1) / 2
         return self.visual((x - self.mean) / self.std)[:, None]
+
+
+def vision_state(weights: Path) -> dict[str, torch.Tensor]:
+    """The vision tower's weights from a file of them alone (what a model folder keeps) or
+    from a whole open_clip checkpoint (e.g. the public ViT-H-14), whose `visual.` part it takes."""
+    from open_clip.factory import load_state_dict
+
+    state = load_file(weights) if str(weights).endswith(".safetensors") else load_state_dict(str(weights))
+    if any(k.startswith("visual.") for k in state):
+        return {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    return state
 
 
 def motion_bucket(score: torch.Tensor, scale: float = 64.0, buckets: int = 256) -> torch.Tensor:

@@ -99,7 +99,9 @@ def evaluate_motion(model, shards: list[str], *, clips: int = 8, steps: int = 25
     config = GenerationConfig.for_clip(spec, motion=motion, steps=steps)
     task = model.task
     generated = [
-        task.sample(model, task.inputs_of(item), replace(config, seed=seed)) for seed, item in enumerate(items)
+        # float32 on the CPU, where the metrics run, whatever device and precision sampled them
+        task.sample(model, task.inputs_of(item), replace(config, seed=seed)).float().cpu()
+        for seed, item in enumerate(items)
     ]
     report = {
         "data": summarize([motion_stats(v) for v in data]),

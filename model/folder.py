@@ -2,7 +2,8 @@
 writes, `VideoDiffusion.load` and the next stage read, the registry logs as the
 pyfunc's artifact, and serving downloads.
 
-    stage.json          the config (its `stage` is the kind, model/tasks)
+    stage.json          the config (its `stage` is the kind, model/tasks), and which
+                        parts hold random weights (`random_weights`: tests and demos)
     unet/               the trained UNet (diffusers); with adapters, the base under them
     vae/                the VAE (diffusers; a temporal decoder after that finetune)
     text_encoder/       the text tower's weights, when the config names a file
@@ -15,6 +16,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+# The config file's key listing the parts with random weights (not a config field: a fact about the weights).
+RANDOM_WEIGHTS_KEY = "random_weights"
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,13 @@ class ModelFolder:
     def kind(self) -> str:
         """The kind of model the folder holds (model/tasks)."""
         return self.raw_config()["stage"]
+
+    def random_weights(self) -> tuple[str, ...]:
+        """The parts (vae, text, image) that hold seeded random weights, not trained or
+        imported ones: tests and demos only. `save` records them beside the config."""
+        if not self.config_file.exists():
+            return ()
+        return tuple(self.raw_config().get(RANDOM_WEIGHTS_KEY, ()))
 
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))

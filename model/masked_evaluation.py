@@ -131,7 +131,9 @@ def evaluate_interpolation(model, shards: list[str], *, clips: int, steps: int, 
 
     data = _held_out(model, shards, clips)
     config = GenerationConfig.for_clip(model.config.clip, steps=steps)
-    generated = [interpolate(model, c[::KEY_EVERY], replace(config, seed=i), prompt) for i, c in enumerate(data)]
+    generated = [  # float32 on the CPU, where the metrics run
+        interpolate(model, c[::KEY_EVERY], replace(config, seed=i), prompt).float().cpu() for i, c in enumerate(data)
+    ]
     return interpolation_report(data, generated) | {"samples": generated}
 
 
@@ -148,5 +150,7 @@ def evaluate_prediction(
 
     data = _held_out(model, shards, clips)
     config = GenerationConfig.for_clip(model.config.clip, steps=steps)
-    generated = [predict(model, c[:context], len(c), replace(config, seed=i), prompt) for i, c in enumerate(data)]
+    generated = [  # float32 on the CPU, where the metrics run
+        predict(model, c[:context], len(c), replace(config, seed=i), prompt).float().cpu() for i, c in enumerate(data)
+    ]
     return prediction_report(data, generated, context) | {"context": context, "samples": generated}

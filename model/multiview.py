@@ -124,8 +124,8 @@ def evaluate_orbits(model: VideoDiffusion, shards: list[str], *, clips: int, ste
     truth = [item["video"] for item in items]
     config = GenerationConfig.for_clip(spec, steps=steps)
     generated = [
-        orbit(model, item["video"][0], float(item["elevation"]), replace(config, seed=i))
-        for i, item in enumerate(items)
+        orbit(model, item["video"][0], float(item["elevation"]), replace(config, seed=i)).float().cpu()
+        for i, item in enumerate(items)  # float32 on the CPU, where the metrics run
     ]
     still = view_retrieval([t[:1].expand_as(t) for t in truth], truth)
     return view_retrieval(generated, truth) | {

@@ -11,6 +11,7 @@ still receives gradients (the learned mixing factor is not saturated).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +46,9 @@ class UNetConfig:
 CONFIGS: dict[str, UNetConfig] = {
     # CPU tests: about 2 M parameters (video).
     "tiny": UNetConfig(block_out_channels=(32, 64), attention_heads=(2, 4), layers_per_block=1, cross_attention_dim=64),
+    # One 24 GB GPU: about 264 M parameters (video), ViT-L-14's 768-wide tokens.
     "small": UNetConfig(
-        block_out_channels=(128, 256, 512), attention_heads=(4, 8, 8), layers_per_block=2, cross_attention_dim=512
+        block_out_channels=(192, 384, 768), attention_heads=(3, 6, 12), layers_per_block=2, cross_attention_dim=768
     ),
     # Stable Diffusion 2.1's UNet; SVD's video UNet has the same spatial layout.
     "base": UNetConfig(
@@ -251,3 +253,56 @@ class ImageToVideoNetwork(torch.nn.Module):
     ) -> torch.Tensor:
         every_frame = image_latent[:, None].expand(-1, x.shape[1], -1, -1, -1)
         return self.unet(torch.cat([x, every_frame], dim=2), c_noise, image, added_time_ids=added).sample
+
+
+# -- gradient checkpointing ------------------------------------------------------------
+
+
+def enable_checkpointing(unet: torch.nn.Module, checkpoint=None) -> None:
+    """diffusers' gradient checkpointing (`checkpoint(function, *args)`: its function, default
+    torch's non-reentrant one), widened for the spatio-temporal UNet. diffusers checkpoints
+    the resnets and each transformer's spatial blocks, not its temporal blocks, whose
+    activations dominate at high resolution (their cross-attention repeats the condition
+    tokens for every latent pixel): SVD's UNet at 576x1024 held about 72 GiB of activations
+    per clip that way. Here each whole spatio-temporal transformer is one checkpointed region
+    instead (its blocks are not checkpointed again inside it): about 14 GiB."""
+    from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
+
+    unet.enable_gradient_checkpointing(checkpoint)
+    for module in unet.modules():
+        if type(module) is TransformerSpatioTemporalModel:
+            module.__class__ = _whole_transformer_class()  # same weights and names; copies stay independent
+            module.gradient_checkpointing = False  # inside the region: no second checkpoint per block
+
+
+def disable_checkpointing(unet: torch.nn.Module) -> None:
+    from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
+
+    unet.disable_gradient_checkpointing()
+    for module in unet.modules():
+        if type(module) is _whole_transformer_class():
+            module.__class__ = TransformerSpatioTemporalModel
+
+
+@functools.cache
+def _whole_transformer_class() -> type:
+    from diffusers.models.transformers.transformer_temporal import (
+        TransformerSpatioTemporalModel,
+        TransformerTemporalModelOutput,
+    )
+
+    class WholeCheckpointedTransformer(TransformerSpatioTemporalModel):
+        """A spatio-temporal transformer whose forward is one checkpointed region while gradients flow."""
+
+        def forward(self, hidden_states, encoder_hidden_states=None, image_only_indicator=None, return_dict=True):
+            inputs = (hidden_states, encoder_hidden_states, image_only_indicator)
+            if torch.is_grad_enabled():
+                out = self._gradient_checkpointing_func(self.plain_forward, *inputs)
+            else:
+                out = self.plain_forward(*inputs)
+            return TransformerTemporalModelOutput(sample=out) if return_dict else (out,)
+
+        def plain_forward(self, hidden_states, encoder_hidden_states, image_only_indicator):
+            return super().forward(hidden_states, encoder_hidden_states, image_only_indicator, return_dict=False)[0]
+
+    return WholeCheckpointedTransformer

@@ -17,9 +17,9 @@ TINY_COCA_MODEL = "vdm-tiny-coca"
 # tower, so the tiny one takes 224 too (large patches keep it as cheap as the 64-pixel one).
 TINY_IMAGE_CLIP_MODEL = "vdm-tiny-clip-224"
 # The open_clip text tower whose token width matches each UNet's cross-attention (SD 2.1: ViT-H-14).
-TEXT_MODELS = {"tiny": TINY_CLIP_MODEL, "small": "ViT-B-32", "base": "ViT-H-14"}
+TEXT_MODELS = {"tiny": TINY_CLIP_MODEL, "small": "ViT-L-14-quickgelu", "base": "ViT-H-14"}
 # The open_clip vision tower whose embedding width matches each UNet's cross-attention (SVD: ViT-H-14).
-IMAGE_MODELS = {"tiny": TINY_IMAGE_CLIP_MODEL, "small": "ViT-B-32", "base": "ViT-H-14"}
+IMAGE_MODELS = {"tiny": TINY_IMAGE_CLIP_MODEL, "small": "ViT-L-14-quickgelu", "base": "ViT-H-14"}
 
 _TINY_VISION = {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32}
 _TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}

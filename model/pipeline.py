@@ -22,7 +22,7 @@ import torch
 from model.camera_lora import use_adapter
 from model.conditioning import added_time_ids
 from model.data import ClipSpec, fit_frames
-from model.samplers import SAMPLERS, StepCallback, frame_guidance, guided, karras_sigmas
+from model.samplers import SAMPLERS, PairFn, StepCallback, frame_guidance, guided_pair, karras_sigmas
 from model.stages import VideoDiffusion
 
 
@@ -84,19 +84,19 @@ def generate(
         ids = added_time_ids(torch.tensor([config.fps]), torch.tensor([config.motion]), torch.zeros(1)).to(device)
         scale = frame_guidance(config.num_frames, config.guidance_min, config.guidance_max).to(device)
 
-        def with_text(embedding: torch.Tensor):
-            return lambda x, sigma: model.denoiser(x, sigma, text=embedding, added=ids)
+        def with_text(embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"text": embedding, "added": ids}
 
         x = noise
     else:  # frames as a batch of images; guidance is one number
         scale = config.guidance_max
         frames = config.num_frames
 
-        def with_text(embedding: torch.Tensor):
-            return lambda x, sigma: model.denoiser(x, sigma, text=embedding.expand(frames, -1, -1))
+        def with_text(embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"text": embedding.expand(frames, -1, -1)}
 
         x = noise[0]
-    denoise = guided(with_text(text), with_text(negative), scale)
+    denoise = guided_pair(_in_one_batch(model, with_text(text), with_text(negative)), scale)
     latents = SAMPLERS[config.sampler](denoise, x, sigmas, on_step)
     if not model.task.video:
         latents = latents[None]
@@ -137,12 +137,22 @@ def animate(
     )
     noise = torch.randn(shape, generator=generator).to(device) * sigmas[0]
 
-    def given(condition: dict[str, torch.Tensor]):
-        return lambda x, sigma: model.denoiser(x, sigma, **condition, added=ids)
-
     scale = frame_guidance(config.num_frames, config.guidance_min, config.guidance_max).to(device)
-    latents = SAMPLERS[config.sampler](guided(given(cond), given(uncond), scale), noise, sigmas, on_step)
+    denoise = guided_pair(_in_one_batch(model, cond | {"added": ids}, uncond | {"added": ids}), scale)
+    latents = SAMPLERS[config.sampler](denoise, noise, sigmas, on_step)
     return model.codec.decode(latents)[0]
+
+
+def _in_one_batch(model: VideoDiffusion, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor]) -> PairFn:
+    """(D_c, D_u) from one denoiser call on a batch of the conditional then the unconditional
+    inputs (classifier-free guidance with one network evaluation per step, as SVD's pipeline)."""
+    both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+
+    def pair(x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d_cond, d_uncond = model.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
+        return d_cond, d_uncond
+
+    return pair
 
 
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int], None]
+PairFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
@@ -68,15 +69,30 @@ def frame_guidance(num_frames: int, scale_min: float, scale_max: float) -> torch
     return torch.linspace(scale_min, scale_max, num_frames)
 
 
+def _guidance(d_cond: torch.Tensor, d_uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    w = scale
+    if isinstance(scale, torch.Tensor):
+        w = scale.to(d_cond).reshape(1, -1, *([1] * (d_cond.ndim - 2)))
+    return d_uncond + w * (d_cond - d_uncond)
+
+
 def guided(conditional: DenoiseFn, unconditional: DenoiseFn, scale: float | torch.Tensor) -> DenoiseFn:
     """Classifier-free guidance: D_u + w (D_c - D_u). A tensor `scale` of shape (T,)
     applies per frame to video batches (B, T, ...)."""
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        d_cond, d_uncond = conditional(x, sigma), unconditional(x, sigma)
-        w = scale
-        if isinstance(scale, torch.Tensor):
-            w = scale.to(x).reshape(1, -1, *([1] * (x.ndim - 2)))
-        return d_uncond + w * (d_cond - d_uncond)
+        return _guidance(conditional(x, sigma), unconditional(x, sigma), scale)
+
+    return denoise
+
+
+def guided_pair(both: PairFn, scale: float | torch.Tensor) -> DenoiseFn:
+    """Classifier-free guidance as `guided`, from one call `both(x, sigma) -> (D_c, D_u)`:
+    the conditional and unconditional inputs in one batch, one network evaluation per
+    step instead of two (as diffusers' pipelines do)."""
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        d_cond, d_uncond = both(x, sigma)
+        return _guidance(d_cond, d_uncond, scale)
 
     return denoise

@@ -29,9 +29,9 @@ from model.conditioning import (
 )
 from model.data import ClipSpec
 from model.diffusion import Denoiser, denoising_loss, lognormal_sigmas, shifted_p_mean
-from model.folder import ModelFolder
+from model.folder import RANDOM_WEIGHTS_KEY, ModelFolder
 from model.latents import vae_fingerprint
-from model.networks import CONFIGS, image_unet, inflate, load_image_unet
+from model.networks import CONFIGS, enable_checkpointing, image_unet, inflate, load_image_unet
 from model.openclip import IMAGE_MODELS, TEXT_MODELS, register_tiny_models
 from model.spatial import images_only
 from model.tasks import NoOptions, Task, task_of
@@ -65,6 +65,9 @@ class StageConfig:
     # A diffusers VAE folder (e.g. a copy of SD 2.1, or `vdm train-vae`'s output); None: the
     # `vae/` of the folder the model starts from, else a seeded random tiny VAE (tests).
     vae: str | None = None
+    # Tests and demos only (the tiny configs): seeded random VAE and condition towers where no
+    # weights are named. Any other config names every weight it uses, or the model refuses to build.
+    allow_random_weights: bool = False
     cond_dropout: float = 0.1
     batch_size: int = 2
     max_steps: int = 100
@@ -117,7 +120,8 @@ class StageConfig:
         raw = dict(raw)
         if "stage" not in raw:
             raise ValueError("a config names its kind of model: `stage: <kind>`")
-        for derived in ("conditioning", "known_frames"):  # the kind's, not the config's (older folders hold them)
+        # The kind's, not the config's (older folders hold them), and the folder's record of random weights.
+        for derived in ("conditioning", "known_frames", RANDOM_WEIGHTS_KEY):
             raw.pop(derived, None)
         shared = {f.name for f in fields(cls)} - {"options"}
         options = task_of(raw["stage"]).options({k: raw.pop(k) for k in list(raw) if k not in shared})
@@ -137,9 +141,16 @@ class StageConfig:
 NAMED_CONFIGS = Path(__file__).parent / "configs"
 
 
+def config_names() -> list[str]:
+    """The shipped config sizes (tiny, small, svd): model/configs/<size>-<kind>.yaml."""
+    return sorted({p.name.split("-")[0] for p in NAMED_CONFIGS.glob("*.yaml")})
+
+
 def named_config(name_or_path: str, stage: str) -> StageConfig:
-    """`tiny` -> model/configs/tiny-<stage>.yaml; anything else is a path."""
+    """`tiny` -> model/configs/tiny-<stage>.yaml (likewise `small`, `svd`); anything else is a path."""
     path = NAMED_CONFIGS / f"{name_or_path}-{stage}.yaml"
+    if not path.exists() and not Path(name_or_path).is_file():
+        raise ValueError(f"no config {name_or_path!r}: a shipped size ({', '.join(config_names())}) or a YAML file")
     config = StageConfig.load(path if path.exists() else name_or_path)
     if config.stage != stage:
         raise ValueError(f"{name_or_path} is a {config.stage!r} config, not {stage!r}")
@@ -156,7 +167,11 @@ class VideoDiffusion(torch.nn.Module):
         unet: torch.nn.Module,
         vae_folder: Path | None = None,
         codec: LatentCodec | None = None,
+        image_state: dict[str, torch.Tensor] | None = None,
+        inherited_random: tuple[str, ...] = (),
     ):
+        """`image_state`: the vision tower's weights, given (an SVD folder's); `inherited_random`:
+        parts taken from a folder that holds them with random weights."""
         super().__init__()
         register_tiny_models(config.cache_dir)
         self.config = config
@@ -164,21 +179,28 @@ class VideoDiffusion(torch.nn.Module):
         self.unet = unet
         self.text: TextEncoder | None = None
         self.image: ImageEncoder | None = None
+        vae = config.vae or vae_folder
+        # Parts with seeded random weights: refused unless the config allows them (tests, demos).
+        built = random_weights_of(config, vae is not None or codec is not None, image_state is not None)
+        self.random_weights: tuple[str, ...] = tuple(sorted({*built, *inherited_random}))
+        if self.random_weights and not config.allow_random_weights:
+            raise ValueError(missing_weights_message(config, self.random_weights))
         if self.task.conditioning == "image":
             encoder_name = config.image_model or IMAGE_MODELS[config.unet]
-            self.image = ImageEncoder(encoder_name, Path(config.image_weights) if config.image_weights else None)
+            self.image = ImageEncoder(encoder_name, _local(config.image_weights, "image_weights"))
+            if image_state is not None:
+                self.image.visual.load_state_dict(image_state)
             width = self.image.width
         else:
             encoder_name = config.text_model or TEXT_MODELS[config.unet]
-            self.text = TextEncoder(encoder_name, Path(config.text_weights) if config.text_weights else None)
+            self.text = TextEncoder(encoder_name, _local(config.text_weights, "text_weights"))
             width = self.text.width
         if width != unet.config.cross_attention_dim:
             raise ValueError(
                 f"{self.task.conditioning} model {encoder_name} gives {width}-wide embeddings; the UNet attends to "
                 f"{unet.config.cross_attention_dim}"
             )
-        vae = config.vae or vae_folder
-        self.codec = codec or (LatentCodec.from_folder(vae) if vae else LatentCodec.tiny())
+        self.codec = codec or (LatentCodec.from_folder(_local(vae, "vae")) if vae else LatentCodec.tiny())
         expected = self.task.input_channels(self.codec.vae.config.latent_channels)
         if unet.config.in_channels != expected:
             raise ValueError(f"a {self.task.name} UNet takes {expected} input channels, not {unet.config.in_channels}")
@@ -186,7 +208,7 @@ class VideoDiffusion(torch.nn.Module):
         self._empty_text: torch.Tensor | None = None
         self._vae_fingerprint: str | None = None
         if config.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            enable_checkpointing(unet)
 
     @classmethod
     def create(cls, config: StageConfig, init_from: str | Path | None = None) -> VideoDiffusion:
@@ -198,8 +220,13 @@ class VideoDiffusion(torch.nn.Module):
         folder = Path(init_from) if init_from is not None else None
         if folder is not None and svd.is_svd_folder(folder):
             return cls._from_svd_folder(config, folder)
+        has_vae = config.vae is not None or (folder is not None and ModelFolder(folder).has_vae())
+        missing = random_weights_of(config, has_vae, has_image_state=False)
+        if missing and not config.allow_random_weights:  # before building a full-size UNet for nothing
+            raise ValueError(missing_weights_message(config, missing))
         unet, vae = _networks(config, folder)
-        return cls(config, config.task.prepare_unet(unet, config, folder), vae)
+        inherited = _inherited_random_weights(config, folder) if folder is not None else ()
+        return cls(config, config.task.prepare_unet(unet, config, folder), vae, inherited_random=inherited)
 
     @classmethod
     def _from_svd_folder(cls, config: StageConfig, folder: Path) -> VideoDiffusion:
@@ -210,9 +237,9 @@ class VideoDiffusion(torch.nn.Module):
             raise ValueError(f"an SVD folder starts image-to-video models only, not {config.stage!r}")
         register_tiny_models(config.cache_dir)  # the candidate towers must be known to open_clip
         unet, codec, (name, vision) = svd.load_svd_parts(folder)
-        model = cls(replace(config, image_model=name, image_weights=None, vae=None), unet, codec=codec)
-        model.image.visual.load_state_dict(vision)
-        return model
+        return cls(
+            replace(config, image_model=name, image_weights=None, vae=None), unet, codec=codec, image_state=vision
+        )
 
     def image_condition(
         self, images: torch.Tensor, noise_strength: torch.Tensor, generator: torch.Generator | None
@@ -289,7 +316,8 @@ class VideoDiffusion(torch.nn.Module):
             layout.text_encoder.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(weights, layout.text_encoder / weights.name)
             config = replace(config, text_weights=layout.relative(layout.text_encoder / weights.name))
-        layout.config_file.write_text(json.dumps(config.to_dict(), indent=1))
+        record = {RANDOM_WEIGHTS_KEY: list(self.random_weights)} if self.random_weights else {}
+        layout.config_file.write_text(json.dumps(config.to_dict() | record, indent=1))
         return folder
 
     @classmethod
@@ -302,6 +330,55 @@ class VideoDiffusion(torch.nn.Module):
         if config.image_weights and not Path(config.image_weights).is_absolute():
             config = replace(config, image_weights=str(folder / config.image_weights))
         return cls.create(config, init_from=folder)
+
+
+# Where each part's weights are named, and what to name them with.
+_WEIGHT_FIELDS = {
+    "vae": "vae: a diffusers VAE or pipeline folder (e.g. weights:sd21), or --init-from a folder with a vae/",
+    "text": "text_weights: an open_clip checkpoint of the text tower (e.g. weights:open-clip-vit-h-14)",
+    "image": "image_weights: an open_clip checkpoint of the vision tower (e.g. weights:open-clip-vit-h-14)",
+}
+
+
+def random_weights_of(config: StageConfig, has_vae: bool, has_image_state: bool) -> tuple[str, ...]:
+    """The parts a model of `config` would build with seeded random weights."""
+    parts = [] if has_vae else ["vae"]
+    if config.task.conditioning == "image":
+        parts += [] if config.image_weights or has_image_state else ["image"]
+    else:
+        parts += [] if config.text_weights else ["text"]
+    return tuple(sorted(parts))
+
+
+def missing_weights_message(config: StageConfig, parts: tuple[str, ...]) -> str:
+    named = "; ".join(_WEIGHT_FIELDS[p] for p in parts)
+    return (
+        f"this {config.stage} config ({config.unet} UNet) has no weights for the {', '.join(parts)}: name them "
+        f"({named}) after importing them once with `vdm weights import NAME PATH` (docs/training.md). "
+        "Random weights are for the tiny configs (tests and demos) only."
+    )
+
+
+def _local(path: str | Path | None, field_name: str) -> Path | None:
+    """A weights location the model can open: a local path (weights:NAME and s3:// are resolved
+    into local copies by whoever builds the model from a request: the training and evaluation steps)."""
+    if path is None:
+        return None
+    if str(path).startswith(("weights:", "s3://")):
+        raise ValueError(f"{field_name} {path} must be resolved to a local copy before the model is built")
+    return Path(path)
+
+
+def _inherited_random_weights(config: StageConfig, folder: Path) -> tuple[str, ...]:
+    """The parts this model takes from `folder` that hold random weights there."""
+    recorded = ModelFolder(folder).random_weights()
+    inside = str(folder.resolve())
+    taken = {
+        "vae": config.vae is None,
+        "text": config.text_weights is None or str(Path(config.text_weights).resolve()).startswith(inside),
+        "image": config.image_weights is None or str(Path(config.image_weights).resolve()).startswith(inside),
+    }
+    return tuple(p for p in recorded if taken[p])
 
 
 def _networks(config: StageConfig, init_from: Path | None) -> tuple[torch.nn.Module, Path | None]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from model.pipeline import GenerationConfig
+from model.plan import PlanDoesNotFit, check_fits
 from model.stages import StageConfig, VideoDiffusion
 from model.training import (
     EMA,
@@ -105,6 +107,8 @@ def train(
 ) -> TrainResult:
     rank, world_size = _distributed()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":  # fail fast, before anything is allocated: the run's memory plan must fit (model/plan.py)
+        _check_plan(config, world_size, torch.cuda.get_device_properties(device).total_memory)
     seed_everything(config.seed)  # the same initial weights on every rank
     model = VideoDiffusion.create(config, init_from).to(device)
     apply_strategy(model.unet, config.strategy, model.task.adapter(config))
@@ -124,7 +128,13 @@ def train(
         step, position = state["step"], state["data_position"]
     split = {"seed": config.seed, "rank": rank, "world_size": world_size, "start": position}
     dataset = model.task.dataset(config, shards, **split)
-    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=config.num_workers > 0,
+    )
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     result = TrainResult(steps=step)
@@ -183,6 +193,19 @@ def train(
     elif rank == 0:
         result.final = model.save(workdir / "final")
     return result
+
+
+def _check_plan(config: StageConfig, world_size: int, gpu_memory: int) -> None:
+    """Refuse a run whose plan cannot fit (PlanDoesNotFit: the table); a plan that cannot be
+    computed at all (a kind the counting does not know) warns and lets the run try."""
+    try:
+        check_fits(config, world_size, gpu_memory)
+    except PlanDoesNotFit:
+        raise
+    except Exception as e:  # noqa: BLE001 (the check is advice; the run itself is the truth)
+        warnings.warn(
+            f"no memory plan for this run ({type(e).__name__}: {e}); training without the check", stacklevel=2
+        )
 
 
 def _samples(

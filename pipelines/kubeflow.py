@@ -1,20 +1,31 @@
 """The platform's Kubeflow pipelines (kfp v2), wired from the components' KFP steps.
 
-Every pipeline input is a string or a number with a default, so each shows up usable
-in the Kubeflow UI's run form. Cluster settings live here, not in the components:
-credentials and endpoints from the Secret and ConfigMap that k8s/ creates, GPU
-requests with the NVIDIA toleration and node selector plus a memory-backed /dev/shm
-for training, caching on for curation (unchanged inputs skip) and off for training.
+Every pipeline input is a string or a number with a default and a description, so each
+shows up usable and explained in the Kubeflow UI's run form. Cluster settings live here,
+not in the components: credentials and endpoints from the Secret and ConfigMap that k8s/
+creates, GPU requests with the NVIDIA toleration and node selector plus a memory-backed
+/dev/shm for training, caching on for curation (unchanged inputs skip) and off for
+training. The resources of a training step are run-form parameters (`gpus_per_node`,
+`cpu_per_node`, `memory_per_node`, `shm_per_node`; defaults: `GPU_STEP`), and one rank runs
+per GPU. Each training step comes in two variants, chosen by `scheduler` when the run
+starts (`dsl.If`/`dsl.Else`, outputs merged with `dsl.OneOf`): the step trains in its own
+GPU pod (`local_cwd`), or a small step submits a Volcano job whose pods get those
+resources and waits for it (`kubernetes`). Pod resources taken from run parameters are
+strings: the KFP backend resolves only string parameters into a pod's resources.
 `kfp.local` ignores the Kubernetes settings, so the same pipelines run locally.
 (No `from __future__ import annotations` here or in the component modules: kfp
 reads the annotations of pipeline and component functions as types.)
 """
 
 import inspect
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
+import yaml
 from kfp import dsl, kubernetes
 
+import model
 from components.curation.component import annotate_input_shard, finalize_curation, plan_curation
 from components.evaluation.component import evaluate_model
 from components.registry.component import promote_candidate
@@ -32,7 +43,9 @@ PLATFORM_CONFIG_KEYS = {
 
 @dataclass(frozen=True)
 class GPUStep:
-    """Resources of a training step (one node's worth; more nodes go through TorchX)."""
+    """Resources of a training node: the run form's defaults for `gpus_per_node`,
+    `cpu_per_node`, `memory_per_node` and `shm_per_node`, and how a GPU pod is scheduled
+    (components/training/launch.py schedules the Volcano job's pods the same way)."""
 
     gpus: int = 8
     accelerator: str = "nvidia.com/gpu"
@@ -43,8 +56,61 @@ class GPUStep:
 
 
 GPU_STEP = GPUStep()
+# The step that submits a Volcano job (scheduler=kubernetes) and streams its log: no GPU.
+LAUNCHER_CPU, LAUNCHER_MEMORY = "1", "2G"
 # Input shards annotated at once; a compile-time number (KFP cannot take it from a run parameter).
 CURATION_PARALLELISM = 8
+# The shipped model sizes: model/configs/<size>-<kind>.yaml.
+CONFIG_SIZES = sorted({p.name.split("-", 1)[0] for p in (Path(model.__file__).parent / "configs").glob("*-*.yaml")})
+TRAINING_OUTPUTS = ("final", "model_uri", "mlflow_run_id")
+# What a run from the UI trains and curates with unless told otherwise: SVD's size from imported
+# weights (docs/training.md, Weights); `vdm run` passes the tiny, CPU-sized settings instead.
+DEFAULT_CONFIG = "svd"
+DEFAULT_STAGE_ONE_INIT = "weights:sd21"
+# One line (JSON is YAML): a run form's default with line breaks breaks KFP's compiled YAML.
+PUBLIC_WEIGHTS_CURATION = json.dumps(
+    yaml.safe_load((Path(__file__).parents[1] / "components" / "curation" / "public-weights.yaml").read_text())
+)
+
+# What the run forms say about their parameters (the Kubeflow UI shows it beside each one).
+HELP = {
+    "config": f"The model config: a shipped size ({', '.join(CONFIG_SIZES)}; model/configs/<size>-<kind>.yaml) "
+    "or an s3:// YAML file.",
+    "scheduler": "TorchX scheduler of the training steps: local_cwd (the ranks run in the step's own pod, "
+    "which gets the resources below: one node) or kubernetes (the step, with no GPU, "
+    f"{LAUNCHER_CPU} CPU and {LAUNCHER_MEMORY} memory, submits a Volcano job to the queue vdm-training whose "
+    "pods get the resources below, and waits for it).",
+    "nodes": "Nodes per training step, gpus_per_node ranks each; more than 1 needs scheduler=kubernetes.",
+    "gpus_per_node": f"GPUs ({GPU_STEP.accelerator}) per training node, one rank per GPU; 0: one CPU rank. "
+    "A string, as the other resources: KFP resolves only strings into a pod's resources.",
+    "cpu_per_node": "CPU per training node, request and limit (a Kubernetes quantity: 32, 500m).",
+    "memory_per_node": "Memory per training node, request and limit (a Kubernetes quantity: 256G, 512Gi); "
+    "/dev/shm counts against it.",
+    "shm_per_node": "Size limit of the memory-backed /dev/shm in the Volcano job's pods (scheduler=kubernetes); "
+    "empty: memory_per_node alone bounds it. A step that trains in its own pod (local_cwd) gets "
+    f"{GPU_STEP.shm}: KFP cannot size a volume from a run parameter.",
+    "annotate_gpus": "GPUs per 'annotate shard' step (neural annotators on CUDA, bf16); 0: a CPU pod.",
+    "eval_gpus": "GPUs per evaluation step; 0: a CPU pod.",
+    "image_init_from": "What Stage I starts from: imported weights (weights:sd21: SD 2.1's UNet and VAE), an s3:// "
+    "model folder, or empty: from scratch (the tiny config only: a real-size one needs a VAE).",
+}
+LAUNCH_PARAMETERS = ("scheduler", "nodes", "gpus_per_node", "cpu_per_node", "memory_per_node", "shm_per_node")
+
+
+def _documented(summary: str, descriptions: dict[str, str]):
+    """Give a pipeline function the docstring the Kubeflow UI's run form reads: `summary`, then
+    `Args:` with a description for every parameter (a missing one fails here)."""
+
+    def document(func):
+        names = list(inspect.signature(func).parameters)
+        missing = [n for n in names if n not in descriptions]
+        if missing:
+            raise ValueError(f"{func.__name__}: no description for {missing}")
+        args = "\n".join(f"    {n}: {descriptions[n]}" for n in names)
+        func.__doc__ = f"{summary}\n\nArgs:\n{args}\n"
+        return func
+
+    return document
 
 
 def platform_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -60,12 +126,21 @@ def cpu_step(task: dsl.PipelineTask, cpu: str = "2", memory: str = "8G", cache: 
     return task
 
 
-def gpu_step(task: dsl.PipelineTask, step: GPUStep = GPU_STEP) -> dsl.PipelineTask:
-    platform_env(task)
-    task.set_accelerator_type(step.accelerator).set_accelerator_limit(step.gpus)
-    task.set_cpu_request(step.cpu).set_cpu_limit(step.cpu).set_memory_request(step.memory)
-    task.set_memory_limit(step.memory)
+def with_gpus(task: dsl.PipelineTask, gpus, step: GPUStep = GPU_STEP) -> dsl.PipelineTask:
+    """Request `gpus` (a number, or a string run parameter; "0": none) and tolerate the GPU
+    nodes' taint; no node selector, so a CPU-only request still schedules anywhere."""
+    task.set_accelerator_type(step.accelerator).set_accelerator_limit(gpus)
     kubernetes.add_toleration(task, key=step.accelerator, operator="Exists", effect="NoSchedule")
+    return task
+
+
+def gpu_step(task: dsl.PipelineTask, gpus=GPU_STEP.gpus, cpu=GPU_STEP.cpu, memory=GPU_STEP.memory,
+             step: GPUStep = GPU_STEP) -> dsl.PipelineTask:  # fmt: skip
+    """A training step that trains in its own pod: `gpus`, `cpu`, `memory` (constants or string
+    run parameters) as request and limit, on a GPU node, with a memory-backed /dev/shm."""
+    platform_env(task)
+    with_gpus(task, gpus, step)
+    task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
     kubernetes.add_node_selector(task, *step.node_selector)
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=step.shm)
     task.set_caching_options(False)  # training has side effects (checkpoints, registry)
@@ -73,18 +148,49 @@ def gpu_step(task: dsl.PipelineTask, step: GPUStep = GPU_STEP) -> dsl.PipelineTa
     return task
 
 
+def launcher_step(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """A training step that submits a Volcano job and waits for it: no GPU, little CPU and memory."""
+    cpu_step(task, cpu=LAUNCHER_CPU, memory=LAUNCHER_MEMORY, cache=False)
+    task.set_retry(2)  # a retry submits a new job, which resumes from the last checkpoint
+    return task
+
+
+def _training(component, name: str, launch: dict, after=None, **inputs) -> dict:
+    """A training step (`component`: train_stage or finetune_model) in its two variants, one
+    of which runs: with scheduler != kubernetes the step trains in its own GPU pod sized by
+    `launch`; with kubernetes a launcher step submits the Volcano job sized by `launch`.
+    Returns the outputs (`TRAINING_OUTPUTS`), each the one that ran (`dsl.OneOf`). The
+    in-pod variant, the one a local run runs, comes first in each pair (end-to-end's stages:
+    train-stage, train-stage-3, train-stage-5). `after`: a task that must finish first (no
+    data edge to it)."""
+    arguments = {**inputs, **{k: launch[k] for k in LAUNCH_PARAMETERS}}
+    with dsl.If(launch["scheduler"] != "kubernetes", name=f"{name}: in the step's pod"):
+        in_pod = gpu_step(component(**arguments), launch["gpus_per_node"], launch["cpu_per_node"],
+                          launch["memory_per_node"])  # fmt: skip
+        in_pod.set_display_name(name)
+        if after is not None:
+            in_pod.after(after)
+    with dsl.Else(name=f"{name}: Volcano job"):
+        launcher = launcher_step(component(**arguments))
+        launcher.set_display_name(f"{name} (Volcano job)")
+        if after is not None:
+            launcher.after(after)
+    return {k: dsl.OneOf(in_pod.outputs[k], launcher.outputs[k]) for k in TRAINING_OUTPUTS}
+
+
 def _curate(input_uri: str, output_uri: str, config_yaml: str, videos_per_shard: int, random_weights: bool,
-            workers: int):  # fmt: skip
+            workers: int, annotate_gpus):  # fmt: skip
     plan = cpu_step(plan_curation(input_uri=input_uri, videos_per_shard=videos_per_shard, config_yaml=config_yaml))
     plan.set_display_name("list and shard inputs")
     with dsl.ParallelFor(plan.output, parallelism=CURATION_PARALLELISM, name="input-shards") as shard:
         part = cpu_step(
             annotate_input_shard(
                 shard=shard, output_uri=output_uri, config_yaml=config_yaml, random_weights=random_weights,
-                workers=workers,
+                workers=workers, gpus=annotate_gpus,
             ),
             cpu="4", memory="16G",
         )  # fmt: skip
+        with_gpus(part, annotate_gpus)
         part.set_display_name("annotate shard")
     final = cpu_step(
         finalize_curation(parts=dsl.Collected(part.output), output_uri=output_uri, config_yaml=config_yaml)
@@ -93,38 +199,76 @@ def _curate(input_uri: str, output_uri: str, config_yaml: str, videos_per_shard:
     return final
 
 
+_CURATION_HELP = {
+    "input_uri": "Raw videos: an s3:// prefix.",
+    "output_uri": "s3:// prefix for the curated data: shards/, the manifest and the dataset card.",
+    "config_yaml": "Curation config as YAML text (docs/curation.md); the default names the public annotator "
+    "weights, imported once (weights:open-clip-vit-l-14, weights:laion-aesthetic, weights:coca-vit-l-14).",
+    "videos_per_shard": "Videos per input shard, each annotated by one step; 0: the config's.",
+    "random_weights": "Run the neural annotators with random weights where none are configured (demos).",
+    "workers": "Decoding processes per 'annotate shard' step.",
+    "annotate_gpus": HELP["annotate_gpus"],
+}
+
+
 @dsl.pipeline(name="curation", description="Raw videos to filtered WebDataset shards with a dataset card.")
+@_documented("Curate raw videos into filtered WebDataset shards with a dataset card.", _CURATION_HELP)
 def curation(
     input_uri: str = "s3://vdm/samples/seed-0",
     output_uri: str = "s3://vdm/curated/kfp",
-    config_yaml: str = "",
+    config_yaml: str = PUBLIC_WEIGHTS_CURATION,
     videos_per_shard: int = 4,
     random_weights: bool = False,
     workers: int = 2,
+    annotate_gpus: str = "1",
 ):
-    _curate(input_uri, output_uri, config_yaml, videos_per_shard, random_weights, workers)
+    _curate(input_uri, output_uri, config_yaml, videos_per_shard, random_weights, workers, annotate_gpus)
 
 
-def _stage(stage: str, previous, **kwargs) -> dsl.PipelineTask:
-    task = gpu_step(train_stage(stage=stage, init_from=previous.outputs["final"] if previous else "", **kwargs))
-    return task.set_display_name(f"train {stage}")
+def _stage(stage: str, init_from, launch: dict, after=None, **kwargs) -> dict:
+    return _training(train_stage, f"train {stage}", launch, after, stage=stage, init_from=init_from, **kwargs)
 
 
-def _pretrain(data_uri, output_uri, config, vae, steps: tuple, register_as, launch: dict, after=None):
-    """Stage I -> II -> III; Stage I waits for `after` (the task that writes `data_uri`)."""
-    common = {"config": config, "data_uri": data_uri, "vae": vae, **launch}
-    image = _stage("image", None, output_uri=f"{output_uri}/stage1", max_steps=steps[0], register_as="", **common)
-    if after is not None:
-        image.after(after)
-    video = _stage("video", image, output_uri=f"{output_uri}/stage2", max_steps=steps[1], register_as="", **common)
-    return _stage("hq", video, output_uri=f"{output_uri}/stage3", max_steps=steps[2], register_as=register_as, **common)
+def _pretrain(data_uri, output_uri, config, image_init_from, vae, steps: tuple, register_as, launch: dict,
+              after=None) -> dict:  # fmt: skip
+    """Stage I (from `image_init_from`) -> II -> III; Stage I waits for `after` (the task that
+    writes `data_uri`). Returns Stage III's outputs."""
+    common = {"config": config, "data_uri": data_uri, "vae": vae}
+    image = _stage("image", image_init_from, launch, after, output_uri=f"{output_uri}/stage1", max_steps=steps[0],
+                   register_as="", **common)  # fmt: skip
+    video = _stage("video", image["final"], launch, output_uri=f"{output_uri}/stage2", max_steps=steps[1],
+                   register_as="", **common)  # fmt: skip
+    return _stage("hq", video["final"], launch, output_uri=f"{output_uri}/stage3", max_steps=steps[2],
+                  register_as=register_as, **common)  # fmt: skip
+
+
+_TRAINING_HELP = {
+    "config": HELP["config"],
+    "image_init_from": HELP["image_init_from"],
+    "vae": "The VAE the stages use frozen (weights:NAME, or an s3:// diffusers folder); empty: the config's, "
+    "else the one of the folder a stage starts from.",
+    "image_steps": "Stage I (image) training steps; 0: the config's max_steps.",
+    "video_steps": "Stage II (video) training steps; 0: the config's max_steps.",
+    "hq_steps": "Stage III (high quality) training steps; 0: the config's max_steps.",
+    **{k: HELP[k] for k in LAUNCH_PARAMETERS},
+}
 
 
 @dsl.pipeline(name="pretraining", description="Stage I (image) -> Stage II (video) -> Stage III (high quality).")
+@_documented(
+    "Stage I (image) -> Stage II (video) -> Stage III (high quality); Stage III is registered as a candidate.",
+    {
+        "data_uri": "Training data: an s3:// prefix of WebDataset shards (curation's shards/).",
+        "output_uri": "s3:// prefix for each stage's checkpoints and final model (stage1/, stage2/, stage3/).",
+        "register_as": "Registered model Stage III is added to (alias candidate); empty: not registered.",
+        **_TRAINING_HELP,
+    },
+)
 def pretraining(
     data_uri: str = "s3://vdm/curated/kfp/shards/",
     output_uri: str = "s3://vdm/runs/pretraining",
-    config: str = "tiny",
+    config: str = DEFAULT_CONFIG,
+    image_init_from: str = DEFAULT_STAGE_ONE_INIT,
     vae: str = "",
     image_steps: int = 0,
     video_steps: int = 0,
@@ -132,21 +276,27 @@ def pretraining(
     register_as: str = "vdm-text-to-video",
     scheduler: str = "local_cwd",
     nodes: int = 1,
-    procs_per_node: int = 1,
-    gpus_per_node: int = 0,
+    gpus_per_node: str = str(GPU_STEP.gpus),
+    cpu_per_node: str = GPU_STEP.cpu,
+    memory_per_node: str = GPU_STEP.memory,
+    shm_per_node: str = GPU_STEP.shm,
 ):
-    launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
-    _pretrain(data_uri, output_uri, config, vae, (image_steps, video_steps, hq_steps), register_as, launch)
+    launch = dict(zip(LAUNCH_PARAMETERS, (scheduler, nodes, gpus_per_node, cpu_per_node, memory_per_node,
+                                          shm_per_node), strict=True))  # fmt: skip
+    steps = (image_steps, video_steps, hq_steps)
+    _pretrain(data_uri, output_uri, config, image_init_from, vae, steps, register_as, launch)
 
 
 def _evaluate_and_promote(model_uri, data_uri, min_improvement, clips, steps, kind: str, reference_uri="",
-                          metric="", direction=""):  # fmt: skip
-    """The kind's evaluation of a registered version, then the promotion gate on the kind's
-    metric (`metric`/`direction` empty: the kind's own)."""
+                          metric="", direction="", gpus="0"):  # fmt: skip
+    """The kind's evaluation of a registered version (on `gpus`; "0": a CPU pod), then the
+    promotion gate on the kind's metric (`metric`/`direction` empty: the kind's own)."""
     evaluation = cpu_step(
-        evaluate_model(model_uri=model_uri, data_uri=data_uri, reference_uri=reference_uri, clips=clips, steps=steps),
+        evaluate_model(model_uri=model_uri, data_uri=data_uri, reference_uri=reference_uri, clips=clips, steps=steps,
+                       gpus=gpus),
         cache=False,
-    )
+    )  # fmt: skip
+    with_gpus(evaluation, gpus)
     evaluation.set_display_name(f"evaluate {kind}")
     promotion = cpu_step(
         promote_candidate(model_uri=model_uri, metric=metric, direction=direction, min_improvement=min_improvement),
@@ -156,6 +306,20 @@ def _evaluate_and_promote(model_uri, data_uri, min_improvement, clips, steps, ki
 
 
 @dsl.pipeline(name="evaluate-and-promote", description="A version's evaluation (its kind's), then the promotion gate.")
+@_documented(
+    "Evaluate a registered version by its kind's evaluation and run the promotion gate.",
+    {
+        "model_uri": "The version to evaluate and promote: models:/NAME/VERSION.",
+        "data_uri": "Held-out shards to evaluate on (s3:// prefix): clips, or orbits for multi-view models.",
+        "reference_uri": "A second data set the kind compares with (spatial-HQ: its image set); empty for the others.",
+        "metric": "The vdm.eval.* figure the gate compares; empty: the kind's own.",
+        "direction": "minimize or maximize; empty: the kind's metric's.",
+        "min_improvement": "How much the candidate must beat the champion by, in the metric's units.",
+        "clips": "Held-out clips (or orbits) the evaluation generates from.",
+        "steps": "Sampling steps per generated video.",
+        "gpus": "GPUs of the evaluation step; 0: a CPU pod.",
+    },
+)
 def evaluate_and_promote(
     model_uri: str = "models:/vdm-text-to-video/1",
     data_uri: str = "s3://vdm/curated/kfp/shards/",
@@ -165,30 +329,19 @@ def evaluate_and_promote(
     min_improvement: float = 0.0,
     clips: int = 8,
     steps: int = 25,
+    gpus: str = "1",
 ):
-    """Evaluate a registered version by its kind's evaluation and run the promotion gate.
-
-    Args:
-        model_uri: The version to evaluate and promote: models:/NAME/VERSION.
-        data_uri: Held-out shards to evaluate on (s3:// prefix): clips, or orbits for multi-view models.
-        reference_uri: A second data set the kind compares with (spatial-HQ: its image set); empty for the others.
-        metric: The vdm.eval.* figure the gate compares; empty: the kind's own.
-        direction: minimize or maximize; empty: the kind's metric's.
-        min_improvement: How much the candidate must beat the champion by, in the metric's units.
-        clips: Held-out clips (or orbits) the evaluation generates from.
-        steps: Sampling steps per generated video.
-    """
     _evaluate_and_promote(model_uri, data_uri, min_improvement, clips, steps, "model", reference_uri, metric,
-                          direction)  # fmt: skip
+                          direction, gpus)  # fmt: skip
 
 
-def _finetune(kind: str, init_from, data_uri, output_uri, config, max_steps, register_as, launch: dict, **kind_inputs):
-    """`kind_inputs`: run options of the kind (camera-lora: motion_class)."""
-    task = gpu_step(
-        finetune_model(kind=kind, config=config, data_uri=data_uri, output_uri=output_uri, init_from=init_from,
-                       max_steps=max_steps, register_as=register_as, **launch, **kind_inputs)
-    )  # fmt: skip
-    return task.set_display_name(" ".join(["finetune", kind, *kind_inputs.values()]))
+def _finetune(kind: str, init_from, data_uri, output_uri, config, max_steps, register_as, launch: dict,
+              **kind_inputs) -> dict:  # fmt: skip
+    """`kind_inputs`: run options of the kind (camera-lora: motion_class). Returns the outputs."""
+    name = " ".join(["finetune", kind, *kind_inputs.values()])
+    return _training(finetune_model, name, launch, kind=kind, config=config, data_uri=data_uri,
+                     output_uri=output_uri, init_from=init_from, max_steps=max_steps, register_as=register_as,
+                     **kind_inputs)  # fmt: skip
 
 
 # The run form of a finetune pipeline: (name, type, default, description); the kind fills in the
@@ -196,22 +349,26 @@ def _finetune(kind: str, init_from, data_uri, output_uri, config, max_steps, reg
 def _finetune_parameters(task) -> list[tuple[str, type, object, str]]:
     return [
         ("init_from", str, f"models:/{task.starts_from}@champion",
-         "The trained model to finetune: models:/NAME@ALIAS, or an s3:// model folder."),
+         "The trained model to finetune: models:/NAME@ALIAS, an s3:// model folder, or imported weights "
+         "(weights:NAME; image-to-video: weights:svd-img2vid)."),
         ("data_uri", str, task.training_data, f"Training data (s3:// prefix of WebDataset shards). {task.title}."),
         ("eval_data_uri", str, task.evaluation_data, "Held-out shards the candidate is evaluated on."),
         ("output_uri", str, f"s3://vdm/runs/finetune-{task.name}", "s3:// prefix for checkpoints and the final model."),
-        ("config", str, "tiny", "The model config: a shipped config name (tiny) or a YAML file in the image."),
+        ("config", str, DEFAULT_CONFIG, HELP["config"]),
         ("max_steps", int, 0, "Training steps; 0: the config's max_steps."),
         ("model_name", str, task.registered_name, "Registered model the result is added to (alias candidate)."),
-        ("scheduler", str, "local_cwd", "TorchX scheduler: local_cwd (ranks in the step's pod) or kubernetes."),
-        ("nodes", int, 1, "Nodes (kubernetes scheduler)."),
-        ("procs_per_node", int, 1, "Ranks per node."),
-        ("gpus_per_node", int, 0, "GPUs per node (kubernetes scheduler)."),
+        ("scheduler", str, "local_cwd", HELP["scheduler"]),
+        ("nodes", int, 1, HELP["nodes"]),
+        ("gpus_per_node", str, str(GPU_STEP.gpus), HELP["gpus_per_node"]),
+        ("cpu_per_node", str, GPU_STEP.cpu, HELP["cpu_per_node"]),
+        ("memory_per_node", str, GPU_STEP.memory, HELP["memory_per_node"]),
+        ("shm_per_node", str, GPU_STEP.shm, HELP["shm_per_node"]),
         ("min_improvement", float, 0.0,
          f"Promotion gate: how much the candidate's {task.metric.name} must beat the champion's by "
          f"({task.metric.direction}; {task.metric.description})."),
         ("eval_clips", int, 8, "Held-out clips (or orbits) the evaluation generates from."),
         ("eval_steps", int, 25, "Sampling steps per generated video in the evaluation."),
+        ("eval_gpus", str, "1", HELP["eval_gpus"]),
     ]  # fmt: skip
 
 
@@ -230,7 +387,7 @@ def _finetune_pipeline(task):
 
     def body(*args, **kwargs):
         p = signature.bind(*args, **kwargs).arguments
-        launch = {k: p[k] for k in ("scheduler", "nodes", "procs_per_node", "gpus_per_node")}
+        launch = {k: p[k] for k in LAUNCH_PARAMETERS}
         runs = [{}]
         if task.run_options:  # e.g. camera-lora: one adapter per motion class, chained
             (option,) = task.run_options
@@ -241,10 +398,10 @@ def _finetune_pipeline(task):
             output = p["output_uri"] if len(runs) == 1 else f"{p['output_uri']}/{'-'.join(options.values())}"
             step = _finetune(task.name, base, p["data_uri"], output, p["config"], p["max_steps"],
                              p["model_name"] if last else "", launch, **options)  # fmt: skip
-            base = step.outputs["final"]
+            base = step["final"]
         reference = p["data_uri"] if task.training_data_is_reference else ""
-        _evaluate_and_promote(step.outputs["model_uri"], p["eval_data_uri"], p["min_improvement"], p["eval_clips"],
-                              p["eval_steps"], task.name, reference)  # fmt: skip
+        _evaluate_and_promote(step["model_uri"], p["eval_data_uri"], p["min_improvement"], p["eval_clips"],
+                              p["eval_steps"], task.name, reference, gpus=p["eval_gpus"])  # fmt: skip
 
     body.__name__ = f"finetune_{task.name.replace('-', '_')}"
     body.__signature__ = signature
@@ -262,13 +419,36 @@ FINETUNE_PIPELINES = {f"finetune-{name}": _finetune_pipeline(task) for name, tas
     description="Curation -> Stage I/II/III -> image-to-video finetune -> evaluation -> registration (candidate) "
     "-> promotion gate, for the text- and the image-to-video model.",
 )
+@_documented(
+    "Curate, pretrain (Stage I/II/III), finetune image-to-video from Stage III; each of the two models is "
+    "registered as a candidate, evaluated and gated.",
+    {
+        "input_uri": _CURATION_HELP["input_uri"],
+        "work_uri": "s3:// prefix for this run's data and models (curated/, train/).",
+        "curation_config_yaml": _CURATION_HELP["config_yaml"],
+        "random_weights": _CURATION_HELP["random_weights"],
+        "videos_per_shard": _CURATION_HELP["videos_per_shard"],
+        "annotate_gpus": HELP["annotate_gpus"],
+        "model_name": "Registered model the text-to-video model (Stage III) is added to (alias candidate).",
+        "i2v_steps": "Image-to-video finetune steps; 0: the config's max_steps.",
+        "i2v_model_name": "Registered model the image-to-video model is added to (alias candidate).",
+        "min_improvement": "Promotion gate: how much a candidate's metric (motion_speed_error, minimized) must "
+        "beat its champion's by.",
+        "eval_clips": "Held-out clips each evaluation generates from.",
+        "eval_steps": "Sampling steps per generated video in the evaluations.",
+        "eval_gpus": HELP["eval_gpus"],
+        **_TRAINING_HELP,
+    },
+)
 def end_to_end(
     input_uri: str = "s3://vdm/samples/seed-0",
     work_uri: str = "s3://vdm/runs/end-to-end",
-    curation_config_yaml: str = "",
+    curation_config_yaml: str = PUBLIC_WEIGHTS_CURATION,
     random_weights: bool = False,
     videos_per_shard: int = 4,
-    config: str = "tiny",
+    annotate_gpus: str = "1",
+    config: str = DEFAULT_CONFIG,
+    image_init_from: str = DEFAULT_STAGE_ONE_INIT,
     vae: str = "",
     image_steps: int = 0,
     video_steps: int = 0,
@@ -278,23 +458,26 @@ def end_to_end(
     i2v_model_name: str = "vdm-image-to-video",
     scheduler: str = "local_cwd",
     nodes: int = 1,
-    procs_per_node: int = 1,
-    gpus_per_node: int = 0,
+    gpus_per_node: str = str(GPU_STEP.gpus),
+    cpu_per_node: str = GPU_STEP.cpu,
+    memory_per_node: str = GPU_STEP.memory,
+    shm_per_node: str = GPU_STEP.shm,
     min_improvement: float = 0.0,
     eval_clips: int = 8,
     eval_steps: int = 25,
+    eval_gpus: str = "1",
 ):
-    curated = _curate(input_uri, f"{work_uri}/curated", curation_config_yaml, videos_per_shard, random_weights, 2)
+    curated = _curate(input_uri, f"{work_uri}/curated", curation_config_yaml, videos_per_shard, random_weights, 2,
+                      annotate_gpus)  # fmt: skip
     shards = f"{work_uri}/curated/shards/"
-    launch = {"scheduler": scheduler, "nodes": nodes, "procs_per_node": procs_per_node, "gpus_per_node": gpus_per_node}
+    launch = dict(zip(LAUNCH_PARAMETERS, (scheduler, nodes, gpus_per_node, cpu_per_node, memory_per_node,
+                                          shm_per_node), strict=True))  # fmt: skip
     steps = (image_steps, video_steps, hq_steps)
-    hq = _pretrain(shards, f"{work_uri}/train", config, vae, steps, model_name, launch, after=curated)
-    gate = {"min_improvement": min_improvement, "clips": eval_clips, "steps": eval_steps}
-    _evaluate_and_promote(hq.outputs["model_uri"], shards, kind="text-to-video", **gate)
-    i2v = _finetune(
-        "i2v", hq.outputs["final"], shards, f"{work_uri}/train/i2v", config, i2v_steps, i2v_model_name, launch
-    )
-    _evaluate_and_promote(i2v.outputs["model_uri"], shards, kind="i2v", **gate)
+    hq = _pretrain(shards, f"{work_uri}/train", config, image_init_from, vae, steps, model_name, launch, after=curated)
+    gate = {"min_improvement": min_improvement, "clips": eval_clips, "steps": eval_steps, "gpus": eval_gpus}
+    _evaluate_and_promote(hq["model_uri"], shards, kind="text-to-video", **gate)
+    i2v = _finetune("i2v", hq["final"], shards, f"{work_uri}/train/i2v", config, i2v_steps, i2v_model_name, launch)
+    _evaluate_and_promote(i2v["model_uri"], shards, kind="i2v", **gate)
 
 
 PIPELINES = {

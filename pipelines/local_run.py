@@ -28,6 +28,21 @@ from components.training.request import RunResult
 from components.training.run import RESULT
 
 STAGES = ("stage1", "stage2", "stage3")
+# This machine, not a GPU node: every step on the CPU, training as one rank in the step's process tree,
+# the tiny models from scratch on random weights (none ship with the project), a CPU-sized evaluation.
+LOCAL_PARAMETERS = {
+    "scheduler": "local_cwd",
+    "nodes": 1,
+    "gpus_per_node": "0",
+    "annotate_gpus": "0",
+    "eval_gpus": "0",
+    "config": "tiny",
+    "image_init_from": "",
+    "curation_config_yaml": "",
+    "random_weights": True,
+    "eval_clips": 4,
+    "eval_steps": 12,
+}
 _TASK_LINE = re.compile(r"Task '([\w-]+)' finished with status (\w+)")  # kfp.local's, colours stripped
 _ANSI = re.compile(r"\x1b\[[\d;]*m")
 
@@ -104,6 +119,7 @@ def run_end_to_end(
         "work_uri": work_uri,
         "model_name": model_name,
         "i2v_model_name": i2v_model_name,
+        **LOCAL_PARAMETERS,
         **(params or {}),
     }
     with _output_to(log_file):

@@ -23,24 +23,33 @@ def compile_all(out: Path) -> list[Path]:
     return written
 
 
-def parse_params(items: tuple[str, ...] | list[str]) -> dict:
-    """`k=v` pairs; numbers and booleans become numbers and booleans (the run form's types)."""
+_TYPES = {"String": str, "Integer": int, "Float": float, "Double": float, "Boolean": lambda v: _boolean(v)}
+
+
+def _boolean(value: str) -> bool:
+    if value.lower() not in ("true", "false"):
+        raise ValueError(f"not true or false: {value!r}")
+    return value.lower() == "true"
+
+
+def parse_params(items: tuple[str, ...] | list[str], pipeline: str) -> dict:
+    """`k=v` pairs as the run form's types: each value converted to the type the pipeline
+    declares for its parameter (`gpus_per_node=4` stays the string "4" that KFP resolves
+    into a pod; `nodes=2` is an integer); an unknown name or a bad value is refused, named."""
+    if pipeline not in PIPELINES:
+        raise ValueError(f"unknown pipeline {pipeline!r}; one of {', '.join(PIPELINES)}")
+    inputs = PIPELINES[pipeline].component_spec.inputs
     params = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--param wants KEY=VALUE, got {item!r}")
-        lowered = value.lower()
-        if lowered in ("true", "false"):
-            params[key] = lowered == "true"
-        else:
-            try:
-                params[key] = int(value)
-            except ValueError:
-                try:
-                    params[key] = float(value)
-                except ValueError:
-                    params[key] = value
+        if key not in inputs:
+            raise ValueError(f"{pipeline} has no parameter {key!r}; its parameters: {', '.join(inputs)}")
+        try:
+            params[key] = _TYPES[inputs[key].type](value)
+        except ValueError:
+            raise ValueError(f"--param {key}: {value!r} is not a valid {inputs[key].type}") from None
     return params
 
 

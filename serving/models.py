@@ -69,6 +69,8 @@ class ServedModel:
             "device": str(self.device),
             "default_clip": asdict(self.pipeline.config.clip),
             "camera_motions": self.camera_motions,
+            # Parts with seeded random weights (tests and demos): its videos mean nothing.
+            "random_weights": list(self.pipeline.random_weights),
         }
 
     @functools.cached_property  # read on every request; a loaded model's adapters do not change

@@ -368,7 +368,7 @@ class VideoGeneration:
     @bentoml.api
     def model_info(self) -> list[dict]:
         """Each served model: name, version, alias, kind, endpoint, training run, lineage,
-        default clip and camera motions."""
+        default clip, camera motions and the parts with random weights (tests and demos)."""
         return [served.info() for served in self.models.all()]
 
     @bentoml.api

@@ -11,6 +11,10 @@ from components.common.settings import load_settings
 from model.tasks import STAGES
 
 PRETRAINING_STAGES = list(STAGES)  # image, video, hq
+CONFIG_HELP = (
+    "A shipped size: tiny (CPU, random weights), small (one 24 GB GPU), svd (SVD's size); "
+    "or a YAML file, local or s3://."
+)
 MODEL_OPTION = click.option(
     "--model",
     "model_location",
@@ -203,11 +207,20 @@ def curate_ablation(curated: str, grid_items: tuple[str, ...], config_path: str 
 
 @main.command("train")
 @click.option("--stage", type=click.Choice(PRETRAINING_STAGES), required=True)
-@click.option("--config", "config_name", default="tiny", show_default=True, help="Named config or a YAML file.")
+@click.option("--config", "config_name", default="tiny", show_default=True, help=CONFIG_HELP)
 @click.option("--data", required=True, help="s3:// prefix or folder of WebDataset shards.")
 @click.option("--output", required=True, help="s3:// prefix for checkpoints and the final UNet.")
-@click.option("--init-from", default=None, help="Previous stage's final folder (s3:// or local), or an SD 2.1 copy.")
-@click.option("--vae", default=None, help="A diffusers VAE folder (s3:// or local); default: --init-from's vae/.")
+@click.option(
+    "--init-from",
+    default=None,
+    help="Previous stage's final folder (s3:// or local), or imported weights: weights:sd21 (Stage I).",
+)
+@click.option(
+    "--vae",
+    default=None,
+    help="A diffusers VAE or pipeline folder (weights:NAME, s3:// or local); "
+    "default: the config's, else --init-from's vae/.",
+)
 @click.option(
     "--data-format",
     type=click.Choice(["clips", "images", "latents"]),
@@ -272,10 +285,12 @@ def _run_training(request) -> None:
 
 @main.command("cache-latents")
 @click.option("--stage", type=click.Choice(PRETRAINING_STAGES), required=True)
-@click.option("--config", "config_name", default="tiny", show_default=True, help="Named config or a YAML file.")
+@click.option("--config", "config_name", default="tiny", show_default=True, help=CONFIG_HELP)
 @click.option("--data", required=True, help="s3:// prefix or folder of curated shards.")
 @click.option("--output", required=True, help="s3:// prefix for the latent shards.")
-@click.option("--vae", default=None, help="The diffusers VAE folder the stage trains with (s3:// or local).")
+@click.option(
+    "--vae", default=None, help="The diffusers VAE folder the stage trains with (weights:NAME, s3:// or local)."
+)
 def cache_latents_command(stage, config_name, data, output, vae) -> None:
     """Encode every clip once with the VAE; train on the result with `data: latents`."""
     from components.common.objectstore import ObjectStore, ObjectStoreError
@@ -413,10 +428,14 @@ def _finetune_command(kind: str, title: str, help_text: str, *kind_options):
     `kind_options`: click options of this kind only; their values replace the config's
     fields of the same name."""
 
-    @click.option("--config", "config_name", default="tiny", show_default=True, help="Named config or a YAML file.")
+    @click.option("--config", "config_name", default="tiny", show_default=True, help=CONFIG_HELP)
     @click.option("--data", required=True, help="s3:// prefix or folder of curated shards.")
     @click.option("--output", required=True, help="s3:// prefix for checkpoints and the final folder.")
-    @click.option("--init-from", required=True, help="The trained model: a folder, s3:// or models:/NAME@ALIAS.")
+    @click.option(
+        "--init-from",
+        required=True,
+        help="The trained model: a folder, s3://, models:/NAME@ALIAS, or weights:NAME (i2v: weights:svd-img2vid).",
+    )
     @click.option("--max-steps", type=int, default=None)
     @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint under --output.")
     @click.option("--register-as", default=None, help=f"MLflow model (default: vdm-{kind}-<config>), alias candidate.")
@@ -528,6 +547,68 @@ def registry_rollback(name: str) -> None:
 
 
 @main.group()
+def weights() -> None:
+    """Named weights, imported once into the object store; configs and commands take weights:NAME."""
+
+
+@weights.command("import")
+@click.argument("name")
+@click.argument("path")
+@click.option("--kind", default=None, help="diffusers, open_clip or aesthetic_mlp (default: detected).")
+@click.option("--architecture", default=None, help="open_clip: the model name (ViT-H-14, coca_ViT-L-14, ...).")
+@click.option("--source", default="", help="Where the weights come from (a URL, a model id).")
+@click.option("--licence", default="", help="Their licence.")
+@click.option("--replace", is_flag=True, help="Overwrite an existing entry of that name.")
+def weights_import(name, path, kind, architecture, source, licence, replace) -> None:
+    """Check the weights at PATH (a diffusers folder or a checkpoint file) key by key against
+    their architecture, then publish them as weights:NAME."""
+    from pathlib import Path
+
+    from components.common.objectstore import ObjectStore, ObjectStoreError
+    from components.common.weights import import_weights, weights_uri
+
+    store = ObjectStore.from_settings(load_settings())
+    try:
+        manifest = import_weights(
+            name, path, store, kind=kind, architecture=architecture, source=source, licence=licence, replace=replace
+        )
+        uri = weights_uri(name)
+    except (ObjectStoreError, ValueError) as e:
+        _fail(str(e))
+    root = Path(path).expanduser() if manifest.kind == "diffusers" else Path(path).expanduser().parent
+    size = sum((root / rel).stat().st_size for rel in manifest.files)
+    click.echo(f"published weights:{name}")
+    click.echo(f"  kind          {manifest.kind}")
+    click.echo(f"  architecture  {manifest.architecture}")
+    names = sorted(manifest.files)
+    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+    unit = next((f, u) for f, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B")) if size >= f or f == 1)
+    click.echo(f"  files         {len(names)}, {size / unit[0]:.1f} {unit[1]}: {', '.join(names[:8])}{more}")
+    click.echo(f"  uri           {uri}/")
+
+
+@weights.command("list")
+def weights_list() -> None:
+    """Every imported entry: name, kind, architecture, files, when, from where."""
+    from components.common.objectstore import ObjectStore, ObjectStoreError
+    from components.common.weights import list_weights
+
+    try:
+        entries = list_weights(ObjectStore.from_settings(load_settings()))
+    except (ObjectStoreError, ValueError) as e:
+        _fail(str(e))
+    if not entries:
+        click.echo("no weights imported yet: vdm weights import NAME PATH")
+        return
+    click.echo(f"{'NAME':<24} {'KIND':<14} {'ARCHITECTURE':<36} {'FILES':>5}  {'IMPORTED':<25} SOURCE")
+    for m in entries:
+        imported = m.imported_at or "-"
+        click.echo(
+            f"{m.name:<24} {m.kind:<14} {m.architecture:<36} {len(m.files):>5}  {imported:<25} {m.source or '-'}"
+        )
+
+
+@main.group()
 def pipeline() -> None:
     """Kubeflow pipelines: compile, submit, schedule."""
 
@@ -560,7 +641,7 @@ def pipeline_submit(name: str, host: str, experiment: str, params: tuple[str, ..
     from pipelines.submit import parse_params, submit
 
     try:
-        result = submit(_kfp_client(host), name, experiment, parse_params(params))
+        result = submit(_kfp_client(host), name, experiment, parse_params(params, name))
     except ValueError as e:
         _fail(str(e))
     click.echo(json.dumps(result, indent=1))
@@ -577,7 +658,7 @@ def pipeline_schedule(name: str, host: str, experiment: str, cron: str, params: 
     from pipelines.submit import parse_params, schedule
 
     try:
-        result = schedule(_kfp_client(host), name, experiment, cron, parse_params(params))
+        result = schedule(_kfp_client(host), name, experiment, cron, parse_params(params, name))
     except ValueError as e:
         _fail(str(e))
     click.echo(json.dumps(result, indent=1))
@@ -669,11 +750,13 @@ def run_command(input_uri, work_uri, model_name, i2v_model_name, params, summary
         if not store.exists(f"{input_uri}/{MANIFEST_NAME}"):
             synthesize(input_uri, SynthConfig(seed=seed), store=store)
     work_uri = work_uri or f"s3://{settings.data_bucket}/runs/end-to-end-{time.strftime('%Y%m%d-%H%M%S')}"
-    # No pretrained annotator weights ship with the project; a CPU-sized evaluation.
-    defaults = {"random_weights": True, "eval_clips": 4, "eval_steps": 12}
+    try:
+        given = parse_params(params, "end-to-end")
+    except ValueError as e:
+        _fail(str(e))
     summary = run_end_to_end(
         settings, input_uri, work_uri, model_name=model_name, i2v_model_name=i2v_model_name,
-        params=defaults | parse_params(params),
+        params=given,
         progress=lambda line: click.echo(line, err=True),
     )  # fmt: skip
     click.echo("\nvdm run: done")
@@ -681,6 +764,54 @@ def run_command(input_uri, work_uri, model_name, i2v_model_name, params, summary
         click.echo(f"  {key:<18} {json.dumps(value) if isinstance(value, dict) else value}")
     if summary_json:
         Path(summary_json).write_text(json.dumps(summary, indent=1))
+
+
+@main.command("plan")
+@click.option("--config", "config_name", default="tiny", show_default=True, help="Named config or a YAML file.")
+@click.option("--stage", required=True, help="The kind of model: image, video, hq or a finetune kind.")
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs per node.")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--gpu-memory-gb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=80.0,
+    show_default=True,
+    help="Memory of one GPU in GiB (80 for an 80 GB A100 or H100).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch per GPU (default: the config's).")
+def plan_command(config_name, stage, gpus, nodes, gpu_memory_gb, batch_size) -> None:
+    """Know before you launch: the memory per GPU of a training run (parameters, weights,
+    gradients, AdamW, EMA, activations) from its config alone, at full size on the meta
+    device (nothing allocated or downloaded), and which settings fit the GPU."""
+    import yaml
+
+    from model.plan import GIB, plan, settings_that_fit, table
+    from model.stages import named_config
+    from model.tasks import task_of
+
+    world = gpus * nodes
+    memory = int(gpu_memory_gb * GIB)
+    try:
+        if task_of(stage).trains != "unet":
+            raise ValueError(f"the {stage} kind trains the VAE's decoder in its own loop: vdm plan plans UNet training")
+        config = named_config(config_name, stage)
+        if batch_size is not None:
+            config = config.with_fields(batch_size=batch_size)
+        memory_plan = plan(config, world)
+        rows = settings_that_fit(config, world, memory)
+    except FileNotFoundError:
+        _fail(f"no config {config_name!r}: neither model/configs/{config_name}-{stage}.yaml nor a YAML file")
+    except (ValueError, TypeError, yaml.YAMLError) as e:
+        _fail(str(e))
+    where = f"{world} GPU{'s' if world > 1 else ''} ({nodes} x {gpus} per node), {gpu_memory_gb:g} GiB each"
+    click.echo(f"vdm plan: {config_name} {stage} on {where}")
+    click.echo("\n".join(memory_plan.lines()))
+    click.echo("")
+    click.echo("\n".join(table(rows, memory)))
+    verdict = "fits" if memory_plan.fits(memory) else "does NOT fit"
+    click.echo(
+        f"\nthe config's setting needs {memory_plan.total / GIB:.1f} GiB of {gpu_memory_gb:g} GiB per GPU: {verdict}"
+    )
 
 
 if __name__ == "__main__":

@@ -30,9 +30,18 @@ def plan_curation(input_uri: str, videos_per_shard: int, config_yaml: str) -> li
 
 
 @dsl.component(base_image=IMAGE)
-def annotate_input_shard(shard: dict, output_uri: str, config_yaml: str, random_weights: bool, workers: int) -> str:
+def annotate_input_shard(
+    shard: dict, output_uri: str, config_yaml: str, random_weights: bool, workers: int, gpus: str = "0"
+) -> str:
     """Decode, cut, flow, neural annotators for one input shard; publishes
-    `<output>/parts/<shard id>/` (skipped when already published) and returns its URI."""
+    `<output>/parts/<shard id>/` (skipped when already published) and returns its URI.
+    `gpus`: the GPUs the step's pod requested; "0" hides every GPU (CUDA_VISIBLE_DEVICES="",
+    so a CPU pod that lands on a GPU node leaves its GPUs alone), else the neural annotators
+    run on CUDA (bf16 autocast; `neural.device` "auto")."""
+    import os
+
+    if not float(gpus or 0):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from components.common.objectstore import ObjectStore, S3Uri
     from components.common.settings import load_settings
     from components.curation.annotate import Annotators, annotate_shard

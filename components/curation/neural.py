@@ -25,7 +25,9 @@ import cv2
 import numpy as np
 import yaml
 
+from components.common import weights
 from components.common.objectstore import ObjectStore, S3Uri, is_s3_uri
+from components.common.weights import is_weights_ref
 from model import openclip
 from model.openclip import TINY_CLIP_MODEL, TINY_COCA_MODEL
 
@@ -71,11 +73,11 @@ class NeuralConfig:
     ocr_model_dir: str | None = None
     ocr_input_side: int = 320  # frames are resized so the longer side is this before detection
     clip_model: str = "ViT-B-32"  # open_clip model name
-    clip_weights: str | None = None  # local path or s3:// URI of an open_clip state dict
-    aesthetic_weights: str | None = None  # local path or s3:// URI of the LAION aesthetic MLP state dict
+    clip_weights: str | None = None  # weights:NAME, local path or s3:// URI of an open_clip checkpoint
+    aesthetic_weights: str | None = None  # weights:NAME, local path or s3:// URI of the LAION aesthetic MLP
     captions: bool = True
     coca_model: str = "coca_ViT-B-32"
-    coca_weights: str | None = None
+    coca_weights: str | None = None  # weights:NAME, local path or s3:// URI of an open_clip CoCa checkpoint
     caption_max_tokens: int = 20
     allow_random_weights: bool = False  # tests and demos only: random models where weights are None
     tiny_models: bool = False  # tiny registered open_clip architectures, so tests run fast on CPU
@@ -89,8 +91,10 @@ class RandomWeightsNotAllowed(ValueError):
 
 
 def resolve_weights(uri: str, cache_dir: str | Path, store: ObjectStore | None) -> Path:
-    """A local path as is; an s3:// object downloaded once into `cache_dir`
-    (checked against its recorded sha256) and reused after that."""
+    """A local path as is; imported weights (`weights:NAME`) from the weights cache; an s3://
+    object downloaded once into `cache_dir` (checked against its recorded sha256) and reused after that."""
+    if is_weights_ref(uri):
+        return weights.resolve_weights(uri, store, cache_dir)
     if not is_s3_uri(uri):
         path = Path(uri).expanduser()
         if not path.is_file():
@@ -111,7 +115,8 @@ def _check_weights(config: NeuralConfig, *settings: str) -> list[str]:
     missing = [name for name in settings if getattr(config, name) is None]
     if missing and not config.allow_random_weights:
         raise RandomWeightsNotAllowed(
-            f"no weights configured for {', '.join(missing)}; set them to a local path or s3:// URI, "
+            f"no weights configured for {', '.join(missing)}: import them once (`vdm weights import NAME PATH`, "
+            "docs/training.md) and set them to weights:NAME (or a local path or s3:// URI), "
             "or pass --allow-random-weights (tests and demos only: the scores mean nothing)"
         )
     return missing

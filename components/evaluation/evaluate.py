@@ -7,12 +7,14 @@ for a registered model, the figures onto its version (what the promotion gate re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import torch
 
 from components.common.media import write_video
 from components.common.objectstore import ObjectStore
@@ -61,15 +63,18 @@ def run_evaluation(
     connect(settings)
     version = registered_version(model_location)  # resolved first: the alias may move while we run
     with tempfile.TemporaryDirectory() as tmp:
-        model = VideoDiffusion.load(local_folder(model_location, store, Path(tmp) / "model"))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = VideoDiffusion.load(local_folder(model_location, store, Path(tmp) / "model")).to(device).eval()
         task = model.task
-        evaluation = task.evaluate(
-            model,
-            shard_urls(data, store),
-            clips=clips,
-            steps=steps,
-            reference=shard_urls(reference, store) if reference else None,
-        )
+        # On a GPU pod: bf16 autocast, as serving samples (the metrics read float32 frames back).
+        with torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext():
+            evaluation = task.evaluate(
+                model,
+                shard_urls(data, store),
+                clips=clips,
+                steps=steps,
+                reference=shard_urls(reference, store) if reference else None,
+            )
         inputs = [model_location, data, *([reference] if reference else [])]
         with tracked_run(
             f"vdm-eval-{task.name}",

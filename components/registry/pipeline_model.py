@@ -142,7 +142,8 @@ def register_pipeline(folder: Path, name: str, lineage: Mapping[str, str], *, al
     from model.folder import ModelFolder
     from model.tasks import task_of
 
-    task = task_of(ModelFolder(folder).kind())
+    layout = ModelFolder(folder)
+    task = task_of(layout.kind())
 
     run = mlflow.active_run()
     info = mlflow.pyfunc.log_model(
@@ -162,6 +163,9 @@ def register_pipeline(folder: Path, name: str, lineage: Mapping[str, str], *, al
         if key.startswith("vdm."):
             client.set_model_version_tag(name, number, key, value)
     client.set_model_version_tag(name, number, "vdm.kind", task.name)  # its API and its gate's metric
+    if layout.random_weights():  # a test or demo model: nobody should promote it unawares
+        client.set_model_version_tag(name, number, "vdm.random_weights", "true")
+        client.set_model_version_tag(name, number, "vdm.random_parts", ",".join(layout.random_weights()))
     if run:
         client.set_model_version_tag(name, number, "vdm.training_run", run.info.run_id)
     adapters = saved_adapters(folder)

@@ -1,8 +1,8 @@
-"""KFP components of a training stage and a finetune: launches `vdm train` through TorchX (`local_cwd`
-for local runs, `kubernetes` + Volcano on a cluster) with `--resume`, so a retried
-step continues from its last checkpoint; reads the run's `result.json` back from the
-object store; outputs the final folder's URI and the registered model's URI.
-`finetune_model` does the same for `vdm finetune KIND`."""
+"""KFP components of a training stage and a finetune: launches `vdm train` through TorchX
+(`local_cwd` for local runs and one-node steps, `kubernetes` + Volcano on a cluster), one
+rank per GPU, with `--resume`, so a retried step continues from its last checkpoint; reads
+the run's `result.json` back from the object store; outputs the final folder's URI and the
+registered model's URI. `finetune_model` does the same for `vdm finetune KIND`."""
 
 from typing import NamedTuple
 
@@ -26,13 +26,18 @@ def train_stage(
     register_as: str,
     scheduler: str,
     nodes: int,
-    procs_per_node: int,
-    gpus_per_node: int,
+    gpus_per_node: str,
+    cpu_per_node: str,
+    memory_per_node: str,
+    shm_per_node: str,
     model: Output[Artifact],
 ) -> NamedTuple("StageOutputs", [("final", str), ("model_uri", str), ("mlflow_run_id", str)]):
     """Outputs: `final` (s3:// folder: the next stage's --init-from), `model_uri`
     (models:/NAME/VERSION, the candidate; empty when not registered), `mlflow_run_id`.
-    Run-form values "" and 0 mean "not set" (the Kubeflow UI has no null)."""
+    Run-form values "" and 0 mean "not set" (the Kubeflow UI has no null). One rank per GPU
+    (`gpus_per_node` "0": one CPU rank) on each of `nodes`; the resources are Kubernetes
+    quantities as strings, the form KFP also resolves into this step's pod: with
+    `scheduler` "kubernetes" they size the Volcano job's pods (components/training/launch.py)."""
     from collections import namedtuple
     from dataclasses import asdict
 
@@ -49,7 +54,7 @@ def train_stage(
         overrides={"max_steps": max_steps} if max_steps > 0 else {},
         register_as=register_as or None,
     )
-    result = launch_step(request, scheduler, nodes, procs_per_node, gpus_per_node)
+    result = launch_step(request, scheduler, nodes, gpus_per_node, cpu_per_node, memory_per_node, shm_per_node)
     model.metadata.update({k: v for k, v in asdict(result).items() if v not in (None, [], {})})
     outputs = namedtuple("StageOutputs", ["final", "model_uri", "mlflow_run_id"])
     return outputs(result.final, result.registered or "", result.mlflow_run_id)
@@ -66,8 +71,10 @@ def finetune_model(
     register_as: str,
     scheduler: str,
     nodes: int,
-    procs_per_node: int,
-    gpus_per_node: int,
+    gpus_per_node: str,
+    cpu_per_node: str,
+    memory_per_node: str,
+    shm_per_node: str,
     model: Output[Artifact],
     motion_class: str = "",
 ) -> NamedTuple("FinetuneOutputs", [("final", str), ("model_uri", str), ("mlflow_run_id", str)]):
@@ -89,7 +96,7 @@ def finetune_model(
         overrides=overrides | ({"motion_class": motion_class} if motion_class else {}),
         register_as=register_as or None,
     )
-    result = launch_step(request, scheduler, nodes, procs_per_node, gpus_per_node)
+    result = launch_step(request, scheduler, nodes, gpus_per_node, cpu_per_node, memory_per_node, shm_per_node)
     model.metadata.update({k: v for k, v in asdict(result).items() if v not in (None, [], {})})
     outputs = namedtuple("FinetuneOutputs", ["final", "model_uri", "mlflow_run_id"])
     return outputs(result.final, result.registered or "", result.mlflow_run_id)

@@ -1,10 +1,11 @@
 """Distributed training through TorchX: a `TrainingRequest` run by every rank
-(`components.training.entrypoint` under torchrun) on `nodes` x `procs_per_node` ranks,
-on this machine (`local_cwd`) or a cluster (`kubernetes`: a Volcano job in `queue`).
-The trainer's output streams into the caller's log (a KFP step's log); a failed rank
-fails the launch with its error lines. The KFP training steps always resume: a retried
-step continues from the last published checkpoint (a first attempt finds none and
-starts fresh)."""
+(`components.training.entrypoint` under torchrun) on `nodes` x ranks-per-node, one rank
+per GPU (one CPU rank without GPUs), on this machine (`local_cwd`, one node) or a cluster
+(`kubernetes`: a Volcano job in `queue` whose pods request the GPUs, CPU, memory and
+/dev/shm of the `Launch`). The trainer's output streams into the caller's log (a KFP
+step's log); a failed rank fails the launch with its error lines. The KFP training steps
+always resume: a retried step continues from the last published checkpoint (a first
+attempt finds none and starts fresh)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from torchx.components.dist import torchrun
 from torchx.runner import get_runner
-from torchx.specs import AppState
+from torchx.specs import AppDef, AppState
+from torchx.specs.overlays import JOIN, set_overlay
 
 from components.common.settings import load_settings
 from components.training.request import RunResult, TrainingRequest
@@ -37,26 +39,111 @@ FORWARDED_ENV = (
     "VDM_IMAGE",
 )
 
+# How a GPU pod is scheduled: the same as the pipelines' GPU steps (pipelines/kubeflow.py GPUStep).
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_NODE_SELECTOR = ("nvidia.com/gpu.present", "true")
+SHM_VOLUME = "dshm"  # TorchX's memory-backed /dev/shm volume in every pod it renders
+
+_CPU = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m?)$")
+_MEMORY = re.compile(r"^(\d+(\.\d+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?$")
+_MEMORY_UNITS = {
+    None: 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
 
 class TrainingLaunchError(RuntimeError):
     pass
 
 
+def parse_cpu(quantity: str | float) -> float:
+    """A Kubernetes CPU quantity ("32", "0.5", "500m") in CPUs."""
+    text = str(quantity).strip()
+    match = _CPU.match(text)
+    if not match:
+        raise ValueError(f"CPU {quantity!r}: not a Kubernetes CPU quantity (e.g. 32, 0.5, 500m)")
+    value = float(match.group(1))
+    return value / 1000 if match.group(3) else value
+
+
+def parse_memory_mb(quantity: str | int) -> int:
+    """A Kubernetes memory quantity ("256G", "512Gi", "8000M") in the megabytes (10^6 bytes)
+    TorchX writes into a pod as `<memMB>M`, rounded down."""
+    text = str(quantity).strip()
+    match = _MEMORY.match(text)
+    if not match:
+        raise ValueError(f"memory {quantity!r}: not a Kubernetes memory quantity (e.g. 256G, 512Gi)")
+    return int(float(match.group(1)) * _MEMORY_UNITS[match.group(3)]) // 10**6
+
+
+def parse_count(value: str | int, what: str) -> int:
+    """A count from a run form ("8", 8, "8.0": KFP numbers can arrive as floats)."""
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = -1.0
+    if number < 0 or number != int(number):
+        raise ValueError(f"{what} {value!r}: not a whole number >= 0")
+    return int(number)
+
+
 @dataclass(frozen=True)
 class Launch:
     scheduler: str = "local_cwd"  # or "kubernetes"
-    nodes: int = 1
-    procs_per_node: int = 1
+    nodes: int = 1  # more than one: kubernetes only
     gpus_per_node: int = 0
-    cpu: int = 2
-    memory_mb: int = 8192
+    procs_per_node: int = 0  # ranks per node; 0: one per GPU (one CPU rank without GPUs)
+    cpu: float = 2  # per node (kubernetes: the pod's request and limit)
+    memory_mb: int = 8192  # per node, in 10^6 bytes (kubernetes: the pod's request and limit)
+    shm: str = ""  # kubernetes: size limit of the pod's memory-backed /dev/shm; "": none but the memory
     image: str = field(default_factory=lambda: load_settings().image)  # kubernetes only; local_cwd: this env
     queue: str = "vdm-training"  # Volcano queue (kubernetes)
     env: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ValueError(f"nodes={self.nodes}: at least 1")
+        if self.nodes > 1 and self.scheduler != "kubernetes":
+            raise ValueError(
+                f"nodes={self.nodes} needs scheduler=kubernetes: {self.scheduler} runs every rank on one "
+                "node (the training step's own pod)"
+            )
+        if self.gpus_per_node < 0 or self.procs_per_node < 0:
+            raise ValueError(f"gpus_per_node={self.gpus_per_node}, procs_per_node={self.procs_per_node}: >= 0")
+        if self.gpus_per_node and self.procs_per_node not in (0, self.gpus_per_node):
+            raise ValueError(
+                f"procs_per_node={self.procs_per_node} with gpus_per_node={self.gpus_per_node}: "
+                "one rank per GPU (leave procs_per_node 0)"
+            )
+        if self.shm and not _MEMORY.match(self.shm):
+            raise ValueError(f"shm {self.shm!r}: not a Kubernetes memory quantity (e.g. 64Gi)")
 
-def launch_training(request: TrainingRequest, launch: Launch, log: Callable[[str], None] = print) -> None:
-    """Run `request` on every rank; returns when all ranks succeeded."""
+    @property
+    def ranks_per_node(self) -> int:
+        return self.procs_per_node or max(self.gpus_per_node, 1)
+
+
+def node_launch(
+    scheduler: str, nodes: int, gpus_per_node: str | int, cpu_per_node: str, memory_per_node: str,
+    shm_per_node: str = "", **kwargs,
+) -> Launch:  # fmt: skip
+    """The `Launch` of a KFP training step from its run-form values (Kubernetes quantities as
+    strings, the form KFP resolves into a pod's resources): one rank per GPU."""
+    return Launch(
+        scheduler=scheduler,
+        nodes=parse_count(nodes, "nodes"),
+        gpus_per_node=parse_count(gpus_per_node, "gpus_per_node"),
+        cpu=parse_cpu(cpu_per_node),
+        memory_mb=parse_memory_mb(memory_per_node),
+        shm=str(shm_per_node).strip(),
+        **kwargs,
+    )
+
+
+def training_app(request: TrainingRequest, launch: Launch) -> AppDef:
+    """The TorchX app of `request` under `launch`: torchrun with `nodes` x ranks-per-node; on
+    kubernetes every pod (one per node) requests the GPUs, CPU and memory, tolerates and selects
+    GPU nodes like the pipelines' GPU steps, and sizes its /dev/shm."""
     env = dict(launch.env)
     if launch.scheduler == "local_cwd":  # this environment's torchrun, even when its bin/ is not on PATH
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -65,15 +152,41 @@ def launch_training(request: TrainingRequest, launch: Launch, log: Callable[[str
         m="components.training.entrypoint",
         name=f"vdm-{request.kind}",
         image=launch.image,
-        j=f"{launch.nodes}x{launch.procs_per_node}",
+        j=f"{launch.nodes}x{launch.ranks_per_node}",
         gpu=launch.gpus_per_node,
         cpu=launch.cpu,
         memMB=launch.memory_mb,
         env=env,
     )
-    cfg = {"queue": launch.queue} if launch.scheduler == "kubernetes" else {}
+    pod: dict = {}
+    if launch.gpus_per_node:
+        key, value = GPU_NODE_SELECTOR
+        pod["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+        pod["nodeSelector"] = {key: value}
+    if launch.shm:  # TorchX mounts an unlimited memory-backed /dev/shm; bound it
+        pod[JOIN("volumes", on="name")] = [
+            {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": launch.shm}}
+        ]
+    if pod:
+        for role in app.roles:
+            set_overlay(role, "kubernetes", "V1Pod", {"spec": pod})
+    return app
+
+
+def scheduler_cfg(launch: Launch) -> dict:
+    """TorchX run options. On kubernetes, no reservation is subtracted: TorchX by default requests
+    100m CPU and 1024M memory less than the limit (room for the kubelet when a pod asks for a
+    whole host); here request = limit = the `Launch`'s figures, as in the pipelines' own steps."""
+    if launch.scheduler != "kubernetes":
+        return {}
+    return {"queue": launch.queue, "reserved_millicpu": 0, "reserved_memmb": 0}
+
+
+def launch_training(request: TrainingRequest, launch: Launch, log: Callable[[str], None] = print) -> None:
+    """Run `request` on every rank; returns when all ranks succeeded."""
+    app = training_app(request, launch)
     runner = get_runner()
-    handle = runner.run(app, launch.scheduler, cfg)
+    handle = runner.run(app, launch.scheduler, scheduler_cfg(launch))
     tail: list[str] = []
     for line in runner.log_lines(handle, app.roles[0].name, k=0, should_tail=True):
         line = line.rstrip("\n")
@@ -88,22 +201,25 @@ def launch_training(request: TrainingRequest, launch: Launch, log: Callable[[str
 
 
 def launch_step(
-    request: TrainingRequest, scheduler: str, nodes: int, procs_per_node: int, gpus_per_node: int
-) -> RunResult:
-    """A KFP training step's work: `request`, resumed from any checkpoint, through TorchX with
-    the step's platform environment forwarded to the ranks, then the result rank 0 wrote to
+    request: TrainingRequest, scheduler: str, nodes: int, gpus_per_node: str, cpu_per_node: str,
+    memory_per_node: str, shm_per_node: str = "",
+) -> RunResult:  # fmt: skip
+    """A KFP training step's work: `request`, resumed from any checkpoint, through TorchX on
+    `nodes` x `gpus_per_node` ranks (one CPU rank without GPUs) with the step's platform
+    environment forwarded to the ranks, then the result rank 0 wrote to
     `<output>/result.json` (final folder, registered model, MLflow run)."""
     from components.common.objectstore import ObjectStore, S3Uri
     from components.training.run import RESULT
 
     settings = load_settings()
-    launch = Launch(
-        scheduler=scheduler,
-        nodes=nodes,
-        procs_per_node=procs_per_node,
-        gpus_per_node=gpus_per_node,
-        image=settings.image,
-        env={k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
+    launch = node_launch(
+        scheduler, nodes, gpus_per_node, cpu_per_node, memory_per_node, shm_per_node,
+        image=settings.image, env={k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
+    )  # fmt: skip
+    print(
+        f"launch: {launch.scheduler}, {launch.nodes} node(s) x {launch.ranks_per_node} rank(s), "
+        f"{launch.gpus_per_node} GPU(s), {launch.cpu:g} CPU, {launch.memory_mb}M memory per node",
+        flush=True,
     )
     launch_training(replace(request, resume=True), launch)
     store = ObjectStore.from_settings(settings)

@@ -23,8 +23,9 @@ from mlflow.entities.model_registry import ModelVersion
 
 from components.common.media import write_video
 from components.common.objectstore import MANIFEST_NAME, ObjectStore, S3Uri, is_s3_uri
-from components.common.settings import Settings
+from components.common.settings import Settings, load_settings
 from components.common.tracking import connect, run_url, tracked_run
+from components.common.weights import is_weights_ref, resolve_weights
 from components.registry.pipeline_model import download_pipeline, register_pipeline
 from components.training.request import RunResult
 from model.autoencoder import AutoencoderTraining, reconstruction_error, train_autoencoder
@@ -32,7 +33,7 @@ from model.conditioning import LatentCodec
 from model.data import ClipDataset, ClipSpec
 from model.latents import vae_fingerprint, write_latent_shards
 from model.pipeline import to_uint8
-from model.stages import VideoDiffusion, named_config
+from model.stages import StageConfig, VideoDiffusion, named_config
 from model.svd import export_svd
 from model.train import leave_distributed, train
 
@@ -62,14 +63,55 @@ def latest_checkpoint(output: S3Uri, store: ObjectStore) -> S3Uri | None:
 
 def local_folder(location: str, store: ObjectStore, scratch: Path) -> Path:
     """A model folder as a local path: itself, its s3:// copy downloaded into `scratch`,
-    or the pipeline of a registered model (`models:/NAME@ALIAS`)."""
+    the pipeline of a registered model (`models:/NAME@ALIAS`), or imported weights
+    (`weights:NAME`, kept in the weights cache)."""
     if location.startswith("models:/"):
         connect()
         return download_pipeline(location, scratch)
+    if is_weights_ref(location):
+        return resolve_weights(location, store, weights_cache())
     if not is_s3_uri(location):
         return Path(location)
     store.download_folder(location, scratch)
     return scratch
+
+
+def weights_cache() -> Path:
+    return load_settings().home / "cache"
+
+
+def config_file(config: str, store: ObjectStore, scratch: Path) -> str:
+    """A config as `named_config` reads it: a shipped name or a local YAML as given, an
+    s3:// YAML copied into `scratch` (a new config needs no image rebuild)."""
+    if not is_s3_uri(config):
+        return config
+    path = scratch / Path(S3Uri.parse(config).key).name
+    path.write_bytes(store.get_bytes(S3Uri.parse(config)))
+    return str(path)
+
+
+def stage_config(config: str, stage: str, store: ObjectStore, scratch: Path, overrides: dict | None = None):
+    """The stage's config (`config_file`), with `overrides` (None values ignored) applied."""
+    named = named_config(config_file(config, store, scratch), stage)
+    return named.with_fields(**{k: v for k, v in (overrides or {}).items() if v is not None})
+
+
+def with_local_weights(config: StageConfig, store: ObjectStore, scratch: Path) -> StageConfig:
+    """The config with its weights as local copies: `weights:NAME` from the weights cache,
+    an s3:// VAE folder or tower file downloaded into `scratch`."""
+
+    def local(value: str, name: str) -> str:
+        if is_s3_uri(value) and not is_weights_ref(value) and name != "vae":  # a single checkpoint file
+            return str(store.download_file(value, scratch / name / Path(S3Uri.parse(value).key).name))
+        return str(local_folder(value, store, scratch / name))
+
+    fields = ("vae", "text_weights", "image_weights")
+    return replace(config, **{f: local(v, f) for f in fields if (v := getattr(config, f)) is not None})
+
+
+def random_weights_tags(parts: tuple[str, ...]) -> dict[str, str]:
+    """What the MLflow run (and so the registered version) says of random weights."""
+    return {"vdm.random_weights": "true", "vdm.random_parts": ",".join(parts)} if parts else {}
 
 
 def _metrics_logger(progress: bool):
@@ -103,16 +145,15 @@ def run_training(
     `register_as`, register the final pipeline as a new `candidate` version of that model.
     `overrides`: config fields to replace (None values ignored), e.g. max_steps, strategy.
     `experiment`: the MLflow experiment (default vdm-train-<stage>)."""
-    config = named_config(config_name, stage)
-    config = config.with_fields(**{k: v for k, v in (overrides or {}).items() if v is not None})
     out = S3Uri.parse(output)
     shards = shard_urls(data, store)
 
     with tempfile.TemporaryDirectory(prefix="vdm-train-") as tmp:
         scratch = Path(tmp)
+        named = stage_config(config_name, stage, store, scratch, overrides)
+        named = replace(named, vae=vae) if vae else named
+        config = with_local_weights(named, store, scratch / "weights")
         init = local_folder(init_from, store, scratch / "init") if init_from else None
-        if vae:
-            config = replace(config, vae=str(local_folder(vae, store, scratch / "vae")))
         checkpoint = latest_checkpoint(out, store) if resume else None
         resume_from = local_folder(str(checkpoint), store, scratch / "resume") if checkpoint else None
 
@@ -133,7 +174,7 @@ def run_training(
         tracking = tracked_run(
             experiment or f"vdm-train-{stage}",
             run_name=f"{stage}-{config_name}",
-            config={**config.to_dict(), **lineage},
+            config={**named.to_dict(), **lineage},
             inputs=[data],
             settings=settings,
         )
@@ -156,6 +197,7 @@ def run_training(
             leave_distributed()  # the training's collectives are over; the rest is rank 0's
             if not lead:
                 return RunResult(steps=result.steps, final=None, losses=result.losses)
+            mlflow.set_tags(random_weights_tags(result.model.random_weights))
             svd_model = result.model if result.model.task.conditioning == "image" else None
             final, version = publish_final(result.final, out, store, scratch, data, register_as, svd_model)
     summary = write_summary(out, store, settings, run, result.steps, final, register_as, version, checkpoint)
@@ -265,9 +307,9 @@ def run_latent_caching(
     """Encode every clip of `data` once, at the stage's frames/fps/size, with the VAE the
     stage will train with; publish the latent shards to `output` (train on them with
     `data: latents` in the stage config)."""
-    config = named_config(config_name, stage)
     shards = shard_urls(data, store)
     with tempfile.TemporaryDirectory(prefix="vdm-latents-") as tmp:
+        config = stage_config(config_name, stage, store, Path(tmp))
         codec = LatentCodec.from_folder(local_folder(vae, store, Path(tmp) / "vae")) if vae else LatentCodec.tiny()
         codec.to("cuda" if torch.cuda.is_available() else "cpu")
         clips = ClipDataset(shards, config.clip, seed=config.seed, epochs=1)

@@ -26,6 +26,7 @@ from components.training.request import RunResult
 from components.training.run import (
     CHECKPOINTS,
     _metrics_logger,
+    config_file,
     latest_checkpoint,
     local_folder,
     publish_final,
@@ -77,12 +78,12 @@ def run_temporal_decoder_finetune(
 ) -> RunResult:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("the temporal-decoder finetune trains on one process: launch it with one rank")
-    config = named_config(config_name)
-    config = replace(config, **{k: v for k, v in (overrides or {}).items() if v is not None})
     out = S3Uri.parse(output)
     shards = shard_urls(data, store)
     with tempfile.TemporaryDirectory(prefix="vdm-temporal-decoder-") as tmp:
         scratch = Path(tmp)
+        config = named_config(config_file(config_name, store, scratch))
+        config = replace(config, **{k: v for k, v in (overrides or {}).items() if v is not None})
         init = local_folder(init_from, store, scratch / "init")
         layout = ModelFolder(init)
         if not layout.config_file.exists() or not layout.has_vae():

@@ -92,3 +92,45 @@ def test_stage_one_weights_load_from_a_diffusers_folder(image, tmp_path):
     for (name, a), (_, b) in zip(image.state_dict().items(), loaded.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
     assert inflate(loaded) is not None
+
+
+def test_checkpointing_each_whole_spatio_temporal_transformer_changes_no_value():
+    """The widened checkpointing recomputes each spatio-temporal transformer as one region
+    (diffusers' own leaves the temporal blocks' activations saved): same outputs, same grads."""
+    from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
+
+    from model.networks import disable_checkpointing, enable_checkpointing
+
+    torch.manual_seed(0)
+    unet = video_unet(CONFIGS["tiny"])
+    x, t, ctx, ids = torch.randn(2, 8, 4, 8, 8), torch.tensor([1.0, 2.0]), torch.randn(2, 1, 64), torch.randn(2, 3)
+
+    def step():
+        unet.zero_grad()
+        out = unet(x, t, ctx, added_time_ids=ids).sample
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in unet.parameters()]
+
+    plain, plain_grads = step()
+    regions = []
+
+    def counting(module, *args):
+        regions.append(module)
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+    enable_checkpointing(unet, counting)
+    checkpointed, checkpointed_grads = step()
+    assert torch.equal(plain, checkpointed)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, checkpointed_grads, strict=True))
+    transformers = [m for m in unet.modules() if isinstance(m, TransformerSpatioTemporalModel)]
+    assert unet.state_dict().keys() == video_unet(CONFIGS["tiny"]).state_dict().keys()
+    # one region per transformer (whole) and per resnet; none for the transformer's inner blocks
+    assert sum(1 for r in regions if getattr(r, "__name__", "") == "plain_forward") == len(transformers) > 0
+    # a copy (EMA, export) runs its own transformers, not the original's
+    twin = copy.deepcopy(unet)
+    torch.nn.init.zeros_(twin.down_blocks[0].attentions[0].proj_out.weight)
+    assert not torch.equal(twin(x, t, ctx, added_time_ids=ids).sample, unet(x, t, ctx, added_time_ids=ids).sample)
+    assert not any(type(r).__name__ == "BasicTransformerBlock" for r in regions)
+    disable_checkpointing(unet)
+    regions.clear()
+    assert torch.equal(step()[0], plain) and not regions

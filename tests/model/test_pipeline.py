@@ -48,3 +48,24 @@ def test_saved_models_reload_with_their_stage(trained, tmp_path):
     assert reloaded.config == video.config
     config = GenerationConfig(num_frames=2, steps=2)
     torch.testing.assert_close(generate(reloaded, "x", config), generate(video, "x", config))
+
+
+def test_guidance_in_one_batch_is_guidance_of_two_calls(trained):
+    """Sampling evaluates the conditional and unconditional inputs in one batch; that is
+    the same guidance as two separate denoiser calls."""
+    from model.pipeline import _in_one_batch
+    from model.samplers import frame_guidance, guided, guided_pair
+
+    model = trained["video"].eval()
+    torch.manual_seed(0)
+    x, sigma = torch.randn(1, 4, 4, 8, 8), torch.tensor([1.5])
+    added = torch.tensor([[8.0, 64.0, 0.0]])
+    cond = {"text": model.text(["a disc"]), "added": added}
+    uncond = {"text": model.text([""]), "added": added}
+    scale = frame_guidance(4, 1.0, 3.0)
+    with torch.no_grad():
+        two_calls = guided(
+            lambda x, s: model.denoiser(x, s, **cond), lambda x, s: model.denoiser(x, s, **uncond), scale
+        )
+        one_batch = guided_pair(_in_one_batch(model, cond, uncond), scale)
+        torch.testing.assert_close(one_batch(x, sigma), two_calls(x, sigma), atol=1e-5, rtol=1e-5)

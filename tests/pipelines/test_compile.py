@@ -1,22 +1,151 @@
 """Every pipeline compiles with `vdm pipeline compile`, and the YAML carries what a
-cluster needs where it belongs: GPU, toleration, node selector, /dev/shm and retries
-on training; Secret and ConfigMap env on every step; caching on for curation, off
-for training; ParallelFor's parallelism; a default for every run-form parameter."""
+cluster needs where it belongs: each training step in two variants chosen by `scheduler`
+(trains in its own GPU pod sized by the run form, or a small launcher submits the Volcano
+job), the same run-form parameters feeding the pod's resources and the step's launch (one
+rank per GPU); GPU, toleration, node selector, /dev/shm and retries on training; GPUs on
+the annotate and evaluation steps from their parameters; Secret and ConfigMap env on every
+step; caching on for curation, off for training; ParallelFor's parallelism; a default and
+a description for every run-form parameter."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from model.tasks import FINETUNES
-from pipelines.kubeflow import PIPELINES, PLATFORM_CONFIG_MAP, S3_SECRET
+from pipelines.kubeflow import (
+    GPU_STEP,
+    LAUNCH_PARAMETERS,
+    LAUNCHER_CPU,
+    LAUNCHER_MEMORY,
+    PIPELINES,
+    PLATFORM_CONFIG_MAP,
+    S3_SECRET,
+)
+
+GPU_TOLERATION = {"effect": "NoSchedule", "key": GPU_STEP.accelerator, "operator": "Exists"}
+IN_POD = "inputs.parameter_values['pipelinechannel--scheduler'] != 'kubernetes'"  # the variant's trigger
+VOLCANO = f"!({IN_POD})"
+TRAINING_COMPONENTS = ("comp-train-stage", "comp-finetune-model")
+SHIPPED_SIZES = sorted({p.name.split("-")[0] for p in (Path(__file__).parents[2] / "model" / "configs").glob("*.yaml")})
+
+
+class Pipeline:
+    """A compiled pipeline: its spec, its Kubernetes settings, and where each value comes from."""
+
+    def __init__(self, spec: dict, platform: dict):
+        self.spec, self.platform = spec, platform
+        self.components = {"root": spec["root"], **spec["components"]}
+        self.executors = spec["deploymentSpec"]["executors"]
+        # task name -> (the component whose DAG holds it, the task); KFP names tasks uniquely
+        self.tasks = {
+            name: (owner, task)
+            for owner, component in self.components.items()
+            for name, task in component.get("dag", {}).get("tasks", {}).items()
+        }
+        self.parent = {task["componentRef"]["name"]: name for name, (_, task) in self.tasks.items()}
+
+    @property
+    def parameters(self) -> dict:
+        return self.spec["root"]["inputDefinitions"]["parameters"]
+
+    def executor(self, task_name: str) -> str:
+        return self.components[self.tasks[task_name][1]["componentRef"]["name"]]["executorLabel"]
+
+    def resources(self, task_name: str) -> dict:
+        return self.executors[self.executor(task_name)]["container"]["resources"]
+
+    def kubernetes(self, task_name: str) -> dict:
+        return self.platform[self.executor(task_name)]
+
+    def of(self, component: str) -> list[str]:
+        """The tasks that run `component` (e.g. comp-train-stage), in creation order."""
+        names = [n for n, (_, t) in self.tasks.items() if t["componentRef"]["name"].startswith(component)]
+        return sorted(names, key=lambda n: int(n.rsplit("-", 1)[1]) if n[-1].isdigit() else 1)
+
+    def trigger(self, task_name: str) -> str | None:
+        """The condition of the dsl.If/Else branch that holds the task (None: unconditional)."""
+        owner, _ = self.tasks[task_name]
+        if owner == "root" or owner not in self.parent:
+            return None
+        return self.tasks[self.parent[owner]][1].get("triggerPolicy", {}).get("condition")
+
+    def sources(self, task_name: str, input_name: str) -> set[tuple]:
+        """Where a task's input parameter comes from, through every DAG above it: ("param",
+        root parameter), ("task", producing task, output key) or ("const", value); an input
+        fed by a dsl.OneOf has one source per branch."""
+        owner, task = self.tasks[task_name]
+        return self._resolve(owner, task["inputs"]["parameters"][input_name])
+
+    def _resolve(self, owner: str, spec: dict) -> set[tuple]:
+        if "componentInputParameter" in spec:
+            name = spec["componentInputParameter"]
+            if owner == "root":
+                return {("param", name)}
+            parent_owner, parent = self.tasks[self.parent[owner]]
+            return self._resolve(parent_owner, parent["inputs"]["parameters"][name])
+        if "taskOutputParameter" in spec:
+            producer, key = (
+                spec["taskOutputParameter"]["producerTask"],
+                spec["taskOutputParameter"]["outputParameterKey"],
+            )
+            return self._output(producer, key)
+        return {("const", spec["runtimeValue"]["constant"])}
+
+    def _output(self, task_name: str, key: str) -> set[tuple]:
+        component = self.components[self.tasks[task_name][1]["componentRef"]["name"]]
+        if "dag" not in component:
+            return {("task", task_name, key)}
+        output = component["dag"]["outputs"]["parameters"][key]
+        if "valueFromParameter" in output:
+            selectors = [output["valueFromParameter"]]
+        else:
+            selectors = output["valueFromOneof"]["parameterSelectors"]
+        return set().union(*(self._output(s["producerSubtask"], s["outputParameterKey"]) for s in selectors))
+
+    def upstream(self, task_name: str) -> set[str]:
+        """Every task that must finish before this one starts, at every DAG level above it."""
+        found: set[str] = set()
+        name = task_name
+        while True:
+            owner, _ = self.tasks[name]
+            tasks = self.components[owner]["dag"]["tasks"]
+            todo = list(tasks[name].get("dependentTasks", []))
+            while todo:
+                before = todo.pop()
+                if before not in found:
+                    found.add(before)
+                    todo += tasks[before].get("dependentTasks", [])
+            if owner == "root":
+                return found
+            name = self.parent[owner]
+
+    def training_pairs(self) -> list[tuple[str, str]]:
+        """(in-pod variant, Volcano variant) of every training step, in creation order."""
+        names = [n for c in TRAINING_COMPONENTS for n in self.of(c)]
+        in_pod = [n for n in names if self.trigger(n) == IN_POD]
+        volcano = [n for n in names if self.trigger(n) == VOLCANO]
+        assert len(in_pod) + len(volcano) == len(names), [(n, self.trigger(n)) for n in names]
+        pairs = [(a, b) for a in in_pod for b in volcano if self._siblings(a, b)]
+        assert len(pairs) == len(in_pod) == len(volcano)
+        return pairs
+
+    def _siblings(self, a: str, b: str) -> bool:
+        """Two branches of the same dsl.If/Else."""
+        return self.tasks[self.parent[self.tasks[a][0]]][0] == self.tasks[self.parent[self.tasks[b][0]]][0]
+
+
+def placeholder(parameter: str) -> str:
+    """How a resource taken from a run parameter reads in the compiled YAML."""
+    return f"{{{{$.inputs.parameters['pipelinechannel--{parameter}']}}}}"
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+def compiled(tmp_path_factory) -> dict[str, Pipeline]:
     out = tmp_path_factory.mktemp("compiled")
     result = subprocess.run(
         [sys.executable, "-m", "vdm.cli", "pipeline", "compile", "--out", str(out)],
@@ -26,207 +155,305 @@ def compiled(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     docs = {p.stem: list(yaml.safe_load_all(p.read_text())) for p in out.glob("*.yaml")}
-    return {name: (d[0], d[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]) for name, d in docs.items()}
+    return {n: Pipeline(d[0], d[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]) for n, d in docs.items()}
 
 
-def test_every_pipeline_compiles_with_defaults_for_every_parameter(compiled):
+TRAINING_PIPELINES = ["pretraining", "end-to-end", *(f"finetune-{kind}" for kind in sorted(FINETUNES))]
+
+
+def test_every_pipeline_compiles_with_a_default_and_a_description_for_every_parameter(compiled):
     assert set(compiled) == set(PIPELINES)
-    for name, (spec, _) in compiled.items():
-        parameters = spec["root"]["inputDefinitions"]["parameters"]
-        missing = [p for p, d in parameters.items() if "defaultValue" not in d]
+    for name, pipeline in compiled.items():
+        parameters = pipeline.parameters
+        missing = [p for p, d in parameters.items() if "defaultValue" not in d or not d.get("description")]
         assert parameters and not missing, (name, missing)
 
 
-def test_training_steps_get_gpus_tolerations_shm_and_retries(compiled):
-    spec, platform = compiled["end-to-end"]
-    resources = spec["deploymentSpec"]["executors"]["exec-train-stage"]["container"]["resources"]
-    assert (
-        resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-        and resources["accelerator"]["resourceCount"] == "8"
-    )
-    assert resources["resourceMemoryLimit"] == resources["resourceMemoryRequest"]
-    train = platform["exec-train-stage"]
-    assert {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"} in train["tolerations"]
-    assert train["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
-    assert train["emptyDirMounts"] == [
-        {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "64Gi", "volumeName": "dshm"}
+@pytest.mark.parametrize("name", TRAINING_PIPELINES)
+def test_the_run_forms_training_resources_default_to_one_gpu_node(compiled, name):
+    parameters = compiled[name].parameters
+    assert "procs_per_node" not in parameters  # ranks follow the GPUs
+    defaults = {p: parameters[p]["defaultValue"] for p in LAUNCH_PARAMETERS}
+    assert defaults == {
+        "scheduler": "local_cwd",
+        "nodes": 1.0,  # KFP writes integer defaults as floats
+        "gpus_per_node": str(GPU_STEP.gpus),
+        "cpu_per_node": GPU_STEP.cpu,
+        "memory_per_node": GPU_STEP.memory,
+        "shm_per_node": GPU_STEP.shm,
+    }
+    # Resources are strings: the KFP backend resolves only string parameters into a pod's resources.
+    for resource in ("gpus_per_node", "cpu_per_node", "memory_per_node", "shm_per_node"):
+        assert parameters[resource]["parameterType"] == "STRING", resource
+    assert parameters["nodes"]["parameterType"] == "NUMBER_INTEGER"
+    assert "kubernetes" in parameters["nodes"]["description"]
+    config = parameters["config"]
+    assert config["defaultValue"] == "svd" and "s3://" in config["description"]  # a run from the UI: SVD's size
+    assert SHIPPED_SIZES and all(size in config["description"] for size in SHIPPED_SIZES)
+
+
+@pytest.mark.parametrize("name", TRAINING_PIPELINES)
+def test_a_training_step_in_its_own_pod_requests_the_run_forms_gpus_cpu_and_memory(compiled, name):
+    pipeline = compiled[name]
+    pairs = pipeline.training_pairs()
+    assert pairs
+    for in_pod, _ in pairs:
+        resources = pipeline.resources(in_pod)
+        assert resources["accelerator"]["resourceType"] == GPU_STEP.accelerator
+        assert resources["accelerator"]["resourceCount"] == placeholder("gpus_per_node")
+        assert resources["resourceCpuRequest"] == resources["resourceCpuLimit"] == placeholder("cpu_per_node")
+        assert resources["resourceMemoryRequest"] == resources["resourceMemoryLimit"] == placeholder("memory_per_node")
+        # ... and the placeholders read the run form's parameters, which also feed the step's launch
+        for parameter in ("gpus_per_node", "cpu_per_node", "memory_per_node"):
+            assert pipeline.sources(in_pod, f"pipelinechannel--{parameter}") == {("param", parameter)}
+        for parameter in LAUNCH_PARAMETERS:
+            assert pipeline.sources(in_pod, parameter) == {("param", parameter)}, (in_pod, parameter)
+        kube = pipeline.kubernetes(in_pod)
+        assert GPU_TOLERATION in kube["tolerations"]
+        assert kube["nodeSelector"]["labels"] == dict([GPU_STEP.node_selector])
+        assert kube["emptyDirMounts"] == [
+            {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": GPU_STEP.shm, "volumeName": "dshm"}
+        ]
+        task = pipeline.tasks[in_pod][1]
+        assert task["cachingOptions"] == {} and task["retryPolicy"]["maxRetryCount"] == 2
+
+
+@pytest.mark.parametrize("name", TRAINING_PIPELINES)
+def test_with_the_kubernetes_scheduler_the_launcher_requests_no_gpu_and_passes_the_resources_on(compiled, name):
+    pipeline = compiled[name]
+    for in_pod, volcano in pipeline.training_pairs():
+        resources = pipeline.resources(volcano)
+        assert "accelerator" not in resources
+        assert resources["resourceCpuRequest"] == resources["resourceCpuLimit"] == LAUNCHER_CPU
+        assert resources["resourceMemoryRequest"] == resources["resourceMemoryLimit"] == LAUNCHER_MEMORY
+        kube = pipeline.kubernetes(volcano)
+        assert not {"tolerations", "nodeSelector", "emptyDirMounts"} & set(kube)
+        task = pipeline.tasks[volcano][1]
+        assert task["cachingOptions"] == {} and task["retryPolicy"]["maxRetryCount"] == 2
+        # the Volcano job gets the same run-form values the in-pod variant's pod gets
+        for parameter in LAUNCH_PARAMETERS:
+            assert pipeline.sources(volcano, parameter) == {("param", parameter)}, (volcano, parameter)
+        # and both variants train the same thing
+        same = set(pipeline.tasks[in_pod][1]["inputs"]["parameters"]) - {
+            "pipelinechannel--" + p for p in LAUNCH_PARAMETERS
+        }
+        same -= {"accelerator_count", "cpu_request", "cpu_limit", "memory_request", "memory_limit"}
+        for key in same:
+            assert pipeline.sources(in_pod, key) == pipeline.sources(volcano, key), (in_pod, key)
+
+
+def test_the_training_components_take_the_launch_parameters(compiled):
+    pipeline = compiled["end-to-end"]
+    for component in TRAINING_COMPONENTS:
+        inputs = pipeline.components[component]["inputDefinitions"]["parameters"]
+        assert set(LAUNCH_PARAMETERS) <= set(inputs) and "procs_per_node" not in inputs
+        for resource in ("gpus_per_node", "cpu_per_node", "memory_per_node", "shm_per_node"):
+            assert inputs[resource]["parameterType"] == "STRING"
+
+
+def test_the_next_step_takes_whichever_variant_ran(compiled):
+    pipeline = compiled["end-to-end"]
+    stages = {}
+    for in_pod, volcano in pipeline.training_pairs():
+        stage = pipeline.sources(in_pod, "stage") if in_pod.startswith("train-stage") else {("const", "i2v")}
+        stages[next(iter(stage))[1]] = (in_pod, volcano)
+    assert set(stages) == {"image", "video", "hq", "i2v"}
+    for before, after in (("image", "video"), ("video", "hq"), ("hq", "i2v")):
+        for variant in stages[after]:
+            assert pipeline.sources(variant, "init_from") == {("task", t, "final") for t in stages[before]}
+    evaluations = pipeline.of("comp-evaluate-model")
+    assert [pipeline.sources(e, "model_uri") for e in evaluations] == [
+        {("task", t, "model_uri") for t in stages["hq"]},
+        {("task", t, "model_uri") for t in stages["i2v"]},
     ]
-    tasks = spec["root"]["dag"]["tasks"]
-    for stage in ("train-stage", "train-stage-2", "train-stage-3"):
-        assert tasks[stage]["cachingOptions"] == {} and tasks[stage]["retryPolicy"]["maxRetryCount"] == 2
-    # CPU steps get no accelerator and no GPU toleration
-    cpu = spec["deploymentSpec"]["executors"]["exec-plan-curation"]["container"]["resources"]
-    assert "accelerator" not in cpu and "tolerations" not in platform["exec-plan-curation"]
+    # a local run (scheduler local_cwd) runs the in-pod variants: their task names number as before
+    assert [stages[s][0] for s in ("image", "video", "hq", "i2v")] == [
+        "train-stage", "train-stage-3", "train-stage-5", "finetune-model"
+    ]  # fmt: skip
 
 
 def test_no_training_stage_starts_before_curation_has_written_the_shards(compiled):
     # The stages read the shards by URI (a string, no data edge): Stage I must name curation's
     # last task explicitly, or it races curation (kfp.local once ran it first: "no .tar shards").
-    tasks = compiled["end-to-end"][0]["root"]["dag"]["tasks"]
+    pipeline = compiled["end-to-end"]
+    (curation,) = pipeline.of("comp-finalize-curation")
+    for in_pod, volcano in pipeline.training_pairs():
+        for task in (in_pod, volcano):
+            assert curation in pipeline.upstream(task), (task, pipeline.upstream(task))
 
-    def upstream(name: str) -> set[str]:
-        direct = set(tasks[name].get("dependentTasks", []))
-        return direct.union(*(upstream(d) for d in direct))
 
-    curation = next(name for name in tasks if name.startswith("finalize-curation"))
-    for stage in ("train-stage", "train-stage-2", "train-stage-3"):
-        assert curation in upstream(stage), (stage, upstream(stage))
+@pytest.mark.parametrize(("name", "parameter"), [("curation", "annotate_gpus"), ("end-to-end", "annotate_gpus")])
+def test_the_annotate_steps_gpus_come_from_the_run_form(compiled, name, parameter):
+    pipeline = compiled[name]
+    (annotate,) = pipeline.of("comp-annotate-input-shard")
+    resources = pipeline.resources(annotate)
+    assert resources["accelerator"] == {
+        "resourceType": GPU_STEP.accelerator, "type": GPU_STEP.accelerator, "resourceCount": placeholder(parameter)
+    }  # fmt: skip
+    assert pipeline.sources(annotate, f"pipelinechannel--{parameter}") == {("param", parameter)}
+    assert pipeline.sources(annotate, "gpus") == {("param", parameter)}  # the step knows: 0 hides the GPUs
+    kube = pipeline.kubernetes(annotate)
+    assert GPU_TOLERATION in kube["tolerations"] and "nodeSelector" not in kube  # 0 GPUs: any node
+    assert pipeline.parameters[parameter]["defaultValue"] == "1"  # the UI's default: the public annotators, on a GPU
+    assert pipeline.parameters[parameter]["parameterType"] == "STRING"
+
+
+@pytest.mark.parametrize(
+    ("name", "parameter"),
+    [
+        ("evaluate-and-promote", "gpus"),
+        ("end-to-end", "eval_gpus"),
+        *((f"finetune-{k}", "eval_gpus") for k in FINETUNES),
+    ],
+)
+def test_the_evaluation_steps_gpus_come_from_the_run_form(compiled, name, parameter):
+    pipeline = compiled[name]
+    evaluations = pipeline.of("comp-evaluate-model")
+    assert evaluations
+    for evaluation in evaluations:
+        resources = pipeline.resources(evaluation)
+        assert resources["accelerator"]["resourceType"] == GPU_STEP.accelerator
+        assert resources["accelerator"]["resourceCount"] == placeholder(parameter)
+        assert pipeline.sources(evaluation, f"pipelinechannel--{parameter}") == {("param", parameter)}
+        assert pipeline.sources(evaluation, "gpus") == {("param", parameter)}
+        kube = pipeline.kubernetes(evaluation)
+        assert GPU_TOLERATION in kube["tolerations"] and "nodeSelector" not in kube
+    assert pipeline.parameters[parameter]["defaultValue"] == "1"  # the UI's default: an svd model, sampled on a GPU
+
+
+def test_cpu_steps_get_no_accelerator_and_no_gpu_toleration(compiled):
+    pipeline = compiled["end-to-end"]
+    for component in ("comp-plan-curation", "comp-finalize-curation", "comp-promote-candidate"):
+        for task in pipeline.of(component):
+            assert "accelerator" not in pipeline.resources(task)
+            assert "tolerations" not in pipeline.kubernetes(task)
 
 
 def test_the_i2v_finetune_is_a_gpu_step_started_from_the_last_stage_then_evaluated(compiled):
     for name in ("end-to-end", "finetune-i2v"):
-        spec, platform = compiled[name]
-        tasks = spec["root"]["dag"]["tasks"]
-        finetune = tasks["finetune-model"]
-        assert finetune["inputs"]["parameters"]["kind"] == {"runtimeValue": {"constant": "i2v"}}
-        assert finetune["cachingOptions"] == {} and finetune["retryPolicy"]["maxRetryCount"] == 2
-        resources = spec["deploymentSpec"]["executors"]["exec-finetune-model"]["container"]["resources"]
-        assert resources["accelerator"]["resourceCount"] == "8"
-        assert {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"} in platform[
-            "exec-finetune-model"
-        ]["tolerations"]
-        evaluation = "evaluate-model-2" if name == "end-to-end" else "evaluate-model"
-        assert tasks[evaluation]["inputs"]["parameters"]["model_uri"] == {
-            "taskOutputParameter": {"outputParameterKey": "model_uri", "producerTask": "finetune-model"}
-        }
-    tasks = compiled["end-to-end"][0]["root"]["dag"]["tasks"]
-    assert tasks["finetune-model"]["inputs"]["parameters"]["init_from"] == {
-        "taskOutputParameter": {"outputParameterKey": "final", "producerTask": "train-stage-3"}
-    }
+        pipeline = compiled[name]
+        ((in_pod, volcano),) = [p for p in pipeline.training_pairs() if p[0].startswith("finetune-model")]
+        for task in (in_pod, volcano):
+            assert pipeline.sources(task, "kind") == {("const", "i2v")}
+        assert pipeline.resources(in_pod)["accelerator"]["resourceCount"] == placeholder("gpus_per_node")
+        evaluation = pipeline.of("comp-evaluate-model")[-1]
+        assert pipeline.sources(evaluation, "model_uri") == {("task", t, "model_uri") for t in (in_pod, volcano)}
+    pipeline = compiled["end-to-end"]
+    ((in_pod, _),) = [p for p in pipeline.training_pairs() if p[0].startswith("finetune-model")]
+    stages = [t for pair in pipeline.training_pairs() for t in pair if t.startswith("train-stage")]
+    stage3 = {t for t in stages if pipeline.sources(t, "stage") == {("const", "hq")}}
+    assert len(stage3) == 2 and pipeline.sources(in_pod, "init_from") == {("task", t, "final") for t in stage3}
 
 
 def test_the_spatial_hq_finetune_trains_on_the_image_set_and_is_evaluated_on_the_video_data(compiled):
-    spec, platform = compiled["finetune-spatial-hq"]
-    tasks = spec["root"]["dag"]["tasks"]
-    finetune = tasks["finetune-model"]["inputs"]["parameters"]
-    assert finetune["kind"] == {"runtimeValue": {"constant": "spatial-hq"}}
-    assert finetune["data_uri"] == {"componentInputParameter": "data_uri"}
-    defaults = spec["root"]["inputDefinitions"]["parameters"]
-    assert defaults["data_uri"]["defaultValue"] == "s3://vdm/images/high-quality/"
-    assert tasks["finetune-model"]["retryPolicy"]["maxRetryCount"] == 2
-    assert "nvidia.com/gpu" in str(platform["exec-finetune-model"]["tolerations"])
-    evaluation = tasks["evaluate-model"]["inputs"]["parameters"]
-    assert evaluation["data_uri"] == {"componentInputParameter": "eval_data_uri"}
-    assert evaluation["reference_uri"] == {"componentInputParameter": "data_uri"}  # the image set
-    assert evaluation["model_uri"] == {
-        "taskOutputParameter": {"outputParameterKey": "model_uri", "producerTask": "finetune-model"}
-    }
-    assert "promote-candidate" in tasks
+    pipeline = compiled["finetune-spatial-hq"]
+    pairs = pipeline.training_pairs()
+    ((in_pod, volcano),) = pairs
+    for task in (in_pod, volcano):
+        assert pipeline.sources(task, "kind") == {("const", "spatial-hq")}
+        assert pipeline.sources(task, "data_uri") == {("param", "data_uri")}
+    assert pipeline.parameters["data_uri"]["defaultValue"] == "s3://vdm/images/high-quality/"
+    (evaluation,) = pipeline.of("comp-evaluate-model")
+    assert pipeline.sources(evaluation, "data_uri") == {("param", "eval_data_uri")}
+    assert pipeline.sources(evaluation, "reference_uri") == {("param", "data_uri")}  # the image set
+    assert pipeline.sources(evaluation, "model_uri") == {("task", t, "model_uri") for t in (in_pod, volcano)}
+    assert pipeline.of("comp-promote-candidate")
 
 
-def test_the_multiview_finetune_is_a_gpu_step_from_an_image_to_video_model_on_orbits(compiled):
-    spec, platform = compiled["finetune-multiview"]
-    finetune = spec["root"]["dag"]["tasks"]["finetune-model"]
-    assert finetune["inputs"]["parameters"]["kind"] == {"runtimeValue": {"constant": "multiview"}}
-    assert finetune["cachingOptions"] == {} and finetune["retryPolicy"]["maxRetryCount"] == 2
-    resources = spec["deploymentSpec"]["executors"]["exec-finetune-model"]["container"]["resources"]
-    assert resources["accelerator"]["resourceCount"] == "8"
-    assert {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"} in platform["exec-finetune-model"][
-        "tolerations"
-    ]
-    parameters = spec["root"]["inputDefinitions"]["parameters"]
-    assert parameters["init_from"]["defaultValue"] == "models:/vdm-image-to-video@champion"
-    assert parameters["model_name"]["defaultValue"] == "vdm-multiview"
+def test_the_multiview_finetune_starts_from_an_image_to_video_model_on_orbits(compiled):
+    pipeline = compiled["finetune-multiview"]
+    ((in_pod, volcano),) = pipeline.training_pairs()
+    assert pipeline.sources(in_pod, "kind") == {("const", "multiview")}
+    assert pipeline.parameters["init_from"]["defaultValue"] == "models:/vdm-image-to-video@champion"
+    assert pipeline.parameters["model_name"]["defaultValue"] == "vdm-multiview"
 
 
 def test_every_step_reads_credentials_from_the_secret_and_endpoints_from_the_config_map(compiled):
-    for name, (spec, platform) in compiled.items():
-        executors = spec["deploymentSpec"]["executors"]
-        assert set(platform) == set(executors), name  # every step has Kubernetes settings
-        for executor, config in platform.items():
+    for name, pipeline in compiled.items():
+        assert set(pipeline.platform) == set(pipeline.executors), name  # every step has Kubernetes settings
+        for executor, config in pipeline.platform.items():
             (secret,) = config["secretAsEnv"]
             assert secret["secretName"] == S3_SECRET
             assert {k["envVar"] for k in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
             (config_map,) = config["configMapAsEnv"]
             assert config_map["configMapName"] == PLATFORM_CONFIG_MAP
             assert "MLFLOW_TRACKING_URI" in {k["envVar"] for k in config_map["keyToEnv"]}
-            assert "AWS_SECRET_ACCESS_KEY" not in str(executors[executor]["container"].get("env", ""))
+            assert "AWS_SECRET_ACCESS_KEY" not in str(pipeline.executors[executor]["container"].get("env", ""))
 
 
 def test_curation_fans_out_over_shards_with_caching(compiled):
-    spec, _ = compiled["curation"]
-    tasks = spec["root"]["dag"]["tasks"]
+    pipeline = compiled["curation"]
+    tasks = pipeline.spec["root"]["dag"]["tasks"]
     loop = next(t for n, t in tasks.items() if n.startswith("for-loop"))
     assert loop["iteratorPolicy"] == {"parallelismLimit": 8}
     assert tasks["plan-curation"]["cachingOptions"] == {"enableCache": True}
     assert tasks["finalize-curation"]["cachingOptions"] == {"enableCache": True}
-    image = spec["deploymentSpec"]["executors"]["exec-plan-curation"]["container"]["image"]
+    image = pipeline.executors["exec-plan-curation"]["container"]["image"]
     assert image.startswith("vdm-platform:") and not image.endswith(":latest")
 
 
-def test_the_temporal_decoder_finetune_is_a_gpu_step_whose_candidate_is_evaluated(compiled):
-    spec, platform = compiled["finetune-temporal-decoder"]
-    tasks = spec["root"]["dag"]["tasks"]
-    finetune = tasks["finetune-model"]
-    assert finetune["inputs"]["parameters"]["kind"] == {"runtimeValue": {"constant": "temporal-decoder"}}
-    assert finetune["cachingOptions"] == {} and finetune["retryPolicy"]["maxRetryCount"] == 2
-    assert "accelerator" in spec["deploymentSpec"]["executors"]["exec-finetune-model"]["container"]["resources"]
-    assert tasks["evaluate-model"]["inputs"]["parameters"]["model_uri"] == {
-        "taskOutputParameter": {"outputParameterKey": "model_uri", "producerTask": "finetune-model"}
-    }
-
-
 def test_the_camera_lora_pipeline_adds_one_adapter_per_class_to_the_previous_result(compiled):
-    spec, platform = compiled["finetune-camera-lora"]
-    tasks = spec["root"]["dag"]["tasks"]
-    chain = ["finetune-model", "finetune-model-2", "finetune-model-3", "finetune-model-4"]
-    assert sorted(tasks) == ["evaluate-model", *chain, "promote-candidate"]
-    inputs = [tasks[t]["inputs"]["parameters"] for t in chain]
-    assert [i["motion_class"]["runtimeValue"]["constant"] for i in inputs] == ["pan", "static", "zoom_in", "zoom_out"]
-    assert inputs[0]["init_from"] == {"componentInputParameter": "init_from"}
-    for before, i in zip(chain[:-1], inputs[1:], strict=True):
-        assert i["init_from"] == {"taskOutputParameter": {"outputParameterKey": "final", "producerTask": before}}
+    pipeline = compiled["finetune-camera-lora"]
+    pairs = pipeline.training_pairs()
+    assert [pipeline.sources(a, "motion_class") for a, _ in pairs] == [
+        {("const", c)} for c in ("pan", "static", "zoom_in", "zoom_out")
+    ]
+    assert pipeline.sources(pairs[0][0], "init_from") == {("param", "init_from")}
+    for before, pair in zip(pairs[:-1], pairs[1:], strict=True):
+        for task in pair:
+            assert pipeline.sources(task, "init_from") == {("task", t, "final") for t in before}
     # Only the last registers: one version holding the base and every adapter.
-    assert [i["register_as"] for i in inputs] == [{"runtimeValue": {"constant": ""}}] * 3 + [
-        {"componentInputParameter": "model_name"}
-    ]
-    for task in chain:
-        assert tasks[task]["retryPolicy"]["maxRetryCount"] == 2
-        executor = "exec-" + task
-        resources = spec["deploymentSpec"]["executors"][executor]["container"]["resources"]
-        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-        assert {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"} in platform[executor][
-            "tolerations"
-        ]
+    assert [pipeline.sources(a, "register_as") for a, _ in pairs] == [{("const", "")}] * 3 + [{("param", "model_name")}]
+    for in_pod, _ in pairs:
+        assert pipeline.resources(in_pod)["accelerator"]["resourceType"] == GPU_STEP.accelerator
+        assert GPU_TOLERATION in pipeline.kubernetes(in_pod)["tolerations"]
+    (evaluation,) = pipeline.of("comp-evaluate-model")
+    assert pipeline.sources(evaluation, "model_uri") == {("task", t, "model_uri") for t in pairs[-1]}
 
 
-@pytest.mark.parametrize("kind", ["interpolation", "prediction"])
-def test_a_masked_finetune_is_a_gpu_step_from_its_run_form_that_registers_a_candidate(compiled, kind):
-    spec, platform = compiled[f"finetune-{kind}"]
-    tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"finetune-model", "evaluate-model", "promote-candidate"}
-    parameters = tasks["finetune-model"]["inputs"]["parameters"]
-    assert parameters["kind"] == {"runtimeValue": {"constant": kind}}
-    assert parameters["init_from"] == {"componentInputParameter": "init_from"}
-    assert parameters["register_as"] == {"componentInputParameter": "model_name"}
-    defaults = spec["root"]["inputDefinitions"]["parameters"]
-    assert defaults["model_name"]["defaultValue"] == f"vdm-{kind}"
-    assert tasks["finetune-model"]["retryPolicy"]["maxRetryCount"] == 2
-    resources = spec["deploymentSpec"]["executors"]["exec-finetune-model"]["container"]["resources"]
-    assert resources["accelerator"]["resourceCount"] == "8"
-    assert {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"} in platform["exec-finetune-model"][
-        "tolerations"
-    ]
+@pytest.mark.parametrize("kind", ["interpolation", "prediction", "temporal-decoder"])
+def test_a_finetune_from_its_run_form_registers_a_candidate(compiled, kind):
+    pipeline = compiled[f"finetune-{kind}"]
+    ((in_pod, volcano),) = pipeline.training_pairs()
+    for task in (in_pod, volcano):
+        assert pipeline.sources(task, "kind") == {("const", kind)}
+        assert pipeline.sources(task, "init_from") == {("param", "init_from")}
+        assert pipeline.sources(task, "register_as") == {("param", "model_name")}
+    assert pipeline.parameters["model_name"]["defaultValue"] == FINETUNES[kind].registered_name
+    (evaluation,) = pipeline.of("comp-evaluate-model")
+    assert pipeline.sources(evaluation, "model_uri") == {("task", t, "model_uri") for t in (in_pod, volcano)}
 
 
 @pytest.mark.parametrize("kind", sorted(FINETUNES))
 def test_every_finetune_pipeline_ends_in_its_kinds_evaluation_and_the_gate(compiled, kind):
     task = FINETUNES[kind]
-    spec, _ = compiled[f"finetune-{kind}"]
-    tasks = spec["root"]["dag"]["tasks"]
-    finetunes = sorted(t for t in tasks if t.startswith("finetune-model"))
-    last = finetunes[-1]
-    evaluation = tasks["evaluate-model"]
-    assert evaluation["inputs"]["parameters"]["model_uri"] == {
-        "taskOutputParameter": {"outputParameterKey": "model_uri", "producerTask": last}
-    }
-    gate = tasks["promote-candidate"]
-    assert gate["dependentTasks"] == ["evaluate-model"] or "evaluate-model" in gate["dependentTasks"]
+    pipeline = compiled[f"finetune-{kind}"]
+    last = pipeline.training_pairs()[-1]
+    (evaluation,) = pipeline.of("comp-evaluate-model")
+    assert pipeline.sources(evaluation, "model_uri") == {("task", t, "model_uri") for t in last}
+    (gate,) = pipeline.of("comp-promote-candidate")
+    assert evaluation in pipeline.upstream(gate)
     # The gate decides on the kind's metric (empty: read from the candidate's kind).
-    assert gate["inputs"]["parameters"]["metric"] == {"runtimeValue": {"constant": ""}}
-    assert evaluation["taskInfo"]["name"] == f"evaluate {kind}" and gate["taskInfo"]["name"] == f"promotion gate {kind}"
+    assert pipeline.sources(gate, "metric") == {("const", "")}
+    tasks = pipeline.spec["root"]["dag"]["tasks"]
+    assert tasks[evaluation]["taskInfo"]["name"] == f"evaluate {kind}"
+    assert tasks[gate]["taskInfo"]["name"] == f"promotion gate {kind}"
     # The run form explains every parameter, and names the kind's metric.
-    parameters = spec["root"]["inputDefinitions"]["parameters"]
-    assert all(p.get("description") for p in parameters.values()), kind
+    parameters = pipeline.parameters
     assert task.metric.name in parameters["min_improvement"]["description"]
     assert parameters["model_name"]["defaultValue"] == task.registered_name
+
+
+@pytest.mark.parametrize("name", ["pretraining", "end-to-end"])
+def test_a_run_from_the_ui_trains_svds_size_from_sd21_and_curates_with_the_public_weights(compiled, name):
+    pipeline = compiled[name]
+    assert pipeline.parameters["config"]["defaultValue"] == "svd"
+    init = pipeline.parameters["image_init_from"]
+    assert init["defaultValue"] == "weights:sd21" and "weights:NAME" not in init["description"]
+    assert "SD 2.1" in init["description"]
+    if name == "end-to-end":
+        curation = yaml.safe_load(pipeline.parameters["curation_config_yaml"]["defaultValue"])
+        assert curation["neural"]["clip_weights"] == "weights:open-clip-vit-l-14"
+        assert curation["neural"]["aesthetic_weights"] == "weights:laion-aesthetic"
+        assert curation["neural"]["coca_weights"] == "weights:coca-vit-l-14"
+        assert pipeline.parameters["random_weights"]["defaultValue"] is False

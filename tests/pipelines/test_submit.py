@@ -22,7 +22,7 @@ def stub():
 
 def test_submit_uploads_then_versions_and_runs_with_the_parameters(stub):
     client = kfp.Client(host=stub.host)
-    first = submit(client, "curation", "vdm", parse_params(["videos_per_shard=2", "random_weights=true"]))
+    first = submit(client, "curation", "vdm", parse_params(["videos_per_shard=2", "random_weights=true"], "curation"))
     second = submit(client, "curation", "vdm", {"input_uri": "s3://vdm/raw"})
     assert first["pipeline_id"] == second["pipeline_id"] == "pipeline-1"
     assert (first["version_id"], second["version_id"]) == ("pipeline-1-v1", "pipeline-1-v2")
@@ -54,4 +54,23 @@ def test_unknown_pipeline_and_bad_parameters_are_clear_errors(stub):
     with pytest.raises(ValueError, match="unknown pipeline 'nope'"):
         submit(kfp.Client(host=stub.host), "nope", "vdm", {})
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        parse_params(["oops"])
+        parse_params(["oops"], "curation")
+    with pytest.raises(ValueError, match="curation has no parameter 'gpus'; its parameters: input_uri, "):
+        parse_params(["gpus=2"], "curation")
+    with pytest.raises(ValueError, match="--param nodes: 'two' is not a valid Integer"):
+        parse_params(["nodes=two"], "pretraining")
+
+
+def test_parameters_take_the_types_the_run_form_declares():
+    # KFP resolves resources into pods from strings: a GPU count given as 4 stays "4".
+    assert parse_params(["gpus_per_node=4", "nodes=2", "config=svd", "image_steps=10"], "pretraining") == {
+        "gpus_per_node": "4",
+        "nodes": 2,
+        "config": "svd",
+        "image_steps": 10,
+    }
+    assert parse_params(["random_weights=TRUE", "videos_per_shard=3"], "curation") == {
+        "random_weights": True,
+        "videos_per_shard": 3,
+    }
+    assert parse_params(["min_improvement=0.5"], "evaluate-and-promote") == {"min_improvement": 0.5}

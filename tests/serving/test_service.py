@@ -199,6 +199,8 @@ def test_ready_once_loaded_and_model_info_names_the_champions(server):
     assert text["default_clip"] == {"num_frames": 8, "fps": 8.0, "height": 32, "width": 32}
     assert info[2]["default_clip"]["fps"] == 12.0 and info[2]["run_id"]
     assert text["camera_motions"] == ["pan"] and image["camera_motions"] == []
+    # Trained from the tiny configs: the text tower and VAE are random, and model_info says so.
+    assert text["random_weights"] == ["text", "vae"] and text["lineage"]["vdm.random_weights"] == "true"
 
 
 def test_text_to_video_over_plain_http_returns_the_requested_video(server):

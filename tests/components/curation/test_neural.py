@@ -84,9 +84,9 @@ def test_text_ratio_keeps_order_across_frame_sizes(detector, videos):
 )
 def test_random_weights_need_the_flag(tiny_config, annotator, settings, missing):
     config = replace(tiny_config, allow_random_weights=False, **settings)
-    with pytest.raises(RandomWeightsNotAllowed, match=f"no weights configured for {missing};") as raised:
+    with pytest.raises(RandomWeightsNotAllowed, match=f"no weights configured for {missing}:") as raised:
         annotator(config)
-    assert "--allow-random-weights" in str(raised.value)
+    assert "--allow-random-weights" in str(raised.value) and "vdm weights import NAME PATH" in str(raised.value)
 
 
 def test_clip_embeddings_are_unit_vectors_that_tell_frames_apart(clip, videos):

@@ -1,4 +1,4 @@
-"""`vdm finetune i2v` against the real local stack: an SVD-format folder finetuned on
+"""`vdm finetune i2v` against the real local stack: an SVD-format folder (imported weights) finetuned on
 shards read from S3, the result published in our format and in
 StableVideoDiffusionPipeline's, registered as an image model whose pyfunc animates
 PNG bytes."""
@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from tiny_svd import write_tiny_svd_folder
 
+from components.common.weights import import_weights
 from components.sample_data.shards import write_shapes_shards
 
 
@@ -28,11 +29,13 @@ def _vdm(*args: str) -> subprocess.CompletedProcess:
 def test_finetune_i2v_from_an_svd_folder_registers_an_image_model(stack, store, prefix, tmp_path, request):
     write_shapes_shards(tmp_path / "shards", shards=2, clips_per_shard=2)
     store.publish_folder(tmp_path / "shards", f"{prefix}/data")
-    svd = write_tiny_svd_folder(tmp_path / "svd")
+    # An SVD-format folder imported once by name, as the public SVD weights are (`vdm weights import`).
+    svd = f"weights:svd-{prefix[-8:]}"
+    import_weights(svd.removeprefix("weights:"), write_tiny_svd_folder(tmp_path / "svd"), store)
     name = f"vdm-test-{request.node.name[:40]}"
     out = f"{prefix}/i2v"
     result = _vdm(
-        "finetune", "i2v", "--data", f"{prefix}/data", "--output", out, "--init-from", str(svd),
+        "finetune", "i2v", "--data", f"{prefix}/data", "--output", out, "--init-from", svd,
         "--max-steps", "2", "--register-as", name,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -43,7 +46,7 @@ def test_finetune_i2v_from_an_svd_folder_registers_an_image_model(stack, store, 
 
     run = mlflow.get_run(re.search(r"/runs/([0-9a-f]{32})", result.stdout).group(1))
     assert (
-        run.data.params["init_from"] == str(svd)
+        run.data.params["init_from"] == svd
         and run.data.params["stage"] == "i2v"
         and run.data.params["noise_aug_mean"] == "-3.0"
     )

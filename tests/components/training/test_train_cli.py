@@ -10,9 +10,10 @@ import sys
 
 import mlflow
 import pytest
+import torch
 
 from components.sample_data.shards import write_shapes_shards
-from model.stages import named_config
+from model.stages import NAMED_CONFIGS, named_config
 from model.train import train
 
 
@@ -48,26 +49,24 @@ def test_train_from_s3_with_checkpoints_and_resume(stack, store, prefix, tmp_pat
     assert f"resumed from {out}/checkpoints/step-00000002" in resumed.stdout
     assert "done at step 4" in resumed.stdout and "registered" not in resumed.stdout
 
+    # A config from the object store (no image rebuild for a new one): Stage II at a learning rate of its own.
+    config = (NAMED_CONFIGS / "tiny-video.yaml").read_text().replace("lr: 0.0005", "lr: 0.0003")
+    store.put_bytes(f"{prefix}/configs/my-video.yaml", config.encode())
     video = _vdm(
-        "train",
-        "--stage",
-        "video",
-        "--data",
-        f"{prefix}/data",
-        "--output",
-        f"{prefix}/stage2",
-        "--init-from",
-        f"{out}/final",
-        "--max-steps",
-        "2",
-        "--register-as",
-        "vdm-test-cli",
-    )
+        "train", "--stage", "video", "--config", f"{prefix}/configs/my-video.yaml", "--data", f"{prefix}/data",
+        "--output", f"{prefix}/stage2", "--init-from", f"{out}/final", "--max-steps", "2",
+        "--register-as", "vdm-test-cli",
+    )  # fmt: skip
     assert video.returncode == 0, video.stderr[-3000:]
     assert "registered  models:/vdm-test-cli/1 (alias candidate)" in video.stdout
     run_id = re.search(r"/runs/([0-9a-f]{32})", video.stdout).group(1)
     run = mlflow.get_run(run_id)
     assert run.data.params["stage"] == "video" and run.data.params["init_from"] == f"{out}/final"
+    assert run.data.params["optim.lr"] == "0.0003"
+    # The tiny towers and VAE are random: the run and the version say so.
+    assert run.data.tags["vdm.random_weights"] == "true" and run.data.tags["vdm.random_parts"] == "text,vae"
+    version_tags = mlflow.MlflowClient().get_model_version("vdm-test-cli", "1").tags
+    assert version_tags["vdm.random_weights"] == "true" and version_tags["vdm.random_parts"] == "text,vae"
     assert "loss" in run.data.metrics and run.data.tags["vdm.outputs"] == f"{prefix}/stage2/final"
     # samples of the config's prompts at the end of the run, as mp4s
     assert [a.path for a in mlflow.artifacts.list_artifacts(run_id=run_id, artifact_path="samples")] == [
@@ -79,6 +78,55 @@ def test_train_from_s3_with_checkpoints_and_resume(stack, store, prefix, tmp_pat
     )
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert "8 frames at 8 fps, 32x32" in sampled.stdout
+
+
+@pytest.mark.parametrize("size", ["small", "svd"])
+def test_a_real_size_config_without_its_weights_imported_is_one_clear_error(stack, store, prefix, tmp_path, size):
+    write_shapes_shards(tmp_path / "shards", shards=1, clips_per_shard=1)
+    store.publish_folder(tmp_path / "shards", f"{prefix}/data/shards")
+    result = _vdm("train", "--stage", "video", "--config", size, "--data", f"{prefix}/data", "--output", f"{prefix}/x")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert re.search(r"no weights named (sd21|open-clip-vit-h-14) in s3://", line) and "vdm weights import" in line
+    assert not list(store.list(f"{prefix}/x/"))  # nothing published
+
+
+def test_stage_one_from_imported_weights_has_no_random_part(stack, store, prefix, tmp_path):
+    """Stage I started from an SD-layout folder (its UNet and VAE) and a text tower, both
+    imported by name: a config that refuses random weights trains, and nothing says random."""
+    from components.common.weights import import_weights
+    from model.conditioning import LatentCodec
+    from model.networks import CONFIGS, image_unet
+    from model.openclip import TEXT_MODELS, build, register_tiny_models
+
+    register_tiny_models(".vdm/cache/models")
+    run = prefix[-8:]  # the prefix's random part: names of this test's own
+    sd = tmp_path / "sd"
+    image_unet(CONFIGS["tiny"]).save_pretrained(sd / "unet")
+    LatentCodec.tiny().vae.save_pretrained(sd / "vae")
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    (sd / "model_index.json").write_text(json.dumps(index | {"vae": ["diffusers", "AutoencoderKL"]}))
+    import_weights(f"sd-{run}", sd, store)
+    torch.save(build(TEXT_MODELS["tiny"], None).state_dict(), tmp_path / "clip.pt")
+    import_weights(f"clip-{run}", tmp_path / "clip.pt", store, kind="open_clip", architecture=TEXT_MODELS["tiny"])
+    config = (NAMED_CONFIGS / "tiny-image.yaml").read_text().replace("allow_random_weights: true", "")
+    store.put_bytes(f"{prefix}/configs/image.yaml", (config + f"text_weights: weights:clip-{run}\n").encode())
+    write_shapes_shards(tmp_path / "shards", shards=1, clips_per_shard=2)
+    store.publish_folder(tmp_path / "shards", f"{prefix}/data/shards")
+
+    result = _vdm(
+        "train", "--stage", "image", "--config", f"{prefix}/configs/image.yaml", "--data", f"{prefix}/data",
+        "--output", f"{prefix}/stage1", "--init-from", f"weights:sd-{run}", "--max-steps", "1",
+        "--register-as", f"vdm-test-weights-{run}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    tracked = mlflow.get_run(re.search(r"/runs/([0-9a-f]{32})", result.stdout).group(1))
+    assert tracked.data.params["init_from"] == f"weights:sd-{run}"
+    assert tracked.data.params["text_weights"] == f"weights:clip-{run}" and tracked.data.params["vae"] == "null"
+    assert "vdm.random_weights" not in tracked.data.tags
+    assert "vdm.random_weights" not in mlflow.MlflowClient().get_model_version(f"vdm-test-weights-{run}", "1").tags
+    final = json.loads(store.get_bytes(f"{prefix}/stage1/final/stage.json"))
+    assert "random_weights" not in final and final["allow_random_weights"] is False
 
 
 def test_train_vae_publishes_a_diffusers_vae_that_a_stage_uses(stack, store, prefix, tmp_path):
