@@ -28,7 +28,7 @@ import torch
 from model.conditioning import added_time_ids, dropped, per_sample
 from model.data import fit_frames
 from model.networks import VideoNetwork
-from model.samplers import SAMPLERS, guided, karras_sigmas
+from model.samplers import SAMPLERS, batched_pair, guided_pair, karras_sigmas
 
 KEY_EVERY = 4  # interpolation: a key frame every 4th frame, x4 frame rate
 MAX_CONTEXT = 2  # prediction: at most 2 leading known frames, also what each chunk feeds back
@@ -110,12 +110,12 @@ def sample_known(
     sigmas = karras_sigmas(config.steps, config.sigma_min, config.sigma_max).to(device)
     noise = torch.randn(known_latents.shape, generator=generator).to(device) * sigmas[0]
 
-    def given(condition: dict[str, torch.Tensor]):
-        return lambda x, sigma: model.denoiser(x, sigma, text=text, added=ids, **condition)
-
-    denoise = given(cond)
-    if config.context_guidance != 1.0:  # at 1 guidance is the conditional prediction: skip the other pass
-        denoise = guided(denoise, given(none), config.context_guidance)
+    shared = {"text": text, "added": ids}
+    if config.context_guidance == 1.0:  # guidance at 1 is the conditional prediction: no other pass
+        denoise = lambda x, sigma: model.denoiser(x, sigma, **shared, **cond)  # noqa: E731
+    else:  # both predictions from one batch
+        pair = batched_pair(model.denoiser, shared | cond, shared | none)
+        denoise = guided_pair(pair, config.context_guidance)
     latents = SAMPLERS[config.sampler](denoise, noise, sigmas)
     return torch.where(cond["mask"].bool(), known_latents, latents)
 

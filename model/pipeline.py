@@ -22,7 +22,7 @@ import torch
 from model.camera_lora import use_adapter
 from model.conditioning import added_time_ids
 from model.data import ClipSpec, fit_frames
-from model.samplers import SAMPLERS, PairFn, StepCallback, frame_guidance, guided_pair, karras_sigmas
+from model.samplers import SAMPLERS, StepCallback, batched_pair, frame_guidance, guided_pair, karras_sigmas
 from model.stages import VideoDiffusion
 
 
@@ -96,7 +96,7 @@ def generate(
             return {"text": embedding.expand(frames, -1, -1)}
 
         x = noise[0]
-    denoise = guided_pair(_in_one_batch(model, with_text(text), with_text(negative)), scale)
+    denoise = guided_pair(batched_pair(model.denoiser, with_text(text), with_text(negative)), scale)
     latents = SAMPLERS[config.sampler](denoise, x, sigmas, on_step)
     if not model.task.video:
         latents = latents[None]
@@ -138,21 +138,9 @@ def animate(
     noise = torch.randn(shape, generator=generator).to(device) * sigmas[0]
 
     scale = frame_guidance(config.num_frames, config.guidance_min, config.guidance_max).to(device)
-    denoise = guided_pair(_in_one_batch(model, cond | {"added": ids}, uncond | {"added": ids}), scale)
+    denoise = guided_pair(batched_pair(model.denoiser, cond | {"added": ids}, uncond | {"added": ids}), scale)
     latents = SAMPLERS[config.sampler](denoise, noise, sigmas, on_step)
     return model.codec.decode(latents)[0]
-
-
-def _in_one_batch(model: VideoDiffusion, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor]) -> PairFn:
-    """(D_c, D_u) from one denoiser call on a batch of the conditional then the unconditional
-    inputs (classifier-free guidance with one network evaluation per step, as SVD's pipeline)."""
-    both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
-
-    def pair(x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d_cond, d_uncond = model.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
-        return d_cond, d_uncond
-
-    return pair
 
 
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,18 @@ def guided(conditional: DenoiseFn, unconditional: DenoiseFn, scale: float | torc
     return denoise
 
 
+def batched_pair(denoiser: Callable[..., torch.Tensor], cond: dict, uncond: dict) -> PairFn:
+    """(D_c, D_u) from one `denoiser(x, sigma, **inputs)` call on a batch of the conditional
+    then the unconditional inputs (one network evaluation per step, as SVD's pipeline)."""
+    both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+
+    def pair(x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d_cond, d_uncond = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
+        return d_cond, d_uncond
+
+    return pair
+
+
 def guided_pair(both: PairFn, scale: float | torch.Tensor) -> DenoiseFn:
     """Classifier-free guidance as `guided`, from one call `both(x, sigma) -> (D_c, D_u)`:
     the conditional and unconditional inputs in one batch, one network evaluation per

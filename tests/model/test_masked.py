@@ -204,3 +204,38 @@ def test_a_short_finetune_predicts_the_unknown_frames_from_the_known_ones(tmp_pa
     given, without = _unknown_frame_errors(finetuned, videos)
     print(f"{kind}: unknown-frame error given the known frames {given:.4f}, given none {without:.4f}")
     assert given < 0.85 * without, (given, without)
+
+
+def test_context_guidance_from_one_batch_is_the_two_pass_guidance(interpolation):
+    """Both predictions of context guidance come from one network call per step; the result is
+    the classic two-call guidance D_u + w (D_c - D_u), the known frames put back exactly."""
+    from model.masked import sample_known
+    from model.samplers import SAMPLERS, guided, karras_sigmas
+
+    torch.manual_seed(0)
+    known = torch.randn(1, 9, 4, 4, 4)
+    mask = torch.tensor([[1.0, 0, 0, 0, 1, 0, 0, 0, 1]])  # keys every 4th frame
+    text = interpolation.text([""])
+    config = replace(GenerationConfig.for_clip(interpolation.config.clip, steps=3), context_guidance=2.0)
+    calls = []
+    network = interpolation.denoiser
+    hook = network.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        batched = sample_known(interpolation, known, mask, text, config, torch.Generator().manual_seed(1))
+    finally:
+        hook.remove()
+    assert calls and set(calls) == {2}  # one call per evaluation, conditional and unconditional together
+
+    cond = masked_condition(known, mask)
+    none = {k: torch.zeros_like(v) for k, v in cond.items()}
+    ids = added_time_ids(torch.tensor([config.fps]), torch.tensor([config.motion]), torch.zeros(1))
+    sigmas = karras_sigmas(config.steps, config.sigma_min, config.sigma_max)
+    noise = torch.randn(known.shape, generator=torch.Generator().manual_seed(1)) * sigmas[0]
+
+    def given(condition):
+        return lambda x, sigma: network(x, sigma, text=text, added=ids, **condition)
+
+    reference = SAMPLERS[config.sampler](guided(given(cond), given(none), 2.0), noise, sigmas)
+    reference = torch.where(cond["mask"].bool(), known, reference)
+    torch.testing.assert_close(batched, reference, atol=1e-4, rtol=1e-4)
+    assert torch.equal(batched[:, [0, 4, 8]], known[:, [0, 4, 8]])

@@ -53,8 +53,7 @@ def test_saved_models_reload_with_their_stage(trained, tmp_path):
 def test_guidance_in_one_batch_is_guidance_of_two_calls(trained):
     """Sampling evaluates the conditional and unconditional inputs in one batch; that is
     the same guidance as two separate denoiser calls."""
-    from model.pipeline import _in_one_batch
-    from model.samplers import frame_guidance, guided, guided_pair
+    from model.samplers import batched_pair, frame_guidance, guided, guided_pair
 
     model = trained["video"].eval()
     torch.manual_seed(0)
@@ -67,5 +66,5 @@ def test_guidance_in_one_batch_is_guidance_of_two_calls(trained):
         two_calls = guided(
             lambda x, s: model.denoiser(x, s, **cond), lambda x, s: model.denoiser(x, s, **uncond), scale
         )
-        one_batch = guided_pair(_in_one_batch(model, cond, uncond), scale)
+        one_batch = guided_pair(batched_pair(model.denoiser, cond, uncond), scale)
         torch.testing.assert_close(one_batch(x, sigma), two_calls(x, sigma), atol=1e-5, rtol=1e-5)
