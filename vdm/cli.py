@@ -570,8 +570,9 @@ def weights_import(name, path, kind, architecture, source, licence, replace) -> 
     store = ObjectStore.from_settings(load_settings())
     try:
         manifest = import_weights(
-            name, path, store, kind=kind, architecture=architecture, source=source, licence=licence, replace=replace
-        )
+            name, path, store, kind=kind, architecture=architecture, source=source, licence=licence, replace=replace,
+            progress=True,
+        )  # fmt: skip
         uri = weights_uri(name)
     except (ObjectStoreError, ValueError) as e:
         _fail(str(e))

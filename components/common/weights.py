@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -152,10 +153,11 @@ def import_weights(
     licence: str = "",
     replace: bool = False,
     bucket: str | None = None,
+    progress: bool = False,
 ) -> WeightsManifest:
     """Check the weights at `path`, then publish them as the entry NAME (refusing to
-    replace an existing one unless `replace`). Raises ValueError, naming what is wrong,
-    before anything is written."""
+    replace an existing one unless `replace`; `progress`: a bar of the files uploaded).
+    Raises ValueError, naming what is wrong, before anything is written."""
     prefix = weights_uri(name, bucket)
     checked = check_weights(path, kind=kind, architecture=architecture)
     store.ensure_bucket(prefix.bucket)
@@ -172,7 +174,7 @@ def import_weights(
         for rel in checked.files:
             (Path(staging) / rel).parent.mkdir(parents=True, exist_ok=True)
             os.symlink((checked.root / rel).resolve(), Path(staging) / rel)
-        store.publish_folder(staging, prefix)
+        store.publish_folder(staging, prefix, progress=progress)
     published = store.read_manifest(prefix)  # publish_folder recorded each file's sha256
     manifest = WeightsManifest(
         name=name,
@@ -262,6 +264,9 @@ def _fill(folder: Path, store: ObjectStore, prefix: S3Uri, manifest: WeightsMani
 
 
 def _download(store: ObjectStore, prefix: S3Uri, manifest: WeightsManifest, folder: Path) -> None:
+    # A large entry takes minutes: the step's log says what it waits for.
+    print(f"fetching weights:{manifest.name} ({len(manifest.files)} files) into the cache", file=sys.stderr, flush=True)
+
     def fetch(rel: str) -> None:
         uri = prefix.join(rel)
         # The store records each object's sha256 and download_file checks the content
