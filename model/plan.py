@@ -71,20 +71,14 @@ from pathlib import Path
 
 import torch
 
+from model.architectures import SD21_VAE, meta_model
 from model.networks import disable_checkpointing, enable_checkpointing
 from model.stages import StageConfig
+from model.training import fsdp_units
 
 GIB = 2**30
 RESERVE = 2 * GIB
 BATCHES = (1, 2, 4, 8)
-# Stable Diffusion 2.1's VAE, which the GPU-sized configs use when they name no VAE folder.
-SD_VAE = {
-    "block_out_channels": (128, 256, 512, 512),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "layers_per_block": 2,
-    "latent_channels": 4,
-}
 # How the activation figures were obtained, printed with the plan.
 COUNTED = (
     "counted: saved tensors of the loss's forward at full size on fake CUDA tensors, {precision}, "
@@ -199,18 +193,12 @@ def _build_vae(config: StageConfig) -> tuple[torch.nn.Module, str]:
         raw = json.loads((folder / "config.json").read_text())
         temporal = raw["_class_name"] == AutoencoderKLTemporalDecoder.__name__
         cls = AutoencoderKLTemporalDecoder if temporal else AutoencoderKL
+        return meta_model(cls, raw), f"the config's {config.vae}"
+    if config.unet == "tiny":
         with torch.device("meta"):
-            return cls.from_config(raw), f"the config's {config.vae}"
-    with torch.device("meta"):
-        if config.unet == "tiny":
             return LatentCodec.tiny().vae, "the tiny VAE (model/conditioning.py)"
-        named = f"{config.vae!r} is not a folder here" if config.vae else "the config names no VAE folder"
-        return AutoencoderKL(**SD_VAE), f"SD 2.1's layout, assumed ({named})"
-
-
-def _blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
-    """FSDP2's units besides the root (model/train.py `shard`)."""
-    return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    named = f"{config.vae!r} is not a folder here" if config.vae else "the config names no VAE folder"
+    return meta_model(AutoencoderKL, SD21_VAE), f"SD 2.1's layout, assumed ({named})"
 
 
 def _count(params) -> tuple[int, int]:
@@ -255,7 +243,7 @@ def _parts(structure: StageConfig) -> _Parts:
     towers, context_length = _towers(config)
     vae, vae_note = _build_vae(config)
     unet_params, trainable = _count(unet.parameters())
-    blocks = [_count(block.parameters()) for block in _blocks(unet)]
+    blocks = [_count(block.parameters()) for block in fsdp_units(unet)]
     largest = max(blocks)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = (vae.config.latent_channels, config.clip.height // factor, config.clip.width // factor)
@@ -367,7 +355,7 @@ class _FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # pragma: no cover - plans never run backward
-        raise NotImplementedError("a plan only counts")
+        raise RuntimeError("a memory plan counts what the forward saves; it never runs backward")
 
 
 class _AttentionAsOnGPU(torch.overrides.TorchFunctionMode):

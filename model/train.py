@@ -33,6 +33,7 @@ from model.stages import StageConfig, VideoDiffusion
 from model.training import (
     EMA,
     apply_strategy,
+    fsdp_units,
     full_model_state,
     load_checkpoint,
     optimization_step,
@@ -228,7 +229,7 @@ def shard(unet: torch.nn.Module) -> None:
     """FSDP2: each block gathers its weights just before it runs and frees them after."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+    for block in fsdp_units(unet):
         fully_shard(block)
     fully_shard(unet)
 

@@ -31,6 +31,11 @@ from model.networks import is_temporal
 Strategy = Literal["full", "partial", "spatial", "lora"]
 
 
+def fsdp_units(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The UNet's blocks, each sharded as one FSDP2 unit (the root holds the rest)."""
+    return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+
+
 def trainable(name: str, strategy: Strategy, adapter: str | None = None) -> bool:
     """`full`: every layer; `partial`: temporal layers only, spatial frozen (Video LDM);
     `spatial`: spatial layers only (VideoCrafter2's high-quality image finetune);

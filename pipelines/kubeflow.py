@@ -30,6 +30,7 @@ from components.curation.component import annotate_input_shard, finalize_curatio
 from components.evaluation.component import evaluate_model
 from components.registry.component import promote_candidate
 from components.training.component import finetune_model, train_stage
+from components.training.launch import GPU_NODE_SELECTOR, GPU_RESOURCE
 from model.tasks import FINETUNES
 
 # Names shared with k8s/ (the operator creates these; see k8s/README.md).
@@ -48,11 +49,11 @@ class GPUStep:
     (components/training/launch.py schedules the Volcano job's pods the same way)."""
 
     gpus: int = 8
-    accelerator: str = "nvidia.com/gpu"
+    accelerator: str = GPU_RESOURCE
     cpu: str = "32"
     memory: str = "256G"
     shm: str = "64Gi"
-    node_selector: tuple[str, str] = ("nvidia.com/gpu.present", "true")
+    node_selector: tuple[str, str] = GPU_NODE_SELECTOR  # the Volcano pods' too (components/training/launch.py)
 
 
 GPU_STEP = GPUStep()

@@ -768,7 +768,7 @@ def run_command(input_uri, work_uri, model_name, i2v_model_name, params, summary
 
 
 @main.command("plan")
-@click.option("--config", "config_name", default="tiny", show_default=True, help="Named config or a YAML file.")
+@click.option("--config", "config_name", default="tiny", show_default=True, help="A shipped size or a local YAML file.")
 @click.option("--stage", required=True, help="The kind of model: image, video, hq or a finetune kind.")
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs per node.")
 @click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True)
@@ -800,8 +800,6 @@ def plan_command(config_name, stage, gpus, nodes, gpu_memory_gb, batch_size) -> 
             config = config.with_fields(batch_size=batch_size)
         memory_plan = plan(config, world)
         rows = settings_that_fit(config, world, memory)
-    except FileNotFoundError:
-        _fail(f"no config {config_name!r}: neither model/configs/{config_name}-{stage}.yaml nor a YAML file")
     except (ValueError, TypeError, yaml.YAMLError) as e:
         _fail(str(e))
     where = f"{world} GPU{'s' if world > 1 else ''} ({nodes} x {gpus} per node), {gpu_memory_gb:g} GiB each"
