@@ -80,6 +80,9 @@ class StageConfig:
     sample_every: int | None = None  # also generate the sample prompts every N steps (None: only at the end)
     sample_prompts: tuple[str, ...] = ("",)
     sample_steps: int = 20
+    # The validation loss (model/train.py): clips held out of training, measured every N steps.
+    validation_clips: int = 2  # 0: no validation loss, nothing held out
+    validate_every: int = 100  # 0: only at the start and the end
     optim: OptimConfig = field(default_factory=OptimConfig)
     cache_dir: str = ".vdm/cache/models"
     options: object = NoOptions()  # the kind's own fields (its task's Options)
@@ -281,13 +284,17 @@ class VideoDiffusion(torch.nn.Module):
         noise = torch.randn(mean.shape, generator=generator).to(mean.device)
         return (mean + batch["latent_std"] * noise) * self.codec.vae.config.scaling_factor
 
-    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, batch: dict, generator: torch.Generator, sigma: float | None = None) -> torch.Tensor:
         """Every random draw (latent sample, dropout, noise level, noise) comes from
-        `generator`, which checkpoints save: a resumed run repeats the same draws."""
+        `generator`, which checkpoints save: a resumed run repeats the same draws.
+        `sigma`: one noise level for the whole batch instead of drawn ones (the validation loss)."""
         latents, cond = self.task.training_inputs(self, batch, self.latents(batch, generator), generator)
-        sigma = lognormal_sigmas(
-            latents.shape[0], self.config.p_mean_at_resolution, self.config.p_std, generator=generator
-        ).to(latents.device)
+        if sigma is None:
+            sigma = lognormal_sigmas(
+                latents.shape[0], self.config.p_mean_at_resolution, self.config.p_std, generator=generator
+            ).to(latents.device)
+        else:
+            sigma = torch.full((latents.shape[0],), sigma, device=latents.device)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         # A video model trained on images runs them with its temporal branches off (model/spatial.py).
         with images_only(self.unet) if self.config.video and self.config.data == "images" else nullcontext():

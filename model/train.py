@@ -3,8 +3,15 @@ then step: batch -> loss -> optimisation step -> log -> checkpoint. Object stora
 MLflow and process launching stay outside (components/training): the loop only
 calls `on_log(step, metrics)`, `on_checkpoint(folder, step)` and
 `on_samples(step, videos)` (the config's sample prompts — for image-to-video, the
-first frames of the first batch — generated with the EMA weights every
+first frames of the validation clips — generated with the EMA weights every
 `sample_every` steps and at the end).
+
+Validation loss: the training loss draws a noise level per clip, so its curve is mostly
+noise-level noise (on the tiny stages it does not visibly fall). `val_loss` is the loss
+on fixed clips at fixed noise levels with fixed noise, so two values differ only by the
+weights: measured at the start, every `validate_every` steps and at the end, with the
+EMA weights (the ones that ship and sample). Its clips are held out: `validation_clips`
+clips spread over the shards (`validation_batch`), which the loop then never trains on.
 
 Distributed: under torchrun (RANK/WORLD_SIZE set) each rank reads its own shards
 and the UNet is wrapped in DDP (gloo on the CPU, NCCL on GPUs), or, with
@@ -15,17 +22,19 @@ whose memory one replica would fill. Checkpoints are unsharded either way.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from model.pipeline import GenerationConfig
 from model.plan import PlanDoesNotFit, check_fits
@@ -47,10 +56,17 @@ CheckpointFn = Callable[[Path, int], None]
 SamplesFn = Callable[[int, list[torch.Tensor]], None]
 
 
+# The validation loss's noise levels: ln(sigma) at these many standard deviations from the
+# training distribution's mean, so they span the levels training draws.
+VALIDATION_LEVELS = (-2.0, -1.0, 0.0, 1.0, 2.0)
+VALIDATION_SEED = 1_000_000_007  # the noise seed of level k is this + k, whatever the config's seed
+
+
 @dataclass
 class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)  # this run's steps (after any resume)
+    val_losses: dict[int, float] = field(default_factory=dict)  # step -> val_loss (rank 0; empty: no validation)
     final: Path | None = None  # rank 0's saved model
     model: VideoDiffusion | None = None  # the trained model (EMA weights), on every rank
 
@@ -92,7 +108,19 @@ def sample_videos(model: VideoDiffusion, ema: EMA, first_batch: dict) -> list[to
             for i, inputs in enumerate(task.training_samples(config, first_batch))
         ]
     model.train()
+    reshard(model.unet)
     return videos
+
+
+def reshard(unet: torch.nn.Module) -> None:
+    """Free FSDP2's gathered weights (nothing to do without FSDP2). After a forward, FSDP2
+    keeps the root's gathered weights for the backward that follows; after forwards with
+    none (validation, samples) they would still hold the EMA weights in the next step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in unet.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def train(
@@ -126,7 +154,11 @@ def train(
     step, position = 0, 0
     if resume is not None:
         state = load_checkpoint(resume, model.unet, optimizer, schedule, ema)
-        step, position = state["step"], state["data_position"]
+        step, positions = state["step"], state.get("data_positions")
+        # Each rank's own position (ranks skip different numbers of held-out clips); on another world size, rank 0's.
+        position = positions[rank] if positions and len(positions) == world_size else state["data_position"]
+    validation = validation_batch(config, shards)
+    held_out = frozenset(validation["key"]) if validation is not None else frozenset()
     split = {"seed": config.seed, "rank": rank, "world_size": world_size, "start": position}
     dataset = model.task.dataset(config, shards, **split)
     loader = DataLoader(
@@ -139,11 +171,24 @@ def train(
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     result = TrainResult(steps=step)
-    first_batch = None  # kinds that sample from data (image-to-video, known frames) use its clips
+    # Kinds that sample from data (image-to-video, known frames) use these clips: held out, when there are some.
+    first_batch = validation
+
+    def validate() -> None:
+        """Rank 0 measures (every rank under FSDP2: its forward passes are collectives) and logs."""
+        if validation is not None and (rank == 0 or sharded):
+            figures = validation_loss(model, ema, validation, device, autocast)
+            if rank == 0:
+                result.val_losses[step] = figures["val_loss"]
+                if on_log:
+                    on_log(step, figures)
+
+    validate()
+    validated = True
     sampled = bool(config.sample_every) and step % config.sample_every == 0
     model.train()
     clock = time.perf_counter()
-    for batch in loader:
+    for batch, consumed in training_batches(loader, held_out):
         if first_batch is None and model.task.samples_from_data:
             first_batch = batch  # the loop moves a new dict to the device; this one stays as loaded
         if step >= config.max_steps:
@@ -154,7 +199,7 @@ def train(
         with autocast:
             loss = model.loss(batch, generator)
         grad_norm = optimization_step(loss, params, optimizer, schedule, ema, config.optim.grad_clip)
-        step, position = step + 1, position + len(batch["key"])
+        step, position = step + 1, position + consumed
         result.losses.append(loss.item())
         if on_log and rank == 0 and (step % config.log_every == 0 or step == config.max_steps):
             elapsed, clock = time.perf_counter() - clock, time.perf_counter()
@@ -168,20 +213,27 @@ def train(
                     "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0,
                 },
             )
-        if (rank == 0 or sharded) and (step % config.checkpoint_every == 0 or step == config.max_steps):
+        checkpoint = step % config.checkpoint_every == 0 or step == config.max_steps
+        positions = _every_rank(position, world_size, device) if checkpoint else []  # a collective: every rank
+        if (rank == 0 or sharded) and checkpoint:
             folder = save_checkpoint(
                 workdir / f"checkpoint-{step:08d}" if rank == 0 else None,
                 model.unet,
                 optimizer,
                 schedule,
                 ema,
-                {"step": step, "data_position": position, "stage": config.stage},
+                {"step": step, "data_position": position, "data_positions": positions, "stage": config.stage},
             )
             if on_checkpoint and folder:
                 on_checkpoint(folder, step)
+        validated = bool(config.validate_every) and step % config.validate_every == 0
+        if validated:
+            validate()
         sampled = bool(config.sample_every) and step % config.sample_every == 0
         if sampled:
             _samples(model, ema, rank, sharded, step, on_samples, first_batch)
+    if not validated:  # the end of the run, unless its last step just measured
+        validate()
     if not sampled:  # the end of the run, unless its last step just sampled
         _samples(model, ema, rank, sharded, step, on_samples, first_batch)
     result.steps = step
@@ -194,6 +246,107 @@ def train(
     elif rank == 0:
         result.final = model.save(workdir / "final")
     return result
+
+
+def validation_batch(config: StageConfig, shards: list[str]) -> dict | None:
+    """The validation clips (None: no validation): `validation_clips` of them, taken in turn
+    from the shards in their given order, each shard's first in its seeded order, then its
+    second, ...: spread over the shards, so no rank's shards are all held out, and the same
+    on every rank, on any world size and in a resumed run. Data with no more clips than
+    that keeps one to train on (and a single clip: no validation)."""
+    if not config.validation_clips:
+        return None
+    streams = [iter(config.task.dataset(config, [shard], seed=config.seed)) for shard in shards]
+    clips: dict[str, dict] = {}
+    while streams and len(clips) <= config.validation_clips:  # one more: is any clip left to train on?
+        for stream in list(streams):
+            try:
+                clip = next(stream)
+            except ValueError:  # nothing usable in this shard (e.g. no clip of a camera-LoRA class)
+                streams.remove(stream)
+                continue
+            if clip["key"] in clips:  # the shard's stream came round again: it has no other clip
+                streams.remove(stream)
+                continue
+            clips[clip["key"]] = clip
+            if len(clips) > config.validation_clips:
+                break
+    held_out = list(clips.values())[: min(config.validation_clips, len(clips) - 1)]
+    if not held_out:
+        warnings.warn("the data has a single usable clip: no validation loss (nothing to hold out)", stacklevel=2)
+        return None
+    return default_collate(held_out)
+
+
+def validation_sigmas(config: StageConfig) -> list[float]:
+    """The validation loss's noise levels, log-spaced over the training distribution's range."""
+    return [math.exp(config.p_mean_at_resolution + z * config.p_std) for z in VALIDATION_LEVELS]
+
+
+@torch.no_grad()
+def validation_loss(
+    model: VideoDiffusion,
+    ema: EMA | None,
+    batch: dict,
+    device: torch.device,
+    autocast: torch.autocast | None = None,
+) -> dict[str, float]:
+    """The loss on `batch` at each of `validation_sigmas`, with noise (and every other draw:
+    latent sample, conditioning noise) from a fixed seed per level, with the EMA weights and
+    without conditioning dropout: the same weights give the same figures.
+    `val_loss` is their mean; `val_loss/sigma_<level>` each level's."""
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    generator = torch.Generator()
+    figures = {}
+    model.eval()
+    with ema.applied() if ema is not None else contextlib.nullcontext(), _unwrapped(model):
+        for k, sigma in enumerate(validation_sigmas(model.config)):
+            generator.manual_seed(VALIDATION_SEED + k)
+            with autocast or contextlib.nullcontext():
+                figures[f"val_loss/sigma_{sigma:.3g}"] = model.loss(batch, generator, sigma=sigma).item()
+    model.train()
+    reshard(model.unet)
+    return {"val_loss": sum(figures.values()) / len(figures), **figures}
+
+
+def training_batches(loader: Iterable[dict], held_out: frozenset[str]) -> Iterator[tuple[dict, int]]:
+    """The loader's batches without the held-out clips, refilled to the loader's batch size
+    from the next batch; with each, how many clips the loader gave up to its last one
+    (held-out ones included), which the data position counts so a resumed run continues
+    where this one stopped."""
+    size, waiting, consumed, skipped_in_a_row = loader.batch_size, [], 0, 0
+    for batch in loader:
+        keys = list(batch["key"])
+        if not waiting and held_out.isdisjoint(keys):  # the usual case: the batch as loaded
+            yield batch, consumed + len(keys)
+            consumed, skipped_in_a_row = 0, 0
+            continue
+        for i, key in enumerate(keys):
+            consumed += 1
+            if key in held_out:
+                skipped_in_a_row += 1
+                # Each epoch shows every held-out clip once: more in a row means nothing else is left.
+                if skipped_in_a_row > 2 * len(held_out):
+                    raise ValueError(
+                        "every clip this rank reads is held out for the validation loss: give more data "
+                        "or set validation_clips: 0"
+                    )
+                continue
+            skipped_in_a_row = 0
+            waiting.append({k: v[i] for k, v in batch.items()})
+            if len(waiting) == size:
+                yield default_collate(waiting), consumed
+                waiting, consumed = [], 0
+
+
+def _every_rank(value: int, world_size: int, device: torch.device) -> list[int]:
+    """`value` of every rank, in rank order (a collective under torchrun)."""
+    if world_size == 1:
+        return [value]
+    mine = torch.tensor([value], dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine)
+    return [int(t.item()) for t in every]
 
 
 def _check_plan(config: StageConfig, world_size: int, gpu_memory: int) -> None:

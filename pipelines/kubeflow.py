@@ -1,20 +1,22 @@
 """The platform's Kubeflow pipelines (kfp v2), wired from the components' KFP steps.
 
-Every pipeline input is a string or a number with a default and a description, so each
-shows up usable and explained in the Kubeflow UI's run form. Cluster settings live here,
-not in the components: credentials and endpoints from the Secret and ConfigMap that k8s/
-creates, GPU requests with the NVIDIA toleration and node selector plus a memory-backed
-/dev/shm for training, caching on for curation (unchanged inputs skip) and off for
-training. The resources of a training step are run-form parameters (`gpus_per_node`,
-`cpu_per_node`, `memory_per_node`, `shm_per_node`; defaults: `GPU_STEP`), and one rank runs
-per GPU. Each training step comes in two variants, chosen by `scheduler` when the run
-starts (`dsl.If`/`dsl.Else`, outputs merged with `dsl.OneOf`): the step trains in its own
-GPU pod (`local_cwd`), or a small step submits a Volcano job whose pods get those
-resources and waits for it (`kubernetes`). Pod resources taken from run parameters are
-strings: the KFP backend resolves only string parameters into a pod's resources.
-`kfp.local` ignores the Kubernetes settings, so the same pipelines run locally.
-(No `from __future__ import annotations` here or in the component modules: kfp
-reads the annotations of pipeline and component functions as types.)
+Every pipeline input is a string or a number with a default and a description, so each shows
+up usable and explained in the Kubeflow UI's run form. Cluster settings live here, not in
+the components: credentials and endpoints from the Secret and ConfigMap that k8s/ creates,
+GPU requests with the NVIDIA toleration and node selector plus a memory-backed /dev/shm for
+training, caching on for annotation and finalization (unchanged inputs skip) and off for
+listing the inputs and for training. The resources of a training step are run-form
+parameters (`gpus_per_node`, `cpu_per_node`, `memory_per_node`, `shm_per_node`; defaults:
+`GPU_STEP`), and one rank runs per GPU. Each training step comes in two variants, chosen by
+`scheduler` when the run starts (`dsl.If`/`dsl.Else`, outputs merged with `dsl.OneOf`): the
+step trains in its own GPU pod (`local_cwd`), or a small step submits a Volcano job whose
+pods get those resources and waits for it (`kubernetes`). Pod resources taken from run
+parameters are strings: the KFP backend resolves only string parameters into a pod's
+resources. `kfp.local` ignores the Kubernetes settings, so the same pipelines run locally.
+Every step has a display name that says which model it works on ("evaluate text-to-video");
+the dataset card and each evaluation's and gate's report are HTML artifacts the UI renders,
+each trained model a Model artifact. (No `from __future__ import annotations` here or in the
+component modules: kfp reads the annotations of pipeline and component functions as types.)
 """
 
 import inspect
@@ -76,24 +78,28 @@ PUBLIC_WEIGHTS_CURATION = json.dumps(
 # What the run forms say about their parameters (the Kubeflow UI shows it beside each one).
 HELP = {
     "config": f"The model config: a shipped size ({', '.join(CONFIG_SIZES)}; model/configs/<size>-<kind>.yaml) "
-    "or an s3:// YAML file.",
+    "or an s3:// YAML file. svd is SVD's size, for 80 GB GPUs; tiny trains on CPU (the demo data, with "
+    "random weights).",
     "scheduler": "TorchX scheduler of the training steps: local_cwd (the ranks run in the step's own pod, "
     "which gets the resources below: one node) or kubernetes (the step, with no GPU, "
     f"{LAUNCHER_CPU} CPU and {LAUNCHER_MEMORY} memory, submits a Volcano job to the queue vdm-training whose "
     "pods get the resources below, and waits for it).",
     "nodes": "Nodes per training step, gpus_per_node ranks each; more than 1 needs scheduler=kubernetes.",
-    "gpus_per_node": f"GPUs ({GPU_STEP.accelerator}) per training node, one rank per GPU; 0: one CPU rank. "
-    "A string, as the other resources: KFP resolves only strings into a pod's resources.",
+    "gpus_per_node": f"GPUs ({GPU_STEP.accelerator}) per training node, one rank per GPU; 0: one CPU rank "
+    "(a cluster without GPUs; with config tiny). A string, as the other resources: KFP resolves only strings "
+    "into a pod's resources.",
     "cpu_per_node": "CPU per training node, request and limit (a Kubernetes quantity: 32, 500m).",
     "memory_per_node": "Memory per training node, request and limit (a Kubernetes quantity: 256G, 512Gi); "
     "/dev/shm counts against it.",
     "shm_per_node": "Size limit of the memory-backed /dev/shm in the Volcano job's pods (scheduler=kubernetes); "
     "empty: memory_per_node alone bounds it. A step that trains in its own pod (local_cwd) gets "
     f"{GPU_STEP.shm}: KFP cannot size a volume from a run parameter.",
-    "annotate_gpus": "GPUs per 'annotate shard' step (neural annotators on CUDA, bf16); 0: a CPU pod.",
-    "eval_gpus": "GPUs per evaluation step; 0: a CPU pod.",
-    "image_init_from": "What Stage I starts from: imported weights (weights:sd21: SD 2.1's UNet and VAE), an s3:// "
-    "model folder, or empty: from scratch (the tiny config only: a real-size one needs a VAE).",
+    "annotate_gpus": "GPUs per 'annotate shard' step (neural annotators on CUDA, bf16); 0: a CPU pod (a cluster "
+    "without GPUs; fine for the demo's random-weight annotators).",
+    "eval_gpus": "GPUs per evaluation step; 0: a CPU pod (a cluster without GPUs; the tiny config).",
+    "image_init_from": "What Stage I starts from: imported weights (weights:sd21: SD 2.1's UNet and VAE; import "
+    "them once first: vdm weights import sd21 PATH, docs/training.md), an s3:// model folder, or empty: from "
+    "scratch (the tiny config only: a real-size one needs a VAE).",
 }
 LAUNCH_PARAMETERS = ("scheduler", "nodes", "gpus_per_node", "cpu_per_node", "memory_per_node", "shm_per_node")
 
@@ -181,7 +187,11 @@ def _training(component, name: str, launch: dict, after=None, **inputs) -> dict:
 
 def _curate(input_uri: str, output_uri: str, config_yaml: str, videos_per_shard: int, random_weights: bool,
             workers: int, annotate_gpus):  # fmt: skip
-    plan = cpu_step(plan_curation(input_uri=input_uri, videos_per_shard=videos_per_shard, config_yaml=config_yaml))
+    # Never cached: a cache key is the inputs' values, and a growing prefix keeps its URI (a schedule would
+    # reuse the first run's file list); unchanged shards still hit the annotate steps' cache.
+    plan = cpu_step(
+        plan_curation(input_uri=input_uri, videos_per_shard=videos_per_shard, config_yaml=config_yaml), cache=False
+    )
     plan.set_display_name("list and shard inputs")
     with dsl.ParallelFor(plan.output, parallelism=CURATION_PARALLELISM, name="input-shards") as shard:
         part = cpu_step(
@@ -194,20 +204,26 @@ def _curate(input_uri: str, output_uri: str, config_yaml: str, videos_per_shard:
         with_gpus(part, annotate_gpus)
         part.set_display_name("annotate shard")
     final = cpu_step(
-        finalize_curation(parts=dsl.Collected(part.output), output_uri=output_uri, config_yaml=config_yaml)
+        finalize_curation(
+            parts=dsl.Collected(part.output), input_uri=input_uri, output_uri=output_uri, config_yaml=config_yaml
+        )
     )
     final.set_display_name("filter, shards, dataset card")
     return final
 
 
 _CURATION_HELP = {
-    "input_uri": "Raw videos: an s3:// prefix.",
+    "input_uri": "Raw videos: an s3:// prefix, listed anew on every run (new videos are seen). The default is "
+    "where `vdm run` puts the demo videos (seed 0).",
     "output_uri": "s3:// prefix for the curated data: shards/, the manifest and the dataset card.",
-    "config_yaml": "Curation config as YAML text (docs/curation.md); the default names the public annotator "
-    "weights, imported once (weights:open-clip-vit-l-14, weights:laion-aesthetic, weights:coca-vit-l-14).",
+    "config_yaml": "Curation config as YAML text (docs/curation.md; JSON is YAML too); empty: the built-in "
+    "defaults. The default names the public annotator weights (weights:open-clip-vit-l-14, "
+    "weights:laion-aesthetic, weights:coca-vit-l-14): import them once first (vdm weights import, "
+    "docs/training.md), or for the demo data set this empty and random_weights true.",
     "videos_per_shard": "Videos per input shard, each annotated by one step; 0: the config's.",
-    "random_weights": "Run the neural annotators with random weights where none are configured (demos).",
-    "workers": "Decoding processes per 'annotate shard' step.",
+    "random_weights": "Run the neural annotators with random weights where the config names none (demos: "
+    "with config_yaml empty). The default config names imported weights, so false needs those imported.",
+    "workers": "Decoding processes per 'annotate shard' step; 0: one.",
     "annotate_gpus": HELP["annotate_gpus"],
 }
 
@@ -226,8 +242,14 @@ def curation(
     _curate(input_uri, output_uri, config_yaml, videos_per_shard, random_weights, workers, annotate_gpus)
 
 
+# How step names call a model: its kind, or what it generates where the kind's name is an abbreviation.
+MODEL_LABELS = {"i2v": "image-to-video"}
+STAGE_LABELS = {"image": "Stage I (image)", "video": "Stage II (video)", "hq": "Stage III (hq)"}
+
+
 def _stage(stage: str, init_from, launch: dict, after=None, **kwargs) -> dict:
-    return _training(train_stage, f"train {stage}", launch, after, stage=stage, init_from=init_from, **kwargs)
+    return _training(train_stage, f"train {STAGE_LABELS[stage]}", launch, after, stage=stage, init_from=init_from,
+                     **kwargs)  # fmt: skip
 
 
 def _pretrain(data_uri, output_uri, config, image_init_from, vae, steps: tuple, register_as, launch: dict,
@@ -288,29 +310,31 @@ def pretraining(
     _pretrain(data_uri, output_uri, config, image_init_from, vae, steps, register_as, launch)
 
 
-def _evaluate_and_promote(model_uri, data_uri, min_improvement, clips, steps, kind: str, reference_uri="",
+def _evaluate_and_promote(model_uri, data_uri, min_improvement, clips, steps, label: str, reference_uri="",
                           metric="", direction="", gpus="0"):  # fmt: skip
     """The kind's evaluation of a registered version (on `gpus`; "0": a CPU pod), then the
-    promotion gate on the kind's metric (`metric`/`direction` empty: the kind's own)."""
+    promotion gate on the kind's metric (`metric`/`direction` empty: the kind's own). `label`:
+    the model in the steps' names ("evaluate LABEL", "promotion gate LABEL")."""
     evaluation = cpu_step(
         evaluate_model(model_uri=model_uri, data_uri=data_uri, reference_uri=reference_uri, clips=clips, steps=steps,
                        gpus=gpus),
         cache=False,
     )  # fmt: skip
     with_gpus(evaluation, gpus)
-    evaluation.set_display_name(f"evaluate {kind}")
+    evaluation.set_display_name(f"evaluate {label}")
     promotion = cpu_step(
         promote_candidate(model_uri=model_uri, metric=metric, direction=direction, min_improvement=min_improvement),
         cache=False,
     ).after(evaluation)
-    return evaluation, promotion.set_display_name(f"promotion gate {kind}")
+    return evaluation, promotion.set_display_name(f"promotion gate {label}")
 
 
 @dsl.pipeline(name="evaluate-and-promote", description="A version's evaluation (its kind's), then the promotion gate.")
 @_documented(
     "Evaluate a registered version by its kind's evaluation and run the promotion gate.",
     {
-        "model_uri": "The version to evaluate and promote: models:/NAME/VERSION.",
+        "model_uri": "The version to evaluate and promote: models:/NAME/VERSION; the default exists once a "
+        "pretraining or end-to-end run has registered its first text-to-video version.",
         "data_uri": "Held-out shards to evaluate on (s3:// prefix): clips, or orbits for multi-view models.",
         "reference_uri": "A second data set the kind compares with (spatial-HQ: its image set); empty for the others.",
         "metric": "The vdm.eval.* figure the gate compares; empty: the kind's own.",
@@ -318,7 +342,7 @@ def _evaluate_and_promote(model_uri, data_uri, min_improvement, clips, steps, ki
         "min_improvement": "How much the candidate must beat the champion by, in the metric's units.",
         "clips": "Held-out clips (or orbits) the evaluation generates from.",
         "steps": "Sampling steps per generated video.",
-        "gpus": "GPUs of the evaluation step; 0: a CPU pod.",
+        "gpus": HELP["eval_gpus"],
     },
 )
 def evaluate_and_promote(
@@ -339,7 +363,7 @@ def evaluate_and_promote(
 def _finetune(kind: str, init_from, data_uri, output_uri, config, max_steps, register_as, launch: dict,
               **kind_inputs) -> dict:  # fmt: skip
     """`kind_inputs`: run options of the kind (camera-lora: motion_class). Returns the outputs."""
-    name = " ".join(["finetune", kind, *kind_inputs.values()])
+    name = " ".join(["finetune", MODEL_LABELS.get(kind, kind), *kind_inputs.values()])
     return _training(finetune_model, name, launch, kind=kind, config=config, data_uri=data_uri,
                      output_uri=output_uri, init_from=init_from, max_steps=max_steps, register_as=register_as,
                      **kind_inputs)  # fmt: skip
@@ -350,14 +374,16 @@ def _finetune(kind: str, init_from, data_uri, output_uri, config, max_steps, reg
 def _finetune_parameters(task) -> list[tuple[str, type, object, str]]:
     return [
         ("init_from", str, f"models:/{task.starts_from}@champion",
-         "The trained model to finetune: models:/NAME@ALIAS, an s3:// model folder, or imported weights "
-         "(weights:NAME; image-to-video: weights:svd-img2vid)."),
+         "The trained model to finetune: models:/NAME@ALIAS (the default needs a champion: a promoted version), "
+         "an s3:// model folder, or imported weights (weights:NAME, imported first with vdm weights import; "
+         "image-to-video: weights:svd-img2vid)."),
         ("data_uri", str, task.training_data, f"Training data (s3:// prefix of WebDataset shards). {task.title}."),
         ("eval_data_uri", str, task.evaluation_data, "Held-out shards the candidate is evaluated on."),
         ("output_uri", str, f"s3://vdm/runs/finetune-{task.name}", "s3:// prefix for checkpoints and the final model."),
         ("config", str, DEFAULT_CONFIG, HELP["config"]),
         ("max_steps", int, 0, "Training steps; 0: the config's max_steps."),
-        ("model_name", str, task.registered_name, "Registered model the result is added to (alias candidate)."),
+        ("model_name", str, task.registered_name, "Registered model the result is added to (alias candidate); "
+         "the evaluation and the gate run on that version."),
         ("scheduler", str, "local_cwd", HELP["scheduler"]),
         ("nodes", int, 1, HELP["nodes"]),
         ("gpus_per_node", str, str(GPU_STEP.gpus), HELP["gpus_per_node"]),
@@ -402,7 +428,8 @@ def _finetune_pipeline(task):
             base = step["final"]
         reference = p["data_uri"] if task.training_data_is_reference else ""
         _evaluate_and_promote(step["model_uri"], p["eval_data_uri"], p["min_improvement"], p["eval_clips"],
-                              p["eval_steps"], task.name, reference, gpus=p["eval_gpus"])  # fmt: skip
+                              p["eval_steps"], MODEL_LABELS.get(task.name, task.name), reference,
+                              gpus=p["eval_gpus"])  # fmt: skip
 
     body.__name__ = f"finetune_{task.name.replace('-', '_')}"
     body.__signature__ = signature
@@ -476,9 +503,9 @@ def end_to_end(
     steps = (image_steps, video_steps, hq_steps)
     hq = _pretrain(shards, f"{work_uri}/train", config, image_init_from, vae, steps, model_name, launch, after=curated)
     gate = {"min_improvement": min_improvement, "clips": eval_clips, "steps": eval_steps, "gpus": eval_gpus}
-    _evaluate_and_promote(hq["model_uri"], shards, kind="text-to-video", **gate)
+    _evaluate_and_promote(hq["model_uri"], shards, label="text-to-video", **gate)
     i2v = _finetune("i2v", hq["final"], shards, f"{work_uri}/train/i2v", config, i2v_steps, i2v_model_name, launch)
-    _evaluate_and_promote(i2v["model_uri"], shards, kind="i2v", **gate)
+    _evaluate_and_promote(i2v["model_uri"], shards, label=MODEL_LABELS["i2v"], **gate)
 
 
 PIPELINES = {

@@ -23,6 +23,8 @@ from mlflow import MlflowClient
 from components.common.objectstore import ObjectStore, S3Uri
 from components.common.settings import Settings
 from components.common.tracking import connect
+from components.curation.tracking import EXPERIMENT as CURATION_EXPERIMENT
+from components.curation.tracking import TAG_OUTPUT
 from components.registry.promotion import CANDIDATE, CHAMPION, Gate, evaluate_gate
 from components.training.request import RunResult
 from components.training.run import RESULT
@@ -132,10 +134,24 @@ def _registered(client: MlflowClient, result: RunResult, name: str, gate: Gate) 
     """A trained step's registered version (name, version, aliases, why it was or was not
     promoted) and its evaluation run."""
     version = client.get_model_version(name, result.registered.rsplit("/", 1)[1])  # models:/NAME/VERSION
-    # A refusal leaves no trace on the version by design: ask the gate again (read-only) why.
+    # A refusal sets no tag on the version (only its description says why): ask the gate again (read-only).
     promotion = version.tags.get("vdm.promotion.reason") or f"not promoted: {evaluate_gate(name, gate).reason}"
     summary = {"name": name, "version": version.version, "aliases": sorted(version.aliases), "promotion": promotion}
     return summary, version.tags.get("vdm.eval_run")
+
+
+def _curation_run(client: MlflowClient, output: S3Uri) -> str | None:
+    """The latest curation run that wrote `output` (None if there is none)."""
+    experiment = client.get_experiment_by_name(CURATION_EXPERIMENT)
+    if experiment is None:
+        return None
+    found = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{TAG_OUTPUT}` = '{output}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
 
 
 def summarize(
@@ -159,6 +175,8 @@ def summarize(
     alias = CHAMPION if has_champion else CANDIDATE
     runs = {f"train_{s}": results[s].mlflow_run_id for s in STAGES} | {"finetune_i2v": results["i2v"].mlflow_run_id}
     runs |= {k: v for k, v in (("evaluate", text_eval), ("evaluate_i2v", image_eval)) if v}
+    if curation := _curation_run(client, work.join("curated")):
+        runs["curation"] = curation
     return {
         "dataset_card_uri": str(work.join("curated", "dataset_card.html")),
         "dataset_shards": str(work.join("curated", "shards")) + "/",

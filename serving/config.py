@@ -27,6 +27,9 @@ class ServeSettings(BaseSettings):
     # How often the aliases are checked; 0: only on POST /reload.
     poll_seconds: float = 30.0
 
+    # GPUs the service declares to BentoML (which pins its worker to them); unset: 1 where
+    # torch sees a GPU, else 0. A CUDA_VISIBLE_DEVICES set for `vdm serve` turns BentoML's pinning off.
+    gpus: int | None = Field(None, ge=0)
     max_concurrency: int = Field(2, ge=1)
     # A 14-frame 576x1024 generation takes minutes on a GPU; BentoML's default is 60 s.
     timeout_seconds: float = Field(900.0, gt=0)

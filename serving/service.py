@@ -15,11 +15,12 @@ endpoint has a request schema here (`REQUESTS`); its fields fill the served task
 below branches on a kind. A request may name its `model`; otherwise the endpoint's
 default is the first configured model that the endpoint serves.
 
-Errors: invalid inputs get 400 with the field at fault (pydantic limits from
-`ServeSettings`, or a message that starts with the field's name), an endpoint without
-a model 404, a `model` that is not served or of another kind 400, a full server 429
-(BentoML's `max_concurrency`), a generation that raises 500 with an `error_id` that is
-also in the server log; the server keeps serving."""
+Errors, all in one shape (`{"error", "field", "error_id"}`, serving/errors.py): invalid
+inputs get 400 with the field at fault (pydantic limits from `ServeSettings`, or a
+`FieldError`), an endpoint without a model 404, a `model` that is not served or of
+another kind 400, a full server 429 (BentoML's `max_concurrency`), a generation that
+raises 500; every `error_id` is also in the server log, and the server keeps serving.
+The API docs are at `/docs` (serving/docs.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ import contextlib
 import logging
 import threading
 import time
-import uuid
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, ClassVar
@@ -36,16 +36,18 @@ import av
 import bentoml
 import numpy as np
 import torch
-from bentoml.exceptions import InvalidArgument, NotFound, ServiceUnavailable
+from bentoml.exceptions import BentoMLException, NotFound, ServiceUnavailable
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from components.common.media import video_bytes
 from components.common.settings import load_settings
 from model.pipeline import GenerationConfig, to_uint8
 from model.tasks import Task
 from serving.config import ServeSettings
+from serving.docs import DocumentedService, docs_app
+from serving.errors import FieldError, error_response, new_error_id
 from serving.metrics import DENOISING_STEP_SECONDS, FRAMES_GENERATED, GENERATION_FAILURES
 from serving.models import LiveModels, ServedModel, UnknownKind, WrongModel, record_gpu_memory
 
@@ -56,6 +58,29 @@ DURATION_BUCKETS = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 180.
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
 MP4 = "video/mp4"
 Prompt = Annotated[str, Field(max_length=LIMITS.max_prompt_chars)]
+# A GPU is declared (BentoML's `resources`, which also pins the worker to it) where there is one.
+GPUS = LIMITS.gpus if LIMITS.gpus is not None else int(torch.cuda.is_available())
+DESCRIPTION = f"""Video generation from the registered models of vdm-platform: each served model
+answers the endpoint of its kind, and is followed at its MLflow registry alias (a promotion reaches it
+without a restart).
+
+- `POST /text_to_video` (JSON), `/image_to_video`, `/interpolate`, `/extend`, `/multiview` (multipart
+  uploads): an mp4 (`video/mp4`); the `X-VDM-Model: NAME/VERSION` header names the version that made it.
+  A request may name its `model`; otherwise the first served model of the endpoint's kind answers.
+- `POST /text_to_video_task/submit` and `/image_to_video_task/submit`: the same as tasks, then
+  `GET .../status?task_id=...` and `.../get?task_id=...`.
+- `POST /model_info`: the served models (name, version, alias, kind, endpoint, lineage, default clip,
+  camera motions); `POST /reload`: check the aliases now.
+- `GET /readyz` (200 once every model is loaded), `/livez`, `/metrics` (Prometheus).
+
+Limits: {LIMITS.max_frames} frames, {LIMITS.max_side} pixels a side, {LIMITS.max_steps} steps,
+{LIMITS.max_concurrency} requests at once (more get 429), {LIMITS.timeout_seconds:.0f} s a request.
+
+Errors are JSON `{{"error": ..., "field": ..., "error_id": ...}}`: `field` names the request field at
+fault (null when the error is not about one field), `error_id` is in the server log.
+
+Authentication: none; the service trusts its network. Expose it only behind a gateway that
+authenticates callers."""
 
 
 class Request(BaseModel):
@@ -68,15 +93,38 @@ class Request(BaseModel):
     renames: ClassVar[dict[str, str]] = {}
     min_frames: ClassVar[int] = 1  # an uploaded video's fewest frames
 
-    # A served model's NAME (model_info lists them); unset: the endpoint's default.
-    model: Annotated[str, Field(min_length=1, max_length=256)] | None = None
-    fps: Annotated[float, Field(gt=0, le=60)] | None = None
-    # Curation's motion score the video should have (SVD's motion bucket, before bucketing).
-    motion_bucket: Annotated[float, Field(ge=0, le=64)] = 1.0
-    num_steps: Annotated[int, Field(ge=1, le=LIMITS.max_steps)] = 25
-    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
-    height: Annotated[int, Field(ge=8, le=LIMITS.max_side)] | None = None
-    width: Annotated[int, Field(ge=8, le=LIMITS.max_side)] | None = None
+    model: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+        None,
+        description="The served model to use, by registered name (`model_info` lists them); "
+        "unset: the first listed model that this endpoint serves.",
+        examples=["vdm-text-to-video"],
+    )
+    fps: Annotated[float, Field(gt=0, le=60)] | None = Field(
+        None, description="Frames per second of the returned video; unset: the model's training clip's.", examples=[8]
+    )
+    motion_bucket: Annotated[float, Field(ge=0, le=64)] = Field(
+        1.0,
+        description="How much the video should move: curation's motion score (SVD's motion bucket), 0 to 64.",
+        examples=[1.0],
+    )
+    num_steps: Annotated[int, Field(ge=1, le=LIMITS.max_steps)] = Field(
+        25, description=f"Sampler steps, 1 to {LIMITS.max_steps}: more is slower and finer.", examples=[25]
+    )
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = Field(
+        0, description="Noise seed: the same request with the same seed gives the same video.", examples=[0]
+    )
+    height: Annotated[int, Field(ge=8, le=LIMITS.max_side)] | None = Field(
+        None,
+        description=f"Video height in pixels, at most {LIMITS.max_side}, a multiple of the model's size step "
+        "(a 400 says which); unset: the model's training clip's.",
+        examples=[256],
+    )
+    width: Annotated[int, Field(ge=8, le=LIMITS.max_side)] | None = Field(
+        None,
+        description=f"Video width in pixels, at most {LIMITS.max_side}, a multiple of the model's size step; "
+        "unset: the model's training clip's.",
+        examples=[256],
+    )
 
     def settings(self, served: ServedModel) -> dict:
         """GenerationConfig fields this request sets (None: the model's own)."""
@@ -98,7 +146,7 @@ class Request(BaseModel):
         multiple = served.pipeline.codec.downsampling * 2 ** (len(served.pipeline.unet.config.down_block_types) - 1)
         for side in ("height", "width"):
             if getattr(config, side) % multiple:
-                raise InvalidArgument(f"{side} must be a multiple of {multiple} for {served.name}")
+                raise FieldError(side, f"{side} must be a multiple of {multiple} for {served.name}")
         return config
 
     def media(self) -> dict[str, torch.Tensor]:
@@ -124,19 +172,38 @@ class Request(BaseModel):
 class VideoControls(Request):
     """Controls the endpoints that generate a clip of the model's kind share."""
 
-    num_frames: Annotated[int, Field(ge=1, le=LIMITS.max_frames)] | None = None
-    guidance_min: Annotated[float, Field(ge=0, le=30)] = 1.0
-    guidance_max: Annotated[float, Field(ge=0, le=30)] = 3.0
-    # Camera-motion LoRA: the adapter (motion class) to sample with, one the model has
-    # (model_info lists them); unset: the base model. Strength multiplies its update.
-    camera_motion: Annotated[str, Field(max_length=64)] | None = None
-    camera_motion_strength: Annotated[float, Field(ge=0, le=4)] = 1.0
+    num_frames: Annotated[int, Field(ge=1, le=LIMITS.max_frames)] | None = Field(
+        None,
+        description=f"Frames to generate, at most {LIMITS.max_frames}; unset: the model's training clip's.",
+        examples=[8],
+    )
+    guidance_min: Annotated[float, Field(ge=0, le=30)] = Field(
+        1.0,
+        description="Classifier-free guidance scale at the first frame; it ramps to `guidance_max` at the last "
+        "(1: no guidance).",
+        examples=[1.0],
+    )
+    guidance_max: Annotated[float, Field(ge=0, le=30)] = Field(
+        3.0, description="Classifier-free guidance scale at the last frame.", examples=[3.0]
+    )
+    camera_motion: Annotated[str, Field(max_length=64)] | None = Field(
+        None,
+        description="The camera-motion LoRA adapter to sample with, one the model has (`model_info` lists its "
+        "`camera_motions`); unset: the base model.",
+        examples=["zoom_in"],
+    )
+    camera_motion_strength: Annotated[float, Field(ge=0, le=4)] = Field(
+        1.0,
+        description="Multiplier of the camera-motion adapter's update: 0 is the base model, 1 the adapter as trained.",
+        examples=[1.0],
+    )
 
     def settings(self, served: ServedModel) -> dict:
         if self.camera_motion is not None and self.camera_motion not in served.camera_motions:
             have = served.camera_motions or "none"
-            raise InvalidArgument(
-                f"camera_motion: {served.name} has no camera-motion adapter {self.camera_motion!r}; it has {have}"
+            raise FieldError(
+                "camera_motion",
+                f"camera_motion: {served.name} has no camera-motion adapter {self.camera_motion!r}; it has {have}",
             )
         return super().settings(served) | {
             "num_frames": self.num_frames,
@@ -149,30 +216,51 @@ class VideoControls(Request):
 
 class TextToVideo(VideoControls):
     endpoint = "text_to_video"
-    prompt: Prompt
-    negative_prompt: Prompt = ""
+    prompt: Prompt = Field(description="What the video shows.", examples=["a red disc moving right"])
+    negative_prompt: Prompt = Field(
+        "", description="What the video should not show (guidance steers away from it); may be empty.", examples=[""]
+    )
 
 
 class ImageToVideo(VideoControls):
     endpoint = "image_to_video"
-    image: Annotated[Path, bentoml.validators.ContentType("image/*")]  # PNG, JPEG or WebP
-    noise_aug_strength: Annotated[float, Field(ge=0, le=1)] = 0.02
+    image: Annotated[Path, bentoml.validators.ContentType("image/*")] = Field(
+        description=f"The first frame: a PNG, JPEG or WebP image of at most {LIMITS.max_image_bytes} bytes, "
+        "fitted to the video's size.",
+        examples=["frame.png"],
+    )
+    noise_aug_strength: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.02,
+        description="Noise added to `image` before conditioning: more lets the video depart further from it.",
+        examples=[0.02],
+    )
 
 
 class MultiView(ImageToVideo):
     """An orbit around the object in `image`: `num_frames` views over one turn."""
 
     endpoint = "multiview"
-    elevation: Annotated[float, Field(ge=-90, le=90)]  # the camera elevation of `image`, degrees
+    image: Annotated[Path, bentoml.validators.ContentType("image/*")] = Field(
+        description="A view of the object: a PNG, JPEG or WebP image, fitted to the video's size.",
+        examples=["object.png"],
+    )
+    elevation: Annotated[float, Field(ge=-90, le=90)] = Field(
+        description="The camera elevation `image` was taken from, in degrees (-90 to 90).", examples=[20]
+    )
 
 
 class KnownFrames(Request):
     """Endpoints that take an mp4 of known frames (`video`)."""
 
-    video: Path  # an mp4; any content type (curl sends application/octet-stream)
-    prompt: Prompt = ""
-    # Classifier-free guidance on the known frames (1: none).
-    context_guidance: Annotated[float, Field(ge=0, le=30)] = 1.0
+    video: Path = Field(
+        description=f"An mp4 of the known frames, at most {LIMITS.max_frames} frames, {LIMITS.max_side} pixels a side "
+        f"and {LIMITS.max_video_bytes} bytes (any content type: curl sends application/octet-stream).",
+        examples=["frames.mp4"],
+    )
+    prompt: Prompt = Field("", description="What the video shows; may be empty.", examples=["a red disc moving right"])
+    context_guidance: Annotated[float, Field(ge=0, le=30)] = Field(
+        1.0, description="Classifier-free guidance on the known frames (1: none).", examples=[1.0]
+    )
 
 
 class Interpolate(KnownFrames):
@@ -188,8 +276,11 @@ class Extend(KnownFrames):
 
     endpoint = "extend"
     renames = {"video_frames": "num_frames"}
-    # The whole video's length, the context included; unset: two of the model's chunks.
-    num_frames: Annotated[int, Field(ge=1, le=LIMITS.max_frames)] | None = None
+    num_frames: Annotated[int, Field(ge=1, le=LIMITS.max_frames)] | None = Field(
+        None,
+        description="Length of the whole video, the context included; unset: two of the model's chunks.",
+        examples=[16],
+    )
 
 
 REQUESTS: dict[str, type[Request]] = {
@@ -202,18 +293,18 @@ def _conditioning_image(request: Request, medium: str) -> torch.Tensor:
     size), or 400."""
     path: Path = getattr(request, medium)
     if path.stat().st_size > LIMITS.max_image_bytes:
-        raise InvalidArgument(f"{medium}: image is larger than {LIMITS.max_image_bytes} bytes")
+        raise FieldError(medium, f"{medium}: image is larger than {LIMITS.max_image_bytes} bytes")
     try:
         with Image.open(path) as image:
             if image.format not in IMAGE_FORMATS:
-                raise InvalidArgument(f"{medium}: image must be one of {sorted(IMAGE_FORMATS)}, not {image.format}")
+                raise FieldError(medium, f"{medium}: image must be one of {sorted(IMAGE_FORMATS)}, not {image.format}")
             if max(image.size) > 4 * LIMITS.max_side:
-                raise InvalidArgument(
-                    f"{medium}: image is {image.size[0]}x{image.size[1]}; at most {4 * LIMITS.max_side} a side"
+                raise FieldError(
+                    medium, f"{medium}: image is {image.size[0]}x{image.size[1]}; at most {4 * LIMITS.max_side} a side"
                 )
             array = np.asarray(image.convert("RGB"), dtype=np.float32)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-        raise InvalidArgument(f"{medium}: image could not be read: {error}") from error
+        raise FieldError(medium, f"{medium}: image could not be read: {error}") from error
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
 
 
@@ -222,28 +313,29 @@ def _uploaded_video(request: Request, medium: str) -> torch.Tensor:
     `max_frames`, at most `max_side` pixels a side, or 400."""
     path: Path = getattr(request, medium)
     if path.stat().st_size > LIMITS.max_video_bytes:
-        raise InvalidArgument(f"{medium}: video is larger than {LIMITS.max_video_bytes} bytes")
+        raise FieldError(medium, f"{medium}: video is larger than {LIMITS.max_video_bytes} bytes")
     rgb = []
     try:
         with av.open(str(path)) as container:
             if "mp4" not in container.format.name.split(","):
-                raise InvalidArgument(f"{medium}: video must be an mp4, not {container.format.name}")
+                raise FieldError(medium, f"{medium}: video must be an mp4, not {container.format.name}")
             if not container.streams.video:
-                raise InvalidArgument(f"{medium}: the mp4 has no video stream")
+                raise FieldError(medium, f"{medium}: the mp4 has no video stream")
             stream = container.streams.video[0]
             if max(stream.width, stream.height) > LIMITS.max_side:
-                raise InvalidArgument(
-                    f"{medium}: video is {stream.width}x{stream.height}; at most {LIMITS.max_side} a side"
+                raise FieldError(
+                    medium, f"{medium}: video is {stream.width}x{stream.height}; at most {LIMITS.max_side} a side"
                 )
             for frame in container.decode(stream):
                 if len(rgb) == LIMITS.max_frames:
-                    raise InvalidArgument(f"{medium}: video has more than {LIMITS.max_frames} frames")
+                    raise FieldError(medium, f"{medium}: video has more than {LIMITS.max_frames} frames")
                 rgb.append(frame.to_ndarray(format="rgb24"))
         array = np.stack(rgb) if rgb else None
     except (av.FFmpegError, OSError, ValueError) as error:
-        raise InvalidArgument(f"{medium}: video could not be read as an mp4: {error}") from error
+        raise FieldError(medium, f"{medium}: video could not be read as an mp4: {error}") from error
     if len(rgb) < request.min_frames:
-        raise InvalidArgument(f"{medium}: video has {len(rgb)} frames; {request.endpoint} needs {request.min_frames}+")
+        needs = f"{request.endpoint} needs {request.min_frames}+"
+        raise FieldError(medium, f"{medium}: video has {len(rgb)} frames; {needs}")
     return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
@@ -254,10 +346,14 @@ Video = Annotated[Path, bentoml.validators.ContentType(MP4)]
 
 @bentoml.service(
     name="vdm-video-generation",
+    description=DESCRIPTION,
+    service_class=DocumentedService,
     workers=1,  # one copy of the model per pod; scale with replicas
+    resources={"gpu": GPUS} if GPUS else {},
     traffic={"timeout": LIMITS.timeout_seconds, "max_concurrency": LIMITS.max_concurrency},
     metrics={"enabled": True, "namespace": "bentoml_service", "duration": {"buckets": DURATION_BUCKETS}},
 )
+@bentoml.asgi_app(docs_app("vdm-video-generation"), path="/docs")
 class VideoGeneration:
     def __init__(self) -> None:
         self.models = LiveModels(LIMITS.specs(), load_settings().home / "cache" / "serving")
@@ -291,15 +387,19 @@ class VideoGeneration:
         except UnknownKind as error:
             raise NotFound(str(error)) from error
         except WrongModel as error:
-            raise InvalidArgument(str(error)) from error
+            raise FieldError("model", str(error)) from error
 
     def _generate(self, endpoint: str, request: Request) -> Response:
         """Run one generation of `request` on its model (a snapshot: a swap does not reach a
         request in flight) and answer with an mp4, or with a 500 carrying an error id; the
-        exception goes to the log, not the caller. `endpoint`: the metrics' label."""
-        served = self._served(request)
-        media = request.media()
-        config = request.generation_settings(served)
+        exception goes to the log, not the caller. `endpoint`: the metrics' label. Errors are
+        answered, not raised: a task's generation that raises would never end."""
+        try:
+            served = self._served(request)
+            media = request.media()
+            config = request.generation_settings(served)
+        except BentoMLException as error:
+            return error_response(error.error_code.value, str(error), getattr(error, "field", None))
         step_started = time.perf_counter()
 
         def on_step(_step: int) -> None:
@@ -318,10 +418,10 @@ class VideoGeneration:
                 frames = served.task.sample(served.pipeline, inputs, config, on_step)
             mp4 = video_bytes(to_uint8(frames.float()).numpy(), config.fps)
         except Exception:
-            error_id = uuid.uuid4().hex[:12]
+            error_id = new_error_id()
             log.exception("generation failed (error id %s, %s v%s, %s)", error_id, served.name, served.version, config)
             GENERATION_FAILURES.labels(endpoint).inc()
-            return JSONResponse({"error": "video generation failed", "error_id": error_id}, status_code=500)
+            return error_response(500, "video generation failed", error_id=error_id)
         finally:
             record_gpu_memory()
         FRAMES_GENERATED.labels(endpoint).inc(len(frames))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import click
 
@@ -23,7 +25,48 @@ MODEL_OPTION = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class VdmGroup(click.Group):
+    """The `vdm` group: an expected failure in any command (a server that cannot be reached, a
+    model, alias, bucket or object that does not exist, refused credentials) ends in one
+    `error: ...` line and exit code 1; any other exception keeps its traceback."""
+
+    def invoke(self, ctx: click.Context):
+        import warnings
+
+        from vdm.errors import failure_message
+
+        # kfp.Client warns on every start that it needs a KFP 2 server: noise to a user of one.
+        warnings.filterwarnings("ignore", "This client only works with Kubeflow Pipeline", FutureWarning)
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            message = failure_message(e)
+            if message is None:
+                raise
+            _fail(message)
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib.metadata import version
+
+    from components.common.tracking import git_commit
+
+    commit = git_commit()
+    click.echo(f"vdm {version('vdm-platform')}" + (f" (commit {commit})" if commit != "unknown" else ""))
+    ctx.exit()
+
+
+@click.group(cls=VdmGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the package version and the code's git commit, and exit.",
+)
 def main() -> None:
     """vdm-platform: raw videos to curated data, trained, registered and served video models."""
 
@@ -42,6 +85,16 @@ def _stack():
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(1)
+
+
+@contextmanager
+def _step_progress(total: int, what: str, quiet: bool = False) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr over `total` steps, advanced by the callback this yields
+    (a sampler's `callback(i)`); none when quiet or when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=what, unit="step", file=sys.stderr, disable=quiet or not sys.stderr.isatty()) as bar:
+        yield lambda _step: bar.update()
 
 
 @stack.command("up")
@@ -92,50 +145,44 @@ def data() -> None:
 
 
 @data.command("synth")
-@click.option("--out", required=True, help="Folder or s3://bucket/prefix to write into.")
+@click.option("--output", required=True, help="Folder or s3://bucket/prefix to write into.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same videos.")
-def data_synth(out: str, seed: int) -> None:
+def data_synth(output: str, seed: int) -> None:
     """Write sample videos with known truth (cuts, fades, motion, text) and bad files,
     described by manifest.json."""
-    from components.common.objectstore import ObjectStore, ObjectStoreError, is_s3_uri
+    from components.common.objectstore import ObjectStore, is_s3_uri
     from components.sample_data.synth import SynthConfig, synthesize
 
-    store = ObjectStore.from_settings(load_settings()) if is_s3_uri(out) else None
-    try:
-        manifest = synthesize(out, SynthConfig(seed=seed), store=store, progress=True)
-    except ObjectStoreError as e:
-        _fail(str(e))
+    store = ObjectStore.from_settings(load_settings()) if is_s3_uri(output) else None
+    manifest = synthesize(output, SynthConfig(seed=seed), store=store, progress=True)
     valid = sum(v["valid"] for v in manifest["videos"])
-    click.echo(f"wrote {valid} videos and {len(manifest['videos']) - valid} bad files to {out} (manifest.json)")
+    click.echo(f"wrote {valid} videos and {len(manifest['videos']) - valid} bad files to {output} (manifest.json)")
 
 
 @data.command("orbits")
-@click.option("--out", required=True, help="Folder or s3://bucket/prefix to write the shards into.")
+@click.option("--output", required=True, help="Folder or s3://bucket/prefix to write the shards into.")
 @click.option("--shards", type=int, default=2, show_default=True)
 @click.option("--orbits-per-shard", type=int, default=8, show_default=True)
 @click.option("--views", type=int, default=8, show_default=True, help="Frames per orbit, evenly over 360 degrees.")
 @click.option("--size", type=int, default=32, show_default=True, help="Height and width in pixels.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same objects and cameras.")
-def data_orbits(out: str, shards: int, orbits_per_shard: int, views: int, size: int, seed: int) -> None:
+def data_orbits(output: str, shards: int, orbits_per_shard: int, views: int, size: int, seed: int) -> None:
     """Write orbit shards for `vdm finetune multiview`: turns around procedural coloured boxes,
     each sample's JSON carrying its camera `elevation` and `azimuths` (degrees)."""
     import tempfile
     from pathlib import Path
 
-    from components.common.objectstore import ObjectStore, ObjectStoreError, is_s3_uri
+    from components.common.objectstore import ObjectStore, is_s3_uri
     from components.sample_data.orbits import write_orbit_shards
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) if is_s3_uri(out) else Path(out)
+        folder = Path(tmp) if is_s3_uri(output) else Path(output)
         paths, _ = write_orbit_shards(
             folder, shards=shards, orbits_per_shard=orbits_per_shard, num_views=views, size=size, seed=seed
         )
-        if is_s3_uri(out):
-            try:
-                ObjectStore.from_settings(load_settings()).publish_folder(folder, out)
-            except ObjectStoreError as e:
-                _fail(str(e))
-    click.echo(f"wrote {len(paths)} shards of {orbits_per_shard} orbits ({views} views, {size}px) to {out}")
+        if is_s3_uri(output):
+            ObjectStore.from_settings(load_settings()).publish_folder(folder, output)
+    click.echo(f"wrote {len(paths)} shards of {orbits_per_shard} orbits ({views} views, {size}px) to {output}")
 
 
 @main.command()
@@ -163,10 +210,10 @@ def curate(input_location: str, output: str, config_path: str | None, workers: i
         result = run_curation(input_location, output, config, store, workers=workers, progress=True)
     except (ObjectStoreError, RandomWeightsNotAllowed, ValueError) as e:
         _fail(str(e))
-    card = result["card"]
+    card = result.card
     click.echo(
-        f"\nvdm curate: done ({result['inputs']} files, {result['input_shards']} input shards, "
-        f"{result['skipped_shards']} already done)"
+        f"\nvdm curate: done ({result.inputs} files, {result.input_shards} input shards, "
+        f"{result.skipped_shards} already done)"
     )
     rows = {
         "clips": f"{card['clips_before_filter']} -> {card['clips_after_filter']} kept",
@@ -177,6 +224,8 @@ def curate(input_location: str, output: str, config_path: str | None, workers: i
         "manifest": f"{output.rstrip('/')}/manifest.jsonl",
         "shards": f"{output.rstrip('/')}/shards/",
         "card": f"{output.rstrip('/')}/dataset_card.html",
+        "digest": card["digest"],
+        "mlflow_run": result.run_url,
     }
     for key, value in rows.items():
         click.echo(f"  {key:<16}  {value}")
@@ -203,6 +252,7 @@ def curate_ablation(curated: str, grid_items: tuple[str, ...], config_path: str 
         _fail(str(e))
     for name, subset in index.items():
         click.echo(f"  {name:<22} {subset['clips']:>6} clips  {subset['hours']:.4f} h  {subset['uri']}")
+        click.echo(f"  {'':<22} mlflow run: {subset['mlflow_run']}")
 
 
 @main.command("train")
@@ -238,15 +288,12 @@ def curate_ablation(curated: str, grid_items: tuple[str, ...], config_path: str 
 @click.option(
     "--register-as",
     default=None,
-    help="MLflow model to add the final pipeline to as a new version, alias `candidate` "
-    "(default: vdm-<stage>-<config>, e.g. vdm-video-tiny).",
+    help="MLflow model to add the final pipeline to as a new version, alias `candidate` (default: not registered).",
 )
-@click.option("--no-register", is_flag=True, help="Do not register the final pipeline.")
 def train_command(
-    stage, config_name, data, output, init_from, vae, data_format, strategy, max_steps, resume, register_as, no_register
+    stage, config_name, data, output, init_from, vae, data_format, strategy, max_steps, resume, register_as
 ) -> None:
     """Train one stage (I image, II video, III high quality) on the local stack or a pod."""
-    from components.training.entrypoint import default_model_name
     from components.training.request import TrainingRequest
 
     _run_training(
@@ -258,7 +305,7 @@ def train_command(
             init_from=init_from,
             vae=vae,
             overrides=_set({"data": data_format, "strategy": strategy, "max_steps": max_steps}),
-            register_as=None if no_register else register_as or default_model_name(stage, config_name),
+            register_as=register_as,
             resume=resume,
         )
     )
@@ -293,7 +340,7 @@ def _run_training(request) -> None:
 )
 def cache_latents_command(stage, config_name, data, output, vae) -> None:
     """Encode every clip once with the VAE; train on the result with `data: latents`."""
-    from components.common.objectstore import ObjectStore, ObjectStoreError
+    from components.common.objectstore import ObjectStore
     from components.training.run import run_latent_caching
 
     settings = load_settings()
@@ -301,7 +348,7 @@ def cache_latents_command(stage, config_name, data, output, vae) -> None:
         result = run_latent_caching(
             stage, config_name, data, output, ObjectStore.from_settings(settings), settings, vae=vae
         )
-    except (ObjectStoreError, ValueError) as e:
+    except ValueError as e:
         _fail(str(e))
     click.echo(f"\nvdm cache-latents: {result['shards']} shards")
     click.echo(f"  output      {result['output']}\n  mlflow_run  {result['mlflow_run']}")
@@ -311,19 +358,20 @@ def cache_latents_command(stage, config_name, data, output, vae) -> None:
 @click.option("--data", required=True, help="s3:// prefix or folder of WebDataset shards.")
 @click.option("--output", required=True, help="s3:// prefix for the VAE (a diffusers folder).")
 @click.option("--size", type=int, default=32, show_default=True, help="Frame height and width in pixels.")
-@click.option("--steps", type=int, default=400, show_default=True)
-def train_vae_command(data: str, output: str, size: int, steps: int) -> None:
+@click.option("--max-steps", type=int, default=400, show_default=True, help="Training steps.")
+def train_vae_command(data: str, output: str, size: int, max_steps: int) -> None:
     """Train the small frame VAE that CPU-sized models use (production uses a pretrained one)."""
-    from components.common.objectstore import ObjectStore, ObjectStoreError
+    from components.common.objectstore import ObjectStore
     from components.training.run import run_autoencoder_training
     from model.autoencoder import AutoencoderTraining
 
     settings = load_settings()
     try:
         result = run_autoencoder_training(
-            data, output, ObjectStore.from_settings(settings), settings, size=size, config=AutoencoderTraining(steps)
-        )
-    except (ObjectStoreError, ValueError) as e:
+            data, output, ObjectStore.from_settings(settings), settings, size=size,
+            config=AutoencoderTraining(max_steps),
+        )  # fmt: skip
+    except ValueError as e:
         _fail(str(e))
     click.echo(f"\nvdm train-vae: reconstruction L1 {result['reconstruction_l1']:.4f}")
     click.echo(f"  output      {result['output']}\n  mlflow_run  {result['mlflow_run']}")
@@ -339,23 +387,24 @@ def train_vae_command(data: str, output: str, size: int, steps: int) -> None:
 )
 @click.option("--elevation", type=float, default=None, help="Multi-view: the camera elevation of --image, degrees.")
 @click.option("--length", type=int, default=None, help="Prediction: frames of the continued video (context included).")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The mp4 to write.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="The mp4 to write.")
 @click.option("--frames", type=int, default=None, help="Default: the model's training clip.")
 @click.option("--fps", type=float, default=None, help="Default: the model's training clip.")
 @click.option("--size", type=int, default=None, help="Height and width in pixels; default: the model's training clip.")
-@click.option("--steps", type=int, default=25, show_default=True, help="Sampling steps.")
+@click.option("--sample-steps", type=int, default=25, show_default=True, help="Sampling steps.")
 @click.option("--guidance", type=(float, float), default=(1.0, 3.0), show_default=True, help="First and last frame.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
 def sample_command(
-    model_location, prompt, negative_prompt, image, video, elevation, length, out_path, frames, fps, size, steps,
-    guidance, seed,
+    model_location, prompt, negative_prompt, image, video, elevation, length, output, frames, fps, size, sample_steps,
+    guidance, seed, quiet,
 ) -> None:  # fmt: skip
     """Generate a video from a trained model of any kind, from what its kind takes."""
     import tempfile
     from pathlib import Path
 
     from components.common.media import write_video
-    from components.common.objectstore import ObjectStore, ObjectStoreError
+    from components.common.objectstore import ObjectStore
     from components.registry.pipeline_model import inputs_from_row
     from components.training.run import local_folder
     from model.pipeline import GenerationConfig, to_uint8
@@ -374,7 +423,7 @@ def sample_command(
             store = ObjectStore.from_settings(load_settings())
             model = VideoDiffusion.load(local_folder(model_location, store, Path(tmp)))
         inputs = inputs_from_row(model.task, row)
-    except (ObjectStoreError, ValueError) as e:
+    except ValueError as e:
         _fail(str(e).replace("needs `frames`", "needs --video").replace("needs `image`", "needs --image"))
     config = GenerationConfig.for_clip(
         model.config.clip,
@@ -382,14 +431,16 @@ def sample_command(
         height=size,
         width=size,
         fps=fps,
-        steps=steps,
+        steps=sample_steps,
         guidance_min=guidance[0],
         guidance_max=guidance[1],
         seed=seed,
     )
-    result = to_uint8(model.task.sample(model, inputs, config)).numpy()
-    write_video(Path(out_path), result, config.fps, deterministic=False)
-    click.echo(f"wrote {out_path}: {len(result)} frames at {config.fps:g} fps, {config.width}x{config.height}")
+    with _step_progress(config.steps, "sampling", quiet) as on_step:
+        frames = model.task.sample(model, inputs, config, on_step)
+    result = to_uint8(frames).numpy()
+    write_video(Path(output), result, config.fps, deterministic=False)
+    click.echo(f"wrote {output}: {len(result)} frames at {config.fps:g} fps, {config.width}x{config.height}")
 
 
 @main.command("eval")
@@ -397,23 +448,23 @@ def sample_command(
 @click.option("--data", required=True, help="Held-out shards (s3:// prefix or folder); orbits for multi-view.")
 @click.option("--reference", default=None, help="A second data set the kind compares with (spatial-hq: its images).")
 @click.option("--clips", type=int, default=8, show_default=True, help="Held-out clips (or orbits) to evaluate on.")
-@click.option("--steps", type=int, default=25, show_default=True, help="Sampling steps per generated video.")
-def eval_command(model_location: str, data: str, reference: str | None, clips: int, steps: int) -> None:
+@click.option("--sample-steps", type=int, default=25, show_default=True, help="Sampling steps per generated video.")
+def eval_command(model_location: str, data: str, reference: str | None, clips: int, sample_steps: int) -> None:
     """Measure a model by its kind's evaluation (motion; in-between positions; velocity; view retrieval; camera
     class accuracy; image-quality proxy): figures and sample mp4s to MLflow, and onto the version's tags when
     --model is a registered model (what `vdm registry promote` reads)."""
     from dataclasses import asdict
 
-    from components.common.objectstore import ObjectStore, ObjectStoreError
+    from components.common.objectstore import ObjectStore
     from components.evaluation.evaluate import run_evaluation
 
     settings = load_settings()
     try:
         report = run_evaluation(
             model_location, data, ObjectStore.from_settings(settings), settings,
-            clips=clips, steps=steps, reference=reference,
+            clips=clips, steps=sample_steps, reference=reference,
         )  # fmt: skip
-    except (ObjectStoreError, ValueError) as e:
+    except ValueError as e:
         _fail(str(e))
     click.echo(json.dumps(asdict(report), indent=1))
 
@@ -438,12 +489,12 @@ def _finetune_command(kind: str, title: str, help_text: str, *kind_options):
     )
     @click.option("--max-steps", type=int, default=None)
     @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint under --output.")
-    @click.option("--register-as", default=None, help=f"MLflow model (default: vdm-{kind}-<config>), alias candidate.")
-    @click.option("--no-register", is_flag=True, help="Do not register the final pipeline.")
-    def command(
-        config_name, data, output, init_from, max_steps, resume, register_as, no_register, **kind_values
-    ) -> None:
-        from components.training.entrypoint import default_model_name
+    @click.option(
+        "--register-as",
+        default=None,
+        help="MLflow model to add the final pipeline to as a new version, alias `candidate` (default: not registered).",
+    )
+    def command(config_name, data, output, init_from, max_steps, resume, register_as, **kind_values) -> None:
         from components.training.request import TrainingRequest
 
         _run_training(
@@ -454,7 +505,7 @@ def _finetune_command(kind: str, title: str, help_text: str, *kind_options):
                 config=config_name,
                 init_from=init_from,
                 overrides=_set({"max_steps": max_steps, **kind_values}),
-                register_as=None if no_register else register_as or default_model_name(kind, config_name),
+                register_as=register_as,
                 resume=resume,
             )
         )
@@ -490,14 +541,16 @@ def registry() -> None:
     """The MLflow model registry: versions, the promotion gate, rollback."""
 
 
-def _registry_call(fn, *args, **kwargs):
+def _registry_call(fn, name: str, *args, **kwargs):
+    """`fn(name, ...)` on the registry; its expected failures (unknown model or alias, nothing to
+    roll back to, unreachable server) as one line."""
     from components.common.tracking import connect
-    from components.registry.promotion import PromotionError
+    from components.registry.promotion import RegistryError, registry_call
 
     connect()
     try:
-        return fn(*args, **kwargs)
-    except PromotionError as e:
+        return registry_call(fn, name, *args, **kwargs)
+    except RegistryError as e:
         _fail(str(e))
 
 
@@ -518,7 +571,8 @@ def registry_list(name: str) -> None:
 @click.option("--direction", type=click.Choice(["minimize", "maximize"]), default=None, help="Default: the metric's.")
 @click.option("--min-improvement", type=float, default=0.0, show_default=True, help="In the metric's units.")
 def registry_promote(name: str, metric: str | None, direction: str | None, min_improvement: float) -> None:
-    """Move `champion` to the `candidate` if it beats the champion; exit 1 (changing nothing) if not."""
+    """Move `champion` to the `candidate` if it beats the champion; exit 1 (moving no alias) if not. The
+    candidate's description says what the gate decided."""
     from dataclasses import replace
 
     from components.registry.promotion import Gate, kind_gate, promote
@@ -539,7 +593,7 @@ def registry_promote(name: str, metric: str | None, direction: str | None, min_i
 @registry.command("rollback")
 @click.argument("name")
 def registry_rollback(name: str) -> None:
-    """Give `champion` back to the version the current champion replaced."""
+    """Give `champion` back to the version that held it before, also when it was moved by hand in the MLflow UI."""
     from components.registry.promotion import rollback
 
     demoted, restored = _registry_call(rollback, name)
@@ -564,7 +618,7 @@ def weights_import(name, path, kind, architecture, source, licence, replace) -> 
     their architecture, then publish them as weights:NAME."""
     from pathlib import Path
 
-    from components.common.objectstore import ObjectStore, ObjectStoreError
+    from components.common.objectstore import ObjectStore
     from components.common.weights import import_weights, weights_uri
 
     store = ObjectStore.from_settings(load_settings())
@@ -574,7 +628,7 @@ def weights_import(name, path, kind, architecture, source, licence, replace) -> 
             progress=True,
         )  # fmt: skip
         uri = weights_uri(name)
-    except (ObjectStoreError, ValueError) as e:
+    except ValueError as e:
         _fail(str(e))
     root = Path(path).expanduser() if manifest.kind == "diffusers" else Path(path).expanduser().parent
     size = sum((root / rel).stat().st_size for rel in manifest.files)
@@ -591,12 +645,12 @@ def weights_import(name, path, kind, architecture, source, licence, replace) -> 
 @weights.command("list")
 def weights_list() -> None:
     """Every imported entry: name, kind, architecture, files, when, from where."""
-    from components.common.objectstore import ObjectStore, ObjectStoreError
+    from components.common.objectstore import ObjectStore
     from components.common.weights import list_weights
 
     try:
         entries = list_weights(ObjectStore.from_settings(load_settings()))
-    except (ObjectStoreError, ValueError) as e:
+    except ValueError as e:
         _fail(str(e))
     if not entries:
         click.echo("no weights imported yet: vdm weights import NAME PATH")
@@ -611,11 +665,44 @@ def weights_list() -> None:
 
 @main.group()
 def pipeline() -> None:
-    """Kubeflow pipelines: compile, submit, schedule."""
+    """Kubeflow pipelines: list, params, compile, submit, schedule."""
+
+
+@pipeline.command("list")
+def pipeline_list() -> None:
+    """Each pipeline: its name, how many parameters its run form has, its description."""
+    from pipelines.kubeflow import PIPELINES
+    from pipelines.submit import run_form
+
+    forms = [run_form(name) for name in PIPELINES]
+    width = max(len(f.name) for f in forms)
+    click.echo(f"{'NAME':<{width}}  PARAMS  DESCRIPTION")
+    for form in forms:
+        click.echo(f"{form.name:<{width}}  {len(form.parameters):>6}  {form.description}")
+
+
+@pipeline.command("params")
+@click.argument("name")
+def pipeline_params(name: str) -> None:
+    """NAME's run form as the Kubeflow UI shows it: each parameter's type, default and description."""
+    import textwrap
+
+    from pipelines.submit import run_form
+
+    try:
+        form = run_form(name)
+    except ValueError as e:
+        _fail(str(e))
+    click.echo(f"{form.name}: {form.description}\n")
+    for p in form.parameters:
+        shown = p.default if isinstance(p.default, str) and p.default else json.dumps(p.default)  # "": empty
+        default = "no default" if p.default is None else f"default {shown}"
+        click.echo(f"{p.name}  {p.type}  {default}")
+        click.echo(textwrap.fill(p.description, 100, initial_indent="    ", subsequent_indent="    "))
 
 
 @pipeline.command("compile")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the YAML files.")
+@click.option("--output", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the YAML files.")
 def pipeline_compile(out_dir: str) -> None:
     """Write every pipeline's YAML (upload them in the Kubeflow UI, or use `submit`)."""
     from pathlib import Path
@@ -627,9 +714,9 @@ def pipeline_compile(out_dir: str) -> None:
 
 
 def _kfp_client(host: str):
-    import kfp
+    from pipelines.submit import connect
 
-    return kfp.Client(host=host)
+    return connect(host)
 
 
 @pipeline.command("submit")
@@ -642,7 +729,8 @@ def pipeline_submit(name: str, host: str, experiment: str, params: tuple[str, ..
     from pipelines.submit import parse_params, submit
 
     try:
-        result = submit(_kfp_client(host), name, experiment, parse_params(params, name))
+        given = parse_params(params, name)
+        result = submit(_kfp_client(host), name, experiment, given)
     except ValueError as e:
         _fail(str(e))
     click.echo(json.dumps(result, indent=1))
@@ -650,7 +738,7 @@ def pipeline_submit(name: str, host: str, experiment: str, params: tuple[str, ..
 
 @pipeline.command("schedule")
 @click.argument("name")
-@click.option("--host", required=True)
+@click.option("--host", required=True, help="The KFP API, e.g. http://ml-pipeline-ui.kubeflow:80")
 @click.option("--experiment", default="vdm", show_default=True)
 @click.option("--cron", required=True, help="Six-field cron (seconds first), e.g. '0 0 3 * * *'.")
 @click.option("--param", "params", multiple=True, help="KEY=VALUE pipeline parameter (repeatable).")
@@ -659,7 +747,8 @@ def pipeline_schedule(name: str, host: str, experiment: str, cron: str, params: 
     from pipelines.submit import parse_params, schedule
 
     try:
-        result = schedule(_kfp_client(host), name, experiment, cron, parse_params(params, name))
+        given = parse_params(params, name)
+        result = schedule(_kfp_client(host), name, experiment, cron, given)
     except ValueError as e:
         _fail(str(e))
     click.echo(json.dumps(result, indent=1))
@@ -679,12 +768,13 @@ def pipeline_schedule(name: str, host: str, experiment: str, cron: str, params: 
 @click.option("--poll-seconds", default=30.0, show_default=True, help="How often the alias is checked (0: never).")
 @click.option("--max-concurrency", default=2, show_default=True, help="Requests at once; more get HTTP 429.")
 def serve_command(models, alias, port, host, poll_seconds, max_concurrency) -> None:
-    """Serve registered models with BentoML (`bentoml serve serving.service:VideoGeneration`)."""
+    """Serve registered models with BentoML (`bentoml serve serving.service:VideoGeneration`);
+    API docs at /docs. Each port keeps its own BentoML state in $VDM_HOME/serving/PORT."""
     import os
     import signal
+    import socket
     import subprocess
 
-    from model.tasks import ENDPOINTS
     from serving.config import model_specs
 
     listed = tuple(m.strip() for m in os.environ.get("VDM_SERVE_MODELS", "").split(",") if m.strip())
@@ -694,19 +784,31 @@ def serve_command(models, alias, port, host, poll_seconds, max_concurrency) -> N
         specs = model_specs(models or listed, alias)
     except ValueError as e:
         _fail(str(e))
+    # BentoML would say it serves and only then fail to bind; and the port names the state folder.
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            _fail(f"cannot listen on {host}:{port} ({e.strerror}): another server has it; choose another --port")
+    stack = _stack()
     env = os.environ | {
         "VDM_HOME": str(load_settings().home),
+        # Its own BentoML home: each BentoML start clears its home's task database and metrics folder.
+        "BENTOML_HOME": str(stack.serving_dir(port) / "bentoml"),
         "VDM_SERVE_MODELS": ",".join(f"{spec.name}@{spec.alias}" for spec in specs),
         "VDM_SERVE_ALIAS": alias,
         "VDM_SERVE_POLL_SECONDS": str(poll_seconds),
         "VDM_SERVE_MAX_CONCURRENCY": str(max_concurrency),
     }
+    from model.tasks import ENDPOINTS
+
     url = f"http://{host}:{port}"
     click.echo(f"serving {', '.join(map(str, specs))} at {url}", err=True)
     endpoints = "  ".join(f"{url}/{name}" for name in [*ENDPOINTS, "model_info"])
-    click.echo(f"  POST {endpoints};  GET {url}/readyz", err=True)
+    click.echo(f"  POST {endpoints};  GET {url}/readyz;  API docs {url}/docs", err=True)
     # The local stack's Prometheus scrapes every target file in this folder.
-    target = _stack().prometheus_targets_dir / f"serving-{port}.json"
+    target = stack.prometheus_targets_dir / f"serving-{port}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps([{"targets": [f"{host}:{port}"], "labels": {"part": "serving"}}]))
     bentoml = [sys.executable, "-m", "bentoml", "serve", "serving.service:VideoGeneration"]
@@ -723,7 +825,7 @@ def serve_command(models, alias, port, host, poll_seconds, max_concurrency) -> N
 
 @main.command("run")
 @click.option("--input", "input_uri", default=None, help="Videos (s3:// prefix); default: the built-in sample videos.")
-@click.option("--work", "work_uri", default=None, help="s3:// prefix for this run's outputs.")
+@click.option("--output", "work_uri", default=None, help="s3:// prefix for this run's outputs.")
 @click.option("--model-name", default="vdm-text-to-video", show_default=True)
 @click.option("--i2v-model-name", default="vdm-image-to-video", show_default=True)
 @click.option("--param", "params", multiple=True, help="KEY=VALUE end-to-end pipeline parameter (repeatable).")

@@ -158,6 +158,11 @@ class Stack:
         """Drop a Prometheus file_sd JSON here to have it scraped (picked up within 5 s)."""
         return self.home / "prometheus" / "targets"
 
+    def serving_dir(self, port: int) -> Path:
+        """The state of the `vdm serve` on `port` (its BentoML home): each start of BentoML
+        clears its home's task database and metrics folder, so two services never share one."""
+        return self.home / "serving" / str(port)
+
     def credentials(self) -> dict[str, str]:
         return read_env_file(self.home / CREDENTIALS_FILE)
 

@@ -102,7 +102,7 @@ def main() -> None:
     finetune = ("finetune", "i2v", "--config", str(HERE / "i2v.yaml"), "--data", data, "--init-from", f"{p}/full/final")
     seconds = {}
     if not store_has(f"{p}/i2v-untrained/final/stage.json"):
-        vdm(*finetune, "--max-steps", "0", "--output", f"{p}/i2v-untrained", "--no-register")
+        vdm(*finetune, "--max-steps", "0", "--output", f"{p}/i2v-untrained")
     out, seconds["i2v"] = vdm(
         *finetune, "--max-steps", str(args.steps), "--output", f"{p}/i2v", "--resume",
         "--register-as", "vdm-i2v-evidence",
@@ -113,7 +113,7 @@ def main() -> None:
     for name in ("i2v-untrained", "i2v"):
         out, _ = vdm(
             "eval", "--model", f"{p}/{name}/final", "--data", data,
-            "--clips", str(args.eval_clips), "--steps", str(args.eval_steps),
+            "--clips", str(args.eval_clips), "--sample-steps", str(args.eval_steps),
         )  # fmt: skip
         result = json.loads(out[out.index("{") :])
         details = result["details"]

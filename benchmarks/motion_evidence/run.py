@@ -55,7 +55,7 @@ def main() -> None:
         ObjectStore.from_settings(load_settings()).publish_folder(Path(tmp), data)
 
     seconds = {}
-    _, seconds["vae"] = vdm("train-vae", "--data", data, "--output", f"{p}/vae", "--steps", str(args.vae_steps))
+    _, seconds["vae"] = vdm("train-vae", "--data", data, "--output", f"{p}/vae", "--max-steps", str(args.vae_steps))
     common = ("--data", data, "--max-steps")
     _, seconds["stage_1"] = vdm(
         "train", "--stage", "image", "--config", str(HERE / "image.yaml"), *common, str(args.image_steps),

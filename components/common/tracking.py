@@ -16,12 +16,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import LocalArtifactDatasetSource, S3ArtifactDatasetSource
 
+from components.common.objectstore import ObjectNotFoundError, ObjectStore, S3Uri, is_s3_uri
 from components.common.settings import Settings, load_settings
 
 TAG_GIT_COMMIT = "vdm.git_commit"
 TAG_CONFIG_HASH = "vdm.config_hash"
 TAG_INPUTS = "vdm.inputs"
+# MLflow 3's UI opens an experiment without this tag on the GenAI overview; with this
+# value it opens on the runs table.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# The dataset card of curated data: next to its `shards/`, with a `digest` of the shards and manifest.
+DATASET_CARD = "dataset_card.json"
 
 
 def config_hash(config: Mapping) -> str:
@@ -64,6 +73,15 @@ def connect(settings: Settings | None = None) -> None:
     mlflow.set_tracking_uri((settings or load_settings()).mlflow_tracking_uri)
 
 
+def use_experiment(name: str) -> mlflow.entities.Experiment:
+    """Make `name` the active experiment (created when missing), with the kind tag that opens
+    it on the runs table; a kind someone chose in the UI is kept."""
+    experiment = mlflow.set_experiment(name)
+    if TAG_EXPERIMENT_KIND not in experiment.tags:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
+    return experiment
+
+
 @contextmanager
 def tracked_run(
     experiment: str,
@@ -80,7 +98,7 @@ def tracked_run(
     FAILED if the body raises.
     """
     connect(settings)
-    mlflow.set_experiment(experiment)
+    use_experiment(experiment)
     config = dict(config or {})
     lineage = {
         TAG_GIT_COMMIT: git_commit(),
@@ -120,3 +138,40 @@ def artifact_object_uri(
     if root.startswith(scheme + "//"):
         relative = relative.split("/", 1)[1]
     return f"s3://{settings.mlflow_bucket}/{relative}/{path}".rstrip("/")
+
+
+def curated_dataset(data_uri: str, digest: str | None) -> MetaDataset:
+    """The MLflow dataset of training data: named by its URI (s3:// or a local folder),
+    with the dataset card's digest (None: MLflow derives one from the name)."""
+    if is_s3_uri(data_uri):
+        source = S3ArtifactDatasetSource(data_uri)
+    else:
+        source = LocalArtifactDatasetSource(str(Path(data_uri).resolve()))
+    return MetaDataset(source, name=data_uri, digest=digest)
+
+
+def card_digest(data_uri: str, store: ObjectStore | None) -> str | None:
+    """The `digest` in the dataset card of curated data, given as its `shards/` prefix or its
+    output prefix; None when there is no card (data not made by `vdm curate`)."""
+    if is_s3_uri(data_uri):
+        head, _, last = data_uri.rstrip("/").rpartition("/")
+        prefix = head if last == "shards" and head != "s3:/" else data_uri.rstrip("/")
+        try:
+            card = store.get_bytes(S3Uri.parse(prefix).join(DATASET_CARD))
+        except ObjectNotFoundError:
+            return None
+    else:
+        folder = Path(data_uri)
+        path = (folder.parent if folder.name == "shards" else folder) / DATASET_CARD
+        if not path.is_file():
+            return None
+        card = path.read_bytes()
+    return json.loads(card).get("digest")
+
+
+def log_curated_data(data_uri: str, store: ObjectStore | None, context: str = "training") -> MetaDataset:
+    """Link the active run to its data (`mlflow.log_input`): the run page's Datasets then
+    names the shards' URI and the card's digest. Returns the logged dataset."""
+    dataset = curated_dataset(data_uri, card_digest(data_uri, store))
+    mlflow.log_input(dataset, context=context)
+    return dataset

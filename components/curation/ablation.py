@@ -1,6 +1,7 @@
 """SVD's threshold ablation: from a finished curation, one filtered subset per
 (score, percentile), each a complete dataset (shards, manifest, card) that a small
-training run can consume. Nothing is re-annotated: the subsets are cut from the
+training run can consume, and each an MLflow run in `vdm-curation` (tagged with the
+curation it was cut from). Nothing is re-annotated: the subsets are cut from the
 published parts the curation run recorded in its card."""
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ import json
 
 from components.common.objectstore import ObjectStore, S3Uri
 from components.curation.config import SCORES, CurationConfig, Filter
-from components.curation.finalize import finalize
+from components.curation.tracking import finalize_and_log
+
+TAG_ABLATION_OF = "vdm.ablation_of"
 
 # Higher is worse for these scores: their ablation drops the top percent.
 _HIGHER_IS_WORSE = {"text_ratio"}
@@ -43,12 +46,21 @@ def ablation_subsets(curated: str, grid: dict[str, list[float]], store: ObjectSt
         for percent in percents:
             name = f"{score}-drop{percent:g}"
             subset_config = config.model_copy(update={"filters": (subset_filter(score, percent),)})
-            sub = finalize(parts, base.join("ablation", name), subset_config, store)
+            sub, run = finalize_and_log(
+                parts,
+                base.join("ablation", name),
+                subset_config,
+                store,
+                input_location=card.get("provenance", {}).get("input"),
+                tags={TAG_ABLATION_OF: str(base)},
+            )
             index[name] = {
                 "uri": str(base.join("ablation", name)),
                 "clips": sub["clips_after_filter"],
                 "hours": sub["hours_after_filter"],
                 "thresholds": sub["thresholds"],
+                "digest": sub["digest"],
+                "mlflow_run": run.url,
             }
     store.put_bytes(base.join("ablation", "index.json"), json.dumps(index, indent=1).encode())
     return index

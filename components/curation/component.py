@@ -2,10 +2,11 @@
 shard (the ParallelFor body), finalize (merge, filter, shards, card). Lightweight
 Python components on the project image: their bodies import our packages there.
 Inputs are strings and numbers (the Kubeflow UI passes nothing else); the dataset
-comes out as an artifact whose metadata carries its s3:// URIs."""
+comes out as an artifact whose metadata carries its s3:// URIs, and the dataset card as
+an HTML artifact the Kubeflow UI renders."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Output
+from kfp.dsl import HTML, Dataset, Output
 
 from components.common.settings import load_settings
 
@@ -57,22 +58,32 @@ def annotate_input_shard(
 
 
 @dsl.component(base_image=IMAGE)
-def finalize_curation(parts: list, output_uri: str, config_yaml: str, dataset: Output[Artifact]):
-    """Filters over all clips, WebDataset shards, manifest, rejected list, dataset card."""
+def finalize_curation(
+    parts: list, input_uri: str, output_uri: str, config_yaml: str, dataset: Output[Dataset], card: Output[HTML]
+):
+    """Filters over all clips, WebDataset shards, manifest, rejected list, dataset card (also
+    the `card` artifact: the same self-contained page), as an MLflow run in `vdm-curation`."""
+    from pathlib import Path
+
     from components.common.objectstore import ObjectStore, S3Uri
     from components.common.settings import load_settings
     from components.curation.config import CurationConfig
-    from components.curation.finalize import finalize
+    from components.curation.tracking import finalize_and_log
 
     out = S3Uri.parse(output_uri)
     config, store = CurationConfig.from_yaml(config_yaml), ObjectStore.from_settings(load_settings())
-    card = finalize([S3Uri.parse(p) for p in sorted(parts)], out, config, store)
+    parts = [S3Uri.parse(p) for p in sorted(parts)]
+    figures, run = finalize_and_log(parts, out, config, store, input_location=input_uri)
+    card_uri = out.join("dataset_card.html")
+    Path(card.path).write_bytes(store.get_bytes(card_uri))
+    card.metadata["uri"] = str(card_uri)
     dataset.metadata.update(
         {
             "uri": str(out),
             "shards": str(out.join("shards")) + "/",
-            "card": str(out.join("dataset_card.html")),
-            "clips": int(card["clips_after_filter"]),
-            "hours": float(card["hours_after_filter"]),
+            "card": str(card_uri),
+            "clips": int(figures["clips_after_filter"]),
+            "hours": float(figures["hours_after_filter"]),
+            "mlflow_run": run.url,
         }
     )

@@ -1,20 +1,23 @@
 """`vdm curate`: list inputs, split them into input shards, annotate each shard
-(skipping shards already published), then finalize. The KFP curation pipeline
-runs the same three steps as components, fanning out over the shards."""
+(skipping shards already published), then finalize, all in one MLflow run. The KFP
+curation pipeline runs the same three steps as components, fanning out over the shards."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from components.common.objectstore import ObjectStore, S3Uri, is_s3_uri
+from components.common.settings import Settings
 from components.curation.annotate import Annotators, annotate_shard
 from components.curation.config import CurationConfig
 from components.curation.finalize import finalize
+from components.curation.tracking import curation_run, log_card
 
 # Metadata next to videos (manifests, sidecars) is not input; anything else is,
 # so a video with a wrong extension is rejected with a reason, not ignored.
@@ -45,6 +48,17 @@ def input_shards(inputs: list[tuple[str, int]], videos_per_shard: int) -> list[t
     return shards
 
 
+@dataclass
+class CurationResult:
+    inputs: int  # candidate files found under the input location
+    input_shards: int
+    skipped_shards: int  # input shards already published by an earlier run
+    card: dict  # the dataset card (dataset_card.json)
+    parts: list[dict]  # each input shard's part info
+    run_id: str  # the MLflow run that records this curation
+    run_url: str
+
+
 def curate(
     input_location: str,
     output: str,
@@ -53,24 +67,29 @@ def curate(
     *,
     workers: int | None = None,
     progress: bool = False,
-) -> dict:
+    settings: Settings | None = None,
+) -> CurationResult:
     out = S3Uri.parse(output)
     workers = workers or os.cpu_count() or 1
     inputs = list_inputs(input_location, store)
     if not inputs:
         raise ValueError(f"no input files under {input_location}")
     shards = input_shards(inputs, config.output.videos_per_input_shard)
-    annotators = Annotators(config, store)
-    parts, infos = [], []
-    for shard_id, videos in tqdm(shards, desc="input shards", unit="shard", disable=not progress):
-        part = out.join("parts", shard_id)
-        infos.append(annotate_shard(videos, part, config, store, annotators, workers=workers, progress=progress))
-        parts.append(part)
-    card = finalize(parts, out, config, store)
-    return {
-        "inputs": len(inputs),
-        "input_shards": len(shards),
-        "skipped_shards": sum(i["skipped"] for i in infos),
-        "card": card,
-        "parts": infos,
-    }
+    with curation_run(input_location, out, config, settings=settings) as run:
+        annotators = Annotators(config, store)
+        parts, infos = [], []
+        for shard_id, videos in tqdm(shards, desc="input shards", unit="shard", disable=not progress):
+            part = out.join("parts", shard_id)
+            infos.append(annotate_shard(videos, part, config, store, annotators, workers=workers, progress=progress))
+            parts.append(part)
+        card = finalize(parts, out, config, store, input_location=input_location)
+        log_card(card, out, store)
+    return CurationResult(
+        inputs=len(inputs),
+        input_shards=len(shards),
+        skipped_shards=sum(i["skipped"] for i in infos),
+        card=card,
+        parts=infos,
+        run_id=run.run_id,
+        run_url=run.url,
+    )

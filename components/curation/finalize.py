@@ -10,24 +10,32 @@ Output contract (under the output prefix; `_MANIFEST.json` is written last):
   (`motion`, `text_ratio`, `aesthetic`, `clip_sim`), `camera_motion`, `caption`
   (when a captioner gave one), ..., and `shard` for kept clips;
 - `rejected.jsonl`: `video`, `reason`, `detail` per rejected file;
-- `dataset_card.json` / `dataset_card.html`.
+- `dataset_card.json` / `dataset_card.html`: the figures, thresholds and provenance;
+  the JSON's `digest` (sha256 of `manifest.jsonl` and every shard, 16 hex digits)
+  names this exact data, e.g. as the MLflow dataset digest of training runs.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import html
 import io
 import json
+import os
 import tarfile
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
+import av
 import numpy as np
 import webdataset as wds
+from PIL import Image
 
-from components.common.objectstore import ObjectStore, S3Uri
+from components.common.objectstore import ObjectStore, S3Uri, sha256_file
+from components.common.tracking import config_hash, git_commit
 from components.curation.annotate import CLIPS_FILE, CLIPS_TAR, PART_INFO, REJECTED_FILE, read_clips, read_jsonl
 from components.curation.config import SCORES, CurationConfig, Filter
 from model.records import ClipRecord
@@ -76,18 +84,32 @@ def summary(clips: list[ClipRecord]) -> dict:
     }
 
 
-def _histogram_png(values: list[float], title: str, bound: float | None) -> str:
+# Axis labels of the score histograms.
+_SCORE_AXIS = {
+    "motion": "motion score (optical flow, px per frame)",
+    "text_ratio": "text ratio (text area / frame area)",
+    "aesthetic": "aesthetic score",
+    "clip_sim": "CLIP similarity (caption vs. frames)",
+}
+
+
+def _histogram_png(kept: list[float], dropped: list[float], score: str, bound: tuple[str, float] | None) -> str:
+    """A stacked histogram of one score over the clips long enough to keep, the filter's bound dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(3.2, 2.0), dpi=100)
-    ax.hist(values, bins=30, color="#4477aa")
+    fig, ax = plt.subplots(figsize=(3.6, 2.4), dpi=100)
+    ax.hist([kept, dropped], bins=30, stacked=True, color=["#4477aa", "#bbbbbb"], label=["kept", "dropped"])
     if bound is not None:
-        ax.axvline(bound, color="#cc3311", linestyle="--")
-    ax.set_title(title, fontsize=9)
+        side, value = bound
+        ax.axvline(value, color="#cc3311", linestyle="--", label=f"threshold: {side} {value:.3g}")
+    ax.set_title(score, fontsize=9)
+    ax.set_xlabel(_SCORE_AXIS.get(score, score), fontsize=7)
+    ax.set_ylabel("clips", fontsize=7)
     ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -95,60 +117,181 @@ def _histogram_png(values: list[float], title: str, bound: float | None) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def card_html(card: dict, clips: list[ClipRecord], thumbnails: dict[str, bytes]) -> str:
-    rows = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{card['before'][k]}</td><td>{card['after'][k]}</td></tr>"
-        for k in card["before"]
+def _preview_webp(mp4: bytes, max_side: int = 160, fps: float = 8.0, max_frames: int = 16) -> bytes | None:
+    """A short looping animated WebP of a clip: its first seconds at `fps`, `max_side` px
+    (None for a clip without frames)."""
+    frames: list[Image.Image] = []
+    with av.open(io.BytesIO(mp4)) as container:
+        stream = container.streams.video[0]
+        source_fps = float(stream.average_rate or fps)
+        step = max(1, round(source_fps / fps))
+        for i, frame in enumerate(container.decode(stream)):
+            if i % step:
+                continue
+            image = frame.to_image()
+            image.thumbnail((max_side, max_side))
+            frames.append(image)
+            if len(frames) == max_frames:
+                break
+    if not frames:
+        return None
+    buffer = io.BytesIO()
+    frames[0].save(
+        buffer,
+        format="WEBP",
+        save_all=True,
+        append_images=frames[1:],
+        duration=round(1000 * step / source_fps),
+        loop=0,
+        quality=50,
     )
+    return buffer.getvalue()
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def card_html(
+    card: dict, clips: list[ClipRecord], thumbnails: dict[str, bytes], previews: dict[str, bytes | None] | None = None
+) -> str:
+    """The card as one self-contained page (images inline as data: URIs)."""
+    previews = previews or {}
+    provenance = card["provenance"]
+    provenance_rows = [
+        ["input", provenance["input"] or "not recorded"],
+        ["output", provenance["output"]],
+        ["created (UTC)", provenance["created_utc"]],
+        ["config hash", provenance["config_hash"]],
+        ["code version (git commit)", provenance["code_version"]],
+        ["digest (manifest and shards)", card["digest"]],
+    ]
     warn = (
         "<p class='warn'>RANDOM WEIGHTS: neural scores and captions come from random-initialised models "
         "(--allow-random-weights). Do not train on this dataset.</p>"
         if card["random_weights"]
         else ""
     )
-    bounds = {b["score"]: b.get("min", b.get("max")) for b in card["thresholds"].values()}
+    before_after = [[k, card["before"][k], card["after"][k]] for k in card["before"]]
+    filters = list(card["thresholds"])
+    threshold_rows = [
+        [name, b["score"], "min" if "min" in b else "max", _number(b.get("min", b.get("max")))]
+        for name, b in card["thresholds"].items()
+    ]
+    drops = [[name, count] for name, count in card["drops_per_filter"].items()]
+    overlaps = [
+        [a, *(card["drops_per_filter"][a] if a == b else _overlap(card["drop_overlaps"], a, b) for b in filters)]
+        for a in filters
+    ]
+    rejected = [[reason, count] for reason, count in card["rejected_per_reason"].items()]
+    motions = sorted(card["camera_motion_before_filter"])
+    camera = [[m, card["camera_motion_before_filter"][m], card["camera_motion_kept"].get(m, 0)] for m in motions]
+    candidates = [c for c in clips if not c.too_short]
     plots = "".join(
-        f"<img alt='{s}' src='data:image/png;base64,"
-        f"{_histogram_png([c.scores[s] for c in clips if not c.too_short], s, bounds.get(s))}'>"
+        f"<img alt='{s} histogram' src='data:image/png;base64,"
+        + _histogram_png(
+            [c.scores[s] for c in candidates if c.kept],
+            [c.scores[s] for c in candidates if not c.kept],
+            s,
+            _bound_of(card["thresholds"], s),
+        )
+        + "'>"
         for s in SCORES
     )
-    drops = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in card["drops_per_filter"].items())
 
-    def strip(selection: list[ClipRecord]) -> str:
-        return "".join(
-            f"<figure><img src='data:image/jpeg;base64,{base64.b64encode(thumbnails[c.key]).decode()}'>"
-            f"<figcaption>{html.escape(c.key)}<br>{html.escape(c.camera_motion)} · "
-            f"{html.escape(', '.join(c.drop_reasons or []) or 'kept')}<br>{html.escape(c.caption or '')}"
-            "</figcaption></figure>"
-            for c in selection
-            if c.key in thumbnails
-        )
+    def figures(selection: list[ClipRecord]) -> str:
+        out = []
+        for c in selection:
+            if preview := previews.get(c.key):
+                media = f"<img class='clip' src='data:image/webp;base64,{base64.b64encode(preview).decode()}'>"
+            elif c.key in thumbnails:
+                media = f"<img src='data:image/jpeg;base64,{base64.b64encode(thumbnails[c.key]).decode()}'>"
+            else:
+                continue
+            reasons = ", ".join(c.drop_reasons or []) or "kept"
+            out.append(
+                f"<figure>{media}<figcaption>{html.escape(c.key)}<br>{html.escape(c.camera_motion)} · "
+                f"{html.escape(reasons)}<br>{html.escape(c.caption or '')}</figcaption></figure>"
+            )
+        return "".join(out)
 
-    kept = [c for c in _showcase(clips) if c.kept]
-    dropped = [c for c in _showcase(clips) if not c.kept]
+    showcase = _showcase(clips)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Dataset card</title><style>
-body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
-td{{border:1px solid #ccc;padding:2px 8px}}
-figure{{display:inline-block;margin:4px;width:300px;font-size:11px}}
+body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin-bottom:1em}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}
+figure{{display:inline-block;margin:4px;width:300px;font-size:11px;vertical-align:top}}
+img.clip{{max-width:300px;image-rendering:auto}}
 .warn{{background:#fdd;padding:8px;font-weight:bold}}
 </style></head><body><h1>Dataset card</h1>{warn}
-<h2>Before and after filtering</h2><table><tr><td></td><td>before</td><td>after</td></tr>{rows}</table>
-<h2>Drops per filter</h2><table>{drops}</table><p>Rejected files: {card["rejected_files"]}</p>
-<h2>Score histograms</h2>{plots}
-<h2>Kept clips</h2>{strip(kept)}<h2>Dropped clips</h2>{strip(dropped)}</body></html>"""
+<h2 id="provenance">Provenance</h2>{_table(["", ""], provenance_rows)}
+<h2 id="summary">Before and after filtering</h2>{_table(["", "before", "after"], before_after)}
+<h2 id="thresholds">Thresholds</h2>{_table(["filter", "score", "bound", "value"], threshold_rows)}
+<h2 id="drops">Clips dropped per reason</h2>{_table(["reason", "clips"], drops)}
+<h2 id="overlaps">Filter overlaps</h2><p>Clips that both filters dropped (diagonal: all drops of the filter).</p>
+{_table(["", *filters], overlaps)}
+<h2 id="rejected">Rejected files per reason</h2><p>Rejected files: {card["rejected_files"]}</p>
+{_table(["reason", "files"], rejected)}
+<h2 id="camera-motion">Camera motion</h2>{_table(["camera motion", "clips before filtering", "kept"], camera)}
+<h2 id="histograms">Score histograms</h2>{plots}
+<h2 id="kept">Kept clips</h2>{figures([c for c in showcase if c.kept])}
+<h2 id="dropped">Dropped clips</h2>{figures([c for c in showcase if not c.kept])}</body></html>"""
 
 
-def finalize(parts: list[S3Uri], output: S3Uri, config: CurationConfig, store: ObjectStore) -> dict:
-    """Merge parts into the output prefix; returns the dataset card."""
+def _number(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4g}"
+
+
+def _overlap(overlaps: dict[str, int], a: str, b: str) -> int:
+    return overlaps.get(f"{a}&{b}", overlaps.get(f"{b}&{a}", 0))
+
+
+def _bound_of(bounds: dict[str, dict], score: str) -> tuple[str, float] | None:
+    for b in bounds.values():
+        if b["score"] == score:
+            side = "min" if "min" in b else "max"
+            return None if b[side] is None else (side, b[side])
+    return None
+
+
+def _common_folder(locations: list[str]) -> str | None:
+    """The deepest folder (or s3:// prefix) holding every location."""
+    if not locations:
+        return None
+    return os.path.commonprefix(locations).rsplit("/", 1)[0]
+
+
+def dataset_digest(folder: Path) -> str:
+    """sha256 over `manifest.jsonl` and every shard (name and content), 16 hex digits."""
+    files = [folder / "manifest.jsonl", *sorted((folder / "shards").glob("*.tar"))]
+    listing = "".join(f"{f.relative_to(folder).as_posix()} {sha256_file(f)}\n" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+def finalize(
+    parts: list[S3Uri],
+    output: S3Uri,
+    config: CurationConfig,
+    store: ObjectStore,
+    *,
+    input_location: str | None = None,
+) -> dict:
+    """Merge parts into the output prefix; returns the dataset card. `input_location`: the
+    folder or prefix that was curated, for the card's provenance (None: the deepest folder
+    holding every input the parts name)."""
     clips: list[ClipRecord] = []
-    rejected, random_weights = [], False
+    rejected, random_weights, videos = [], False, []
     for part in parts:
         clips += read_clips(store.get_bytes(part.join(CLIPS_FILE)))
         rejected += read_jsonl(store.get_bytes(part.join(REJECTED_FILE)))
-        random_weights |= json.loads(store.get_bytes(part.join(PART_INFO)))["random_weights"]
+        info = json.loads(store.get_bytes(part.join(PART_INFO)))
+        random_weights |= info["random_weights"]
+        videos += info.get("videos", [])
     clips.sort(key=lambda c: c.key)
     bounds = thresholds(clips, config.filters)
     apply_filters(clips, bounds)
+    candidates = [c for c in clips if not c.too_short]
     kept = [c for c in clips if c.kept]
     drops = {name: sum(name in c.drop_reasons for c in clips) for name in [TOO_SHORT, *bounds]}
     overlaps = {
@@ -156,7 +299,8 @@ def finalize(parts: list[S3Uri], output: S3Uri, config: CurationConfig, store: O
         for i, a in enumerate(bounds)
         for b in list(bounds)[i + 1 :]
     }
-    before, after = summary([c for c in clips if not c.too_short]), summary(kept)
+    before, after = summary(candidates), summary(kept)
+    config_json = config.model_dump(mode="json")
     card = {
         "clips_before_filter": before["clips"],
         "clips_after_filter": after["clips"],
@@ -169,27 +313,40 @@ def finalize(parts: list[S3Uri], output: S3Uri, config: CurationConfig, store: O
         "thresholds": bounds,
         "drops_per_filter": drops,
         "drop_overlaps": overlaps,
+        "input_files": len(videos),
         "rejected_files": len(rejected),
         "rejected_per_reason": {
             r: sum(x["reason"] == r for x in rejected) for r in sorted({x["reason"] for x in rejected})
+        },
+        "camera_motion_before_filter": {
+            m: sum(c.camera_motion == m for c in candidates) for m in sorted({c.camera_motion for c in candidates})
         },
         "camera_motion_kept": {
             m: sum(c.camera_motion == m for c in kept) for m in sorted({c.camera_motion for c in kept})
         },
         "random_weights": random_weights,
-        "config": config.model_dump(mode="json"),
+        "provenance": {
+            "input": input_location or _common_folder(sorted(videos)),
+            "output": str(output),
+            "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+            "config_hash": config_hash(config_json),
+            "code_version": git_commit(),
+        },
+        "config": config_json,
         "parts": [str(p) for p in parts],
     }
 
     with tempfile.TemporaryDirectory(prefix="vdm-final-") as tmp:
         folder = Path(tmp)
-        thumbnails = _write_shards(parts, {c.key: c for c in kept}, _showcase(clips), output, folder, config, store)
+        showcase = _showcase(clips)
+        thumbnails, previews = _write_shards(parts, {c.key: c for c in kept}, showcase, output, folder, config, store)
         with open(folder / "manifest.jsonl", "w") as f:
             f.writelines(_row(c) + "\n" for c in clips)
         with open(folder / "rejected.jsonl", "w") as f:
             f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in sorted(rejected, key=lambda r: r["video"]))
+        card["digest"] = dataset_digest(folder)
         (folder / "dataset_card.json").write_text(json.dumps(card, indent=1, sort_keys=True))
-        (folder / "dataset_card.html").write_text(card_html(card, clips, thumbnails))
+        (folder / "dataset_card.html").write_text(card_html(card, clips, thumbnails, previews))
         store.publish_folder(folder, output)
     return card
 
@@ -199,9 +356,11 @@ def _row(clip: ClipRecord) -> str:
     return dataclasses.replace(clip, too_short=None).to_json()
 
 
-def _showcase(clips: list[ClipRecord], count: int = 12) -> list[ClipRecord]:
-    """The clips the HTML card shows: the first kept and the first dropped ones."""
-    return [c for c in clips if c.kept][:count] + [c for c in clips if not c.kept][:count]
+def _showcase(clips: list[ClipRecord], count: int = 8) -> list[ClipRecord]:
+    """The clips the HTML card shows: the first kept and the first dropped ones, clips that a
+    filter dropped before those too short to keep (which have no video to play)."""
+    dropped = sorted((c for c in clips if not c.kept), key=lambda c: bool(c.too_short))
+    return [c for c in clips if c.kept][:count] + dropped[:count]
 
 
 def _write_shards(
@@ -212,30 +371,36 @@ def _write_shards(
     folder: Path,
     config: CurationConfig,
     store: ObjectStore,
-) -> dict[str, bytes]:
+) -> tuple[dict[str, bytes], dict[str, bytes | None]]:
     """Stream each part's clips once, in part order, into `shards/` (kept clips only),
     setting each kept clip's `shard`; memory holds one clip at a time. Returns the
-    thumbnails of the showcase clips."""
+    thumbnails and the looping previews of the showcase clips."""
     (folder / "shards").mkdir()
-    wanted_thumbnails = {c.key for c in showcase}
+    showcase_keys = {c.key for c in showcase}
     thumbnails: dict[str, bytes] = {}
+    previews: dict[str, bytes | None] = {}
     writer, written = None, 0
     for part in parts:
         with store.open(part.join(CLIPS_TAR)) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 key, _, ext = member.name.partition(".")
-                if ext == "jpg" and key in wanted_thumbnails:
+                if ext == "jpg" and key in showcase_keys:
                     thumbnails[key] = tar.extractfile(member).read()
+                elif ext == "mp4" and key not in kept and key in showcase_keys:
+                    previews[key] = _preview_webp(tar.extractfile(member).read())
                 elif ext == "mp4" and key in kept:
+                    mp4 = tar.extractfile(member).read()
+                    if key in showcase_keys:
+                        previews[key] = _preview_webp(mp4)
                     if written % config.output.clips_per_shard == 0:
                         if writer:
                             writer.close()
                         name = f"shards/shard-{written // config.output.clips_per_shard:06d}.tar"
                         writer = wds.TarWriter(str(folder / name), mtime=0)
                     kept[key].shard = str(output.join(name))
-                    writer.write({"__key__": key, "mp4": tar.extractfile(member).read(), "json": _row(kept[key])})
+                    writer.write({"__key__": key, "mp4": mp4, "json": _row(kept[key])})
                     written += 1
             stream.read()  # to the end: tarfile stops at its end marker, the checksum is verified at EOF
     if writer:
         writer.close()
-    return thumbnails
+    return thumbnails, previews

@@ -2,8 +2,9 @@
 text- and image-to-video, in-between positions for interpolation, velocity for
 prediction, view retrieval for multi-view, class accuracy for camera-motion adapters,
 the image-quality proxy with motion as a guard for spatial-HQ), run against the
-platform: model from a folder, s3:// or the registry; figures and sample mp4s to MLflow;
-for a registered model, the figures onto its version (what the promotion gate reads)."""
+platform: model from a folder, s3:// or the registry; figures (as metrics) and sample mp4s
+to MLflow; for a registered model, the figures onto its version (tags the promotion gate
+reads, metrics linked to its logged model) with a link to the evaluation run."""
 
 from __future__ import annotations
 
@@ -48,6 +49,17 @@ def _numbers(details: dict, prefix: str = "") -> dict[str, float]:
     return flat
 
 
+def _logged_model_id(version: tuple[str, str] | None) -> str | None:
+    """The MLflow logged model behind a registered version (None: not registered, or a version
+    made from a bare artifact source)."""
+    if version is None:
+        return None
+    registered = mlflow.MlflowClient().get_model_version(*version)
+    # The REST API leaves `model_id` empty; the version's source names the logged model (models:/m-...).
+    source = registered.source or ""
+    return registered.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else None)
+
+
 def run_evaluation(
     model_location: str,
     data: str,
@@ -83,15 +95,17 @@ def run_evaluation(
             settings=settings,
         ) as run:
             details = json.loads(json.dumps(evaluation.details, default=float))  # numpy figures as plain JSON
-            mlflow.log_metrics(evaluation.metrics | _numbers(details))
+            mlflow.log_metrics({k: v for k, v in _numbers(details).items() if k not in evaluation.metrics})
+            # The gate's figures also on the version's logged model: the version page lists them.
+            mlflow.log_metrics(evaluation.metrics, model_id=_logged_model_id(version))
             mlflow.log_dict(details, "details.json")
             for i, video in enumerate(evaluation.samples):
                 path = Path(tmp) / f"sample-{i:02d}.mp4"
                 write_video(path, to_uint8(video).numpy(), model.config.clip.fps, deterministic=False)
                 mlflow.log_artifact(str(path), "samples")
             if version:
-                record_evaluation(*version, evaluation.metrics, run_id=run.info.run_id)
                 mlflow.set_tag("vdm.model_version", f"{version[0]}/{version[1]}")
+                record_evaluation(*version, evaluation.metrics, run_id=run.info.run_id, run_url=run_url(run, settings))
     return EvaluationReport(
         kind=task.name,
         metric=task.metric.name,

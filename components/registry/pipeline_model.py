@@ -3,8 +3,9 @@ writes) as an MLflow pyfunc model with the folder as an artifact, registered as 
 version with the alias `candidate` and lineage tags. Its input columns are its kind's
 `Inputs` (model/tasks): text models take a `prompt`; image-to-video models an `image`
 (PNG/JPEG bytes), multi-view models also the view's camera `elevation`; interpolation
-and prediction models `frames` (an mp4 of the key frames or the context). Serving and
-`vdm sample` resolve `models:/NAME@ALIAS` back to the folder with `download_pipeline`."""
+and prediction models `frames` (an mp4 of the key frames or the context); an input
+example shows one such request. Serving and `vdm sample` resolve `models:/NAME@ALIAS`
+back to the folder with `download_pipeline`."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from components.common.media import video_bytes
-from components.registry.promotion import CANDIDATE
+from components.registry.promotion import CANDIDATE, describe_version, registered_version, registry_errors
 
 PIPELINE_ARTIFACT = "pipeline"
 # Generation settings every kind takes as pyfunc params (defaults: the model's own clip spec).
@@ -42,6 +43,44 @@ GENERATION_PARAMS = (
 UNSET_PARAMS = {"num_frames": 0, "fps": 0.0, "height": 0, "width": 0, "adapter": ""}
 _COLUMN_TYPES = {"str": "string", "float": "double", "int": "long", "int | None": "long", "float | None": "double"}
 OUTPUT = Schema([ColSpec("binary", "video_mp4")])
+
+
+EXAMPLE_PROMPT = "a red disc moving to the right"
+EXAMPLE_ELEVATION = 20.0
+
+
+def input_example(task) -> tuple[pd.DataFrame, dict]:
+    """The request MLflow shows with a version: one row of the kind's required inputs (and a
+    prompt where it takes one; media as small files), with the sampling steps and seed."""
+    import numpy as np
+    from PIL import Image
+
+    row: dict = {}
+    for f in fields(task.Inputs):
+        required = f.default is MISSING and f.default_factory is MISSING
+        media = f.metadata.get("media")
+        if media == "image":
+            buffer = io.BytesIO()
+            Image.new("RGB", (32, 32), (128, 96, 64)).save(buffer, format="PNG")
+            row[f.name] = buffer.getvalue()
+        elif media == "video":  # two frames: interpolation's keys, prediction's context
+            row[f.name] = video_bytes(np.full((2, 32, 32, 3), 128, dtype=np.uint8), 8.0)
+        elif f.name == "prompt":
+            row[f.name] = EXAMPLE_PROMPT
+        elif required and f.name == "elevation":
+            row[f.name] = EXAMPLE_ELEVATION
+    return pd.DataFrame([row]), {"steps": 25, "seed": 0}
+
+
+class _PyfuncFlavor:
+    """`mlflow.pyfunc` as the flavor `Model.log` saves with, taking `validate_serving_input`:
+    given an input example, `mlflow.pyfunc.log_model` loads the model and samples the example
+    on the CPU (seconds for a tiny model, minutes and gigabytes for a full-size one), and it
+    offers no way to skip that. The example is still checked against the signature."""
+
+    @staticmethod
+    def save_model(validate_serving_input: bool = True, **kwargs):
+        return mlflow.pyfunc.save_model(**kwargs)
 
 
 def _input_columns(task) -> list[ColSpec]:
@@ -146,11 +185,16 @@ def register_pipeline(folder: Path, name: str, lineage: Mapping[str, str], *, al
     task = task_of(layout.kind())
 
     run = mlflow.active_run()
-    info = mlflow.pyfunc.log_model(
+    info = Model.log(
+        artifact_path=None,
         name="pipeline",
-        python_model=VideoPipelineModel(),
+        flavor=_PyfuncFlavor,
+        flavor_name="python_function",
+        validate_serving_input=False,
+        python_model=str(Path(__file__).with_name("pyfunc_code.py")),  # models from code: nothing is unpickled
         artifacts={PIPELINE_ARTIFACT: str(folder)},
         signature=signature_of(task),
+        input_example=input_example(task),
         # The project image provides the package; naming it skips MLflow's slow inference.
         pip_requirements=[f"vdm-platform=={version('vdm-platform')}"],
         registered_model_name=name,
@@ -168,15 +212,24 @@ def register_pipeline(folder: Path, name: str, lineage: Mapping[str, str], *, al
         client.set_model_version_tag(name, number, "vdm.random_parts", ",".join(layout.random_weights()))
     if run:
         client.set_model_version_tag(name, number, "vdm.training_run", run.info.run_id)
+        # The data the run logged with `mlflow.log_input`: its digest (the dataset card's) on the version.
+        for logged in client.get_run(run.info.run_id).inputs.dataset_inputs[:1]:
+            client.set_model_version_tag(name, number, "vdm.dataset_digest", logged.dataset.digest)
     adapters = saved_adapters(folder)
     if adapters:  # camera-motion LoRA: the adapters this version can sample with
         client.set_model_version_tag(name, number, "vdm.adapters", ",".join(adapters))
     client.set_registered_model_alias(name, alias, number)
+    describe_version(name, number)
     return client.get_model_version(name, number)
 
 
 def download_pipeline(model_uri: str, destination: Path) -> Path:
-    """The pipeline folder of a registered model (`models:/NAME@ALIAS`, `models:/NAME/3`)."""
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(destination)))
+    """The pipeline folder of a registered model (`models:/NAME@ALIAS`, `models:/NAME/3`); an
+    unknown model, alias or version is a RegistryError naming the ones there are."""
+    name, number = registered_version(model_uri)
+    with registry_errors(name):
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{number}", dst_path=str(destination))
+        )
     flavor = Model.load(local).flavors["python_function"]
     return local / flavor["artifacts"][PIPELINE_ARTIFACT]["path"]

@@ -7,16 +7,11 @@ with its own VAE loop. A finetune starts from a trained model (`init_from`)."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from components.common.objectstore import ObjectStore, ObjectStoreError
 from components.common.settings import Settings, load_settings
 from components.training.request import RunResult, TrainingRequest
 from model.tasks import task_of
-
-
-def default_model_name(kind: str, config_name: str) -> str:
-    return f"vdm-{kind}-{Path(config_name).stem}"
 
 
 def command_of(request: TrainingRequest) -> str:

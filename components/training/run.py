@@ -5,26 +5,32 @@ presigned URLs. Checkpoints: published under `<output>/checkpoints/step-NNNNNNNN
 (manifest last, so a half-uploaded checkpoint is never picked up); `--resume`
 continues from the newest complete one. The final UNet goes to `<output>/final/`
 (an image-to-video model also to `<output>/svd/`, in StableVideoDiffusionPipeline's
-format). MLflow records the config, the lineage (data, init, output) and the loss curve.
+format). MLflow records the config, the lineage (data, init, output; the data also as the
+run's dataset), the training and validation losses (and their curve as `loss_curve.png`),
+and the samples (mp4s and a `frames.png` grid per sampling step).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import shutil
+import sys
 import tempfile
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 from mlflow.entities.model_registry import ModelVersion
 
 from components.common.media import write_video
 from components.common.objectstore import MANIFEST_NAME, ObjectStore, S3Uri, is_s3_uri
 from components.common.settings import Settings, load_settings
-from components.common.tracking import connect, run_url, tracked_run
+from components.common.tracking import connect, log_curated_data, run_url, tracked_run
 from components.common.weights import is_weights_ref, resolve_weights
 from components.registry.pipeline_model import download_pipeline, register_pipeline
 from components.training.request import RunResult
@@ -35,7 +41,7 @@ from model.latents import vae_fingerprint, write_latent_shards
 from model.pipeline import to_uint8
 from model.stages import StageConfig, VideoDiffusion, named_config
 from model.svd import export_svd
-from model.train import leave_distributed, train
+from model.train import TrainResult, leave_distributed, train
 
 CHECKPOINTS = "checkpoints"
 RESULT = "result.json"
@@ -114,15 +120,112 @@ def random_weights_tags(parts: tuple[str, ...]) -> dict[str, str]:
     return {"vdm.random_weights": "true", "vdm.random_parts": ",".join(parts)} if parts else {}
 
 
-def _metrics_logger(progress: bool):
-    """Metrics to the active MLflow run, and a line per log step on the terminal."""
+class TrainingProgress:
+    """What a run shows on stderr while it trains: a tqdm bar with the loss, steps/s and time
+    left when stderr is a terminal, else a plain line per log step with the same; the
+    validation loss as a line of its own."""
+
+    def __init__(self, max_steps: int | None = None, terminal: bool | None = None):
+        self.max_steps = max_steps
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.bar = None
+        self.previous: tuple[int, float] | None = None  # (step, time) of the last log
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        of = f"/{self.max_steps}" if self.max_steps else ""
+        now = time.perf_counter()
+        if self.terminal and self.bar is None:
+            from tqdm import tqdm
+
+            # Called once per log step, not per step: draw on every call.
+            self.bar = tqdm(
+                total=self.max_steps, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=0
+            )
+        if "val_loss" in metrics:
+            self._line(f"step {step}{of}  val_loss {metrics['val_loss']:.4g}")
+            self.previous = self.previous or (step, now)
+            return
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "samples_per_s")}, False)
+            self.bar.update(step - self.bar.n)
+            if self.max_steps and step >= self.max_steps:
+                self.bar.close()
+            return
+        parts = [f"step {step}{of}", *(f"{k} {v:.4g}" for k, v in metrics.items())]
+        if self.previous is not None and now > self.previous[1] and step > self.previous[0]:
+            rate = (step - self.previous[0]) / (now - self.previous[1])
+            parts.append(f"{rate:.3g} steps/s")
+            if self.max_steps:
+                parts.append(f"eta {datetime.timedelta(seconds=round((self.max_steps - step) / rate))}")
+        self.previous = step, now
+        self._line("  ".join(parts))
+
+    def _line(self, text: str) -> None:
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+
+def _metrics_logger(progress: bool, max_steps: int | None = None):
+    """Metrics to the active MLflow run and, with `progress`, to the terminal (TrainingProgress)."""
+    show = TrainingProgress(max_steps) if progress else None
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         mlflow.log_metrics(metrics, step=step)
-        if progress:
-            print(f"step {step:>6}  " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+        if show:
+            show(step, metrics)
 
     return on_log
+
+
+def frame_grid(videos: list[torch.Tensor], columns: int = 8, min_side: int = 128) -> np.ndarray:
+    """One picture of a sampling step: a row per video (T, 3, H, W) in [-1, 1], `columns`
+    frames spread over its length, each scaled up (nearest) to at least `min_side` pixels
+    on its shorter side; (rows * H', columns * W', 3) uint8."""
+    rows = []
+    for video in videos:
+        frames = to_uint8(video).numpy()
+        picked = np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int)
+        row = np.concatenate([frames[i] for i in picked], axis=1)
+        rows.append(np.pad(row, ((0, 0), (0, (columns - len(picked)) * frames.shape[2]), (0, 0))))
+    grid = np.concatenate(rows, axis=0)
+    scale = max(1, -(-min_side // min(videos[0].shape[-2:])))
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def write_png(image: np.ndarray, path: Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray(image).save(path)
+    return path
+
+
+LOSS_CURVE_SIZE = (960, 540)  # pixels of loss_curve.png
+
+
+def write_loss_curve(result: TrainResult, path: Path) -> Path:
+    """Training loss per step and validation loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = result.steps - len(result.losses) + 1  # this run's first step (after any resume)
+    fig, ax = plt.subplots(figsize=(LOSS_CURVE_SIZE[0] / 100, LOSS_CURVE_SIZE[1] / 100), dpi=100)
+    ax.plot(range(first, result.steps + 1), result.losses, lw=1, alpha=0.6, label="training loss (random noise levels)")
+    if result.val_losses:
+        steps = sorted(result.val_losses)
+        ax.plot(steps, [result.val_losses[s] for s in steps], "o-", lw=2, label="validation loss (fixed noise)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("EDM-weighted denoising loss")
+    ax.set_title("training and validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def run_training(
@@ -162,6 +265,7 @@ def run_training(
             folder.mkdir(parents=True)
             for i, video in enumerate(videos):
                 write_video(folder / f"prompt-{i}.mp4", to_uint8(video).numpy(), config.clip.fps, deterministic=False)
+            write_png(frame_grid(videos), folder / "frames.png")  # shown inline, unlike a 32-pixel mp4
             mlflow.log_artifacts(str(folder), f"samples/step-{step:08d}")
 
         def on_checkpoint(folder: Path, step: int) -> None:
@@ -184,13 +288,14 @@ def run_training(
                 mlflow.set_tags({"vdm.resumed_from": str(checkpoint or ""), "vdm.kind": config.stage})
                 if config.data == "images":  # Stage I or an image-only finetune: the lineage names its image set
                     mlflow.set_tag("vdm.image_set", data)
+                log_curated_data(data, store)
             result = train(
                 config,
                 shards,
                 scratch / "work",
                 init_from=init,
                 resume=resume_from,
-                on_log=_metrics_logger(progress),
+                on_log=_metrics_logger(progress, config.max_steps),
                 on_checkpoint=on_checkpoint,
                 on_samples=on_samples,
             )
@@ -198,6 +303,8 @@ def run_training(
             if not lead:
                 return RunResult(steps=result.steps, final=None, losses=result.losses)
             mlflow.set_tags(random_weights_tags(result.model.random_weights))
+            if result.losses:
+                mlflow.log_artifact(str(write_loss_curve(result, scratch / "loss_curve.png")))
             svd_model = result.model if result.model.task.conditioning == "image" else None
             final, version = publish_final(result.final, out, store, scratch, data, register_as, svd_model)
     summary = write_summary(out, store, settings, run, result.steps, final, register_as, version, checkpoint)
@@ -285,7 +392,7 @@ def run_autoencoder_training(
             settings=settings,
         ) as run,
     ):
-        vae = train_autoencoder(LatentCodec.tiny().vae, frames(), config, _metrics_logger(progress))
+        vae = train_autoencoder(LatentCodec.tiny().vae, frames(), config, _metrics_logger(progress, config.steps))
         error = reconstruction_error(vae, next(frames()))
         mlflow.log_metrics({"reconstruction_l1": error, "scaling_factor": vae.config.scaling_factor})
         vae.save_pretrained(Path(tmp) / "vae", safe_serialization=True)

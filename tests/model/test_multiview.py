@@ -224,7 +224,7 @@ def test_finetune_multiview_registers_a_model_whose_pyfunc_orbits_an_image(
     stack, prefix, i2v_folder, tmp_path, request
 ):
     data = f"{prefix}/orbits"
-    result = _vdm("data", "orbits", "--out", data, "--shards", "2", "--orbits-per-shard", "2")
+    result = _vdm("data", "orbits", "--output", data, "--shards", "2", "--orbits-per-shard", "2")
     assert result.returncode == 0 and "wrote 2 shards of 2 orbits" in result.stdout, result.stderr[-3000:]
     name = f"vdm-test-{request.node.name[:40]}"
     out = f"{prefix}/multiview"
@@ -260,6 +260,6 @@ def test_finetune_multiview_registers_a_model_whose_pyfunc_orbits_an_image(
     write_shapes_shards(tmp_path / "shapes", shards=1, clips_per_shard=2, num_frames=8)
     result = _vdm(
         "finetune", "multiview", "--data", str(tmp_path / "shapes"), "--output", f"{prefix}/bad",
-        "--init-from", str(i2v_folder), "--no-register",
+        "--init-from", str(i2v_folder),
     )  # fmt: skip
     assert result.returncode != 0 and "is not an orbit: its metadata has no camera elevation" in result.stderr

@@ -1,7 +1,8 @@
 """A recording stand-in for the Kubeflow Pipelines v2beta1 REST API (no KFP API
 server can run here): answers what `kfp.Client` calls for upload / run / recurring
 run with minimal valid bodies, keeps pipelines and experiments it was given, and
-records every request (method, path, query, body) for the tests to check."""
+records every request (method, path, query, body) for the tests to check. With `refuse`
+set it answers every request with that HTTP status (an API behind a login, say)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def _filtered_name(query: dict) -> str:
 
 
 class KfpStub:
-    def __init__(self):
+    def __init__(self, refuse: int | None = None):
         self.requests: list[dict] = []
         self.pipelines: dict[str, str] = {}  # name -> id
         self.versions: dict[str, list[str]] = {}  # pipeline id -> version ids
@@ -46,6 +47,8 @@ class KfpStub:
 
             def do_GET(self):
                 path, query, _ = self._record()
+                if refuse:
+                    return self._reply({"error": "refused"}, refuse)
                 if path == "/apis/v2beta1/healthz":
                     return self._reply({"multi_user": False})
                 if path == "/apis/v2beta1/pipelines":
@@ -70,6 +73,8 @@ class KfpStub:
 
             def do_POST(self):
                 path, query, body = self._record()
+                if refuse:
+                    return self._reply({"error": "refused"}, refuse)
                 if path == "/apis/v2beta1/pipelines/upload":
                     pid = f"pipeline-{len(stub.pipelines) + 1}"
                     stub.pipelines[query["name"]] = pid

@@ -4,13 +4,17 @@ cluster needs where it belongs: each training step in two variants chosen by `sc
 job), the same run-form parameters feeding the pod's resources and the step's launch (one
 rank per GPU); GPU, toleration, node selector, /dev/shm and retries on training; GPUs on
 the annotate and evaluation steps from their parameters; Secret and ConfigMap env on every
-step; caching on for curation, off for training; ParallelFor's parallelism; a default and
-a description for every run-form parameter."""
+step; caching on for annotating and finalizing curation, off for listing its inputs and for
+training; ParallelFor's parallelism; a default, a description and the declared type for every
+run-form parameter; a display name per step that names its model; the dataset card and the
+reports as HTML artifacts, the trained models as Model artifacts."""
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,7 @@ from pipelines.kubeflow import (
     LAUNCH_PARAMETERS,
     LAUNCHER_CPU,
     LAUNCHER_MEMORY,
+    MODEL_LABELS,
     PIPELINES,
     PLATFORM_CONFIG_MAP,
     S3_SECRET,
@@ -148,7 +153,7 @@ def placeholder(parameter: str) -> str:
 def compiled(tmp_path_factory) -> dict[str, Pipeline]:
     out = tmp_path_factory.mktemp("compiled")
     result = subprocess.run(
-        [sys.executable, "-m", "vdm.cli", "pipeline", "compile", "--out", str(out)],
+        [sys.executable, "-m", "vdm.cli", "pipeline", "compile", "--output", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -381,12 +386,16 @@ def test_every_step_reads_credentials_from_the_secret_and_endpoints_from_the_con
             assert "AWS_SECRET_ACCESS_KEY" not in str(pipeline.executors[executor]["container"].get("env", ""))
 
 
-def test_curation_fans_out_over_shards_with_caching(compiled):
-    pipeline = compiled["curation"]
+@pytest.mark.parametrize("name", ["curation", "end-to-end"])
+def test_curation_fans_out_over_shards_with_caching_but_lists_its_inputs_anew(compiled, name):
+    pipeline = compiled[name]
     tasks = pipeline.spec["root"]["dag"]["tasks"]
     loop = next(t for n, t in tasks.items() if n.startswith("for-loop"))
     assert loop["iteratorPolicy"] == {"parallelismLimit": 8}
-    assert tasks["plan-curation"]["cachingOptions"] == {"enableCache": True}
+    # A growing input prefix keeps its URI: a cached listing would never see the new videos.
+    assert tasks["plan-curation"]["cachingOptions"] == {}
+    (annotate,) = pipeline.of("comp-annotate-input-shard")
+    assert pipeline.tasks[annotate][1]["cachingOptions"] == {"enableCache": True}
     assert tasks["finalize-curation"]["cachingOptions"] == {"enableCache": True}
     image = pipeline.executors["exec-plan-curation"]["container"]["image"]
     assert image.startswith("vdm-platform:") and not image.endswith(":latest")
@@ -436,8 +445,9 @@ def test_every_finetune_pipeline_ends_in_its_kinds_evaluation_and_the_gate(compi
     # The gate decides on the kind's metric (empty: read from the candidate's kind).
     assert pipeline.sources(gate, "metric") == {("const", "")}
     tasks = pipeline.spec["root"]["dag"]["tasks"]
-    assert tasks[evaluation]["taskInfo"]["name"] == f"evaluate {kind}"
-    assert tasks[gate]["taskInfo"]["name"] == f"promotion gate {kind}"
+    label = MODEL_LABELS.get(kind, kind)
+    assert tasks[evaluation]["taskInfo"]["name"] == f"evaluate {label}"
+    assert tasks[gate]["taskInfo"]["name"] == f"promotion gate {label}"
     # The run form explains every parameter, and names the kind's metric.
     parameters = pipeline.parameters
     assert task.metric.name in parameters["min_improvement"]["description"]
@@ -457,3 +467,76 @@ def test_a_run_from_the_ui_trains_svds_size_from_sd21_and_curates_with_the_publi
         assert curation["neural"]["aesthetic_weights"] == "weights:laion-aesthetic"
         assert curation["neural"]["coca_weights"] == "weights:coca-vit-l-14"
         assert pipeline.parameters["random_weights"]["defaultValue"] is False
+
+
+RUN_FORM_TYPES = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", bool: "BOOLEAN"}
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_every_parameter_has_its_declared_type_and_says_what_not_set_means(compiled, name):
+    signature = inspect.signature(PIPELINES[name].pipeline_func)
+    parameters = compiled[name].parameters
+    assert set(parameters) == set(signature.parameters)
+    for key, declared in signature.parameters.items():
+        field = parameters[key]
+        assert field["parameterType"] == RUN_FORM_TYPES[declared.annotation], (name, key)
+        description = field["description"]
+        assert len(description) > 20 and "\n" not in description, (name, key, description)
+        # A form cannot leave a field unset: where 0 or "" stands for the config's value, the form says so.
+        if declared.default == 0 and declared.annotation is int:
+            assert "0:" in description, (name, key, description)
+        if declared.default == "":
+            assert "empty" in description.lower(), (name, key, description)
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_every_step_has_its_own_readable_display_name(compiled, name):
+    pipeline = compiled[name]
+    steps = {n: t for n, (_, t) in pipeline.tasks.items() if "executorLabel" in pipeline.components[
+        t["componentRef"]["name"]]}  # fmt: skip
+    shown = [t["taskInfo"]["name"] for t in steps.values()]
+    assert all(" " in s for s in shown), shown  # set by the pipeline, not KFP's task key ("train-stage-3")
+    assert not [s for s, count in Counter(shown).items() if count > 1], shown
+
+
+def test_end_to_end_names_each_models_evaluation_and_gate(compiled):
+    pipeline = compiled["end-to-end"]
+    shown = {t["taskInfo"]["name"] for _, (_, t) in pipeline.tasks.items()}
+    models = ("text-to-video", "image-to-video")
+    assert {f"evaluate {m}" for m in models} | {f"promotion gate {m}" for m in models} <= shown
+    assert {"finetune image-to-video", "train Stage III (hq)", "list and shard inputs", "annotate shard"} <= shown
+    # ... and each evaluation and gate is the one of its model
+    evaluations = pipeline.of("comp-evaluate-model")
+    gates = pipeline.of("comp-promote-candidate")
+    tasks = pipeline.spec["root"]["dag"]["tasks"]
+    assert [tasks[t]["taskInfo"]["name"] for t in evaluations] == [f"evaluate {m}" for m in models]
+    assert [tasks[t]["taskInfo"]["name"] for t in gates] == [f"promotion gate {m}" for m in models]
+    for evaluation, gate in zip(evaluations, gates, strict=True):
+        assert pipeline.sources(gate, "model_uri") == pipeline.sources(evaluation, "model_uri")
+
+
+OUTPUT_ARTIFACTS = {
+    "comp-finalize-curation": {"dataset": "system.Dataset", "card": "system.HTML"},
+    "comp-evaluate-model": {"evaluation": "system.Metrics", "report": "system.HTML"},
+    "comp-promote-candidate": {"decision": "system.Artifact", "report": "system.HTML"},
+    "comp-train-stage": {"model": "system.Model"},
+    "comp-finetune-model": {"model": "system.Model"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_the_card_and_reports_are_html_and_the_models_model_artifacts(compiled, name):
+    pipeline = compiled[name]
+    seen = set()
+    for component, spec in pipeline.components.items():
+        kind = next((k for k in OUTPUT_ARTIFACTS if component == k or component.startswith(f"{k}-")), None)
+        if kind is None:
+            continue
+        artifacts = spec["outputDefinitions"]["artifacts"]
+        assert {k: a["artifactType"]["schemaTitle"] for k, a in artifacts.items()} == OUTPUT_ARTIFACTS[kind]
+        seen.add(kind)
+    assert seen, name
+    if name in ("end-to-end", "curation"):
+        assert "comp-finalize-curation" in seen
+    if name != "curation":
+        assert "comp-evaluate-model" in seen or name == "pretraining"

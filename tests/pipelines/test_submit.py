@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 
-import kfp
 import pytest
 from kfp_stub import KfpStub
 
-from pipelines.submit import parse_params, schedule, submit
+from pipelines.submit import connect, parse_params, schedule, submit
 
 
 @pytest.fixture
@@ -21,7 +20,7 @@ def stub():
 
 
 def test_submit_uploads_then_versions_and_runs_with_the_parameters(stub):
-    client = kfp.Client(host=stub.host)
+    client = connect(stub.host)
     first = submit(client, "curation", "vdm", parse_params(["videos_per_shard=2", "random_weights=true"], "curation"))
     second = submit(client, "curation", "vdm", {"input_uri": "s3://vdm/raw"})
     assert first["pipeline_id"] == second["pipeline_id"] == "pipeline-1"
@@ -43,7 +42,7 @@ def test_submit_uploads_then_versions_and_runs_with_the_parameters(stub):
 
 
 def test_schedule_creates_a_recurring_run(stub):
-    result = schedule(kfp.Client(host=stub.host), "end-to-end", "nightly", "0 0 3 * * *", {"image_steps": 10})
+    result = schedule(connect(stub.host), "end-to-end", "nightly", "0 0 3 * * *", {"image_steps": 10})
     assert result["recurring_run_id"].startswith("recurring-")
     job = json.loads(stub.posted("/apis/v2beta1/recurringruns")[0]["body"])
     assert job["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *" and int(job["max_concurrency"]) == 1
@@ -51,8 +50,8 @@ def test_schedule_creates_a_recurring_run(stub):
 
 
 def test_unknown_pipeline_and_bad_parameters_are_clear_errors(stub):
-    with pytest.raises(ValueError, match="unknown pipeline 'nope'"):
-        submit(kfp.Client(host=stub.host), "nope", "vdm", {})
+    with pytest.raises(ValueError, match="unknown pipeline 'nope'; known: curation, pretraining, "):
+        submit(connect(stub.host), "nope", "vdm", {})
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_params(["oops"], "curation")
     with pytest.raises(ValueError, match="curation has no parameter 'gpus'; its parameters: input_uri, "):

@@ -30,7 +30,9 @@ def test_settings_read_a_comma_separated_model_list_and_validate_limits(monkeypa
     monkeypatch.setenv("VDM_SERVE_MAX_FRAMES", "14")
     settings = ServeSettings()
     assert settings.specs() == (ModelSpec("t2v", "candidate"), ModelSpec("i2v", "staging"), ModelSpec("mv", "champion"))
-    assert (settings.max_frames, settings.max_video_bytes) == (14, 50 * 2**20)
+    assert (settings.max_frames, settings.max_video_bytes, settings.gpus) == (14, 50 * 2**20, None)
+    monkeypatch.setenv("VDM_SERVE_GPUS", "0")  # declare no GPU even where torch sees one
+    assert ServeSettings().gpus == 0
     monkeypatch.setenv("VDM_SERVE_MAX_CONCURRENCY", "0")
     with pytest.raises(ValueError, match="max_concurrency"):
         ServeSettings()

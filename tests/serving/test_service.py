@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,6 +37,7 @@ from model.camera_lora import is_adapter_weight
 from model.stages import VideoDiffusion, named_config
 from model.tasks import ENDPOINTS
 from model.train import train
+from serving.service import REQUESTS
 
 CHAMPION = "champion"
 MAX_CONCURRENCY = 2
@@ -59,7 +61,7 @@ def _png(size=(40, 24)) -> bytes:
 def trained_video(tmp_path_factory):
     """A tiny text-to-video model folder (one training step): the other kinds start from it."""
     paths, _ = write_shapes_shards(tmp_path_factory.mktemp("shards"), shards=1, clips_per_shard=2)
-    config = replace(named_config("tiny", "video"), max_steps=1)
+    config = replace(named_config("tiny", "video"), max_steps=1, validation_clips=0)  # two clips: none to spare
     return train(config, [str(p) for p in paths], tmp_path_factory.mktemp("train")).final
 
 
@@ -124,26 +126,20 @@ def kind_models(settings, versions, trained_video, tmp_path_factory):
     return names
 
 
-@pytest.fixture(scope="module")
-def server(stack, versions, image_model, kind_models, tmp_path_factory):
-    """`vdm serve` of every kind at once on a free port, polling the aliases every second
-    (the multi-view model at its own alias, `models:/NAME@ALIAS`; the others plain NAMEs
-    at --alias); its log in a file."""
+@contextlib.contextmanager
+def _serving(models: list[str], log_path, *options: str, env: dict[str, str] | None = None):
+    """`vdm serve` of `models` on a free port, run as a user runs it, until ready; its URL
+    and port. Its log goes to `log_path`."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    multiview = kind_models["multiview"]
-    MlflowClient().set_registered_model_alias(multiview, "mv-live", "1")
-    names = [versions, image_model, kind_models["interpolation"], kind_models["prediction"]]
-    models = [*(f"--model={name}" for name in names), f"--model=models:/{multiview}@mv-live"]
-    command = [sys.executable, "-m", "vdm.cli", "serve", *models, "--alias", CHAMPION]
-    options = ["--port", str(port), "--poll-seconds", "1", "--max-concurrency", str(MAX_CONCURRENCY)]
-    # Its own BentoML home: the task queue's SQLite file is not shared with other servers.
-    bentoml_home = tmp_path_factory.mktemp("bentoml")
-    env = os.environ | {"VDM_SERVE_MAX_VIDEO_BYTES": str(MAX_VIDEO_BYTES), "BENTOML_HOME": str(bentoml_home)}
+    command = [sys.executable, "-m", "vdm.cli", "serve", *(f"--model={m}" for m in models), "--port", str(port)]
     with open(log_path, "w") as log:
         # Its own process group: teardown can stop BentoML's arbiter and workers together.
         process = subprocess.Popen(
-            [*command, *options], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            [*command, *options],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=os.environ | (env or {}),
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -158,13 +154,36 @@ def server(stack, versions, image_model, kind_models, tmp_path_factory):
             time.sleep(0.5)
         else:
             pytest.fail(f"never ready:\n{log_path.read_text()[-3000:]}")
-        yield {"url": url, "port": port, "name": versions, "image_model": image_model, "log": log_path, **kind_models}
+        yield url, port
     finally:
         process.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=30)
         with contextlib.suppress(ProcessLookupError):  # whatever did not stop in time
             os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(stack, versions, image_model, kind_models, tmp_path_factory):
+    """`vdm serve` of every kind at once on a free port, polling the aliases every second
+    (the multi-view model at its own alias, `models:/NAME@ALIAS`; the others plain NAMEs
+    at --alias); its log in a file."""
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    multiview = kind_models["multiview"]
+    MlflowClient().set_registered_model_alias(multiview, "mv-live", "1")
+    models = [versions, image_model, kind_models["interpolation"], kind_models["prediction"]]
+    options = ["--alias", CHAMPION, "--poll-seconds", "1", "--max-concurrency", str(MAX_CONCURRENCY)]
+    env = {"VDM_SERVE_MAX_VIDEO_BYTES": str(MAX_VIDEO_BYTES)}
+    with _serving([*models, f"models:/{multiview}@mv-live"], log_path, *options, env=env) as (url, port):
+        yield {"url": url, "port": port, "name": versions, "image_model": image_model, "log": log_path, **kind_models}
+
+
+def _error_body(response: httpx.Response, status: int) -> dict:
+    """The body of an error response with `status`, checked to be in the one error shape."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "field", "error_id"} and re.fullmatch("[0-9a-f]{12}", body["error_id"]), body
+    return body
 
 
 def _post(server, endpoint: str, timeout: float = 120, **payload) -> httpx.Response:
@@ -251,9 +270,7 @@ def test_text_to_video_as_a_task(server):
     ],
 )
 def test_invalid_requests_get_400_naming_the_field(server, payload, field):
-    response = _post(server, "text_to_video", **payload)
-    assert response.status_code == 400
-    assert [error["loc"] for error in response.json()["detail"]] == [[field]]
+    assert _error_body(_post(server, "text_to_video", **payload), 400)["field"] == field
 
 
 def _frames(response: httpx.Response) -> np.ndarray:
@@ -270,9 +287,9 @@ def test_camera_motion_samples_with_the_models_adapter_and_one_it_lacks_is_a_400
     assert change > 5, change  # the adapter changes the video...
     off = _post(server, "text_to_video", **request, camera_motion="pan", camera_motion_strength=0)
     assert np.abs(_frames(off).astype(int) - _frames(plain)).mean() < 0.1 * change  # ...in proportion to its strength
-    lacking = _post(server, "text_to_video", **request, camera_motion="zoom_in")
-    assert lacking.status_code == 400
-    assert "has no camera-motion adapter 'zoom_in'; it has ['pan']" in lacking.text
+    lacking = _error_body(_post(server, "text_to_video", **request, camera_motion="zoom_in"), 400)
+    assert lacking["field"] == "camera_motion"
+    assert "has no camera-motion adapter 'zoom_in'; it has ['pan']" in lacking["error"]
     image = httpx.post(
         f"{server['url']}/image_to_video",
         files={"image": ("i.png", _png(), "image/png")},
@@ -283,8 +300,8 @@ def test_camera_motion_samples_with_the_models_adapter_and_one_it_lacks_is_a_400
 
 
 def test_sizes_the_network_cannot_take_get_400(server):
-    response = _post(server, "text_to_video", prompt="x", height=36, num_steps=1)
-    assert response.status_code == 400 and "height must be a multiple of 8" in response.text
+    error = _error_body(_post(server, "text_to_video", prompt="x", height=36, num_steps=1), 400)
+    assert error["field"] == "height" and error["error"].startswith("height must be a multiple of 8")
 
 
 def test_image_to_video_returns_the_requested_video_and_checks_the_upload(server):
@@ -326,9 +343,9 @@ def _upload(server, endpoint: str, files: dict, timeout: float = 120, **data) ->
     return httpx.post(f"{server['url']}/{endpoint}", files=files, data=form, timeout=timeout)
 
 
-def _field_errors(response: httpx.Response) -> list:
-    assert response.status_code == 400, response.text
-    return [error["loc"] for error in response.json()["detail"]]
+def _field_error(response: httpx.Response) -> str | None:
+    """The field a 400 names."""
+    return _error_body(response, 400)["field"]
 
 
 def test_interpolate_fills_three_frames_between_each_pair_at_four_times_the_rate(server):
@@ -351,8 +368,8 @@ def test_uploaded_videos_are_checked_before_any_model_work(server):
     def interpolate(data: bytes, name="keys.mp4"):
         return _upload(server, "interpolate", {"video": (name, data, "video/mp4")}, num_steps=1)
 
-    one_frame = interpolate(_mp4(1))
-    assert one_frame.status_code == 400 and "video: video has 1 frames; interpolate needs 2+" in one_frame.text
+    one_frame = _error_body(interpolate(_mp4(1)), 400)
+    assert one_frame == one_frame | {"field": "video", "error": "video: video has 1 frames; interpolate needs 2+"}
     not_a_video = interpolate(b"not an mp4")
     assert not_a_video.status_code == 400 and "video: video could not be read as an mp4" in not_a_video.text
     gif = io.BytesIO()
@@ -363,7 +380,7 @@ def test_uploaded_videos_are_checked_before_any_model_work(server):
     assert too_long.status_code == 400 and "video: video has more than 32 frames" in too_long.text
     too_big = interpolate(np.random.default_rng(0).bytes(MAX_VIDEO_BYTES + 1))
     assert too_big.status_code == 400 and f"video: video is larger than {MAX_VIDEO_BYTES} bytes" in too_big.text
-    assert _field_errors(_upload(server, "interpolate", {}, num_steps=1)) == [["video"]]
+    assert _field_error(_upload(server, "interpolate", {}, num_steps=1)) == "video"
 
 
 def test_extend_continues_the_context_to_the_requested_length(server):
@@ -375,9 +392,9 @@ def test_extend_continues_the_context_to_the_requested_length(server):
     one = _upload(server, "extend", {"video": ("c.mp4", _mp4(1), "video/mp4")}, num_frames=3, num_steps=1, fps=4)
     assert one.status_code == 200, one.text
     assert _decoded(one.content)[:2] == (3, 4.0)
-    assert _field_errors(_upload(server, "extend", context, num_frames=0)) == [["num_frames"]]
-    assert _field_errors(_upload(server, "extend", context, num_frames=1000)) == [["num_frames"]]
-    assert _field_errors(_upload(server, "extend", context, context_guidance=-1)) == [["context_guidance"]]
+    assert _field_error(_upload(server, "extend", context, num_frames=0)) == "num_frames"
+    assert _field_error(_upload(server, "extend", context, num_frames=1000)) == "num_frames"
+    assert _field_error(_upload(server, "extend", context, context_guidance=-1)) == "context_guidance"
 
 
 def test_multiview_orbits_the_view_from_its_elevation(server):
@@ -386,22 +403,22 @@ def test_multiview_orbits_the_view_from_its_elevation(server):
     assert response.status_code == 200, response.text
     assert response.headers["x-vdm-model"] == f"{server['multiview']}/1"
     assert _decoded(response.content) == (4, 8.0, 32, 32)
-    assert _field_errors(_upload(server, "multiview", view, elevation=95)) == [["elevation"]]
-    assert _field_errors(_upload(server, "multiview", view, num_frames=4)) == [["elevation"]]
+    assert _field_error(_upload(server, "multiview", view, elevation=95)) == "elevation"
+    assert _field_error(_upload(server, "multiview", view, num_frames=4)) == "elevation"
 
 
 def test_a_request_may_name_its_model_one_not_served_or_of_another_kind_is_a_400(server):
     named = _post(server, "text_to_video", prompt="a disc", num_frames=2, num_steps=1, model=server["name"])
     assert named.status_code == 200 and named.headers["x-vdm-model"] == f"{server['name']}/1"
-    missing = _post(server, "text_to_video", prompt="a disc", num_steps=1, model="no-such-model")
-    assert missing.status_code == 400 and "model: 'no-such-model' is not served here" in missing.text
+    missing = _error_body(_post(server, "text_to_video", prompt="a disc", num_steps=1, model="no-such-model"), 400)
+    assert missing["field"] == "model" and "model: 'no-such-model' is not served here" in missing["error"]
     other_kind = _post(server, "text_to_video", prompt="a disc", num_steps=1, model=server["interpolation"])
     assert other_kind.status_code == 400
     assert f"model: {server['interpolation']} is a 'interpolation' model" in other_kind.text
     keys = {"video": ("keys.mp4", _mp4(2), "video/mp4")}
     wrong = _upload(server, "extend", keys, num_steps=1, model=server["multiview"])
     assert wrong.status_code == 400 and f"model: {server['multiview']} is a 'multiview' model" in wrong.text
-    assert _field_errors(_post(server, "text_to_video", prompt="x", model="")) == [["model"]]
+    assert _field_error(_post(server, "text_to_video", prompt="x", model="")) == "model"
 
 
 def test_an_endpoint_without_a_model_is_a_404_naming_it_and_each_alias_moves_alone(server):
@@ -413,8 +430,8 @@ def test_an_endpoint_without_a_model_is_a_404_naming_it_and_each_alias_moves_alo
         info = {m["name"]: m for m in _post(server, "model_info").json()}
         assert (info[name]["version"], info[name]["endpoint"]) == ("2", "text_to_video")
         assert info[server["interpolation"]]["version"] == "1"  # the other models stay
-        missing = _upload(server, "extend", keys, num_steps=1)
-        assert missing.status_code == 404 and "no model for the extend endpoint" in missing.text
+        missing = _error_body(_upload(server, "extend", keys, num_steps=1), 404)
+        assert missing["field"] is None and "no model for the extend endpoint" in missing["error"]
         # text_to_video's default is still the first configured model; the moved one by name.
         default = _post(server, "text_to_video", prompt="x", num_frames=2, num_steps=1)
         assert default.headers["x-vdm-model"] == f"{server['name']}/1"
@@ -435,18 +452,118 @@ def test_the_openapi_document_declares_mp4_responses_for_every_generating_endpoi
         assert list(operation["responses"]["200"]["content"]) == ["video/mp4"], path
 
 
+def test_every_error_is_in_one_shape_with_its_id_in_the_server_log(server):
+    """BentoML's validation errors, unknown paths and task lookups answer in the service's
+    own shape, `{"error", "field", "error_id"}`, and the log has each error under its id."""
+    url = server["url"]
+    cases = [
+        (_post(server, "text_to_video", prompt="x", num_frames=0), 400, "num_frames"),
+        (_post(server, "text_to_video", num_frames=4), 400, "prompt"),  # a required field missing
+        (
+            httpx.post(f"{url}/text_to_video", content=b"{not json", headers={"content-type": "application/json"}),
+            400,
+            None,
+        ),
+        (httpx.get(f"{url}/no_such_endpoint"), 404, None),
+        (httpx.get(f"{url}/text_to_video_task/status", params={"task_id": "no-such-task"}), 404, None),
+    ]
+    bodies = [_error_body(response, status) for response, status, _ in cases]
+    assert [body["field"] for body in bodies] == [field for *_, field in cases]
+    assert bodies[0]["error"] == "num_frames: Input should be greater than or equal to 1"
+    assert bodies[1]["error"] == "prompt: Field required" and bodies[4]["error"] == "task_id not found"
+    assert len({body["error_id"] for body in bodies}) == len(bodies)
+    deadline = time.monotonic() + 10
+    while any(f"error id {b['error_id']}" not in server["log"].read_text() for b in bodies):
+        assert time.monotonic() < deadline, [b["error_id"] for b in bodies]
+        time.sleep(0.5)
+
+
+def test_the_openapi_document_describes_the_service_every_request_field_and_the_errors(server):
+    spec = httpx.get(f"{server['url']}/docs.json", timeout=10).json()
+    description = spec["info"]["description"]
+    assert "created with BentoML" not in description
+    for said in ("/text_to_video", "/multiview", "/model_info", "/readyz", "error_id", "Authentication: none"):
+        assert said in description, said
+    documented: dict[str, set[str]] = {}
+    for path, item in spec["paths"].items():
+        for operation in item.values():
+            for content in operation.get("requestBody", {}).get("content", {}).values():
+                for name, field in content["schema"].get("properties", {}).items():
+                    # `example` is what Swagger UI fills its forms from; JSON Schema's `examples` too.
+                    assert field.get("description") and "example" in field and field["examples"], (path, name)
+                    documented.setdefault(path, set()).add(name)
+            if "requestBody" in operation:
+                errors = {code: r for code, r in operation["responses"].items() if int(code) >= 400}
+                assert {"400", "404", "429", "500", "503", "504"} <= set(errors), path
+                for response in errors.values():
+                    assert response["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/Error"
+    for endpoint in ENDPOINTS:
+        assert documented[f"/{endpoint}"] == set(REQUESTS[endpoint].model_fields), endpoint
+    error = spec["components"]["schemas"]["Error"]
+    assert error["required"] == ["error", "field", "error_id"]
+    assert all(error["properties"][name]["description"] for name in error["required"])
+
+
+def test_the_api_docs_page_works_offline_at_docs(server):
+    url = server["url"]
+    assert httpx.get(f"{url}/").headers["location"] == "/docs/"  # BentoML's own page there needs the internet
+    page = httpx.get(f"{url}/docs", follow_redirects=True, timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert str(page.url) == f"{url}/docs/"
+    assets = re.findall(r'<(?:script|link)[^>]*?(?:src|href)="([^"]+)"', page.text)
+    assert {"assets/swagger-ui.css", "assets/swagger-ui-bundle.js", "assets/swagger-ui-standalone-preset.js"} <= set(
+        assets
+    )
+    (spec_url,) = re.findall(r'url: "([^"]+)"', page.text)
+    for asset in [*assets, spec_url]:
+        assert "//" not in asset, asset  # relative to the page: nothing comes from another host
+        assert httpx.get(urllib.parse.urljoin(str(page.url), asset), timeout=10).status_code == 200, asset
+    assert "validatorUrl: null" in page.text  # Swagger UI's default validator badge calls swagger.io
+
+
+def test_two_services_run_side_by_side_each_with_its_own_bentoml_home(server, settings, tmp_path):
+    """A second `vdm serve` on the host: both answer, and the first's task queue and
+    metrics (in its BentoML home, which each BentoML start clears) still work."""
+    with _serving([server["name"]], tmp_path / "second.log", "--poll-seconds", "0") as (second, port):
+        for url in (server["url"], second):
+            assert httpx.get(f"{url}/readyz").status_code == 200
+            response = httpx.post(
+                f"{url}/text_to_video", json={"prompt": "x", "num_frames": 2, "num_steps": 1}, timeout=120
+            )
+            assert response.status_code == 200 and response.headers["x-vdm-model"] == f"{server['name']}/1"
+        assert _run_task(server, prompt="x", num_frames=2, num_steps=1)[0] == "completed"
+        assert "vdm_serving_frames_generated_total" in httpx.get(f"{server['url']}/metrics").text
+        for each in (server["port"], port):
+            assert (settings.home / "serving" / str(each) / "bentoml" / "task_result.db").is_file()
+        # The same port again is refused before BentoML starts (and before it touches that home).
+        taken = subprocess.run(
+            [sys.executable, "-m", "vdm.cli", "serve", "--model", server["name"], "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert taken.returncode == 1 and taken.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    assert httpx.get(f"{server['url']}/readyz").status_code == 200
+
+
 def test_requests_beyond_max_concurrency_get_429_and_the_rest_finish(server):
-    statuses: list[int] = []
+    responses: list[httpx.Response] = []
 
     def call():
-        statuses.append(_post(server, "text_to_video", prompt="slow", num_frames=8, num_steps=12).status_code)
+        responses.append(_post(server, "text_to_video", prompt="slow", num_frames=8, num_steps=12))
 
     threads = [threading.Thread(target=call) for _ in range(MAX_CONCURRENCY + 2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(statuses) == [200] * MAX_CONCURRENCY + [429] * 2
+    assert sorted(r.status_code for r in responses) == [200] * MAX_CONCURRENCY + [429] * 2
+    for refused in (r for r in responses if r.status_code == 429):
+        assert _error_body(refused, 429) | {"error_id": None} == {
+            "error": "Too many requests",
+            "field": None,
+            "error_id": None,
+        }
     assert httpx.get(f"{server['url']}/readyz").status_code == 200
 
 
@@ -473,10 +590,9 @@ def test_moving_the_alias_switches_versions_and_requests_in_flight_finish_on_the
 def test_a_failing_generation_is_a_500_with_an_error_id_and_the_server_keeps_serving(server):
     _move_alias(server, "3")
     try:
-        failed = _post(server, "text_to_video", prompt="x", num_frames=2, num_steps=1)
-        assert failed.status_code == 500
-        error_id = failed.json()["error_id"]
-        assert len(error_id) == 12 and f"error id {error_id}" in server["log"].read_text()
+        failed = _error_body(_post(server, "text_to_video", prompt="x", num_frames=2, num_steps=1), 500)
+        assert failed["error"] == "video generation failed" and failed["field"] is None
+        assert f"error id {failed['error_id']}" in server["log"].read_text()
         # A task that fails ends `failed` (a raising BentoML task would stay in progress).
         assert _run_task(server, prompt="x", num_frames=2, num_steps=1)[0] == "failed"
     finally:

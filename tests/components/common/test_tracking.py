@@ -11,12 +11,15 @@ import mlflow
 import pytest
 
 from components.common.tracking import (
+    EXPERIMENT_KIND,
     TAG_CONFIG_HASH,
+    TAG_EXPERIMENT_KIND,
     TAG_GIT_COMMIT,
     TAG_INPUTS,
     artifact_object_uri,
     config_hash,
     flatten,
+    log_curated_data,
     run_url,
     tracked_run,
 )
@@ -92,3 +95,36 @@ def test_run_url_points_at_the_server(settings):
     assert url == f"{settings.mlflow_tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     with urllib.request.urlopen(url.split("#")[0], timeout=10) as response:
         assert response.status == 200
+
+
+def test_experiments_open_on_the_runs_table_and_keep_a_kind_chosen_in_the_ui(settings):
+    with tracked_run("test-tracking-kind", settings=settings) as run:
+        pass
+    client = mlflow.MlflowClient()
+    assert client.get_experiment(run.info.experiment_id).tags[TAG_EXPERIMENT_KIND] == EXPERIMENT_KIND
+    client.set_experiment_tag(run.info.experiment_id, TAG_EXPERIMENT_KIND, "genai_development")
+    with tracked_run("test-tracking-kind", settings=settings):
+        pass
+    assert client.get_experiment(run.info.experiment_id).tags[TAG_EXPERIMENT_KIND] == "genai_development"
+
+
+def test_training_run_links_curated_shards_with_the_card_digest(settings, store, prefix, tmp_path):
+    store.put_bytes(f"{prefix}/dataset_card.json", json.dumps({"digest": "0123456789abcdef", "clips": 3}).encode())
+    local = tmp_path / "orbits"
+    local.mkdir()
+    with tracked_run("test-tracking", settings=settings) as run:
+        log_curated_data(f"{prefix}/shards/", store)
+        log_curated_data(str(local), store, context="evaluation")
+
+    inputs = {i.dataset.name: i for i in mlflow.get_run(run.info.run_id).inputs.dataset_inputs}
+    curated = inputs[f"{prefix}/shards/"].dataset
+    assert curated.digest == "0123456789abcdef"
+    assert curated.source_type == "s3"
+    assert json.loads(curated.source) == {"uri": f"{prefix}/shards/"}
+    tags = {t.key: t.value for t in inputs[f"{prefix}/shards/"].tags}
+    assert tags["mlflow.data.context"] == "training"
+    # Data without a card (not curation output) still shows, with a digest MLflow derives.
+    plain = inputs[str(local)]
+    assert plain.dataset.source_type == "local" and json.loads(plain.dataset.source) == {"uri": str(local)}
+    assert plain.dataset.digest and plain.dataset.digest != "0123456789abcdef"
+    assert {t.key: t.value for t in plain.tags}["mlflow.data.context"] == "evaluation"

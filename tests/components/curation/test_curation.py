@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import html as html_lib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import av
+import mlflow
 import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
 
 from components.common.objectstore import S3Uri
+from components.common.tracking import config_hash, connect
 from components.curation.annotate import run_videos
 from components.curation.config import CurationConfig, Filter, Limits
 from components.curation.finalize import apply_filters, thresholds
@@ -218,6 +227,122 @@ def test_curate_publishes_the_documented_outputs(curated, store, samples):
     assert "RANDOM WEIGHTS" in html and html.count("data:image/png;base64") == 4
 
 
+def _cells(*values) -> str:
+    return "".join(f"<td>{html_lib.escape(str(v))}</td>" for v in values)
+
+
+def test_dataset_card_shows_provenance_filters_camera_motion_and_playing_clips(curated, store, samples):
+    prefix, _, _ = curated
+    folder, videos = samples
+    out = f"{prefix}/a"
+    rows = _manifest(store, out)
+    card = json.loads(store.get_bytes(f"{out}/dataset_card.json"))
+    page = store.get_bytes(f"{out}/dataset_card.html").decode()
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    provenance = card["provenance"]
+    assert provenance["input"] == str(folder) and provenance["output"] == out
+    assert provenance["config_hash"] == config_hash(card["config"])
+    assert provenance["code_version"] == (head or "unknown")
+    created = datetime.fromisoformat(provenance["created_utc"])
+    assert abs((datetime.now(UTC) - created).total_seconds()) < 3600
+    assert card["input_files"] == len(videos)
+    # The digest names the exact manifest and shards.
+    listing = [("manifest.jsonl", store.get_bytes(f"{out}/manifest.jsonl"))] + [
+        (f"shards/{o.uri.key.rsplit('/', 1)[1]}", store.get_bytes(o.uri)) for o in store.list(f"{out}/shards/")
+    ]
+    expected = "".join(f"{name} {hashlib.sha256(data).hexdigest()}\n" for name, data in sorted(listing))
+    assert card["digest"] == hashlib.sha256(expected.encode()).hexdigest()[:16]
+
+    candidates = [r for r in rows if "too_short" not in r["drop_reasons"]]
+    assert card["camera_motion_before_filter"] == dict(Counter(r["camera_motion"] for r in candidates))
+    assert card["camera_motion_kept"] == dict(Counter(r["camera_motion"] for r in rows if r["kept"]))
+    filters = [Filter(**f).name for f in card["config"]["filters"]]  # in the config's order, as the page shows them
+    assert sorted(filters) == sorted(card["thresholds"])
+    for i, a in enumerate(filters):
+        for b in filters[i + 1 :]:
+            both = sum(a in r["drop_reasons"] and b in r["drop_reasons"] for r in rows)
+            assert card["drop_overlaps"][f"{a}&{b}"] == both
+    assert sum(card["drop_overlaps"].values()) > 0  # the matrix below shows something
+
+    # The page shows the same figures.
+    assert _cells("input", folder) in page and _cells("code version (git commit)", head or "unknown") in page
+    assert _cells("digest (manifest and shards)", card["digest"]) in page
+    for name, bound in card["thresholds"].items():
+        side = "min" if "min" in bound else "max"
+        assert _cells(name, bound["score"], side, f"{bound[side]:.4g}") in page
+    for reason, count in card["drops_per_filter"].items():
+        assert _cells(reason, count) in page
+    for reason, count in card["rejected_per_reason"].items():
+        assert _cells(reason, count) in page
+    assert (
+        sum(card["rejected_per_reason"].values())
+        == card["rejected_files"]
+        == len([v for v in videos.values() if not v["valid"]])
+    )
+    for motion, count in card["camera_motion_before_filter"].items():
+        assert _cells(motion, count, card["camera_motion_kept"].get(motion, 0)) in page
+    first, second = filters[0], filters[1]
+    overlap_row = [card["drops_per_filter"][first], card["drop_overlaps"][f"{first}&{second}"]]
+    assert _cells(first, *overlap_row) in page
+
+    # Clips play: a looping animated WebP for every shown clip that has a video.
+    kept_shown = min(8, sum(r["kept"] for r in rows))
+    dropped_shown = min(8, sum(not r["kept"] and "too_short" not in r["drop_reasons"] for r in rows))
+    previews = re.findall(r"data:image/webp;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(previews) == kept_shown + dropped_shown > 0
+    with Image.open(io.BytesIO(base64.b64decode(previews[0]))) as preview:
+        assert preview.is_animated and preview.n_frames > 4 and max(preview.size) <= 160
+    assert len(page) < 3_000_000
+
+
+def test_curation_is_an_mlflow_run_with_its_card(curated, store, settings):
+    prefix, _, stdout = curated
+    out = f"{prefix}/a"
+    connect(settings)
+    url = re.search(r"mlflow_run\s+(\S+)", stdout).group(1)
+    run = mlflow.get_run(url.rsplit("/", 1)[1])
+    card = json.loads(store.get_bytes(f"{out}/dataset_card.json"))
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "vdm-curation" and url.startswith(settings.mlflow_tracking_uri)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.info.status == "FINISHED"
+
+    params = run.data.params
+    assert params["output.videos_per_input_shard"] == "4" and params["output.clips_per_shard"] == "4"
+    assert json.loads(params["filters"]) == card["config"]["filters"]
+    for name, bound in card["thresholds"].items():
+        value = bound.get("min", bound.get("max"))
+        assert float(params["threshold." + name.replace("=", "_")]) == pytest.approx(value)
+    assert params["random_weights"] == "True"
+
+    metrics = run.data.metrics
+    for key in ("input_files", "clips_before_filter", "clips_after_filter", "hours_after_filter", "rejected_files"):
+        assert metrics[key] == pytest.approx(card[key])
+    assert metrics["input_files"] == 16
+    for reason, count in card["drops_per_filter"].items():
+        assert metrics["dropped." + reason.replace("=", "_")] == count
+    for reason, count in card["rejected_per_reason"].items():
+        assert metrics[f"rejected.{reason}"] == count
+    for motion, count in card["camera_motion_kept"].items():
+        assert metrics[f"camera_motion_kept.{motion}"] == count
+
+    tags = run.data.tags
+    assert tags["vdm.manifest"] == f"{out}/manifest.jsonl" and tags["vdm.rejected"] == f"{out}/rejected.jsonl"
+    assert tags["vdm.shards"] == f"{out}/shards/" and tags["vdm.dataset_card"] == f"{out}/dataset_card.html"
+    assert tags["vdm.dataset_digest"] == card["digest"] and tags["vdm.output"] == out
+    assert json.loads(tags["vdm.inputs"]) == [card["provenance"]["input"]]
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"dataset_card.html", "dataset_card.json", "config.json"} <= artifacts
+    logged = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/dataset_card.json"))
+    assert logged == card
+    assert mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/dataset_card.html") == (
+        store.get_bytes(f"{out}/dataset_card.html").decode()
+    )
+
+
 def test_text_clip_gets_a_high_text_ratio_with_real_ocr(curated, store):
     prefix, _, _ = curated
     ratios = {Path(r["video"]).name: r["scores"]["text_ratio"] for r in _manifest(store, f"{prefix}/a")}
@@ -301,7 +426,7 @@ def test_rerun_skips_done_shards_and_a_killed_run_resumes_to_the_same_manifest(c
     assert _manifest(store, out) == _manifest(store, f"{prefix}/a")
 
 
-def test_ablation_subsets_without_reannotation(curated, store):
+def test_ablation_subsets_without_reannotation(curated, store, settings):
     prefix, _, _ = curated
     result = _vdm("curate-ablation", "--curated", f"{prefix}/a", "--grid", "motion=25,50", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -312,6 +437,12 @@ def test_ablation_subsets_without_reannotation(curated, store):
     for name, percent in (("motion-drop25", 25), ("motion-drop50", 50)):
         motions = np.array([r["scores"]["motion"] for r in candidates])
         assert index[name]["clips"] == int((motions >= np.percentile(motions, percent)).sum())
+        # Each subset is a curation run of its own in MLflow, linked to the curation it was cut from.
+        connect(settings)
+        run = mlflow.get_run(index[name]["mlflow_run"].rsplit("/", 1)[1])
+        assert run.data.tags["vdm.ablation_of"] == f"{prefix}/a"
+        assert run.data.tags["vdm.dataset_digest"] == index[name]["digest"]
+        assert run.data.metrics["clips_after_filter"] == index[name]["clips"]
 
 
 def test_an_unexpected_failure_is_recorded_not_raised(tmp_path):

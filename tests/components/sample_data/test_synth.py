@@ -199,7 +199,7 @@ def test_moving_shapes_stay_inside_the_frame():
 
 def test_synth_cli_publishes_to_the_object_store(stack, store, prefix, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "vdm.cli", "data", "synth", "--out", prefix, "--seed", "7"],
+        [sys.executable, "-m", "vdm.cli", "data", "synth", "--output", prefix, "--seed", "7"],
         capture_output=True,
         text=True,
     )

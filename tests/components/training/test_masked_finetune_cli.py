@@ -78,9 +78,9 @@ def test_a_masked_finetune_registers_a_model_that_takes_known_frames(
     extra = ["--length", str(expected)] if kind == "prediction" else []
     sampled = _vdm(
         "sample", "--model", f"models:/{name}@candidate", "--video", str(tmp_path / "known.mp4"), *extra,
-        "--steps", "1", "--out", str(tmp_path / "sampled.mp4"),
+        "--sample-steps", "1", "--output", str(tmp_path / "sampled.mp4"),
     )  # fmt: skip
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert len(_frames((tmp_path / "sampled.mp4").read_bytes())) == expected
-    missing = _vdm("sample", "--model", f"models:/{name}@candidate", "--out", str(tmp_path / "x.mp4"))
+    missing = _vdm("sample", "--model", f"models:/{name}@candidate", "--output", str(tmp_path / "x.mp4"))
     assert missing.returncode == 1 and missing.stderr.splitlines()[-1] == f"error: this {kind} model needs --video"

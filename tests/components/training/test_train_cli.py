@@ -11,8 +11,10 @@ import sys
 import mlflow
 import pytest
 import torch
+from PIL import Image
 
 from components.sample_data.shards import write_shapes_shards
+from components.training.run import LOSS_CURVE_SIZE
 from model.stages import NAMED_CONFIGS, named_config
 from model.train import train
 
@@ -37,13 +39,14 @@ def test_train_from_s3_with_checkpoints_and_resume(stack, store, prefix, tmp_pat
     first = _vdm("train", "--stage", "image", "--data", f"{prefix}/data", "--output", out, "--max-steps", "2")
     assert first.returncode == 0, first.stderr[-3000:]
     assert store.exists(f"{out}/final/unet/config.json")
-    assert "registered  models:/vdm-image-tiny/1 (alias candidate)" in first.stdout  # the default name
+    # Registered only when asked (--register-as): nothing in the registry under the old default name.
+    assert "registered" not in first.stdout
+    assert not mlflow.MlflowClient().search_registered_models("name = 'vdm-image-tiny'")
     published = {o.uri.key.split("/checkpoints/")[1].split("/")[0] for o in store.list(f"{out}/checkpoints/")}
     assert published == {"step-00000002"}
 
     resumed = _vdm(
         "train", "--stage", "image", "--data", f"{prefix}/data", "--output", out, "--max-steps", "4", "--resume",
-        "--no-register",
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {out}/checkpoints/step-00000002" in resumed.stdout
@@ -72,9 +75,22 @@ def test_train_from_s3_with_checkpoints_and_resume(stack, store, prefix, tmp_pat
     assert [a.path for a in mlflow.artifacts.list_artifacts(run_id=run_id, artifact_path="samples")] == [
         "samples/step-00000002"
     ]
+    # The run page's Datasets names the data; the validation loss (held-out clips, fixed noise) falls.
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == [f"{prefix}/data"]
+    history = mlflow.MlflowClient().get_metric_history(run_id, "val_loss")
+    assert [m.step for m in history] == [0, 2] and history[1].value < history[0].value
+    # Pictures MLflow shows inline: a frame grid per sampling step (one prompt, 8 frames of 32 px at 128) and
+    # the loss curve.
+    frames = Image.open(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/samples/step-00000002/frames.png"))
+    curve = Image.open(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/loss_curve.png"))
+    assert (frames.format, frames.size) == ("PNG", (8 * 128, 128)) and frames.getextrema() != ((0, 0),) * 3
+    assert (curve.format, curve.size) == ("PNG", LOSS_CURVE_SIZE)
+    # Progress on stderr, not a terminal here: a line per log step with the rate and the time left.
+    assert "step 0/2  val_loss" in video.stderr
+    assert re.search(r"step 2/2  loss [\d.]+ .* [\d.]+ steps/s  eta 0:00:00", video.stderr), video.stderr[-2000:]
 
     sampled = _vdm(
-        "sample", "--model", "models:/vdm-test-cli@candidate", "--prompt", "a", "--out", str(tmp_path / "c.mp4")
+        "sample", "--model", "models:/vdm-test-cli@candidate", "--prompt", "a", "--output", str(tmp_path / "c.mp4")
     )
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert "8 frames at 8 fps, 32x32" in sampled.stdout
@@ -132,7 +148,7 @@ def test_stage_one_from_imported_weights_has_no_random_part(stack, store, prefix
 def test_train_vae_publishes_a_diffusers_vae_that_a_stage_uses(stack, store, prefix, tmp_path):
     write_shapes_shards(tmp_path / "shards", shards=2, clips_per_shard=2)
     store.publish_folder(tmp_path / "shards", f"{prefix}/data")
-    trained = _vdm("train-vae", "--data", f"{prefix}/data", "--output", f"{prefix}/vae", "--steps", "3")
+    trained = _vdm("train-vae", "--data", f"{prefix}/data", "--output", f"{prefix}/vae", "--max-steps", "3")
     assert trained.returncode == 0, trained.stderr[-3000:]
     run = mlflow.get_run(re.search(r"/runs/([0-9a-f]{32})", trained.stdout).group(1))
     assert run.data.metrics["reconstruction_l1"] > 0 and run.data.tags["vdm.outputs"] == f"{prefix}/vae"
@@ -180,13 +196,13 @@ def test_sample_writes_a_playable_video(trained_final, tmp_path):
         str(trained_final),
         "--prompt",
         "a disc",
-        "--out",
+        "--output",
         str(out),
         "--frames",
         "6",
         "--fps",
         "12",
-        "--steps",
+        "--sample-steps",
         "3",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -206,7 +222,7 @@ def test_eval_of_a_video_model_logs_its_motion_figures_and_samples(stack, traine
         str(tmp_path / "shards"),
         "--clips",
         "2",
-        "--steps",
+        "--sample-steps",
         "2",
     )
     assert result.returncode == 0, result.stderr[-3000:]
