@@ -77,6 +77,8 @@ class TemporalDecoderConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 100
     log_every: int = 10
+    # The validation loss (`validation_loss`) every this many steps, at the start and at the end (0: never).
+    validate_every: int = 10
     seed: int = 0
 
     def __post_init__(self):
@@ -274,6 +276,37 @@ def noisy_latents(
     return latents + (std.view(b, 1, 1, 1, 1) * noise).to(latents)
 
 
+def reconstruction_loss(
+    decoded: torch.Tensor, video: torch.Tensor, config: TemporalDecoderConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The decoder's reconstruction loss (weighted L1, MSE and frame-change error) and its terms."""
+    l1 = (decoded - video).abs().mean()
+    mse = (decoded - video).pow(2).mean()
+    change = frame_change_error(decoded, video)
+    loss = config.l1_weight * l1 + config.mse_weight * mse + config.temporal_weight * change
+    return loss, {"l1": l1.item(), "mse": mse.item(), "frame_change": change.item()}
+
+
+VALIDATION_SEED = 1_000_000_007  # the latent noise of validation level k is drawn from this + k
+
+
+@torch.no_grad()
+def validation_loss(
+    vae: AutoencoderKLTemporalDecoder, video: torch.Tensor, config: TemporalDecoderConfig
+) -> dict[str, float]:
+    """The reconstruction loss of fixed clips (B, T, 3, H, W), encoded with the posterior mean,
+    at three latent-noise levels (none, half and all of `latent_noise`) with fixed noise: the
+    same weights give the same figures. Without the GAN term, whose discriminator moves too.
+    `val_loss` is their mean; `val_loss/noise_<level>` each level's."""
+    latents = vae.encode(video.flatten(0, 1)).latent_dist.mode().unflatten(0, video.shape[:2])
+    figures = {}
+    for k, level in enumerate((0.0, config.latent_noise / 2, config.latent_noise)):
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(VALIDATION_SEED + k))
+        decoded = decode_frames(vae, latents + noise.to(latents) * level / vae.config.scaling_factor)
+        figures[f"val_loss/noise_{level:.3g}"] = reconstruction_loss(decoded, video, config)[0].item()
+    return {"val_loss": sum(figures.values()) / len(figures), **figures}
+
+
 class TemporalDecoderTrainer:
     """Alternating generator (decoder) and discriminator steps on clips."""
 
@@ -291,11 +324,7 @@ class TemporalDecoderTrainer:
         config = self.config
         self.vae.decoder.train()
         decoded = decode_frames(self.vae, noisy_latents(self.vae, video, config.latent_noise, generator))
-        l1 = (decoded - video).abs().mean()
-        mse = (decoded - video).pow(2).mean()
-        change = frame_change_error(decoded, video)
-        reconstruction = config.l1_weight * l1 + config.mse_weight * mse + config.temporal_weight * change
-        metrics = {"l1": l1.item(), "mse": mse.item(), "frame_change": change.item()}
+        reconstruction, metrics = reconstruction_loss(decoded, video, config)
         loss = reconstruction
         adversarial_on = self.state.step >= config.adversarial_start and config.adversarial_weight > 0
         if adversarial_on:
@@ -353,13 +382,22 @@ def train_temporal_decoder(
     trainer: TemporalDecoderTrainer,
     batches: Iterator[torch.Tensor],
     *,
+    validation: torch.Tensor | None = None,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
 ) -> TemporalDecoderState:
     """Steps from the trainer's position to `max_steps`; `batches` yields (B, T, 3, H, W)
-    clips from that position on. Each step's random draws follow from (seed, step)."""
+    clips from that position on. Each step's random draws follow from (seed, step).
+    With `validation` clips, their `validation_loss` goes to `on_log` at the start, every
+    `validate_every` steps and at the end."""
     config = trainer.config
     generator = torch.Generator()
+
+    def validate() -> None:
+        if validation is not None and on_log and config.validate_every:
+            on_log(trainer.state.step, validation_loss(trainer.vae, validation, config))
+
+    validate()
     while trainer.state.step < config.max_steps:
         video = next(batches)
         generator.manual_seed(config.seed * 1_000_003 + trainer.state.step)
@@ -367,6 +405,8 @@ def train_temporal_decoder(
         step = trainer.state.step
         if on_log and (step % config.log_every == 0 or step == config.max_steps):
             on_log(step, metrics)
+        if config.validate_every and (step % config.validate_every == 0 or step == config.max_steps):
+            validate()
         if on_checkpoint and (step % config.checkpoint_every == 0 or step == config.max_steps):
             on_checkpoint(step)
     return trainer.state

@@ -129,7 +129,11 @@ def run_temporal_decoder_finetune(
             )
             before = _evaluate(initial_vae, evaluation_clips, "before")
             state = train_temporal_decoder(
-                trainer, batches(), on_log=_metrics_logger(progress), on_checkpoint=on_checkpoint
+                trainer,
+                batches(),
+                validation=evaluation_clips,
+                on_log=_metrics_logger(progress, config.max_steps),
+                on_checkpoint=on_checkpoint,
             )
             after = _evaluate(vae, evaluation_clips, "after")
             mlflow.log_metrics(before | after)

@@ -25,6 +25,7 @@ from model.temporal_decoder import (
     named_config,
     temporal_vae,
     train_temporal_decoder,
+    validation_loss,
 )
 
 
@@ -155,7 +156,15 @@ def test_a_short_finetune_decodes_static_clips_with_less_flicker_than_the_image_
     spatial = {k: v.clone() for k, v in temporal.decoder.state_dict().items() if not TEMPORAL_PARAMETER.search(k)}
     generator = torch.Generator().manual_seed(1)
     batches = (train[torch.randint(0, len(train), (2,), generator=generator)] for _ in iter(int, 1))
-    train_temporal_decoder(TemporalDecoderTrainer(temporal, config), batches)
+    logged: dict[int, dict] = {}
+    trainer = TemporalDecoderTrainer(temporal, config)
+    train_temporal_decoder(
+        trainer, batches, validation=held_out, on_log=lambda step, m: logged.setdefault(step, {}).update(m)
+    )
+    validated = {step: m["val_loss"] for step, m in logged.items() if "val_loss" in m}
+    assert sorted(validated) == [0, 8]  # the start, and the end (validate_every: 10)
+    assert validated[8] < validated[0], validated
+    assert validation_loss(temporal, held_out, config)["val_loss"] == validated[8]  # fixed noise: deterministic
     image = decoding_metrics(vae, held_out, latent_noise=noise)
     finetuned = decoding_metrics(temporal, held_out, latent_noise=noise)
     assert finetuned["flicker"] < 0.9 * image["flicker"], (image, finetuned)

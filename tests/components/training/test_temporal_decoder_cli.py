@@ -49,6 +49,8 @@ def test_finetune_temporal_decoder_registers_the_model_with_its_new_decoder(stac
     assert run.info.experiment_id == mlflow.get_experiment_by_name("vdm-finetune-temporal-decoder").experiment_id
     assert run.data.params["init_from"] == str(init)
     assert {"before_flicker_noise_0.1", "after_flicker_noise_0.1"} <= set(run.data.metrics)
+    history = MlflowClient().get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in history] == [0, 2] and all(m.value > 0 for m in history)  # the start and the end
     tags = MlflowClient().get_model_version(name, "1").tags
     assert tags["vdm.kind"] == "video" and tags["vdm.data"] == f"{prefix}/data"
     assert tags["vdm.training_run"] == run.info.run_id and tags["vdm.final"] == f"{out}/final"
