@@ -28,7 +28,7 @@ import torch
 from model.conditioning import added_time_ids, dropped, per_sample
 from model.data import fit_frames
 from model.networks import VideoNetwork
-from model.samplers import SAMPLERS, batched_pair, guided_pair, karras_sigmas
+from model.samplers import SAMPLERS, StepCallback, batched_pair, guided_pair, karras_sigmas
 
 KEY_EVERY = 4  # interpolation: a key frame every 4th frame, x4 frame rate
 MAX_CONTEXT = 2  # prediction: at most 2 leading known frames, also what each chunk feeds back
@@ -99,10 +99,11 @@ def sample_known(
     text: torch.Tensor,
     config,
     generator: torch.Generator,
+    on_step: StepCallback | None = None,
 ) -> torch.Tensor:
     """Latents (1, T, C, h, w) sampled around known ones (`frame_mask` (1, T)) with context
     guidance `config.context_guidance`: D(no frames known) + w (D(known) - D(no frames
-    known)); the known frames are then put back exactly."""
+    known)); the known frames are then put back exactly. `on_step(i)` after each sampler step."""
     device = known_latents.device
     cond = masked_condition(known_latents, frame_mask.to(device))
     none = {k: torch.zeros_like(v) for k, v in cond.items()}  # what training's dropout gives
@@ -116,7 +117,7 @@ def sample_known(
     else:  # both predictions from one batch
         pair = batched_pair(model.denoiser, shared | cond, shared | none)
         denoise = guided_pair(pair, config.context_guidance)
-    latents = SAMPLERS[config.sampler](denoise, noise, sigmas)
+    latents = SAMPLERS[config.sampler](denoise, noise, sigmas, on_step)
     return torch.where(cond["mask"].bool(), known_latents, latents)
 
 
@@ -132,7 +133,9 @@ def _require(model, kind: str) -> None:
 
 
 @torch.no_grad()
-def interpolate(model, frames: torch.Tensor, config, prompt: str = "") -> torch.Tensor:
+def interpolate(
+    model, frames: torch.Tensor, config, prompt: str = "", on_step: StepCallback | None = None
+) -> torch.Tensor:
     """(4T - 3, 3, H, W) frames in [-1, 1]: `frames` (T, 3, h, w), resized to the config's
     size, as every 4th frame and three generated between each pair (at 4x the frame
     rate: `config.fps` is the output's). Windows of the model's training length
@@ -162,7 +165,7 @@ def interpolate(model, frames: torch.Tensor, config, prompt: str = "") -> torch.
         mask = torch.zeros(1, span)
         mask[0, positions] = 1.0
         first = start * KEY_EVERY
-        latents[:, first : first + span] = sample_known(model, known, mask, text, config, generator)
+        latents[:, first : first + span] = sample_known(model, known, mask, text, config, generator, on_step)
         if start + window_keys == len(keys):
             break
         start += window_keys - 1
@@ -170,7 +173,9 @@ def interpolate(model, frames: torch.Tensor, config, prompt: str = "") -> torch.
 
 
 @torch.no_grad()
-def predict(model, context: torch.Tensor, num_frames: int, config, prompt: str = "") -> torch.Tensor:
+def predict(
+    model, context: torch.Tensor, num_frames: int, config, prompt: str = "", on_step: StepCallback | None = None
+) -> torch.Tensor:
     """(num_frames, 3, H, W) frames in [-1, 1] continuing `context` (C, 3, h, w) frames, C
     from 0 (text-to-video) to 2 (the last two are used if more are given), resized to the
     config's size. Chunks of `config.num_frames` are sampled one after the other, each
@@ -201,6 +206,6 @@ def predict(model, context: torch.Tensor, num_frames: int, config, prompt: str =
         known[:, : given.shape[1]] = given
         mask = torch.zeros(1, config.num_frames)
         mask[:, : given.shape[1]] = 1.0
-        chunk = sample_known(model, known, mask, text, config, generator)
+        chunk = sample_known(model, known, mask, text, config, generator, on_step)
         video = torch.cat([video, chunk[:, given.shape[1] :]], dim=1)
     return model.codec.decode(video[:, :num_frames])[0]

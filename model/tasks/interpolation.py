@@ -56,7 +56,7 @@ class Interpolation(KnownFramesTask):
     def sample(self, model, inputs, config, on_step=None):
         from model.masked import interpolate
 
-        return interpolate(model, inputs.frames, config, inputs.prompt)
+        return interpolate(model, inputs.frames, config, inputs.prompt, on_step)
 
     def evaluate(self, model, shards, *, clips, steps, reference=None) -> Evaluation:
         """The held-out clips' keys (every 4th frame) interpolated, the in-between objects'

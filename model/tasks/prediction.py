@@ -62,7 +62,7 @@ class Prediction(KnownFramesTask):
         from model.masked import predict
 
         length = inputs.video_frames if inputs.video_frames is not None else 2 * config.num_frames
-        return predict(model, inputs.frames, length, config, inputs.prompt)
+        return predict(model, inputs.frames, length, config, inputs.prompt, on_step)
 
     def evaluate(self, model, shards, *, clips, steps, reference=None) -> Evaluation:
         """The held-out clips' first 2 frames continued to the clip's length, the continued

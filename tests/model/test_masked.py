@@ -114,7 +114,9 @@ def test_interpolate_keeps_the_keys_and_fills_three_frames_between_each_pair(int
     assert video.shape == (13, 3, 32, 32)  # 4T - 3: three new frames per pair, none after the last key
     reconstructed = interpolation.codec.decode(frame_latents(interpolation.codec, keys)[None])[0]
     assert (video[::4] - reconstructed).abs().max() < 0.05  # the keys come back (as the VAE decodes them)
-    torch.testing.assert_close(video, interpolate(interpolation, keys, config))  # seeded
+    steps = []  # on_step(i) after each sampler step of each window (one step here)
+    torch.testing.assert_close(video, interpolate(interpolation, keys, config, on_step=steps.append))  # seeded
+    assert steps and set(steps) == {0}
     with pytest.raises(ValueError, match="at least 2 frames"):
         interpolate(interpolation, keys[:1], config)
 
@@ -122,7 +124,9 @@ def test_interpolate_keeps_the_keys_and_fills_three_frames_between_each_pair(int
 def test_predict_continues_the_context_chunk_by_chunk(prediction, interpolation):
     config = replace(GenerationConfig.for_clip(prediction.config.clip, steps=1, sampler="euler"), num_frames=4)
     context = torch.rand(2, 3, 32, 32) * 2 - 1
-    video = predict(prediction, context, 9, config)  # chunks of 4 feeding back 2: 2 + 2 + 2 + 2 + 2, cut to 9
+    steps = []
+    video = predict(prediction, context, 9, config, on_step=steps.append)  # chunks of 4 feeding back 2, cut to 9
+    assert steps == [0] * 4  # a sampler step per chunk: 4 + 2 + 2 + 2 frames
     assert video.shape == (9, 3, 32, 32)
     assert predict(prediction, context[:0], 5, config).shape == (5, 3, 32, 32)  # no context: text-to-video
     assert generate(prediction, "a disc", config).shape == (4, 3, 32, 32)  # no known frames at all
