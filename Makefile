@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Prometheus is optional for the stack; tests that need it skip without it.
+# Prometheus is optional for the stack, Chromium renders the evaluation page in a test
+# (about 20 s and 500 MB); tests that need either skip without it.
 system-deps:
 	@if ! command -v prometheus >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -33,12 +34,23 @@ system-deps:
 	    echo "note: could not install prometheus; the stack runs without it"; \
 	  else echo "note: prometheus not installed; the stack runs without it"; fi; \
 	fi
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "== installing Debian's chromium"; \
+	    (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) || \
+	    echo "note: could not install chromium; the evaluation page's screenshot test skips"; \
+	  else echo "note: chromium not installed; the evaluation page's screenshot test skips"; fi; \
+	fi
 
 demo: install system-deps
 	$(BIN)/vdm run
 
+# Two workers (pytest-xdist), each with its own local stack: much of the suite waits on servers and
+# subprocesses, so one process keeps only one core busy. Whole files go to a worker (module fixtures
+# start once), in collection order (tests/conftest.py puts the longest files first).
 test: install system-deps
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # Benchmarks print JSON; each compares against a baseline measured in the same run.
 bench: install system-deps

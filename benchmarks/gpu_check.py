@@ -24,11 +24,15 @@ Sections:
   real sizes with random weights, frames/s each.
 - `serving`: one image-to-video request through the service's `image_to_video` method,
   called in process (no HTTP, no registry download).
+- `evaluation`: FVD's cost with a random Kinetics-400 I3D (model/i3d.py): feature clips/s
+  at the standard input (16 frames at 224x224, the network alone), and `model.fvd.fvd` end
+  to end on N generated against N reference clips of the sampling size (frame resampling,
+  resize, features, the Fréchet distance).
 - `device`: name, memory, versions, the bf16 dense peak used for MFU.
 
 `--smoke` runs the same code at CPU sizes (tiny UNet, 4 frames at 32x32, 2 sampling steps,
-compile skipped) in about 20 seconds; the test suite runs it. Without a GPU the script
-runs the smoke sizes.
+compile skipped; the I3D at its one size, on 5 clips) in about 30 seconds; the test suite
+runs it. Without a GPU the script runs the smoke sizes.
 
     python benchmarks/gpu_check.py [--smoke] [--results-dir DIR] [--budget-s 480] [--sections ...]
 """
@@ -66,7 +70,7 @@ from model.stages import StageConfig, VideoDiffusion, named_config
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-SECTIONS = ("train_step", "sampling", "curation", "serving")
+SECTIONS = ("train_step", "sampling", "curation", "serving", "evaluation")
 TARGET_MFU = 0.40  # svd Stage II, bf16, H100/H200
 TARGET_SAMPLING_RATIO = 0.6  # our sampler's seconds over the stock pipeline's
 PEAK_TABLE = "H100 SXM 989, H100 PCIe 756, H200 989, A100 312, L40S 362 (dense bf16 TFLOP/s)"
@@ -105,6 +109,8 @@ class Scale:
     sampling_warmup_steps: int  # a short run before the timed one (0: none)
     curation_frames: int
     curation_size: tuple[int, int]  # height, width
+    eval_clips: int  # generated clips (and as many reference clips) per FVD
+    eval_batch_size: int
 
 
 FULL = Scale(
@@ -120,6 +126,8 @@ FULL = Scale(
     sampling_warmup_steps=2,
     curation_frames=128,
     curation_size=(360, 640),
+    eval_clips=256,
+    eval_batch_size=32,
 )
 SMOKE = Scale(
     smoke=True,
@@ -134,6 +142,8 @@ SMOKE = Scale(
     sampling_warmup_steps=0,
     curation_frames=6,
     curation_size=(64, 96),
+    eval_clips=2,  # the I3D runs at its one size: a clip takes a second or two on a CPU thread
+    eval_batch_size=1,
 )
 TRAIN_TIMED = (
     "VideoDiffusion.loss (cached latents: no VAE encode; text: a one-block open_clip text tower of the UNet's "
@@ -870,6 +880,60 @@ def curation_section(scale: Scale, parts: Parts, device: torch.device) -> dict:
     return report
 
 
+# -- evaluation ---------------------------------------------------------------------------
+
+
+def evaluation_section(scale: Scale, device: torch.device) -> dict:
+    from model.fvd import FEATURE_FRAMES, FEATURE_SIZE, fvd
+    from model.i3d import InceptionI3d
+    from model.openclip import fixed_seed
+
+    with fixed_seed(0):
+        i3d = InceptionI3d().to(device).eval()
+    batch = scale.eval_batch_size
+    shape = (batch, 3, FEATURE_FRAMES, FEATURE_SIZE, FEATURE_SIZE)
+    standard = (torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
+
+    def forwards(count: int) -> None:
+        with torch.inference_mode(), autocast(device):
+            for _ in range(count):
+                i3d(standard)
+
+    if device.type == "cuda":
+        forwards(1)  # first call: cuDNN's algorithm choice, allocations
+    batches = 1 if scale.smoke else max(1, scale.eval_clips // batch)
+    _, network_s, network_peak = timed(device, lambda: forwards(batches))
+
+    def clips(seed: int) -> list[torch.Tensor]:
+        """`eval_clips` clips of the sampling size in CPU memory, as an evaluation holds them
+        (eight distinct ones repeated: the cost is the same, the memory is not)."""
+        draw = torch.Generator().manual_seed(seed)
+        shape = (scale.frames, 3, scale.height, scale.width)
+        distinct = [torch.rand(shape, generator=draw) * 2 - 1 for _ in range(min(8, scale.eval_clips))]
+        return [distinct[i % len(distinct)] for i in range(scale.eval_clips)]
+
+    generated, reference = clips(1), clips(2)
+    distance, fvd_s, fvd_peak = timed(device, lambda: fvd(i3d, generated, reference, batch_size=batch))
+    return {
+        "network": "Kinetics-400 I3D (model/i3d.py), random weights",
+        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "batch_size": batch,
+        "i3d_input": [FEATURE_FRAMES, FEATURE_SIZE, FEATURE_SIZE],
+        "i3d_timed_clips": batches * batch,
+        "i3d_clips_per_s": round(batches * batch / network_s, 2),
+        "i3d_peak_memory_mb": network_peak,
+        "fvd": {
+            "called": "model.fvd.fvd(i3d, generated, reference): both sets' features, then the Fréchet distance",
+            "clips": scale.eval_clips,
+            "clip_size": [scale.frames, scale.height, scale.width],
+            "seconds": round(fvd_s, 3),
+            "clips_per_s": round(2 * scale.eval_clips / fvd_s, 2),
+            "value": distance,
+            "peak_memory_mb": fvd_peak,
+        },
+    }
+
+
 # -- device and main ---------------------------------------------------------------------
 
 
@@ -974,6 +1038,8 @@ def run_check(args: argparse.Namespace) -> dict:
         free_memory(device)
         if "curation" in sections:
             report["curation"] = guarded("curation", device, lambda: curation_section(scale, parts, device))
+        if "evaluation" in sections:
+            report["evaluation"] = guarded("evaluation", device, lambda: evaluation_section(scale, device))
         if "train_step" in sections:
             compiled_section(report["train_step"], scale, parts, args, deadline, peak)
     report["summary"] = summary(report, peak)

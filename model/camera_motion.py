@@ -135,7 +135,7 @@ def class_clips(shards: list[str], spec, motion_class: str, clips: int) -> list[
     from model.camera_lora import labels_of
     from model.data import ClipDataset
 
-    data = ClipDataset(shards, spec, camera_motion=labels_of(motion_class), random_crop=False, epochs=1)
+    data = ClipDataset(shards, spec, camera_motion=labels_of(motion_class), random_crop=False, epochs=1, heldout=True)
     try:
         return list(itertools.islice(iter(data), clips))
     except ValueError as error:  # no clip of the class (or none long enough) in these shards

@@ -13,6 +13,10 @@ never ends (epochs follow each other). `ClipDataset(..., start=n)` resumes after
 the first `n` samples a rank consumed: each worker skips its share of raw samples
 without decoding them (the DataLoader takes workers round robin).
 
+Held-out clips (`split: "heldout"` in their JSON: curation's `heldout/` shards) are
+evaluation's reference data: every loader here refuses them unless built with
+`heldout=True` (then it reads both splits).
+
 Shard URLs are anything webdataset opens (paths, http(s) URLs, `pipe:` commands);
 the platform's components turn s3:// URIs into presigned URLs, so this module
 never touches credentials.
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from model.records import CAMERA_MOTIONS, ClipRecord, check_camera_motion
+from model.records import CAMERA_MOTIONS, HELDOUT, ClipRecord, check_camera_motion
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,16 @@ def fit_frames(video: torch.Tensor, height: int, width: int, rng: random.Random 
     return video[:, :, top : top + height, left : left + width].clamp(-1, 1)
 
 
+def refuse_heldout(raw: dict) -> None:
+    """A ValueError naming the sample if its JSON puts it in the held-out split."""
+    meta = json.loads(raw["json"]) if "json" in raw else None
+    if isinstance(meta, dict) and meta.get("split") == HELDOUT:
+        raise ValueError(
+            f"clip {raw['__key__']!r} belongs to the held-out split, which training never reads (evaluation "
+            f"compares generated videos with it): train on the curated output's shards/, not its {HELDOUT}/"
+        )
+
+
 class ClipDataset(IterableDataset):
     def __init__(
         self,
@@ -100,6 +114,7 @@ class ClipDataset(IterableDataset):
         random_crop: bool = True,
         epochs: int | None = None,
         camera_motion: tuple[str, ...] | None = None,
+        heldout: bool = False,
     ):
         if len(shards) < world_size:
             raise ValueError(f"{len(shards)} shards cannot feed {world_size} ranks")
@@ -110,6 +125,7 @@ class ClipDataset(IterableDataset):
         for label in camera_motion or ():
             check_camera_motion(label, CAMERA_MOTIONS)
         self.camera_motion = camera_motion  # curation's labels of the clips to keep (None: all)
+        self.heldout = heldout  # True: held-out clips are read too (evaluation); False: they are an error
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -146,6 +162,8 @@ class ClipDataset(IterableDataset):
                 if usable == 0:
                     raise ValueError(self._nothing_usable())
                 usable, last_epoch = 0, epoch
+            if not self.heldout:
+                refuse_heldout(raw)
             plan = self._plan(epoch, raw)
             if plan is None:
                 continue  # too short for this stage (decided from metadata, so resume counts agree)

@@ -81,32 +81,40 @@ def first_frame_stats(model, frames: list[torch.Tensor], generated: list[torch.T
     }
 
 
-def evaluate_motion(model, shards: list[str], *, clips: int = 8, steps: int = 25) -> dict:
-    """Motion of `clips` generated videos against the same number of data clips loaded at
-    the model's own frames, fps and size: both through the same tracker. Each video is
-    generated from what its kind takes of a data clip (`Task.inputs_of`): a text model
-    from the empty prompt, an image-to-video model from the clip's first frame (and the
-    report adds `first_frame`, how well it kept that frame)."""
+def evaluate_motion(
+    model, shards: list[str], *, clips: int = 8, steps: int = 25, prompts: list[str] | None = None
+) -> dict:
+    """Motion of `clips` generated videos against the same number of held-out data clips
+    loaded at the model's own frames, fps and size: both through the same tracker. Each
+    video is generated (seed = its index) from what its kind takes of a data clip
+    (`Task.evaluation_inputs`): a text model from `prompts[i]` in turn (None: the empty
+    prompt, the data's motion), an image-to-video model from the clip's first frame (and
+    the report adds `first_frame`, how well it kept that frame). `clips` holds the data
+    clips and `prompts` the text each video stands for (its prompt, else the clip's caption)."""
     import itertools
 
     from model.data import ClipDataset
     from model.pipeline import GenerationConfig
 
     spec = model.config.clip
-    items = list(itertools.islice(iter(ClipDataset(shards, spec, random_crop=False)), clips))
+    items = list(itertools.islice(iter(ClipDataset(shards, spec, random_crop=False, heldout=True)), clips))
     data = [item["video"] for item in items]
     motion = float(np.mean([item["motion"].item() for item in items]))  # ask for the data's typical motion
     config = GenerationConfig.for_clip(spec, motion=motion, steps=steps)
     task = model.task
+    texts = [prompts[i % len(prompts)] if prompts else None for i in range(len(items))]
+    inputs = [task.evaluation_inputs(item, text) for item, text in zip(items, texts, strict=True)]
     generated = [
         # float32 on the CPU, where the metrics run, whatever device and precision sampled them
-        task.sample(model, task.inputs_of(item), replace(config, seed=seed)).float().cpu()
-        for seed, item in enumerate(items)
+        task.sample(model, given, replace(config, seed=seed)).float().cpu()
+        for seed, given in enumerate(inputs)
     ]
     report = {
         "data": summarize([motion_stats(v) for v in data]),
         "generated": summarize([motion_stats(v) for v in generated]),
         "samples": generated,
+        "clips": data,
+        "prompts": [getattr(given, "prompt", "") or item["caption"] for given, item in zip(inputs, items, strict=True)],
     }
     if task.conditioning == "image":
         report["first_frame"] = first_frame_stats(model, [video[0] for video in data], generated)

@@ -116,7 +116,7 @@ def _held_out(model, shards: list[str], clips: int) -> list[torch.Tensor]:
 
     from model.data import ClipDataset
 
-    items = itertools.islice(iter(ClipDataset(shards, model.config.clip, random_crop=False)), clips)
+    items = itertools.islice(iter(ClipDataset(shards, model.config.clip, random_crop=False, heldout=True)), clips)
     return [item["video"] for item in items]
 
 
@@ -134,7 +134,7 @@ def evaluate_interpolation(model, shards: list[str], *, clips: int, steps: int, 
     generated = [  # float32 on the CPU, where the metrics run
         interpolate(model, c[::KEY_EVERY], replace(config, seed=i), prompt).float().cpu() for i, c in enumerate(data)
     ]
-    return interpolation_report(data, generated) | {"samples": generated}
+    return interpolation_report(data, generated) | {"samples": generated, "clips": data}
 
 
 def evaluate_prediction(
@@ -153,4 +153,4 @@ def evaluate_prediction(
     generated = [  # float32 on the CPU, where the metrics run
         predict(model, c[:context], len(c), replace(config, seed=i), prompt).float().cpu() for i, c in enumerate(data)
     ]
-    return prediction_report(data, generated, context) | {"context": context, "samples": generated}
+    return prediction_report(data, generated, context) | {"context": context, "samples": generated, "clips": data}

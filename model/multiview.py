@@ -120,7 +120,7 @@ def evaluate_orbits(model: VideoDiffusion, shards: list[str], *, clips: int, ste
     import itertools
 
     spec = model.config.clip
-    items = list(itertools.islice(iter(OrbitDataset(shards, spec, random_crop=False)), clips))
+    items = list(itertools.islice(iter(OrbitDataset(shards, spec, random_crop=False, heldout=True)), clips))
     truth = [item["video"] for item in items]
     config = GenerationConfig.for_clip(spec, steps=steps)
     generated = [

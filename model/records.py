@@ -12,6 +12,11 @@ On disk a record is a JSON object with one key per field that is set: a field th
 not set is None here and absent there (never "" or 0), so the JSON curation wrote
 before this class existed loads and is written back with the same keys and values.
 
+A clip's `split` says which part of the curated data it belongs to: `train` (the
+training shards) or `heldout` (the held-out shards that only evaluation reads: the
+training loaders refuse them). Not set: train (data written before the split existed,
+synthetic data).
+
 Also here: the camera-motion vocabulary, the labels curation's flow analysis assigns
 (components/curation/motion.py) and the camera-motion LoRA's classes are made of
 (model/camera_lora.py).
@@ -37,6 +42,11 @@ ZOOM_IN: CameraMotion = "zoom_in"
 ZOOM_OUT: CameraMotion = "zoom_out"
 # Every label curation can give a clip, in this order.
 CAMERA_MOTIONS: tuple[CameraMotion, ...] = get_args(CameraMotion)
+
+Split = Literal["train", "heldout"]
+TRAIN: Split = "train"
+HELDOUT: Split = "heldout"  # also the folder of the held-out shards under a curated output
+SPLITS: tuple[Split, ...] = get_args(Split)
 
 # The label of synthetic orbits (components/sample_data/orbits.py): a camera circling the
 # object. Curation never assigns it; only an OrbitRecord may carry it.
@@ -99,19 +109,27 @@ class ClipRecord:
     captions: dict[str, str] | None = None  # captioner name (image, video, summary) -> caption
     kept: bool | None = None  # set by the filters
     drop_reasons: list[str] | None = None  # set by the filters; [] for kept clips
-    shard: str | None = None  # URI of the training shard holding a kept clip
+    shard: str | None = None  # URI of the shard holding a kept clip
+    split: Split | None = None  # set by finalize; None: train (written before the split existed)
 
     # The camera-motion labels this kind of record may carry.
     camera_motions: ClassVar[tuple[str, ...]] = CAMERA_MOTIONS
 
     def __post_init__(self) -> None:
         check_camera_motion(self.camera_motion, self.camera_motions)
+        if self.split is not None and self.split not in SPLITS:
+            raise ValueError(f"clip record {self.key!r}: unknown split {self.split!r}; one of {list(SPLITS)}")
         if not isinstance(self.scores, dict):
             raise ValueError(f"clip record {self.key!r}: scores must map score names to values, got {self.scores!r}")
         if self.source_size is not None:
             self.source_size = tuple(self.source_size)  # type: ignore[assignment]
         if isinstance(self.flow, dict):
             self.flow = Flow.from_dict(self.flow)
+
+    @property
+    def heldout(self) -> bool:
+        """Whether the clip is in the held-out split (evaluation's, never training's)."""
+        return self.split == HELDOUT
 
     @property
     def frames(self) -> int:

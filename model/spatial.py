@@ -80,7 +80,7 @@ def evaluate_palette(
         raise ValueError("the image-quality proxy compares with the high-quality image set: give its shards")
     spec = model.config.clip
     images = ImageDataset(reference, spec.height, spec.width, random_crop=False)
-    data = ClipDataset(shards, spec, random_crop=False)
+    data = ClipDataset(shards, spec, random_crop=False, heldout=True)
     return palette_report(
         generated,
         [item["video"] for item in itertools.islice(iter(images), clips)],

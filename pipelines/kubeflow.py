@@ -75,6 +75,12 @@ PUBLIC_WEIGHTS_CURATION = json.dumps(
     yaml.safe_load((Path(__file__).parents[1] / "components" / "curation" / "public-weights.yaml").read_text())
 )
 
+PUBLIC_WEIGHTS_EVALUATION = json.dumps(
+    yaml.safe_load((Path(__file__).parents[1] / "components" / "evaluation" / "public-weights.yaml").read_text())
+)
+# Production evaluations: the policies' minimum evaluation size (docs/evaluation.md); FVD on fewer is noise.
+EVAL_CLIPS = 256
+
 # What the run forms say about their parameters (the Kubeflow UI shows it beside each one).
 HELP = {
     "config": f"The model config: a shipped size ({', '.join(CONFIG_SIZES)}; model/configs/<size>-<kind>.yaml) "
@@ -97,6 +103,17 @@ HELP = {
     "annotate_gpus": "GPUs per 'annotate shard' step (neural annotators on CUDA, bf16); 0: a CPU pod (a cluster "
     "without GPUs; fine for the demo's random-weight annotators).",
     "eval_gpus": "GPUs per evaluation step; 0: a CPU pod (a cluster without GPUs; the tiny config).",
+    "eval_clips": f"Videos each evaluation generates from held-out clips and compares with them (FVD); the gate "
+    f"policies refuse fewer than their min_clips (default {EVAL_CLIPS}, multi-view 64).",
+    "eval_steps": "Sampling steps per generated video in the evaluation.",
+    "eval_networks_yaml": "The evaluation networks (YAML, components/evaluation/public-weights.yaml's form): the "
+    "I3D for FVD, OpenCLIP and the aesthetic head, as imported weights (vdm weights import NAME PATH first, "
+    "docs/evaluation.md); empty with random_networks true for the demo.",
+    "random_networks": "Run evaluation networks that have no weights with random ones (demos: the figures mean "
+    "nothing, and a production gate policy refuses them).",
+    "eval_prompts_uri": 'The evaluation prompt set (s3:// JSONL of {"prompt": ...}); empty: curation\'s '
+    "prompts.jsonl beside the held-out data (its captions).",
+    "eval_prompts": "How many of the set's prompts text models cycle through; 0: all.",
     "image_init_from": "What Stage I starts from: imported weights (weights:sd21: SD 2.1's UNet and VAE; import "
     "them once first: vdm weights import sd21 PATH, docs/training.md), an s3:// model folder, or empty: from "
     "scratch (the tiny config only: a real-size one needs a VAE).",
@@ -310,20 +327,37 @@ def pretraining(
     _pretrain(data_uri, output_uri, config, image_init_from, vae, steps, register_as, launch)
 
 
-def _evaluate_and_promote(model_uri, data_uri, min_improvement, clips, steps, label: str, reference_uri="",
-                          metric="", direction="", gpus="0"):  # fmt: skip
-    """The kind's evaluation of a registered version (on `gpus`; "0": a CPU pod), then the
-    promotion gate on the kind's metric (`metric`/`direction` empty: the kind's own). `label`:
-    the model in the steps' names ("evaluate LABEL", "promotion gate LABEL")."""
+# The run-form parameters of an evaluation step, and the step's inputs they fill.
+EVAL_PARAMETERS = {
+    "eval_clips": "clips",
+    "eval_steps": "steps",
+    "eval_gpus": "gpus",
+    "eval_networks_yaml": "networks_yaml",
+    "random_networks": "random_networks",
+    "eval_prompts_uri": "prompts_uri",
+    "eval_prompts": "prompts",
+}
+
+
+def _evaluation(parameters: dict) -> dict:
+    """The evaluation step's inputs from a run form's `eval_*` parameters."""
+    return {step: parameters[form] for form, step in EVAL_PARAMETERS.items()}
+
+
+def _evaluate_and_promote(model_uri, data_uri, evaluation: dict, label: str, reference_uri=""):
+    """The evaluation of a registered version (`evaluation`: the step's clips, steps, gpus ("0":
+    a CPU pod), networks_yaml, random_networks, prompts_uri, prompts), then the promotion gate
+    on the registered model's gate policy (docs/evaluation.md). `label`: the model in the
+    steps' names ("evaluate LABEL", "promotion gate LABEL")."""
+    gpus = evaluation["gpus"]
     evaluation = cpu_step(
-        evaluate_model(model_uri=model_uri, data_uri=data_uri, reference_uri=reference_uri, clips=clips, steps=steps,
-                       gpus=gpus),
+        evaluate_model(model_uri=model_uri, data_uri=data_uri, reference_uri=reference_uri, **evaluation),
         cache=False,
-    )  # fmt: skip
+    )
     with_gpus(evaluation, gpus)
     evaluation.set_display_name(f"evaluate {label}")
     promotion = cpu_step(
-        promote_candidate(model_uri=model_uri, metric=metric, direction=direction, min_improvement=min_improvement),
+        promote_candidate(model_uri=model_uri),
         cache=False,
     ).after(evaluation)
     return evaluation, promotion.set_display_name(f"promotion gate {label}")
@@ -335,29 +369,33 @@ def _evaluate_and_promote(model_uri, data_uri, min_improvement, clips, steps, la
     {
         "model_uri": "The version to evaluate and promote: models:/NAME/VERSION; the default exists once a "
         "pretraining or end-to-end run has registered its first text-to-video version.",
-        "data_uri": "Held-out shards to evaluate on (s3:// prefix): clips, or orbits for multi-view models.",
+        "data_uri": "Held-out shards to evaluate on (s3:// prefix: curation's heldout/), or orbits for multi-view "
+        "models.",
         "reference_uri": "A second data set the kind compares with (spatial-HQ: its image set); empty for the others.",
-        "metric": "The vdm.eval.* figure the gate compares; empty: the kind's own.",
-        "direction": "minimize or maximize; empty: the kind's metric's.",
-        "min_improvement": "How much the candidate must beat the champion by, in the metric's units.",
-        "clips": "Held-out clips (or orbits) the evaluation generates from.",
-        "steps": "Sampling steps per generated video.",
+        "clips": HELP["eval_clips"],
+        "steps": HELP["eval_steps"],
         "gpus": HELP["eval_gpus"],
+        "networks_yaml": HELP["eval_networks_yaml"],
+        "random_networks": HELP["random_networks"],
+        "prompts_uri": HELP["eval_prompts_uri"],
+        "prompts": HELP["eval_prompts"],
     },
 )
 def evaluate_and_promote(
     model_uri: str = "models:/vdm-text-to-video/1",
-    data_uri: str = "s3://vdm/curated/kfp/shards/",
+    data_uri: str = "s3://vdm/curated/kfp/heldout/",
     reference_uri: str = "",
-    metric: str = "",
-    direction: str = "",
-    min_improvement: float = 0.0,
-    clips: int = 8,
+    clips: int = EVAL_CLIPS,
     steps: int = 25,
     gpus: str = "1",
+    networks_yaml: str = PUBLIC_WEIGHTS_EVALUATION,
+    random_networks: bool = False,
+    prompts_uri: str = "",
+    prompts: int = 0,
 ):
-    _evaluate_and_promote(model_uri, data_uri, min_improvement, clips, steps, "model", reference_uri, metric,
-                          direction, gpus)  # fmt: skip
+    evaluation = {"clips": clips, "steps": steps, "gpus": gpus, "networks_yaml": networks_yaml,
+                  "random_networks": random_networks, "prompts_uri": prompts_uri, "prompts": prompts}  # fmt: skip
+    _evaluate_and_promote(model_uri, data_uri, evaluation, "model", reference_uri)
 
 
 def _finetune(kind: str, init_from, data_uri, output_uri, config, max_steps, register_as, launch: dict,
@@ -390,19 +428,20 @@ def _finetune_parameters(task) -> list[tuple[str, type, object, str]]:
         ("cpu_per_node", str, GPU_STEP.cpu, HELP["cpu_per_node"]),
         ("memory_per_node", str, GPU_STEP.memory, HELP["memory_per_node"]),
         ("shm_per_node", str, GPU_STEP.shm, HELP["shm_per_node"]),
-        ("min_improvement", float, 0.0,
-         f"Promotion gate: how much the candidate's {task.metric.name} must beat the champion's by "
-         f"({task.metric.direction}; {task.metric.description})."),
-        ("eval_clips", int, 8, "Held-out clips (or orbits) the evaluation generates from."),
-        ("eval_steps", int, 25, "Sampling steps per generated video in the evaluation."),
+        ("eval_clips", int, EVAL_CLIPS, HELP["eval_clips"]),
+        ("eval_steps", int, 25, HELP["eval_steps"]),
         ("eval_gpus", str, "1", HELP["eval_gpus"]),
+        ("eval_networks_yaml", str, PUBLIC_WEIGHTS_EVALUATION, HELP["eval_networks_yaml"]),
+        ("random_networks", bool, False, HELP["random_networks"]),
+        ("eval_prompts_uri", str, "", HELP["eval_prompts_uri"]),
+        ("eval_prompts", int, 0, HELP["eval_prompts"]),
     ]  # fmt: skip
 
 
 def _finetune_pipeline(task):
     """The `finetune-KIND` pipeline of a finetune kind (model/tasks): finetune (a run per value
     of the kind's run option, each added to the previous result; the last registers) ->
-    the kind's evaluation -> the promotion gate on its metric. Its run form is an explicit
+    the kind's evaluation -> the promotion gate on the model's policy. Its run form is an explicit
     signature with a description per parameter (the Kubeflow UI shows both)."""
     parameters = _finetune_parameters(task)
     signature = inspect.Signature(
@@ -427,9 +466,8 @@ def _finetune_pipeline(task):
                              p["model_name"] if last else "", launch, **options)  # fmt: skip
             base = step["final"]
         reference = p["data_uri"] if task.training_data_is_reference else ""
-        _evaluate_and_promote(step["model_uri"], p["eval_data_uri"], p["min_improvement"], p["eval_clips"],
-                              p["eval_steps"], MODEL_LABELS.get(task.name, task.name), reference,
-                              gpus=p["eval_gpus"])  # fmt: skip
+        _evaluate_and_promote(step["model_uri"], p["eval_data_uri"], _evaluation(p),
+                              MODEL_LABELS.get(task.name, task.name), reference)  # fmt: skip
 
     body.__name__ = f"finetune_{task.name.replace('-', '_')}"
     body.__signature__ = signature
@@ -460,11 +498,7 @@ FINETUNE_PIPELINES = {f"finetune-{name}": _finetune_pipeline(task) for name, tas
         "model_name": "Registered model the text-to-video model (Stage III) is added to (alias candidate).",
         "i2v_steps": "Image-to-video finetune steps; 0: the config's max_steps.",
         "i2v_model_name": "Registered model the image-to-video model is added to (alias candidate).",
-        "min_improvement": "Promotion gate: how much a candidate's metric (motion_speed_error, minimized) must "
-        "beat its champion's by.",
-        "eval_clips": "Held-out clips each evaluation generates from.",
-        "eval_steps": "Sampling steps per generated video in the evaluations.",
-        "eval_gpus": HELP["eval_gpus"],
+        **{k: HELP[k] for k in EVAL_PARAMETERS},
         **_TRAINING_HELP,
     },
 )
@@ -490,10 +524,13 @@ def end_to_end(
     cpu_per_node: str = GPU_STEP.cpu,
     memory_per_node: str = GPU_STEP.memory,
     shm_per_node: str = GPU_STEP.shm,
-    min_improvement: float = 0.0,
-    eval_clips: int = 8,
+    eval_clips: int = EVAL_CLIPS,
     eval_steps: int = 25,
     eval_gpus: str = "1",
+    eval_networks_yaml: str = PUBLIC_WEIGHTS_EVALUATION,
+    random_networks: bool = False,
+    eval_prompts_uri: str = "",
+    eval_prompts: int = 0,
 ):
     curated = _curate(input_uri, f"{work_uri}/curated", curation_config_yaml, videos_per_shard, random_weights, 2,
                       annotate_gpus)  # fmt: skip
@@ -502,10 +539,12 @@ def end_to_end(
                                           shm_per_node), strict=True))  # fmt: skip
     steps = (image_steps, video_steps, hq_steps)
     hq = _pretrain(shards, f"{work_uri}/train", config, image_init_from, vae, steps, model_name, launch, after=curated)
-    gate = {"min_improvement": min_improvement, "clips": eval_clips, "steps": eval_steps, "gpus": eval_gpus}
-    _evaluate_and_promote(hq["model_uri"], shards, label="text-to-video", **gate)
+    # Both models are measured on the split curation held out, which training never reads.
+    heldout = f"{work_uri}/curated/heldout/"
+    evaluation = _evaluation(locals())
+    _evaluate_and_promote(hq["model_uri"], heldout, evaluation, label="text-to-video")
     i2v = _finetune("i2v", hq["final"], shards, f"{work_uri}/train/i2v", config, i2v_steps, i2v_model_name, launch)
-    _evaluate_and_promote(i2v["model_uri"], shards, label=MODEL_LABELS["i2v"], **gate)
+    _evaluate_and_promote(i2v["model_uri"], heldout, evaluation, label=MODEL_LABELS["i2v"])
 
 
 PIPELINES = {

@@ -25,7 +25,7 @@ from components.common.settings import Settings
 from components.common.tracking import connect
 from components.curation.tracking import EXPERIMENT as CURATION_EXPERIMENT
 from components.curation.tracking import TAG_OUTPUT
-from components.registry.promotion import CANDIDATE, CHAMPION, Gate, evaluate_gate
+from components.registry.promotion import CANDIDATE, CHAMPION, recorded_decision
 from components.training.request import RunResult
 from components.training.run import RESULT
 
@@ -40,10 +40,14 @@ LOCAL_PARAMETERS = {
     "eval_gpus": "0",
     "config": "tiny",
     "image_init_from": "",
-    "curation_config_yaml": "",
+    # 3 of the sample data's 11 videos held out (curation's split is by video): clips to evaluate on.
+    "curation_config_yaml": "output: {heldout_fraction: 0.1}",
     "random_weights": True,
     "eval_clips": 4,
     "eval_steps": 12,
+    # Random evaluation networks, the tiny open_clip: the demo policy allows them, its figures mean nothing.
+    "eval_networks_yaml": "tiny: true",
+    "random_networks": True,
 }
 _TASK_LINE = re.compile(r"Task '([\w-]+)' finished with status (\w+)")  # kfp.local's, colours stripped
 _ANSI = re.compile(r"\x1b\[[\d;]*m")
@@ -126,16 +130,20 @@ def run_end_to_end(
     }
     with _output_to(log_file):
         end_to_end(**arguments)
-    gate = Gate(**{k: arguments[k] for k in ("metric", "direction", "min_improvement") if k in arguments})
-    return summarize(settings, work_uri, model_name, i2v_model_name, gate, time.perf_counter() - started, log_file)
+    return summarize(settings, work_uri, model_name, i2v_model_name, time.perf_counter() - started, log_file)
 
 
-def _registered(client: MlflowClient, result: RunResult, name: str, gate: Gate) -> tuple[dict, str | None]:
-    """A trained step's registered version (name, version, aliases, why it was or was not
-    promoted) and its evaluation run."""
+def _registered(client: MlflowClient, result: RunResult, name: str) -> tuple[dict, str | None]:
+    """A trained step's registered version (name, version, aliases, the gate's decision and why,
+    on which policy version) and its evaluation run."""
     version = client.get_model_version(name, result.registered.rsplit("/", 1)[1])  # models:/NAME/VERSION
-    # A refusal sets no tag on the version (only its description says why): ask the gate again (read-only).
-    promotion = version.tags.get("vdm.promotion.reason") or f"not promoted: {evaluate_gate(name, gate).reason}"
+    decision = recorded_decision(version.tags)  # the gate step's, on the version
+    if decision is None:
+        promotion = "not decided: the promotion gate did not run on this version"
+    else:
+        verdict = "promoted" if decision.promoted else "not promoted"
+        policy = f"gate policy v{decision.policy_version}" if decision.policy_version else "a given gate policy"
+        promotion = f"{verdict} ({policy}): {decision.reason}"
     summary = {"name": name, "version": version.version, "aliases": sorted(version.aliases), "promotion": promotion}
     return summary, version.tags.get("vdm.eval_run")
 
@@ -159,7 +167,6 @@ def summarize(
     work_uri: str,
     model_name: str,
     i2v_model_name: str,
-    gate: Gate,
     seconds: float,
     log_file: Path,
 ) -> dict:
@@ -168,8 +175,8 @@ def summarize(
     results = {s: RunResult.from_json(store.get_bytes(work.join("train", s, RESULT))) for s in (*STAGES, "i2v")}
     connect(settings)
     client = MlflowClient()
-    text, text_eval = _registered(client, results["stage3"], model_name, gate)
-    image, image_eval = _registered(client, results["i2v"], i2v_model_name, gate)
+    text, text_eval = _registered(client, results["stage3"], model_name)
+    image, image_eval = _registered(client, results["i2v"], i2v_model_name)
     # One alias per service: the champions once both models have one (whichever versions), else the candidates.
     has_champion = all(CHAMPION in client.get_registered_model(n).aliases for n in (model_name, i2v_model_name))
     alias = CHAMPION if has_champion else CANDIDATE

@@ -17,10 +17,25 @@ from vdm.stack import SEAWEED_GRPC_OFFSET, Stack, port_is_free
 # Fail fast instead of MLflow's default of minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+# Under pytest-xdist each worker (and the `vdm` subprocesses it starts) gets its share of the
+# cores: torch's OpenMP threads otherwise outnumber the cores and spin against each other.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    cores = len(os.sched_getaffinity(0))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 _taken: set[int] = set()
 # Tests that start servers of their own (besides the session's stack).
 OWN_SERVERS = {"own_stack"}
+
+
+# Files that take minutes, longest first. `make test` hands whole files to its workers in
+# collection order: started last, one of these would leave the other worker idle at the end.
+LONGEST_FILES = ("tests/pipelines/test_run.py",)
+
+
+def _longest_first(item) -> int:
+    path = item.nodeid.split("::")[0]
+    return LONGEST_FILES.index(path) if path in LONGEST_FILES else len(LONGEST_FILES)
 
 
 def pytest_collection_modifyitems(items):
@@ -29,13 +44,25 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "stack" in item.fixturenames or OWN_SERVERS & set(item.fixturenames):
             item.add_marker(pytest.mark.stack)
+    items.sort(key=_longest_first)  # stable: each file's tests stay together and in order
+
+
+def _port_range() -> range:
+    """Ports this process picks from: below the kernel's ephemeral range (32768+), gRPC twins
+    included; each pytest-xdist worker has its own slice, so two workers never pick the same
+    port between checking it and their server binding it."""
+    ports = range(20000, 22700)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    size = len(ports) // workers
+    return ports[worker * size : (worker + 1) * size]
 
 
 def free_port(with_grpc: bool = False) -> int:
     """A free 127.0.0.1 port (and, for SeaweedFS, its gRPC twin at +10000)."""
+    ports = _port_range()
     for _ in range(500):
-        # Below the kernel's ephemeral range (32768+), gRPC twins included.
-        port = random.randint(20000, 22700)
+        port = random.choice(ports)
         needed = [port, port + SEAWEED_GRPC_OFFSET] if with_grpc else [port]
         if not _taken.intersection(needed) and all(port_is_free(p) for p in needed):
             _taken.update(needed)

@@ -218,17 +218,22 @@ def curate(input_location: str, output: str, config_path: str | None, workers: i
     rows = {
         "clips": f"{card['clips_before_filter']} -> {card['clips_after_filter']} kept",
         "hours": f"{card['hours_before_filter']:.4f} -> {card['hours_after_filter']:.4f}",
+        "splits": ", ".join(f"{n} {f['clips']} clips ({f['hours']:.4f} h)" for n, f in card["splits"].items()),
         "rejected_files": f"{card['rejected_files']} {card['rejected_per_reason']}",
         "drops_per_filter": json.dumps(card["drops_per_filter"]),
         "random_weights": str(card["random_weights"]),
         "manifest": f"{output.rstrip('/')}/manifest.jsonl",
         "shards": f"{output.rstrip('/')}/shards/",
+        "heldout_shards": card["heldout"]["shards"],
+        "prompt_set": f"{card['heldout']['prompt_set']} ({card['heldout']['prompts']} prompts)",
         "card": f"{output.rstrip('/')}/dataset_card.html",
         "digest": card["digest"],
         "mlflow_run": result.run_url,
     }
     for key, value in rows.items():
         click.echo(f"  {key:<16}  {value}")
+    for warning in card["warnings"]:
+        click.echo(f"warning: {warning}")
 
 
 @main.command("curate-ablation")
@@ -445,28 +450,69 @@ def sample_command(
 
 @main.command("eval")
 @MODEL_OPTION
-@click.option("--data", required=True, help="Held-out shards (s3:// prefix or folder); orbits for multi-view.")
+@click.option(
+    "--data",
+    required=True,
+    help="Held-out shards (s3:// prefix or folder: curation's heldout/); orbits for multi-view.",
+)
 @click.option("--reference", default=None, help="A second data set the kind compares with (spatial-hq: its images).")
-@click.option("--clips", type=int, default=8, show_default=True, help="Held-out clips (or orbits) to evaluate on.")
+@click.option(
+    "--clips", type=int, default=8, show_default=True, help="Videos to generate (and held-out clips to compare with)."
+)
 @click.option("--sample-steps", type=int, default=25, show_default=True, help="Sampling steps per generated video.")
-def eval_command(model_location: str, data: str, reference: str | None, clips: int, sample_steps: int) -> None:
-    """Measure a model by its kind's evaluation (motion; in-between positions; velocity; view retrieval; camera
-    class accuracy; image-quality proxy): figures and sample mp4s to MLflow, and onto the version's tags when
-    --model is a registered model (what `vdm registry promote` reads)."""
+@click.option(
+    "--networks",
+    "networks_file",
+    default=None,
+    help="YAML of the evaluation networks (components/evaluation/public-weights.yaml: I3D, CLIP, aesthetic head).",
+)
+@click.option(
+    "--random-networks",
+    is_flag=True,
+    help="Networks the YAML names no weights for run seeded random (tests and demos: the figures mean nothing).",
+)
+@click.option(
+    "--prompts-uri", default=None, help='The prompt set (JSONL of {"prompt": ...}); default: curation\'s beside --data.'
+)
+@click.option(
+    "--prompts", type=int, default=None, help="How many of the set's prompts text kinds cycle through (default: all)."
+)
+@click.option(
+    "--report-videos",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Inputs the report shows the candidate's and the champion's videos on, side by side.",
+)
+def eval_command(model_location: str, data: str, reference: str | None, clips: int, sample_steps: int,
+                 networks_file: str | None, random_networks: bool, prompts_uri: str | None, prompts: int | None,
+                 report_videos: int) -> None:  # fmt: skip
+    """Measure a model on held-out data: its kind's figures (motion; in-between positions; velocity; view
+    retrieval; camera class accuracy; image-quality proxy), FVD against the held-out clips, CLIP text-video score
+    and aesthetic score. Figures, sample mp4s and a side-by-side report (beside the champion) to MLflow, and onto
+    the version's tags when --model is a registered model (what `vdm registry promote` reads)."""
     from dataclasses import asdict
 
     from components.common.objectstore import ObjectStore
+    from components.evaluation.config import networks_from
     from components.evaluation.evaluate import run_evaluation
 
     settings = load_settings()
     try:
+        networks = networks_from(networks_file, random_networks=random_networks)
+        if random_networks:
+            networks = networks.model_copy(update={"allow_random_networks": True})
         report = run_evaluation(
-            model_location, data, ObjectStore.from_settings(settings), settings,
-            clips=clips, steps=sample_steps, reference=reference,
+            model_location, data, ObjectStore.from_settings(settings), settings, networks=networks,
+            clips=clips, steps=sample_steps, reference=reference, prompts_uri=prompts_uri, prompts=prompts,
+            report_videos=report_videos,
         )  # fmt: skip
     except ValueError as e:
         _fail(str(e))
-    click.echo(json.dumps(asdict(report), indent=1))
+    click.echo(json.dumps({k: v for k, v in asdict(report).items() if k != "page"}, indent=1))
+    if report.random_networks:
+        click.echo(f"warning: random-weight evaluation networks: {', '.join(report.random_networks)}", err=True)
+    click.echo(f"report: {report.report_url}", err=True)
 
 
 @main.group()
@@ -543,48 +589,55 @@ def registry() -> None:
 
 def _registry_call(fn, name: str, *args, **kwargs):
     """`fn(name, ...)` on the registry; its expected failures (unknown model or alias, nothing to
-    roll back to, unreachable server) as one line."""
+    roll back to, unreachable server, an invalid gate policy) as one line."""
     from components.common.tracking import connect
+    from components.registry.policy import PolicyError
     from components.registry.promotion import RegistryError, registry_call
 
     connect()
     try:
         return registry_call(fn, name, *args, **kwargs)
-    except RegistryError as e:
+    except (RegistryError, PolicyError) as e:
         _fail(str(e))
 
 
 @registry.command("list")
 @click.argument("name")
 def registry_list(name: str) -> None:
-    """Versions of a registered model, newest first, with aliases and evaluation figures."""
+    """Versions of a registered model, newest first, with aliases and evaluation figures; its gate policy's version."""
+    from components.registry.policy import policy_record
     from components.registry.promotion import list_versions
 
-    for row in _registry_call(list_versions, name):
+    rows = _registry_call(list_versions, name)
+    record = _registry_call(policy_record, name)
+    if record is None:
+        click.echo(f"{name}: no gate policy yet (the first promotion stores its kind's default)")
+    else:
+        click.echo(f"{name}: gate policy v{record.version}, set by {record.by} at {record.at} "
+                   f"(`vdm registry policy show {name}`)")  # fmt: skip
+    for row in rows:
         figures = "  ".join(f"{k}={v:.4g}" for k, v in sorted(row["eval"].items()))
         click.echo(f"v{row['version']:<4} {','.join(row['aliases']) or '-':<20} {row['created']}  {figures}")
 
 
 @registry.command("promote")
 @click.argument("name")
-@click.option("--metric", default=None, help="A vdm.eval.* figure of the versions (default: the candidate's kind's).")
-@click.option("--direction", type=click.Choice(["minimize", "maximize"]), default=None, help="Default: the metric's.")
-@click.option("--min-improvement", type=float, default=0.0, show_default=True, help="In the metric's units.")
-def registry_promote(name: str, metric: str | None, direction: str | None, min_improvement: float) -> None:
-    """Move `champion` to the `candidate` if it beats the champion; exit 1 (moving no alias) if not. The
-    candidate's description says what the gate decided."""
-    from dataclasses import replace
+@click.option("--force", is_flag=True, help="Move champion whatever the gate says (an override; needs --reason).")
+@click.option("--reason", default=None, help="Why the override: recorded with who did it and what the gate said.")
+def registry_promote(name: str, force: bool, reason: str | None) -> None:
+    """Move `champion` to the `candidate` if it passes the model's gate policy (`vdm registry policy show NAME`; a
+    model without one gets its kind's default); exit 1 (moving no alias) if not. Prints every check; the
+    candidate's tag vdm.decision and its description record the decision."""
+    from components.registry.decision import decision_lines
+    from components.registry.promotion import promote
 
-    from components.registry.promotion import Gate, kind_gate, promote
-
-    if metric and direction:
-        gate = Gate(metric, direction, min_improvement)
-    else:
-        gate = _registry_call(kind_gate, name, min_improvement)
-        if metric and metric != gate.metric:  # another figure: its direction must be said
-            _fail(f"--metric {metric} is not the kind's ({gate.metric}): give --direction too")
-        gate = replace(gate, direction=direction or gate.direction)
-    decision = _registry_call(promote, name, gate)
+    if force and not (reason or "").strip():
+        _fail("--force needs --reason TEXT: why the gate is overridden (it is recorded with who did it)")
+    if reason is not None and not force:
+        _fail("--reason goes with --force (a promotion the gate decides records the gate's reason)")
+    decision = _registry_call(promote, name, force_reason=reason if force else None)
+    for line in decision_lines(decision) if decision.checks else ():
+        click.echo(line)
     if not decision.promoted:
         _fail(f"not promoted: {decision.reason}")
     click.echo(f"promoted {name} v{decision.candidate} to champion: {decision.reason}")
@@ -600,6 +653,51 @@ def registry_rollback(name: str) -> None:
     click.echo(f"{name}: champion back to v{restored} (was v{demoted})")
 
 
+@registry.group("policy")
+def registry_policy() -> None:
+    """A registered model's gate policy (YAML): the primary figure and its margin, guards, evaluation size."""
+
+
+@registry_policy.command("show")
+@click.argument("name")
+def registry_policy_show(name: str) -> None:
+    """The model's current gate policy (YAML), its version, who set it and when, and the versions before it."""
+    from components.registry.policy import policy_history
+
+    history = _registry_call(policy_history, name)
+    if not history:
+        click.echo(f"{name} has no gate policy yet: the first promotion stores its candidate's kind's default "
+                   f"(`vdm registry policy set {name} FILE` sets one)")  # fmt: skip
+        return
+    current = history[-1]
+    note = f" ({current.note})" if current.note else ""
+    click.echo(f"# {name} gate policy v{current.version}, set by {current.by} at {current.at}{note}")
+    click.echo(current.text.rstrip())
+    for past in reversed(history[:-1]):
+        click.echo(f"# v{past.version}: set by {past.by} at {past.at}" + (f" ({past.note})" if past.note else ""))
+
+
+@registry_policy.command("set")
+@click.argument("name")
+@click.argument("file")
+def registry_policy_set(name: str, file: str) -> None:
+    """Validate the YAML gate policy in FILE and store it as the model's next policy version (earlier ones are kept)."""
+    from pathlib import Path
+
+    from components.registry.policy import PolicyError, parse_policy, set_policy
+
+    try:
+        text = Path(file).read_text()
+    except OSError as e:
+        _fail(f"cannot read the policy file {file}: {e.strerror}")
+    try:
+        parse_policy(text)
+    except PolicyError as e:
+        _fail(f"{file}: {e}")
+    record = _registry_call(set_policy, name, text)
+    click.echo(f"{name}: gate policy v{record.version} set by {record.by}")
+
+
 @main.group()
 def weights() -> None:
     """Named weights, imported once into the object store; configs and commands take weights:NAME."""
@@ -608,7 +706,7 @@ def weights() -> None:
 @weights.command("import")
 @click.argument("name")
 @click.argument("path")
-@click.option("--kind", default=None, help="diffusers, open_clip or aesthetic_mlp (default: detected).")
+@click.option("--kind", default=None, help="diffusers, open_clip, aesthetic_mlp or i3d (default: detected).")
 @click.option("--architecture", default=None, help="open_clip: the model name (ViT-H-14, coca_ViT-L-14, ...).")
 @click.option("--source", default="", help="Where the weights come from (a URL, a model id).")
 @click.option("--licence", default="", help="Their licence.")

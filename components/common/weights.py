@@ -13,14 +13,17 @@ Kinds:
 
 - `diffusers`: a diffusers folder: a pipeline (`model_index.json` and one folder per
   part: SD 2.1, SVD img2vid, the SD x4 upscaler) or one model folder (`config.json`,
-  e.g. a VAE). Each part with a `config.json` is checked against its class (diffusers'
-  `_class_name`, transformers' `architectures`). Only the plain safetensors files of
-  the parts are taken (not .bin/.ckpt copies, fp16 variants or single-file checkpoints
-  beside them): what diffusers and transformers load by default.
+  e.g. a VAE, or a transformers model such as a VideoMAE). Each part with a
+  `config.json` is checked against its class (diffusers' `_class_name`, transformers'
+  `architectures`). Only the plain safetensors files of the parts are taken (not
+  .bin/.ckpt copies, fp16 variants or single-file checkpoints beside them): what
+  diffusers and transformers load by default.
 - `open_clip`: one open_clip checkpoint file; the architecture is the open_clip model
   name (`ViT-H-14`, `ViT-L-14`, `coca_ViT-L-14`).
 - `aesthetic_mlp`: the LAION improved-aesthetic-predictor state dict (one file), the
   MLP curation builds (components/curation/neural.py).
+- `i3d`: the Kinetics I3D's state dict (one file, e.g. `i3d_pretrained_400.pt`), the
+  network of FVD (model/i3d.py).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from components.common.objectstore import (
 )
 from components.common.settings import load_settings
 
-KINDS = ("diffusers", "open_clip", "aesthetic_mlp")
+KINDS = ("diffusers", "open_clip", "aesthetic_mlp", "i3d")
 MANIFEST = "weights.json"
 PREFIX = "weights"
 REF = "weights:"
@@ -67,7 +70,7 @@ _SHOWN = 5  # keys named in a mismatch message, per list
 class WeightsManifest:
     name: str
     kind: str
-    architecture: str  # diffusers: the pipeline or model class; open_clip: the model name
+    architecture: str  # diffusers: the pipeline or model class; open_clip: the model name; i3d: InceptionI3d-CLASSES
     files: dict[str, str]  # relative path -> sha256
     source: str = ""  # where the user got them (a URL, a model id)
     licence: str = ""
@@ -88,7 +91,7 @@ class WeightsManifest:
 
     @property
     def single_file(self) -> str | None:
-        """The one file of a single-file kind (open_clip, aesthetic_mlp); None for folders."""
+        """The one file of a single-file kind (open_clip, aesthetic_mlp, i3d); None for folders."""
         return None if self.kind == "diffusers" else next(iter(self.files))
 
 
@@ -305,6 +308,8 @@ def check_weights(path: str | Path, *, kind: str | None = None, architecture: st
         # The MLP's keys say what it is; an open_clip checkpoint's only fit the architecture named.
         if _strip_layers(shapes).keys() == _aesthetic_shapes(0).keys():
             kind = "aesthetic_mlp"
+        elif _I3D_KEY in shapes:
+            kind = "i3d"
         elif architecture is not None:
             kind = "open_clip"
         else:
@@ -316,6 +321,8 @@ def check_weights(path: str | Path, *, kind: str | None = None, architecture: st
         if architecture is None:
             raise ValueError("an open_clip checkpoint needs --architecture (the open_clip model name, e.g. ViT-H-14)")
         _check_open_clip(path, shapes, architecture)
+    elif kind == "i3d":
+        architecture = _check_i3d(path, shapes, architecture)
     else:
         architecture = _check_aesthetic(path, shapes, architecture)
     return CheckedWeights(kind, architecture, path.parent, (path.name,))
@@ -432,6 +439,30 @@ def _check_aesthetic(path: Path, shapes: dict, architecture: str | None) -> str:
     return architecture
 
 
+_I3D_KEY = "Conv3d_1a_7x7.conv3d.weight"  # the I3D's first layer: a file with it is taken for one
+
+
+def _check_i3d(path: Path, shapes: dict, architecture: str | None) -> str:
+    """Every key and shape of model/i3d.py's InceptionI3d with as many classes as the file's
+    logits (Kinetics-400: 400); num_batches_tracked may be absent (TF conversions have none).
+    Returns the architecture, `InceptionI3d-CLASSES`."""
+    import torch
+
+    from model.architectures import state_shapes
+    from model.i3d import NUM_CLASSES, InceptionI3d
+
+    classes = shapes.get("logits.conv3d.bias", (NUM_CLASSES,))[0]
+    found = f"InceptionI3d-{classes}"
+    if architecture is not None and architecture != found:
+        raise ValueError(f"{path} holds an {found}, not an {architecture}")
+    with torch.device("meta"):
+        expected = state_shapes(InceptionI3d(classes))
+    batches = r"\.num_batches_tracked$"
+    expected = {k: v for k, v in expected.items() if not re.search(batches, k)}
+    _mismatch(f"{path} as the Kinetics I3D", expected, shapes, ignore=(batches,))
+    return found
+
+
 def _check_diffusers(folder: Path, architecture: str | None) -> CheckedWeights:
     index = folder / "model_index.json"
     config = folder / "config.json"
@@ -441,12 +472,16 @@ def _check_diffusers(folder: Path, architecture: str | None) -> CheckedWeights:
         if not parts:
             raise ValueError(f"{folder}: model_index.json but no model folder (a folder with config.json)")
     elif config.is_file():
-        found = _read_json(config).get("_class_name")
+        # One model folder: a diffusers model names its class in _class_name, a transformers
+        # one (a VideoMAE for FVD) in architectures.
+        model_config = _read_json(config)
+        found = model_config.get("_class_name") or next(iter(model_config.get("architectures") or []), None)
         parts = [folder]
     else:
         raise ValueError(f"{folder} is not a diffusers folder: no model_index.json or config.json")
     if not found:
-        raise ValueError(f"{index if index.is_file() else config} has no _class_name: not a diffusers folder")
+        where = index if index.is_file() else config
+        raise ValueError(f"{where} names no class (_class_name or architectures): not a diffusers folder")
     if architecture is not None and architecture != found:
         raise ValueError(f"{folder} holds a {found}, not a {architecture}")
     weights = [rel for part in parts for rel in _check_part(folder, part)]

@@ -5,6 +5,8 @@ Inputs are strings and numbers (the Kubeflow UI passes nothing else); the datase
 comes out as an artifact whose metadata carries its s3:// URIs, and the dataset card as
 an HTML artifact the Kubeflow UI renders."""
 
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Output
 
@@ -60,9 +62,12 @@ def annotate_input_shard(
 @dsl.component(base_image=IMAGE)
 def finalize_curation(
     parts: list, input_uri: str, output_uri: str, config_yaml: str, dataset: Output[Dataset], card: Output[HTML]
-):
+) -> NamedTuple("CurationOutputs", [("shards", str), ("heldout_shards", str), ("prompt_set", str)]):
     """Filters over all clips, WebDataset shards, manifest, rejected list, dataset card (also
-    the `card` artifact: the same self-contained page), as an MLflow run in `vdm-curation`."""
+    the `card` artifact: the same self-contained page), as an MLflow run in `vdm-curation`.
+    Outputs: `shards` (training's prefix), `heldout_shards` (the held-out split's prefix, the
+    evaluation's reference clips), `prompt_set` (the evaluation prompt set, prompts.jsonl)."""
+    from collections import namedtuple
     from pathlib import Path
 
     from components.common.objectstore import ObjectStore, S3Uri
@@ -85,5 +90,11 @@ def finalize_curation(
             "clips": int(figures["clips_after_filter"]),
             "hours": float(figures["hours_after_filter"]),
             "mlflow_run": run.url,
+            "heldout_shards": figures["heldout"]["shards"],
+            "heldout_clips": int(figures["splits"]["heldout"]["clips"]),
+            "prompt_set": figures["heldout"]["prompt_set"],
+            "prompts": int(figures["heldout"]["prompts"]),
         }
     )
+    outputs = namedtuple("CurationOutputs", ["shards", "heldout_shards", "prompt_set"])
+    return outputs(dataset.metadata["shards"], figures["heldout"]["shards"], figures["heldout"]["prompt_set"])

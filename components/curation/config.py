@@ -88,6 +88,9 @@ class Output(_Strict):
     clip_crf: int = 23
     clips_per_shard: int = 256
     videos_per_input_shard: int = 16
+    # Share of source videos whose clips go to the held-out split (evaluation's reference clips and
+    # prompts, never trained on), decided per video by a hash of its path under the input location.
+    heldout_fraction: float = Field(0.05, ge=0, le=0.5)
 
 
 class CurationConfig(_Strict):

@@ -3,16 +3,20 @@ shards of kept clips, `manifest.jsonl`, `rejected.jsonl` and the dataset card.
 
 Output contract (under the output prefix; `_MANIFEST.json` is written last):
 - `shards/shard-NNNNNN.tar`: WebDataset samples `<key>.mp4` (the clip) and
-  `<key>.json` (its manifest row), kept clips only, sorted by key;
+  `<key>.json` (its manifest row), kept clips of the train split only, sorted by key;
+- `heldout/shard-NNNNNN.tar`: the same for the kept clips of the held-out split (the
+  source videos `heldout_split` picks), which training never reads and evaluation
+  compares with; `heldout/prompts.jsonl`: the evaluation prompt set, one
+  `{"prompt": caption, "key": clip key}` per held-out kept clip with a caption, sorted by key;
 - `manifest.jsonl`: one row per clip, kept and dropped, each a `ClipRecord`
   (model/records.py) without `too_short`: `key`, `video`, `start_frame`,
   `end_frame`, `start_s`, `end_s`, `fps`, `kept`, `drop_reasons`, `scores`
   (`motion`, `text_ratio`, `aesthetic`, `clip_sim`), `camera_motion`, `caption`
-  (when a captioner gave one), ..., and `shard` for kept clips;
+  (when a captioner gave one), ..., `split` (`train` or `heldout`) and `shard` for kept clips;
 - `rejected.jsonl`: `video`, `reason`, `detail` per rejected file;
-- `dataset_card.json` / `dataset_card.html`: the figures, thresholds and provenance;
-  the JSON's `digest` (sha256 of `manifest.jsonl` and every shard, 16 hex digits)
-  names this exact data, e.g. as the MLflow dataset digest of training runs.
+- `dataset_card.json` / `dataset_card.html`: the figures (per split too), thresholds and
+  provenance; the JSON's `digest` (sha256 of `manifest.jsonl`, every shard and the prompt
+  set, 16 hex digits) names this exact data, e.g. as the MLflow dataset digest of training runs.
 """
 
 from __future__ import annotations
@@ -34,13 +38,32 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from components.common.objectstore import ObjectStore, S3Uri, sha256_file
+from components.common.media import animated_webp_bytes
+from components.common.objectstore import ObjectStore, S3Uri, is_s3_uri, sha256_file
 from components.common.tracking import config_hash, git_commit
 from components.curation.annotate import CLIPS_FILE, CLIPS_TAR, PART_INFO, REJECTED_FILE, read_clips, read_jsonl
 from components.curation.config import SCORES, CurationConfig, Filter
-from model.records import ClipRecord
+from model.records import HELDOUT, TRAIN, ClipRecord, Split
 
 TOO_SHORT = "too_short"
+SHARDS = "shards"
+PROMPTS_FILE = "prompts.jsonl"  # under heldout/
+EMPTY_HELDOUT = "evaluation has no held-out clips: raise heldout_fraction"
+# Changing the salt would move videos between splits: held-out clips would become training data.
+_SPLIT_SALT = "vdm-heldout-v1"
+
+
+def heldout_split(video: str, input_location: str, fraction: float) -> Split:
+    """The split of a source video's clips: `heldout` for about `fraction` of videos, chosen by a
+    salted hash of the video's path under `input_location` (so a video keeps its split when the
+    corpus grows, is re-curated, or moves between a folder and an s3:// prefix; raising the
+    fraction only moves videos from train to heldout)."""
+    base = input_location.rstrip("/")
+    if not is_s3_uri(base):  # `./raw` and `raw` name the same folder
+        base, video = os.path.normpath(base), os.path.normpath(video)
+    relative = video[len(base) + 1 :] if video.startswith(base + "/") else video.rsplit("/", 1)[-1]
+    draw = int.from_bytes(hashlib.sha256(f"{_SPLIT_SALT}:{relative}".encode()).digest()[:8], "big") / 2**64
+    return HELDOUT if draw < fraction else TRAIN
 
 
 def thresholds(clips: list[ClipRecord], filters: tuple[Filter, ...]) -> dict[str, dict]:
@@ -70,6 +93,15 @@ def apply_filters(clips: list[ClipRecord], bounds: dict[str, dict]) -> None:
                 reasons.append(name)
         clip.drop_reasons = reasons
         clip.kept = not reasons
+
+
+def split_summary(kept: list[ClipRecord]) -> dict:
+    """Source videos, clips and hours of one split's kept clips."""
+    return {
+        "videos": len({c.video for c in kept}),
+        "clips": len(kept),
+        "hours": round(sum(c.end_s - c.start_s for c in kept) / 3600, 6),
+    }
 
 
 def summary(clips: list[ClipRecord]) -> dict:
@@ -135,17 +167,7 @@ def _preview_webp(mp4: bytes, max_side: int = 160, fps: float = 8.0, max_frames:
                 break
     if not frames:
         return None
-    buffer = io.BytesIO()
-    frames[0].save(
-        buffer,
-        format="WEBP",
-        save_all=True,
-        append_images=frames[1:],
-        duration=round(1000 * step / source_fps),
-        loop=0,
-        quality=50,
-    )
-    return buffer.getvalue()
+    return animated_webp_bytes(frames, round(1000 * step / source_fps), quality=50)
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -166,7 +188,7 @@ def card_html(
         ["created (UTC)", provenance["created_utc"]],
         ["config hash", provenance["config_hash"]],
         ["code version (git commit)", provenance["code_version"]],
-        ["digest (manifest and shards)", card["digest"]],
+        ["digest (manifest, shards, held-out shards and prompts)", card["digest"]],
     ]
     warn = (
         "<p class='warn'>RANDOM WEIGHTS: neural scores and captions come from random-initialised models "
@@ -174,6 +196,16 @@ def card_html(
         if card["random_weights"]
         else ""
     )
+    warn += "".join(f"<p class='warn'>{html.escape(w)}</p>" for w in card["warnings"])
+    heldout = card["heldout"]
+    split_rows = [[name, f["videos"], f["clips"], f"{f['hours']:.4f}"] for name, f in card["splits"].items()]
+    heldout_rows = [
+        ["held-out fraction (of source videos)", heldout["fraction"]],
+        ["held-out shards", heldout["shards"]],
+        ["evaluation prompt set", heldout["prompt_set"]],
+        ["prompts", heldout["prompts"]],
+        ["prompt set digest", heldout["prompt_set_digest"]],
+    ]
     before_after = [[k, card["before"][k], card["after"][k]] for k in card["before"]]
     filters = list(card["thresholds"])
     threshold_rows = [
@@ -227,6 +259,9 @@ img.clip{{max-width:300px;image-rendering:auto}}
 </style></head><body><h1>Dataset card</h1>{warn}
 <h2 id="provenance">Provenance</h2>{_table(["", ""], provenance_rows)}
 <h2 id="summary">Before and after filtering</h2>{_table(["", "before", "after"], before_after)}
+<h2 id="splits">Splits</h2><p>Kept clips per split. Training reads shards/ only; the held-out split is
+evaluation's reference clips and prompts, decided per source video.</p>
+{_table(["split", "source videos", "clips", "hours"], split_rows)}{_table(["", ""], heldout_rows)}
 <h2 id="thresholds">Thresholds</h2>{_table(["filter", "score", "bound", "value"], threshold_rows)}
 <h2 id="drops">Clips dropped per reason</h2>{_table(["reason", "clips"], drops)}
 <h2 id="overlaps">Filter overlaps</h2><p>Clips that both filters dropped (diagonal: all drops of the filter).</p>
@@ -263,9 +298,12 @@ def _common_folder(locations: list[str]) -> str | None:
 
 
 def dataset_digest(folder: Path) -> str:
-    """sha256 over `manifest.jsonl` and every shard (name and content), 16 hex digits."""
-    files = [folder / "manifest.jsonl", *sorted((folder / "shards").glob("*.tar"))]
-    listing = "".join(f"{f.relative_to(folder).as_posix()} {sha256_file(f)}\n" for f in files)
+    """sha256 over `manifest.jsonl`, every shard of both splits and the prompt set (name and
+    content, in name order), 16 hex digits."""
+    files = [folder / "manifest.jsonl", *(folder / SHARDS).glob("*.tar"), *(folder / HELDOUT).glob("*.tar")]
+    files += [prompts] if (prompts := folder / HELDOUT / PROMPTS_FILE).is_file() else []
+    names = sorted((f.relative_to(folder).as_posix(), f) for f in files)
+    listing = "".join(f"{name} {sha256_file(f)}\n" for name, f in names)
     return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
@@ -289,10 +327,15 @@ def finalize(
         random_weights |= info["random_weights"]
         videos += info.get("videos", [])
     clips.sort(key=lambda c: c.key)
+    location = input_location or _common_folder(sorted(videos))
+    for clip in clips:
+        clip.split = heldout_split(clip.video, location or "", config.output.heldout_fraction)
+    # One set of thresholds over both splits: held-out clips pass the same filters as training's.
     bounds = thresholds(clips, config.filters)
     apply_filters(clips, bounds)
     candidates = [c for c in clips if not c.too_short]
     kept = [c for c in clips if c.kept]
+    prompts = [{"prompt": c.caption, "key": c.key} for c in kept if c.heldout and (c.caption or "").strip()]
     drops = {name: sum(name in c.drop_reasons for c in clips) for name in [TOO_SHORT, *bounds]}
     overlaps = {
         f"{a}&{b}": sum(a in c.drop_reasons and b in c.drop_reasons for c in clips)
@@ -324,9 +367,17 @@ def finalize(
         "camera_motion_kept": {
             m: sum(c.camera_motion == m for c in kept) for m in sorted({c.camera_motion for c in kept})
         },
+        "splits": {split: split_summary([c for c in kept if (c.split == split)]) for split in (TRAIN, HELDOUT)},
+        "heldout": {
+            "fraction": config.output.heldout_fraction,
+            "shards": str(output.join(HELDOUT)) + "/",
+            "prompt_set": str(output.join(HELDOUT, PROMPTS_FILE)),
+            "prompts": len(prompts),
+        },
+        "warnings": [] if any(c.heldout for c in kept) else [EMPTY_HELDOUT],
         "random_weights": random_weights,
         "provenance": {
-            "input": input_location or _common_folder(sorted(videos)),
+            "input": location,
             "output": str(output),
             "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
             "config_hash": config_hash(config_json),
@@ -344,6 +395,9 @@ def finalize(
             f.writelines(_row(c) + "\n" for c in clips)
         with open(folder / "rejected.jsonl", "w") as f:
             f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in sorted(rejected, key=lambda r: r["video"]))
+        with open(folder / HELDOUT / PROMPTS_FILE, "w") as f:
+            f.writelines(json.dumps(p, sort_keys=True) + "\n" for p in prompts)
+        card["heldout"]["prompt_set_digest"] = sha256_file(folder / HELDOUT / PROMPTS_FILE)[:16]
         card["digest"] = dataset_digest(folder)
         (folder / "dataset_card.json").write_text(json.dumps(card, indent=1, sort_keys=True))
         (folder / "dataset_card.html").write_text(card_html(card, clips, thumbnails, previews))
@@ -372,14 +426,18 @@ def _write_shards(
     config: CurationConfig,
     store: ObjectStore,
 ) -> tuple[dict[str, bytes], dict[str, bytes | None]]:
-    """Stream each part's clips once, in part order, into `shards/` (kept clips only),
-    setting each kept clip's `shard`; memory holds one clip at a time. Returns the
-    thumbnails and the looping previews of the showcase clips."""
-    (folder / "shards").mkdir()
+    """Stream each part's clips once, in part order, into `shards/` and `heldout/` by split
+    (kept clips only), setting each kept clip's `shard`; memory holds one clip at a time.
+    Returns the thumbnails and the looping previews of the showcase clips."""
+    folders = {TRAIN: SHARDS, HELDOUT: HELDOUT}
+    for name in folders.values():
+        (folder / name).mkdir()
     showcase_keys = {c.key for c in showcase}
     thumbnails: dict[str, bytes] = {}
     previews: dict[str, bytes | None] = {}
-    writer, written = None, 0
+    writers: dict[str, wds.TarWriter] = {}
+    names: dict[str, str] = {}  # each split's shard being written
+    written = dict.fromkeys(folders, 0)
     for part in parts:
         with store.open(part.join(CLIPS_TAR)) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
@@ -392,15 +450,17 @@ def _write_shards(
                     mp4 = tar.extractfile(member).read()
                     if key in showcase_keys:
                         previews[key] = _preview_webp(mp4)
-                    if written % config.output.clips_per_shard == 0:
-                        if writer:
-                            writer.close()
-                        name = f"shards/shard-{written // config.output.clips_per_shard:06d}.tar"
-                        writer = wds.TarWriter(str(folder / name), mtime=0)
-                    kept[key].shard = str(output.join(name))
-                    writer.write({"__key__": key, "mp4": mp4, "json": _row(kept[key])})
-                    written += 1
+                    split = kept[key].split or TRAIN
+                    count = written[split]
+                    if count % config.output.clips_per_shard == 0:
+                        if split in writers:
+                            writers[split].close()
+                        names[split] = f"{folders[split]}/shard-{count // config.output.clips_per_shard:06d}.tar"
+                        writers[split] = wds.TarWriter(str(folder / names[split]), mtime=0)
+                    kept[key].shard = str(output.join(names[split]))
+                    writers[split].write({"__key__": key, "mp4": mp4, "json": _row(kept[key])})
+                    written[split] += 1
             stream.read()  # to the end: tarfile stops at its end marker, the checksum is verified at EOF
-    if writer:
+    for writer in writers.values():
         writer.close()
     return thumbnails, previews

@@ -24,6 +24,8 @@ TAG_REJECTED = "vdm.rejected"
 TAG_SHARDS = "vdm.shards"
 TAG_CARD = "vdm.dataset_card"
 TAG_DIGEST = "vdm.dataset_digest"
+TAG_HELDOUT_SHARDS = "vdm.heldout_shards"
+TAG_PROMPT_SET = "vdm.prompt_set"
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ def log_card(card: dict, output: S3Uri, store: ObjectStore) -> None:
             TAG_SHARDS: str(output.join("shards")) + "/",
             TAG_CARD: str(output.join("dataset_card.html")),
             TAG_DIGEST: card["digest"],
+            TAG_HELDOUT_SHARDS: card["heldout"]["shards"],
+            TAG_PROMPT_SET: card["heldout"]["prompt_set"],
         }
     )
     thresholds = {
@@ -95,6 +99,8 @@ def log_card(card: dict, output: S3Uri, store: ObjectStore) -> None:
     }
     metrics |= {f"rejected.{mlflow_name(reason)}": n for reason, n in card["rejected_per_reason"].items()}
     metrics |= {f"camera_motion_kept.{mlflow_name(m)}": n for m, n in card["camera_motion_kept"].items()}
+    metrics |= {f"{figure}_{split}": f[figure] for split, f in card["splits"].items() for figure in ("clips", "hours")}
+    metrics["prompts"] = card["heldout"]["prompts"]
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
     mlflow.log_dict(card, "dataset_card.json")
     mlflow.log_text(store.get_bytes(output.join("dataset_card.html")).decode(), "dataset_card.html")

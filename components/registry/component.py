@@ -1,6 +1,7 @@
-"""KFP component of promotion: the gate over the candidate's evaluation figures. A
-refusal is a decision, not a failure: the step succeeds and says why, in its output's
-metadata and in an HTML report the Kubeflow UI renders."""
+"""KFP component of promotion: the gate over the candidate's evaluation figures, on the
+registered model's gate policy. A refusal is a decision, not a failure: the step succeeds
+and says why, with every check, in its output's metadata and in an HTML report the
+Kubeflow UI renders."""
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Output
@@ -11,36 +12,24 @@ IMAGE = load_settings().image
 
 
 @dsl.component(base_image=IMAGE)
-def promote_candidate(
-    model_uri: str, metric: str, direction: str, min_improvement: float, decision: Output[Artifact],
-    report: Output[HTML],
-) -> bool:  # fmt: skip
-    """`model_uri` (models:/NAME/VERSION) becomes the candidate, then the gate runs on `metric`
-    in `direction`, or (both empty) on the metric of the candidate's kind. `report`: the
+def promote_candidate(model_uri: str, decision: Output[Artifact], report: Output[HTML]) -> bool:
+    """`model_uri` (models:/NAME/VERSION) becomes the candidate, then the gate runs on the
+    model's policy (a model without one gets its kind's default, stored). `report`: the
     decision as a page."""
-    from dataclasses import asdict
     from pathlib import Path
 
     from mlflow import MlflowClient
 
     from components.common.tracking import connect
-    from components.registry.decision import decision_html
-    from components.registry.promotion import CANDIDATE, Gate, kind_gate, promote, registered_version
+    from components.registry.decision import decision_html, decision_metadata
+    from components.registry.promotion import CANDIDATE, promote, registered_version
 
     connect()
     name, version = registered_version(model_uri)
     MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
-    if metric and direction:
-        gate = Gate(metric, direction, float(min_improvement))
-    else:  # the candidate's kind's metric, direction and guard
-        gate = kind_gate(name, float(min_improvement))
-    result = promote(name, gate, actor="kubeflow-pipelines")
-    decision.metadata.update(
-        {k: v for k, v in asdict(result).items() if v is not None} | {"model": name, "metric": gate.metric}
-    )
-    page = decision_html(name, gate.metric, gate.direction, result.promoted, result.reason, result.candidate,
-                         result.champion, result.candidate_value, result.champion_value)  # fmt: skip
-    Path(report.path).write_text(page)
-    report.metadata.update({"model": name, "promoted": result.promoted})
+    result = promote(name, actor="kubeflow-pipelines")
+    decision.metadata.update(decision_metadata(name, result))
+    Path(report.path).write_text(decision_html(name, result))
+    report.metadata.update({"model": name, "promoted": result.promoted, "policy_version": result.policy_version or 0})
     print(("promoted: " if result.promoted else "not promoted: ") + result.reason)
     return result.promoted

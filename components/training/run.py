@@ -39,6 +39,7 @@ from model.conditioning import LatentCodec
 from model.data import ClipDataset, ClipSpec
 from model.latents import vae_fingerprint, write_latent_shards
 from model.pipeline import to_uint8
+from model.records import HELDOUT
 from model.stages import StageConfig, VideoDiffusion, named_config
 from model.svd import export_svd
 from model.train import TrainResult, leave_distributed, train
@@ -56,6 +57,16 @@ def shard_urls(data: str, store: ObjectStore) -> list[str]:
     if not urls:
         raise ValueError(f"no .tar shards under {data}")
     return urls
+
+
+def refuse_heldout_data(data: str) -> None:
+    """A ValueError when `data` is a curated output's held-out split (its `heldout/` folder)."""
+    head, _, last = data.rstrip("/").rpartition("/")
+    if last == HELDOUT:
+        raise ValueError(
+            f"{data} is the held-out split of a curated output, which training never reads (evaluation "
+            f"compares generated videos with it): train on {head}/shards/"
+        )
 
 
 def latest_checkpoint(output: S3Uri, store: ObjectStore) -> S3Uri | None:
@@ -249,6 +260,7 @@ def run_training(
     `overrides`: config fields to replace (None values ignored), e.g. max_steps, strategy.
     `experiment`: the MLflow experiment (default vdm-train-<stage>)."""
     out = S3Uri.parse(output)
+    refuse_heldout_data(data)
     shards = shard_urls(data, store)
 
     with tempfile.TemporaryDirectory(prefix="vdm-train-") as tmp:

@@ -40,11 +40,16 @@ class NoOptions:
 @dataclass(frozen=True)
 class Evaluation:
     """What evaluating a model gives: the figures the gate and the UI read (`metrics`, the
-    kind's `metric` among them), details for the report, and sample videos to look at."""
+    kind's `metric` among them), details for the report, and sample videos to look at.
+    `references` and `prompts`, where a kind has them, pair each sample with the held-out
+    clip it stands for and the text it was generated from (or the clip's caption): the
+    evaluation step measures the distribution distance (FVD) and the text alignment with them."""
 
     metrics: dict[str, float]
     details: dict = field(default_factory=dict)
     samples: list = field(default_factory=list)  # (T, 3, H, W) frames in [-1, 1]
+    references: list = field(default_factory=list)  # held-out clips, (T, 3, H, W) in [-1, 1]; [] if none
+    prompts: list[str] = field(default_factory=list)  # one per sample; [] if the kind has none
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,7 @@ class Task:
     # evaluation also compares with the training data (`reference`).
     starts_from: ClassVar[str] = "vdm-text-to-video"
     training_data: ClassVar[str] = "s3://vdm/curated/kfp/shards/"
-    evaluation_data: ClassVar[str] = "s3://vdm/curated/kfp/shards/"
+    evaluation_data: ClassVar[str] = "s3://vdm/curated/kfp/heldout/"
     training_data_is_reference: ClassVar[bool] = False
 
     def option_choices(self, option: str) -> list[str] | None:
@@ -192,19 +197,37 @@ class Task:
     # -- evaluation ---------------------------------------------------------------------
 
     def evaluate(
-        self, model: VideoDiffusion, shards: list[str], *, clips: int, steps: int, reference: list[str] | None = None
+        self,
+        model: VideoDiffusion,
+        shards: list[str],
+        *,
+        clips: int,
+        steps: int,
+        reference: list[str] | None = None,
+        prompts: list[str] | None = None,
     ) -> Evaluation:
         """The kind's figures on held-out data `shards` (`reference`: a second data set a kind
-        compares with, e.g. spatial-HQ's image set): motion of generated videos against the
-        data's, unless the kind measures what it is for otherwise."""
+        compares with, e.g. spatial-HQ's image set; `prompts`: what text kinds generate from,
+        in turn, else the empty prompt): motion of generated videos against the data's,
+        unless the kind measures what it is for otherwise."""
         from model.evaluation import evaluate_motion, motion_gate_metrics
 
-        report = evaluate_motion(model, shards, clips=clips, steps=steps)
+        report = evaluate_motion(model, shards, clips=clips, steps=steps, prompts=prompts)
         metrics = motion_gate_metrics(report)
         # image-to-video: how well generated frame 0 keeps the conditioning frame
         metrics |= {f"first_frame_{k}": v for k, v in report.get("first_frame", {}).items()}
         details = {"data": report["data"], "generated": report["generated"]}
-        return Evaluation(metrics, details, report["samples"])
+        return Evaluation(metrics, details, report["samples"], report["clips"], report["prompts"])
+
+    def evaluation_inputs(self, clip: dict, prompt: str | None) -> object:
+        """What an evaluation video is generated from: `inputs_of(clip)`, with the evaluation
+        `prompt` where that leaves the text empty (text kinds; None: keep it empty)."""
+        from dataclasses import replace
+
+        inputs = self.inputs_of(clip)
+        if prompt is not None and getattr(inputs, "prompt", None) == "":
+            inputs = replace(inputs, prompt=prompt)
+        return inputs
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"

@@ -106,7 +106,7 @@ class CameraLora(TextToVideo):
         drawn = torch.rand(motion.shape, generator=generator) * options.motion_jitter_max
         return torch.where(redraw.to(motion.device), drawn.to(motion.device), motion.float())
 
-    def evaluate(self, model, shards, *, clips, steps, reference=None) -> Evaluation:
+    def evaluate(self, model, shards, *, clips, steps, reference=None, prompts=None) -> Evaluation:
         """Videos sampled with each adapter at its class's motion score in the held-out camera
         clips, read as a camera-motion class; the base model beside it (model/camera_motion.py:
         `evaluate_adapters`)."""

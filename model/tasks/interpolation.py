@@ -58,7 +58,7 @@ class Interpolation(KnownFramesTask):
 
         return interpolate(model, inputs.frames, config, inputs.prompt, on_step)
 
-    def evaluate(self, model, shards, *, clips, steps, reference=None) -> Evaluation:
+    def evaluate(self, model, shards, *, clips, steps, reference=None, prompts=None) -> Evaluation:
         """The held-out clips' keys (every 4th frame) interpolated, the in-between objects'
         positions against the keys' (model/masked_evaluation.py: `evaluate_interpolation`)."""
         from model.masked_evaluation import evaluate_interpolation
@@ -69,7 +69,7 @@ class Interpolation(KnownFramesTask):
             "interpolation_position_error_px": report["position_error_px"],
         }
         details = {"measured_clips": report["measured_clips"], "data": report["data"]}
-        return Evaluation(metrics, details, report["samples"])
+        return Evaluation(metrics, details, report["samples"], report["clips"])
 
 
 TASKS = (Interpolation(),)

@@ -65,7 +65,7 @@ class MultiView(ImageToVideo):
 
         return orbit(model, inputs.image, inputs.elevation, config, on_step)
 
-    def evaluate(self, model, shards, *, clips, steps, reference=None) -> Evaluation:
+    def evaluate(self, model, shards, *, clips, steps, reference=None, prompts=None) -> Evaluation:
         """Held-out orbits' first views turned into orbits at their elevation, each generated
         view retrieved among the orbit's true views (model/multiview.py: `evaluate_orbits`)."""
         from model.multiview import evaluate_orbits

@@ -64,7 +64,7 @@ class Prediction(KnownFramesTask):
         length = inputs.video_frames if inputs.video_frames is not None else 2 * config.num_frames
         return predict(model, inputs.frames, length, config, inputs.prompt, on_step)
 
-    def evaluate(self, model, shards, *, clips, steps, reference=None) -> Evaluation:
+    def evaluate(self, model, shards, *, clips, steps, reference=None, prompts=None) -> Evaluation:
         """The held-out clips' first 2 frames continued to the clip's length, the continued
         object's velocity against the clip's (model/masked_evaluation.py: `evaluate_prediction`)."""
         from model.masked_evaluation import evaluate_prediction
@@ -75,7 +75,7 @@ class Prediction(KnownFramesTask):
             "prediction_next_position_error_px": report["next_position_error_px"],
         }
         details = {"context_frames": report["context"], "still_velocity_error": report["still_velocity_error"]}
-        return Evaluation(metrics, details, report["samples"])
+        return Evaluation(metrics, details, report["samples"], report["clips"])
 
 
 TASKS = (Prediction(),)

@@ -36,7 +36,7 @@ class SpatialHighQuality(TextToVideo):
         if config.data != "images" or config.strategy != "spatial":
             raise ValueError("the spatial-hq finetune trains the spatial layers only (strategy: spatial) on images")
 
-    def evaluate(self, model, shards, *, clips, steps, reference=None) -> Evaluation:
+    def evaluate(self, model, shards, *, clips, steps, reference=None, prompts=None) -> Evaluation:
         """The default motion evaluation on the video data `shards` (motion_speed_error guards
         the motion), and the same samples' foreground saturation against the image set
         `reference`'s (model/spatial.py: `evaluate_palette`)."""
@@ -44,11 +44,12 @@ class SpatialHighQuality(TextToVideo):
 
         if not reference:
             raise ValueError("a spatial-hq model is evaluated against its image set: give the reference shards")
-        motion = super().evaluate(model, shards, clips=clips, steps=steps)
+        motion = super().evaluate(model, shards, clips=clips, steps=steps, prompts=prompts)
         palette = evaluate_palette(model, shards, reference, motion.samples, clips=clips)
         metrics = {self.metric.name: palette["saturation_gap"]} | motion.metrics
         metrics |= {k: v for k, v in palette.items() if k != "saturation_gap"}
-        return Evaluation(metrics, motion.details | {"image_quality": palette}, motion.samples)
+        details = motion.details | {"image_quality": palette}
+        return Evaluation(metrics, details, motion.samples, motion.references, motion.prompts)
 
 
 TASKS = (SpatialHighQuality(),)

@@ -36,12 +36,12 @@ def smoke(tmp_path_factory):
 def test_every_section_ran_without_errors(smoke):
     report, _, seconds = smoke
     assert report["smoke"] is True and report["device"]["smoke"] is True
-    assert {"device", "train_step", "sampling", "curation", "serving", "summary"} <= set(report)
+    assert {"device", "train_step", "sampling", "curation", "serving", "evaluation", "summary"} <= set(report)
     assert report["summary"]["errors"] == []
     assert report["device"]["type"] == "cpu" and report["device"]["torch"]
     # CPU: no known peak, so no MFU (and the report says why)
     assert report["device"]["peak_bf16_dense_tflops"] is None and "CPU" in report["device"]["peak_source"]
-    assert report["wall_s"] < 300 and seconds < 400  # about 20 s on an idle 2-core machine
+    assert report["wall_s"] < 300 and seconds < 400  # about 30 s on an idle 2-core machine
 
 
 def test_training_step_is_measured_and_its_flops_add_up(smoke):
@@ -93,6 +93,17 @@ def test_curation_annotators_and_serving_report_rates(smoke):
     serving = report["serving"]
     assert serving["status"] == 200 and serving["latency_s"] > 0 and serving["mp4_bytes"] > 0
     assert "image_to_video" in serving["called"]
+
+
+def test_evaluation_reports_i3d_throughput_and_an_end_to_end_fvd(smoke):
+    evaluation = smoke[0]["evaluation"]
+    assert evaluation["i3d_input"] == [16, 224, 224] and evaluation["i3d_timed_clips"] >= 1
+    assert evaluation["i3d_clips_per_s"] > 0 and evaluation["i3d_peak_memory_mb"] > 0
+    fvd = evaluation["fvd"]
+    assert fvd["clips"] == 2 and fvd["seconds"] > 0 and fvd["peak_memory_mb"] > 0
+    assert fvd["clips_per_s"] == pytest.approx(2 * fvd["clips"] / fvd["seconds"], abs=0.006)  # to 2 decimals
+    # two sets of different random clips through a random I3D: a finite, positive distance
+    assert 0 < fvd["value"] < float("inf")
 
 
 def test_the_json_file_is_written_where_asked(smoke):

@@ -138,3 +138,44 @@ def test_a_camera_motion_filter_outside_the_vocabulary_is_refused(shards):
     # A known label no clip has: nothing usable (the shapes clips are all static).
     with pytest.raises(ValueError, match="labelled zoom_in"):
         next(iter(ClipDataset(paths, ClipSpec(num_frames=2, fps=12.0), camera_motion=("zoom_in",), epochs=1)))
+
+
+def _as_heldout(paths: list[str], folder) -> list[str]:
+    """Copies of the shards with every sample's JSON in the held-out split, as curation's `heldout/` has them."""
+    import json
+
+    import webdataset as wds
+
+    folder.mkdir()
+    copies = []
+    for path in paths:
+        copy = folder / path.rsplit("/", 1)[1]
+        with wds.TarWriter(str(copy), mtime=0) as tar:
+            for sample in wds.WebDataset(path, shardshuffle=False):
+                meta = json.loads(sample["json"]) | {"split": "heldout"}
+                tar.write(
+                    {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+                    | {"json": json.dumps(meta).encode()}
+                )
+        copies.append(str(copy))
+    return copies
+
+
+def test_training_loaders_refuse_heldout_clips_and_evaluation_reads_them(shards, image_shards, tmp_path):
+    spec = ClipSpec(num_frames=2, fps=12.0, height=32, width=32)
+    heldout = _as_heldout(shards[0][:2], tmp_path / "heldout")
+    with pytest.raises(ValueError, match=r"clip 'shapes-\S+' belongs to the held-out split, which training never"):
+        next(iter(ClipDataset(heldout, spec)))
+    with pytest.raises(ValueError, match="train on the curated output's shards/, not its heldout/"):
+        next(iter(ClipDataset(heldout, spec, start=3)))  # also when resuming past them
+    read = list(ClipDataset(heldout, spec, heldout=True, epochs=1))
+    originals = list(ClipDataset(shards[0][:2], spec, epochs=1))  # the same clips as training data
+    assert [item["key"] for item in read] == [item["key"] for item in originals] and len(read) == 10
+    assert all(torch.equal(a["video"], b["video"]) for a, b in zip(read, originals, strict=True))
+    # Both splits together: the evaluation's keyword reads them all.
+    both = ClipDataset([*heldout, *shards[0][2:]], spec, heldout=True, epochs=1)
+    assert len(list(both)) == 20
+    images = _as_heldout(image_shards[0][:1], tmp_path / "images")
+    with pytest.raises(ValueError, match="belongs to the held-out split"):
+        next(iter(ImageDataset(images, 32, 32)))
+    assert len(list(ImageDataset(images, 32, 32, heldout=True, epochs=1))) == 4

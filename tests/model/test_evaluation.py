@@ -52,7 +52,9 @@ def test_evaluate_motion_compares_generated_clips_with_the_data(tmp_path):
     shards = [str(p) for p in paths]
     model = train(replace(named_config("tiny", "video"), max_steps=1), shards, tmp_path / "run").model
     report = evaluate_motion(model, shards, clips=2, steps=2)
-    assert set(report) == {"data", "generated", "samples"} and len(report["samples"]) == 2
+    assert set(report) == {"data", "generated", "samples", "clips", "prompts"} and len(report["samples"]) == 2
+    # Each sample beside the data clip it stands for and its text (no prompts given: the clip's caption).
+    assert [c.shape for c in report["clips"]] == [s.shape for s in report["samples"]] and len(report["prompts"]) == 2
     # Data clips are tracked at the model's resolution and fps: 3 source frames per sample, 32/64 of the size.
     speeds = [np.linalg.norm(np.array(t["velocities"][0])) for t in truth.values()]
     assert report["data"]["speed_px_per_frame"] == pytest.approx(3 * 0.5 * float(np.mean(speeds)), rel=0.5)

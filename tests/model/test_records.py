@@ -159,3 +159,16 @@ def test_synthetic_writers_write_records(tmp_path: Path):
     record = ClipRecord.from_json(sample["json"])
     assert isinstance(record, OrbitRecord) and record.azimuths == truth[record.key]["azimuths"]
     assert dataclasses.asdict(record)["elevation"] == truth[record.key]["elevation"]
+
+
+def test_split_is_not_set_in_older_json_and_round_trips_when_set():
+    record = ClipRecord.from_json(CURATED_ROW)
+    assert record.split is None and not record.heldout  # written before the split existed: train
+    heldout = ClipRecord.from_json(json.loads(CURATED_ROW) | {"split": "heldout"})
+    assert heldout.split == "heldout" and heldout.heldout
+    assert json.loads(heldout.to_json())["split"] == "heldout"
+    assert not ClipRecord.from_json(json.loads(CURATED_ROW) | {"split": "train"}).heldout
+    with pytest.raises(
+        ValueError, match=r"pan_left-3c1e2a9b0d-0000.*unknown split 'test'; one of \['train', 'heldout'\]"
+    ):
+        ClipRecord.from_json(json.loads(CURATED_ROW) | {"split": "test"})

@@ -442,15 +442,15 @@ def test_every_finetune_pipeline_ends_in_its_kinds_evaluation_and_the_gate(compi
     assert pipeline.sources(evaluation, "model_uri") == {("task", t, "model_uri") for t in last}
     (gate,) = pipeline.of("comp-promote-candidate")
     assert evaluation in pipeline.upstream(gate)
-    # The gate decides on the kind's metric (empty: read from the candidate's kind).
-    assert pipeline.sources(gate, "metric") == {("const", "")}
+    # The gate takes only the version: the registered model's gate policy says what it requires.
+    assert set(pipeline.tasks[gate][1]["inputs"]["parameters"]) == {"model_uri"}
     tasks = pipeline.spec["root"]["dag"]["tasks"]
     label = MODEL_LABELS.get(kind, kind)
     assert tasks[evaluation]["taskInfo"]["name"] == f"evaluate {label}"
     assert tasks[gate]["taskInfo"]["name"] == f"promotion gate {label}"
-    # The run form explains every parameter, and names the kind's metric.
+    # The run form has no gate margins: they are the model's policy.
     parameters = pipeline.parameters
-    assert task.metric.name in parameters["min_improvement"]["description"]
+    assert not {"min_improvement", "metric", "direction"} & set(parameters)
     assert parameters["model_name"]["defaultValue"] == task.registered_name
 
 

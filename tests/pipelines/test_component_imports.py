@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
-HELPERS = ("components.training.model_artifact", "components.evaluation.report", "components.registry.decision")
+HELPERS = ("components.training.model_artifact", "components.evaluation.evaluate", "components.registry.decision")
 
 
 def _imported_by_step_bodies() -> set[str]:

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from kfp.dsl import Model
 from kfp_stub import KfpStub
 
-from components.evaluation.report import report_html
 from components.registry.decision import decision_html
+from components.registry.promotion import Check, Decision, Evaluated
 from components.training.model_artifact import describe_model
 from components.training.request import RunResult
 from pipelines.kubeflow import PIPELINES
@@ -39,7 +39,7 @@ def test_pipeline_list_shows_each_pipeline_with_its_parameter_count_and_descript
         count, description = re.match(rf"{re.escape(name)}\s+(\d+)  (.*)$", rows[name]).groups()
         assert int(count) == len(pipeline.component_spec.inputs)
         assert description == pipeline.pipeline_spec.pipeline_info.description
-    assert re.match(r"end-to-end\s+25  Curation -> Stage I/II/III", rows["end-to-end"])
+    assert re.match(r"end-to-end\s+28  Curation -> Stage I/II/III", rows["end-to-end"])
 
 
 def test_pipeline_params_shows_each_fields_type_default_and_description():
@@ -48,10 +48,10 @@ def test_pipeline_params_shows_each_fields_type_default_and_description():
     text = result.stdout
     assert text.startswith("end-to-end: Curation -> Stage I/II/III")
     fields = dict(re.findall(r"^(\w+)  (\w+  .*)$", text, flags=re.M))
-    assert len(fields) == len(PIPELINES["end-to-end"].component_spec.inputs) == 25
+    assert len(fields) == len(PIPELINES["end-to-end"].component_spec.inputs) == 28
     assert fields["random_weights"] == "BOOLEAN  default false"
     assert fields["eval_clips"] == "NUMBER_INTEGER  default 8"  # an integer, not the spec's 8.0
-    assert fields["min_improvement"] == "NUMBER_DOUBLE  default 0.0"
+    assert "min_improvement" not in fields  # the gate's margins are the model's policy (vdm registry policy)
     assert fields["gpus_per_node"] == "STRING  default 8"
     assert fields["vae"] == 'STRING  default ""'
     assert fields["input_uri"] == "STRING  default s3://vdm/samples/seed-0"
@@ -99,22 +99,25 @@ def test_an_unreachable_or_refusing_host_is_one_error_line(command):
         assert not stub.posted("/apis/v2beta1/pipelines/upload")
 
 
-def test_the_evaluation_report_shows_every_figure_and_marks_the_gates():
-    page = report_html("i2v", "motion_speed_error", "minimize", {"motion_speed_error": 0.125, "fvd": 41.5},
-                       "vdm-image-to-video/3", "http://mlflow/#/runs/abc")  # fmt: skip
-    assert "Evaluation of vdm-image-to-video/3 (i2v)" in page
-    assert "<tr class=gate><td>motion_speed_error</td><td>0.125</td></tr>" in page
-    assert "<tr><td>fvd</td><td>41.5</td></tr>" in page
-    assert "<b>motion_speed_error</b> (minimize)" in page and "href='http://mlflow/#/runs/abc'" in page
-
-
-def test_the_gate_report_says_the_decision_and_both_versions():
-    page = decision_html("vdm-t<2v>", "motion_speed_error", "minimize", False, "no better than v1", "2", "1", 0.5, 0.25)
-    assert "vdm-t&lt;2v&gt;: version 2 not promoted" in page and "no better than v1" in page
-    assert "<td>candidate</td><td>2</td><td>0.5</td>" in page
-    assert "<td>champion before</td><td>1</td><td>0.25</td>" in page
-    first = decision_html("m", "x", "maximize", True, "first version with figures", "1", None, 0.5, None)
-    assert "m: version 1 promoted to champion" in first and "<td>champion before</td><td>-</td><td>-</td>" in first
+def test_the_gate_report_shows_every_check_the_policy_and_both_evaluations():
+    candidate = Evaluated("2", {"fvd": 120.0, "clip_score": 0.29, "clips": 256.0}, "r2", "http://mlflow/#/runs/r2",
+                          "http://mlflow/#/runs/r2/artifacts/report.html", "abc", ())  # fmt: skip
+    champion = Evaluated("1", {"fvd": 130.0, "clip_score": 0.3, "clips": 256.0}, "r1", "http://mlflow/#/runs/r1")
+    checks = (
+        Check("fvd", "primary", 120.0, 130.0, "better by more than 5 (minimize)", True),
+        Check("clip_score", "guard", 0.29, 0.3, "not worse by more than 0.005 (maximize)", False),
+    )
+    decision = Decision(False, "guard clip_score 0.29 is worse than champion v1's 0.3", "2", "1", checks, candidate,
+                        champion, "primary: {metric: fvd}  # <why>\n", 3)  # fmt: skip
+    page = decision_html("vdm-t<2v>", decision)
+    assert "vdm-t&lt;2v&gt;: version 2 not promoted" in page and "worse than champion v1&#x27;s 0.3" in page
+    assert "<tr class=pass><td>pass</td><td>primary</td><td>fvd</td><td>120</td><td>130</td>" in page
+    assert "<tr class=fail><td>FAIL</td><td>guard</td><td>clip_score</td><td>0.29</td><td>0.3</td>" in page
+    assert "Gate policy (policy v3)" in page and "primary: {metric: fvd}  # &lt;why&gt;" in page
+    assert "href='http://mlflow/#/runs/r2'" in page and "href='http://mlflow/#/runs/r1'" in page
+    assert "href='http://mlflow/#/runs/r2/artifacts/report.html'" in page
+    first = decision_html("m", Decision(True, "no champion yet", "1", None, (), candidate))
+    assert "m: version 1 promoted to champion" in first and "<li>champion: none</li>" in first
 
 
 def test_a_training_steps_model_artifact_points_at_the_model_and_its_version(tmp_path):

@@ -72,4 +72,7 @@ def test_parameters_take_the_types_the_run_form_declares():
         "random_weights": True,
         "videos_per_shard": 3,
     }
-    assert parse_params(["min_improvement=0.5"], "evaluate-and-promote") == {"min_improvement": 0.5}
+    assert parse_params(["random_networks=true", "prompts=16"], "evaluate-and-promote") == {
+        "random_networks": True,
+        "prompts": 16,
+    }

@@ -337,13 +337,63 @@ def test_a_half_imported_entry_is_not_listed_and_does_not_resolve(store, bucket,
         resolve_weights("weights:half", store, tmp_path / "cache", bucket=bucket)
 
 
+# -- FVD's networks: the I3D checkpoint, a transformers VideoMAE folder ------------------------------------
+
+
+def test_the_i3d_checkpoint_is_checked_key_by_key(tmp_path):
+    from model.i3d import InceptionI3d
+
+    with torch.device("meta"):
+        shapes = state_shapes(InceptionI3d())
+    # Converted from TF (i3d_pretrained_400.pt): no num_batches_tracked.
+    converted = {k: v for k, v in shapes.items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "i3d_pretrained_400.pt"
+    torch.save(_cheap(converted), path)
+    checked = check_weights(path)  # detected by its keys
+    assert (checked.kind, checked.architecture, checked.files) == ("i3d", "InceptionI3d-400", (path.name,))
+    torch.save(_cheap(shapes), path)  # a state_dict() of our own network has them
+    assert check_weights(path, kind="i3d").architecture == "InceptionI3d-400"
+    with pytest.raises(ValueError, match="holds an InceptionI3d-400, not an InceptionI3d-600"):
+        check_weights(path, kind="i3d", architecture="InceptionI3d-600")
+
+    key = "Mixed_4c.b1b.bn.running_var"
+    reshaped = r"1 of another shape \(logits.conv3d.weight \(400, 1000, 1, 1, 1\) instead of \(400, 1024, 1, 1, 1\)\)"
+    for broken, message in [
+        ({k: v for k, v in converted.items() if k != key}, rf"1 missing \({key}\)"),
+        (converted | {"logits.conv3d.weight": (400, 1000, 1, 1, 1)}, reshaped),
+    ]:
+        torch.save(_cheap(broken), path)
+        with pytest.raises(ValueError, match=f"as the Kinetics I3D: keys do not match: {message}") as e:
+            check_weights(path)
+        assert "\n" not in str(e.value)
+
+
+def test_a_transformers_model_folder_is_a_diffusers_entry(tmp_path):
+    from transformers import VideoMAEConfig, VideoMAEModel
+
+    from model.fvd import TINY_VIDEOMAE_CONFIG
+
+    with fixed_seed(0):
+        VideoMAEModel(VideoMAEConfig(**TINY_VIDEOMAE_CONFIG)).save_pretrained(tmp_path / "videomae")
+    checked = check_weights(tmp_path / "videomae")
+    assert (checked.kind, checked.architecture) == ("diffusers", "VideoMAEModel")
+    assert checked.files == ("config.json", "model.safetensors")
+    config = json.loads((tmp_path / "videomae" / "config.json").read_text())
+    (tmp_path / "videomae" / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match=r"\(VideoMAEModel\): keys do not match: \d+ missing \(encoder.layer.2."):
+        check_weights(tmp_path / "videomae")
+    (tmp_path / "videomae" / "config.json").write_text(json.dumps({"hidden_size": 32}))
+    with pytest.raises(ValueError, match=r"config.json names no class \(_class_name or architectures\)"):
+        check_weights(tmp_path / "videomae")
+
+
 # -- the CLI ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "args, error",
     [
-        (["--kind", "onnx"], "error: unknown kind 'onnx': one of diffusers, open_clip, aesthetic_mlp"),
+        (["--kind", "onnx"], "error: unknown kind 'onnx': one of diffusers, open_clip, aesthetic_mlp, i3d"),
         (
             ["--architecture", "ViT-Q-99"],
             "error: unknown open_clip architecture 'ViT-Q-99': see open_clip.list_models()",

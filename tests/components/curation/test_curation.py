@@ -28,7 +28,14 @@ from components.common.objectstore import S3Uri
 from components.common.tracking import config_hash, connect
 from components.curation.annotate import run_videos
 from components.curation.config import CurationConfig, Filter, Limits
-from components.curation.finalize import apply_filters, thresholds
+from components.curation.finalize import (
+    EMPTY_HELDOUT,
+    apply_filters,
+    dataset_digest,
+    finalize,
+    heldout_split,
+    thresholds,
+)
 from components.sample_data.synth import SynthConfig, synthesize_local
 from model.records import ClipRecord
 
@@ -168,7 +175,8 @@ def _manifest(store, prefix: str) -> list[dict]:
 def curated(stack, store, samples, tmp_path_factory):
     folder, videos = samples
     config = tmp_path_factory.mktemp("cfg") / "curation.yaml"
-    config.write_text("output:\n  videos_per_input_shard: 4\n  clips_per_shard: 4\n")
+    # A tenth of the videos held out: cuts.mp4, fade.mp4 and pan_right.mp4 by their names' hashes.
+    config.write_text("output:\n  videos_per_input_shard: 4\n  clips_per_shard: 4\n  heldout_fraction: 0.1\n")
     prefix = f"s3://{stack.settings.data_bucket}/curated-{os.getpid()}"
     result = _vdm(
         "curate",
@@ -226,6 +234,38 @@ def test_curate_publishes_the_documented_outputs(curated, store, samples):
     html = store.get_bytes(f"{out}/dataset_card.html").decode()
     assert "RANDOM WEIGHTS" in html and html.count("data:image/png;base64") == 4
 
+    # The held-out split: whole source videos, chosen by their path under the input, never trained on.
+    folder, _ = samples
+    splits: dict[str, set[str]] = {}
+    for row in rows:
+        splits.setdefault(row["video"], set()).add(row["split"])
+    assert all(len(s) == 1 for s in splits.values())  # a video's clips never straddle splits
+    heldout_videos = {Path(v).name for v, s in splits.items() if s == {"heldout"}}
+    assert heldout_videos == {"cuts.mp4", "fade.mp4", "pan_right.mp4"}
+    assert all(heldout_split(v, str(folder), 0.1) == s.pop() for v, s in splits.items())
+    kept_heldout = [r for r in rows if r["kept"] and r["split"] == "heldout"]
+    assert kept_heldout and all(r["shard"].startswith("shard-") for r in kept_heldout)
+    for split in ("train", "heldout"):
+        kept = [r for r in rows if r["kept"] and r["split"] == split]
+        figures = card["splits"][split]
+        assert figures["clips"] == len(kept) and figures["videos"] == len({r["video"] for r in kept})
+        assert figures["hours"] == pytest.approx(sum(r["end_s"] - r["start_s"] for r in kept) / 3600, abs=1e-6)
+    assert card["warnings"] == []
+    # The evaluation prompt set: exactly the held-out kept clips' captions, sorted by key.
+    prompts = [json.loads(line) for line in store.get_bytes(f"{out}/heldout/prompts.jsonl").decode().splitlines()]
+    expected = [{"prompt": r["caption"], "key": r["key"]} for r in kept_heldout if r.get("caption", "").strip()]
+    assert prompts == sorted(expected, key=lambda p: p["key"]) and prompts
+    assert card["heldout"] == {
+        "fraction": 0.1,
+        "shards": f"{out}/heldout/",
+        "prompt_set": f"{out}/heldout/prompts.jsonl",
+        "prompts": len(prompts),
+        "prompt_set_digest": hashlib.sha256(store.get_bytes(f"{out}/heldout/prompts.jsonl")).hexdigest()[:16],
+    }
+    assert f"heldout_shards    {out}/heldout/" in stdout
+    assert f"prompt_set        {out}/heldout/prompts.jsonl ({len(prompts)} prompts)" in stdout
+    assert f"heldout {len(kept_heldout)} clips" in stdout and "warning:" not in stdout
+
 
 def _cells(*values) -> str:
     return "".join(f"<td>{html_lib.escape(str(v))}</td>" for v in values)
@@ -247,10 +287,13 @@ def test_dataset_card_shows_provenance_filters_camera_motion_and_playing_clips(c
     created = datetime.fromisoformat(provenance["created_utc"])
     assert abs((datetime.now(UTC) - created).total_seconds()) < 3600
     assert card["input_files"] == len(videos)
-    # The digest names the exact manifest and shards.
+    # The digest names the exact manifest, shards of both splits and prompt set.
     listing = [("manifest.jsonl", store.get_bytes(f"{out}/manifest.jsonl"))] + [
-        (f"shards/{o.uri.key.rsplit('/', 1)[1]}", store.get_bytes(o.uri)) for o in store.list(f"{out}/shards/")
+        ("/".join(o.uri.key.rsplit("/", 2)[1:]), store.get_bytes(o.uri))
+        for folder_name in ("shards", "heldout")
+        for o in store.list(f"{out}/{folder_name}/")
     ]
+    assert {name for name, _ in listing} >= {"heldout/prompts.jsonl", "heldout/shard-000000.tar"}
     expected = "".join(f"{name} {hashlib.sha256(data).hexdigest()}\n" for name, data in sorted(listing))
     assert card["digest"] == hashlib.sha256(expected.encode()).hexdigest()[:16]
 
@@ -267,7 +310,12 @@ def test_dataset_card_shows_provenance_filters_camera_motion_and_playing_clips(c
 
     # The page shows the same figures.
     assert _cells("input", folder) in page and _cells("code version (git commit)", head or "unknown") in page
-    assert _cells("digest (manifest and shards)", card["digest"]) in page
+    assert _cells("digest (manifest, shards, held-out shards and prompts)", card["digest"]) in page
+    for split, figures in card["splits"].items():
+        assert _cells(split, figures["videos"], figures["clips"], f"{figures['hours']:.4f}") in page
+    assert _cells("held-out shards", card["heldout"]["shards"]) in page
+    assert _cells("evaluation prompt set", card["heldout"]["prompt_set"]) in page
+    assert _cells("prompts", card["heldout"]["prompts"]) in page and "class='warn'>evaluation" not in page
     for name, bound in card["thresholds"].items():
         side = "min" if "min" in bound else "max"
         assert _cells(name, bound["score"], side, f"{bound[side]:.4g}") in page
@@ -327,11 +375,17 @@ def test_curation_is_an_mlflow_run_with_its_card(curated, store, settings):
         assert metrics[f"rejected.{reason}"] == count
     for motion, count in card["camera_motion_kept"].items():
         assert metrics[f"camera_motion_kept.{motion}"] == count
+    for split in ("train", "heldout"):
+        assert metrics[f"clips_{split}"] == card["splits"][split]["clips"] > 0
+        assert metrics[f"hours_{split}"] == pytest.approx(card["splits"][split]["hours"])
+    assert metrics["prompts"] == card["heldout"]["prompts"]
 
     tags = run.data.tags
     assert tags["vdm.manifest"] == f"{out}/manifest.jsonl" and tags["vdm.rejected"] == f"{out}/rejected.jsonl"
     assert tags["vdm.shards"] == f"{out}/shards/" and tags["vdm.dataset_card"] == f"{out}/dataset_card.html"
     assert tags["vdm.dataset_digest"] == card["digest"] and tags["vdm.output"] == out
+    assert tags["vdm.heldout_shards"] == f"{out}/heldout/"
+    assert tags["vdm.prompt_set"] == f"{out}/heldout/prompts.jsonl"
     assert json.loads(tags["vdm.inputs"]) == [card["provenance"]["input"]]
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -350,17 +404,19 @@ def test_text_clip_gets_a_high_text_ratio_with_real_ocr(curated, store):
     assert max(v for k, v in ratios.items() if k != "text.mp4") < 0.005
 
 
-def test_shards_decode_to_the_clips_they_describe(curated, store, tmp_path):
+@pytest.mark.parametrize(("split", "folder"), [("train", "shards"), ("heldout", "heldout")])
+def test_shards_decode_to_the_clips_they_describe(curated, store, tmp_path, split, folder):
     prefix, _, _ = curated
-    rows = {r["key"]: r for r in _manifest(store, f"{prefix}/a") if r["kept"]}
-    shard_uris = [str(o.uri) for o in store.list(f"{prefix}/a/shards/")]
-    assert len(shard_uris) == -(-len(rows) // 4)
+    rows = {r["key"]: r for r in _manifest(store, f"{prefix}/a") if r["kept"] and r["split"] == split}
+    shard_uris = [str(o.uri) for o in store.list(f"{prefix}/a/{folder}/") if o.uri.key.endswith(".tar")]
+    assert len(shard_uris) == -(-len(rows) // 4) > 0
     seen = set()
     for uri in shard_uris:
         local = store.download_file(uri, tmp_path / S3Uri.parse(uri).key.rsplit("/", 1)[1])
         for sample in wds.WebDataset(str(local), shardshuffle=False):
             meta = json.loads(sample["json"])
             assert meta == rows[meta["key"]] | {"shard": meta["shard"]}  # the manifest row, as the loader reads it
+            assert meta["shard"] == uri and meta["split"] == split
             record = ClipRecord.from_json(sample["json"])
             assert record.to_dict() == meta and record.too_short is None
             with av.open(io.BytesIO(sample["mp4"])) as container:
@@ -369,6 +425,66 @@ def test_shards_decode_to_the_clips_they_describe(curated, store, tmp_path):
             assert record.kept and sample["__key__"] == record.key
             seen.add(record.key)
     assert seen == set(rows)
+
+
+def test_a_videos_split_survives_a_growing_corpus_and_no_heldout_fraction_warns(curated, store, samples):
+    """Finalize again over the same annotated parts (no re-annotation): one input shard fewer, then
+    the whole corpus with heldout_fraction 0."""
+    prefix, config_path, _ = curated
+    folder, _ = samples
+    config = CurationConfig.load(config_path)
+    parts = [S3Uri.parse(p) for p in json.loads(store.get_bytes(f"{prefix}/a/dataset_card.json"))["parts"]]
+    finalize(parts[:-1], S3Uri.parse(f"{prefix}/smaller"), config, store, input_location=str(folder))
+    split_of = {r["video"]: r["split"] for r in _manifest(store, f"{prefix}/a")}
+    smaller = {r["video"]: r["split"] for r in _manifest(store, f"{prefix}/smaller")}
+    assert len(smaller) < len(split_of) and "heldout" in smaller.values()
+    assert smaller == {video: split_of[video] for video in smaller}
+
+    config = config.model_copy(update={"output": config.output.model_copy(update={"heldout_fraction": 0.0})})
+    card = finalize(parts, S3Uri.parse(f"{prefix}/none"), config, store, input_location=str(folder))
+    assert card["splits"]["heldout"] == {"videos": 0, "clips": 0, "hours": 0.0} and card["heldout"]["prompts"] == 0
+    assert card["splits"]["train"]["clips"] == card["clips_after_filter"]
+    assert card["warnings"] == [EMPTY_HELDOUT] == ["evaluation has no held-out clips: raise heldout_fraction"]
+    page = store.get_bytes(f"{prefix}/none/dataset_card.html").decode()
+    assert f"<p class='warn'>{EMPTY_HELDOUT}</p>" in page
+    assert store.get_bytes(f"{prefix}/none/heldout/prompts.jsonl") == b""
+    assert not [o for o in store.list(f"{prefix}/none/heldout/") if o.uri.key.endswith(".tar")]
+    assert all(r["split"] == "train" for r in _manifest(store, f"{prefix}/none"))
+
+
+def test_the_digest_covers_the_heldout_shards_and_prompts(tmp_path):
+    for name, content in [
+        ("manifest.jsonl", "{}\n"),
+        ("shards/shard-000000.tar", "train"),
+        ("heldout/shard-000000.tar", "heldout"),
+        ("heldout/prompts.jsonl", '{"key": "a", "prompt": "a dog"}\n'),
+    ]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(content)
+    digests = [dataset_digest(tmp_path)]
+    (tmp_path / "heldout/shard-000000.tar").write_text("other held-out clips")
+    digests.append(dataset_digest(tmp_path))
+    (tmp_path / "heldout/prompts.jsonl").write_text('{"key": "a", "prompt": "a cat"}\n')
+    digests.append(dataset_digest(tmp_path))
+    (tmp_path / "heldout/shard-000001.tar").write_text("one more")
+    digests.append(dataset_digest(tmp_path))
+    assert len(set(digests)) == 4 and all(len(d) == 16 for d in digests)
+
+
+def test_training_refuses_the_heldout_split_in_one_line(curated, store):
+    from click.testing import CliRunner
+
+    from vdm.cli import main
+
+    prefix, _, _ = curated
+    data = f"{prefix}/a/heldout/"
+    result = CliRunner().invoke(main, ["train", "--stage", "video", "--data", data, "--output", f"{prefix}/trained"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.stderr.strip().splitlines() == [
+        f"error: {data} is the held-out split of a curated output, which training never reads (evaluation compares "
+        f"generated videos with it): train on {prefix}/a/shards/"
+    ]
+    assert not list(store.list(f"{prefix}/trained/"))
 
 
 def test_second_run_is_a_no_op(curated, store):
@@ -500,3 +616,14 @@ def test_an_object_store_failure_fails_the_shard_instead_of_rejecting_the_video(
 
     with pytest.raises(BucketNotFoundError):
         run_videos(["s3://no-such-bucket/raw/clip.mp4"], CurationConfig(), workers=1)
+
+
+def test_the_split_is_a_function_of_the_path_under_the_input():
+    names = [f"2024/video-{i:04d}.mp4" for i in range(2000)]
+    local = [heldout_split(f"raw/{n}", "./raw/", 0.05) for n in names]
+    assert local == [heldout_split(f"s3://vdm/raw/{n}", "s3://vdm/raw", 0.05) for n in names]
+    assert 0.04 < local.count("heldout") / len(names) < 0.06
+    wider = [heldout_split(f"raw/{n}", "raw", 0.2) for n in names]
+    assert {w for s, w in zip(local, wider, strict=True) if s == "heldout"} == {"heldout"}  # only train -> heldout
+    assert 0.18 < wider.count("heldout") / len(names) < 0.22
+    assert {heldout_split(f"raw/{n}", "raw", 0.0) for n in names} == {"train"}

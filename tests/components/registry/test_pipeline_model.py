@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import subprocess
 import sys
 import warnings
@@ -99,7 +100,7 @@ def test_evaluation_figures_land_on_the_version_and_drive_the_cli_gate(settings,
     paths, _ = write_shapes_shards(tmp_path / "shapes", shards=1, clips_per_shard=2)
     evaluated = _vdm(
         "eval", "--model", f"models:/{name}@candidate", "--data", str(tmp_path / "shapes"),
-        "--clips", "1", "--sample-steps", "2",
+        "--clips", "1", "--sample-steps", "2", "--random-networks",
     )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     report = json.loads(evaluated.stdout[evaluated.stdout.index("{") :])
@@ -118,12 +119,18 @@ def test_evaluation_figures_land_on_the_version_and_drive_the_cli_gate(settings,
     )
     assert tags["vdm.eval_run_url"] == report["mlflow_run"] and f"]({report['mlflow_run']})" in version.description
 
-    promoted = _vdm("registry", "promote", name)  # on the kind's metric
+    # A tiny random-weight model: the gate stores and uses the demo policy (its kind's motion figure).
+    promoted = _vdm("registry", "promote", name)
     assert promoted.returncode == 0 and f"promoted {name} v1 to champion" in promoted.stdout
     assert "**Gate:** promoted to champion" in MlflowClient().get_model_version(name, "1").description
-    assert "motion_speed_error=" in promoted.stdout
-    listed = _vdm("registry", "list", name)
-    assert listed.stdout.split()[:2] == ["v1", "candidate,champion"] and "motion_speed_error=" in listed.stdout
+    assert "motion_speed_error=" in promoted.stdout and re.search(r"ok\s+primary\s+motion_speed_error", promoted.stdout)
+    # The evaluation ran random networks; the demo policy allows them, and says it checked.
+    assert re.search(r"ok\s+networks\s+", promoted.stdout)
+    policy = _vdm("registry", "policy", "show", name).stdout
+    assert f"# {name} gate policy v1, set by" in policy and "(demo default for video (v1 has random weights))" in policy
+    listed = _vdm("registry", "list", name).stdout.splitlines()
+    assert listed[0].startswith(f"{name}: gate policy v1")
+    assert listed[1].split()[:2] == ["v1", "candidate,champion"] and "motion_speed_error=" in listed[1]
     again = _vdm("registry", "promote", name)
     assert again.returncode == 1 and "already is the champion" in again.stderr
     rolled = _vdm("registry", "rollback", name)
