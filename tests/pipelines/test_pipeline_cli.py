@@ -50,7 +50,7 @@ def test_pipeline_params_shows_each_fields_type_default_and_description():
     fields = dict(re.findall(r"^(\w+)  (\w+  .*)$", text, flags=re.M))
     assert len(fields) == len(PIPELINES["end-to-end"].component_spec.inputs) == 28
     assert fields["random_weights"] == "BOOLEAN  default false"
-    assert fields["eval_clips"] == "NUMBER_INTEGER  default 8"  # an integer, not the spec's 8.0
+    assert fields["eval_clips"] == "NUMBER_INTEGER  default 256"  # an integer, not the spec's 256.0
     assert "min_improvement" not in fields  # the gate's margins are the model's policy (vdm registry policy)
     assert fields["gpus_per_node"] == "STRING  default 8"
     assert fields["vae"] == 'STRING  default ""'
