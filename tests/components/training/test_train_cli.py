@@ -224,9 +224,11 @@ def test_eval_of_a_video_model_logs_its_motion_figures_and_samples(stack, traine
         "2",
         "--sample-steps",
         "2",
+        "--random-networks",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert "warning: random-weight evaluation networks: aesthetic, clip, i3d" in result.stderr
     details = report["details"]
     assert report["kind"] == "video" and report["metric"] == "motion_speed_error" and report["model_version"] is None
     assert details["data"]["straightness"] > 0.9 and "speed_px_per_frame" in details["generated"]
