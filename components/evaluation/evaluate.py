@@ -330,14 +330,14 @@ def _page(kind, version, champion_version, metrics, decision, candidate_videos, 
         evaluation_run=this_run,
         rows=[
             SideBySide(
-                prompt=_shown_prompt(kind, item, prompts[i % len(prompts)] if prompts else None),
+                prompt=text or "",
                 seed=i,
                 candidate=video,
                 champion=champion_videos[i] if champion_videos else None,
-                label=f"held-out clip {item.get('key', i)}"
-                + ("" if _takes_text(kind, item) else ": generated from its frames"),
+                label=f"held-out clip {item.get('key', i)}" + ("" if text is not None else ": from its frames"),
             )
             for i, (item, video) in enumerate(zip(items, candidate_videos, strict=True))
+            for text in [_shown_prompt(kind, item, prompts[i % len(prompts)] if prompts else None)]
         ],
         figures=rows,
         decision=decision.reason if decision else _no_decision(version),
@@ -348,17 +348,12 @@ def _page(kind, version, champion_version, metrics, decision, candidate_videos, 
     )
 
 
-def _shown_prompt(kind: str, item: dict, prompt: str | None) -> str:
-    """The text a report row's videos came from, as the kind's inputs took it ("" for none)."""
+def _shown_prompt(kind: str, item: dict, prompt: str | None) -> str | None:
+    """The text a report row's videos came from, as the kind's inputs took it; None for kinds
+    that take no text (they generate from the clip's frames)."""
     from model.tasks import task_of
 
-    return getattr(task_of(kind).evaluation_inputs(item, prompt), "prompt", None) or ""
-
-
-def _takes_text(kind: str, item: dict) -> bool:
-    from model.tasks import task_of
-
-    return hasattr(task_of(kind).evaluation_inputs(item, None), "prompt")
+    return getattr(task_of(kind).evaluation_inputs(item, prompt), "prompt", None)
 
 
 def _figure_row(check: Check) -> FigureRow:

@@ -62,7 +62,7 @@ class VideoScorer:
     def _videomae(self):
         from components.evaluation.networks import load_videomae
 
-        network, random = load_videomae(self.networks.content_debiased, self.store, self.cache_dir, allow_random=False)
+        network, _ = load_videomae(self.networks.content_debiased, self.store, self.cache_dir, allow_random=False)
         return network.to(self.device)
 
     @cached_property
