@@ -80,6 +80,40 @@ class Flow:
         return cls((x, y), data["zoom"])
 
 
+# A clip's stored encodings. `small`: the training rendition (at most `output.clip_max_side`,
+# `<key>.mp4` in `shards/` and `heldout/`); `hq`: the source resolution up to
+# `output.hq_max_side` (`<key>.hq.mp4` in `shards-hq/` and `heldout-hq/`, for high-resolution stages).
+RenditionName = Literal["small", "hq"]
+SMALL: RenditionName = "small"
+HQ: RenditionName = "hq"
+RENDITIONS: tuple[RenditionName, ...] = get_args(RenditionName)
+# The WebDataset extension of each rendition's mp4 (`<key>.<ext>`).
+RENDITION_EXT: dict[str, str] = {SMALL: "mp4", HQ: "hq.mp4"}
+
+
+@dataclass
+class Rendition:
+    """One stored encoding of a clip."""
+
+    width: int
+    height: int
+    # Frames of the file before the clip's first frame: a clip copied from the source without
+    # re-encoding (remuxed) starts at the key frame at or before its first frame.
+    first_frame: int = 0
+    remuxed: bool = False
+    shard: str | None = None  # set by finalize for kept clips
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        if not isinstance(data, dict):
+            raise ValueError(f"a rendition is a JSON object, got {data!r}")
+        return cls(**data)
+
+
 @dataclass(kw_only=True)
 class ClipRecord:
     """One clip of a source video, as curation describes it (fields in curation's order).
@@ -111,6 +145,11 @@ class ClipRecord:
     drop_reasons: list[str] | None = None  # set by the filters; [] for kept clips
     shard: str | None = None  # URI of the shard holding a kept clip
     split: Split | None = None  # set by finalize; None: train (written before the split existed)
+    # Rendition name (SMALL, HQ) -> how it is stored; None: one `<key>.mp4`, first_frame 0.
+    renditions: dict[str, Rendition] | None = None
+    # 64-bit perceptual hashes (16 hex digits) of the first, middle and last frame.
+    phash: tuple[str, ...] | None = None
+    duplicate_of: str | None = None  # a dropped near-duplicate: the key of the clip kept instead
 
     # The camera-motion labels this kind of record may carry.
     camera_motions: ClassVar[tuple[str, ...]] = CAMERA_MOTIONS
@@ -125,6 +164,15 @@ class ClipRecord:
             self.source_size = tuple(self.source_size)  # type: ignore[assignment]
         if isinstance(self.flow, dict):
             self.flow = Flow.from_dict(self.flow)
+        if self.phash is not None:
+            self.phash = tuple(self.phash)  # type: ignore[assignment]
+        if self.renditions is not None:
+            for name in self.renditions:
+                if name not in RENDITIONS:
+                    raise ValueError(f"clip record {self.key!r}: unknown rendition {name!r}; one of {list(RENDITIONS)}")
+            self.renditions = {
+                name: r if isinstance(r, Rendition) else Rendition.from_dict(r) for name, r in self.renditions.items()
+            }
 
     @property
     def heldout(self) -> bool:
@@ -145,6 +193,8 @@ class ClipRecord:
                 continue
             if isinstance(value, Flow):
                 value = value.to_dict()
+            elif f.name == "renditions":
+                value = {name: r.to_dict() for name, r in value.items()}
             elif isinstance(value, tuple):
                 value = list(value)
             elif isinstance(value, dict | list):

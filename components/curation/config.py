@@ -84,7 +84,9 @@ class Filter(_Strict):
 
 
 class Output(_Strict):
-    clip_max_side: int = 320
+    clip_max_side: int = 320  # the small (training) rendition's longer side
+    # The high-resolution rendition's longer side (sources larger are scaled down); None: none made.
+    hq_max_side: int | None = 1920
     clip_crf: int = 23
     clips_per_shard: int = 256
     videos_per_input_shard: int = 16
