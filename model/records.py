@@ -98,7 +98,8 @@ class Rendition:
     width: int
     height: int
     # Frames of the file before the clip's first frame: a clip copied from the source without
-    # re-encoding (remuxed) starts at the key frame at or before its first frame.
+    # re-encoding (remuxed) starts at the key frame at or before its first frame, and may end with
+    # the few frames its last frames reference (B-frames). Readers take [first_frame, first_frame + frames).
     first_frame: int = 0
     remuxed: bool = False
     shard: str | None = None  # set by finalize for kept clips

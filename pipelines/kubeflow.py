@@ -207,7 +207,10 @@ def _curate(input_uri: str, output_uri: str, config_yaml: str, videos_per_shard:
     # Never cached: a cache key is the inputs' values, and a growing prefix keeps its URI (a schedule would
     # reuse the first run's file list); unchanged shards still hit the annotate steps' cache.
     plan = cpu_step(
-        plan_curation(input_uri=input_uri, videos_per_shard=videos_per_shard, config_yaml=config_yaml), cache=False
+        plan_curation(
+            input_uri=input_uri, videos_per_shard=videos_per_shard, config_yaml=config_yaml, output_uri=output_uri
+        ),
+        cache=False,
     )
     plan.set_display_name("list and shard inputs")
     with dsl.ParallelFor(plan.output, parallelism=CURATION_PARALLELISM, name="input-shards") as shard:

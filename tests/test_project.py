@@ -70,8 +70,8 @@ def test_vdm_console_script_lists_its_commands():
     assert result.returncode == 0, result.stderr
     listed = {line.split()[0] for line in result.stdout.split("Commands:", 1)[1].splitlines() if line.strip()}
     assert listed == {
-        "stack", "data", "curate", "curate-ablation", "train", "finetune", "train-vae", "cache-latents", "sample",
-        "eval", "serve", "registry", "pipeline", "run", "weights", "plan",
+        "stack", "store", "data", "curate", "curate-ablation", "train", "finetune", "train-vae", "cache-latents",
+        "sample", "eval", "serve", "registry", "pipeline", "run", "weights", "plan",
     }  # fmt: skip
 
 

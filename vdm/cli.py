@@ -140,6 +140,39 @@ def stack_env() -> None:
 
 
 @main.group()
+def store() -> None:
+    """The S3 object store (the local stack's SeaweedFS, or the server VDM_S3_ENDPOINT names)."""
+
+
+@store.command("mb")
+@click.argument("bucket_uri", metavar="s3://BUCKET")
+def store_mb(bucket_uri: str) -> None:
+    """Make a bucket (nothing to do if it exists)."""
+    from components.common.objectstore import ObjectStore, ObjectStoreError, S3Uri
+
+    try:
+        target = S3Uri.parse(bucket_uri)
+        if target.key:
+            raise ValueError(f"give a bucket, not a prefix: s3://{target.bucket}")
+        created = ObjectStore.from_settings(load_settings()).make_bucket(target.bucket)
+    except (ObjectStoreError, ValueError) as e:
+        _fail(str(e))
+    click.echo(f"made bucket s3://{target.bucket}" if created else f"bucket s3://{target.bucket} exists already")
+
+
+def _check_output(output: str) -> None:
+    """Stop before any work unless an s3:// output can be written (a local folder needs no check)."""
+    from components.common.objectstore import ObjectStore, ObjectStoreError, is_s3_uri
+
+    if not is_s3_uri(output):
+        return
+    try:
+        ObjectStore.from_settings(load_settings()).check_writable(output)
+    except (ObjectStoreError, ValueError) as e:
+        _fail(str(e))
+
+
+@main.group()
 def data() -> None:
     """Sample data."""
 
@@ -197,6 +230,9 @@ def data_orbits(output: str, shards: int, orbits_per_shard: int, views: int, siz
 )
 def curate(input_location: str, output: str, config_path: str | None, workers: int | None, allow_random_weights: bool):
     """Curate raw videos into WebDataset shards with SVD's annotations, filters and a dataset card."""
+    if not output.startswith("s3://"):
+        _fail(f"--output must be an s3://bucket/prefix, not {output!r}")
+    _check_output(output)  # before the annotators' imports, which take seconds
     from components.common.objectstore import ObjectStore, ObjectStoreError
     from components.curation.config import CurationConfig, with_random_weights
     from components.curation.curate import curate as run_curation
@@ -323,6 +359,7 @@ def _set(values: dict) -> dict:
 
 def _run_training(request) -> None:
     """Run a training request in this process (under torchrun: this rank's part) and report."""
+    _check_output(request.output)
     from components.common.objectstore import ObjectStore, ObjectStoreError
     from components.training.entrypoint import command_of, run_request
 

@@ -11,6 +11,63 @@ import av
 import numpy as np
 
 
+class VideoWriter:
+    """An H.264 mp4 encoder fed one frame at a time (RGB arrays or decoded `av.VideoFrame`s,
+    which go to the encoder as they are: no RGB round trip). `preset`: x264's speed
+    preset; curation's clips use a fast one, where encoding would otherwise cost more
+    than decoding the source. `deterministic` gives byte-identical files for identical
+    frames: one encoder thread and no macroblock-tree rate control (with it, this x264
+    build gave different bytes from run to run), at the price of files about 2.5x larger
+    at the same CRF."""
+
+    def __init__(
+        self,
+        path: Path | BinaryIO,
+        width: int,
+        height: int,
+        fps: float,
+        *,
+        faststart: bool = False,
+        crf: int = 18,
+        preset: str = "veryfast",
+        deterministic: bool = True,
+    ):
+        options = {"movflags": "+faststart"} if faststart else {}
+        target = str(path) if isinstance(path, str | Path) else path
+        self.container = av.open(target, "w", format="mp4", options=options)
+        # PyAV wants an exact rate; 29.97 and friends are n/1001.
+        self.stream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        self.stream.width, self.stream.height = width, height
+        self.stream.pix_fmt = "yuv420p"
+        self.stream.codec_context.gop_size = int(round(2 * fps))
+        self.stream.options = {"crf": str(crf), "preset": preset}
+        if deterministic:
+            self.stream.codec_context.thread_count = 1
+            self.stream.options = {**self.stream.options, "x264-params": "mbtree=0"}
+
+    def write(self, frame: np.ndarray | av.VideoFrame) -> None:
+        if isinstance(frame, np.ndarray):
+            frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+        else:
+            frame.pts = None  # the source's timestamps are not this file's
+        for packet in self.stream.encode(frame):
+            self.container.mux(packet)
+
+    def close(self) -> None:
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+        self.container.close()
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self.container.close()
+
+
 def write_video(
     path: Path | BinaryIO,
     frames: np.ndarray,
@@ -18,29 +75,15 @@ def write_video(
     *,
     faststart: bool = False,
     crf: int = 18,
+    preset: str = "veryfast",
     deterministic: bool = True,
 ) -> None:
-    """Encode RGB frames (T, H, W, 3) as H.264 mp4. `deterministic` gives byte-identical
-    files for identical frames: one encoder thread and no macroblock-tree rate control
-    (with it, this x264 build gave different bytes from run to run), at the price of
-    files about 2.5x larger at the same CRF."""
-    options = {"movflags": "+faststart"} if faststart else {}
-    target = str(path) if isinstance(path, str | Path) else path
-    with av.open(target, "w", format="mp4", options=options) as container:
-        # PyAV wants an exact rate; 29.97 and friends are n/1001.
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.gop_size = int(round(2 * fps))
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
-        if deterministic:
-            stream.codec_context.thread_count = 1
-            stream.options = {**stream.options, "x264-params": "mbtree=0"}
+    """Encode RGB frames (T, H, W, 3) as H.264 mp4 (see `VideoWriter`)."""
+    height, width = frames.shape[1:3]
+    options = {"faststart": faststart, "crf": crf, "preset": preset, "deterministic": deterministic}
+    with VideoWriter(path, width, height, fps, **options) as writer:
         for array in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+            writer.write(array)
 
 
 def video_bytes(frames: np.ndarray, fps: float) -> bytes:

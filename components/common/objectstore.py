@@ -17,6 +17,7 @@ import io
 import json
 import mimetypes
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +62,11 @@ class ChecksumMismatchError(ObjectStoreError):
 
 class ObjectStoreUnavailableError(ObjectStoreError):
     pass
+
+
+class OutputNotWritableError(ObjectStoreError):
+    """An output prefix that cannot be written (no bucket, or the credentials may not write);
+    the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -228,6 +234,36 @@ class ObjectStore:
     def bucket_exists(self, bucket: str) -> bool:
         return self._call(f"check bucket {bucket}", self._client.bucket_exists, bucket)
 
+    def check_writable(self, prefix: str | S3Uri) -> None:
+        """Fail at once unless `prefix`'s bucket exists and these credentials can write under it:
+        a small probe object is put under the prefix and deleted again (a few requests, well under
+        a second), so long jobs find out before their work, not at their first upload."""
+        target = _uri(prefix)
+        probe = target.join(f".vdm-write-check-{secrets.token_hex(6)}")
+        try:
+            if not self.bucket_exists(target.bucket):
+                raise BucketNotFoundError(target.bucket)
+            self._call(f"write {probe}", self._client.put_object, probe.bucket, probe.key, io.BytesIO(b""), 0)
+            self.delete(probe)
+        except BucketNotFoundError as e:
+            raise OutputNotWritableError(
+                f"bucket {target.bucket!r} does not exist at {self.endpoint}: create it with "
+                f"`vdm store mb s3://{target.bucket}` (in the cluster: your MinIO operator's way, e.g. `mc mb`)"
+            ) from e
+        except CredentialsError as e:
+            raise OutputNotWritableError(
+                f"cannot write to {target}: the S3 server at {self.endpoint} denied access key "
+                f"{self._access_key!r} ({e.__cause__.code if e.__cause__ else 'access denied'}); use credentials "
+                "that may write to this bucket (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or another --output"
+            ) from e
+
+    def make_bucket(self, bucket: str) -> bool:
+        """Create a bucket; False if it already exists."""
+        if self.bucket_exists(bucket):
+            return False
+        self._call(f"create bucket {bucket}", self._client.make_bucket, bucket)
+        return True
+
     # -- single objects ---------------------------------------------------------
 
     def upload_file(self, path: str | Path, uri: str | S3Uri, content_type: str | None = None) -> S3Uri:
@@ -349,10 +385,17 @@ class ObjectStore:
             yield ObjectInfo(S3Uri(base.bucket, obj.object_name), obj.size, obj.etag, obj.last_modified)
 
     def publish_folder(
-        self, folder: str | Path, prefix: str | S3Uri, *, progress: bool = False, workers: int = 8
+        self,
+        folder: str | Path,
+        prefix: str | S3Uri,
+        *,
+        progress: bool = False,
+        workers: int = 8,
+        uploaded: list[dict] | None = None,
     ) -> S3Uri:
         """Upload every file under `folder` to `prefix`, then write `_MANIFEST.json`
-        (relative path, size, sha256 of each file). Returns the manifest's URI."""
+        (relative path, size, sha256 of each file). Returns the manifest's URI. `uploaded`: entries
+        of files put under `prefix` before (by `upload_entry`), which the manifest lists too."""
         folder, base = Path(folder), _uri(prefix)
         files = sorted(p for p in folder.rglob("*") if p.is_file())
 
@@ -367,8 +410,14 @@ class ObjectStore:
                     pool.map(upload, files), total=len(files), desc=f"upload {base}", unit="file", disable=not progress
                 )
             )
+        entries = sorted([*(uploaded or []), *entries], key=lambda e: e["path"])
         manifest = {"files": entries, "total_bytes": sum(e["size"] for e in entries)}
         return self.put_bytes(base.join(MANIFEST_NAME), json.dumps(manifest, indent=1).encode(), "application/json")
+
+    def upload_entry(self, path: Path, prefix: str | S3Uri, rel: str) -> dict:
+        """Upload one file of a folder being published to `prefix/rel`; its manifest entry."""
+        digest = self._put_file(path, _uri(prefix).join(rel))
+        return {"path": rel, "size": path.stat().st_size, "sha256": digest}
 
     def read_manifest(self, prefix: str | S3Uri) -> dict:
         """The manifest of a published folder; ObjectNotFoundError if it is not published."""

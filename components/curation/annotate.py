@@ -1,39 +1,46 @@
-"""One input shard: every video probed, decoded once, cut, annotated; the result
-published as a part (`parts/<shard id>/`) that `finalize` merges.
+"""One input shard: every video probed, decoded once as a stream, cut, annotated; the
+result published as a part (`parts/<shard id>/`) that `finalize` merges.
 
-Per-video work (decode, cuts, flow, clip encoding) runs in a process pool over
-all cores; the neural annotators then run batched over every clip of the shard.
-A part is published with its `_MANIFEST.json` last, so a part either exists
-whole or is redone; a re-run skips parts that exist.
+Per-video work (decode, cuts, flow, clip encoding) runs in a process pool over all
+cores. A worker holds only the frames of the clip being formed, and writes each clip's
+files and key frames to a spool file on disk as soon as the clip is closed, so its
+memory does not grow with the video's length. The neural annotators then run batched
+over the shard's clips, reading key frames back from the spools, and the part's
+`clips.tar` is assembled from the spools. A part is published with its
+`_MANIFEST.json` last, so a part either exists whole or is redone; a re-run skips
+parts that exist.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import io
 import json
 import multiprocessing
+import os
 import re
+import shutil
+import tarfile
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
-from components.common.media import write_video
 from components.common.objectstore import MANIFEST_NAME, ObjectStore, ObjectStoreError, S3Uri, is_s3_uri
 from components.common.settings import load_settings
 from components.curation import motion
 from components.curation.config import CurationConfig
-from components.curation.cuts import CutDetector, segments
+from components.curation.cuts import CutDetector
+from components.curation.duplicates import phash
 from components.curation.neural import (
     CaptionSummarizer,
     ClipScorer,
@@ -42,7 +49,9 @@ from components.curation.neural import (
     VideoCaptioner,
     load_plugin,
 )
-from components.curation.video import Rejected, decode, output_size
+from components.curation.renditions import ClipEncoder, EncodedClip, SourceVideo
+from components.curation.segments import Segment, Segmenter
+from components.curation.video import Rejected, VideoStream, open_video
 from model.records import ClipRecord, Flow
 
 CLIPS_FILE = "clips.jsonl"
@@ -52,6 +61,11 @@ PART_INFO = "part.json"
 THUMB_HEIGHT = 48
 # Anything unexpected while processing one file: recorded, and the shard goes on.
 PROCESSING_ERROR = "processing_error"
+# A spool member holding a clip's key frames (first, middle, last at the decode size, as .npy);
+# every other member goes into the part's clips.tar as it is.
+KEYFRAMES_EXT = "keyframes.npy"
+# Clips annotated together by the neural annotators: bounds the key frames held at once.
+ANNOTATE_BATCH = 256
 
 
 @dataclass
@@ -59,27 +73,39 @@ class VideoResult:
     video: str
     rejected: dict | None = None
     clips: list[ClipRecord] = field(default_factory=list)
-    keyframes: list[np.ndarray] = field(default_factory=list)  # per clip: (3, h, w, 3) first, middle, last
-    clip_mp4: list[bytes | None] = field(default_factory=list)  # None for clips too short to keep
-    thumbnails: list[bytes] = field(default_factory=list)  # JPEG strip of the key frames
+    # Per clip, in order: `<key>.jpg` (thumbnail strip), `<key>.<ext>` for each rendition (none for
+    # clips too short to keep) and `<key>.keyframes.npy`. None when rejected.
+    spool: Path | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     decoded_frames: int = 0
+
+    def iter_keyframes(self) -> Iterator[np.ndarray]:
+        """Each clip's key frames (3, h, w, 3): first, middle, last, at the decode size."""
+        if self.spool is None:
+            return
+        with tarfile.open(self.spool) as tar:
+            for clip in self.clips:
+                # Read to memory first: np.load on a tar member fails on its missing fileno().
+                yield np.load(io.BytesIO(tar.extractfile(f"{clip.key}.{KEYFRAMES_EXT}").read()))
+
+    @property
+    def keyframes(self) -> list[np.ndarray]:
+        return list(self.iter_keyframes())
+
+    def copy_clip_files(self, out: tarfile.TarFile) -> None:
+        """Append the clips' files (thumbnails and renditions, not key frames) to `out`, streamed."""
+        if self.spool is None:
+            return
+        with tarfile.open(self.spool) as tar:
+            for member in tar:
+                if not member.name.endswith(f".{KEYFRAMES_EXT}"):
+                    out.addfile(member, tar.extractfile(member))
 
 
 def clip_key(video: str, index: int) -> str:
     """A WebDataset-safe key (no dots), stable for the same source and clip index."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(video).stem)[:40]
     return f"{stem}-{hashlib.sha1(video.encode()).hexdigest()[:10]}-{index:04d}"
-
-
-def _encode_clip(frames: np.ndarray, fps: float, max_side: int, crf: int) -> bytes:
-    h, w = frames.shape[1:3]
-    size = output_size(w, h, max_side)
-    if size != (w, h):
-        frames = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
-    with tempfile.NamedTemporaryFile(suffix=".mp4") as tmp:
-        write_video(Path(tmp.name), frames, fps, crf=crf, deterministic=False)
-        return Path(tmp.name).read_bytes()
 
 
 def _thumbnail_strip(keyframes: np.ndarray) -> bytes:
@@ -89,6 +115,26 @@ def _thumbnail_strip(keyframes: np.ndarray) -> bytes:
     ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(strip, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
     assert ok
     return jpeg.tobytes()
+
+
+class _Spool:
+    """A video's clip files, appended to a tar on disk as each clip is closed."""
+
+    def __init__(self, tar: tarfile.TarFile):
+        self._tar = tar
+
+    def add(self, key: str, thumbnail: bytes, renditions: dict[str, EncodedClip], keyframes: np.ndarray) -> None:
+        self._member(f"{key}.jpg", thumbnail)
+        for encoded in renditions.values():
+            self._member(f"{key}.{encoded.ext}", encoded.mp4)
+        buffer = io.BytesIO()
+        np.save(buffer, keyframes)
+        self._member(f"{key}.{KEYFRAMES_EXT}", buffer.getvalue())
+
+    def _member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        self._tar.addfile(info, io.BytesIO(data))
 
 
 class Stopwatch:
@@ -106,66 +152,123 @@ class Stopwatch:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
-def process_video(video: str, path: Path, config: CurationConfig) -> VideoResult:
-    """Everything but the neural annotators, for one file. Never raises for bad input."""
+def _timed(frames: Iterable[np.ndarray], watch: Stopwatch, stage: str) -> Iterator[np.ndarray]:
+    """`frames`, with the time spent producing each one counted to `stage`."""
+    source = iter(frames)
+    while True:
+        with watch(stage):
+            frame = next(source, None)
+        if frame is None:
+            return
+        yield frame
+
+
+_default_scratch: Path | None = None
+
+
+def default_scratch() -> Path:
+    """This process's scratch folder for spools when none is given, removed when it exits."""
+    global _default_scratch
+    if _default_scratch is None:
+        _default_scratch = Path(tempfile.mkdtemp(prefix="vdm-spool-"))
+        atexit.register(shutil.rmtree, _default_scratch, ignore_errors=True)
+    return _default_scratch
+
+
+def process_video(video: str, path: Path, config: CurationConfig, scratch: Path | None = None) -> VideoResult:
+    """Everything but the neural annotators, for one file, its clips spooled to a tar in
+    `scratch` (default_scratch() when not given). Never raises for bad input."""
     watch = Stopwatch()
-    detector: list[CutDetector] = []
-
-    def start_cut_detection(fps: float):
-        detector.append(CutDetector(fps, config.cuts))
-
-        def feed(index: int, rgb: np.ndarray) -> None:
-            with watch("cuts"):
-                detector[0].feed(index, rgb)
-
-        return feed
-
     try:
         with watch("decode"):
-            decoded = decode(path, config.limits, config.decode, start_cut_detection)
+            stream = open_video(path, config.limits, config.decode)
     except Rejected as e:
         return VideoResult(video, rejected={"video": video, "reason": e.reason, "detail": e.detail})
-    watch.seconds["decode"] -= watch.seconds["cuts"]  # cut detection ran inside the decode loop
+    source = SourceVideo(path, stream.width, stream.height, stream.codec, stream.fps)
+    with stream:
+        handle, name = tempfile.mkstemp(prefix="clips-", suffix=".tar", dir=scratch or default_scratch())
+        os.close(handle)
+        result = VideoResult(video, spool=Path(name), timings_s=watch.seconds)
+        try:
+            with tarfile.open(result.spool, "w") as tar, ClipEncoder(source, config) as encoder:
+                _curate_stream(video, stream, encoder, config, _Spool(tar), result, watch)
+        except Rejected as e:
+            result.spool.unlink()
+            return VideoResult(video, rejected={"video": video, "reason": e.reason, "detail": e.detail})
+        except BaseException:
+            result.spool.unlink()
+            raise
+    return result
 
-    with watch("cuts"):
-        cuts = detector[0].finish()
-        clips = segments(len(decoded.frames), decoded.fps, cuts, np.array(detector[0].luma), config.cuts)
-    fps = decoded.fps
-    result = VideoResult(video, timings_s=watch.seconds, decoded_frames=len(decoded.frames))
+
+def _curate_stream(
+    video: str,
+    stream: VideoStream,
+    encoder: ClipEncoder,
+    config: CurationConfig,
+    spool: _Spool,
+    result: VideoResult,
+    watch: Stopwatch,
+) -> None:
+    """Cut, flow and encode as frames arrive, holding only the frames from the first one a
+    segment still open can hold (`Segmenter.open_from`) to the newest."""
+    fps = stream.fps
+    detector = CutDetector(fps, config.cuts)
+    segmenter = Segmenter(fps, config.cuts)
     step = max(1, int(round(fps / config.decode.sample_fps)))
-    for index, seg in enumerate(clips):
-        frames = decoded.frames[seg.start : seg.end]
+    window: list[np.ndarray] = []  # frames window_start, window_start + 1, ...
+    window_start = 0
+    # The cut detector does not settle while the picture stays black (the fade's cut goes in the
+    # middle of the dark run): frames of a black run longer than a clip share one array, so a long
+    # black stretch costs no memory. Their pixels differ from it by less than `fade_threshold`.
+    dark_run = 0
+
+    def emit(segment: Segment) -> None:
+        frames = np.stack(window[segment.start - window_start : segment.end - window_start])
         with watch("flow"):
             estimate = motion.estimate(frames, list(range(0, len(frames), step)), config.motion)
         keyframes = frames[[0, len(frames) // 2, len(frames) - 1]]
+        with watch("encode"):
+            renditions = {} if segment.too_short else encoder.renditions(segment.start, segment.end, frames)
+            key = clip_key(video, len(result.clips))
+            spool.add(key, _thumbnail_strip(keyframes), renditions, keyframes)
         tx, ty = (round(v, 4) for v in estimate.translation)
         result.clips.append(
             ClipRecord(
-                key=clip_key(video, index),
+                key=key,
                 video=video,
-                start_frame=seg.start,
-                end_frame=seg.end,
-                start_s=round(seg.start / fps, 6),
-                end_s=round(seg.end / fps, 6),
+                start_frame=segment.start,
+                end_frame=segment.end,
+                start_s=round(segment.start / fps, 6),
+                end_s=round(segment.end / fps, 6),
                 fps=fps,
-                num_frames=seg.end - seg.start,
-                source_size=(decoded.width, decoded.height),
-                codec=decoded.codec,
-                too_short=seg.too_short,
+                num_frames=segment.end - segment.start,
+                source_size=(stream.width, stream.height),
+                codec=stream.codec,
+                too_short=segment.too_short,
                 camera_motion=estimate.camera_motion,
                 flow=Flow((tx, ty), round(estimate.zoom, 4)),
                 scores={"motion": round(estimate.score, 5)},
+                renditions={name: encoded.rendition for name, encoded in renditions.items()} or None,
             )
         )
-        result.keyframes.append(keyframes)
-        with watch("encode"):
-            result.thumbnails.append(_thumbnail_strip(keyframes))
-            result.clip_mp4.append(
-                None
-                if seg.too_short
-                else _encode_clip(frames, fps, config.output.clip_max_side, config.output.clip_crf)
-            )
-    return result
+
+    index = -1
+    for index, rgb in enumerate(_timed(stream, watch, "decode")):
+        with watch("cuts"):
+            detector.feed(index, rgb)
+            dark_run = dark_run + 1 if detector.luma[-1] < config.cuts.fade_threshold else 0
+            window.append(window[-1] if dark_run > segmenter.piece_len and window else rgb)
+            closed = segmenter.advance(detector.take_cuts(), detector.settled, detector.luma)
+        for segment in closed:
+            emit(segment)
+        del window[: segmenter.open_from - window_start]
+        window_start = max(window_start, segmenter.open_from)
+    with watch("cuts"):
+        closed = segmenter.finish(detector.finish(), index + 1, detector.luma)
+    for segment in closed:
+        emit(segment)
+    result.decoded_frames = index + 1
 
 
 class Annotators:
@@ -200,6 +303,7 @@ class Annotators:
         with watch("clip"):
             similarity = self.clip.text_similarity(embeddings, final) if any(final) else np.zeros(len(clips))
         for i, clip in enumerate(clips):
+            clip.phash = tuple(phash(frame) for frame in keyframes[i])
             clip.caption = final[i] or None  # no captioner gave one: not set
             clip.captions = {name: values[i] for name, values in captions.items() if values[i]} or None
             clip.scores.update(
@@ -234,7 +338,7 @@ def _process(job: tuple[str, str, CurationConfig]) -> VideoResult:
     path = None
     try:
         path = _local_copy(video, Path(scratch))
-        return process_video(video, path, config)
+        return process_video(video, path, config, Path(scratch))
     except ObjectStoreError:
         raise  # the store, not the file: fail the shard so a retry redoes it
     except Exception as e:  # noqa: BLE001 - one bad file must never fail the shard
@@ -245,16 +349,35 @@ def _process(job: tuple[str, str, CurationConfig]) -> VideoResult:
             path.unlink(missing_ok=True)
 
 
-def run_videos(videos: list[str], config: CurationConfig, workers: int, progress: bool = False) -> list[VideoResult]:
-    """`process_video` over many files on a process pool, results in input order."""
-    with tempfile.TemporaryDirectory(prefix="vdm-curate-") as scratch, contextlib.ExitStack() as stack:
-        jobs = [(video, scratch, config) for video in videos]
+def run_videos(
+    videos: list[str], config: CurationConfig, workers: int, progress: bool = False, scratch: Path | None = None
+) -> list[VideoResult]:
+    """`process_video` over many files on a process pool, results in input order; their
+    spools in `scratch` (default_scratch() when not given), which the caller removes."""
+    scratch = scratch or default_scratch()
+    with contextlib.ExitStack() as stack:
+        jobs = [(video, str(scratch), config) for video in videos]
         mapped = map(_process, jobs)
         if workers > 1:
             # spawn: workers must not inherit a parent's torch/OpenMP state.
             context = multiprocessing.get_context("spawn")
             mapped = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context)).map(_process, jobs)
         return list(tqdm(mapped, total=len(jobs), desc="decode, cut, flow", unit="video", disable=not progress))
+
+
+def _batches(results: list[VideoResult], size: int) -> Iterator[tuple[list[ClipRecord], list[np.ndarray]]]:
+    """The results' clips with their key frames, `size` clips at a time."""
+    clips: list[ClipRecord] = []
+    keyframes: list[np.ndarray] = []
+    for result in results:
+        for clip, frames in zip(result.clips, result.iter_keyframes(), strict=True):
+            clips.append(clip)
+            keyframes.append(frames)
+            if len(clips) == size:
+                yield clips, keyframes
+                clips, keyframes = [], []
+    if clips:
+        yield clips, keyframes
 
 
 def annotate_shard(
@@ -270,22 +393,25 @@ def annotate_shard(
     """Process one input shard into `part`, unless it is already published there."""
     if store.exists(part.join(MANIFEST_NAME)):
         return json.loads(store.get_bytes(part.join(PART_INFO))) | {"skipped": True}
-    results = run_videos(videos, config, workers, progress)
-    clips = [clip for r in results for clip in r.clips]
-    keyframes = [k for r in results for k in r.keyframes]
-    neural_s = annotators.annotate(clips, keyframes)
+    with (
+        tempfile.TemporaryDirectory(prefix="vdm-spools-") as scratch,
+        tempfile.TemporaryDirectory(prefix="vdm-part-") as tmp,
+    ):
+        results = run_videos(videos, config, workers, progress, Path(scratch))
+        clips = [clip for r in results for clip in r.clips]
+        neural_s: dict[str, float] = {}
+        for batch, keyframes in _batches(results, ANNOTATE_BATCH):
+            for stage, seconds in annotators.annotate(batch, keyframes).items():
+                neural_s[stage] = neural_s.get(stage, 0.0) + seconds
 
-    with tempfile.TemporaryDirectory(prefix="vdm-part-") as tmp:
         folder = Path(tmp)
         _write_jsonl(folder / CLIPS_FILE, [clip.to_json() for clip in clips])
         _write_jsonl(folder / REJECTED_FILE, [json.dumps(r.rejected, sort_keys=True) for r in results if r.rejected])
-        with wds.TarWriter(str(folder / CLIPS_TAR), mtime=0) as tar:
+        with tarfile.open(folder / CLIPS_TAR, "w") as tar:
             for r in results:
-                for clip, mp4, jpg in zip(r.clips, r.clip_mp4, r.thumbnails, strict=True):
-                    sample = {"__key__": clip.key, "jpg": jpg}
-                    if mp4 is not None:
-                        sample["mp4"] = mp4
-                    tar.write(sample)
+                r.copy_clip_files(tar)
+                if r.spool is not None:
+                    r.spool.unlink()
         per_stage: dict[str, float] = {}
         for r in results:
             for stage, seconds in r.timings_s.items():

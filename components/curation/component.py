@@ -16,20 +16,29 @@ IMAGE = load_settings().image
 
 
 @dsl.component(base_image=IMAGE)
-def plan_curation(input_uri: str, videos_per_shard: int, config_yaml: str) -> list:
-    """Input shards as [{"id", "videos"}]: fixed groups named by a hash of their members,
-    so unchanged inputs keep their shard ids (and their cached steps)."""
-    from components.common.objectstore import ObjectStore
+def plan_curation(input_uri: str, videos_per_shard: int, config_yaml: str, output_uri: str = "") -> list:
+    """Input shards as [{"id", "videos"}]: groups named by a hash of their members, so unchanged
+    inputs keep their shard ids (and their cached steps). With `output_uri`: fails at once unless
+    it can be written, and lists the parts published there by earlier runs as shards of their own
+    (videos empty: the annotate step skips them), so a grown prefix annotates only new videos."""
+    from components.common.objectstore import ObjectStore, S3Uri
     from components.common.settings import load_settings
     from components.curation.config import CurationConfig
-    from components.curation.curate import input_shards, list_inputs
+    from components.curation.curate import plan_input_shards
 
     config = CurationConfig.from_yaml(config_yaml)
-    inputs = list_inputs(input_uri, ObjectStore.from_settings(load_settings()))
-    if not inputs:
+    if videos_per_shard:
+        config = config.model_copy(
+            update={"output": config.output.model_copy(update={"videos_per_input_shard": videos_per_shard})}
+        )
+    store = ObjectStore.from_settings(load_settings())
+    output = S3Uri.parse(output_uri) if output_uri else None
+    if output is not None:
+        store.check_writable(output)
+    shards = [{"id": s.id, "videos": list(s.videos)} for s in plan_input_shards(input_uri, output, config, store)]
+    if not shards:
         raise ValueError(f"no input files under {input_uri}")
-    size = videos_per_shard or config.output.videos_per_input_shard
-    return [{"id": shard_id, "videos": videos} for shard_id, videos in input_shards(inputs, size)]
+    return shards
 
 
 @dsl.component(base_image=IMAGE)

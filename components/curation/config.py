@@ -9,6 +9,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from components.curation.duplicates import DEFAULT_MAX_DISTANCE
 from components.curation.neural import NeuralConfig
 
 SCORES = ("motion", "text_ratio", "aesthetic", "clip_sim")
@@ -37,17 +38,41 @@ class Decode(_Strict):
     threads: int = 0  # PyAV decoder threads; 0 lets FFmpeg choose
 
 
+CutKind = Literal["content", "adaptive", "fades", "dissolves"]
+
+
 class Cuts(_Strict):
-    detector: Literal["adaptive", "content"] = "adaptive"
-    content_threshold: float = 27.0
+    """A cut is kept when any of `detectors` is sure of it; each runs at a threshold where it rarely fires falsely."""
+
+    detectors: tuple[CutKind, ...] = ("content", "adaptive", "fades", "dissolves")
+    # Content: the HSV difference to the previous frame (0-255) at least this (hard cuts, including out of
+    # fast motion, where the adaptive ratio stays low) and `content_min_ratio` times its neighbours' mean
+    # (steady fast motion above the threshold is no cut).
+    content_threshold: float = 40.0
+    content_min_ratio: float = 1.5
+    # AdaptiveDetector: a frame's difference over its neighbours' mean (cuts between calm shots).
     adaptive_threshold: float = 3.0
     # Fades through black (ThresholdDetector): mean pixel value below this is black.
     fade_threshold: float = 12.0
+    # Dissolves: the adaptive detector on one frame per this many seconds. A dissolve about this long or
+    # shorter stands out against the samples around it; frame to frame it changes too little to be seen.
+    dissolve_step_s: float = 1.0
     detection_height: int = 72
     min_clip_s: float = 1.0
     max_clip_s: float = 10.0
     # Frames darker than this (mean 0-255) are trimmed from clip ends (fades).
     dark_luma: float = 16.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_detector(cls, data: object) -> object:
+        # The single-detector form `detector: adaptive|content` keeps its meaning: that detector and fades.
+        if isinstance(data, dict) and "detector" in data:
+            if "detectors" in data:
+                raise ValueError("cuts: give `detectors` (a list) or `detector` (one), not both")
+            data = {**data, "detectors": (data["detector"], "fades")}
+            del data["detector"]
+        return data
 
 
 class Motion(_Strict):
@@ -90,9 +115,20 @@ class Output(_Strict):
     clip_crf: int = 23
     clips_per_shard: int = 256
     videos_per_input_shard: int = 16
+    # An input shard also closes at this many bytes of source files (the proxy for its decode time:
+    # a video's duration is unknown until it is opened); a larger file is a shard of its own.
+    bytes_per_input_shard: int = 2 << 30
     # Share of source videos whose clips go to the held-out split (evaluation's reference clips and
     # prompts, never trained on), decided per video by a hash of its path under the input location.
     heldout_fraction: float = Field(0.05, ge=0, le=0.5)
+
+
+class Dedup(_Strict):
+    """Near-duplicate clips (perceptual hashes of first, middle, last key frame): all but the best of a group go."""
+
+    enabled: bool = True
+    # Bits of 64 each frame hash may differ by; larger also finds larger crops, at (max_distance + 1) ** 3 lookups.
+    max_distance: int = Field(DEFAULT_MAX_DISTANCE, ge=0, le=31)
 
 
 class CurationConfig(_Strict):
@@ -108,6 +144,7 @@ class CurationConfig(_Strict):
         Filter(score="aesthetic", drop_lowest_percent=25),
     )
     output: Output = Output()
+    dedup: Dedup = Dedup()
     video_captioner: str | None = None  # "module:Class" of a VideoCaptioner; off by default
     caption_summarizer: str | None = None  # "module:Class" of a CaptionSummarizer; off by default
 

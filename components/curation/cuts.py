@@ -1,34 +1,140 @@
-"""Cut and fade detection (PySceneDetect detectors fed the shared decoded frames),
-and clip boundaries from the cuts."""
+"""Cut detection on the shared decoded frames as they stream.
+
+Several PySceneDetect detectors run together, each at a threshold where it rarely fires falsely,
+and a cut any of them finds is kept: the content detector (hard cuts, also out of fast motion),
+the adaptive detector (cuts between calm shots), the threshold detector (fades through black) and
+the adaptive detector on a reduced frame rate (dissolves)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
 
 import cv2
 import numpy as np
 from scenedetect import FrameTimecode
-from scenedetect.detectors import AdaptiveDetector, ContentDetector, ThresholdDetector
+from scenedetect.detectors import AdaptiveDetector, ThresholdDetector
 
 from components.curation.config import Cuts
 
+# Cuts this many frames apart or closer are one cut (the earlier is kept): detectors place the same
+# transition a frame or two apart.
+MERGE_FRAMES = 2
+
+
+class _ContentScore:
+    """ContentDetector's frame score: the mean absolute difference of hue, saturation and value to the
+    previous frame given, weighted equally. Computed once per frame (with OpenCV) for every detector
+    that uses it, instead of once per detector."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self._previous: np.ndarray | None = None
+
+    def update(self, rgb: np.ndarray) -> None:
+        hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+        self.value = 0.0 if self._previous is None else sum(cv2.mean(cv2.absdiff(hsv, self._previous))[:3]) / 3
+        self._previous = hsv
+
+
+class _Adaptive(AdaptiveDetector):
+    """AdaptiveDetector that reads its frame score from a shared `_ContentScore`."""
+
+    def __init__(self, score: _ContentScore, **kwargs):
+        super().__init__(**kwargs)
+        self._score = score
+
+    def _calculate_frame_score(self, timecode: FrameTimecode, frame_img: np.ndarray) -> float:
+        return self._score.value
+
+
+class _DissolvePass:
+    """The adaptive detector on every `step`-th frame. A dissolve changes each frame too little for
+    a full-rate detector, but between two samples it stands out against the samples around it.
+    A cut at a sample goes to the frame since the previous sample that changed most."""
+
+    window = 2  # samples on each side the adaptive detector compares a sample with
+
+    def __init__(self, fps: float, step: int, threshold: float, black: float | None):
+        self.fps, self.step = fps, step
+        # Intervals with a frame darker than this are fades through black, left to the fade detector
+        # (which places the cut in the dark, not on the fade's ramp); None: no fade detector.
+        self.black = black
+        self.score = _ContentScore()
+        # One cut per dissolve (min_scene_len): it may stand out in two neighbouring sample intervals.
+        self.detector = _Adaptive(
+            self.score, adaptive_threshold=threshold, min_scene_len=step + 1, window_width=self.window
+        )
+        # (change from the previous frame, luma) of the frames back to the interval before the sample
+        # being decided.
+        self.frames: deque[tuple[float, float]] = deque(maxlen=(self.window + 1) * step)
+        self.newest_sample = 0
+
+    def feed(self, index: int, rgb: np.ndarray, change: float, luma: float) -> list[int]:
+        self.frames.append((change, luma))
+        if index % self.step:
+            return []
+        self.newest_sample = index
+        self.score.update(rgb)
+        cuts = self.detector.process_frame(FrameTimecode(index, fps=self.fps), rgb)
+        placed = (self._place(t.frame_num, index) for t in cuts)
+        return [cut for cut in placed if cut is not None]
+
+    def _place(self, sample: int, index: int) -> int | None:
+        first = max(1, sample - self.step + 1)
+        interval = [self.frames[len(self.frames) - 1 - (index - frame)] for frame in range(first, sample + 1)]
+        if self.black is not None and min(luma for _, luma in interval) < self.black:
+            return None
+        return first + int(np.argmax([change for change, _ in interval]))
+
+    @property
+    def settled(self) -> int:
+        """Samples up to `window` intervals behind the newest are decided."""
+        return max(0, self.newest_sample - self.window * self.step + 1)
+
 
 class CutDetector:
-    """Streaming: `feed` each decoded frame, then `finish` for the cut frames."""
+    """Streaming: `feed` each decoded frame in order; `take_cuts` returns the cuts confirmed so far
+    (every cut before `settled`); `finish` after the last frame returns the rest."""
 
     def __init__(self, fps: float, config: Cuts):
         self.fps, self.config = fps, config
         min_len = max(2, int(round(0.25 * fps)))
-        if config.detector == "adaptive":
-            hard = AdaptiveDetector(adaptive_threshold=config.adaptive_threshold, min_scene_len=min_len)
-        else:
-            hard = ContentDetector(threshold=config.content_threshold, min_scene_len=min_len)
-        fades = ThresholdDetector(threshold=config.fade_threshold, min_scene_len=min_len)
-        self.detectors = [hard, fades]
-        self.cuts: set[int] = set()
-        self.luma: list[float] = []
+        kinds = set(config.detectors)
+        # The content score above a high threshold (hard cuts, also out of fast motion), and above its
+        # neighbours' mean by `content_min_ratio`, so steady fast motion over that threshold is no cut.
+        self.score = _ContentScore()  # of the full-rate detectors
+        self.content = (
+            _Adaptive(
+                self.score,
+                adaptive_threshold=config.content_min_ratio,
+                min_content_val=config.content_threshold,
+                min_scene_len=min_len,
+            )
+            if "content" in kinds
+            else None
+        )
+        self.adaptive = (
+            _Adaptive(self.score, adaptive_threshold=config.adaptive_threshold, min_scene_len=min_len)
+            if "adaptive" in kinds
+            else None
+        )
+        self.fades = (
+            ThresholdDetector(threshold=config.fade_threshold, min_scene_len=min_len) if "fades" in kinds else None
+        )
+        step = max(2, int(round(config.dissolve_step_s * fps)))
+        self.dissolves = (
+            _DissolvePass(fps, step, config.adaptive_threshold, config.fade_threshold if "fades" in kinds else None)
+            if "dissolves" in kinds
+            else None
+        )
+        self.luma: list[float] = []  # mean of each frame at detection size (0-255)
         self._size: tuple[int, int] | None = None
-        self._last = 0
+        self._previous: np.ndarray | None = None  # the last frame at detection size
+        self._last = -1
+        self._finished = False
+        self._candidates: list[int] = []  # found, not yet settled
+        self._confirmed: list[int] = []  # settled and merged, not yet taken
+        self._last_kept: int | None = None
 
     def feed(self, index: int, rgb: np.ndarray) -> None:
         if self._size is None:
@@ -38,45 +144,59 @@ class CutDetector:
             factor = max(1, h // self.config.detection_height)
             self._size = (w // factor, h // factor)
         small = cv2.resize(rgb, self._size, interpolation=cv2.INTER_AREA)
-        bgr = np.ascontiguousarray(small[..., ::-1])  # the detectors expect OpenCV's BGR
-        self.luma.append(float(small.mean()))
+        self.luma.append(sum(cv2.mean(small)[:3]) / 3)
+        if self.content is not None or self.adaptive is not None:
+            self.score.update(small)
         timecode = FrameTimecode(index, fps=self.fps)
-        for detector in self.detectors:
-            self.cuts.update(t.frame_num for t in detector.process_frame(timecode, bgr))
+        # The frames stay RGB: the content score is computed here, and the fade detector takes the mean.
+        for detector in (self.content, self.adaptive, self.fades):
+            if detector is not None:
+                self._candidates.extend(t.frame_num for t in detector.process_frame(timecode, small))
+        if self.dissolves is not None:
+            change = 0.0 if self._previous is None else cv2.norm(small, self._previous, cv2.NORM_L1) / small.size
+            self._previous = small
+            self._candidates.extend(self.dissolves.feed(index, small, change, self.luma[-1]))
         self._last = index
+        self._confirm()
+
+    @property
+    def settled(self) -> int:
+        """Every cut at a frame before this one has been found: none before it can come later."""
+        if self._finished:
+            return self._last + 1
+        bound = self._last + 1
+        for detector in (self.content, self.adaptive):
+            if detector is not None:
+                bound = min(bound, self._last - detector.window_width + 1)  # decides `window_width` frames late
+        if self.fades is not None and self.fades.last_fade["type"] == "out":
+            # In the dark: the cut will go between the frame the picture went dark and the one it returns.
+            bound = min(bound, self.fades.last_fade["frame"].frame_num)
+        if self.dissolves is not None:
+            bound = min(bound, self.dissolves.settled)
+        return max(0, bound)
+
+    def take_cuts(self) -> list[int]:
+        """Cut frames (first frame of each new shot) confirmed since the last call, sorted."""
+        cuts, self._confirmed = self._confirmed, []
+        return cuts
 
     def finish(self) -> list[int]:
-        """Cut frames (first frame of each new shot), near-duplicates merged."""
-        end = FrameTimecode(self._last, fps=self.fps)
-        for detector in self.detectors:
-            self.cuts.update(t.frame_num for t in detector.post_process(end))
-        merged: list[int] = []
-        for cut in sorted(c for c in self.cuts if 0 < c <= self._last):
-            if not merged or cut - merged[-1] > 2:
-                merged.append(cut)
-        return merged
+        """After the last frame: the cuts not yet taken."""
+        end = FrameTimecode(max(self._last, 0), fps=self.fps)
+        for detector in (self.content, self.adaptive, self.fades):
+            if detector is not None:
+                self._candidates.extend(t.frame_num for t in detector.post_process(end))
+        self._finished = True
+        self._confirm()
+        return self.take_cuts()
 
-
-@dataclass(frozen=True)
-class Segment:
-    start: int  # first frame
-    end: int  # one past the last frame
-    too_short: bool
-
-
-def segments(num_frames: int, fps: float, cuts: list[int], luma: np.ndarray, config: Cuts) -> list[Segment]:
-    """Shots between cuts, dark ends (fades) trimmed, long shots split evenly to at
-    most `max_clip_s`; shots shorter than `min_clip_s` are kept but marked."""
-    min_len, max_len = config.min_clip_s * fps, config.max_clip_s * fps
-    bright = luma >= config.dark_luma
-    out: list[Segment] = []
-    for start, end in zip([0, *cuts], [*cuts, num_frames], strict=True):
-        lit = np.flatnonzero(bright[start:end])
-        if len(lit) == 0:
-            continue  # all black: nothing to keep
-        start, end = start + int(lit[0]), start + int(lit[-1]) + 1
-        pieces = max(1, int(np.ceil((end - start) / max_len)))
-        bounds = np.linspace(start, end, pieces + 1).round().astype(int)
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            out.append(Segment(int(a), int(b), too_short=bool(b - a < min_len)))
-    return out
+    def _confirm(self) -> None:
+        if not self._candidates:
+            return
+        settled = self.settled
+        ready = sorted(c for c in self._candidates if c < settled)
+        self._candidates = [c for c in self._candidates if c >= settled]
+        for cut in ready:
+            if 0 < cut <= self._last and (self._last_kept is None or cut - self._last_kept > MERGE_FRAMES):
+                self._confirmed.append(cut)
+                self._last_kept = cut

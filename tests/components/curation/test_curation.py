@@ -168,6 +168,8 @@ def _manifest(store, prefix: str) -> list[dict]:
     rows = [json.loads(line) for line in store.get_bytes(f"{prefix}/manifest.jsonl").decode().splitlines()]
     for row in rows:  # shard URIs name the output prefix; compare the rest
         row["shard"] = row.get("shard", "").rsplit("/", 1)[-1]
+        for rendition in (row.get("renditions") or {}).values():
+            rendition["shard"] = rendition.get("shard", "").rsplit("/", 1)[-1]
     return rows
 
 
@@ -287,13 +289,18 @@ def test_dataset_card_shows_provenance_filters_camera_motion_and_playing_clips(c
     created = datetime.fromisoformat(provenance["created_utc"])
     assert abs((datetime.now(UTC) - created).total_seconds()) < 3600
     assert card["input_files"] == len(videos)
-    # The digest names the exact manifest, shards of both splits and prompt set.
+    # The digest names the exact manifest, shards of both splits in both renditions and prompt set.
     listing = [("manifest.jsonl", store.get_bytes(f"{out}/manifest.jsonl"))] + [
         ("/".join(o.uri.key.rsplit("/", 2)[1:]), store.get_bytes(o.uri))
-        for folder_name in ("shards", "heldout")
+        for folder_name in ("shards", "heldout", "shards-hq", "heldout-hq")
         for o in store.list(f"{out}/{folder_name}/")
     ]
-    assert {name for name, _ in listing} >= {"heldout/prompts.jsonl", "heldout/shard-000000.tar"}
+    assert {name for name, _ in listing} >= {
+        "heldout/prompts.jsonl",
+        "heldout/shard-000000.tar",
+        "shards-hq/shard-000000.tar",
+        "heldout-hq/shard-000000.tar",
+    }
     expected = "".join(f"{name} {hashlib.sha256(data).hexdigest()}\n" for name, data in sorted(listing))
     assert card["digest"] == hashlib.sha256(expected.encode()).hexdigest()[:16]
 
@@ -310,7 +317,7 @@ def test_dataset_card_shows_provenance_filters_camera_motion_and_playing_clips(c
 
     # The page shows the same figures.
     assert _cells("input", folder) in page and _cells("code version (git commit)", head or "unknown") in page
-    assert _cells("digest (manifest, shards, held-out shards and prompts)", card["digest"]) in page
+    assert _cells("digest (manifest, shards of both splits and renditions, prompts)", card["digest"]) in page
     for split, figures in card["splits"].items():
         assert _cells(split, figures["videos"], figures["clips"], f"{figures['hours']:.4f}") in page
     assert _cells("held-out shards", card["heldout"]["shards"]) in page
@@ -415,13 +422,22 @@ def test_shards_decode_to_the_clips_they_describe(curated, store, tmp_path, spli
         local = store.download_file(uri, tmp_path / S3Uri.parse(uri).key.rsplit("/", 1)[1])
         for sample in wds.WebDataset(str(local), shardshuffle=False):
             meta = json.loads(sample["json"])
-            assert meta == rows[meta["key"]] | {"shard": meta["shard"]}  # the manifest row, as the loader reads it
+            row = json.loads(sample["json"])  # as `_manifest` lists it: each rendition's shard by its name
+            for rendition in (row.get("renditions") or {}).values():
+                rendition["shard"] = rendition["shard"].rsplit("/", 1)[-1]
+            assert row == rows[meta["key"]] | {"shard": meta["shard"]}  # the manifest row, as the loader reads it
             assert meta["shard"] == uri and meta["split"] == split
             record = ClipRecord.from_json(sample["json"])
             assert record.to_dict() == meta and record.too_short is None
             with av.open(io.BytesIO(sample["mp4"])) as container:
                 frames = sum(1 for _ in container.decode(video=0))
-            assert frames == record.frames
+            small = (record.renditions or {}).get("small")
+            if small is not None and small.remuxed:
+                # A copy starts at the key frame before the clip and may end with the few frames
+                # its last frames reference (B-frames); the loader reads [first_frame, first_frame + frames).
+                assert small.first_frame + record.frames <= frames <= small.first_frame + record.frames + 4
+            else:
+                assert frames == record.frames
             assert record.kept and sample["__key__"] == record.key
             seen.add(record.key)
     assert seen == set(rows)
@@ -452,7 +468,7 @@ def test_a_videos_split_survives_a_growing_corpus_and_no_heldout_fraction_warns(
     assert all(r["split"] == "train" for r in _manifest(store, f"{prefix}/none"))
 
 
-def test_the_digest_covers_the_heldout_shards_and_prompts(tmp_path):
+def test_the_digest_covers_the_heldout_shards_renditions_and_prompts(tmp_path):
     for name, content in [
         ("manifest.jsonl", "{}\n"),
         ("shards/shard-000000.tar", "train"),
@@ -468,7 +484,10 @@ def test_the_digest_covers_the_heldout_shards_and_prompts(tmp_path):
     digests.append(dataset_digest(tmp_path))
     (tmp_path / "heldout/shard-000001.tar").write_text("one more")
     digests.append(dataset_digest(tmp_path))
-    assert len(set(digests)) == 4 and all(len(d) == 16 for d in digests)
+    (tmp_path / "shards-hq").mkdir()
+    (tmp_path / "shards-hq/shard-000000.tar").write_text("the same clips at full resolution")
+    digests.append(dataset_digest(tmp_path))
+    assert len(set(digests)) == 5 and all(len(d) == 16 for d in digests)
 
 
 def test_training_refuses_the_heldout_split_in_one_line(curated, store):
@@ -569,7 +588,7 @@ def test_an_unexpected_failure_is_recorded_not_raised(tmp_path):
 
 def test_segments_trim_dark_ends_split_long_shots_and_mark_short_ones():
     from components.curation.config import Cuts
-    from components.curation.cuts import segments
+    from components.curation.segments import segments
 
     luma = np.full(400, 100.0)
     luma[:5] = luma[195:205] = 0.0  # a dark start and a black gap around the cut at 200

@@ -1,0 +1,179 @@
+"""Cut detection where a single detector fails, on synthetic frames with known cuts fed straight to
+CutDetector (no encoding), and its streaming confirmation."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from scenedetect import FrameTimecode, StatsManager
+from scenedetect.detectors import ContentDetector
+
+from components.curation.config import CurationConfig, Cuts
+from components.curation.cuts import CutDetector, _ContentScore
+
+H, W, FPS = 180, 320, 30.0
+FULL_RATE = ("content", "adaptive", "fades")
+
+
+def _texture(rng: np.random.Generator, width: int, scale: int, tint: tuple[int, int, int], contrast: float):
+    """Smooth colour noise with features about `scale` pixels across, around `tint`."""
+    noise = rng.random((H // scale + 2, width // scale + 2, 3)).astype(np.float32)
+    smooth = cv2.resize(noise, (width, H), interpolation=cv2.INTER_CUBIC)
+    smooth = (smooth - smooth.mean()) / smooth.std()
+    return np.clip(np.array(tint, np.float32) + contrast * smooth, 0, 255).astype(np.uint8)
+
+
+def _pan(image: np.ndarray, speeds: list[int]) -> list[np.ndarray]:
+    """A window moving right over `image` by speeds[i] pixels before frame i."""
+    x = np.cumsum(speeds)
+    assert x[-1] + W <= image.shape[1]
+    return [image[:, s : s + W] for s in x]
+
+
+def _fast_pan(rng, tint, frames: int, speed: int = 12) -> list[np.ndarray]:
+    return _pan(_texture(rng, W + speed * frames, 16, tint, 25), [speed] * frames)
+
+
+def _stripes(frames: int, tint: tuple[int, int, int], speed: float) -> list[np.ndarray]:
+    """Diagonal stripes moving `speed` pixels a frame: every pixel changes every frame."""
+    x = np.arange(W)[None, :] + 0.5 * np.arange(H)[:, None]
+    wave = [0.4 + 0.9 * (0.5 + 0.5 * np.sin(2 * np.pi * (x + i * speed) / 24)) for i in range(frames)]
+    return [np.clip(np.array(tint) * w[..., None], 0, 255).astype(np.uint8) for w in wave]
+
+
+def _calm(rng, tint, frames: int) -> list[np.ndarray]:
+    """A still shot of large shapes with a small square crossing it (2 px a frame)."""
+    background = _texture(rng, W, 60, tint, 40)
+    out = []
+    for i in range(frames):
+        frame = background.copy()
+        x = (10 + 2 * i) % (W - 20)
+        frame[80:100, x : x + 20] = 255 - np.array(tint, np.uint8)
+        out.append(frame)
+    return out
+
+
+def _dissolve(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
+    n = len(a)
+    return [
+        (x * (1 - (i + 1) / (n + 1)) + y * ((i + 1) / (n + 1))).astype(np.uint8)
+        for i, (x, y) in enumerate(zip(a, b, strict=True))
+    ]
+
+
+def _fade_through_black(a: list[np.ndarray], b: list[np.ndarray], black: int) -> list[np.ndarray]:
+    out = [(f * (1 - (i + 1) / len(a))).astype(np.uint8) for i, f in enumerate(a)]
+    out += [np.zeros_like(a[0])] * black
+    return out + [(f * ((i + 1) / len(b))).astype(np.uint8) for i, f in enumerate(b)]
+
+
+def _cuts(frames: list[np.ndarray], detectors: tuple[str, ...] | None = None) -> list[int]:
+    config = Cuts() if detectors is None else Cuts(detectors=detectors)
+    detector = CutDetector(FPS, config)
+    for index, rgb in enumerate(frames):
+        detector.feed(index, rgb)
+    return detector.finish()
+
+
+def test_a_hard_cut_out_of_a_fast_pan_is_found_where_the_adaptive_detector_misses_it():
+    rng = np.random.default_rng(1)
+    frames = _fast_pan(rng, (70, 130, 90), 45) + _fast_pan(rng, (170, 110, 70), 45)
+    cuts = _cuts(frames)
+    assert len(cuts) == 1 and abs(cuts[0] - 45) <= 2, cuts
+    # Every frame of the pan changes almost as much as the cut, so the cut's ratio to its neighbours is low.
+    assert _cuts(frames, ("adaptive",)) == []
+    assert _cuts(frames, ("content",)) == cuts
+
+
+def test_fast_pans_and_fast_changing_patterns_without_a_cut_give_no_cut():
+    rng = np.random.default_rng(2)
+    # A pan speeding up from 6 to 18 px a frame over a high-contrast texture: frame differences reach
+    # the content threshold, but they rise smoothly.
+    speeds = [6] * 20 + list(range(6, 19)) + [18] * 40
+    pan = _pan(_texture(rng, W + sum(speeds), 16, (90, 120, 150), 35), speeds)
+    stripes = _stripes(90, (60, 120, 200), speed=7)
+    for frames in (pan, stripes):
+        assert _cuts(frames) == []
+
+
+def test_a_one_second_dissolve_is_found_only_by_the_reduced_rate_pass():
+    rng = np.random.default_rng(3)
+    a, b = _calm(rng, (70, 130, 90), 80), _calm(rng, (170, 110, 70), 120)
+    start, length = 50, 30  # frames start.. start+length-1 blend a into b
+    frames = a[:start] + _dissolve(a[start : start + length], b[:length]) + b[length:]
+    cuts = _cuts(frames)
+    assert len(cuts) == 1 and start <= cuts[0] <= start + length, cuts
+    assert _cuts(frames, FULL_RATE) == []
+
+
+def test_a_fade_through_black_is_found():
+    rng = np.random.default_rng(4)
+    a, b = _calm(rng, (70, 130, 90), 60), _calm(rng, (170, 110, 70), 60)
+    frames = a[:40] + _fade_through_black(a[40:50], b[:10], black=10) + b[10:]
+    dark = [i for i, f in enumerate(frames) if f.mean() < Cuts().dark_luma]  # trimmed from any clip
+    cuts = _cuts(frames)
+    # The fade detector cuts in the middle of the black; the content detectors where colour drops out of
+    # and comes back into it: every cut is in the dark, so the fade splits the video into two clips.
+    assert len(_cuts(frames, ("fades",))) == 1
+    assert cuts and all(dark[0] <= c <= dark[-1] + 1 for c in cuts), (cuts, dark)
+    assert all(cut in cuts for cut in _cuts(frames, ("fades",)))
+
+
+def test_streaming_confirms_each_cut_once_behind_settled_and_matches_one_shot():
+    rng = np.random.default_rng(5)
+    calm = [_calm(rng, tint, 110) for tint in ((70, 130, 90), (170, 110, 70), (90, 90, 170), (150, 150, 60))]
+    frames = (
+        calm[0][:60]
+        + _dissolve(calm[0][60:90], calm[1][:30])  # dissolve over 60..89
+        + calm[1][30:110]  # hard cut at 170
+        + _fast_pan(rng, (120, 60, 140), 40)  # hard cut out of the fast pan at 210
+        + calm[2][:50]
+        + _fade_through_black(calm[2][50:60], calm[3][:10], black=8)  # dark around 270..287
+        + calm[3][10:60]
+    )
+    dark = [i for i, f in enumerate(frames) if f.mean() < Cuts().dark_luma]
+    one_shot = _cuts(frames)
+    assert 60 <= one_shot[0] <= 90 and one_shot[1:3] == [170, 210], one_shot
+    assert one_shot[3:] and all(dark[0] <= c <= dark[-1] + 1 for c in one_shot[3:]), (one_shot, dark)
+
+    detector = CutDetector(FPS, Cuts())
+    streamed: list[int] = []
+    settled = 0
+    for index, rgb in enumerate(frames):
+        detector.feed(index, rgb)
+        assert settled <= detector.settled <= index + 1
+        settled = detector.settled
+        taken = detector.take_cuts()
+        assert all(cut < settled for cut in taken) and taken == sorted(taken)
+        assert not streamed or not taken or taken[0] > streamed[-1]
+        streamed += taken
+    # The dissolve pass decides a sample two samples (2 s) later, and samples once a second.
+    assert index + 1 - settled <= 3 * FPS
+    streamed += detector.finish()
+    assert streamed == one_shot
+    assert len(detector.luma) == len(frames)
+    assert [i for i, luma in enumerate(detector.luma) if luma < Cuts().dark_luma] == dark
+
+
+def test_the_single_detector_setting_keeps_its_meaning():
+    config = CurationConfig.model_validate({"cuts": {"detector": "adaptive"}})
+    assert config.cuts.detectors == ("adaptive", "fades")
+    assert Cuts().detectors == ("content", "adaptive", "fades", "dissolves")
+
+
+def test_the_shared_content_score_is_pyscenedetects():
+    rng = np.random.default_rng(6)
+    frames = _calm(rng, (70, 130, 90), 5) + _fast_pan(rng, (120, 60, 140), 5)
+    library = ContentDetector()
+    library.stats_manager = StatsManager()
+    ours = _ContentScore()
+    for index, rgb in enumerate(frames):
+        timecode = FrameTimecode(index, fps=FPS)
+        library.process_frame(timecode, np.ascontiguousarray(rgb[..., ::-1]))
+        ours.update(rgb)
+        (expected,) = library.stats_manager.get_metrics(timecode, [ContentDetector.FRAME_SCORE_KEY])
+        assert ours.value == pytest.approx(expected or 0.0, abs=1e-9)
+    assert ours.value > 10
+    # The detectors take the shared score through this hook.
+    assert "_calculate_frame_score" in vars(ContentDetector)

@@ -1,0 +1,191 @@
+"""A clip's renditions: stream copies decode to exactly the source's frames, encoded ones
+have the configured size and stay close to the source; small synthetic sources made here."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import webdataset as wds
+
+from components.common.media import write_video
+from components.curation.config import CurationConfig, Output
+from components.curation.renditions import ClipEncoder, PacketIndex, SourceVideo
+from model.data import ClipDataset, ClipSpec
+from model.records import HQ, SMALL, ClipRecord, Rendition
+
+FPS = 24.0
+
+
+def _pattern(frames: int, height: int, width: int) -> np.ndarray:
+    """Smooth moving gradients, a different picture every frame (compressible, so an encode
+    at the default CRF stays close to it)."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = np.empty((frames, height, width, 3), np.uint8)
+    for t in range(frames):
+        out[t, ..., 0] = 128 + 100 * np.sin((xs + 3 * t) / width * 2 * np.pi)
+        out[t, ..., 1] = 128 + 100 * np.cos((ys - 2 * t) / height * 2 * np.pi)
+        out[t, ..., 2] = (4 * t) % 256
+    return out
+
+
+def _source(path: Path, frames: int, height: int, width: int) -> SourceVideo:
+    # x264's defaults at this preset: B-frames (decode order differs from presentation order).
+    write_video(path, _pattern(frames, height, width), FPS, crf=18)
+    return SourceVideo(path, width, height, "h264", FPS)
+
+
+def _decode(data: bytes | Path, width: int | None = None, height: int | None = None) -> np.ndarray:
+    with av.open(io.BytesIO(data) if isinstance(data, bytes) else str(data)) as container:
+        return np.stack([f.to_ndarray(format="rgb24", width=width, height=height) for f in container.decode(video=0)])
+
+
+def _config(clip_max_side: int = 320, hq_max_side: int | None = 1920) -> CurationConfig:
+    return CurationConfig(output=Output(clip_max_side=clip_max_side, hq_max_side=hq_max_side))
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255**2 / mse))
+
+
+@pytest.fixture(scope="module")
+def small_source(tmp_path_factory) -> SourceVideo:
+    """160x96, 3 s: fits the small rendition, so every rendition is a stream copy."""
+    return _source(tmp_path_factory.mktemp("renditions") / "small.mp4", 72, 96, 160)
+
+
+def test_the_packet_index_sees_b_frames_and_key_frames(small_source):
+    with av.open(str(small_source.path)) as container:
+        index = PacketIndex.read(container)
+    assert index.frames == 72
+    assert not np.array_equal(index.frame_packet, np.arange(72))  # B-frames: decoded out of order
+    assert index.key_frames[0] == 0 and 48 in index.key_frames  # a GOP of 2 s at 24 fps
+
+
+@pytest.mark.parametrize("start, end", [(0, 30), (48, 72), (20, 41), (50, 61)])
+def test_a_remuxed_clip_decodes_to_exactly_the_source_frames(small_source, start, end):
+    """Starting on a key frame (0, 48) and between them: the file starts at the key frame before."""
+    source = _decode(small_source.path)
+    with ClipEncoder(small_source, _config()) as encoder:
+        out = encoder.renditions(start, end, source[start:end])
+    small, hq = out[SMALL], out[HQ]
+    assert small.ext == "mp4" and hq.ext == "hq.mp4"
+    assert small.rendition == hq.rendition
+    key = 0 if start < 48 else 48
+    assert small.rendition == Rendition(160, 96, first_frame=start - key, remuxed=True)
+    decoded = _decode(small.mp4)
+    first = small.rendition.first_frame
+    assert len(decoded) >= first + end - start
+    np.testing.assert_array_equal(decoded[first : first + end - start], source[start:end])
+
+
+def test_an_open_gop_source_remuxes_without_the_previous_gops_frames(tmp_path):
+    """Open GOP: B-frames after a key frame in decode order that show before it need the GOP
+    before; a clip from that key frame on leaves them out and still decodes exactly."""
+    path = tmp_path / "open-gop.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
+        stream.options = {"crf": "18", "x264-params": "open-gop=1:keyint=24:min-keyint=24:scenecut=0:bframes=3"}
+        for array in _pattern(72, 96, 160):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())
+    source = _decode(path)
+    with ClipEncoder(SourceVideo(path, 160, 96, "h264", FPS), _config()) as encoder:
+        for start, end in [(24, 50), (30, 72)]:
+            clip = encoder.renditions(start, end, source[start:end])[SMALL]
+            first = clip.rendition.first_frame
+            assert clip.rendition.remuxed and first == start % 24
+            np.testing.assert_array_equal(_decode(clip.mp4)[first : first + end - start], source[start:end])
+
+
+def test_a_larger_source_encodes_small_and_hq_and_remuxes_hq_at_its_size(tmp_path):
+    """640x384 source: small (320 px) encoded from the decode-size frames; hq at the source's
+    size (under hq_max_side 1920) remuxed; hq_max_side 256 encodes hq at 256x154 from the source."""
+    width, height, start, end = 640, 384, 10, 40
+    source = _source(tmp_path / "large.mp4", 60, height, width)
+    truth = _decode(source.path)
+    decode_size = _decode(source.path, 320, 192)
+    with ClipEncoder(source, _config()) as encoder:
+        out = encoder.renditions(start, end, decode_size[start:end])
+    assert out[SMALL].rendition == Rendition(320, 192)
+    small = _decode(out[SMALL].mp4)
+    assert small.shape == (end - start, 192, 320, 3)
+    assert _psnr(small, decode_size[start:end]) > 30
+    assert out[HQ].rendition == Rendition(640, 384, first_frame=start, remuxed=True)
+    hq = _decode(out[HQ].mp4)
+    np.testing.assert_array_equal(hq[start : start + end - start], truth[start:end])
+
+    with ClipEncoder(source, _config(clip_max_side=128, hq_max_side=256)) as encoder:
+        clips = [encoder.renditions(s, e, decode_size[s:e]) for s, e in [(0, 20), (25, 50)]]
+    for (s, e), out in zip([(0, 20), (25, 50)], clips, strict=True):
+        assert out[SMALL].rendition == Rendition(128, 76)
+        assert _decode(out[SMALL].mp4).shape == (e - s, 76, 128, 3)
+        assert out[HQ].rendition == Rendition(256, 154)
+        hq = _decode(out[HQ].mp4)
+        assert hq.shape == (e - s, 154, 256, 3)
+        assert _psnr(hq, _decode(source.path, 256, 154)[s:e]) > 30
+
+
+def test_no_hq_rendition_when_hq_max_side_is_none(small_source):
+    frames = _decode(small_source.path)[:24]
+    with ClipEncoder(small_source, _config(hq_max_side=None)) as encoder:
+        out = encoder.renditions(0, 24, frames)
+    assert set(out) == {SMALL}
+
+
+def test_a_codec_outside_the_remux_list_is_encoded(small_source):
+    """The same file declared mpeg4: nothing is copied, both renditions are H.264 at the source's size."""
+    frames = _decode(small_source.path)[10:30]
+    declared = SourceVideo(small_source.path, 160, 96, "mpeg4", FPS)
+    with ClipEncoder(declared, _config()) as encoder:
+        out = encoder.renditions(10, 30, frames)
+    assert out[SMALL].rendition == Rendition(160, 96) and not out[SMALL].rendition.remuxed
+    assert _psnr(_decode(out[SMALL].mp4), frames) > 30
+
+
+def _shard(path: Path, mp4: bytes, record: ClipRecord) -> str:
+    with wds.TarWriter(str(path)) as tar:
+        tar.write({"__key__": record.key, "mp4": mp4, "json": record.to_json().encode()})
+    return str(path)
+
+
+def test_the_loader_skips_the_frames_before_a_remuxed_clip(small_source, tmp_path):
+    """A clip [21, 45) stream-copied from key frame 0 (first_frame 21) in the small shards and one
+    with first_frame 3 in the hq shards: each loader reads frames from the clip's own first frame."""
+    source = _decode(small_source.path)
+    with ClipEncoder(small_source, _config()) as encoder:
+        out = encoder.renditions(21, 45, source[21:45])
+    record = ClipRecord(
+        key="clip", video="small.mp4", start_frame=21, end_frame=45, start_s=21 / FPS, end_s=45 / FPS, fps=FPS,
+        camera_motion="static", scores={"motion": 0.0}, renditions={SMALL: out[SMALL].rendition},
+    )  # fmt: skip
+    assert out[SMALL].rendition.first_frame == 21
+    spec = ClipSpec(num_frames=24, fps=FPS, height=96, width=160)  # every frame of the clip, at its size
+    item = next(iter(ClipDataset([_shard(tmp_path / "small.tar", out[SMALL].mp4, record)], spec, random_crop=False)))
+    got = ((item["video"].permute(0, 2, 3, 1).numpy() + 1) * 127.5).round()
+    np.testing.assert_allclose(got, source[21:45], atol=1)
+
+    # The hq shard's file starts 3 frames before its clip [3, 27): its record says so under `hq`.
+    hq_record = ClipRecord.from_json(record.to_json())
+    hq_record.renditions = {SMALL: Rendition(160, 96), HQ: Rendition(160, 96, first_frame=3, remuxed=True)}
+    hq_shard = _shard(tmp_path / "hq.tar", out[SMALL].mp4, hq_record)
+    hq_spec = ClipSpec(num_frames=24, fps=FPS, height=96, width=160, rendition=HQ)
+    item = next(iter(ClipDataset([hq_shard], hq_spec, random_crop=False)))
+    got = ((item["video"].permute(0, 2, 3, 1).numpy() + 1) * 127.5).round()
+    np.testing.assert_allclose(got, source[3:27], atol=1)
+    assert json.loads(hq_record.to_json())["renditions"]["hq"]["first_frame"] == 3
+
+    # The wrong folder for the stage's rendition is an error naming the right one, never silently other frames.
+    with pytest.raises(ValueError, match="has no 'hq' rendition"):
+        next(iter(ClipDataset([_shard(tmp_path / "small.tar", out[SMALL].mp4, record)], hq_spec)))
+    hq_record.renditions[HQ] = Rendition(320, 192, first_frame=3, remuxed=True)
+    with pytest.raises(ValueError, match=r"160x96, not its 'hq' rendition's 320x192.*shards-hq/"):
+        next(iter(ClipDataset([_shard(tmp_path / "hq.tar", out[SMALL].mp4, hq_record)], hq_spec)))
+    with pytest.raises(ValueError, match="clip rendition 'large'"):
+        ClipSpec(rendition="large")
