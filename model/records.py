@@ -91,6 +91,13 @@ RENDITIONS: tuple[RenditionName, ...] = get_args(RenditionName)
 RENDITION_EXT: dict[str, str] = {SMALL: "mp4", HQ: "hq.mp4"}
 
 
+def rendition_folder(split: Split, rendition: str) -> str:
+    """The folder of a split's shards of one rendition under a curated output: `shards`,
+    `heldout`, `shards-hq`, `heldout-hq`."""
+    base = HELDOUT if split == HELDOUT else "shards"
+    return base if rendition == SMALL else f"{base}-{rendition}"
+
+
 @dataclass
 class Rendition:
     """One stored encoding of a clip."""

@@ -67,7 +67,8 @@ class ServedModel:
             "run_id": self.run_id,
             "lineage": self.lineage,
             "device": str(self.device),
-            "default_clip": asdict(self.pipeline.config.clip),
+            # What a request gets when it sets nothing (the training data's rendition is not a request field).
+            "default_clip": {k: v for k, v in asdict(self.pipeline.config.clip).items() if k != "rendition"},
             "camera_motions": self.camera_motions,
             # Parts with seeded random weights (tests and demos): its videos mean nothing.
             "random_weights": list(self.pipeline.random_weights),

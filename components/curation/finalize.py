@@ -62,7 +62,18 @@ from components.common.tracking import config_hash, git_commit
 from components.curation.annotate import CLIPS_FILE, CLIPS_TAR, PART_INFO, REJECTED_FILE, read_clips, read_jsonl
 from components.curation.config import SCORES, CurationConfig, Filter
 from components.curation.duplicates import DuplicateIndex
-from model.records import HELDOUT, RENDITION_EXT, RENDITIONS, SMALL, SPLITS, TRAIN, ClipRecord, Rendition, Split
+from model.records import (
+    HELDOUT,
+    RENDITION_EXT,
+    RENDITIONS,
+    SMALL,
+    SPLITS,
+    TRAIN,
+    ClipRecord,
+    Rendition,
+    Split,
+    rendition_folder,
+)
 
 TOO_SHORT = "too_short"
 DUPLICATE = "duplicate"
@@ -378,12 +389,6 @@ def dataset_digest(folder: Path) -> str:
     files = [folder / "manifest.jsonl", *(f for name in _SHARD_FOLDERS for f in (folder / name).glob("*.tar"))]
     files += [prompts] if (prompts := folder / HELDOUT / PROMPTS_FILE).is_file() else []
     return _digest({f.relative_to(folder).as_posix(): sha256_file(f) for f in files})
-
-
-def rendition_folder(split: Split, rendition: str) -> str:
-    """The folder of a split's shards of one rendition: `shards`, `heldout`, `shards-hq`, `heldout-hq`."""
-    base = HELDOUT if split == HELDOUT else SHARDS
-    return base if rendition == SMALL else f"{base}-{rendition}"
 
 
 # Every folder of shards: each split in each rendition.

@@ -39,7 +39,7 @@ from model.conditioning import LatentCodec
 from model.data import ClipDataset, ClipSpec
 from model.latents import vae_fingerprint, write_latent_shards
 from model.pipeline import to_uint8
-from model.records import HELDOUT
+from model.records import HELDOUT, RENDITIONS, TRAIN, rendition_folder
 from model.stages import StageConfig, VideoDiffusion, named_config
 from model.svd import export_svd
 from model.train import TrainResult, leave_distributed, train
@@ -57,6 +57,16 @@ def shard_urls(data: str, store: ObjectStore) -> list[str]:
     if not urls:
         raise ValueError(f"no .tar shards under {data}")
     return urls
+
+
+def rendition_data(data: str, rendition: str) -> str:
+    """Where a stage that reads `rendition` finds its clips: a curated output's training folder
+    of another rendition (`<out>/shards/` for a stage that reads `hq`) becomes that rendition's
+    (`<out>/shards-hq/`); any other location is read as given."""
+    head, _, last = data.rstrip("/").rpartition("/")
+    if head and last in {rendition_folder(TRAIN, name) for name in RENDITIONS}:
+        return f"{head}/{rendition_folder(TRAIN, rendition)}/"
+    return data
 
 
 def refuse_heldout_data(data: str) -> None:
@@ -261,11 +271,11 @@ def run_training(
     `experiment`: the MLflow experiment (default vdm-train-<stage>)."""
     out = S3Uri.parse(output)
     refuse_heldout_data(data)
-    shards = shard_urls(data, store)
 
     with tempfile.TemporaryDirectory(prefix="vdm-train-") as tmp:
         scratch = Path(tmp)
         named = stage_config(config_name, stage, store, scratch, overrides)
+        shards = shard_urls(rendition_data(data, named.clip.rendition), store)
         named = replace(named, vae=vae) if vae else named
         config = with_local_weights(named, store, scratch / "weights")
         init = local_folder(init_from, store, scratch / "init") if init_from else None

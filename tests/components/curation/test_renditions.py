@@ -189,3 +189,15 @@ def test_the_loader_skips_the_frames_before_a_remuxed_clip(small_source, tmp_pat
         next(iter(ClipDataset([_shard(tmp_path / "hq.tar", out[SMALL].mp4, hq_record)], hq_spec)))
     with pytest.raises(ValueError, match="clip rendition 'large'"):
         ClipSpec(rendition="large")
+
+
+def test_a_stage_reads_the_rendition_it_asks_for_from_a_curated_output():
+    from components.training.run import rendition_data
+
+    assert rendition_data("s3://b/cur/shards/", "hq") == "s3://b/cur/shards-hq/"
+    assert rendition_data("s3://b/cur/shards-hq", "small") == "s3://b/cur/shards/"
+    assert rendition_data("s3://b/cur/shards/", "small") == "s3://b/cur/shards/"
+    assert rendition_data("/data/cur/shards", "hq") == "/data/cur/shards-hq/"
+    # Anything that is not a curated output's training folder is read as given.
+    assert rendition_data("s3://b/my-clips/", "hq") == "s3://b/my-clips/"
+    assert rendition_data("shards", "hq") == "shards"
