@@ -23,6 +23,7 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from components.common.media import VideoWriter
 from components.curation.config import CurationConfig
@@ -151,6 +152,8 @@ class ClipEncoder:
         self._indexed = False
         self._demuxer: av.container.InputContainer | None = None  # the source, open for stream copies
         self._decoder: _SequentialDecoder | None = None
+        # One scaler for every hq frame: `frame.reformat(width=...)` sets up FFmpeg's scaler anew per call.
+        self._scaler = VideoReformatter()
 
     def renditions(self, start: int, end: int, frames: np.ndarray) -> dict[str, EncodedClip]:
         """The renditions of source frames [start, end); `frames` are those frames at the
@@ -186,7 +189,7 @@ class ClipEncoder:
         width, height = self.hq_size
         with self._writer(buffer, self.hq_size) as writer:
             for frame in self._decoder.frames(start, end):
-                writer.write(frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA"))
+                writer.write(self._scaler.reformat(frame, width, height, "yuv420p", interpolation="AREA"))
         return EncodedClip(RENDITION_EXT[HQ], buffer.getvalue(), Rendition(width, height))
 
     def _remux(self, name: str, size: tuple[int, int], start: int, end: int) -> EncodedClip | None:
