@@ -1,9 +1,9 @@
 """Global camera motion of a video in curation's terms (content translation and the
 radial expansion at the frame corner, px per frame, medians over adjacent frame pairs;
 components/curation/motion.py) and the motion class it reads as. `model/` cannot use
-`components/curation`, and curation's Farneback flow does not measure the tiny models'
-32x32 frames (a 4 px pan is beyond its window, a zoom of smooth upscaled frames reads
-as almost none), so this estimator fits the camera directly: phase correlation for the
+`components/curation`, and curation's dense flow is made for frames of 128 px and more,
+not for the tiny models' 32x32 frames (where a 4 px pan is large and a zoom of smooth
+upscaled frames barely changes a pixel), so this estimator fits the camera directly: phase correlation for the
 translation, then the best magnification about the centre. Frames are upscaled to
 FLOW_HEIGHT first for sub-pixel accuracy; results are in the video's own pixels.
 """

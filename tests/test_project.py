@@ -52,11 +52,11 @@ def test_whole_stack_imports_in_one_process():
         "pydantic_settings",
     ]
     code = "import importlib, torch, cv2\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
-    code += "print(torch.__version__, cv2.__version__, hasattr(cv2, 'calcOpticalFlowFarneback'))"
+    code += "print(torch.__version__, cv2.__version__, hasattr(cv2, 'DISOpticalFlow_create'))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    torch_version, cv2_version, has_farneback = result.stdout.split()[-3:]
-    assert torch_version.startswith("2.14.1") and cv2_version.startswith("4.10") and has_farneback == "True"
+    torch_version, cv2_version, has_dis = result.stdout.split()[-3:]
+    assert torch_version.startswith("2.14.1") and cv2_version.startswith("4.10") and has_dis == "True"
 
 
 @pytest.mark.parametrize("package", ["components", "pipelines", "model", "serving", "vdm"])

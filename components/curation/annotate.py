@@ -51,7 +51,7 @@ from components.curation.neural import (
 )
 from components.curation.renditions import ClipEncoder, EncodedClip, SourceVideo
 from components.curation.segments import Segment, Segmenter
-from components.curation.video import Rejected, VideoStream, open_video
+from components.curation.video import Rejected, VideoStream, luma, open_video, to_rgb
 from model.records import ClipRecord, Flow
 
 CLIPS_FILE = "clips.jsonl"
@@ -216,7 +216,7 @@ def _curate_stream(
     detector = CutDetector(fps, config.cuts)
     segmenter = Segmenter(fps, config.cuts)
     step = max(1, int(round(fps / config.decode.sample_fps)))
-    window: list[np.ndarray] = []  # frames window_start, window_start + 1, ...
+    window: list[np.ndarray] = []  # frames window_start, window_start + 1, ... (I420)
     window_start = 0
     # The cut detector does not settle while the picture stays black (the fade's cut goes in the
     # middle of the dark run): frames of a black run longer than a clip share one array, so a long
@@ -224,10 +224,11 @@ def _curate_stream(
     dark_run = 0
 
     def emit(segment: Segment) -> None:
-        frames = np.stack(window[segment.start - window_start : segment.end - window_start])
+        frames = window[segment.start - window_start : segment.end - window_start]
         with watch("flow"):
-            estimate = motion.estimate(frames, list(range(0, len(frames), step)), config.motion)
-        keyframes = frames[[0, len(frames) // 2, len(frames) - 1]]
+            points = list(range(0, len(frames), step))
+            estimate = motion.estimate([luma(f) for f in frames], points, config.motion)
+        keyframes = np.stack([to_rgb(frames[i]) for i in (0, len(frames) // 2, len(frames) - 1)])
         with watch("encode"):
             renditions = {} if segment.too_short else encoder.renditions(segment.start, segment.end, frames)
             key = clip_key(video, len(result.clips))
@@ -254,11 +255,11 @@ def _curate_stream(
         )
 
     index = -1
-    for index, rgb in enumerate(_timed(stream, watch, "decode")):
+    for index, frame in enumerate(_timed(stream, watch, "decode")):
         with watch("cuts"):
-            detector.feed(index, rgb)
+            detector.feed(index, frame)
             dark_run = dark_run + 1 if detector.luma[-1] < config.cuts.fade_threshold else 0
-            window.append(window[-1] if dark_run > segmenter.piece_len and window else rgb)
+            window.append(window[-1] if dark_run > segmenter.piece_len and window else frame)
             closed = segmenter.advance(detector.take_cuts(), detector.settled, detector.luma)
         for segment in closed:
             emit(segment)

@@ -31,7 +31,7 @@ class Limits(_Strict):
 
 
 class Decode(_Strict):
-    # Every frame is converted once, at this size (longer side), and shared by all steps.
+    # Every frame is decoded once, at this size (longer side, I420), and shared by all steps.
     max_side: int = 320
     # Frames for flow, OCR and CLIP are sampled at this rate inside each clip.
     sample_fps: float = 2.0
@@ -57,7 +57,8 @@ class Cuts(_Strict):
     # Dissolves: the adaptive detector on one frame per this many seconds. A dissolve about this long or
     # shorter stands out against the samples around it; frame to frame it changes too little to be seen.
     dissolve_step_s: float = 1.0
-    detection_height: int = 72
+    # The detectors see each frame halved (by area) as often as its height stays at least this.
+    detection_height: int = 36
     min_clip_s: float = 1.0
     max_clip_s: float = 10.0
     # Frames darker than this (mean 0-255) are trimmed from clip ends (fades).

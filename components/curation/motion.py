@@ -1,11 +1,16 @@
-"""Motion score and camera-motion label from dense optical flow (Farneback).
+"""Motion score and camera-motion label from dense optical flow (OpenCV's DIS, its
+ultrafast preset, on the luma plane).
 
 Flow is computed between a sampled frame and the next one (adjacent frames: small
-displacements, accurate flow), at about `sample_fps` sample points per second.
+displacements, accurate flow), at about `sample_fps` sample points per second. DIS
+gives the same labels and scores within a few percent as Farneback on the synthetic
+pans, tilts and zooms, at about a twentieth of its cost (0.15 against 3.6 ms a pair
+at 228x128).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -35,28 +40,30 @@ class MotionEstimate:
     camera_motion: CameraMotion
 
 
-def _gray(rgb: np.ndarray, height: int) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    size = (max(2, round(w * height / h)), min(h, height))
-    return cv2.cvtColor(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
+def _flow_size(shape: tuple[int, int], height: int) -> tuple[int, int]:
+    h, w = shape
+    return max(2, round(w * min(h, height) / h)), min(h, height)
 
 
-def estimate(frames: np.ndarray, sample_points: list[int], config: Motion) -> MotionEstimate:
-    """`frames` are one clip's frames; flow is taken at each sample point t (t, t+1)."""
-    points = [t for t in sample_points if t + 1 < len(frames)]
+def estimate(lumas: Sequence[np.ndarray], sample_points: list[int], config: Motion) -> MotionEstimate:
+    """`lumas` are one clip's frames (their Y planes); flow is taken at each sample point t (t, t+1)."""
+    points = [t for t in sample_points if t + 1 < len(lumas)]
     if not points:
         return MotionEstimate(0.0, (0.0, 0.0), 0.0, STATIC)
+    size = _flow_size(lumas[0].shape, config.flow_height)
+    dis = cv2.DISOpticalFlow_create(cv2.DISOpticalFlow_PRESET_ULTRAFAST)
     magnitudes, translations, zooms = [], [], []
     radial = None
     for t in points:
-        a, b = _gray(frames[t], config.flow_height), _gray(frames[t + 1], config.flow_height)
-        # Adjacent frames move little: 3 pyramid levels and 2 iterations are enough.
-        flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 2, 5, 1.2, 0)
+        # Bilinear: at most a 2.5x reduction of a 320 px frame; area's general path costs 5x more.
+        a, b = (cv2.resize(lumas[i], size, interpolation=cv2.INTER_LINEAR) for i in (t, t + 1))
+        # The statistics read every other vector each way: the same estimates, at a quarter of the cost.
+        flow = np.ascontiguousarray(dis.calc(a, b, None)[::2, ::2])
         if radial is None:
-            h, w = a.shape
-            ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-            rx, ry = xs - (w - 1) / 2, ys - (h - 1) / 2
-            radial = (rx, ry, float((rx**2 + ry**2).sum()), float(np.hypot(w / 2, h / 2)))
+            h, w = flow.shape[:2]
+            ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) * 2  # in pixels at the flow size
+            rx, ry = xs - (size[0] - 1) / 2, ys - (size[1] - 1) / 2
+            radial = (rx, ry, float((rx**2 + ry**2).sum()), float(np.hypot(size[0] / 2, size[1] / 2)))
         rx, ry, norm, corner = radial
         magnitudes.append(float(np.linalg.norm(flow, axis=-1).mean()))
         tx, ty = float(np.median(flow[..., 0])), float(np.median(flow[..., 1]))

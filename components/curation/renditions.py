@@ -10,18 +10,17 @@ the key frame at or before the clip's first frame up to the last one a clip fram
 so the file starts `first_frame` frames before the clip. Only a rendition smaller than
 the source is encoded: the small one from the decode-size frames curation already has,
 the high-resolution one (sources over `output.hq_max_side`) from a second decode of the
-source at that size, one frame at a time.
+source at that size, one frame at a time. Frames go to the encoder as I420, its own layout.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import av
-import cv2
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
@@ -152,12 +151,14 @@ class ClipEncoder:
         self._indexed = False
         self._demuxer: av.container.InputContainer | None = None  # the source, open for stream copies
         self._decoder: _SequentialDecoder | None = None
-        # One scaler for every hq frame: `frame.reformat(width=...)` sets up FFmpeg's scaler anew per call.
+        # One scaler per rendition for all its frames: `frame.reformat(width=...)` sets up FFmpeg's
+        # scaler anew per call.
+        self._small_scaler = VideoReformatter()
         self._scaler = VideoReformatter()
 
-    def renditions(self, start: int, end: int, frames: np.ndarray) -> dict[str, EncodedClip]:
+    def renditions(self, start: int, end: int, frames: Sequence[np.ndarray]) -> dict[str, EncodedClip]:
         """The renditions of source frames [start, end); `frames` are those frames at the
-        decode size (T, h, w, 3) RGB."""
+        decode size, I420 (video.py)."""
         out = {SMALL: self._small(start, end, frames)}
         if self.hq_size is not None:
             if self.hq_size == self.small_size:
@@ -166,16 +167,18 @@ class ClipEncoder:
                 out[HQ] = self._hq(start, end)
         return out
 
-    def _small(self, start: int, end: int, frames: np.ndarray) -> EncodedClip:
+    def _small(self, start: int, end: int, frames: Sequence[np.ndarray]) -> EncodedClip:
         remuxed = self._remux(SMALL, self.small_size, start, end)
         if remuxed is not None:
             return remuxed
-        h, w = frames.shape[1:3]
         buffer = io.BytesIO()
+        width, height = self.small_size
         with self._writer(buffer, self.small_size) as writer:
-            for frame in frames:
-                if (w, h) != self.small_size:
-                    frame = cv2.resize(frame, self.small_size, interpolation=cv2.INTER_AREA)
+            for i420 in frames:
+                # The encoder's own layout: no conversion, a scale only where the sizes differ.
+                frame = av.VideoFrame.from_ndarray(i420, format="yuv420p")
+                if (frame.width, frame.height) != self.small_size:
+                    frame = self._small_scaler.reformat(frame, width, height, interpolation="AREA")
                 writer.write(frame)
         return EncodedClip(RENDITION_EXT[SMALL], buffer.getvalue(), Rendition(*self.small_size))
 

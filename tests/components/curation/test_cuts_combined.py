@@ -11,6 +11,7 @@ from scenedetect.detectors import ContentDetector
 
 from components.curation.config import CurationConfig, Cuts
 from components.curation.cuts import CutDetector, _ContentScore
+from components.curation.video import from_rgb
 
 H, W, FPS = 180, 320, 30.0
 FULL_RATE = ("content", "adaptive", "fades")
@@ -72,7 +73,7 @@ def _cuts(frames: list[np.ndarray], detectors: tuple[str, ...] | None = None) ->
     config = Cuts() if detectors is None else Cuts(detectors=detectors)
     detector = CutDetector(FPS, config)
     for index, rgb in enumerate(frames):
-        detector.feed(index, rgb)
+        detector.feed(index, from_rgb(rgb))
     return detector.finish()
 
 
@@ -141,7 +142,7 @@ def test_streaming_confirms_each_cut_once_behind_settled_and_matches_one_shot():
     streamed: list[int] = []
     settled = 0
     for index, rgb in enumerate(frames):
-        detector.feed(index, rgb)
+        detector.feed(index, from_rgb(rgb))
         assert settled <= detector.settled <= index + 1
         settled = detector.settled
         taken = detector.take_cuts()

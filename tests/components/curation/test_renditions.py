@@ -15,6 +15,7 @@ import webdataset as wds
 from components.common.media import write_video
 from components.curation.config import CurationConfig, Output
 from components.curation.renditions import ClipEncoder, PacketIndex, SourceVideo
+from components.curation.video import from_rgb
 from model.data import ClipDataset, ClipSpec
 from model.records import HQ, SMALL, ClipRecord, Rendition
 
@@ -42,6 +43,11 @@ def _source(path: Path, frames: int, height: int, width: int) -> SourceVideo:
 def _decode(data: bytes | Path, width: int | None = None, height: int | None = None) -> np.ndarray:
     with av.open(io.BytesIO(data) if isinstance(data, bytes) else str(data)) as container:
         return np.stack([f.to_ndarray(format="rgb24", width=width, height=height) for f in container.decode(video=0)])
+
+
+def _i420(frames: np.ndarray) -> list[np.ndarray]:
+    """RGB frames as curation hands them to the encoder."""
+    return [from_rgb(frame) for frame in frames]
 
 
 def _config(clip_max_side: int = 320, hq_max_side: int | None = 1920) -> CurationConfig:
@@ -72,7 +78,7 @@ def test_a_remuxed_clip_decodes_to_exactly_the_source_frames(small_source, start
     """Starting on a key frame (0, 48) and between them: the file starts at the key frame before."""
     source = _decode(small_source.path)
     with ClipEncoder(small_source, _config()) as encoder:
-        out = encoder.renditions(start, end, source[start:end])
+        out = encoder.renditions(start, end, _i420(source[start:end]))
     small, hq = out[SMALL], out[HQ]
     assert small.ext == "mp4" and hq.ext == "hq.mp4"
     assert small.rendition == hq.rendition
@@ -98,7 +104,7 @@ def test_an_open_gop_source_remuxes_without_the_previous_gops_frames(tmp_path):
     source = _decode(path)
     with ClipEncoder(SourceVideo(path, 160, 96, "h264", FPS), _config()) as encoder:
         for start, end in [(24, 50), (30, 72)]:
-            clip = encoder.renditions(start, end, source[start:end])[SMALL]
+            clip = encoder.renditions(start, end, _i420(source[start:end]))[SMALL]
             first = clip.rendition.first_frame
             assert clip.rendition.remuxed and first == start % 24
             np.testing.assert_array_equal(_decode(clip.mp4)[first : first + end - start], source[start:end])
@@ -112,7 +118,7 @@ def test_a_larger_source_encodes_small_and_hq_and_remuxes_hq_at_its_size(tmp_pat
     truth = _decode(source.path)
     decode_size = _decode(source.path, 320, 192)
     with ClipEncoder(source, _config()) as encoder:
-        out = encoder.renditions(start, end, decode_size[start:end])
+        out = encoder.renditions(start, end, _i420(decode_size[start:end]))
     assert out[SMALL].rendition == Rendition(320, 192)
     small = _decode(out[SMALL].mp4)
     assert small.shape == (end - start, 192, 320, 3)
@@ -122,7 +128,7 @@ def test_a_larger_source_encodes_small_and_hq_and_remuxes_hq_at_its_size(tmp_pat
     np.testing.assert_array_equal(hq[start : start + end - start], truth[start:end])
 
     with ClipEncoder(source, _config(clip_max_side=128, hq_max_side=256)) as encoder:
-        clips = [encoder.renditions(s, e, decode_size[s:e]) for s, e in [(0, 20), (25, 50)]]
+        clips = [encoder.renditions(s, e, _i420(decode_size[s:e])) for s, e in [(0, 20), (25, 50)]]
     for (s, e), out in zip([(0, 20), (25, 50)], clips, strict=True):
         assert out[SMALL].rendition == Rendition(128, 76)
         assert _decode(out[SMALL].mp4).shape == (e - s, 76, 128, 3)
@@ -135,7 +141,7 @@ def test_a_larger_source_encodes_small_and_hq_and_remuxes_hq_at_its_size(tmp_pat
 def test_no_hq_rendition_when_hq_max_side_is_none(small_source):
     frames = _decode(small_source.path)[:24]
     with ClipEncoder(small_source, _config(hq_max_side=None)) as encoder:
-        out = encoder.renditions(0, 24, frames)
+        out = encoder.renditions(0, 24, _i420(frames))
     assert set(out) == {SMALL}
 
 
@@ -144,7 +150,7 @@ def test_a_codec_outside_the_remux_list_is_encoded(small_source):
     frames = _decode(small_source.path)[10:30]
     declared = SourceVideo(small_source.path, 160, 96, "mpeg4", FPS)
     with ClipEncoder(declared, _config()) as encoder:
-        out = encoder.renditions(10, 30, frames)
+        out = encoder.renditions(10, 30, _i420(frames))
     assert out[SMALL].rendition == Rendition(160, 96) and not out[SMALL].rendition.remuxed
     assert _psnr(_decode(out[SMALL].mp4), frames) > 30
 
@@ -160,7 +166,7 @@ def test_the_loader_skips_the_frames_before_a_remuxed_clip(small_source, tmp_pat
     with first_frame 3 in the hq shards: each loader reads frames from the clip's own first frame."""
     source = _decode(small_source.path)
     with ClipEncoder(small_source, _config()) as encoder:
-        out = encoder.renditions(21, 45, source[21:45])
+        out = encoder.renditions(21, 45, _i420(source[21:45]))
     record = ClipRecord(
         key="clip", video="small.mp4", start_frame=21, end_frame=45, start_s=21 / FPS, end_s=45 / FPS, fps=FPS,
         camera_motion="static", scores={"motion": 0.0}, renditions={SMALL: out[SMALL].rendition},

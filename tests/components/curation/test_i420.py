@@ -1,0 +1,85 @@
+"""Frames stay in the decoder's layout (I420): the stream hands them on unconverted, and the
+conversions curation makes from them agree with FFmpeg's own."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from components.curation.config import CurationConfig
+from components.curation.video import from_rgb, luma, open_video, reduced_rgb, to_rgb
+
+
+def _picture(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Smooth colour noise: every channel varies, as in real footage."""
+    noise = np.random.default_rng(seed).random((height // 8 + 2, width // 8 + 2, 3)).astype(np.float32)
+    return (cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC).clip(0, 1) * 255).astype(np.uint8)
+
+
+def _write(path: Path, frames: list[np.ndarray]) -> None:
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(24))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_to_rgb_and_from_rgb_are_ffmpegs_conversions():
+    rgb = _picture(180, 320)
+    ffmpeg_i420 = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p").to_ndarray()
+    i420 = from_rgb(rgb)
+    assert i420.shape == (270, 320)
+    # The same luma; chroma subsampled a little differently (FFmpeg filters, OpenCV averages).
+    assert np.abs(luma(i420).astype(int) - luma(ffmpeg_i420)).max() <= 1
+    assert np.abs(i420.astype(int) - ffmpeg_i420).mean() < 2
+    ffmpeg_rgb = av.VideoFrame.from_ndarray(ffmpeg_i420, format="yuv420p").to_ndarray(format="rgb24")
+    difference = np.abs(to_rgb(ffmpeg_i420).astype(int) - ffmpeg_rgb)
+    assert difference.mean() < 1.5 and difference.max() <= 4
+    np.testing.assert_array_equal(luma(i420), i420[:180])
+
+
+@pytest.mark.parametrize(
+    ("size", "halvings", "shape"),
+    [((320, 180), 1, (90, 160, 3)), ((320, 180), 2, (45, 80, 3)), ((176, 320), 3, (40, 22, 3))],
+)
+def test_a_reduced_frame_is_the_area_reduced_rgb_frame(size, halvings, shape):
+    i420 = from_rgb(_picture(size[1], size[0], seed=halvings))
+    small = reduced_rgb(i420, halvings)
+    assert small.shape == shape
+    expected = cv2.resize(to_rgb(i420), shape[1::-1], interpolation=cv2.INTER_AREA)
+    difference = np.abs(small.astype(int) - expected)
+    assert difference.mean() < 1.5 and difference.max() <= 10, (difference.mean(), difference.max())
+    # A flat grey stays that grey: the range expansion is right.
+    grey = from_rgb(np.full((size[1], size[0], 3), 37, np.uint8))
+    assert np.abs(reduced_rgb(grey, halvings).astype(int) - 37).max() <= 1
+
+
+def test_the_stream_hands_on_the_decoders_frames_and_scales_larger_ones(tmp_path):
+    frames = [_picture(180, 320, seed=i) for i in range(3)]
+    _write(tmp_path / "small.mp4", frames)
+    config = CurationConfig()
+    with open_video(tmp_path / "small.mp4", config.limits, config.decode) as video:
+        streamed = list(video)
+    with av.open(str(tmp_path / "small.mp4")) as container:
+        decoded = [f.to_ndarray() for f in container.decode(video=0)]
+    assert len(streamed) == 3
+    for got, expected in zip(streamed, decoded, strict=True):
+        np.testing.assert_array_equal(got, expected)  # the decoder's I420, no conversion
+
+    _write(tmp_path / "large.mp4", [cv2.resize(f, (640, 360)) for f in frames])
+    with open_video(tmp_path / "large.mp4", config.limits, config.decode) as video:
+        assert video.size == (320, 180)
+        scaled = list(video)
+    assert all(frame.shape == (270, 320) for frame in scaled)
+    with av.open(str(tmp_path / "large.mp4")) as container:
+        first = next(container.decode(video=0)).reformat(320, 180, "yuv420p", interpolation="AREA").to_ndarray()
+    np.testing.assert_array_equal(scaled[0], first)  # FFmpeg's area scaling, straight to I420
