@@ -138,18 +138,23 @@ class _Spool:
 
 
 class Stopwatch:
-    """Seconds per named stage, summed over repeated `with watch("stage"):` blocks."""
+    """Seconds per named stage, summed over repeated (and nested) `with watch("stage"):` blocks.
+    A plain context manager, not a generator one: it times every frame, twice."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._open: list[tuple[str, float]] = []
 
-    @contextlib.contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+    def __call__(self, stage: str) -> Stopwatch:
+        self._open.append((stage, 0.0))
+        return self
+
+    def __enter__(self) -> None:
+        self._open[-1] = (self._open[-1][0], time.perf_counter())
+
+    def __exit__(self, *exc: object) -> None:
+        stage, start = self._open.pop()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 def _timed(frames: Iterable[np.ndarray], watch: Stopwatch, stage: str) -> Iterator[np.ndarray]:

@@ -1,9 +1,15 @@
 """Cut detection on the decoded frames as they stream, each reduced to a small RGB frame.
 
-Several PySceneDetect detectors run together, each at a threshold where it rarely fires falsely,
-and a cut any of them finds is kept: the content detector (hard cuts, also out of fast motion),
-the adaptive detector (cuts between calm shots), the threshold detector (fades through black) and
-the adaptive detector on a reduced frame rate (dissolves)."""
+Several of PySceneDetect's detectors run together, each at a threshold where it rarely fires
+falsely, and a cut any of them finds is kept: the content detector (hard cuts, also out of fast
+motion), the adaptive detector (cuts between calm shots), the threshold detector (fades through
+black) and the adaptive detector on a reduced frame rate (dissolves).
+
+The detectors' decisions are PySceneDetect's (0.7), restated here on plain frame numbers: the
+library's detectors cost about 40 us a frame together in Python (timecode objects and their
+arithmetic, a list copy per frame), as much as the rest of curation's work on a small frame. The
+tests feed both the same frame statistics and check they cut at the same frames.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +17,6 @@ from collections import deque
 
 import cv2
 import numpy as np
-from scenedetect import FrameTimecode
-from scenedetect.detectors import AdaptiveDetector, ThresholdDetector
 
 from components.curation.config import Cuts
 from components.curation.video import luma, reduced_rgb
@@ -37,23 +41,61 @@ class _ContentScore:
         self._previous = hsv
 
 
-class _Average(float):
-    """A frame's mean pixel value, given to ThresholdDetector in place of the frame: it takes
-    `numpy.mean(frame)`, and numpy.mean returns `.mean()` of anything that is not an array."""
+class AdaptiveRule:
+    """AdaptiveDetector's decision on frame scores fed in order: the frame `window` frames back is a
+    cut when its score is at least `min_score` and at least `ratio` times the mean score of the
+    `window` frames on each side (a ratio of 255 where that mean is 0), and at least `min_len`
+    frames after the previous cut (or the first frame fed)."""
 
-    def mean(self, axis: None = None, dtype: None = None, out: None = None) -> float:
-        return float(self)
+    def __init__(self, ratio: float, min_score: float, min_len: int, window: int = 2):
+        self.ratio, self.min_score, self.min_len, self.window = ratio, min_score, min_len, window
+        self._scores: deque[float] = deque(maxlen=2 * window + 1)
+        self._last_cut: int | None = None
+
+    def feed(self, index: int, score: float) -> int | None:
+        """The cut this frame decides (at `index - window`), if any."""
+        if self._last_cut is None:
+            self._last_cut = index
+        self._scores.append(score)
+        if len(self._scores) < self._scores.maxlen:
+            return None
+        target = self._scores[self.window]
+        # Summed in the library's order, so ratios on the threshold compare the same.
+        average = sum(s for i, s in enumerate(self._scores) if i != self.window) / (2.0 * self.window)
+        # No change around it: 255 if it is at least min_score.
+        ratio = min(target / average, 255.0) if abs(average) >= 0.00001 else 255.0 * (target >= self.min_score)
+        frame = index - self.window
+        if ratio >= self.ratio and target >= self.min_score and frame - self._last_cut >= self.min_len:
+            self._last_cut = frame
+            return frame
+        return None
 
 
-class _Adaptive(AdaptiveDetector):
-    """AdaptiveDetector that reads its frame score from a shared `_ContentScore`."""
+class FadeRule:
+    """ThresholdDetector's decision (floor method, no fade bias) on frame means fed in order: a
+    fade out is the first frame with a mean below `threshold` (an integer, as the library makes
+    it), a fade in the next frame at or above it; a fade in at least `min_len` frames after the
+    previous cut cuts half-way between the two."""
 
-    def __init__(self, score: _ContentScore, **kwargs):
-        super().__init__(**kwargs)
-        self._score = score
+    def __init__(self, threshold: float, min_len: int):
+        self.threshold, self.min_len = int(threshold), min_len
+        self.dark = False  # the last crossing was a fade out
+        self.crossed = 0  # the frame of the last crossing (or the first frame)
+        self._last_cut: int | None = None
 
-    def _calculate_frame_score(self, timecode: FrameTimecode, frame_img: np.ndarray) -> float:
-        return self._score.value
+    def feed(self, index: int, mean: float) -> int | None:
+        if self._last_cut is None:
+            self._last_cut, self.crossed, self.dark = index, index, mean < self.threshold
+            return None
+        cut = None
+        if not self.dark and mean < self.threshold:
+            self.dark, self.crossed = True, index
+        elif self.dark and mean >= self.threshold:
+            if index - self._last_cut >= self.min_len:
+                cut = self.crossed + round((index - self.crossed) / 2.0)
+                self._last_cut = index
+            self.dark, self.crossed = False, index
+        return cut
 
 
 class _DissolvePass:
@@ -63,16 +105,14 @@ class _DissolvePass:
 
     window = 2  # samples on each side the adaptive detector compares a sample with
 
-    def __init__(self, fps: float, step: int, threshold: float, black: float | None):
-        self.fps, self.step = fps, step
+    def __init__(self, step: int, threshold: float, black: float | None):
+        self.step = step
         # Intervals with a frame darker than this are fades through black, left to the fade detector
         # (which places the cut in the dark, not on the fade's ramp); None: no fade detector.
         self.black = black
         self.score = _ContentScore()
-        # One cut per dissolve (min_scene_len): it may stand out in two neighbouring sample intervals.
-        self.detector = _Adaptive(
-            self.score, adaptive_threshold=threshold, min_scene_len=step + 1, window_width=self.window
-        )
+        # One cut per dissolve (min_len): it may stand out in two neighbouring sample intervals.
+        self.rule = AdaptiveRule(threshold, min_score=15.0, min_len=2, window=self.window)  # in samples
         # (change from the previous frame, luma) of the frames back to the interval before the sample
         # being decided.
         self.frames: deque[tuple[float, float]] = deque(maxlen=(self.window + 1) * step)
@@ -84,9 +124,10 @@ class _DissolvePass:
             return []
         self.newest_sample = index
         self.score.update(rgb)
-        cuts = self.detector.process_frame(FrameTimecode(index, fps=self.fps), rgb)
-        placed = (self._place(t.frame_num, index) for t in cuts)
-        return [cut for cut in placed if cut is not None]
+        # The rule's frames are sample numbers: a sample's frame is `step` times its number.
+        sample = self.rule.feed(index // self.step, self.score.value)
+        cut = None if sample is None else self._place(sample * self.step, index)
+        return [] if cut is None else [cut]
 
     def _place(self, sample: int, index: int) -> int | None:
         first = max(1, sample - self.step + 1)
@@ -106,33 +147,21 @@ class CutDetector:
     (every cut before `settled`); `finish` after the last frame returns the rest."""
 
     def __init__(self, fps: float, config: Cuts):
-        self.fps, self.config = fps, config
+        self.config = config
         min_len = max(2, int(round(0.25 * fps)))
         kinds = set(config.detectors)
         # The content score above a high threshold (hard cuts, also out of fast motion), and above its
         # neighbours' mean by `content_min_ratio`, so steady fast motion over that threshold is no cut.
         self.score = _ContentScore()  # of the full-rate detectors
         self.content = (
-            _Adaptive(
-                self.score,
-                adaptive_threshold=config.content_min_ratio,
-                min_content_val=config.content_threshold,
-                min_scene_len=min_len,
-            )
-            if "content" in kinds
-            else None
+            AdaptiveRule(config.content_min_ratio, config.content_threshold, min_len) if "content" in kinds else None
         )
-        self.adaptive = (
-            _Adaptive(self.score, adaptive_threshold=config.adaptive_threshold, min_scene_len=min_len)
-            if "adaptive" in kinds
-            else None
-        )
-        self.fades = (
-            ThresholdDetector(threshold=config.fade_threshold, min_scene_len=min_len) if "fades" in kinds else None
-        )
+        # PySceneDetect's default min_content_val.
+        self.adaptive = AdaptiveRule(config.adaptive_threshold, 15.0, min_len) if "adaptive" in kinds else None
+        self.fades = FadeRule(config.fade_threshold, min_len) if "fades" in kinds else None
         step = max(2, int(round(config.dissolve_step_s * fps)))
         self.dissolves = (
-            _DissolvePass(fps, step, config.adaptive_threshold, config.fade_threshold if "fades" in kinds else None)
+            _DissolvePass(step, config.adaptive_threshold, config.fade_threshold if "fades" in kinds else None)
             if "dissolves" in kinds
             else None
         )
@@ -158,12 +187,10 @@ class CutDetector:
         self.luma.append(mean)
         if self._scored:
             self.score.update(small)
-        timecode = FrameTimecode(index, fps=self.fps)
-        # Each statistic once per frame: the content score above (the adaptive detectors read it), and the
-        # fade detector's, the mean of every pixel value, which is `mean`.
-        for detector, image in ((self.content, small), (self.adaptive, small), (self.fades, _Average(mean))):
-            if detector is not None:
-                self._candidates.extend(t.frame_num for t in detector.process_frame(timecode, image))
+        # Each statistic once per frame: the content score (both adaptive rules read it) and the mean.
+        for rule, value in ((self.content, self.score.value), (self.adaptive, self.score.value), (self.fades, mean)):
+            if rule is not None and (cut := rule.feed(index, value)) is not None:
+                self._candidates.append(cut)
         if self.dissolves is not None:
             # A frame's change from the previous one is its content score.
             self._candidates.extend(self.dissolves.feed(index, small, self.score.value, mean))
@@ -176,12 +203,12 @@ class CutDetector:
         if self._finished:
             return self._last + 1
         bound = self._last + 1
-        for detector in (self.content, self.adaptive):
-            if detector is not None:
-                bound = min(bound, self._last - detector.window_width + 1)  # decides `window_width` frames late
-        if self.fades is not None and self.fades.last_fade["type"] == "out":
+        for rule in (self.content, self.adaptive):
+            if rule is not None:
+                bound = min(bound, self._last - rule.window + 1)  # decides `window` frames late
+        if self.fades is not None and self.fades.dark:
             # In the dark: the cut will go between the frame the picture went dark and the one it returns.
-            bound = min(bound, self.fades.last_fade["frame"].frame_num)
+            bound = min(bound, self.fades.crossed)
         if self.dissolves is not None:
             bound = min(bound, self.dissolves.settled)
         return max(0, bound)
@@ -192,11 +219,8 @@ class CutDetector:
         return cuts
 
     def finish(self) -> list[int]:
-        """After the last frame: the cuts not yet taken."""
-        end = FrameTimecode(max(self._last, 0), fps=self.fps)
-        for detector in (self.content, self.adaptive, self.fades):
-            if detector is not None:
-                self._candidates.extend(t.frame_num for t in detector.post_process(end))
+        """After the last frame: the cuts not yet taken (the library's detectors add none at the end:
+        the last `window` frames are never a cut, nor is a fade out that does not return)."""
         self._finished = True
         self._confirm()
         return self.take_cuts()

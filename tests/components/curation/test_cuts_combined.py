@@ -7,10 +7,10 @@ import cv2
 import numpy as np
 import pytest
 from scenedetect import FrameTimecode, StatsManager
-from scenedetect.detectors import ContentDetector
+from scenedetect.detectors import AdaptiveDetector, ContentDetector, ThresholdDetector
 
 from components.curation.config import CurationConfig, Cuts
-from components.curation.cuts import CutDetector, _ContentScore
+from components.curation.cuts import AdaptiveRule, CutDetector, FadeRule, _ContentScore
 from components.curation.video import from_rgb
 
 H, W, FPS = 180, 320, 30.0
@@ -178,3 +178,50 @@ def test_the_shared_content_score_is_pyscenedetects():
     assert ours.value > 10
     # The detectors take the shared score through this hook.
     assert "_calculate_frame_score" in vars(ContentDetector)
+
+
+class _GivenScores(AdaptiveDetector):
+    """PySceneDetect's adaptive detector on frame scores given to it."""
+
+    value = 0.0
+
+    def _calculate_frame_score(self, timecode, frame_img) -> float:
+        return self.value
+
+
+@pytest.mark.parametrize(("ratio", "min_score"), [(3.0, 15.0), (1.5, 40.0)])
+def test_the_adaptive_rule_cuts_where_pyscenedetects_detector_does(ratio, min_score):
+    rng = np.random.default_rng(11)
+    scores = rng.gamma(2.0, 3.0, 900)
+    scores[rng.choice(900, 40, replace=False)] += rng.uniform(10, 90, 40)  # cuts, some close together
+    scores[400:430] = 0.0  # a still stretch: the ratio is 255 where the neighbours' mean is 0
+    scores[415] = 50.0
+    scores[600:700] += 45.0  # fast motion: high scores, none standing out
+    library = _GivenScores(adaptive_threshold=ratio, min_content_val=min_score, min_scene_len=8)
+    rule = AdaptiveRule(ratio, min_score, min_len=8)
+    expected, got = [], []
+    for index, score in enumerate(scores.tolist()):
+        library.value = score
+        expected += [t.frame_num for t in library.process_frame(FrameTimecode(index, fps=FPS), None)]
+        if (cut := rule.feed(index, score)) is not None:
+            got.append(cut)
+    assert len(expected) >= 10 and 415 in expected
+    assert got == expected
+
+
+def test_the_fade_rule_cuts_where_pyscenedetects_detector_does():
+    rng = np.random.default_rng(12)
+    means = rng.uniform(20, 200, 1200)
+    for start, length in [(0, 5), (100, 1), (104, 2), (300, 40), (500, 3), (505, 3), (900, 60)]:
+        means[start : start + length] = rng.uniform(0, 11.9, length)  # dark: below the threshold 12
+    means[700] = 12.0  # on the threshold: not dark
+    library = ThresholdDetector(threshold=12.0, min_scene_len=8)
+    rule = FadeRule(12.0, min_len=8)
+    expected, got = [], []
+    for index, mean in enumerate(means.tolist()):
+        frame = np.full((2, 2, 3), mean)  # the library takes the frame's mean
+        expected += [t.frame_num for t in library.process_frame(FrameTimecode(index, fps=FPS), frame)]
+        if (cut := rule.feed(index, mean)) is not None:
+            got.append(cut)
+        assert rule.dark == (library.last_fade["type"] == "out")
+    assert len(expected) >= 4 and got == expected
