@@ -24,6 +24,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator
@@ -168,16 +169,60 @@ def _timed(frames: Iterable[np.ndarray], watch: Stopwatch, stage: str) -> Iterat
         yield frame
 
 
+# Scratch folders are named `<prefix><pid>-...` after the process that made them, so that a later
+# run removes those a killed run left behind (a pod's emptyDir outlives a restarted container).
+SCRATCH_PREFIXES = ("vdm-spool-", "vdm-spools-", "vdm-part-")
+
 _default_scratch: Path | None = None
+
+
+def _scratch_prefix(kind: str) -> str:
+    assert kind in SCRATCH_PREFIXES
+    return f"{kind}{os.getpid()}-"
 
 
 def default_scratch() -> Path:
     """This process's scratch folder for spools when none is given, removed when it exits."""
     global _default_scratch
     if _default_scratch is None:
-        _default_scratch = Path(tempfile.mkdtemp(prefix="vdm-spool-"))
+        _default_scratch = Path(tempfile.mkdtemp(prefix=_scratch_prefix("vdm-spool-")))
         atexit.register(shutil.rmtree, _default_scratch, ignore_errors=True)
     return _default_scratch
+
+
+def remove_stale_scratch(root: Path | None = None) -> list[Path]:
+    """Remove the scratch folders in `root` (the temporary folder) of processes that no longer
+    run; returns them."""
+    removed = []
+    for prefix in SCRATCH_PREFIXES:
+        for folder in Path(root or tempfile.gettempdir()).glob(f"{prefix}*"):
+            pid = folder.name[len(prefix) :].split("-", 1)[0]
+            if pid.isdigit() and not _running(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
+
+
+def _exit_with(parent: int) -> None:
+    """Pool worker initializer: exit once the process that started the pool is gone. Killed
+    outright, a parent cannot stop its pool, and its workers would idle on about 600 MiB each."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def process_video(video: str, path: Path, config: CurationConfig, scratch: Path | None = None) -> VideoResult:
@@ -367,7 +412,8 @@ def run_videos(
         if workers > 1:
             # spawn: workers must not inherit a parent's torch/OpenMP state.
             context = multiprocessing.get_context("spawn")
-            mapped = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context)).map(_process, jobs)
+            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),))
+            mapped = stack.enter_context(pool).map(_process, jobs)
         return list(tqdm(mapped, total=len(jobs), desc="decode, cut, flow", unit="video", disable=not progress))
 
 
@@ -399,9 +445,10 @@ def annotate_shard(
     """Process one input shard into `part`, unless it is already published there."""
     if store.exists(part.join(MANIFEST_NAME)):
         return json.loads(store.get_bytes(part.join(PART_INFO))) | {"skipped": True}
+    remove_stale_scratch()
     with (
-        tempfile.TemporaryDirectory(prefix="vdm-spools-") as scratch,
-        tempfile.TemporaryDirectory(prefix="vdm-part-") as tmp,
+        tempfile.TemporaryDirectory(prefix=_scratch_prefix("vdm-spools-")) as scratch,
+        tempfile.TemporaryDirectory(prefix=_scratch_prefix("vdm-part-")) as tmp,
     ):
         results = run_videos(videos, config, workers, progress, Path(scratch))
         clips = [clip for r in results for clip in r.clips]

@@ -9,9 +9,9 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -26,7 +26,7 @@ from PIL import Image
 
 from components.common.objectstore import S3Uri
 from components.common.tracking import config_hash, connect
-from components.curation.annotate import run_videos
+from components.curation.annotate import SCRATCH_PREFIXES, remove_stale_scratch, run_videos
 from components.curation.config import CurationConfig, Filter, Limits
 from components.curation.finalize import (
     EMPTY_HELDOUT,
@@ -548,20 +548,47 @@ def test_rerun_skips_done_shards_and_a_killed_run_resumes_to_the_same_manifest(c
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+    def scratch() -> list[Path]:
+        return [f for kind in SCRATCH_PREFIXES for f in Path(tempfile.gettempdir()).glob(f"{kind}{process.pid}-*")]
+
+    # Killed once a part is published and the next shard's pool is at work.
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not any(
-        o.uri.key.endswith("_MANIFEST.json") for o in store.list(f"{out}/parts/")
+    while time.monotonic() < deadline and not (
+        any(o.uri.key.endswith("_MANIFEST.json") for o in store.list(f"{out}/parts/"))
+        and len(_children(process.pid)) >= 2
+        and scratch()
     ):
         time.sleep(0.2)
-    # The whole process group, as a pod's end kills every process in it: the pool's spawned
-    # workers outlive their killed parent otherwise (about 600 MiB each, idle).
-    os.killpg(process.pid, signal.SIGKILL)
+    workers, folders = _children(process.pid), scratch()
+    assert len(workers) >= 2 and folders  # the pool's workers; the shard's spools
+    # The parent alone, as the kernel's OOM killer would: its workers notice and exit, its scratch
+    # folders are removed by the next run.
+    process.kill()
     process.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.2)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
     assert not store.exists(f"{out}/manifest.jsonl") and not store.exists(f"{out}/_MANIFEST.json")
     resumed = _vdm(*args, "--output", out, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "already done" in resumed.stdout and "0 already done" not in resumed.stdout
     assert _manifest(store, out) == _manifest(store, f"{prefix}/a")
+    assert not any(folder.exists() for folder in folders)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
 
 
 def test_ablation_subsets_without_reannotation(curated, store, settings):
@@ -649,3 +676,17 @@ def test_the_split_is_a_function_of_the_path_under_the_input():
     assert {w for s, w in zip(local, wider, strict=True) if s == "heldout"} == {"heldout"}  # only train -> heldout
     assert 0.18 < wider.count("heldout") / len(names) < 0.22
     assert {heldout_split(f"raw/{n}", "raw", 0.0) for n in names} == {"train"}
+
+
+def test_only_the_scratch_of_processes_that_ended_is_removed(tmp_path):
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(ended.stdout), os.getpid()
+    folders = {(kind, pid): tmp_path / f"{kind}{pid}-x1y2" for kind in SCRATCH_PREFIXES for pid in (dead, alive)}
+    for folder in folders.values():
+        (folder / "clips-1.tar").parent.mkdir()
+        (folder / "clips-1.tar").write_bytes(b"spool")
+    (tmp_path / "vdm-spools-notapid").mkdir()
+    removed = remove_stale_scratch(tmp_path)
+    assert sorted(removed) == sorted(f for (_, pid), f in folders.items() if pid == dead)
+    assert all(f.exists() == (pid == alive) for (_, pid), f in folders.items())
+    assert (tmp_path / "vdm-spools-notapid").exists()
