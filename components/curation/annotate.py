@@ -14,7 +14,6 @@ parts that exist.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import hashlib
 import io
 import json
@@ -28,7 +27,8 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -406,15 +406,66 @@ def run_videos(
     """`process_video` over many files on a process pool, results in input order; their
     spools in `scratch` (default_scratch() when not given), which the caller removes."""
     scratch = scratch or default_scratch()
-    with contextlib.ExitStack() as stack:
-        jobs = [(video, str(scratch), config) for video in videos]
-        mapped = map(_process, jobs)
-        if workers > 1:
-            # spawn: workers must not inherit a parent's torch/OpenMP state.
-            context = multiprocessing.get_context("spawn")
-            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),))
-            mapped = stack.enter_context(pool).map(_process, jobs)
-        return list(tqdm(mapped, total=len(jobs), desc="decode, cut, flow", unit="video", disable=not progress))
+    jobs = [(video, str(scratch), config) for video in videos]
+    with tqdm(total=len(jobs), desc="decode, cut, flow", unit="video", disable=not progress) as bar:
+        if workers <= 1:
+            return [_counted(_process(job), bar) for job in jobs]
+        return _pooled(jobs, workers, bar)
+
+
+def _counted(result: VideoResult, bar: tqdm) -> VideoResult:
+    bar.update()
+    return result
+
+
+WORKER_DIED = "its worker process died (killed for memory, or a crash in a native library)"
+
+
+def _pooled(jobs: list[tuple[str, str, CurationConfig]], workers: int, bar: tqdm) -> list[VideoResult]:
+    """`_process` over `jobs` on `workers` spawned processes. A worker that dies (the kernel's
+    OOM killer, a crash in FFmpeg or OpenCV) breaks its pool and every video the pool had not
+    finished: those run again one at a time on a single worker, so the one whose worker dies
+    again is rejected (`processing_error`) and the others complete."""
+    results: list[VideoResult | None] = [None] * len(jobs)
+    unfinished = _until_broken(jobs, list(range(len(jobs))), workers, results, bar)
+    while unfinished:  # one video in flight: a broken pool names its video
+        unfinished = _until_broken(jobs, unfinished, 1, results, bar, one_at_a_time=True)
+        if unfinished:
+            video = jobs[unfinished[0]][0]
+            rejected = {"video": video, "reason": PROCESSING_ERROR, "detail": WORKER_DIED}
+            results[unfinished.pop(0)] = _counted(VideoResult(video, rejected=rejected), bar)
+    return results  # type: ignore[return-value] - every slot is filled
+
+
+def _until_broken(
+    jobs: list[tuple[str, str, CurationConfig]],
+    indices: list[int],
+    workers: int,
+    results: list[VideoResult | None],
+    bar: tqdm,
+    *,
+    one_at_a_time: bool = False,
+) -> list[int]:
+    """Run `jobs[i]` for `indices` on a fresh pool into `results`; the indices left unfinished
+    when a worker died (empty if none did)."""
+    # spawn: workers must not inherit a parent's torch/OpenMP state.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),)) as pool:
+        if one_at_a_time:
+            for position, i in enumerate(indices):
+                try:
+                    results[i] = _counted(pool.submit(_process, jobs[i]).result(), bar)
+                except BrokenProcessPool:
+                    return indices[position:]
+            return []
+        futures = {pool.submit(_process, jobs[i]): i for i in indices}
+        broken = []
+        for future in as_completed(futures):
+            try:
+                results[futures[future]] = _counted(future.result(), bar)
+            except BrokenProcessPool:
+                broken.append(futures[future])
+        return sorted(broken)
 
 
 def _batches(results: list[VideoResult], size: int) -> Iterator[tuple[list[ClipRecord], list[np.ndarray]]]:

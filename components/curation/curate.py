@@ -24,9 +24,6 @@ from components.curation.config import CurationConfig
 from components.curation.finalize import finalize
 from components.curation.tracking import curation_run, log_card
 
-# Metadata next to videos (manifests, sidecars) is not input; anything else is,
-# so a video with a wrong extension is rejected with a reason, not ignored.
-_NOT_VIDEO = (".json", ".jsonl", ".txt", ".md", ".yaml", ".yml", ".csv")
 PARTS = "parts"
 
 
@@ -48,12 +45,15 @@ class InputShard:
 
 
 def iter_inputs(location: str, store: ObjectStore | None) -> Iterator[InputFile]:
-    """Every candidate video under a folder or s3:// prefix, yielded as the listing pages in
-    (s3://: key order; a folder: each directory's entries sorted)."""
+    """Every file under a folder or s3:// prefix, yielded as the listing pages in (s3://: key
+    order; a folder: each directory's entries sorted). Whatever its name, a file is an input: a
+    video is curated, anything else ends in rejected.jsonl with its reason (curation reads the
+    content, not the name). Only the object store's own record of a published folder
+    (`_MANIFEST.json`) and folder markers are not inputs."""
     remote = is_s3_uri(location)
     found = ((str(o.uri), o.size) for o in store.list(location)) if remote else _walk(Path(location))
     for name, size in found:
-        if not os.path.basename(name).startswith(("_", ".")) and not name.lower().endswith(_NOT_VIDEO):
+        if not name.endswith("/") and os.path.basename(name) != MANIFEST_NAME:
             yield InputFile(name, size)
 
 

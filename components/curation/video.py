@@ -31,6 +31,25 @@ TRUNCATED = "truncated"
 TOO_LARGE = "resolution_over_limit"
 TOO_LONG = "duration_over_limit"
 UNSUPPORTED_CODEC = "unsupported_codec"
+NOT_A_VIDEO = "not_a_video"  # text (a sidecar: JSON, YAML, CSV, subtitles, a playlist)
+
+# Bytes read to tell text from a media file.
+_SNIFF_BYTES = 4096
+
+
+def is_text(path: str | Path) -> bool:
+    """Whether the file begins as text (UTF-8, no control characters but whitespace). Media files
+    do not; FFmpeg would read some text as a subtitle or playlist format (a playlist naming other
+    files or URLs), so text is never handed to it."""
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:
+            return False
+        text = head[: e.start].decode("utf-8")  # a character cut at the end of what was read
+    return all(c.isprintable() or c in "\t\n\r\f" for c in text)
 
 
 class Rejected(Exception):
@@ -101,6 +120,8 @@ class VideoStream:
     def __init__(self, path: str | Path, limits: Limits, options: Decode):
         if os.path.getsize(path) == 0:
             raise Rejected(EMPTY, "0 bytes")
+        if is_text(path):
+            raise Rejected(NOT_A_VIDEO, "text, not a media file")
         try:
             # `skip_frame` for the probe only: FFmpeg's opening would decode frames to learn what the
             # header already says (1 of 1.5 ms an opening); the stream's own decoder is set up below.
@@ -150,9 +171,14 @@ class VideoStream:
         # One scaler for every frame: `frame.to_ndarray(width=...)` sets up FFmpeg's scaler anew for
         # each frame (1.4 ms a frame at 320x180, ten times the conversion with the scaler kept).
         scaler = VideoReformatter()
+        # The duration limit holds for what decodes, too: a stream whose header gives no duration
+        # (raw H.264) or a wrong one is stopped at the limit.
+        max_frames = int(self._limits.max_duration_s * self.fps) + 1
         error = None
         try:
             for frame in self._container.decode(self._stream):
+                if self.decoded_frames == max_frames:
+                    raise Rejected(TOO_LONG, f"more than {self._limits.max_duration_s:.0f} s of frames decoded")
                 if frame.format.name != "yuv420p" or (frame.width, frame.height) != self.size:
                     frame = scaler.reformat(frame, width, height, "yuv420p", interpolation="AREA")
                 self.decoded_frames += 1

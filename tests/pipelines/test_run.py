@@ -32,7 +32,7 @@ def test_vdm_run_end_to_end(stack, store, settings, tmp_path):
     summary = json.loads(summary_file.read_text())
 
     card = json.loads(store.get_bytes(summary["dataset_card_uri"].replace(".html", ".json")))
-    assert card["clips_after_filter"] > 0 and card["rejected_files"] == 5
+    assert card["clips_after_filter"] > 0 and card["rejected_files"] == 6  # the 5 bad samples and their truth file
     runs = summary["mlflow_run_ids"]
     assert set(runs) == {
         "curation",

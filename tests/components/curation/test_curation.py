@@ -9,9 +9,12 @@ import io
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -24,10 +27,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from components.common.media import write_video
 from components.common.objectstore import S3Uri
 from components.common.tracking import config_hash, connect
-from components.curation.annotate import SCRATCH_PREFIXES, remove_stale_scratch, run_videos
+from components.curation.annotate import SCRATCH_PREFIXES, WORKER_DIED, remove_stale_scratch, run_videos
 from components.curation.config import CurationConfig, Filter, Limits
+from components.curation.curate import iter_inputs
 from components.curation.finalize import (
     EMPTY_HELDOUT,
     apply_filters,
@@ -201,7 +206,7 @@ def test_curate_publishes_the_documented_outputs(curated, store, samples):
     prefix, _, stdout = curated
     _, videos = samples
     out = f"{prefix}/a"
-    assert "vdm curate: done (16 files, 4 input shards, 0 already done)" in stdout
+    assert "vdm curate: done (17 files, 5 input shards, 0 already done)" in stdout
     rows = _manifest(store, out)
     required = {
         "video",
@@ -222,9 +227,10 @@ def test_curate_publishes_the_documented_outputs(curated, store, samples):
     for line in store.get_bytes(f"{out}/manifest.jsonl").decode().splitlines():
         assert ClipRecord.from_json(line).to_json() == line
     rejected = [json.loads(x) for x in store.get_bytes(f"{out}/rejected.jsonl").decode().splitlines()]
+    # Every listed file is in the manifest or here, the samples' truth file (JSON) too.
     assert {Path(r["video"]).name: r["reason"] for r in rejected} == {
         n: v["expected_rejection"] for n, v in videos.items() if not v["valid"]
-    }
+    } | {"manifest.json": "not_a_video"}
     card = json.loads(store.get_bytes(f"{out}/dataset_card.json"))
     assert card["random_weights"] is True
     assert card["clips_before_filter"] == sum(1 for r in rows if "too_short" not in r["drop_reasons"])
@@ -288,7 +294,7 @@ def test_dataset_card_shows_provenance_filters_camera_motion_and_playing_clips(c
     assert provenance["code_version"] == (head or "unknown")
     created = datetime.fromisoformat(provenance["created_utc"])
     assert abs((datetime.now(UTC) - created).total_seconds()) < 3600
-    assert card["input_files"] == len(videos)
+    assert card["input_files"] == len(videos) + 1  # and the truth file
     # The digest names the exact manifest, shards of both splits in both renditions and prompt set.
     listing = [("manifest.jsonl", store.get_bytes(f"{out}/manifest.jsonl"))] + [
         ("/".join(o.uri.key.rsplit("/", 2)[1:]), store.get_bytes(o.uri))
@@ -375,7 +381,7 @@ def test_curation_is_an_mlflow_run_with_its_card(curated, store, settings):
     metrics = run.data.metrics
     for key in ("input_files", "clips_before_filter", "clips_after_filter", "hours_after_filter", "rejected_files"):
         assert metrics[key] == pytest.approx(card[key])
-    assert metrics["input_files"] == 16
+    assert metrics["input_files"] == 17
     for reason, count in card["drops_per_filter"].items():
         assert metrics["dropped." + reason.replace("=", "_")] == count
     for reason, count in card["rejected_per_reason"].items():
@@ -538,7 +544,7 @@ def test_rerun_skips_done_shards_and_a_killed_run_resumes_to_the_same_manifest(c
     folder, _ = samples
     args = ["curate", "--input", str(folder), "--config", str(config), "--allow-random-weights", "--workers", "2"]
     again = _vdm(*args, "--output", f"{prefix}/a", timeout=600)
-    assert again.returncode == 0 and "4 already done" in again.stdout
+    assert again.returncode == 0 and "5 already done" in again.stdout
     assert _manifest(store, f"{prefix}/a") == _manifest(store, f"{prefix}/a")
 
     out = f"{prefix}/b"
@@ -690,3 +696,63 @@ def test_only_the_scratch_of_processes_that_ended_is_removed(tmp_path):
     assert sorted(removed) == sorted(f for (_, pid), f in folders.items() if pid == dead)
     assert all(f.exists() == (pid == alive) for (_, pid), f in folders.items())
     assert (tmp_path / "vdm-spools-notapid").exists()
+
+
+def test_a_worker_killed_outright_rejects_only_its_video_and_the_pool_goes_on(tmp_path):
+    """The kernel's OOM killer ends a worker with SIGKILL: played here by a thread that kills any
+    child process holding `poison.mp4` open, each time one does."""
+    manifest = synthesize_local(tmp_path / "raw", SynthConfig(seed=9))
+    videos = [str(tmp_path / "raw" / v["file"]) for v in manifest["videos"]]
+    poison = tmp_path / "raw" / "poison.mp4"
+    write_video(poison, np.random.default_rng(0).integers(0, 255, (240, 96, 160, 3), dtype=np.uint8), 24.0)
+    videos.insert(3, str(poison))
+    stop, killed = threading.Event(), []
+
+    def oom_killer() -> None:
+        while not stop.is_set():
+            for pid in _children(os.getpid()):
+                try:
+                    opened = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+                except OSError:
+                    continue  # ended meanwhile
+                if str(poison) in opened:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=oom_killer, daemon=True)
+    thread.start()
+    try:
+        results = run_videos(videos, CurationConfig(), workers=2)
+    finally:
+        stop.set()
+        thread.join()
+    by_video = dict(zip(videos, results, strict=True))
+    assert by_video[str(poison)].rejected == {"video": str(poison), "reason": "processing_error", "detail": WORKER_DIED}
+    assert len(set(killed)) >= 2  # in the pool, then again on its own
+    for entry in manifest["videos"]:
+        result = by_video[str(tmp_path / "raw" / entry["file"])]
+        assert (
+            (result.rejected is None and result.clips)
+            if entry["valid"]
+            else result.rejected["reason"] != "processing_error"
+        )
+
+
+def test_every_listed_file_is_curated_or_rejected_whatever_its_name(samples, tmp_path):
+    folder, _ = samples
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in (".hidden.mp4", "_underscore.mp4", "a video.txt"):
+        shutil.copy(folder / "objects.mp4", inputs / name)
+    (inputs / "notes.json").write_text('{"camera": "handheld", "ünïcode": true}\n')
+    (inputs / "playlist.m3u8").write_text("#EXTM3U\n#EXTINF:10,\nhttp://127.0.0.1:9/elsewhere.ts\n")
+    (inputs / "_MANIFEST.json").write_text("{}")  # the object store's record of a published folder
+    listed = sorted(Path(f.location).name for f in iter_inputs(str(inputs), None))
+    assert listed == sorted([".hidden.mp4", "_underscore.mp4", "a video.txt", "notes.json", "playlist.m3u8"])
+    results = run_videos([str(inputs / name) for name in listed], CurationConfig(), workers=1)
+    by_name = dict(zip(listed, results, strict=True))
+    for name in (".hidden.mp4", "_underscore.mp4", "a video.txt"):
+        assert by_name[name].rejected is None and len(by_name[name].clips) == 1, name
+    for name in ("notes.json", "playlist.m3u8"):  # text never reaches FFmpeg (a playlist would fetch)
+        assert by_name[name].rejected["reason"] == "not_a_video" and not by_name[name].clips

@@ -177,3 +177,9 @@ def test_a_stream_without_a_duration_decodes_and_is_cut(tmp_path):
     result = process_video("raw.h264", path, config, tmp_path)
     assert result.rejected is None and result.decoded_frames == 90
     assert [(c.start_frame, c.end_frame) for c in result.clips] == [(0, 45), (45, 90)]
+    # No duration to check before decoding: the limit holds for the frames decoded.
+    short = config.model_copy(update={"limits": config.limits.model_copy(update={"max_duration_s": 2.0})})
+    limited = process_video("raw.h264", path, short, tmp_path)
+    assert limited.rejected["reason"] == "duration_over_limit" and not limited.clips
+    assert "more than 2 s of frames decoded" in limited.rejected["detail"]
+    assert list(tmp_path.glob("clips-*.tar")) == [result.spool]  # the rejected video's spool is gone
