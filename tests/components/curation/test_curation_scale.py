@@ -94,12 +94,15 @@ def test_listing_and_planning_stream_and_cover_every_object_once(stack, store, p
 
     shards = shard_inputs(counted(), max_videos=64, max_bytes=1000)
     first = next(shards)
-    assert first.files == 8 and pulled == 9  # v00007 (600 bytes) then v00008 would pass 1000 bytes: closed
+    # manifest.json (an input too: curation rejects it as not_a_video), v00000-v00007 (600 bytes);
+    # v00008 would pass 1000 bytes: closed.
+    assert first.files == 9 and pulled == 10
     plan = [first, *shards]
     listed = [v for s in plan for v in s.videos]
-    assert listed == sorted(sizes) and len(set(listed)) == 2000  # every object once, in key order
+    expected = sorted([*sizes, f"{prefix}/raw/manifest.json"])
+    assert listed == expected and len(set(listed)) == 2001  # every object once, in key order
     assert all(s.files <= 64 and (s.bytes <= 1000 or s.files == 1) for s in plan)
-    assert sum(s.bytes for s in plan) == sum(sizes.values())
+    assert sum(s.bytes for s in plan) == sum(sizes.values()) + 10
 
     # A part published by an earlier run: its videos are not planned again, the part is done;
     # a part whose video is gone from the input is replaced by a part of its remaining video.
@@ -113,7 +116,7 @@ def test_listing_and_planning_stream_and_cover_every_object_once(stack, store, p
     published = [s for s in plan if s.published]
     assert [(s.id, s.files) for s in published] == [("shard-done", 10)]
     new = [v for s in plan for v in s.videos]
-    assert sorted(new) == sorted(set(sizes) - set(done)) and len(new) == 1990
+    assert sorted(new) == sorted({*sizes, f"{prefix}/raw/manifest.json"} - set(done)) and len(new) == 1991
     assert plan[-2].videos == (sorted(sizes)[500],)  # the remaining video of the broken part, planned anew
 
 
