@@ -39,7 +39,7 @@ from model.conditioning import LatentCodec
 from model.data import ClipDataset, ClipSpec
 from model.latents import vae_fingerprint, write_latent_shards
 from model.pipeline import to_uint8
-from model.records import HELDOUT, RENDITIONS, TRAIN, rendition_folder
+from model.records import HELDOUT, RENDITIONS, SMALL, TRAIN, rendition_folder
 from model.stages import StageConfig, VideoDiffusion, named_config
 from model.svd import export_svd
 from model.train import TrainResult, leave_distributed, train
@@ -48,10 +48,26 @@ CHECKPOINTS = "checkpoints"
 RESULT = "result.json"
 
 
+# What a curated output's root holds (components/curation/finalize.py) and nothing else does.
+CURATED_CARD = "dataset_card.json"
+
+
+def training_data(data: str, store: ObjectStore) -> str:
+    """Where training reads `data`: a curated output's root (its dataset card there) is read as
+    its training folder, `shards/` (the README's `--data s3://…/curated/seed-0`); under the root
+    are also the held-out split and the raw annotation parts. Any other location as given."""
+    root = data.rstrip("/")
+    card = S3Uri.parse(root).join(CURATED_CARD) if is_s3_uri(root) else Path(root) / CURATED_CARD
+    exists = store.exists(card) if is_s3_uri(root) else card.is_file()
+    return f"{root}/{rendition_folder(TRAIN, SMALL)}/" if exists else data
+
+
 def shard_urls(data: str, store: ObjectStore) -> list[str]:
-    """Every .tar under a folder or s3:// prefix (curation's `shards/` included), as paths or presigned URLs."""
+    """Every .tar in a folder or s3:// prefix and the folders under it, as paths or presigned
+    URLs. The prefix is a whole folder: `s3://b/run1` is not `s3://b/run10`."""
     if is_s3_uri(data):
-        urls = [store.presigned_get(o.uri) for o in store.list(data) if o.uri.key.endswith(".tar")]
+        folder = data.rstrip("/") + "/"
+        urls = [store.presigned_get(o.uri) for o in store.list(folder) if o.uri.key.endswith(".tar")]
     else:
         urls = sorted(str(p) for p in Path(data).rglob("*.tar"))
     if not urls:
@@ -271,6 +287,7 @@ def run_training(
     `experiment`: the MLflow experiment (default vdm-train-<stage>)."""
     out = S3Uri.parse(output)
     refuse_heldout_data(data)
+    data = training_data(data, store)
 
     with tempfile.TemporaryDirectory(prefix="vdm-train-") as tmp:
         scratch = Path(tmp)
@@ -397,7 +414,7 @@ def run_autoencoder_training(
     """Train the tiny frame VAE on the data's frames and publish it as a diffusers folder,
     which `vdm train --vae` (or a stage config's `vae:`) then uses, frozen."""
     config = config or AutoencoderTraining()
-    shards = shard_urls(data, store)
+    shards = shard_urls(training_data(data, store), store)
     clips = iter(ClipDataset(shards, ClipSpec(num_frames=4, fps=8.0, height=size, width=size), seed=config.seed))
 
     def frames():
@@ -436,7 +453,7 @@ def run_latent_caching(
     """Encode every clip of `data` once, at the stage's frames/fps/size, with the VAE the
     stage will train with; publish the latent shards to `output` (train on them with
     `data: latents` in the stage config)."""
-    shards = shard_urls(data, store)
+    shards = shard_urls(training_data(data, store), store)
     with tempfile.TemporaryDirectory(prefix="vdm-latents-") as tmp:
         config = stage_config(config_name, stage, store, Path(tmp))
         codec = LatentCodec.from_folder(local_folder(vae, store, Path(tmp) / "vae")) if vae else LatentCodec.tiny()

@@ -31,6 +31,7 @@ from components.training.run import (
     local_folder,
     publish_final,
     shard_urls,
+    training_data,
     write_summary,
 )
 from model.conditioning import LatentCodec
@@ -79,7 +80,7 @@ def run_temporal_decoder_finetune(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("the temporal-decoder finetune trains on one process: launch it with one rank")
     out = S3Uri.parse(output)
-    shards = shard_urls(data, store)
+    shards = shard_urls(training_data(data, store), store)
     with tempfile.TemporaryDirectory(prefix="vdm-temporal-decoder-") as tmp:
         scratch = Path(tmp)
         config = named_config(config_file(config_name, store, scratch))
