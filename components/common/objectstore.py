@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 import urllib3
@@ -58,6 +58,10 @@ class CredentialsError(ObjectStoreError):
 
 class ChecksumMismatchError(ObjectStoreError):
     pass
+
+
+class UnsafeManifestError(ObjectStoreError):
+    """A folder manifest names a path that would land outside the folder it is downloaded to."""
 
 
 class ObjectStoreUnavailableError(ObjectStoreError):
@@ -132,6 +136,11 @@ class VerifiedReader(io.RawIOBase):
             self._verified = True
             _check_digest(self._uri, self._expected, self._digest.hexdigest())
         return n
+
+    @property
+    def sha256(self) -> str:
+        """The sha256 of what was read so far (all of it, once verified)."""
+        return self._digest.hexdigest()
 
     def copy_to(self, out: BinaryIO) -> None:
         """Stream the rest of the object into `out`, then verify (the fast path for
@@ -329,15 +338,21 @@ class ObjectStore:
         with self.open(uri) as reader:
             return reader.read()
 
-    def download_file(self, uri: str | S3Uri, path: str | Path) -> Path:
+    def download_file(self, uri: str | S3Uri, path: str | Path, *, sha256: str | None = None) -> Path:
         """Download to `path` through a temporary file in the same folder; the file
-        appears only once its sha256 matches the one recorded at upload."""
+        appears only once its sha256 matches the one recorded at upload and `sha256`
+        (a folder manifest's, which the object's own metadata cannot overrule) if given."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
         try:
             with os.fdopen(fd, "wb") as out, self._verified_reader(uri) as reader:
                 reader.copy_to(out)
+                if sha256 is not None and reader.sha256 != sha256:
+                    raise ChecksumMismatchError(
+                        f"{_uri(uri)}: content sha256 {reader.sha256} does not match its folder manifest's {sha256} "
+                        "(changed after the folder was published)"
+                    )
             os.replace(partial, path)
         except BaseException:
             Path(partial).unlink(missing_ok=True)
@@ -426,12 +441,16 @@ class ObjectStore:
     def download_folder(
         self, prefix: str | S3Uri, folder: str | Path, *, progress: bool = False, workers: int = 8
     ) -> list[Path]:
-        """Download a published folder: exactly the files its manifest names."""
+        """Download a published folder: exactly the files its manifest names, each checked
+        against the manifest's sha256. A manifest naming a path outside the folder (absolute,
+        or through `..`) is refused before anything is written."""
         base, folder = _uri(prefix), Path(folder)
         entries = self.read_manifest(base)["files"]
+        for entry in entries:
+            _check_relative(base, entry["path"])
 
         def download(entry: dict) -> Path:
-            return self.download_file(base.join(entry["path"]), folder / entry["path"])
+            return self.download_file(base.join(entry["path"]), folder / entry["path"], sha256=entry.get("sha256"))
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
             return list(
@@ -443,6 +462,12 @@ class ObjectStore:
                     disable=not progress,
                 )
             )
+
+
+def _check_relative(base: S3Uri, path: str) -> None:
+    parts = PurePosixPath(path).parts
+    if not parts or PurePosixPath(path).is_absolute() or ".." in parts:
+        raise UnsafeManifestError(f"{base.join(MANIFEST_NAME)} names {path!r}, which is not a path inside the folder")
 
 
 def _uri(uri: str | S3Uri) -> S3Uri:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import threading
 import time
@@ -20,6 +21,7 @@ from components.common.objectstore import (
     ObjectStore,
     ObjectStoreUnavailableError,
     S3Uri,
+    UnsafeManifestError,
 )
 
 
@@ -185,3 +187,35 @@ def test_unreachable_server_is_a_clear_error(settings):
     with pytest.raises(ObjectStoreUnavailableError, match="cannot reach"):
         dead.get_bytes("s3://vdm/anything")
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(
+    "path", ["../outside.txt", "/tmp/outside.txt", "nested/../../outside.txt"], ids=["up", "absolute", "nested-up"]
+)
+def test_a_manifest_path_outside_the_folder_is_refused_before_any_download(store, prefix, tmp_path, path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.bin").write_bytes(b"weights")
+    store.publish_folder(src, prefix)
+    manifest = store.read_manifest(prefix)
+    manifest["files"].append({"path": path, "size": 5, "sha256": hashlib.sha256(b"owned").hexdigest()})
+    store.put_bytes(f"{prefix}/{MANIFEST_NAME}", json.dumps(manifest).encode())
+    dest = tmp_path / "deep" / "dest"
+    with pytest.raises(UnsafeManifestError, match="not a path inside the folder"):
+        store.download_folder(prefix, dest)
+    assert not dest.exists() and not (tmp_path / "deep" / "outside.txt").exists()
+
+
+def test_a_file_changed_after_publishing_fails_against_the_folder_manifest(store, prefix, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.bin").write_bytes(b"the published weights")
+    (src / "config.json").write_bytes(b"{}")
+    store.publish_folder(src, prefix)
+    # Rewritten in place through the store: its own recorded sha256 matches its new bytes.
+    store.put_bytes(f"{prefix}/model.bin", b"other weights")
+    assert store.get_bytes(f"{prefix}/model.bin") == b"other weights"
+    with pytest.raises(ChecksumMismatchError, match="folder manifest"):
+        store.download_folder(prefix, tmp_path / "dest")
+    assert not (tmp_path / "dest" / "model.bin").exists()
+    assert not [p for p in (tmp_path / "dest").rglob("*.partial")]
