@@ -197,7 +197,8 @@ def load_checkpoint(
                 if isinstance(shadow, DTensor):  # this rank's shard of the saved full tensor
                     value = distribute_tensor(value.to(shadow.device), shadow.device_mesh, shadow.placements)
                 shadow.copy_(value)
-    extra = torch.load(folder / OPTIMIZER, weights_only=False)
+    # weights_only: tensors and plain values only, so a checkpoint from the bucket cannot run code.
+    extra = torch.load(folder / OPTIMIZER, weights_only=True)
     set_optimizer_state_dict(model, optimizer, extra["optimizer"], options=StateDictOptions(full_state_dict=True))
     schedule.load_state_dict(extra["schedule"])
     _set_rng_state(extra["rng"])
@@ -205,10 +206,16 @@ def load_checkpoint(
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The generators' states as tensors and plain values (what `weights_only` loads)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position}
+    numpy_state |= {"has_gauss": has_gauss, "gauss": gauss}
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    keys = saved["keys"].numpy().astype(np.uint32)
+    np.random.set_state((saved["kind"], keys, saved["position"], saved["has_gauss"], saved["gauss"]))
     torch.set_rng_state(state["torch"])

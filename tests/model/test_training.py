@@ -128,3 +128,24 @@ def test_resume_from_a_checkpoint_continues_the_same_loss_curve(tmp_path):
     losses += [_step(*resumed) for _ in range(5)]
     assert losses == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
     assert schedule.get_last_lr() == run[3].get_last_lr()
+
+
+class _RunsCode:
+    """Unpickled, it would call `path.write_text` (any callable: os.system just the same)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (type(self.path).write_text, (self.path, "ran"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    denoiser, _, optimizer, schedule, ema = _setup()
+    folder = save_checkpoint(tmp_path / "step-1", denoiser, optimizer, schedule, ema, {"step": 1})
+    marker = tmp_path / "marker.txt"
+    extra = torch.load(folder / "optimizer.pt", weights_only=True)  # what a checkpoint holds loads safely
+    torch.save({**extra, "schedule": _RunsCode(marker)}, folder / "optimizer.pt")  # planted in the bucket
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_checkpoint(folder, denoiser, optimizer, schedule, ema)
+    assert not marker.exists()
