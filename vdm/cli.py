@@ -28,22 +28,26 @@ MODEL_OPTION = click.option(
 class VdmGroup(click.Group):
     """The `vdm` group: an expected failure in any command (a server that cannot be reached, a
     model, alias, bucket or object that does not exist, refused credentials) ends in one
-    `error: ...` line and exit code 1; any other exception keeps its traceback."""
+    `error: ...` line and exit code 1; any other exception keeps its traceback. Neither shows a
+    presigned URL's signature."""
 
     def invoke(self, ctx: click.Context):
         import warnings
 
-        from vdm.errors import failure_message
+        from vdm.errors import failure_message, redact, redacted_traceback
 
         # kfp.Client warns on every start that it needs a KFP 2 server: noise to a user of one.
         warnings.filterwarnings("ignore", "This client only works with Kubeflow Pipeline", FutureWarning)
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except Exception as e:
             message = failure_message(e)
-            if message is None:
-                raise
-            _fail(message)
+            if message is None:  # a bug: its traceback, without the secrets of presigned URLs
+                click.echo(redacted_traceback(e), err=True, nl=False)
+                sys.exit(1)
+            _fail(redact(message))
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:

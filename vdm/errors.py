@@ -8,10 +8,27 @@ library that was never imported cannot occur, and `vdm` starts without importing
 
 from __future__ import annotations
 
+import re
 import sys
+import traceback
 
 STACK_FIX = "start the local stack (`vdm stack up`)"
 _S3_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"}
+
+
+# The parts of a presigned URL that let anyone read the object until it expires (S3 signature v4).
+_SECRET_QUERY = re.compile(r"(X-Amz-(?:Signature|Credential|Security-Token)=)[^&\s'\"]+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with every presigned URL's signature, credential and token replaced by `REDACTED`."""
+    return _SECRET_QUERY.sub(r"\1REDACTED", text)
+
+
+def redacted_traceback(error: BaseException) -> str:
+    """The error's traceback as Python prints it, redacted: a data loader's error names the
+    presigned URL of the shard it was reading."""
+    return redact("".join(traceback.format_exception(error)))
 
 
 def _loaded(module: str):

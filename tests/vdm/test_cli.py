@@ -196,3 +196,36 @@ def test_sample_shows_its_progress_on_a_terminal_unless_quiet(tmp_path, monkeypa
         terminal.close()
         os.close(master)
     assert (tmp_path / "a.mp4").stat().st_size > 0 and (tmp_path / "b.mp4").stat().st_size > 0
+
+
+def test_no_output_shows_a_presigned_urls_signature(store, prefix):
+    """A bug's traceback and an expected failure's line both keep the URL, not its secrets."""
+    import click
+
+    from components.common.objectstore import ObjectNotFoundError
+    from vdm.cli import VdmGroup
+
+    url = store.presigned_get(f"{prefix}/shard-000000.tar")
+    signature = url.split("X-Amz-Signature=")[1].split("&")[0]
+    credential = url.split("X-Amz-Credential=")[1].split("&")[0]
+    assert len(signature) == 64
+
+    @click.group(cls=VdmGroup)
+    def cli() -> None:
+        pass
+
+    @cli.command()
+    def bug() -> None:
+        raise OSError(f"(('pipe:curl -s -L {url}',), 'exit status 7')")  # as webdataset reports a read
+
+    @cli.command()
+    def missing() -> None:
+        raise ObjectNotFoundError(f"no such object: {url}")
+
+    crashed = CliRunner().invoke(cli, ["bug"])
+    assert crashed.exit_code == 1 and "Traceback" in crashed.stderr and "exit status 7" in crashed.stderr
+    refused = CliRunner().invoke(cli, ["missing"])
+    _assert_one_error_line(refused, "no such object")
+    for result in (crashed, refused):
+        assert "X-Amz-Signature=REDACTED" in result.stderr and "X-Amz-Credential=REDACTED" in result.stderr
+        assert signature not in result.stderr and credential not in result.stderr
