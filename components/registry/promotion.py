@@ -592,7 +592,8 @@ def _save_history(client: MlflowClient, name: str, history: list[dict[str, str]]
 def rollback(name: str, actor: str | None = None) -> tuple[str, str]:
     """Give `champion` back to the version that held it before the current one (from the
     champion history, which also notices a champion moved by hand in the MLflow UI); returns
-    (demoted, restored) version numbers. Versions deleted since are skipped."""
+    (demoted, restored) version numbers. Versions deleted since are skipped. The demoted
+    version loses `candidate` too, so the next `promote` cannot make it champion again."""
     client = MlflowClient()
     champion = _by_alias(client, name, CHAMPION)
     if champion is None:
@@ -609,6 +610,9 @@ def rollback(name: str, actor: str | None = None) -> tuple[str, str]:
     previous = history[-1]["version"]
     _save_history(client, name, history)
     client.set_registered_model_alias(name, CHAMPION, previous)
+    candidate = _by_alias(client, name, CANDIDATE)
+    if candidate is not None and candidate.version == champion.version:
+        client.delete_registered_model_alias(name, CANDIDATE)
     client.set_model_version_tag(name, champion.version, "vdm.rolled_back_by", actor or getpass.getuser())
     client.set_model_version_tag(name, champion.version, "vdm.rolled_back_at", _now())
     describe_version(name, champion.version)

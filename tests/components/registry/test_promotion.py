@@ -359,6 +359,22 @@ def test_a_model_without_policy_or_kind_says_how_to_set_one(model):
         evaluate_gate(model)
 
 
+def test_a_promote_after_a_rollback_does_not_bring_back_the_demoted_version(model):
+    set_policy(model, POLICY)
+    first = new_candidate(model, GOOD)
+    assert promote(model, actor="alice").promoted
+    second = new_candidate(model, GOOD | {"fvd": 90.0})
+    assert promote(model, actor="alice").promoted
+    assert aliases(model) == {CANDIDATE: second, CHAMPION: second}
+    assert rollback(model, actor="bob") == (second, first)
+    assert aliases(model) == {CHAMPION: first}  # the demoted version is no candidate any more
+    with pytest.raises(PromotionError, match="no version with the alias 'candidate'"):
+        promote(model, actor="alice")
+    assert aliases(model) == {CHAMPION: first}
+    third = new_candidate(model, GOOD | {"fvd": 80.0})  # a new candidate is promoted as before
+    assert promote(model, actor="alice").promoted and aliases(model) == {CANDIDATE: third, CHAMPION: third}
+
+
 def test_rollback_after_the_alias_was_moved_by_hand(model):
     """The MLflow UI moving `champion` is stood in for by the client call the UI makes."""
     client = MlflowClient()
