@@ -27,7 +27,8 @@ def promote_candidate(model_uri: str, decision: Output[Artifact], report: Output
     connect()
     name, version = registered_version(model_uri)
     MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
-    result = promote(name, actor="kubeflow-pipelines")
+    # The version given, not the alias read back: a concurrent run may have moved `candidate`.
+    result = promote(name, actor="kubeflow-pipelines", version=version)
     decision.metadata.update(decision_metadata(name, result))
     Path(report.path).write_text(decision_html(name, result))
     report.metadata.update({"model": name, "promoted": result.promoted, "policy_version": result.policy_version or 0})

@@ -372,11 +372,19 @@ def gate_policy(name: str, candidate: ModelVersion, actor: str | None = None) ->
         raise PromotionError(f"{name}'s gate policy v{record.version}: {e} ({fix})") from None
 
 
-def evaluate_gate(name: str, policy: GatePolicy | None = None, actor: str | None = None) -> Decision:
+def evaluate_gate(
+    name: str, policy: GatePolicy | None = None, actor: str | None = None, version: str | None = None
+) -> Decision:
     """What `promote` would decide on the model's policy (or `policy`), moving no alias. A model
-    without a policy gets its kind's default stored first (`gate_policy`)."""
+    without a policy gets its kind's default stored first (`gate_policy`). `version`: the version
+    to judge (a pipeline's own model, whatever `candidate` points at meanwhile); None: the
+    version `candidate` points at."""
     client = MlflowClient()
-    candidate = _by_alias(client, name, CANDIDATE)
+    if version is not None:
+        with registry_errors(name):
+            candidate = client.get_model_version(name, version)
+    else:
+        candidate = _by_alias(client, name, CANDIDATE)
     if candidate is None:
         raise PromotionError(f"{name} has no version with the alias {CANDIDATE!r}")
     champion = _by_alias(client, name, CHAMPION)
@@ -493,17 +501,21 @@ def _checks(name: str, policy: GatePolicy, tried: Evaluated, holder: Evaluated |
 
 
 def promote(
-    name: str, policy: GatePolicy | None = None, actor: str | None = None, force_reason: str | None = None
+    name: str,
+    policy: GatePolicy | None = None,
+    actor: str | None = None,
+    force_reason: str | None = None,
+    version: str | None = None,
 ) -> Decision:
     """Run the gate on the model's policy (or `policy`) and record its decision on the candidate
     (tag `vdm.decision`, description); if it passes, move `champion` to the candidate and record
     the promotion (reason, who, when, the replaced champion) in its tags and the champion history.
     `force_reason`: a person moves `champion` whatever the gate says; the decision records who,
-    why and what the gate said."""
+    why and what the gate said. `version`: judge that version, not the one `candidate` points at."""
     if force_reason is not None and not force_reason.strip():
         raise PromotionError("a forced promotion needs a reason (--reason TEXT): it is recorded with who forced it")
     by, at = actor or getpass.getuser(), _now()
-    gate = replace(evaluate_gate(name, policy, actor=by), decided_by=by, decided_at=at)
+    gate = replace(evaluate_gate(name, policy, actor=by, version=version), decided_by=by, decided_at=at)
     if gate.champion == gate.candidate:  # "already the champion" keeps its promotion's story
         return gate
     decision = gate
@@ -523,6 +535,18 @@ def promote(
     if not decision.promoted:
         describe_version(name, decision.candidate)
         return decision
+    # Compare and set, as near as MLflow comes (it has no conditional alias update): `champion`
+    # moves only if it is still the version the gate compared with, read just before the move;
+    # the promotion's record follows the move.
+    now = _by_alias(client, name, CHAMPION)
+    if (now.version if now else None) != decision.champion:
+        seen = f"v{decision.champion}" if decision.champion else "no champion"
+        raise PromotionError(
+            f"{name}'s champion is now {f'v{now.version}' if now else 'unset'}, not {seen} that v{decision.candidate} "
+            "was judged against (another promotion or a hand move meanwhile): nothing moved; run the promotion again"
+        )
+    history = _history_as_found(client, name, decision.champion)
+    client.set_registered_model_alias(name, CHAMPION, decision.candidate)
     tags = {
         "vdm.promotion.reason": decision.reason,
         "vdm.promotion.policy_version": str(decision.policy_version or ""),
@@ -533,11 +557,9 @@ def promote(
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, decision.candidate, key, value)
-    history = _history_as_found(client, name, decision.champion)
     how = "forced" if decision.forced else "promoted"
     history.append({"version": decision.candidate, "how": how, "by": by, "at": at})
     _save_history(client, name, history)
-    client.set_registered_model_alias(name, CHAMPION, decision.candidate)
     describe_version(name, decision.candidate)
     return decision
 

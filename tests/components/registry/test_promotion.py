@@ -359,6 +359,45 @@ def test_a_model_without_policy_or_kind_says_how_to_set_one(model):
         evaluate_gate(model)
 
 
+def test_promote_moves_champion_only_if_it_is_where_the_gate_saw_it(model, monkeypatch):
+    """A second promotion (or a hand move) between the gate's judgement and the move: stood in for
+    by moving `champion` right after the gate has read it."""
+    import components.registry.promotion as promotion
+
+    client = MlflowClient()
+    set_policy(model, POLICY)
+    first = new_candidate(model, GOOD)
+    assert promote(model, actor="alice").promoted
+    other = new_candidate(model, GOOD | {"fvd": 60.0})
+    candidate = new_candidate(model, GOOD | {"fvd": 80.0})  # better than v1, worse than `other`
+    judge = promotion.evaluate_gate
+
+    def judged_then_moved(*args, **kwargs):
+        gate = judge(*args, **kwargs)
+        client.set_registered_model_alias(model, CHAMPION, other)
+        return gate
+
+    monkeypatch.setattr(promotion, "evaluate_gate", judged_then_moved)
+    with pytest.raises(PromotionError, match=rf"champion is now v{other}, not v{first} that v{candidate} was judged"):
+        promote(model, actor="alice")
+    assert aliases(model)[CHAMPION] == other  # nothing moved back or on
+    assert "vdm.promotion.by" not in client.get_model_version(model, candidate).tags
+    assert [h["version"] for h in champion_history(model)] == [first]
+
+
+def test_the_gate_judges_the_version_it_is_given_whatever_candidate_points_at(model):
+    set_policy(model, POLICY)
+    first = new_candidate(model, GOOD)
+    assert promote(model, actor="alice").promoted
+    mine = new_candidate(model, GOOD | {"fvd": 80.0})
+    theirs = new_candidate(model, GOOD | {"fvd": 60.0})  # a concurrent run set `candidate` last
+    assert aliases(model)[CANDIDATE] == theirs
+    decision = promote(model, actor="kubeflow-pipelines", version=mine)
+    assert (decision.candidate, decision.champion, decision.promoted) == (mine, first, True)
+    assert aliases(model)[CHAMPION] == mine
+    assert json.loads(MlflowClient().get_model_version(model, mine).tags["vdm.decision"])["candidate"] == mine
+
+
 def test_a_promote_after_a_rollback_does_not_bring_back_the_demoted_version(model):
     set_policy(model, POLICY)
     first = new_candidate(model, GOOD)
