@@ -68,7 +68,11 @@ def test_our_sampler_matches_the_stock_pipeline(smoke):
     sampling = smoke[0]["sampling"]
     ours, stock = sampling["ours"], sampling["stock"]
     assert ours["seconds"] > 0 and stock["seconds"] > 0
-    assert sampling["ratio_ours_over_stock"] == pytest.approx(ours["seconds"] / stock["seconds"], rel=0.01)
+    # The times are printed to the millisecond (tens of ms each in the CPU smoke): the ratio of the
+    # printed times is the printed ratio only within that rounding.
+    low = (ours["seconds"] - 0.0005) / (stock["seconds"] + 0.0005)
+    high = (ours["seconds"] + 0.0005) / (stock["seconds"] - 0.0005)
+    assert low - 0.0005 <= sampling["ratio_ours_over_stock"] <= high + 0.0005
     # The same number of UNet evaluations, guidance in one batch of 2 in both, one VAE decode.
     assert ours["unet_calls"] == stock["unet_calls"] == sampling["steps"] == 2
     assert ours["unet_batch_sizes"] == stock["unet_batch_sizes"] == [2]
