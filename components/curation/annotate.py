@@ -428,9 +428,9 @@ def _pooled(jobs: list[tuple[str, str, CurationConfig]], workers: int, bar: tqdm
     again is rejected (`processing_error`) and the others complete."""
     results: list[VideoResult | None] = [None] * len(jobs)
     unfinished = _until_broken(jobs, list(range(len(jobs))), workers, results, bar)
-    while unfinished:  # one video in flight: a broken pool names its video
-        unfinished = _until_broken(jobs, unfinished, 1, results, bar, one_at_a_time=True)
-        if unfinished:
+    while unfinished:
+        unfinished = _until_broken(jobs, unfinished, 1, results, bar)
+        if unfinished:  # one worker runs its videos in order: it died on the first it left unfinished
             video = jobs[unfinished[0]][0]
             rejected = {"video": video, "reason": PROCESSING_ERROR, "detail": WORKER_DIED}
             results[unfinished.pop(0)] = _counted(VideoResult(video, rejected=rejected), bar)
@@ -443,21 +443,12 @@ def _until_broken(
     workers: int,
     results: list[VideoResult | None],
     bar: tqdm,
-    *,
-    one_at_a_time: bool = False,
 ) -> list[int]:
     """Run `jobs[i]` for `indices` on a fresh pool into `results`; the indices left unfinished
-    when a worker died (empty if none did)."""
+    when a worker died (empty if none did), sorted."""
     # spawn: workers must not inherit a parent's torch/OpenMP state.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),)) as pool:
-        if one_at_a_time:
-            for position, i in enumerate(indices):
-                try:
-                    results[i] = _counted(pool.submit(_process, jobs[i]).result(), bar)
-                except BrokenProcessPool:
-                    return indices[position:]
-            return []
         futures = {pool.submit(_process, jobs[i]): i for i in indices}
         broken = []
         for future in as_completed(futures):

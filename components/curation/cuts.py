@@ -24,6 +24,8 @@ from components.curation.video import luma, reduced_rgb
 # Cuts this many frames apart or closer are one cut (the earlier is kept): detectors place the same
 # transition a frame or two apart.
 MERGE_FRAMES = 2
+# The least content score an adaptive cut needs where no other is given (PySceneDetect's min_content_val).
+ADAPTIVE_MIN_SCORE = 15.0
 
 
 class _ContentScore:
@@ -112,7 +114,7 @@ class _DissolvePass:
         self.black = black
         self.score = _ContentScore()
         # One cut per dissolve (min_len): it may stand out in two neighbouring sample intervals.
-        self.rule = AdaptiveRule(threshold, min_score=15.0, min_len=2, window=self.window)  # in samples
+        self.rule = AdaptiveRule(threshold, ADAPTIVE_MIN_SCORE, min_len=2, window=self.window)  # in samples
         # (change from the previous frame, luma) of the frames back to the interval before the sample
         # being decided.
         self.frames: deque[tuple[float, float]] = deque(maxlen=(self.window + 1) * step)
@@ -156,8 +158,9 @@ class CutDetector:
         self.content = (
             AdaptiveRule(config.content_min_ratio, config.content_threshold, min_len) if "content" in kinds else None
         )
-        # PySceneDetect's default min_content_val.
-        self.adaptive = AdaptiveRule(config.adaptive_threshold, 15.0, min_len) if "adaptive" in kinds else None
+        self.adaptive = (
+            AdaptiveRule(config.adaptive_threshold, ADAPTIVE_MIN_SCORE, min_len) if "adaptive" in kinds else None
+        )
         self.fades = FadeRule(config.fade_threshold, min_len) if "fades" in kinds else None
         step = max(2, int(round(config.dissolve_step_s * fps)))
         self.dissolves = (

@@ -30,7 +30,7 @@ from mlflow.entities.model_registry import ModelVersion
 from components.common.media import write_video
 from components.common.objectstore import MANIFEST_NAME, ObjectStore, S3Uri, is_s3_uri
 from components.common.settings import Settings, load_settings
-from components.common.tracking import connect, log_curated_data, run_url, tracked_run
+from components.common.tracking import DATASET_CARD, connect, log_curated_data, run_url, tracked_run
 from components.common.weights import is_weights_ref, resolve_weights
 from components.registry.pipeline_model import download_pipeline, register_pipeline
 from components.training.request import RunResult
@@ -48,18 +48,16 @@ CHECKPOINTS = "checkpoints"
 RESULT = "result.json"
 
 
-# What a curated output's root holds (components/curation/finalize.py) and nothing else does.
-CURATED_CARD = "dataset_card.json"
-
-
 def training_data(data: str, store: ObjectStore) -> str:
     """Where training reads `data`: a curated output's root (its dataset card there) is read as
     its training folder, `shards/` (the README's `--data s3://…/curated/seed-0`); under the root
     are also the held-out split and the raw annotation parts. Any other location as given."""
     root = data.rstrip("/")
-    card = S3Uri.parse(root).join(CURATED_CARD) if is_s3_uri(root) else Path(root) / CURATED_CARD
-    exists = store.exists(card) if is_s3_uri(root) else card.is_file()
-    return f"{root}/{rendition_folder(TRAIN, SMALL)}/" if exists else data
+    if is_s3_uri(root):
+        curated = store.exists(S3Uri.parse(root).join(DATASET_CARD))
+    else:
+        curated = (Path(root) / DATASET_CARD).is_file()
+    return f"{root}/{rendition_folder(TRAIN, SMALL)}/" if curated else data
 
 
 def shard_urls(data: str, store: ObjectStore) -> list[str]:
