@@ -47,6 +47,8 @@ from components.curation.neural import (
     ClipScorer,
     CocaCaptioner,
     TextDetector,
+    TransformersSummarizer,
+    TransformersVideoCaptioner,
     VideoCaptioner,
     load_plugin,
 )
@@ -329,8 +331,13 @@ class Annotators:
         self.text = TextDetector(config.neural, store)
         self.clip = ClipScorer(config.neural, store)
         self.coca = CocaCaptioner(config.neural, store) if config.neural.captions else None
-        self.video_captioner: VideoCaptioner | None = load_plugin(config.video_captioner)
-        self.summarizer: CaptionSummarizer | None = load_plugin(config.caption_summarizer)
+        neural = config.neural
+        self.video_captioner: VideoCaptioner | None = load_plugin(config.video_captioner) or (
+            TransformersVideoCaptioner(neural, store) if neural.video_captioner_weights else None
+        )
+        self.summarizer: CaptionSummarizer | None = load_plugin(config.caption_summarizer) or (
+            TransformersSummarizer(neural, store) if neural.summarizer_weights else None
+        )
 
     @property
     def random_weights(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -54,9 +54,10 @@ class Cuts(_Strict):
     adaptive_threshold: float = 3.0
     # Fades through black (ThresholdDetector): mean pixel value below this is black.
     fade_threshold: float = 12.0
-    # Dissolves: the adaptive detector on one frame per this many seconds. A dissolve about this long or
-    # shorter stands out against the samples around it; frame to frame it changes too little to be seen.
-    dissolve_step_s: float = 1.0
+    # Dissolves: the adaptive detector on one frame per each of these many seconds (SVD detects cuts at
+    # three frame rates: the full one and these). A dissolve about as long as a step or shorter stands out
+    # against the samples around it; frame to frame it changes too little to be seen.
+    dissolve_steps_s: tuple[Annotated[float, Field(gt=0)], ...] = Field((1.0, 3.0), min_length=1)
     # The detectors see each frame halved (by area) as often as its height stays at least this.
     detection_height: int = 36
     min_clip_s: float = 1.0
@@ -146,8 +147,32 @@ class CurationConfig(_Strict):
     )
     output: Output = Output()
     dedup: Dedup = Dedup()
-    video_captioner: str | None = None  # "module:Class" of a VideoCaptioner; off by default
-    caption_summarizer: str | None = None  # "module:Class" of a CaptionSummarizer; off by default
+    # Plug-ins ("module:Class", built with no arguments) in place of the built-in video captioner and
+    # summary (neural.video_captioner_weights, neural.summarizer_weights); off by default.
+    video_captioner: str | None = None
+    caption_summarizer: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of_each_captioner(self) -> CurationConfig:
+        for plugin, weights in (
+            ("video_captioner", "video_captioner_weights"),
+            ("caption_summarizer", "summarizer_weights"),
+        ):
+            if getattr(self, plugin) is not None and getattr(self.neural, weights) is not None:
+                raise ValueError(f"{plugin} and neural.{weights} are both set: choose the plug-in or the model folder")
+        return self
+
+    def captioners(self) -> dict[str, str]:
+        """Each caption a clip gets (image, video, summary) and what makes it."""
+        neural = self.neural
+        made = {
+            "image": f"CoCa {neural.coca_model} ({neural.coca_weights or 'random weights'})"
+            if neural.captions
+            else None,
+            "video": self.video_captioner or neural.video_captioner_weights,
+            "summary": self.caption_summarizer or neural.summarizer_weights,
+        }
+        return {name: what for name, what in made.items() if what is not None}
 
     @classmethod
     def from_yaml(cls, text: str) -> CurationConfig:

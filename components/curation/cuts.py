@@ -3,7 +3,9 @@
 Several of PySceneDetect's detectors run together, each at a threshold where it rarely fires
 falsely, and a cut any of them finds is kept: the content detector (hard cuts, also out of fast
 motion), the adaptive detector (cuts between calm shots), the threshold detector (fades through
-black) and the adaptive detector on a reduced frame rate (dissolves).
+black) and the adaptive detector at reduced frame rates (dissolves, each rate finding those about as
+long as its sample step). Detectors place one transition at different frames: a cut within the reach
+of a finer detector's (two frames at the full rate, a sample step at a reduced one) is that one.
 
 The detectors' decisions are PySceneDetect's (0.7), restated here on plain frame numbers: the
 library's detectors cost about 40 us a frame together in Python (timecode objects and their
@@ -162,20 +164,23 @@ class CutDetector:
             AdaptiveRule(config.adaptive_threshold, ADAPTIVE_MIN_SCORE, min_len) if "adaptive" in kinds else None
         )
         self.fades = FadeRule(config.fade_threshold, min_len) if "fades" in kinds else None
-        step = max(2, int(round(config.dissolve_step_s * fps)))
+        steps = sorted({max(2, int(round(step_s * fps))) for step_s in config.dissolve_steps_s})
+        black = config.fade_threshold if "fades" in kinds else None
         self.dissolves = (
-            _DissolvePass(step, config.adaptive_threshold, config.fade_threshold if "fades" in kinds else None)
-            if "dissolves" in kinds
-            else None
+            [_DissolvePass(step, config.adaptive_threshold, black) for step in steps] if "dissolves" in kinds else []
         )
+        # How far from a cut another detector may place the same transition.
+        self._max_reach = max([MERGE_FRAMES, *steps]) if self.dissolves else MERGE_FRAMES
         self.luma: list[float] = []  # mean of each frame at detection size (0-255)
         self._scored = bool(kinds & {"content", "adaptive", "dissolves"})
         self._halvings: int | None = None  # of the frames' sides, for detection
         self._last = -1
         self._finished = False
-        self._candidates: list[int] = []  # found, not yet settled
-        self._confirmed: list[int] = []  # settled and merged, not yet taken
-        self._last_kept: int | None = None
+        # (frame, reach) of each cut found, until no decision reads it.
+        self._candidates: list[tuple[int, int]] = []
+        self._decided = 0  # candidates before this frame are decided
+        self._confirmed: list[int] = []  # decided and kept, not yet taken
+        self._last_kept: tuple[int, int] | None = None  # (frame, reach)
 
     def feed(self, index: int, frame: np.ndarray) -> None:
         """`frame`: I420 (video.py), the next one in order."""
@@ -193,18 +198,24 @@ class CutDetector:
         # Each statistic once per frame: the content score (both adaptive rules read it) and the mean.
         for rule, value in ((self.content, self.score.value), (self.adaptive, self.score.value), (self.fades, mean)):
             if rule is not None and (cut := rule.feed(index, value)) is not None:
-                self._candidates.append(cut)
-        if self.dissolves is not None:
+                self._candidates.append((cut, MERGE_FRAMES))
+        for dissolves in self.dissolves:
             # A frame's change from the previous one is its content score.
-            self._candidates.extend(self.dissolves.feed(index, small, self.score.value, mean))
+            found = dissolves.feed(index, small, self.score.value, mean)
+            self._candidates.extend((cut, dissolves.step) for cut in found)
         self._last = index
         self._confirm()
 
     @property
     def settled(self) -> int:
-        """Every cut at a frame before this one has been found: none before it can come later."""
+        """Every cut at a frame before this one has been found and decided: none before it can come later."""
         if self._finished:
             return self._last + 1
+        # A cut is decided once every cut that could be the same transition is found.
+        return max(0, self._found() - self._max_reach)
+
+    def _found(self) -> int:
+        """Every detector has reported each cut it finds before this frame."""
         bound = self._last + 1
         for rule in (self.content, self.adaptive):
             if rule is not None:
@@ -212,8 +223,8 @@ class CutDetector:
         if self.fades is not None and self.fades.dark:
             # In the dark: the cut will go between the frame the picture went dark and the one it returns.
             bound = min(bound, self.fades.crossed)
-        if self.dissolves is not None:
-            bound = min(bound, self.dissolves.settled)
+        for dissolves in self.dissolves:
+            bound = min(bound, dissolves.settled)
         return max(0, bound)
 
     def take_cuts(self) -> list[int]:
@@ -229,12 +240,19 @@ class CutDetector:
         return self.take_cuts()
 
     def _confirm(self) -> None:
-        if not self._candidates:
-            return
-        settled = self.settled
-        ready = sorted(c for c in self._candidates if c < settled)
-        self._candidates = [c for c in self._candidates if c >= settled]
-        for cut in ready:
-            if 0 < cut <= self._last and (self._last_kept is None or cut - self._last_kept > MERGE_FRAMES):
-                self._confirmed.append(cut)
-                self._last_kept = cut
+        decided = self.settled
+        ready = sorted(c for c in self._candidates if self._decided <= c[0] < decided)
+        for cut, reach in ready:
+            if not 0 < cut <= self._last:
+                continue
+            # A finer detector placed this transition (all of them have reported this far).
+            if any(r < reach and abs(c - cut) <= reach for c, r in self._candidates):
+                continue
+            # The same transition as the cut kept before (cuts of one reach: the earlier is kept).
+            if self._last_kept is not None and cut - self._last_kept[0] <= max(reach, self._last_kept[1]):
+                continue
+            self._confirmed.append(cut)
+            self._last_kept = (cut, reach)
+        self._decided = max(self._decided, decided)
+        # Decisions to come read the candidates within the largest reach of them.
+        self._candidates = [c for c in self._candidates if c[0] >= self._decided - self._max_reach]

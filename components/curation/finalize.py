@@ -156,11 +156,13 @@ class _Totals:
     seconds: float = 0.0
     words: int = 0
     videos: int = 0
+    captioned: Counter = field(default_factory=Counter)  # clips with a caption, per captioner
 
     def add(self, clip: ClipRecord) -> None:
         self.clips += 1
         self.seconds += clip.end_s - clip.start_s
         self.words += len((clip.caption or "").split())
+        self.captioned.update(name for name, text in (clip.captions or {}).items() if text)
 
     def summary(self) -> dict:
         """SVD Table 1 figures."""
@@ -685,6 +687,10 @@ def finalize(
             "renditions": renditions,
             "warnings": [] if splits[HELDOUT].clips else [EMPTY_HELDOUT],
             "random_weights": random_weights,
+            # Which captioners ran, and how many of the kept clips each captioned.
+            "captioners": {
+                name: {"by": by, "clips": after.captioned[name]} for name, by in config.captioners().items()
+            },
             "provenance": {
                 "input": location,
                 "output": str(output),

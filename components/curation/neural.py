@@ -101,6 +101,19 @@ class NeuralConfig:
     coca_model: str = "coca_ViT-B-32"
     coca_weights: str | None = None  # weights:NAME, local path or s3:// URI of an open_clip CoCa checkpoint
     caption_max_tokens: int = 20
+    # SVD's second caption: any transformers image-text-to-text model folder (weights:NAME, a local folder or
+    # an s3:// weights entry) shown a clip's key frames (first, middle, last) side by side, in order.
+    video_captioner_weights: str | None = None
+    video_caption_prompt: str = (
+        "These are three frames of one video clip, left to right in time. Describe the clip in one sentence."
+    )
+    # SVD's third caption: any transformers causal LM folder merging a clip's captions into one.
+    summarizer_weights: str | None = None
+    summary_prompt: str = (
+        "Captions of one video clip, from a still frame and from the whole clip:\n{captions}\n"
+        "Write one sentence that describes the clip, combining both."
+    )
+    summary_max_tokens: int = 40
     allow_random_weights: bool = False  # tests and demos only: random models where weights are None
     tiny_models: bool = False  # tiny registered open_clip architectures, so tests run fast on CPU
     batch_size: int = 32
@@ -528,6 +541,95 @@ class CocaCaptioner:
         for row in tokens[:, 1:].tolist():
             generated.append(row[: row.index(_EOT_TOKEN)] if _EOT_TOKEN in row else row)
         return generated
+
+
+def _model_folder(location: str, config: NeuralConfig, store: ObjectStore | None) -> Path:
+    """A transformers model folder: `weights:NAME` (or its s3:// entry) from the weights cache, or a
+    local folder."""
+    if is_weights_ref(location):
+        return weights.resolve_weights(location, store, config.cache_dir)
+    path = Path(location).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"not a transformers model folder (no config.json): {path}")
+    return path
+
+
+def _generation_pipeline(task: str, location: str, config: NeuralConfig, store: ObjectStore | None) -> Any:
+    import torch
+    from transformers import pipeline
+
+    device = _torch_device(config)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return pipeline(task, model=str(_model_folder(location, config, store)), device=device, dtype=dtype)
+
+
+class TransformersVideoCaptioner:
+    """A `VideoCaptioner`: an image-text-to-text model (transformers' pipeline, so any family it
+    loads) shown each clip's frames side by side in one picture, in order, with
+    `video_caption_prompt`; greedy decoding."""
+
+    def __init__(self, config: NeuralConfig, store: ObjectStore | None = None):
+        assert config.video_captioner_weights is not None
+        self.config = config
+        self._pipe = _generation_pipeline("image-text-to-text", config.video_captioner_weights, config, store)
+
+    def caption_clips(self, clips: list[list[np.ndarray]]) -> list[str]:
+        from PIL import Image
+
+        if not clips:
+            return []
+        images = [Image.fromarray(np.concatenate(frames, axis=1)) for frames in clips]
+        prompt = self.config.video_caption_prompt
+        generation = {
+            "max_new_tokens": self.config.caption_max_tokens,
+            "return_full_text": False,
+            "batch_size": self.config.batch_size,
+            "generate_kwargs": {"do_sample": False, "min_new_tokens": 1},
+        }
+        if getattr(self._pipe.processor, "chat_template", None):
+            content = [[{"type": "image", "image": image}, {"type": "text", "text": prompt}] for image in images]
+            outputs = self._pipe(text=[[{"role": "user", "content": c}] for c in content], **generation)
+        else:  # a captioning model without a chat format (BLIP, GIT): the prompt as the caption's start
+            outputs = self._pipe(images=images, text=[prompt] * len(images), **generation)
+        return [_text(output) for output in outputs]
+
+
+class TransformersSummarizer:
+    """A `CaptionSummarizer`: a causal LM (transformers' text-generation pipeline) given each clip's
+    captions in `summary_prompt`, in its chat format where it has one; greedy decoding."""
+
+    def __init__(self, config: NeuralConfig, store: ObjectStore | None = None):
+        assert config.summarizer_weights is not None
+        self.config = config
+        self._pipe = _generation_pipeline("text-generation", config.summarizer_weights, config, store)
+        tokenizer = self._pipe.tokenizer
+        tokenizer.padding_side = "left"  # batched generation continues every prompt from its end
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def summarize(self, captions: list[list[str]]) -> list[str]:
+        if not captions:
+            return []
+        prompts = [
+            self.config.summary_prompt.format(captions="\n".join(f"- {c}" for c in clip if c)) for clip in captions
+        ]
+        if self._pipe.tokenizer.chat_template:
+            prompts = [[{"role": "user", "content": prompt}] for prompt in prompts]
+        outputs = self._pipe(
+            prompts,
+            max_new_tokens=self.config.summary_max_tokens,
+            return_full_text=False,
+            batch_size=self.config.batch_size,
+            do_sample=False,
+            min_new_tokens=1,
+        )
+        return [_text(output) for output in outputs]
+
+
+def _text(output: list[dict] | dict) -> str:
+    """The generated text of one pipeline output (a list of one candidate, or the candidate)."""
+    candidate = output[0] if isinstance(output, list) else output
+    return str(candidate["generated_text"]).strip()
 
 
 # -- plug-ins -------------------------------------------------------------------

@@ -233,6 +233,10 @@ def test_curate_publishes_the_documented_outputs(curated, store, samples):
     } | {"manifest.json": "not_a_video"}
     card = json.loads(store.get_bytes(f"{out}/dataset_card.json"))
     assert card["random_weights"] is True
+    # CoCa alone ran; the card counts the kept clips it captioned.
+    assert list(card["captioners"]) == ["image"]
+    captioned = sum(1 for r in rows if r["kept"] and (r.get("captions") or {}).get("image"))
+    assert card["captioners"]["image"]["clips"] == captioned > 0
     assert card["clips_before_filter"] == sum(1 for r in rows if "too_short" not in r["drop_reasons"])
     assert card["clips_after_filter"] == sum(r["kept"] for r in rows)
     kept_hours = sum(r["end_s"] - r["start_s"] for r in rows if r["kept"]) / 3600

@@ -20,7 +20,7 @@ from model.records import SMALL
 
 W, H, FPS = 320, 180, 30
 MINUTES = 10
-# Peak RSS of the worker, its libraries (about 575 MiB) included: about 655 MiB measured; the whole
+# Peak RSS of the worker, its libraries (about 575 MiB) included: about 670 MiB measured; the whole
 # video decoded at once (T*h*w*3/2 as I420) would take 1.6 GB, as RGB 3.1 GB.
 PEAK_RSS_BOUND = 1 << 30
 

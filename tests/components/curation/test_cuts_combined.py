@@ -108,6 +108,28 @@ def test_a_one_second_dissolve_is_found_only_by_the_reduced_rate_pass():
     assert _cuts(frames, FULL_RATE) == []
 
 
+@pytest.mark.parametrize("seconds", [0.5, 1.0, 2.0, 3.0, 4.0])
+def test_dissolves_half_a_second_to_four_seconds_long_are_each_found_once_inside_them(seconds):
+    rng = np.random.default_rng(6)
+    length = int(seconds * FPS)
+    a, b = _calm(rng, (70, 130, 90), 200 + length), _calm(rng, (170, 110, 70), 300 + length)
+    start = 200  # frames start.. start+length-1 blend a into b
+    frames = a[:start] + _dissolve(a[start : start + length], b[:length]) + b[length : length + 300]
+    cuts = _cuts(frames)
+    assert len(cuts) == 1 and start <= cuts[0] <= start + length, cuts
+    # The 1 s rate alone finds only the short ones: each rate finds dissolves about as long as its step.
+    one_rate = CutDetector(FPS, Cuts(dissolve_steps_s=(1.0,)))
+    for index, rgb in enumerate(frames):
+        one_rate.feed(index, from_rgb(rgb))
+    assert one_rate.finish() == (cuts if seconds <= 1 else [])
+
+
+def test_a_hard_cut_found_at_every_rate_is_one_cut():
+    rng = np.random.default_rng(7)
+    frames = _calm(rng, (70, 130, 90), 300) + _calm(rng, (170, 110, 70), 300)
+    assert _cuts(frames) == [300]
+
+
 def test_a_fade_through_black_is_found():
     rng = np.random.default_rng(4)
     a, b = _calm(rng, (70, 130, 90), 60), _calm(rng, (170, 110, 70), 60)
@@ -149,8 +171,10 @@ def test_streaming_confirms_each_cut_once_behind_settled_and_matches_one_shot():
         assert all(cut < settled for cut in taken) and taken == sorted(taken)
         assert not streamed or not taken or taken[0] > streamed[-1]
         streamed += taken
-    # The dissolve pass decides a sample two samples (2 s) later, and samples once a second.
-    assert index + 1 - settled <= 3 * FPS
+    # The slowest dissolve pass samples once a step and decides a sample two samples later; a cut then
+    # waits a step more, until every finer detector has placed the same transition.
+    slowest = max(Cuts().dissolve_steps_s) * FPS
+    assert index + 1 - settled <= 4 * slowest
     streamed += detector.finish()
     assert streamed == one_shot
     assert len(detector.luma) == len(frames)
