@@ -7,17 +7,26 @@ shipped overlays have none and that a deliberately broken copy is caught.
 - custom resources: the openAPIV3Schema of their published CRD (schemas/), closed the
   way `kubectl apply --validate=strict` closes them (an unknown field is an error,
   except under x-kubernetes-preserve-unknown-fields);
-- policy: non-root, no privilege escalation, all capabilities dropped, a seccomp
-  profile (Pod Security "restricted"), requests and limits, probes on long-running
-  containers, pinned images, and every reference (Secret, ConfigMap and their keys,
-  ServiceAccount, Role, Service and workload selectors) resolving inside the rendered
-  overlay or to something documented as provided by another component.
+- policy: non-root with a high UID, no privilege escalation, all capabilities dropped, a
+  seccomp profile, a read-only root filesystem (Pod Security "restricted" and more),
+  requests and limits, probes on long-running containers, pinned images pulled Always
+  (or by digest), Pod Security "restricted" enforced on every namespace created, nothing
+  in `default`, and every reference (Secret, ConfigMap and their keys, ServiceAccount,
+  Role, Service and workload selectors) resolving inside the rendered overlay or to
+  something documented as provided by another component;
+- checkov (its `kubernetes` framework) on the rendered overlay, with the skips that
+  k8s/README.md lists and justifies.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
+import dataclasses
+import fcntl
 import functools
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -48,7 +57,18 @@ WORKLOADS = {"Deployment", "StatefulSet", "Job", "DaemonSet"}
 LONG_RUNNING = {"Deployment", "StatefulSet", "DaemonSet"}
 # Referenced here, created by another component (k8s/README.md says which).
 EXTERNAL = {("ServiceAccount", "kubeflow", "pipeline-runner"): "Kubeflow Pipelines (standalone) creates it"}
-EXTERNAL_NAMESPACES = {"kubeflow": "Kubeflow Pipelines' namespace", "default": "where TorchX submits training jobs"}
+EXTERNAL_NAMESPACES = {"kubeflow": "Kubeflow Pipelines' namespace"}
+# Pods that NetworkPolicies select but the overlay does not run: (namespace, label, value).
+EXTERNAL_PODS = {("vdm-training", "app.kubernetes.io/managed-by", "torchx.pytorch.org"): "TorchX's training pods"}
+HIGH_UID = 10000  # below it, a container's UID may be a user of the node (checkov CKV_K8S_40)
+PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
+
+# checkov pins versions of boto3, packaging and networkx that clash with the project's,
+# so it lives in a virtualenv of its own under the repository's state folder, made on
+# first use (a minute, from PyPI).
+CHECKOV_VERSION = "3.3.30"
+CHECKOV_VENV = ROOT / ".vdm" / "tools" / f"checkov-{CHECKOV_VERSION}"
+CHECKOV_SKIPS_DOC = K8S / "README.md"
 
 
 def render(overlay: str, workdir: Path) -> list[dict]:
@@ -186,6 +206,11 @@ def security_problems(objs: list[dict]) -> list[str]:
             seccomp = context.get("seccompProfile", pod_context.get("seccompProfile", {})).get("type")
             if seccomp not in ("RuntimeDefault", "Localhost"):
                 problems.append(f"{where}: no RuntimeDefault seccomp profile")
+            if context.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{where}: root filesystem is not read-only")
+            uid = context.get("runAsUser", pod_context.get("runAsUser"))
+            if uid is None or uid < HIGH_UID:
+                problems.append(f"{where}: runAsUser {uid} is not a high UID (>= {HIGH_UID})")
     return problems
 
 
@@ -227,6 +252,24 @@ def image_problems(objs: list[dict]) -> list[str]:
                 problems.append(f"{ident(obj)} container {c['name']}: image {image!r} has no tag")
             elif tag == "latest":
                 problems.append(f"{ident(obj)} container {c['name']}: image {image!r} is :latest")
+            if c.get("imagePullPolicy") != "Always":
+                # A tag can be moved: the node must ask the registry, not trust its cache.
+                problems.append(f"{ident(obj)} container {c['name']}: image by tag without imagePullPolicy Always")
+    return problems
+
+
+def namespace_problems(objs: list[dict]) -> list[str]:
+    """Pod Security "restricted" enforced on every namespace the overlay creates, and
+    nothing in (or defaulting to) `default`."""
+    problems = []
+    for obj in objs:
+        namespace = obj["metadata"].get("namespace")
+        if obj["kind"] == "Namespace":
+            labels = obj["metadata"].get("labels", {})
+            if labels.get(PSA_ENFORCE) != "restricted":
+                problems.append(f"{ident(obj)}: Pod Security 'restricted' is not enforced")
+        elif obj["kind"] not in CLUSTER_SCOPED and namespace in (None, "default"):
+            problems.append(f"{ident(obj)}: in the default namespace")
     return problems
 
 
@@ -234,10 +277,19 @@ def _data_keys(obj: dict) -> set[str]:
     return set(obj.get("data", {})) | set(obj.get("stringData", {})) | set(obj.get("binaryData", {}))
 
 
+def _issued(objs: list[dict], namespace: str, secret: str) -> bool:
+    """Whether cert-manager makes Secret `secret` (a Certificate's secretName)."""
+    return any(
+        o["kind"] == "Certificate" and o["metadata"].get("namespace") == namespace and o["spec"]["secretName"] == secret
+        for o in objs
+    )
+
+
 def _ref(objs, problems, where, kind, namespace, name, key=None, optional=False):
     target = find(objs, kind, name, namespace)
     if target is None:
-        if not optional and (kind, namespace, name) not in EXTERNAL:
+        issued = kind == "Secret" and _issued(objs, namespace, name)
+        if not optional and not issued and (kind, namespace, name) not in EXTERNAL:
             problems.append(f"{where}: {kind} {namespace}/{name} is not in the overlay")
     elif key is not None and key not in _data_keys(target):
         problems.append(f"{where}: {kind} {namespace}/{name} has no key {key!r}")
@@ -295,7 +347,8 @@ def _selector_references(objs: list[dict], problems: list[str]) -> None:
         if kind == "PodDisruptionBudget" and not _pods_selected(objs, namespace, spec["selector"]["matchLabels"]):
             problems.append(f"{ident(obj)}: selects no pods")
         policy_pods = spec.get("podSelector", {}).get("matchLabels") if kind == "NetworkPolicy" else None
-        if policy_pods and not _pods_selected(objs, namespace, policy_pods):
+        external = policy_pods and any((namespace, *label) in EXTERNAL_PODS for label in policy_pods.items())
+        if policy_pods and not external and not _pods_selected(objs, namespace, policy_pods):
             problems.append(f"{ident(obj)}: applies to no pods")
         if kind == "ServiceMonitor":
             services = [
@@ -353,6 +406,7 @@ def policy_problems(objs: list[dict]) -> list[str]:
         *resource_problems(objs),
         *probe_problems(objs),
         *image_problems(objs),
+        *namespace_problems(objs),
         *reference_problems(objs),
     ]
 
@@ -363,3 +417,118 @@ def mutated(objs: list[dict], kind: str, name: str, change, namespace: str | Non
     broken = copy.deepcopy(objs)
     change(find(broken, kind, name, namespace))
     return broken
+
+
+# --- Secrets and workloads ------------------------------------------------------------
+
+PLATFORM = "vdm"
+UNHASHED = {"vdm-s3-credentials", "vdm-mlflow-credentials", "vdm-serving-keys"}  # read by name: no hash suffix
+
+
+def secrets_used(template: dict) -> set[str]:
+    """The Secrets a pod template mounts or references, by their base names (no hash suffix)."""
+    spec = template["spec"]
+    names = {v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
+    for c in [*spec.get("initContainers", []), *spec["containers"]]:
+        names |= {s["secretRef"]["name"] for s in c.get("envFrom", []) if "secretRef" in s}
+        refs = [e["valueFrom"]["secretKeyRef"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+        names |= {ref["name"] for ref in refs}
+    return {unhashed_name(name) for name in names}
+
+
+def unhashed_name(name: str) -> str:
+    """A generated Secret's name without kustomize's hash suffix (`-` and 10 characters)."""
+    match = re.fullmatch(r"(.+)-[a-z0-9]{10}", name)
+    return match.group(1) if match and name not in UNHASHED else name
+
+
+def secret_data(objs: list[dict], namespace: str, name: str) -> dict[str, str]:
+    """A rendered Secret's values, decoded."""
+    secret = find(objs, "Secret", name, namespace)
+    return {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
+
+
+def generated_name(objs: list[dict], name: str) -> str:
+    """The generated (hash-suffixed) name of Secret `name` in the platform namespace."""
+    (full,) = [
+        o["metadata"]["name"]
+        for o in objs
+        if o["kind"] == "Secret"
+        and o["metadata"]["namespace"] == PLATFORM
+        and unhashed_name(o["metadata"]["name"]) == name
+    ]
+    return full
+
+
+def platform_container(objs: list[dict], kind: str, name: str) -> tuple[dict, dict]:
+    """(pod template, first container) of workload `kind` `name` in the platform namespace."""
+    workload = find(objs, kind, name, PLATFORM)
+    return workload["spec"]["template"], workload["spec"]["template"]["spec"]["containers"][0]
+
+
+# --- checkov ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckovSkip:
+    """A row of k8s/README.md's table of checkov skips."""
+
+    check: str
+    overlay: str
+    how: str  # "--skip-check" (the whole overlay) or "annotation" (checkov.io/skip on the objects named)
+    why: str
+
+
+def documented_skips(doc: Path = CHECKOV_SKIPS_DOC) -> list[CheckovSkip]:
+    """The rows `| `CKV_...` | overlay | how | why |` of the skip table."""
+    row = re.compile(r"^\|\s*`(CKV\w+)`\s*\|\s*(\w[\w-]*)\s*\|\s*(--skip-check|annotation)[^|]*\|\s*(.+?)\s*\|\s*$")
+    return [CheckovSkip(*m.groups()) for line in doc.read_text().splitlines() if (m := row.match(line))]
+
+
+def checkov_bin() -> Path:
+    """checkov from its own virtualenv, made once (under a lock: pytest-xdist workers)."""
+    checkov = CHECKOV_VENV / "bin" / "checkov"
+    CHECKOV_VENV.parent.mkdir(parents=True, exist_ok=True)
+    with open(CHECKOV_VENV.parent / f".checkov-{CHECKOV_VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not checkov.exists():
+            shutil.rmtree(CHECKOV_VENV, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(CHECKOV_VENV)], check=True, capture_output=True)
+            pip = [str(CHECKOV_VENV / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+            subprocess.run([*pip, f"checkov=={CHECKOV_VERSION}"], check=True, capture_output=True)
+    return checkov
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckovResult:
+    passed: int
+    failed: list[str]  # "CKV_K8S_xx Kind.namespace.name: title"
+    skipped: list[tuple[str, str]]  # (check id, resource)
+
+
+def run_checkov(objs: list[dict], skip_checks: list[str]) -> CheckovResult:
+    """checkov's kubernetes checks on `objs`, offline (--skip-download)."""
+    with tempfile.TemporaryDirectory() as workdir:
+        manifest = Path(workdir) / "rendered.yaml"
+        manifest.write_text(yaml.safe_dump_all(objs, sort_keys=False))
+        command = [str(checkov_bin()), "--file", str(manifest), "--framework", "kubernetes"]
+        command += ["--output", "json", "--skip-download"]
+        if skip_checks:
+            command += ["--skip-check", ",".join(skip_checks)]
+        out = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
+    if out.returncode not in (0, 1):  # 1: some check failed
+        raise RuntimeError(f"checkov exited {out.returncode}: {out.stderr[-2000:]}")
+    report = json.loads(out.stdout)
+    results = report.get("results", {})
+    return CheckovResult(
+        passed=report["summary"]["passed"],
+        failed=[f"{c['check_id']} {c['resource']}: {c['check_name']}" for c in results.get("failed_checks", [])],
+        skipped=[(c["check_id"], c["resource"]) for c in results.get("skipped_checks", [])],
+    )
+
+
+@functools.cache
+def checkov(overlay: str) -> CheckovResult:
+    """checkov on `overlay` as rendered, with its documented --skip-check skips; once per session."""
+    skips = sorted({s.check for s in documented_skips() if s.overlay == overlay and s.how == "--skip-check"})
+    return run_checkov(rendered(overlay), skips)

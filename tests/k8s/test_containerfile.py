@@ -149,4 +149,4 @@ def test_image_has_the_driver_of_mlflows_backend_store_uri():
     assert driver in extra
     assert '"/src[cluster]"' in CONTAINERFILE.read_text()
     mlflow = (ROOT / "k8s" / "base" / "platform" / "mlflow.yaml").read_text()
-    assert "value: postgresql://mlflow:" in mlflow
+    assert 'MLFLOW_BACKEND_STORE_URI="postgresql://mlflow:' in mlflow

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import pytest
 from k8s_checks import OVERLAYS, ROOT, find, pod_templates, rendered
 from pydantic import AliasChoices
-from torchx.schedulers.kubernetes_scheduler import LABEL_ORGANIZATION
+from torchx.schedulers.kubernetes_scheduler import LABEL_ORGANIZATION, sanitize_for_serialization
 from torchx.schedulers.kubernetes_scheduler import Opts as TorchXKubernetesOpts
 
 from components.common.settings import Settings
@@ -34,6 +34,9 @@ from vdm.cli import main as vdm_cli
 
 PLATFORM = "vdm"  # MinIO, MLflow, serving
 RUNS = "kubeflow"  # where Kubeflow Pipelines runs steps (k8s/base/pipeline-runs)
+TRAINING = "vdm-training"  # where TorchX submits Volcano training jobs (k8s/base/training)
+MLFLOW_SECRET = "vdm-mlflow-credentials"  # the pipelines' MLflow user, next to S3_SECRET
+MLFLOW_SECRET_KEYS = {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}  # as MLflow's client reads them
 KFP_STEP_LABEL = {"pipelines.kubeflow.org/v2_component": "true"}  # KFP's label on every step pod
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
@@ -57,12 +60,14 @@ def field_default(cls, name):
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
-@pytest.mark.parametrize("namespace", [RUNS, PLATFORM])
+@pytest.mark.parametrize("namespace", [RUNS, TRAINING, PLATFORM])
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_secret_and_config_map_have_the_keys_the_pipeline_steps_read(overlay, namespace):
     secret = find(rendered(overlay), "Secret", S3_SECRET, namespace)
     assert secret is not None, f"no Secret {namespace}/{S3_SECRET}"
     assert set(S3_SECRET_KEYS) <= set(secret["data"])
+    mlflow_user = find(rendered(overlay), "Secret", MLFLOW_SECRET, namespace)
+    assert mlflow_user is not None and set(mlflow_user["data"]) == MLFLOW_SECRET_KEYS
     config_map = find(rendered(overlay), "ConfigMap", PLATFORM_CONFIG_MAP, namespace)
     assert config_map is not None, f"no ConfigMap {namespace}/{PLATFORM_CONFIG_MAP}"
     assert set(PLATFORM_CONFIG_KEYS) <= set(config_map["data"])
@@ -82,7 +87,7 @@ def test_every_key_is_a_setting_the_code_reads(overlay):
 def test_endpoints_and_buckets_point_at_the_platform(overlay):
     objs = rendered(overlay)
     values = config(objs)
-    assert config(objs, PLATFORM) == values
+    assert config(objs, PLATFORM) == config(objs, TRAINING) == values
     s3, mlflow = urlparse(values["VDM_S3_ENDPOINT"]), urlparse(values["MLFLOW_TRACKING_URI"])
     assert (s3.hostname, s3.port) == service_url(objs, "minio", "s3")
     assert (mlflow.hostname, mlflow.port) == service_url(objs, "mlflow", "http")
@@ -102,7 +107,7 @@ def test_endpoints_and_buckets_point_at_the_platform(overlay):
 def test_vdm_image_is_the_image_the_pods_run(overlay):
     objs = rendered(overlay)
     image = config(objs)["VDM_IMAGE"]
-    assert config(objs, PLATFORM)["VDM_IMAGE"] == image
+    assert config(objs, PLATFORM)["VDM_IMAGE"] == config(objs, TRAINING)["VDM_IMAGE"] == image
     assert container(objs, "vdm-serving")["image"] == image
     default = Settings.model_fields["image"].default
     assert default == f"vdm-platform:{VERSION}"
@@ -121,31 +126,21 @@ def test_volcano_queue_is_the_launch_default():
         assert find(rendered(overlay), "Queue", queue) is not None, f"no Volcano Queue {queue!r}"
 
 
-def torchx_namespace(monkeypatch) -> str:
-    """The namespace TorchX submits a training job into, as launch_training calls it."""
-    submitted = {}
-
-    class Submitted(Exception):
-        pass
-
-    class Runner:
-        def run(self, app, scheduler, cfg):
-            submitted.update(scheduler=scheduler, cfg=cfg)
-            raise Submitted
-
-    monkeypatch.setattr(launch, "get_runner", Runner)
-    with pytest.raises(Submitted):
-        request = TrainingRequest(kind="image", data="s3://vdm/data", output="s3://vdm/out")
-        launch.launch_training(request, launch.Launch(scheduler="kubernetes", image="vdm-platform:test"))
-    assert submitted["scheduler"] == "kubernetes"
-    return submitted["cfg"].get("namespace") or field_default(TorchXKubernetesOpts, "namespace")
+def training_submission(monkeypatch) -> dict:
+    """What launch_training submits on kubernetes: the run options and the Volcano job (TorchX's
+    dry run, without the API server's validation); the launching step's credentials set."""
+    for name in launch.SECRET_ENV:
+        monkeypatch.setenv(name, f"literal-{name}")
+    request = TrainingRequest(kind="image", data="s3://vdm/data", output="s3://vdm/out")
+    step = launch.Launch(scheduler="kubernetes", image="vdm-platform:test", env=launch.forwarded_env("kubernetes"))
+    info = launch.submission(request, step, validate=False)
+    return {"cfg": info.cfg, "job": sanitize_for_serialization(info.request.resource)}
 
 
-def test_training_rbac_and_network_paths_are_in_torchx_namespace(monkeypatch):
-    namespace = torchx_namespace(monkeypatch)
+def test_training_rbac_and_network_paths_are_in_the_training_namespace():
     objs = rendered("prod")
-    role = find(objs, "Role", "vdm-torchx-launcher", namespace)
-    assert role is not None, f"TorchX submits into {namespace!r}; the launcher Role is not there"
+    role = find(objs, "Role", "vdm-torchx-launcher", TRAINING)
+    assert role is not None, f"the launcher Role is not in {TRAINING!r}"
     granted = {
         (g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
     }
@@ -154,15 +149,69 @@ def test_training_rbac_and_network_paths_are_in_torchx_namespace(monkeypatch):
         ("batch.volcano.sh", "jobs", "watch"),
         ("", "pods/log", "get"),
     } <= granted
-    binding = find(objs, "RoleBinding", "vdm-torchx-launcher", namespace)
+    assert not any("secrets" in rule["resources"] for rule in role["rules"])
+    binding = find(objs, "RoleBinding", "vdm-torchx-launcher", TRAINING)
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": RUNS}]
     torchx_peer = {
-        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": TRAINING}},
         "podSelector": {"matchLabels": {LABEL_ORGANIZATION: "torchx.pytorch.org"}},
     }
     for target in ("minio", "mlflow"):
         peers = [p for rule in find(objs, "NetworkPolicy", target, PLATFORM)["spec"]["ingress"] for p in rule["from"]]
         assert torchx_peer in peers, f"training pods cannot reach {target}"
+    ranks = find(objs, "NetworkPolicy", "torchx-ranks", TRAINING)["spec"]
+    assert ranks["podSelector"] == torchx_peer["podSelector"]
+    reachable = [peer for rule in ranks["egress"] for peer in rule["to"]]
+    for target in ("minio", "mlflow"):
+        peer = {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": PLATFORM}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": target}},
+        }
+        assert peer in reachable, f"the training NetworkPolicy lets no rank reach {target}"
+
+
+def test_torchx_submits_into_the_training_namespace(monkeypatch):
+    cfg = training_submission(monkeypatch)["cfg"]
+    assert (cfg.get("namespace") or field_default(TorchXKubernetesOpts, "namespace")) == TRAINING
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_training_pods_get_no_secret_as_a_literal_value(overlay, monkeypatch):
+    """Every credential a training pod reads is a secretKeyRef to a key the training namespace's
+    Secrets have; none is in the job spec."""
+    objs = rendered(overlay)
+    job = training_submission(monkeypatch)["job"]
+    assert "literal-" not in str(job)
+    credentials = set(S3_SECRET_KEYS) | MLFLOW_SECRET_KEYS
+    for task in job["spec"]["tasks"]:
+        (container,) = task["template"]["spec"]["containers"]
+        referenced = set()
+        for env in container["env"]:
+            if "valueFrom" in env:
+                ref = env["valueFrom"]["secretKeyRef"]
+                secret = find(objs, "Secret", ref["name"], TRAINING)
+                assert secret is not None and ref["key"] in secret["data"], (overlay, ref)
+                referenced.add(env["name"])
+            else:
+                assert env["name"] not in credentials, env["name"]
+        assert referenced == credentials
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_peer_outside_the_namespace_is_admitted_by_labels_alone(overlay):
+    """A pod selector without a namespace selector selects in the policy's own namespace;
+    a namespace selector is always by name (the API server's label), never by a label
+    anyone with rights on a Namespace could set."""
+    for policy in (o for o in rendered(overlay) if o["kind"] == "NetworkPolicy"):
+        rules = [*policy["spec"].get("ingress", []), *policy["spec"].get("egress", [])]
+        for peer in (p for rule in rules for p in [*rule.get("from", []), *rule.get("to", [])]):
+            if "namespaceSelector" in peer:
+                assert set(peer["namespaceSelector"]) == {"matchLabels"}, policy["metadata"]["name"]
+                assert set(peer["namespaceSelector"]["matchLabels"]) == {"kubernetes.io/metadata.name"}
+                assert peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] != "default"
+                assert peer.get("podSelector", {}).get("matchLabels"), (
+                    f"{policy['metadata']['name']}: a whole namespace"
+                )
 
 
 def test_pipeline_steps_reach_minio_and_mlflow():

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
 from k8s_checks import (
+    CLUSTER_SCOPED,
     K8S,
     KUBECTL,
     KUBERNETES_VERSIONS,
     OVERLAYS,
+    PSA_ENFORCE,
     ROOT,
     core_problems,
     custom_problems,
     find,
     image_problems,
     mutated,
+    namespace_problems,
     policy_problems,
     probe_problems,
     reference_problems,
@@ -66,13 +70,43 @@ def test_policy(overlay):
     assert policy_problems(rendered(overlay)) == []
 
 
+@pytest.mark.parametrize("namespace", ["vdm", "vdm-training"])
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_default_deny_and_dns_for_every_platform_pod(overlay):
+def test_default_deny_and_dns_for_every_pod(overlay, namespace):
     objs = rendered(overlay)
-    deny = find(objs, "NetworkPolicy", "default-deny", "vdm")
+    deny = find(objs, "NetworkPolicy", "default-deny", namespace)
     assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
-    dns = find(objs, "NetworkPolicy", "allow-dns", "vdm")["spec"]
+    dns = find(objs, "NetworkPolicy", "allow-dns", namespace)["spec"]
     assert dns["podSelector"] == {} and {p["port"] for p in dns["egress"][0]["ports"]} == {53}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_namespaces_created_enforce_restricted_and_nothing_is_in_default(overlay):
+    objs = rendered(overlay)
+    assert {o["metadata"]["name"] for o in objs if o["kind"] == "Namespace"} == {"vdm", "vdm-training"}
+    used = {o["metadata"].get("namespace") for o in objs if o["kind"] not in CLUSTER_SCOPED}
+    assert used == {"vdm", "vdm-training", "kubeflow"}
+    assert namespace_problems(objs) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "namespace", "change", "expected"),
+    [
+        ("Namespace", "vdm", None, lambda o: o["metadata"]["labels"].pop(PSA_ENFORCE), "restricted"),
+        (
+            "Namespace",
+            "vdm-training",
+            None,
+            lambda o: o["metadata"]["labels"].update({PSA_ENFORCE: "baseline"}),
+            "restricted",
+        ),
+        ("Role", "vdm-torchx-launcher", "vdm-training", lambda o: o["metadata"].update(namespace="default"), "default"),
+        ("ConfigMap", "kfp-launcher", "kubeflow", lambda o: o["metadata"].pop("namespace"), "default"),
+    ],
+)
+def test_broken_namespace_is_caught(kind, name, namespace, change, expected):
+    problems = namespace_problems(mutated(rendered("prod"), kind, name, change, namespace))
+    assert any(expected in p and name in p for p in problems), problems
 
 
 def test_postgres_is_reachable_from_mlflow_alone():
@@ -107,13 +141,27 @@ def test_make_secrets_keeps_existing_files_and_hides_them(tmp_path):
     script.write_bytes((K8S / "make-secrets.sh").read_bytes())
     subprocess.run(["sh", str(script), "dev"], check=True, capture_output=True)
     files = sorted((overlay / "secrets").iterdir())
-    assert [f.name for f in files] == ["minio-root.env", "postgres.env", "s3.env"]
+    assert [f.name for f in files] == [
+        "minio-root.env",
+        "mlflow-admin.env",
+        "mlflow-pipelines.env",
+        "mlflow-s3.env",
+        "mlflow-serving.ini",
+        "postgres.env",
+        "s3.env",
+        "serving-admin-keys",
+        "serving-api-keys",
+    ]
     assert all(f.stat().st_mode & 0o077 == 0 for f in files)
     before = [f.read_text() for f in files]
     subprocess.run(["sh", str(script), "dev"], check=True, capture_output=True)
     assert [f.read_text() for f in files] == before
-    password = dict(line.split("=", 1) for line in before[0].split())["MINIO_ROOT_PASSWORD"]
-    assert len(password) == 40 and password not in before[2]
+    # Every secret is its own: 40 hex characters, none shared between two files.
+    secrets = re.findall(r"(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])", "\n".join(before))
+    assert len(secrets) == len(files) + 1 and len(set(secrets)) == len(secrets), secrets  # mlflow-admin has 2
+    (overlay / "secrets" / "mlflow-admin.env").unlink()  # an upgrade: only the missing file is made
+    subprocess.run(["sh", str(script), "dev"], check=True, capture_output=True)
+    assert [f.read_text() for f in files if f.name != "mlflow-admin.env"] == before[:1] + before[2:]
 
 
 # A deliberately broken copy of a rendered overlay is caught by each check.
@@ -166,7 +214,10 @@ def _serving_container(deployment):
         (probe_problems, lambda d: _serving_container(d).pop("readinessProbe")),
         (image_problems, lambda d: _serving_container(d).update(image="vdm-platform:latest")),
         (image_problems, lambda d: _serving_container(d).update(image="registry.local:5000/vdm-platform")),
-        (reference_problems, lambda d: _serving_container(d)["envFrom"][1]["secretRef"].update(name="s3-creds")),
+        (security_problems, lambda d: _serving_container(d)["securityContext"].update(readOnlyRootFilesystem=False)),
+        (security_problems, lambda d: d["spec"]["template"]["spec"]["securityContext"].update(runAsUser=1000)),
+        (image_problems, lambda d: _serving_container(d).update(imagePullPolicy="IfNotPresent")),
+        (reference_problems, lambda d: d["spec"]["template"]["spec"]["volumes"][-1]["secret"].update(secretName="x")),
         (reference_problems, lambda d: d["spec"]["template"]["spec"].update(serviceAccountName="nobody")),
         (
             reference_problems,
