@@ -1,19 +1,29 @@
 """The local stack: real servers on 127.0.0.1 for development, tests and `make demo`.
 
-- `s3`: SeaweedFS `weed mini` (the S3 API our code speaks to MinIO in the cluster);
-- `mlflow`: MLflow tracking server, sqlite backend, artifacts proxied into the `mlflow` bucket;
+- `s3`: SeaweedFS `weed mini` (the S3 API our code speaks to MinIO in the cluster). Only
+  the S3 API serves data, to the generated keys: the master's and filer's HTTP APIs are
+  off (`-disableHttp`), the volume server takes only JWTs signed by the master or the S3
+  gateway, and every gRPC port takes only clients with the stack's own certificate (mTLS);
+  all of it set in `s3/security.toml`, which `weed` reads from its working folder;
+- `mlflow`: MLflow tracking server with its basic-auth app (the generated login in
+  `credentials.env`), sqlite backend, artifacts proxied into the `mlflow` bucket;
 - `prometheus`: Debian's Prometheus, when installed; it scrapes every target file
-  that later parts drop into `$VDM_HOME/prometheus/targets/`.
+  that later parts drop into `$VDM_HOME/prometheus/targets/`. Its API and UI ask for the
+  generated login (`VDM_PROMETHEUS_USERNAME`, `VDM_PROMETHEUS_PASSWORD`).
 
 State lives in the state folder (`$VDM_HOME`, default `.vdm/`): data, logs, PID
-records, generated credentials (mode 0600). Each server runs in its own process
-group; its PID record holds the kernel's start time of that process, so `down`
-signals exactly the processes `up` started and never a recycled PID.
+records, generated credentials and server secrets (mode 0600). Each server runs in its
+own process group; its PID record holds the kernel's start time of that process, so
+`down` signals exactly the processes `up` started and never a recycled PID, and stops
+the whole group even when its leader has died and left workers behind.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import datetime
+import ipaddress
 import json
 import os
 import secrets
@@ -29,12 +39,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import bcrypt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from components.common.objectstore import ObjectStore, ObjectStoreError
 from components.common.settings import CREDENTIALS_FILE, STACK_ENV_FILE, Settings, load_settings
 
 HOST = "127.0.0.1"
 # SeaweedFS binds each gRPC port at its HTTP port + 10000.
 SEAWEED_GRPC_OFFSET = 10000
+# The MLflow account the stack creates (its admin) and hands to every client.
+MLFLOW_USER = "vdm-admin"
+PROMETHEUS_USER = "vdm-admin"
+# SeaweedFS's gRPC services (`[grpc.<name>]` of security.toml), all given the stack's certificate.
+SEAWEED_GRPC_SERVICES = ("master", "volume", "filer", "s3", "admin", "worker", "client")
 
 
 class StackError(RuntimeError):
@@ -53,6 +74,8 @@ class ServerSpec:
     # stalls for ~20 s in shutdown after its data is flushed; the data survives SIGKILL.
     stop_timeout_s: float = 20.0
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None  # None: the state folder
+    before_start: Callable[[], None] | None = None
     after_start: Callable[[], None] | None = None
 
 
@@ -70,14 +93,69 @@ class ServerStatus:
 
 
 def generate_credentials(home: Path) -> None:
-    """Write fresh S3 keys to `credentials.env` (0600) unless the file exists."""
+    """The clients' secrets in `credentials.env` (0600): S3 keys and the MLflow login. Those
+    already there are kept (the servers' data and users were made with them); missing ones
+    are generated."""
     path = home / CREDENTIALS_FILE
-    if path.exists():
+    current = read_env_file(path)
+    fresh = {
+        "AWS_ACCESS_KEY_ID": f"vdm{secrets.token_hex(8)}",
+        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
+        "MLFLOW_TRACKING_USERNAME": MLFLOW_USER,
+        "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(30),
+        "VDM_PROMETHEUS_USERNAME": PROMETHEUS_USER,
+        "VDM_PROMETHEUS_PASSWORD": secrets.token_urlsafe(30),
+    }
+    if fresh.keys() <= current.keys():
         return
-    body = f"AWS_ACCESS_KEY_ID=vdm{secrets.token_hex(8)}\nAWS_SECRET_ACCESS_KEY={secrets.token_urlsafe(30)}\n"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(body)
+    write_private(path, "".join(f"{k}={v}\n" for k, v in (fresh | current).items()))
+
+
+def generate_server_secret(path: Path) -> None:
+    """A secret only a server reads (never a client), generated once into a 0600 file."""
+    if not path.exists():
+        write_private(path, secrets.token_urlsafe(32) + "\n")
+
+
+def write_mtls_certificate(folder: Path) -> None:
+    """`ca.crt`, `tls.crt` and `tls.key` (0600) in `folder` unless there: a certificate for
+    127.0.0.1 that serves and authenticates as a client, from a CA whose key is thrown away,
+    so no other certificate can ever pass. SeaweedFS's gRPC servers require it of clients."""
+    if all((folder / name).exists() for name in ("ca.crt", "tls.crt", "tls.key")):
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    valid = {
+        "not_valid_before": now - datetime.timedelta(minutes=5),
+        "not_valid_after": now + datetime.timedelta(days=3650),
+    }
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vdm local stack CA")])
+    ca = (
+        x509.CertificateBuilder(issuer_name=ca_name, subject_name=ca_name, public_key=ca_key.public_key(),
+                                serial_number=x509.random_serial_number(), **valid)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    leaf = (
+        x509.CertificateBuilder(issuer_name=ca_name, public_key=key.public_key(),
+                                subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "seaweedfs")]),
+                                serial_number=x509.random_serial_number(), **valid)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                    x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    write_private(folder / "tls.key", key_pem.decode())
+    (folder / "tls.crt").write_bytes(leaf.public_bytes(pem))
+    (folder / "ca.crt").write_bytes(ca.public_bytes(pem))
+
+
+def read_text_or_empty(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -117,24 +195,50 @@ def _wait_ports_free(ports: list[int], timeout_s: float) -> list[int]:
     return []
 
 
-def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+def basic_auth(username: str, password: str) -> dict[str, str]:
+    """The Authorization header of an HTTP basic login."""
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def http_ok(url: str, timeout_s: float = 2.0, headers: dict[str, str] | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout_s) as response:
             return 200 <= response.status < 300
     except OSError:
         return False
 
 
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of a live process (field 22 of /proc/PID/stat); None if gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (state first); None for a process gone or a zombie
+    (it has exited and only waits to be reaped)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":  # a zombie has exited; it only waits to be reaped
-        return None
-    return fields[19]
+    return None if fields[0] == "Z" else fields
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of a live process (field 22 of /proc/PID/stat); None if gone."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields else None
+
+
+def process_group_members(pgid: int, started_at: str) -> list[int]:
+    """Live processes of process group `pgid` started no earlier than `started_at` (its
+    leader's start time): what is left of a group, its leader dead or not. A group id reused
+    by a later process would need that PID free first, that is, the leader gone and reaped,
+    and its own session; the start time keeps out anything older."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields and int(fields[2]) == pgid and int(fields[19]) >= int(started_at):
+            members.append(int(entry.name))
+    return members
 
 
 class Stack:
@@ -226,6 +330,10 @@ class Stack:
             f"-filer.port={s.seaweed_filer_port}",
             f"-filer.port.grpc={s.seaweed_filer_port + SEAWEED_GRPC_OFFSET}",
             f"-filer.localSocket={self.home / 's3' / 'filer.sock'}",
+            f"-s3.localSocket={self.home / 's3' / 's3.sock'}",
+            # No HTTP API on the master (assign, lookup) and the filer (read, write, list): S3 and
+            # the volume server need only their gRPC, which requires the stack's certificate.
+            "-disableHttp",
             "-webdav=false",
             "-admin.ui=false",
             "-s3.port.iceberg=0",
@@ -256,8 +364,31 @@ class Stack:
             healthy=healthy,
             start_timeout_s=60,
             stop_timeout_s=5,
+            cwd=self.home / "s3",  # where `weed` reads security.toml
+            before_start=self._write_seaweed_security,
             after_start=create_buckets,
         )
+
+    @property
+    def seaweed_tls_dir(self) -> Path:
+        """The certificate SeaweedFS's gRPC servers ask of every client (`ca.crt`, `tls.crt`, `tls.key`)."""
+        return self.home / "s3" / "tls"
+
+    def _write_seaweed_security(self) -> None:
+        """SeaweedFS's security.toml (0600), written before each start with fresh JWT signing keys:
+        its tokens live 10 s and nothing stored depends on the keys. With them the volume server
+        serves and stores a chunk only for a token the master or the S3 gateway signed; gRPC
+        takes only the stack's certificate; the volume server's UI is off."""
+        write_mtls_certificate(self.seaweed_tls_dir)
+        tls = self.seaweed_tls_dir
+        lines = []
+        for section in ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read"):
+            lines += [f"[{section}]", f'key = "{secrets.token_hex(32)}"', "expires_after_seconds = 10", ""]
+        lines += ["[access]", "ui = false", "", "[filer.expose_directory_metadata]", "enabled = false", ""]
+        lines += ["[grpc]", f'ca = "{tls / "ca.crt"}"', ""]
+        for service in SEAWEED_GRPC_SERVICES:
+            lines += [f"[grpc.{service}]", f'cert = "{tls / "tls.crt"}"', f'key = "{tls / "tls.key"}"', ""]
+        write_private(self.home / "s3" / "security.toml", "\n".join(lines))
 
     def _mlflow_spec(self) -> ServerSpec:
         s = self.settings
@@ -279,8 +410,14 @@ class Stack:
             str(s.mlflow_port),
             "--workers",
             "1",
+            # Every request but /health needs the login (artifacts through the proxy included).
+            "--app-name",
+            "basic-auth",
         ]
         env = {
+            "MLFLOW_AUTH_CONFIG_PATH": str(self.mlflow_auth_config),
+            # Signs the login form's CSRF tokens; the same key across restarts.
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": read_text_or_empty(self.mlflow_flask_secret).strip(),
             "MLFLOW_S3_ENDPOINT_URL": f"http://{HOST}:{s.s3_port}",
             "AWS_ACCESS_KEY_ID": creds.get("AWS_ACCESS_KEY_ID", ""),
             "AWS_SECRET_ACCESS_KEY": creds.get("AWS_SECRET_ACCESS_KEY", ""),
@@ -309,18 +446,47 @@ class Stack:
             f"--config.file={self.home / 'prometheus' / 'prometheus.yml'}",
             f"--storage.tsdb.path={self.home / 'prometheus' / 'data'}",
             f"--web.listen-address={HOST}:{s.prometheus_port}",
+            f"--web.config.file={self.home / 'prometheus' / 'web.yml'}",
         ]
+        login = self.prometheus_login()
         return ServerSpec(
             name="prometheus",
             argv=argv,
             ports=[s.prometheus_port],
             url=url,
-            healthy=lambda: http_ok(f"{url}/-/ready"),
+            healthy=lambda: http_ok(f"{url}/-/ready", headers=login),
             start_timeout_s=30,
         )
 
+    def prometheus_login(self) -> dict[str, str]:
+        """The Authorization header Prometheus's API asks of every reader."""
+        creds = self.credentials()
+        return basic_auth(creds["VDM_PROMETHEUS_USERNAME"], creds["VDM_PROMETHEUS_PASSWORD"])
+
+    @property
+    def mlflow_auth_config(self) -> Path:
+        return self.home / "mlflow" / "basic_auth.ini"
+
+    @property
+    def mlflow_flask_secret(self) -> Path:
+        return self.home / "mlflow" / "flask_secret_key"
+
     def _write_configs(self) -> None:
         creds = self.credentials()
+        generate_server_secret(self.mlflow_flask_secret)
+        # MLflow's auth app makes this admin on its first start against an empty users database;
+        # no one else has an account, and a new one gets no permission until granted.
+        write_private(
+            self.mlflow_auth_config,
+            "[mlflow]\n"
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{self.home / 'mlflow' / 'basic_auth.db'}\n"
+            f"admin_username = {creds['MLFLOW_TRACKING_USERNAME']}\n"
+            f"admin_password = {creds['MLFLOW_TRACKING_PASSWORD']}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            # Checking a password costs a PBKDF2 hash; one server process, so no stale cache elsewhere.
+            "auth_cache_ttl_seconds = 600\n",
+        )
         s3_config = {
             "identities": [
                 {
@@ -334,12 +500,20 @@ class Stack:
         }
         write_private(self.home / "s3" / "s3.json", json.dumps(s3_config))
         self.prometheus_targets_dir.mkdir(parents=True, exist_ok=True)
-        (self.home / "prometheus" / "prometheus.yml").write_text(
+        # Its API and UI ask for the login (bcrypt, as Prometheus's web config takes it); it scrapes
+        # itself with the password from a 0600 file.
+        prometheus = self.home / "prometheus"
+        user, password = creds["VDM_PROMETHEUS_USERNAME"], creds["VDM_PROMETHEUS_PASSWORD"]
+        hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=10)).decode()
+        write_private(prometheus / "web.yml", f"basic_auth_users:\n  {user}: {hashed}\n")
+        write_private(prometheus / "password", password)
+        (prometheus / "prometheus.yml").write_text(
             "global:\n"
             "  scrape_interval: 5s\n"
             "  evaluation_interval: 5s\n"
             "scrape_configs:\n"
             "  - job_name: prometheus\n"
+            f"    basic_auth: {{username: {user}, password_file: '{prometheus / 'password'}'}}\n"
             f"    static_configs: [{{targets: ['{HOST}:{self.settings.prometheus_port}']}}]\n"
             "  - job_name: vdm\n"
             "    file_sd_configs:\n"
@@ -354,15 +528,34 @@ class Stack:
     def _pid_file(self, name: str) -> Path:
         return self.run_dir / f"{name}.json"
 
+    def _record(self, name: str) -> dict | None:
+        path = self._pid_file(name)
+        return json.loads(path.read_text()) if path.exists() else None
+
     def _recorded_pid(self, name: str) -> int | None:
         """The PID recorded for a server if that very process is still alive."""
-        path = self._pid_file(name)
-        if not path.exists():
-            return None
-        record = json.loads(path.read_text())
-        if process_start_time(record["pid"]) != record["start_time"]:
+        record = self._record(name)
+        if record is None or process_start_time(record["pid"]) != record["start_time"]:
             return None
         return record["pid"]
+
+    def _leftovers(self, name: str) -> list[int]:
+        """Live processes of the recorded server's process group (leader included if alive):
+        a server's workers can outlive a leader killed with SIGKILL and keep its port."""
+        record = self._record(name)
+        if record is None or record.get("start_time") is None:
+            return []
+        # A record without `pgid`: the leader's own group (every server starts a new session).
+        return process_group_members(record.get("pgid", record["pid"]), record["start_time"])
+
+    def _stop_leftovers(self, spec: ServerSpec) -> list[int]:
+        """Stop what is left of a server's process group after its leader died; returns their PIDs."""
+        left = self._leftovers(spec.name)
+        if left:
+            record = self._record(spec.name)
+            _stop_group_members(record.get("pgid", record["pid"]), record["start_time"], spec.stop_timeout_s)
+            self.log(f"{spec.name:<11} stopped processes its dead leader left: pid {', '.join(map(str, left))}")
+        return left
 
     def _status(self, spec: ServerSpec) -> ServerStatus:
         pid = self._recorded_pid(spec.name)
@@ -400,6 +593,7 @@ class Stack:
             return
         if current.state == "dead":
             self.log(f"{spec.name:<11} had died; restarting it on its data")
+            self._stop_leftovers(spec)
         # A server that just died or was just stopped may hold a port for a moment (seen once in CI:
         # SeaweedFS's, right after `down`); another program's stays taken and is reported.
         busy = _wait_ports_free(spec.ports, timeout_s=10 if current.state == "dead" else 3)
@@ -409,6 +603,8 @@ class Stack:
                 "stop it or choose other ports (VDM_*_PORT variables)"
             )
         started = time.monotonic()
+        if spec.before_start:
+            spec.before_start()
         log_path = self.log_dir / f"{spec.name}.log"
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
@@ -416,11 +612,17 @@ class Stack:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                cwd=self.home,
+                cwd=spec.cwd or self.home,
                 env={**os.environ, **spec.env},
                 start_new_session=True,  # its own process group: `down` stops it and its children
             )
-        record = {"pid": process.pid, "start_time": process_start_time(process.pid), "argv0": spec.argv[0]}
+        # A new session's group id is its leader's PID; recorded, so `down` finds the group after the leader died.
+        record = {
+            "pid": process.pid,
+            "pgid": process.pid,
+            "start_time": process_start_time(process.pid),
+            "argv0": spec.argv[0],
+        }
         self._pid_file(spec.name).write_text(json.dumps(record))
         self._wait_healthy(spec, process.pid, log_path)
         if spec.after_start:
@@ -439,7 +641,8 @@ class Stack:
         raise StackError(f"{spec.name} did not become healthy within {spec.start_timeout_s:.0f} s ({spec.url})")
 
     def down(self) -> list[str]:
-        """Stop every server this stack started (by recorded PID); returns their names."""
+        """Stop every server this stack started (by recorded PID), each with its whole process
+        group, also what is left of one whose leader died; returns the names of those it stopped."""
         stopped = []
         for spec in reversed(self.specs()):
             pid = self._recorded_pid(spec.name)
@@ -448,6 +651,8 @@ class Stack:
                 _stop_process_group(pid, spec.stop_timeout_s)
                 stopped.append(spec.name)
                 self.log(f"{spec.name:<11} stopped in {time.monotonic() - started:4.1f} s  pid {pid}")
+            if self._stop_leftovers(spec) and spec.name not in stopped:
+                stopped.append(spec.name)
             self._pid_file(spec.name).unlink(missing_ok=True)
         return stopped
 
@@ -468,3 +673,16 @@ def _stop_process_group(pid: int, timeout_s: float) -> None:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)  # whatever of the group is left
+
+
+def _stop_group_members(pgid: int, started_at: str, timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout_s`, to a group whose leader is gone, until none of
+    its members (`process_group_members`) is left."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        if not process_group_members(pgid, started_at):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait_s
+        while process_group_members(pgid, started_at) and time.monotonic() < deadline:
+            time.sleep(0.1)

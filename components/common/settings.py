@@ -3,7 +3,7 @@
 Variable names are the ones the k8s ConfigMaps and Secrets set (k8s/), so the same
 code reads its configuration in a pod and on a laptop. Locally, `vdm stack up`
 writes `$VDM_HOME/stack.env` (endpoints) and `$VDM_HOME/credentials.env`
-(generated keys, mode 0600); the environment wins over both files.
+(generated S3 keys and MLflow login, mode 0600); the environment wins over both files.
 """
 
 from __future__ import annotations
@@ -38,8 +38,11 @@ class Settings(BaseSettings):
     data_bucket: str = Field("vdm", validation_alias="VDM_DATA_BUCKET")
     mlflow_bucket: str = Field("mlflow", validation_alias="VDM_MLFLOW_BUCKET")
 
-    # Tracking and registry.
+    # Tracking and registry. The login is MLflow's own variables: its client reads them from the
+    # environment only (`mlflow_login_env` hands them over when they come from a file).
     mlflow_tracking_uri: str = Field("http://127.0.0.1:5000", validation_alias="MLFLOW_TRACKING_URI")
+    mlflow_username: str | None = Field(None, validation_alias="MLFLOW_TRACKING_USERNAME")
+    mlflow_password: SecretStr | None = Field(None, validation_alias="MLFLOW_TRACKING_PASSWORD")
 
     # The project image every KFP component and the serving Deployment run.
     image: str = Field("vdm-platform:0.1.0", validation_alias="VDM_IMAGE")
@@ -51,6 +54,15 @@ class Settings(BaseSettings):
     seaweed_filer_port: int = Field(8888, validation_alias="VDM_SEAWEED_FILER_PORT")
     mlflow_port: int = Field(5000, validation_alias="VDM_MLFLOW_PORT")
     prometheus_port: int = Field(9090, validation_alias="VDM_PROMETHEUS_PORT")
+
+    def mlflow_login_env(self) -> dict[str, str]:
+        """The MLflow login as the variables MLflow's client reads; empty when none is set."""
+        if self.mlflow_username is None or self.mlflow_password is None:
+            return {}
+        return {
+            "MLFLOW_TRACKING_USERNAME": self.mlflow_username,
+            "MLFLOW_TRACKING_PASSWORD": self.mlflow_password.get_secret_value(),
+        }
 
     @property
     def s3_secure(self) -> bool:

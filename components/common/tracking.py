@@ -69,8 +69,12 @@ def flatten(config: Mapping, prefix: str = "") -> dict[str, str]:
 
 
 def connect(settings: Settings | None = None) -> None:
-    """Point the MLflow client (tracking and registry) at the platform's server."""
-    mlflow.set_tracking_uri((settings or load_settings()).mlflow_tracking_uri)
+    """Point the MLflow client (tracking and registry) at the platform's server, with the
+    login from the settings when the environment has none (MLflow reads it from there only)."""
+    settings = settings or load_settings()
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    for name, value in settings.mlflow_login_env().items():
+        os.environ.setdefault(name, value)
 
 
 def use_experiment(name: str) -> mlflow.entities.Experiment:

@@ -28,7 +28,7 @@ def promote_candidate(model_uri: str, decision: Output[Artifact], report: Output
     name, version = registered_version(model_uri)
     MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
     # The version given, not the alias read back: a concurrent run may have moved `candidate`.
-    result = promote(name, actor="kubeflow-pipelines", version=version)
+    result = promote(name, version=version)  # recorded as by the pipeline run (KFP_RUN_ID)
     decision.metadata.update(decision_metadata(name, result))
     Path(report.path).write_text(decision_html(name, result))
     report.metadata.update({"model": name, "promoted": result.promoted, "policy_version": result.policy_version or 0})

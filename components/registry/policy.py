@@ -12,7 +12,6 @@ stored as version 1 by the first gate.
 
 from __future__ import annotations
 
-import getpass
 import json
 import time
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from typing import Literal
 import yaml
 from mlflow import MlflowClient
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.registry.actor import current_actor
 
 POLICY, POLICY_VERSION = "vdm.gate_policy", "vdm.gate_policy_version"
 # MLflow keeps registered-model tags in a VARCHAR(5000) column (PostgreSQL enforces it; the
@@ -200,7 +201,7 @@ def set_policy(name: str, policy: GatePolicy | str, actor: str | None = None, no
     parse_policy(text)
     client = MlflowClient()
     current = client.get_registered_model(name).tags.get(POLICY_VERSION)
-    record = PolicyRecord(int(current or 0) + 1, text, actor or getpass.getuser(), _now(), note)
+    record = PolicyRecord(int(current or 0) + 1, text, actor or current_actor(), _now(), note)
     stored = json.dumps({"text": record.text, "by": record.by, "at": record.at, "note": record.note})
     if len(stored) > REGISTERED_MODEL_TAG_LIMIT:
         raise PolicyError(

@@ -13,11 +13,12 @@ read the same numbers. Each version's description says what it was trained on, h
 evaluated and what the gate decided (`describe_version`). The registered model's tag
 `vdm.champion_history` lists the versions that held `champion`, oldest first, so a
 rollback finds the previous one even after the alias was moved by hand in the MLflow UI.
+Who promoted, forced or rolled back is the authenticated MLflow user, or inside a pipeline
+its run (components/registry/actor.py), unless the caller names someone (`actor`).
 """
 
 from __future__ import annotations
 
-import getpass
 import json
 import math
 import time
@@ -32,6 +33,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from components.registry.actor import LoginError, current_actor
 from components.registry.decision import decision_markdown
 from components.registry.policy import (
     REGISTERED_MODEL_TAG_LIMIT,
@@ -514,7 +516,7 @@ def promote(
     why and what the gate said. `version`: judge that version, not the one `candidate` points at."""
     if force_reason is not None and not force_reason.strip():
         raise PromotionError("a forced promotion needs a reason (--reason TEXT): it is recorded with who forced it")
-    by, at = actor or getpass.getuser(), _now()
+    by, at = actor or _actor(), _now()
     gate = replace(evaluate_gate(name, policy, actor=by, version=version), decided_by=by, decided_at=at)
     if gate.champion == gate.candidate:  # "already the champion" keeps its promotion's story
         return gate
@@ -562,6 +564,14 @@ def promote(
     _save_history(client, name, history)
     describe_version(name, decision.candidate)
     return decision
+
+
+def _actor() -> str:
+    """Who acts (`components/registry/actor.py`), a refused login as a RegistryError."""
+    try:
+        return current_actor()
+    except LoginError as e:
+        raise RegistryError(str(e)) from None
 
 
 def _fitted(decision: Decision) -> str:
@@ -635,7 +645,7 @@ def rollback(name: str, actor: str | None = None) -> tuple[str, str]:
     candidate = _by_alias(client, name, CANDIDATE)
     if candidate is not None and candidate.version == champion.version:
         client.delete_registered_model_alias(name, CANDIDATE)
-    client.set_model_version_tag(name, champion.version, "vdm.rolled_back_by", actor or getpass.getuser())
+    client.set_model_version_tag(name, champion.version, "vdm.rolled_back_by", actor or _actor())
     client.set_model_version_tag(name, champion.version, "vdm.rolled_back_at", _now())
     describe_version(name, champion.version)
     return champion.version, previous

@@ -6,12 +6,15 @@ the evaluation step writes on a version."""
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mlflow
 import pytest
+import requests
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
@@ -318,8 +321,9 @@ def test_a_forced_promotion_records_who_why_and_what_the_gate_said(model):
     assert aliases(model)[CHAMPION] == first
 
 
-def test_the_pipeline_gate_step_writes_every_check_into_its_outputs(model, tmp_path):
-    """The step's body as a pipeline runs it: the version becomes the candidate, the model's policy decides."""
+def test_the_pipeline_gate_step_writes_every_check_into_its_outputs(model, tmp_path, monkeypatch):
+    """The step's body as a pipeline runs it: the version becomes the candidate, the model's policy decides,
+    and the decision is the pipeline run's."""
     from kfp.dsl import HTML, Artifact
 
     from components.registry.component import promote_candidate
@@ -330,6 +334,7 @@ def test_the_pipeline_gate_step_writes_every_check_into_its_outputs(model, tmp_p
     worse = new_candidate(model, GOOD | {"fvd": 101.0})
     MlflowClient().set_registered_model_alias(model, CANDIDATE, first)  # the step moves it to the version given
     decision, report = Artifact(uri=str(tmp_path / "decision")), HTML(uri=str(tmp_path / "report.html"))
+    monkeypatch.setenv("KFP_RUN_ID", "0b7e-run")  # as the step's pod gets it from its `pipeline/runid` label
     assert promote_candidate.python_func(f"models:/{model}/{worse}", decision, report) is False
     assert aliases(model) == {CANDIDATE: worse, CHAMPION: first}
     metadata = decision.metadata
@@ -339,7 +344,7 @@ def test_the_pipeline_gate_step_writes_every_check_into_its_outputs(model, tmp_p
         ("clips", True), ("random_networks", True), ("protocol", True), ("fvd", False), ("clip_score", True),
         ("aesthetic", True),
     ]  # fmt: skip
-    assert metadata["champion_evaluation"]["figures"] == GOOD and metadata["decided_by"] == "kubeflow-pipelines"
+    assert metadata["champion_evaluation"]["figures"] == GOOD and metadata["decided_by"] == "pipeline run 0b7e-run"
     page = (tmp_path / "report.html").read_text()
     assert f"{model}: version {worse} not promoted" in page and "Gate policy (policy v1)" in page
     assert "<tr class=fail><td>FAIL</td><td>primary</td><td>fvd</td><td>101</td><td>100</td>" in page
@@ -459,9 +464,52 @@ def test_unknown_models_and_aliases_are_registry_errors_naming_what_there_is(mod
 
 
 def _user() -> str:
-    import getpass
+    """Who the registry commands record: the MLflow user the session's stack logs its clients in as."""
+    return os.environ["MLFLOW_TRACKING_USERNAME"]
 
-    return getpass.getuser()
+
+def _auth_api(method: str, path: str, login: tuple[str, str], **params) -> requests.Response:
+    uri = mlflow.get_tracking_uri().rstrip("/")
+    return requests.request(method, f"{uri}/api/2.0/mlflow/{path}", json=params, auth=login, timeout=30)
+
+
+def test_who_is_the_authenticated_mlflow_user_or_the_pipeline_run(model, stack, monkeypatch):
+    """Against the stack's MLflow with its auth app: a second account made through MLflow's auth API
+    promotes as itself; the OS user appears nowhere."""
+    admin = (stack.credentials()["MLFLOW_TRACKING_USERNAME"], stack.credentials()["MLFLOW_TRACKING_PASSWORD"])
+    assert admin[0] != getpass.getuser()
+    set_policy(model, POLICY)
+    assert policy_history(model)[0].by == admin[0]  # the session's own login
+    first = new_candidate(model, GOOD)
+    assert promote(model).decided_by == admin[0]
+
+    alice = (f"alice-{os.getpid()}", "correct horse battery staple")
+    assert _auth_api("POST", "users/create", admin, username=alice[0], password=alice[1]).status_code == 200
+    granted = _auth_api("PATCH", "users/update-admin", admin, username=alice[0], is_admin=True)
+    assert granted.status_code == 200, granted.text
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", alice[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", alice[1])
+    second = new_candidate(model, GOOD | {"fvd": 90.0})
+    decision = promote(model)
+    assert decision.promoted and decision.decided_by == alice[0]
+    tags = MlflowClient().get_model_version(model, second).tags
+    assert tags["vdm.promotion.by"] == alice[0]
+    assert [(h["version"], h["by"]) for h in champion_history(model)] == [(first, admin[0]), (second, alice[0])]
+
+    # Inside a pipeline the run acts, whoever the login is.
+    monkeypatch.setenv("KFP_RUN_ID", "4f1c-run")
+    assert rollback(model) == (second, first)
+    assert MlflowClient().get_model_version(model, second).tags["vdm.rolled_back_by"] == "pipeline run 4f1c-run"
+    monkeypatch.delenv("KFP_RUN_ID")
+
+    # A login the server refuses is a one-line error before anything is written.
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-her-password")
+    with pytest.raises(RegistryError, match=r"refused the login \(401\): set MLFLOW_TRACKING_USERNAME"):
+        promote(model, force_reason="hotfix")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin[1])
+    assert aliases(model)[CHAMPION] == first
+    assert [h["version"] for h in champion_history(model)] == [first]
 
 
 def _invoke(args: list[str], env: dict[str, str] | None = None):
