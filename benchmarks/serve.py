@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import statistics
@@ -80,13 +81,13 @@ def in_process(folder: Path, request: dict, repeats: int) -> list[float]:
     return latencies[1:]
 
 
-def over_http(url: str, request: dict, concurrency: int, total: int) -> tuple[list[float], float]:
+def over_http(url: str, key: str, request: dict, concurrency: int, total: int) -> tuple[list[float], float]:
     latencies: list[float] = []
     remaining = iter(range(total))
     lock = threading.Lock()
 
     def worker():
-        with httpx.Client(timeout=600) as client:
+        with httpx.Client(timeout=600, headers={"Authorization": f"Bearer {key}"}) as client:
             while True:
                 with lock:
                     if next(remaining, None) is None:
@@ -120,11 +121,19 @@ def main() -> None:
         MlflowClient().set_registered_model_alias(name, "bench", version)  # pin it while we measure
         baseline = in_process(download_pipeline(f"models:/{name}/{version}", Path(tmp) / "dl"), request, args.requests)
 
+        key = secrets.token_urlsafe(32)
+        keys = Path(tmp) / "api-keys"
+        keys.write_text(key + "\n")
+        keys.chmod(0o600)
         port = free_port()
         serve = [sys.executable, "-m", "vdm.cli", "serve", "--model", f"models:/{name}@bench"]
         options = ["--port", str(port), "--max-concurrency", str(max(CONCURRENCY)), "--poll-seconds", "0"]
         server = subprocess.Popen(
-            [*serve, *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            [*serve, *options],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env=os.environ | {"VDM_SERVE_API_KEYS_FILE": str(keys)},
         )
         url = f"http://127.0.0.1:{port}"
         try:
@@ -136,10 +145,10 @@ def main() -> None:
                 except httpx.TransportError:
                     pass
                 time.sleep(0.5)
-            over_http(url, request, 1, 1)  # warm-up
+            over_http(url, key, request, 1, 1)  # warm-up
             levels = {}
             for concurrency in CONCURRENCY:
-                latencies, wall = over_http(url, request, concurrency, args.requests)
+                latencies, wall = over_http(url, key, request, concurrency, args.requests)
                 levels[str(concurrency)] = percentiles(latencies) | {"throughput_rps": round(len(latencies) / wall, 3)}
         finally:
             server.terminate()

@@ -11,6 +11,10 @@ from the first frame (which should be the image) to the last -> frames in [-1, 1
 A multi-view model (SVD-MV) animates the same way, told the camera elevation
 instead of a motion bucket: the frames are an orbit around the object
 (`model.multiview.orbit`).
+
+Every sampling call takes `on_step(i)`, called after each sampler step; an exception it
+raises ends the sampling there and propagates to the caller (a way to cancel a
+generation between two steps).
 """
 
 from __future__ import annotations

@@ -2,12 +2,18 @@
 (the serving Deployment sets them; `vdm serve` sets them from its options).
 
 Limits exist so that one request cannot take the pod down: frames x pixels x steps
-bound the compute and memory of a generation, and `max_concurrency` bounds how many
-run at once (more get 429, not an out-of-memory kill)."""
+bound the compute and memory of a generation, `max_concurrency` bounds how many
+compute at once (more get 429, not an out-of-memory kill), `max_queued` how many
+submitted tasks wait or run, and `max_request_bytes` how much of a body is read.
+
+Callers authenticate with API keys read from files (one key per line, blank lines and
+`#` comments ignored): `api_keys_file` and `admin_keys_file` (an admin key is also an
+API key). With neither set the service refuses to start unless `allow_anonymous`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
@@ -15,6 +21,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_ALIAS = "champion"
 URI_PREFIX = "models:/"
+FORM_ROOM_BYTES = 2**20  # a multipart form's fields and boundaries next to its largest upload
 
 
 class ServeSettings(BaseSettings):
@@ -40,6 +47,15 @@ class ServeSettings(BaseSettings):
     max_prompt_chars: int = Field(1000, ge=1)
     max_image_bytes: int = Field(10 * 2**20, ge=1)
     max_video_bytes: int = Field(50 * 2**20, ge=1)
+    # A request body beyond this is refused (413) before it is read; unset: the largest
+    # upload plus room for the form's other fields.
+    max_request_bytes: int | None = Field(None, ge=1)
+    # Submitted tasks waiting for a generation slot or running; a submit beyond gets 429.
+    max_queued: int = Field(8, ge=1)
+
+    api_keys_file: Path | None = None
+    admin_keys_file: Path | None = None
+    allow_anonymous: bool = False
 
     @field_validator("models", mode="before")
     @classmethod
@@ -47,6 +63,13 @@ class ServeSettings(BaseSettings):
         if isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
         return tuple(value)
+
+    @property
+    def request_bytes(self) -> int:
+        """The largest request body read."""
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        return max(self.max_image_bytes, self.max_video_bytes) + FORM_ROOM_BYTES
 
     def specs(self) -> tuple[ModelSpec, ...]:
         """The configured models, each with its alias."""

@@ -28,8 +28,11 @@ ERROR_SCHEMA = "Error"
 # The statuses any operation may answer with, each in the one error shape.
 ERROR_STATUSES = {
     400: "An invalid request: `field` names the request field at fault.",
+    401: "No API key, or an unknown one: send `Authorization: Bearer <key>`.",
+    403: "An admin path (`/reload`) called with a key that is not an admin key.",
     404: "No model serves this endpoint here.",
-    429: "The server is running as many requests as it admits (`max_concurrency`); retry later.",
+    413: "The request body is larger than the server reads (`max_request_bytes`); refused before it is read.",
+    429: "Every generation slot is taken (`max_concurrency`), or the task queue is full (`max_queued`); retry later.",
     500: "The generation failed; `error_id` is in the server log.",
     503: "The models are still loading (see /readyz).",
     504: "The request took longer than the server's timeout.",
@@ -93,8 +96,13 @@ class DocumentedService(bentoml.Service):
     def doc(self) -> str:
         return self.description or super().doc
 
+    def guard(self, app: ASGIApp) -> ASGIApp:
+        """The middlewares between the docs redirect and BentoML's app (authentication and
+        limits); none here."""
+        return app
+
     def to_asgi(self, is_main: bool = True) -> ASGIApp:
-        return UniformErrors(DocsAtRoot(super().to_asgi(is_main)))
+        return UniformErrors(DocsAtRoot(self.guard(super().to_asgi(is_main))))
 
     @property
     def openapi_spec(self) -> OpenAPISpecification:

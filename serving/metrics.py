@@ -31,3 +31,21 @@ GPU_MEMORY_BYTES = Gauge(
     ["memory"],
     multiprocess_mode="livemostrecent",
 )
+GENERATIONS_RUNNING = Gauge(
+    "vdm_serving_generations_running",
+    "Generations computing now, each holding one of max_concurrency slots until its sampler has stopped",
+    multiprocess_mode="livesum",
+)
+GENERATIONS_PEAK = Gauge(
+    "vdm_serving_generations_peak",
+    "The most generations that computed at once since the worker started",
+    multiprocess_mode="livemax",
+)
+GENERATIONS_CANCELLED = Counter(
+    "vdm_serving_generations_cancelled",
+    "Generations stopped between two denoising steps: timeout (the request's deadline passed), disconnect or shutdown",
+    ["reason"],
+)
+TASKS_QUEUED = Gauge(
+    "vdm_serving_tasks_queued", "Submitted tasks waiting for a generation slot or running", multiprocess_mode="livesum"
+)

@@ -1,13 +1,16 @@
 """The models a pod serves: any number of `models:/NAME@ALIAS`, each resolved in the
 MLflow registry, downloaded once per version into a cache, loaded, and swapped
-atomically when its alias moves. A model's kind is its task (model/tasks): the task's
-`endpoint` is the API that serves it. A request takes the current `ServedModel` once and keeps it, so requests
-in flight finish on the version they started with while new ones get the new one."""
+atomically when its alias moves. The cache keeps the served and the previous version of
+each model (the one to go back to): older versions' folders are removed after a swap.
+A model's kind is its task (model/tasks): the task's `endpoint` is the API that serves
+it. A request takes the current `ServedModel` once and keeps it, so requests in flight
+finish on the version they started with while new ones get the new one."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,15 +60,17 @@ class ServedModel:
     def device(self) -> torch.device:
         return next(self.pipeline.unet.parameters()).device
 
-    def info(self) -> dict:
+    def info(self, lineage: bool = True) -> dict:
+        """What `model_info` says of this model; `lineage`: also its training run and lineage
+        tags (git commit, run ids, data URIs), for admin keys only."""
+        provenance = {"run_id": self.run_id, "lineage": self.lineage} if lineage else {}
         return {
             "name": self.name,
             "version": self.version,
             "alias": self.alias,
             "kind": self.kind,
             "endpoint": self.endpoint,
-            "run_id": self.run_id,
-            "lineage": self.lineage,
+            **provenance,
             "device": str(self.device),
             # What a request gets when it sets nothing (the training data's rendition is not a request field).
             "default_clip": {k: v for k, v in asdict(self.pipeline.config.clip).items() if k != "rendition"},
@@ -105,6 +110,19 @@ def load_version(client: MlflowClient, name: str, version: str, alias: str, cach
     MODEL_LOAD_SECONDS.labels(name).observe(time.perf_counter() - start)
     record_gpu_memory()
     return ServedModel(name, version, alias, details.run_id, lineage, pipeline)
+
+
+def prune_cache(folder: Path, keep: set[str]) -> list[str]:
+    """Remove the version folders of one model's cache but `keep`; the removed versions.
+    Requests in flight on a removed version go on: its weights are in memory."""
+    removed = []
+    for version in sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
+        if version not in keep:
+            shutil.rmtree(folder / version, ignore_errors=True)
+            removed.append(version)
+    if removed:
+        log.info("removed %s versions %s from the model cache (kept %s)", folder.name, removed, sorted(keep))
+    return removed
 
 
 class UnknownKind(LookupError):
@@ -172,6 +190,8 @@ class LiveModels:
                 if current:
                     SERVED_MODEL.labels(name, current.version, alias, current.kind, current.endpoint or "").set(0)
                 SERVED_MODEL.labels(name, version, alias, served.kind, served.endpoint or "").set(1)
+                if current:
+                    prune_cache(self.cache / name, keep={version, current.version})
                 changes.append(f"{spec}: v{current.version if current else '-'} -> v{version}")
                 log.info(
                     "serving %s v%s (%s, endpoint %s) on %s", name, version, served.kind, served.endpoint, served.device

@@ -15,23 +15,32 @@ endpoint has a request schema here (`REQUESTS`); its fields fill the served task
 below branches on a kind. A request may name its `model`; otherwise the endpoint's
 default is the first configured model that the endpoint serves.
 
+Callers need an API key (serving/auth.py). The service bounds its own work
+(serving/limits.py): `max_concurrency` generation slots, each held until the sampler
+has stopped; a request that times out or whose client goes away is cancelled at its
+next denoising step; task submits form a bounded queue; oversized bodies are refused
+before they are read.
+
 Errors, all in one shape (`{"error", "field", "error_id"}`, serving/errors.py): invalid
 inputs get 400 with the field at fault (pydantic limits from `ServeSettings`, or a
-`FieldError`), an endpoint without a model 404, a `model` that is not served or of
-another kind 400, a full server 429 (BentoML's `max_concurrency`), a generation that
-raises 500; every `error_id` is also in the server log, and the server keeps serving.
-The API docs are at `/docs` (serving/docs.py)."""
+`FieldError`), no or an unknown API key 401, an endpoint without a model 404, a
+`model` that is not served or of another kind 400, a body over the limit 413, a full
+server or task queue 429, a request past its timeout 504, a generation that raises
+500; every `error_id` is also in the server log, and the server keeps serving. The API
+docs are at `/docs` (serving/docs.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, ClassVar
 
+import anyio.from_thread
 import av
 import bentoml
 import numpy as np
@@ -39,15 +48,27 @@ import torch
 from bentoml.exceptions import BentoMLException, NotFound, ServiceUnavailable
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
 from components.common.media import video_bytes
 from components.common.settings import load_settings
 from model.pipeline import GenerationConfig, to_uint8
 from model.tasks import Task
+from serving.auth import SCOPE_KEY, Access, ApiKeys, RequireApiKey
 from serving.config import ServeSettings
 from serving.docs import DocumentedService, docs_app
 from serving.errors import FieldError, error_response, new_error_id
+from serving.limits import (
+    ARRIVED,
+    TOO_MANY,
+    Admission,
+    CancelCheck,
+    Cancelled,
+    GenerationSlots,
+    Routes,
+    stop_generations_on_exit_signals,
+)
 from serving.metrics import DENOISING_STEP_SECONDS, FRAMES_GENERATED, GENERATION_FAILURES
 from serving.models import LiveModels, ServedModel, UnknownKind, WrongModel, record_gpu_memory
 
@@ -60,6 +81,11 @@ MP4 = "video/mp4"
 Prompt = Annotated[str, Field(max_length=LIMITS.max_prompt_chars)]
 # A GPU is declared (BentoML's `resources`, which also pins the worker to it) where there is one.
 GPUS = LIMITS.gpus if LIMITS.gpus is not None else int(torch.cuda.is_available())
+# Threads for the sync APIs: the generations computing, the queued tasks waiting for a slot
+# (each waits in a thread), and room for model_info, reload and requests answered 429.
+THREADS = LIMITS.max_concurrency + LIMITS.max_queued + 4
+# One generation slot per `max_concurrency`: one service (workers=1) per process.
+SLOTS = GenerationSlots(LIMITS.max_concurrency)
 DESCRIPTION = f"""Video generation from the registered models of vdm-platform: each served model
 answers the endpoint of its kind, and is followed at its MLflow registry alias (a promotion reaches it
 without a restart).
@@ -69,18 +95,24 @@ without a restart).
   A request may name its `model`; otherwise the first served model of the endpoint's kind answers.
 - `POST /text_to_video_task/submit` and `/image_to_video_task/submit`: the same as tasks, then
   `GET .../status?task_id=...` and `.../get?task_id=...`.
-- `POST /model_info`: the served models (name, version, alias, kind, endpoint, lineage, default clip,
-  camera motions); `POST /reload`: check the aliases now.
+- `POST /model_info`: the served models (name, version, alias, kind, endpoint, default clip, camera
+  motions; their lineage, training run and data, to admin keys only); `POST /reload` (admin key):
+  check the aliases now.
 - `GET /readyz` (200 once every model is loaded), `/livez`, `/metrics` (Prometheus).
 
+Authentication: every endpoint but `/livez`, `/readyz`, `/metrics` and these docs needs an API key,
+`Authorization: Bearer <key>` (401 without one or with an unknown one). `/reload` needs an admin key
+(403 with another). `vdm serve` writes its keys to files under its state folder and prints where.
+
 Limits: {LIMITS.max_frames} frames, {LIMITS.max_side} pixels a side, {LIMITS.max_steps} steps,
-{LIMITS.max_concurrency} requests at once (more get 429), {LIMITS.timeout_seconds:.0f} s a request.
+a body of at most {LIMITS.request_bytes} bytes (413 before it is read). {LIMITS.max_concurrency} generations
+compute at once: a request that finds every slot taken gets 429. A request gets
+{LIMITS.timeout_seconds:.0f} s (then 504); a timed-out request, or one whose client goes away, stops at its
+next denoising step. Tasks queue: a submit gets 429 while {LIMITS.max_queued} tasks wait or run; a queued
+task waits for a generation slot; status and result lookups are never refused.
 
 Errors are JSON `{{"error": ..., "field": ..., "error_id": ...}}`: `field` names the request field at
-fault (null when the error is not about one field), `error_id` is in the server log.
-
-Authentication: none; the service trusts its network. Expose it only behind a gateway that
-authenticates callers."""
+fault (null when the error is not about one field), `error_id` is in the server log."""
 
 
 class Request(BaseModel):
@@ -342,23 +374,67 @@ def _uploaded_video(request: Request, medium: str) -> torch.Tensor:
 # An upload field per medium of the kinds' `Inputs` (`metadata={"media": ...}`).
 DECODERS = {"image": _conditioning_image, "video": _uploaded_video}
 Video = Annotated[Path, bentoml.validators.ContentType(MP4)]
+TASKS = ("text_to_video_task", "image_to_video_task")
+
+
+class GuardedService(DocumentedService):
+    """The service behind its API keys and limits (serving/auth.py, serving/limits.py)."""
+
+    def guard(self, app):
+        routes = Routes(
+            generating=frozenset(f"/{name}" for name in REQUESTS),
+            submits=frozenset(f"/{name}/submit" for name in TASKS),
+        )
+        admitted = Admission(app, routes, SLOTS, LIMITS.request_bytes, LIMITS.max_queued)
+        return RequireApiKey(admitted, ApiKeys(LIMITS))
+
+
+def _request() -> HTTPRequest | None:
+    """The HTTP request being answered (None: called in process, outside a request)."""
+    try:
+        return VideoGeneration.context.request
+    except LookupError:
+        return None
+
+
+def _exit_with_parent() -> None:
+    """Exit once the process that started this worker (BentoML's arbiter) is gone: killed
+    outright, it cannot stop its workers, which would hold the model and the GPU."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="vdm-exit-with-parent", daemon=True).start()
 
 
 @bentoml.service(
     name="vdm-video-generation",
     description=DESCRIPTION,
-    service_class=DocumentedService,
+    service_class=GuardedService,
     workers=1,  # one copy of the model per pod; scale with replicas
+    threads=THREADS,
     resources={"gpu": GPUS} if GPUS else {},
-    traffic={"timeout": LIMITS.timeout_seconds, "max_concurrency": LIMITS.max_concurrency},
+    # No BentoML max_concurrency: the generation slots bound the work (serving/limits.py).
+    traffic={"timeout": LIMITS.timeout_seconds},
     metrics={"enabled": True, "namespace": "bentoml_service", "duration": {"buckets": DURATION_BUCKETS}},
 )
 @bentoml.asgi_app(docs_app("vdm-video-generation"), path="/docs")
 class VideoGeneration:
     def __init__(self) -> None:
+        _exit_with_parent()
+        if threading.current_thread() is threading.main_thread():  # BentoML's worker: uvicorn's signals
+            stop_generations_on_exit_signals()
         self.models = LiveModels(LIMITS.specs(), load_settings().home / "cache" / "serving")
         self._stop = threading.Event()
         threading.Thread(target=self._load_then_poll, name="vdm-model-loader", daemon=True).start()
+
+    @bentoml.on_deployment
+    def _check_keys() -> None:
+        """Refuse to start (before any worker) without API keys, unless anonymous access is allowed."""
+        ApiKeys(LIMITS)
 
     def _load_then_poll(self) -> None:
         delay = 1.0
@@ -389,17 +465,46 @@ class VideoGeneration:
         except WrongModel as error:
             raise FieldError("model", str(error)) from error
 
-    def _generate(self, endpoint: str, request: Request) -> Response:
+    def _generate(self, endpoint: str, request: Request, task: bool = False) -> Response:
         """Run one generation of `request` on its model (a snapshot: a swap does not reach a
         request in flight) and answer with an mp4, or with a 500 carrying an error id; the
         exception goes to the log, not the caller. `endpoint`: the metrics' label. Errors are
-        answered, not raised: a task's generation that raises would never end."""
+        answered, not raised: a task's generation that raises would never end.
+
+        The generation holds a slot (`SLOTS`) until its sampler has stopped: a request gets
+        429 when none is free, a `task` waits for one. It stops at the next denoising step
+        once its deadline has passed (the request's timeout from its arrival; a task's from
+        when it got its slot) or its client has gone away."""
         try:
             served = self._served(request)
             media = request.media()
             config = request.generation_settings(served)
         except BentoMLException as error:
             return error_response(error.error_code.value, str(error), getattr(error, "field", None))
+        if not SLOTS.take(wait=task):
+            return error_response(429, TOO_MANY)
+        try:
+            return self._sample(endpoint, request, served, media, config, self._cancel_check(task))
+        finally:
+            SLOTS.give_back()
+
+    @staticmethod
+    def _cancel_check(task: bool) -> CancelCheck:
+        http = _request()
+        if task or http is None:  # a task's client is not connected while it runs
+            return CancelCheck(time.monotonic() + LIMITS.timeout_seconds)
+        arrived = http.scope.get(ARRIVED, time.monotonic())
+        return CancelCheck(arrived + LIMITS.timeout_seconds, lambda: anyio.from_thread.run(http.is_disconnected))
+
+    def _sample(
+        self,
+        endpoint: str,
+        request: Request,
+        served: ServedModel,
+        media: dict[str, torch.Tensor],
+        config: GenerationConfig,
+        cancel: CancelCheck,
+    ) -> Response:
         step_started = time.perf_counter()
 
         def on_step(_step: int) -> None:
@@ -407,16 +512,23 @@ class VideoGeneration:
             now = time.perf_counter()
             DENOISING_STEP_SECONDS.labels(endpoint).observe(now - step_started)
             step_started = now
+            cancel()  # raises Cancelled: the sampler stops here
 
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if served.device.type == "cuda" else contextlib.nullcontext()
         )
         exclusive = served.sampling_lock if served.camera_motions else contextlib.nullcontext()
         try:
+            cancel()  # a request may have timed out or been abandoned while it waited
             inputs = request.task_inputs(served.task, media)
             with exclusive, autocast:
                 frames = served.task.sample(served.pipeline, inputs, config, on_step)
             mp4 = video_bytes(to_uint8(frames.float()).numpy(), config.fps)
+        except Cancelled as cancelled:
+            # A timed-out caller already has BentoML's 504; a task ends failed with this one (logged with its id).
+            return error_response(
+                504, f"the generation of {served.name} v{served.version} was stopped: {cancelled.reason}"
+            )
         except Exception:
             error_id = new_error_id()
             log.exception("generation failed (error id %s, %s v%s, %s)", error_id, served.name, served.version, config)
@@ -459,17 +571,20 @@ class VideoGeneration:
     # this pod's memory: lost on restart, not shared between replicas.
     @bentoml.task(input_spec=TextToVideo)
     def text_to_video_task(self, **request) -> Video:
-        return self._generate("text_to_video_task", TextToVideo(**request))
+        return self._generate("text_to_video_task", TextToVideo(**request), task=True)
 
     @bentoml.task(input_spec=ImageToVideo)
     def image_to_video_task(self, **request) -> Video:
-        return self._generate("image_to_video_task", ImageToVideo(**request))
+        return self._generate("image_to_video_task", ImageToVideo(**request), task=True)
 
     @bentoml.api
     def model_info(self) -> list[dict]:
-        """Each served model: name, version, alias, kind, endpoint, training run, lineage,
-        default clip, camera motions and the parts with random weights (tests and demos)."""
-        return [served.info() for served in self.models.all()]
+        """Each served model: name, version, alias, kind, endpoint, default clip, camera
+        motions and the parts with random weights (tests and demos); to admin keys also its
+        training run and lineage (git commit, run ids, data URIs)."""
+        http = _request()
+        admin = http is None or http.scope.get(SCOPE_KEY) is Access.ADMIN
+        return [served.info(lineage=admin) for served in self.models.all()]
 
     @bentoml.api
     def reload(self) -> dict:

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from components.common.media import video_bytes
+from components.common.settings import load_settings
 from components.common.tracking import tracked_run
 from components.registry.pipeline_model import register_pipeline
 from components.sample_data.shards import write_shapes_shards
@@ -37,6 +39,7 @@ from model.camera_lora import is_adapter_weight
 from model.stages import VideoDiffusion, named_config
 from model.tasks import ENDPOINTS
 from model.train import train
+from serving.auth import read_keys
 from serving.service import REQUESTS
 
 CHAMPION = "champion"
@@ -126,6 +129,12 @@ def kind_models(settings, versions, trained_video, tmp_path_factory):
     return names
 
 
+def _bearer(kind: str) -> dict[str, str]:
+    """The Authorization header with the key `vdm serve` made (`api` or `admin`)."""
+    (key,) = read_keys(load_settings().home / "serving" / f"{kind}-keys")
+    return {"Authorization": f"Bearer {key}"}
+
+
 @contextlib.contextmanager
 def _serving(models: list[str], log_path, *options: str, env: dict[str, str] | None = None):
     """`vdm serve` of `models` on a free port, run as a user runs it, until ready; its URL
@@ -175,7 +184,20 @@ def server(stack, versions, image_model, kind_models, tmp_path_factory):
     options = ["--alias", CHAMPION, "--poll-seconds", "1", "--max-concurrency", str(MAX_CONCURRENCY)]
     env = {"VDM_SERVE_MAX_VIDEO_BYTES": str(MAX_VIDEO_BYTES)}
     with _serving([*models, f"models:/{multiview}@mv-live"], log_path, *options, env=env) as (url, port):
-        yield {"url": url, "port": port, "name": versions, "image_model": image_model, "log": log_path, **kind_models}
+        yield {
+            "url": url,
+            "port": port,
+            "name": versions,
+            "image_model": image_model,
+            "log": log_path,
+            "auth": _bearer("api"),
+            "admin": _bearer("admin"),
+            **kind_models,
+        }
+
+
+def _token(server) -> str:
+    return server["auth"]["Authorization"].removeprefix("Bearer ")
 
 
 def _error_body(response: httpx.Response, status: int) -> dict:
@@ -186,8 +208,9 @@ def _error_body(response: httpx.Response, status: int) -> dict:
     return body
 
 
-def _post(server, endpoint: str, timeout: float = 120, **payload) -> httpx.Response:
-    return httpx.post(f"{server['url']}/{endpoint}", json=payload, timeout=timeout)
+def _post(server, endpoint: str, timeout: float = 120, admin: bool = False, **payload) -> httpx.Response:
+    headers = server["admin" if admin else "auth"]
+    return httpx.post(f"{server['url']}/{endpoint}", json=payload, headers=headers, timeout=timeout)
 
 
 def _served_version(server) -> str:
@@ -198,13 +221,13 @@ def _served_version(server) -> str:
 
 def _move_alias(server, version: str) -> None:
     MlflowClient().set_registered_model_alias(server["name"], CHAMPION, version)
-    assert _post(server, "reload").status_code == 200
+    assert _post(server, "reload", admin=True).status_code == 200
     assert _served_version(server) == version
 
 
 def test_ready_once_loaded_and_model_info_names_the_champions(server):
     assert httpx.get(f"{server['url']}/livez").status_code == 200
-    info = _post(server, "model_info").json()
+    info = _post(server, "model_info", admin=True).json()
     # Configured order; each model's kind is its task, its endpoint the task's.
     assert [(m["name"], m["version"], m["alias"], m["kind"], m["endpoint"]) for m in info] == [
         (server["name"], "1", CHAMPION, "camera-lora", "text_to_video"),
@@ -231,7 +254,7 @@ def test_text_to_video_over_plain_http_returns_the_requested_video(server):
 
 
 def test_text_to_video_through_the_bentoml_client(server):
-    with bentoml.SyncHTTPClient(server["url"], timeout=120) as client:
+    with bentoml.SyncHTTPClient(server["url"], timeout=120, token=_token(server)) as client:
         path = client.text_to_video(prompt="a disc", num_frames=3, num_steps=2)
     assert _decoded(path.read_bytes())[:2] == (3, 8.0)  # fps: the model's default
 
@@ -240,14 +263,14 @@ def _run_task(server, **payload) -> tuple[str, httpx.Response]:
     """Submit to the task variant over plain HTTP (BentoML 1.4.39's SyncHTTPClient fails in
     `.submit`: no `_opened_files`), wait for it to end; its final status and result."""
     endpoint = f"{server['url']}/text_to_video_task"
-    submitted = httpx.post(f"{endpoint}/submit", json=payload)
+    submitted = httpx.post(f"{endpoint}/submit", json=payload, headers=server["auth"])
     assert submitted.status_code == 200, submitted.text
     task = {"task_id": submitted.json()["task_id"]}
     deadline, status = time.monotonic() + 120, None
     while time.monotonic() < deadline and status not in ("completed", "failed"):
         time.sleep(0.5)
-        status = httpx.get(f"{endpoint}/status", params=task).json()["status"]
-    return status, httpx.get(f"{endpoint}/get", params=task)
+        status = httpx.get(f"{endpoint}/status", params=task, headers=server["auth"]).json()["status"]
+    return status, httpx.get(f"{endpoint}/get", params=task, headers=server["auth"])
 
 
 def test_text_to_video_as_a_task(server):
@@ -294,6 +317,7 @@ def test_camera_motion_samples_with_the_models_adapter_and_one_it_lacks_is_a_400
         f"{server['url']}/image_to_video",
         files={"image": ("i.png", _png(), "image/png")},
         data={"num_steps": "1", "camera_motion": "pan"},
+        headers=server["auth"],
         timeout=60,
     )
     assert image.status_code == 400 and "it has none" in image.text
@@ -307,24 +331,30 @@ def test_sizes_the_network_cannot_take_get_400(server):
 def test_image_to_video_returns_the_requested_video_and_checks_the_upload(server):
     url = f"{server['url']}/image_to_video"
     controls = {"num_frames": "6", "fps": "10", "num_steps": "2", "noise_aug_strength": "0.05"}
-    response = httpx.post(url, files={"image": ("frame.png", _png(), "image/png")}, data=controls, timeout=120)
+    response = httpx.post(
+        url, files={"image": ("frame.png", _png(), "image/png")}, data=controls, headers=server["auth"], timeout=120
+    )
     assert response.status_code == 200, response.text
     assert response.headers["x-vdm-model"] == f"{server['image_model']}/1"
     assert _decoded(response.content) == (6, 10.0, 32, 32)  # a 40x24 upload fitted to the model's 32x32
 
-    not_an_image = httpx.post(url, files={"image": ("x.png", b"not a png", "image/png")}, timeout=60)
+    not_an_image = httpx.post(
+        url, files={"image": ("x.png", b"not a png", "image/png")}, headers=server["auth"], timeout=60
+    )
     assert not_an_image.status_code == 400 and "could not be read" in not_an_image.text
-    wrong_type = httpx.post(url, files={"image": ("x.txt", b"hello", "text/plain")}, timeout=60)
+    wrong_type = httpx.post(url, files={"image": ("x.txt", b"hello", "text/plain")}, headers=server["auth"], timeout=60)
     assert wrong_type.status_code == 400 and "expected image/*" in wrong_type.text
     gif = io.BytesIO()
     Image.new("RGB", (8, 8)).save(gif, format="GIF")
-    unsupported = httpx.post(url, files={"image": ("x.gif", gif.getvalue(), "image/gif")}, timeout=60)
+    unsupported = httpx.post(
+        url, files={"image": ("x.gif", gif.getvalue(), "image/gif")}, headers=server["auth"], timeout=60
+    )
     assert unsupported.status_code == 400 and "not GIF" in unsupported.text
 
 
 def test_image_to_video_through_the_bentoml_client(server, tmp_path):
     (tmp_path / "frame.png").write_bytes(_png((32, 32)))
-    with bentoml.SyncHTTPClient(server["url"], timeout=120) as client:
+    with bentoml.SyncHTTPClient(server["url"], timeout=120, token=_token(server)) as client:
         path = client.image_to_video(image=tmp_path / "frame.png", num_frames=3, num_steps=2)
     assert _decoded(path.read_bytes())[:2] == (3, 8.0)
 
@@ -340,7 +370,7 @@ def _mp4(frames: int, fps: float = 3.0, size=(40, 24)) -> bytes:
 
 def _upload(server, endpoint: str, files: dict, timeout: float = 120, **data) -> httpx.Response:
     form = {key: str(value) for key, value in data.items()}
-    return httpx.post(f"{server['url']}/{endpoint}", files=files, data=form, timeout=timeout)
+    return httpx.post(f"{server['url']}/{endpoint}", files=files, data=form, headers=server["auth"], timeout=timeout)
 
 
 def _field_error(response: httpx.Response) -> str | None:
@@ -424,7 +454,7 @@ def test_a_request_may_name_its_model_one_not_served_or_of_another_kind_is_a_400
 def test_an_endpoint_without_a_model_is_a_404_naming_it_and_each_alias_moves_alone(server):
     name = server["prediction"]
     MlflowClient().set_registered_model_alias(name, CHAMPION, "2")  # a text-to-video model
-    assert _post(server, "reload").status_code == 200
+    assert _post(server, "reload", admin=True).status_code == 200
     keys = {"video": ("keys.mp4", _mp4(2), "video/mp4")}
     try:
         info = {m["name"]: m for m in _post(server, "model_info").json()}
@@ -439,7 +469,7 @@ def test_an_endpoint_without_a_model_is_a_404_naming_it_and_each_alias_moves_alo
         assert moved.status_code == 200 and moved.headers["x-vdm-model"] == f"{name}/2"
     finally:
         MlflowClient().set_registered_model_alias(name, CHAMPION, "1")
-        assert _post(server, "reload").status_code == 200
+        assert _post(server, "reload", admin=True).status_code == 200
     assert _upload(server, "extend", keys, num_frames=3, num_steps=1).status_code == 200
 
 
@@ -460,12 +490,20 @@ def test_every_error_is_in_one_shape_with_its_id_in_the_server_log(server):
         (_post(server, "text_to_video", prompt="x", num_frames=0), 400, "num_frames"),
         (_post(server, "text_to_video", num_frames=4), 400, "prompt"),  # a required field missing
         (
-            httpx.post(f"{url}/text_to_video", content=b"{not json", headers={"content-type": "application/json"}),
+            httpx.post(
+                f"{url}/text_to_video",
+                content=b"{not json",
+                headers=server["auth"] | {"content-type": "application/json"},
+            ),
             400,
             None,
         ),
-        (httpx.get(f"{url}/no_such_endpoint"), 404, None),
-        (httpx.get(f"{url}/text_to_video_task/status", params={"task_id": "no-such-task"}), 404, None),
+        (httpx.get(f"{url}/no_such_endpoint", headers=server["auth"]), 404, None),
+        (
+            httpx.get(f"{url}/text_to_video_task/status", params={"task_id": "no-such-task"}, headers=server["auth"]),
+            404,
+            None,
+        ),
     ]
     bodies = [_error_body(response, status) for response, status, _ in cases]
     assert [body["field"] for body in bodies] == [field for *_, field in cases]
@@ -482,7 +520,16 @@ def test_the_openapi_document_describes_the_service_every_request_field_and_the_
     spec = httpx.get(f"{server['url']}/docs.json", timeout=10).json()
     description = spec["info"]["description"]
     assert "created with BentoML" not in description
-    for said in ("/text_to_video", "/multiview", "/model_info", "/readyz", "error_id", "Authentication: none"):
+    for said in (
+        "/text_to_video",
+        "/multiview",
+        "/model_info",
+        "/readyz",
+        "error_id",
+        "Authorization: Bearer",
+        "413",
+        "tasks wait or run",
+    ):
         assert said in description, said
     documented: dict[str, set[str]] = {}
     for path, item in spec["paths"].items():
@@ -528,7 +575,10 @@ def test_two_services_run_side_by_side_each_with_its_own_bentoml_home(server, se
         for url in (server["url"], second):
             assert httpx.get(f"{url}/readyz").status_code == 200
             response = httpx.post(
-                f"{url}/text_to_video", json={"prompt": "x", "num_frames": 2, "num_steps": 1}, timeout=120
+                f"{url}/text_to_video",
+                json={"prompt": "x", "num_frames": 2, "num_steps": 1},
+                headers=server["auth"],  # the same key: both read the keys `vdm serve` made once
+                timeout=120,
             )
             assert response.status_code == 200 and response.headers["x-vdm-model"] == f"{server['name']}/1"
         assert _run_task(server, prompt="x", num_frames=2, num_steps=1)[0] == "completed"
@@ -607,7 +657,7 @@ def test_prometheus_scrapes_the_service_metrics(stack, server):
 
     def query(promql: str) -> list[dict]:
         url = f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
-        return httpx.get(url, timeout=5).json()["data"]["result"]
+        return httpx.get(url, headers=stack.prometheus_login(), timeout=5).json()["data"]["result"]
 
     queries = {
         "frames": 'sum(vdm_serving_frames_generated_total{part="serving"})',
@@ -637,3 +687,75 @@ def test_prometheus_scrapes_the_service_metrics(stack, server):
     assert caught_up(results), json.dumps(results)
     assert float(results["steps"][0]["value"][1]) >= 2 and float(results["loads"][0]["value"][1]) >= 1
     assert float(results["slow_bucket"][0]["value"][1]) >= 1
+
+
+def test_every_endpoint_but_the_probes_metrics_and_docs_needs_an_api_key(server, settings):
+    url = server["url"]
+    folder = settings.home / "serving"
+    for name in ("api-keys", "admin-keys"):  # made by `vdm serve`, readable by their owner only
+        assert (folder / name).stat().st_mode & 0o777 == 0o600
+    wrong = {"Authorization": "Bearer not-a-key"}
+    calls = [
+        lambda h: httpx.post(f"{url}/text_to_video", json={"prompt": "x", "num_steps": 1}, headers=h, timeout=60),
+        lambda h: httpx.post(f"{url}/model_info", headers=h),
+        lambda h: httpx.post(f"{url}/text_to_video_task/submit", json={"prompt": "x"}, headers=h),
+        lambda h: httpx.get(f"{url}/text_to_video_task/status", params={"task_id": "x"}, headers=h),
+        lambda h: httpx.get(f"{url}/schema.json", headers=h),
+    ]
+    for call in calls:
+        for headers in ({}, wrong, {"Authorization": server["auth"]["Authorization"].replace("Bearer", "Basic")}):
+            refused = _error_body(call(headers), 401)
+            assert "Authorization: Bearer <key>" in refused["error"]
+    for path in ("/livez", "/readyz", "/metrics", "/docs/", "/docs.json"):
+        assert httpx.get(f"{url}{path}").status_code == 200, path
+    # /reload needs an admin key; lineage is for admin keys only.
+    assert (
+        _error_body(httpx.post(f"{url}/reload", headers=server["auth"]), 403)["error"] == "/reload needs an admin key"
+    )
+    assert _post(server, "reload", admin=True).status_code == 200
+    user_view, admin_view = (_post(server, "model_info", admin=admin).json()[0] for admin in (False, True))
+    assert "lineage" not in user_view and "run_id" not in user_view and user_view["name"] == server["name"]
+    assert admin_view["lineage"]["vdm.data"] == "s3://vdm/test-shards" and admin_view["run_id"]
+
+
+def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(server):
+    url = f"{server['url']}/interpolate"
+    # VDM_SERVE_MAX_REQUEST_BYTES unset: the largest upload (an image: 10 MiB by default) and 1 MiB for the form.
+    limit = max(10 * 2**20, MAX_VIDEO_BYTES) + 2**20
+    # A Content-Length over the limit is answered at once: the server does not wait for a body
+    # that never comes (over a raw socket: an HTTP client will not send less than it declares).
+    head = (
+        f"POST /interpolate HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {server['auth']['Authorization']}\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {limit + 1}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=10) as connection:
+        connection.sendall(head.encode() + b"x" * 1000)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            answer += connection.recv(65536)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 413 Request Entity Too Large", answer
+    body = json.loads(rest.partition(b"\r\n\r\n")[2])
+    assert body["error"] == f"the request body is larger than {limit} bytes (max_request_bytes)"
+    assert body["field"] is None
+
+    def chunks():  # no Content-Length: chunked, counted as it streams in
+        for _ in range(limit // 65536 + 2):
+            yield b"y" * 65536
+
+    streamed = httpx.post(url, content=chunks(), headers=server["auth"] | {"content-type": "video/mp4"}, timeout=30)
+    assert _error_body(streamed, 413)["error"] == body["error"]
+    assert _post(server, "text_to_video", prompt="x", num_frames=2, num_steps=1).status_code == 200
+
+
+def test_the_model_cache_keeps_the_served_and_the_previous_version(server, settings):
+    cache = settings.home / "cache" / "serving" / server["name"]
+    try:
+        for version in ("2", "3", "1"):  # three promotions
+            previous = _served_version(server)
+            _move_alias(server, version)
+            kept = {p.name for p in cache.iterdir()}
+            assert kept == {version, previous}, (version, kept)
+    finally:
+        _move_alias(server, "1")
+    assert _post(server, "text_to_video", prompt="x", num_frames=2, num_steps=1).status_code == 200
