@@ -19,9 +19,10 @@ Held-out clips (`split: "heldout"` in their JSON: curation's `heldout/` shards) 
 evaluation's reference data: every loader here refuses them unless built with
 `heldout=True` (then it reads both splits).
 
-Shard URLs are anything webdataset opens (paths, http(s) URLs, `pipe:` commands);
-the platform's components turn s3:// URIs into presigned URLs, so this module
-never touches credentials.
+Shard URLs are anything webdataset opens (paths, http(s) URLs, `pipe:` commands, and
+`s3://` URIs through the handler the caller registers in webdataset's `gopen_schemes`: the
+platform's components register one that signs each request and resumes broken streams),
+so this module never touches credentials.
 """
 
 from __future__ import annotations

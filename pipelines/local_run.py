@@ -4,7 +4,8 @@ environment) against the local stack, on tiny configs.
 kfp.local is verbose (every executor's log); the full log goes to
 `$VDM_HOME/runs/<run>.log` while the terminal gets one line per step. The summary is
 read back from what the steps published, not from kfp.local's return value: the
-dataset card, each stage's and the image-to-video finetune's `result.json`, the registry.
+dataset card, each stage's and the image-to-video finetune's `result.json` (its attempt's,
+under `attempts/`), the registry.
 """
 
 from __future__ import annotations
@@ -162,6 +163,15 @@ def _curation_run(client: MlflowClient, output: S3Uri) -> str | None:
     return found[0].info.run_id if found else None
 
 
+def _step_result(store: ObjectStore, output: S3Uri) -> RunResult:
+    """The result of the training step that wrote `output` (this run's own folder): the one its
+    last successful attempt wrote under `attempts/<attempt id>/`."""
+    written = [o for o in store.list(output.join("attempts")) if o.uri.key.endswith(f"/{RESULT}")]
+    if not written:
+        raise ValueError(f"{output}: no training result under attempts/ (the step did not finish)")
+    return RunResult.from_json(store.get_bytes(max(written, key=lambda o: o.last_modified).uri))
+
+
 def summarize(
     settings: Settings,
     work_uri: str,
@@ -172,7 +182,7 @@ def summarize(
 ) -> dict:
     store = ObjectStore.from_settings(settings)
     work = S3Uri.parse(work_uri)
-    results = {s: RunResult.from_json(store.get_bytes(work.join("train", s, RESULT))) for s in (*STAGES, "i2v")}
+    results = {s: _step_result(store, work.join("train", s)) for s in (*STAGES, "i2v")}
     connect(settings)
     client = MlflowClient()
     text, text_eval = _registered(client, results["stage3"], model_name)

@@ -331,12 +331,17 @@ def curate_ablation(curated: str, grid_items: tuple[str, ...], config_path: str 
 @click.option("--max-steps", type=int, default=None)
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint under --output.")
 @click.option(
+    "--resume-from",
+    default=None,
+    help="Continue from this checkpoint folder (s3://.../checkpoints/step-N), another run's included.",
+)
+@click.option(
     "--register-as",
     default=None,
     help="MLflow model to add the final pipeline to as a new version, alias `candidate` (default: not registered).",
 )
 def train_command(
-    stage, config_name, data, output, init_from, vae, data_format, strategy, max_steps, resume, register_as
+    stage, config_name, data, output, init_from, vae, data_format, strategy, max_steps, resume, resume_from, register_as
 ) -> None:
     """Train one stage (I image, II video, III high quality) on the local stack or a pod."""
     from components.training.request import TrainingRequest
@@ -352,6 +357,7 @@ def train_command(
             overrides=_set({"data": data_format, "strategy": strategy, "max_steps": max_steps}),
             register_as=register_as,
             resume=resume,
+            resume_from=resume_from,
         )
     )
 
@@ -577,11 +583,18 @@ def _finetune_command(kind: str, title: str, help_text: str, *kind_options):
     @click.option("--max-steps", type=int, default=None)
     @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint under --output.")
     @click.option(
+        "--resume-from",
+        default=None,
+        help="Continue from this checkpoint folder (s3://.../checkpoints/step-N), another run's included.",
+    )
+    @click.option(
         "--register-as",
         default=None,
         help="MLflow model to add the final pipeline to as a new version, alias `candidate` (default: not registered).",
     )
-    def command(config_name, data, output, init_from, max_steps, resume, register_as, **kind_values) -> None:
+    def command(
+        config_name, data, output, init_from, max_steps, resume, resume_from, register_as, **kind_values
+    ) -> None:
         from components.training.request import TrainingRequest
 
         _run_training(
@@ -594,6 +607,7 @@ def _finetune_command(kind: str, title: str, help_text: str, *kind_options):
                 overrides=_set({"max_steps": max_steps, **kind_values}),
                 register_as=register_as,
                 resume=resume,
+                resume_from=resume_from,
             )
         )
 
@@ -905,16 +919,21 @@ def pipeline_schedule(name: str, host: str, experiment: str, cron: str, params: 
 @click.option("--port", default=3000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 only in a pod).")
 @click.option("--poll-seconds", default=30.0, show_default=True, help="How often the alias is checked (0: never).")
-@click.option("--max-concurrency", default=2, show_default=True, help="Requests at once; more get HTTP 429.")
+@click.option("--max-concurrency", default=2, show_default=True, help="Generations at once; more get HTTP 429.")
 def serve_command(models, alias, port, host, poll_seconds, max_concurrency) -> None:
     """Serve registered models with BentoML (`bentoml serve serving.service:VideoGeneration`);
-    API docs at /docs. Each port keeps its own BentoML state in $VDM_HOME/serving/PORT."""
+    API docs at /docs. Each port keeps its own BentoML state in $VDM_HOME/serving/PORT.
+    Callers need an API key: unless VDM_SERVE_API_KEYS_FILE / VDM_SERVE_ADMIN_KEYS_FILE (or
+    VDM_SERVE_ALLOW_ANONYMOUS=true) are set, keys are made once into $VDM_HOME/serving/api-keys
+    and admin-keys (0600) and reused. BentoML dies with this command, even when it is killed."""
+    import ctypes
     import os
     import signal
     import socket
     import subprocess
 
-    from serving.config import model_specs
+    from serving.auth import ApiKeys, NoKeys, local_key_files
+    from serving.config import ServeSettings, model_specs
 
     listed = tuple(m.strip() for m in os.environ.get("VDM_SERVE_MODELS", "").split(",") if m.strip())
     if not (models or listed):
@@ -931,27 +950,58 @@ def serve_command(models, alias, port, host, poll_seconds, max_concurrency) -> N
         except OSError as e:
             _fail(f"cannot listen on {host}:{port} ({e.strerror}): another server has it; choose another --port")
     stack = _stack()
-    env = os.environ | {
-        "VDM_HOME": str(load_settings().home),
-        # Its own BentoML home: each BentoML start clears its home's task database and metrics folder.
-        "BENTOML_HOME": str(stack.serving_dir(port) / "bentoml"),
-        "VDM_SERVE_MODELS": ",".join(f"{spec.name}@{spec.alias}" for spec in specs),
-        "VDM_SERVE_ALIAS": alias,
-        "VDM_SERVE_POLL_SECONDS": str(poll_seconds),
-        "VDM_SERVE_MAX_CONCURRENCY": str(max_concurrency),
-    }
+    try:
+        given = ServeSettings()
+    except ValueError as e:
+        _fail(f"VDM_SERVE_* settings: {e}")
+    keys: dict[str, str] = {}
+    if given.api_keys_file is None and given.admin_keys_file is None and not given.allow_anonymous:
+        api_keys, admin_keys = local_key_files(load_settings().home / "serving")
+        keys = {"VDM_SERVE_API_KEYS_FILE": str(api_keys), "VDM_SERVE_ADMIN_KEYS_FILE": str(admin_keys)}
+    else:  # the files given: readable, with a key
+        try:
+            ApiKeys(given)
+        except (OSError, NoKeys) as e:
+            _fail(f"API keys: {e}")
+    env = (
+        os.environ
+        | keys
+        | {
+            "VDM_HOME": str(load_settings().home),
+            # Its own BentoML home: each BentoML start clears its home's task database and metrics folder.
+            "BENTOML_HOME": str(stack.serving_dir(port) / "bentoml"),
+            "VDM_SERVE_MODELS": ",".join(f"{spec.name}@{spec.alias}" for spec in specs),
+            "VDM_SERVE_ALIAS": alias,
+            "VDM_SERVE_POLL_SECONDS": str(poll_seconds),
+            "VDM_SERVE_MAX_CONCURRENCY": str(max_concurrency),
+        }
+    )
     from model.tasks import ENDPOINTS
 
     url = f"http://{host}:{port}"
     click.echo(f"serving {', '.join(map(str, specs))} at {url}", err=True)
     endpoints = "  ".join(f"{url}/{name}" for name in [*ENDPOINTS, "model_info"])
     click.echo(f"  POST {endpoints};  GET {url}/readyz;  API docs {url}/docs", err=True)
+    if keys:
+        click.echo(
+            f"  API key in {keys['VDM_SERVE_API_KEYS_FILE']}, admin key in {keys['VDM_SERVE_ADMIN_KEYS_FILE']}: "
+            "send `Authorization: Bearer <key>`",
+            err=True,
+        )
     # The local stack's Prometheus scrapes every target file in this folder.
     target = stack.prometheus_targets_dir / f"serving-{port}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps([{"targets": [f"{host}:{port}"], "labels": {"part": "serving"}}]))
     bentoml = [sys.executable, "-m", "bentoml", "serve", "serving.service:VideoGeneration"]
-    server = subprocess.Popen([*bentoml, "--host", host, "--port", str(port)], env=env)
+    parent = os.getpid()
+
+    def die_with_parent() -> None:  # in the child, before exec: SIGTERM when this process dies, even by SIGKILL
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it died before the line above
+            os._exit(1)
+
+    # Same process group (no new session): a terminal's Ctrl-C reaches BentoML too.
+    server = subprocess.Popen([*bentoml, "--host", host, "--port", str(port)], env=env, preexec_fn=die_with_parent)
     # Ctrl-C reaches the server from the terminal; a SIGTERM (a supervisor, a test) is passed on.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, _frame: server.send_signal(signum))

@@ -7,11 +7,19 @@ of unknown length, spooled) before the single PUT or multipart upload that makes
 it visible, and S3 shows neither until they complete; downloads land in a
 temporary file that is renamed into place only after verification. A folder is
 published by writing its `_MANIFEST.json` last, so a reader that finds the
-manifest finds every file it names.
+manifest finds every file it names; a published folder is not published over unless the
+caller asks to replace it, and a manifest entry without a sha256 is refused on download.
+Prefixes are folders: `s3://b/run1` lists `run1` and `run1/...`, never `run10/...`.
+
+Streaming readers (`open_resumable`, and the `s3://` handler `register_shard_reader`
+installs in webdataset) sign each request with the SDK, retry refused connections, broken
+streams and 5xx answers with exponential backoff for `VDM_S3_RETRY_SECONDS` (default 120),
+and continue a broken stream from the byte where it stopped (an HTTP Range request).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -19,6 +27,7 @@ import mimetypes
 import os
 import secrets
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +37,7 @@ from typing import BinaryIO
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import S3Error, ServerError
 from tqdm import tqdm
 
 from components.common.settings import Settings
@@ -38,6 +47,7 @@ MANIFEST_NAME = "_MANIFEST.json"
 _CHUNK = 1 << 20
 _SPOOL_IN_MEMORY = 64 << 20
 _CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"}
+RETRY_SECONDS_ENV = "VDM_S3_RETRY_SECONDS"
 
 
 class ObjectStoreError(RuntimeError):
@@ -66,6 +76,14 @@ class UnsafeManifestError(ObjectStoreError):
 
 class ObjectStoreUnavailableError(ObjectStoreError):
     pass
+
+
+class ChecksumMissingError(ObjectStoreError):
+    """An object or manifest entry that integrity depends on carries no sha256."""
+
+
+class FolderAlreadyPublishedError(ObjectStoreError):
+    """A folder published over one that is already published (its `_MANIFEST.json` exists)."""
 
 
 class OutputNotWritableError(ObjectStoreError):
@@ -138,6 +156,11 @@ class VerifiedReader(io.RawIOBase):
         return n
 
     @property
+    def expected_sha256(self) -> str | None:
+        """The sha256 recorded at upload (None: the object carries none)."""
+        return self._expected
+
+    @property
     def sha256(self) -> str:
         """The sha256 of what was read so far (all of it, once verified)."""
         return self._digest.hexdigest()
@@ -156,6 +179,219 @@ class VerifiedReader(io.RawIOBase):
             self._response.close()
             self._response.release_conn()
         super().close()
+
+
+class ResumableReader(io.RawIOBase):
+    """A readable stream of an object that survives short faults: a refused connection, a broken
+    stream, a read timeout or a 5xx answer is retried with exponential backoff for up to
+    `retry_seconds` from the fault, and the stream continues from the byte where it broke (an
+    HTTP Range request), not from the start. Every request is signed by the SDK (no presigned
+    URL). The sha256 recorded at upload (or `expected_sha256`) is checked at the end; an object
+    without one is refused when `require_sha256`. `resumed_at`: the offsets it continued from."""
+
+    def __init__(
+        self,
+        client: Minio,
+        endpoint: str,
+        uri: S3Uri,
+        retry_seconds: float,
+        *,
+        expected_sha256: str | None = None,
+        require_sha256: bool = True,
+        backoff_max_s: float = 4.0,
+    ):
+        self._client, self._endpoint, self._uri = client, endpoint, uri
+        self.retry_seconds, self._backoff_max_s = retry_seconds, backoff_max_s
+        self.position = 0
+        self.size: int | None = None
+        self.resumed_at: list[int] = []
+        self._digest = hashlib.sha256()
+        self._done = False
+        self._response = None
+        self._response = self._retrying(self._get, None)
+        length = self._response.headers.get("content-length")
+        self.size = int(length) if length is not None else None
+        recorded = _metadata_sha256(self._response.headers)
+        if expected_sha256 and recorded and expected_sha256 != recorded:
+            self._release()
+            raise ChecksumMismatchError(
+                f"{uri}: recorded sha256 {recorded} does not match the expected {expected_sha256}"
+            )
+        self._expected = expected_sha256 or recorded
+        if require_sha256 and not self._expected:
+            self._release()
+            raise ChecksumMissingError(
+                f"{uri} carries no sha256 (x-amz-meta-sha256): refused, its content cannot be checked"
+            )
+
+    def readable(self) -> bool:
+        return True
+
+    def _get(self):
+        response = self._client.get_object(self._uri.bucket, self._uri.key, offset=self.position)
+        if self.position and response.status != 206:  # the whole object again: appending it would corrupt
+            response.close()
+            response.release_conn()
+            raise ObjectStoreError(f"{self._uri}: the S3 server ignored a Range request (HTTP {response.status})")
+        return response
+
+    def _retrying(self, call, fault: BaseException | None):
+        """`call()`, retried on transient faults until `retry_seconds` after the first one."""
+        started = time.monotonic()
+        delay = 0.25
+        if fault is not None:
+            _log_fault(self._uri, self.position, fault, self.retry_seconds)
+        while True:
+            if fault is not None:
+                left = started + self.retry_seconds - time.monotonic()
+                if left <= 0:
+                    raise ObjectStoreUnavailableError(
+                        f"{self._uri}: the S3 server at {self._endpoint} did not serve it for {self.retry_seconds:g} s "
+                        f"(at byte {self.position}; {_fault_name(fault)}); {RETRY_SECONDS_ENV} sets how long "
+                        "reads retry"
+                    ) from fault
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, self._backoff_max_s)
+            try:
+                return call()
+            except S3Error as e:
+                if e.response is None or e.response.status < 500:
+                    raise _translate_read_error(e, self._uri) from e
+                fault = fault or e
+            except (ServerError, urllib3.exceptions.HTTPError, OSError) as e:
+                if fault is None:
+                    _log_fault(self._uri, self.position, e, self.retry_seconds)
+                fault = fault or e
+
+    def readinto(self, buffer) -> int:
+        if self._done:
+            return 0
+        while True:
+            try:
+                n = self._response.readinto(buffer)
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                self._resume(e)
+                continue
+            if n == 0 and self.size is not None and self.position < self.size:
+                self._resume(ConnectionError("the stream ended early"))
+                continue
+            break
+        if n:
+            self._digest.update(memoryview(buffer)[:n])
+            self.position += n
+        else:
+            self._done = True
+            _check_digest(self._uri, self._expected, self._digest.hexdigest())
+        return n
+
+    def _resume(self, fault: BaseException) -> None:
+        self._release()
+        self.resumed_at.append(self.position)
+        self._response = self._retrying(self._get, fault)
+
+    def _release(self) -> None:
+        if self._response is not None:
+            with contextlib.suppress(Exception):  # a broken connection may fail to close
+                self._response.close()
+                self._response.release_conn()
+            self._response = None
+
+    def close(self) -> None:
+        if not self.closed:
+            self._release()
+        super().close()
+
+
+def _fault_name(fault: BaseException) -> str:
+    """What went wrong, without the request's URL (which could carry a signature)."""
+    if isinstance(fault, urllib3.exceptions.MaxRetryError) and fault.reason is not None:
+        fault = fault.reason
+    if isinstance(fault, S3Error):
+        return f"{fault.code} (HTTP {fault.response.status if fault.response else '?'})"
+    if isinstance(fault, ServerError):
+        return f"HTTP {fault.status_code}"
+    return type(fault).__name__
+
+
+def _log_fault(uri: S3Uri, position: int, fault: BaseException, retry_seconds: float) -> None:
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "%s: read interrupted at byte %d (%s); retrying for up to %g s",
+        uri,
+        position,
+        _fault_name(fault),
+        retry_seconds,
+    )
+
+
+def _translate_read_error(e: S3Error, uri: S3Uri) -> ObjectStoreError:
+    if e.code == "NoSuchBucket":
+        return BucketNotFoundError(f"{uri}: bucket {uri.bucket!r} does not exist")
+    if e.code in ("NoSuchKey", "NoSuchObject"):
+        return ObjectNotFoundError(f"read {uri}: no such object")
+    if e.code in _CREDENTIAL_ERRORS:
+        return CredentialsError(f"read {uri}: {e.code}; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    return ObjectStoreError(f"read {uri}: {e.code}: {e.message}")
+
+
+def retry_seconds_from_env() -> float:
+    """How long streaming reads retry a fault: `VDM_S3_RETRY_SECONDS` (Settings), default 120."""
+    from components.common.settings import load_settings
+
+    return load_settings().s3_retry_seconds
+
+
+class ShardOpener:
+    """webdataset's handler of `s3://` URLs (its `gopen_schemes`): each shard is a ResumableReader
+    of its own per-process client (DataLoader workers fork; connections are not shared)."""
+
+    def __init__(self, connection: dict, retry_seconds: float, expected_sha256: dict[str, str]):
+        self._connection, self.retry_seconds = connection, retry_seconds
+        self.expected_sha256 = expected_sha256  # URL -> the sha256 its dataset's manifest lists
+        self._store: tuple[int, ObjectStore] | None = None
+
+    def __call__(self, url: str, mode: str = "rb", bufsize: int = 8192, **kwargs) -> io.BufferedReader:
+        if mode != "rb":
+            raise ValueError(f"{url}: s3:// shards are read, not written ({mode!r})")
+        if self._store is None or self._store[0] != os.getpid():
+            c = self._connection
+            store = ObjectStore(
+                c["endpoint"],
+                c["access_key"],
+                c["secret_key"],
+                region=c["region"],
+                connect_timeout_s=c["connect_timeout_s"],
+                read_timeout_s=c["read_timeout_s"],
+            )
+            self._store = (os.getpid(), store)
+        reader = self._store[1].open_resumable(
+            url, retry_seconds=self.retry_seconds, expected_sha256=self.expected_sha256.get(url)
+        )
+        return io.BufferedReader(reader, buffer_size=_CHUNK)
+
+    def __getstate__(self) -> dict:
+        return {
+            "_connection": self._connection,
+            "retry_seconds": self.retry_seconds,
+            "expected_sha256": self.expected_sha256,
+            "_store": None,
+        }
+
+
+def register_shard_reader(
+    store: ObjectStore, retry_seconds: float | None = None, expected_sha256: dict[str, str] | None = None
+) -> None:
+    """Let webdataset (and so model/data.py's loaders) open `s3://bucket/key` shard URLs through
+    `store`'s endpoint and credentials, with ResumableReader's retries; in this process and the
+    DataLoader workers it forks. `expected_sha256`: URL -> the sha256 a shard must have (its
+    dataset manifest's), added to those registered before."""
+    import webdataset
+
+    seconds = retry_seconds_from_env() if retry_seconds is None else retry_seconds
+    current = webdataset.gopen_schemes.get("s3")
+    known = dict(current.expected_sha256) if isinstance(current, ShardOpener) else {}
+    webdataset.gopen_schemes["s3"] = ShardOpener(store._connection, seconds, known | (expected_sha256 or {}))
 
 
 def _check_digest(uri: S3Uri, expected: str | None, actual: str) -> None:
@@ -197,6 +433,15 @@ class ObjectStore:
             http_client=http,
         )
         self._access_key = access_key
+        self._connection = {
+            "endpoint": endpoint,
+            "access_key": access_key,
+            "secret_key": secret_key,
+            "region": region,
+            "connect_timeout_s": connect_timeout_s,
+            "read_timeout_s": read_timeout_s,
+        }
+        self._reader_client: Minio | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs) -> ObjectStore:
@@ -334,19 +579,50 @@ class ObjectStore:
         response = self._call(f"read {target}", self._client.get_object, target.bucket, target.key)
         return VerifiedReader(response, target, _metadata_sha256(response.headers))
 
+    def open_resumable(
+        self, uri: str | S3Uri, *, retry_seconds: float | None = None, expected_sha256: str | None = None
+    ) -> ResumableReader:
+        """A reader that retries short faults and resumes where a stream broke (ResumableReader);
+        `retry_seconds`: default `VDM_S3_RETRY_SECONDS` (120). Refuses an object without a sha256."""
+        if self._reader_client is None:
+            # Its own client without urllib3's retries: the reader's loop decides how long to retry.
+            c = self._connection
+            http = urllib3.PoolManager(
+                maxsize=4,
+                timeout=urllib3.Timeout(connect=c["connect_timeout_s"], read=c["read_timeout_s"]),
+                retries=False,
+            )
+            self._reader_client = Minio(
+                self.endpoint.split("://", 1)[-1],
+                access_key=c["access_key"],
+                secret_key=c["secret_key"],
+                secure=self.endpoint.startswith("https://"),
+                region=c["region"],
+                http_client=http,
+            )
+        seconds = retry_seconds_from_env() if retry_seconds is None else retry_seconds
+        return ResumableReader(self._reader_client, self.endpoint, _uri(uri), seconds, expected_sha256=expected_sha256)
+
     def get_bytes(self, uri: str | S3Uri) -> bytes:
         with self.open(uri) as reader:
             return reader.read()
 
-    def download_file(self, uri: str | S3Uri, path: str | Path, *, sha256: str | None = None) -> Path:
+    def download_file(
+        self, uri: str | S3Uri, path: str | Path, *, sha256: str | None = None, require_sha256: bool = False
+    ) -> Path:
         """Download to `path` through a temporary file in the same folder; the file
         appears only once its sha256 matches the one recorded at upload and `sha256`
-        (a folder manifest's, which the object's own metadata cannot overrule) if given."""
+        (a folder manifest's, which the object's own metadata cannot overrule) if given.
+        `require_sha256`: an object with neither (nothing to check it against) is refused."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
         try:
             with os.fdopen(fd, "wb") as out, self._verified_reader(uri) as reader:
+                if require_sha256 and sha256 is None and not reader.expected_sha256:
+                    raise ChecksumMissingError(
+                        f"{_uri(uri)} carries no sha256 (x-amz-meta-sha256): refused, its content cannot be checked"
+                    )
                 reader.copy_to(out)
                 if sha256 is not None and reader.sha256 != sha256:
                     raise ChecksumMismatchError(
@@ -387,15 +663,19 @@ class ObjectStore:
     # -- prefixes and folders ---------------------------------------------------
 
     def list(self, prefix: str | S3Uri, recursive: bool = True) -> Iterator[ObjectInfo]:
-        """Objects under a prefix, in key order."""
+        """Objects under a prefix, in key order. The prefix is a folder: `s3://b/run1` lists the
+        object `run1` and those under `run1/`, never `run10/...`."""
         base = _uri(prefix)
+        folder = base.key if not base.key or base.key.endswith("/") else base.key + "/"
+        # The folder's objects; the prefix itself is listed too, as an object (`s3://b/x` is x, x/...).
+        exact = [] if folder == base.key else [base.key]
         objects = self._client.list_objects(base.bucket, prefix=base.key or None, recursive=recursive)
         iterator = iter(objects)
         while True:
             obj = self._call(f"list {base}", next, iterator, None)
             if obj is None:
                 return
-            if obj.is_dir:
+            if obj.is_dir or not (obj.object_name.startswith(folder) or obj.object_name in exact):
                 continue
             yield ObjectInfo(S3Uri(base.bucket, obj.object_name), obj.size, obj.etag, obj.last_modified)
 
@@ -407,11 +687,27 @@ class ObjectStore:
         progress: bool = False,
         workers: int = 8,
         uploaded: list[dict] | None = None,
+        replace: bool = False,
+        run_id: str | None = None,
     ) -> S3Uri:
         """Upload every file under `folder` to `prefix`, then write `_MANIFEST.json`
-        (relative path, size, sha256 of each file). Returns the manifest's URI. `uploaded`: entries
-        of files put under `prefix` before (by `upload_entry`), which the manifest lists too."""
+        (relative path, size, sha256 of each file; `run_id`: the run that published it). Returns
+        the manifest's URI. `uploaded`: entries of files put under `prefix` before (by
+        `upload_entry`), which the manifest lists too. A prefix that holds a published folder
+        already is refused (FolderAlreadyPublishedError) unless `replace`: then its manifest
+        is removed first (the old folder stops being published), and files the new manifest
+        does not name are deleted once it is written."""
         folder, base = Path(folder), _uri(prefix)
+        manifest_uri = base.join(MANIFEST_NAME)
+        previous: dict | None = None
+        if self.exists(manifest_uri):
+            if not replace:
+                raise FolderAlreadyPublishedError(
+                    f"{base} already holds a published folder ({MANIFEST_NAME}); publish to a new URI "
+                    "(or remove it first)"
+                )
+            previous = self.read_manifest(base)
+            self.delete(manifest_uri)
         files = sorted(p for p in folder.rglob("*") if p.is_file())
 
         def upload(path: Path) -> dict:
@@ -427,7 +723,14 @@ class ObjectStore:
             )
         entries = sorted([*(uploaded or []), *entries], key=lambda e: e["path"])
         manifest = {"files": entries, "total_bytes": sum(e["size"] for e in entries)}
-        return self.put_bytes(base.join(MANIFEST_NAME), json.dumps(manifest, indent=1).encode(), "application/json")
+        if run_id is not None:
+            manifest["run_id"] = run_id
+        self.put_bytes(manifest_uri, json.dumps(manifest, indent=1).encode(), "application/json")
+        current = {e["path"] for e in entries}
+        for stale in (previous or {}).get("files", []):
+            if stale["path"] not in current and _is_relative(stale["path"]):
+                self.delete(base.join(stale["path"]))
+        return manifest_uri
 
     def upload_entry(self, path: Path, prefix: str | S3Uri, rel: str) -> dict:
         """Upload one file of a folder being published to `prefix/rel`; its manifest entry."""
@@ -443,14 +746,15 @@ class ObjectStore:
     ) -> list[Path]:
         """Download a published folder: exactly the files its manifest names, each checked
         against the manifest's sha256. A manifest naming a path outside the folder (absolute,
-        or through `..`) is refused before anything is written."""
+        or through `..`), or a file without a sha256, is refused before anything is written."""
         base, folder = _uri(prefix), Path(folder)
         entries = self.read_manifest(base)["files"]
         for entry in entries:
             _check_relative(base, entry["path"])
+            check_entry_sha256(base, entry)
 
         def download(entry: dict) -> Path:
-            return self.download_file(base.join(entry["path"]), folder / entry["path"], sha256=entry.get("sha256"))
+            return self.download_file(base.join(entry["path"]), folder / entry["path"], sha256=entry["sha256"])
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
             return list(
@@ -464,9 +768,22 @@ class ObjectStore:
             )
 
 
-def _check_relative(base: S3Uri, path: str) -> None:
+def check_entry_sha256(base: S3Uri, entry: dict) -> None:
+    """A ChecksumMissingError unless a manifest entry carries a sha256."""
+    if not entry.get("sha256"):
+        raise ChecksumMissingError(
+            f"{base.join(MANIFEST_NAME)} lists {entry.get('path')!r} without a sha256: refused, its content "
+            "cannot be checked (publish the folder again with this version)"
+        )
+
+
+def _is_relative(path: str) -> bool:
     parts = PurePosixPath(path).parts
-    if not parts or PurePosixPath(path).is_absolute() or ".." in parts:
+    return bool(parts) and not PurePosixPath(path).is_absolute() and ".." not in parts
+
+
+def _check_relative(base: S3Uri, path: str) -> None:
+    if not _is_relative(path):
         raise UnsafeManifestError(f"{base.join(MANIFEST_NAME)} names {path!r}, which is not a path inside the folder")
 
 

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     secret_key: SecretStr = Field(SecretStr(""), validation_alias="AWS_SECRET_ACCESS_KEY")
     data_bucket: str = Field("vdm", validation_alias="VDM_DATA_BUCKET")
     mlflow_bucket: str = Field("mlflow", validation_alias="VDM_MLFLOW_BUCKET")
+    # How long streaming reads (training's shards) retry a refused connection, a broken stream or a 5xx.
+    s3_retry_seconds: float = Field(120.0, ge=0, validation_alias="VDM_S3_RETRY_SECONDS")
 
     # Tracking and registry. The login is MLflow's own variables: its client reads them from the
     # environment only (`mlflow_login_env` hands them over when they come from a file).

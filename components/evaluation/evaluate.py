@@ -47,7 +47,7 @@ from components.registry.promotion import (
     record_evaluation,
     registered_version,
 )
-from components.training.run import local_folder, shard_urls, weights_cache
+from components.training.run import local_folder, published_shards, shard_urls, weights_cache
 from model.pipeline import GenerationConfig, to_uint8
 from model.stages import VideoDiffusion
 
@@ -98,9 +98,10 @@ def _logged_model_id(version: tuple[str, str] | None) -> str | None:
 
 
 def data_digest(data: str, store: ObjectStore) -> str:
-    """16 hex digits naming the shards under `data` (keys, sizes, ETags; names and sizes of local files)."""
+    """16 hex digits naming the shards of `data` (the URIs, sizes and sha256s its published manifest lists;
+    names and sizes of local files)."""
     if is_s3_uri(data):
-        entries = [f"{o.uri.key}:{o.size}:{o.etag}" for o in store.list(data) if o.uri.key.endswith(".tar")]
+        entries = [f"{e['uri']}:{e['size']}:{e['sha256']}" for e in published_shards(data, store)]
     else:
         entries = [f"{p.name}:{p.stat().st_size}" for p in sorted(Path(data).rglob("*.tar"))]
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]

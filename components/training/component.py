@@ -38,6 +38,7 @@ def train_stage(
     memory_per_node: str,
     shm_per_node: str,
     model: Output[Model],
+    run_id: str = "",
 ) -> NamedTuple("StageOutputs", [("final", str), ("model_uri", str), ("mlflow_run_id", str)]):
     """Outputs: `final` (s3:// folder: the next stage's --init-from), `model_uri`
     (models:/NAME/VERSION, the candidate; empty when not registered), `mlflow_run_id`.
@@ -45,7 +46,8 @@ def train_stage(
     (`gpus_per_node` "0": one CPU rank) on each of `nodes`; the resources are Kubernetes
     quantities as strings, the form KFP also resolves into this step's pod: with
     `scheduler` "kubernetes" they size the Volcano job's pods (components/training/launch.py).
-    `model`: the final model (describe_model)."""
+    `model`: the final model (describe_model). `run_id`: the pipeline run's id (KFP's placeholder),
+    recorded in the checkpoints: a retry of this step resumes them, another run does not."""
     from collections import namedtuple
 
     from components.training.launch import launch_step
@@ -61,6 +63,7 @@ def train_stage(
         vae=vae or None,
         overrides={"max_steps": max_steps} if max_steps > 0 else {},
         register_as=register_as or None,
+        run_id=run_id or None,
     )
     result = launch_step(request, scheduler, nodes, gpus_per_node, cpu_per_node, memory_per_node, shm_per_node)
     describe_model(model, result)
@@ -85,9 +88,11 @@ def finetune_model(
     shm_per_node: str,
     model: Output[Model],
     motion_class: str = "",
+    run_id: str = "",
 ) -> NamedTuple("FinetuneOutputs", [("final", str), ("model_uri", str), ("mlflow_run_id", str)]):
     """A finetune of kind `kind` from `init_from` (s3:// folder or models:/ URI); outputs as
-    `train_stage`'s. `motion_class`: the camera-motion LoRA's class (camera-lora only)."""
+    `train_stage`'s. `motion_class`: the camera-motion LoRA's class (camera-lora only); `run_id`: as
+    `train_stage`'s."""
     from collections import namedtuple
 
     from components.training.launch import launch_step
@@ -103,6 +108,7 @@ def finetune_model(
         init_from=init_from,
         overrides=overrides | ({"motion_class": motion_class} if motion_class else {}),
         register_as=register_as or None,
+        run_id=run_id or None,
     )
     result = launch_step(request, scheduler, nodes, gpus_per_node, cpu_per_node, memory_per_node, shm_per_node)
     describe_model(model, result)

@@ -28,6 +28,9 @@ def run_request(request: TrainingRequest, store: ObjectStore, settings: Settings
         "resume": request.resume,
         "register_as": request.register_as,
         "progress": progress,
+        "run_id": request.run_id,
+        "resume_from": request.resume_from,
+        "result_uri": request.result_uri,
     }
     if task.trains == "vae":  # the temporal decoder trains the VAE decoder, not the UNet: its own loop
         from components.training.temporal_decoder import run_temporal_decoder_finetune

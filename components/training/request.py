@@ -1,7 +1,7 @@
 """The typed contract of a training run, both ways: a `TrainingRequest` travels from the
 KFP step (or the CLI) through TorchX to every rank, and the `RunResult` comes back
-(rank 0 writes it to `<output>/result.json`, which a launcher that cannot see the
-ranks, TorchX on a cluster, reads)."""
+(rank 0 writes it to `result_uri`, else `<output>/result.json`, which a launcher that cannot
+see the ranks, TorchX on a cluster, reads)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ class TrainingRequest:
     # Config fields to replace: max_steps, strategy, data (the format), a kind's run options.
     overrides: dict[str, Any] = field(default_factory=dict)
     register_as: str | None = None  # the registered model to add the result to (None: not registered)
-    resume: bool = False  # continue from the newest complete checkpoint under `output`
+    resume: bool = False  # continue from the newest complete checkpoint under `output`, if this run's
+    # The run this is (a KFP run's id; None: a CLI run): recorded in its checkpoints, which only it resumes.
+    run_id: str | None = None
+    resume_from: str | None = None  # a checkpoint folder (s3://) to continue from, of any run: named on purpose
+    result_uri: str | None = None  # where rank 0 writes the RunResult (None: <output>/result.json)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -1,13 +1,19 @@
 """`vdm train`: one stage of training against the platform's services.
 
-Data: an s3:// prefix (or folder) of WebDataset shards, read by the loader through
-presigned URLs. Checkpoints: published under `<output>/checkpoints/step-NNNNNNNN/`
-(manifest last, so a half-uploaded checkpoint is never picked up); `--resume`
-continues from the newest complete one. The final UNet goes to `<output>/final/`
-(an image-to-video model also to `<output>/svd/`, in StableVideoDiffusionPipeline's
-format). MLflow records the config, the lineage (data, init, output; the data also as the
-run's dataset), the training and validation losses (and their curve as `loss_curve.png`),
-and the samples (mp4s and a `frames.png` grid per sampling step).
+Data: a published dataset (an s3:// folder with a `_MANIFEST.json`, or a folder of a curated
+output whose root has one) or a local folder of WebDataset shards. The shard list is the
+manifest's `.tar` entries (each with its sha256), never a listing of the prefix; the loader reads
+`s3://` shards through the object store's resumable reader (signed requests, retried and resumed
+on short faults). Checkpoints: published under `<output>/checkpoints/step-NNNNNNNN/`, their
+manifest recording the run they belong to (`run_id`: the KFP run's id; None for a CLI run);
+`--resume` continues from the newest complete one of the same run, and a checkpoint of another
+run only when named (`resume_from`). An output that holds checkpoints or a final model already is
+refused unless this run continues there. The final UNet goes to `<output>/final/` (an
+image-to-video model also to `<output>/svd/`, in StableVideoDiffusionPipeline's format). MLflow
+records the config, the lineage (data, init, output; the data also as the run's dataset), the
+training and validation losses (and their curve as `loss_curve.png`), and the samples (mp4s and
+a `frames.png` grid per sampling step). The result goes to `result_uri` (the KFP step's: under
+its attempt's own path), else `<output>/result.json`.
 """
 
 from __future__ import annotations
@@ -28,7 +34,15 @@ import torch
 from mlflow.entities.model_registry import ModelVersion
 
 from components.common.media import write_video
-from components.common.objectstore import MANIFEST_NAME, ObjectStore, S3Uri, is_s3_uri
+from components.common.objectstore import (
+    MANIFEST_NAME,
+    ObjectNotFoundError,
+    ObjectStore,
+    S3Uri,
+    check_entry_sha256,
+    is_s3_uri,
+    register_shard_reader,
+)
 from components.common.settings import Settings, load_settings
 from components.common.tracking import DATASET_CARD, connect, log_curated_data, run_url, tracked_run
 from components.common.weights import is_weights_ref, resolve_weights
@@ -60,12 +74,43 @@ def training_data(data: str, store: ObjectStore) -> str:
     return f"{root}/{rendition_folder(TRAIN, SMALL)}/" if curated else data
 
 
+def published_shards(data: str, store: ObjectStore) -> list[dict]:
+    """The `.tar` entries (`uri`, `size`, `sha256`) of the published dataset at s3:// `data`:
+    from `data`'s own `_MANIFEST.json`, or from the first folder above it that has one (a curated
+    output's root lists `shards/`, `heldout/`, ...), those under `data`. Never a listing: a shard
+    that was not published is not read. An entry without a sha256 is refused."""
+    folder = S3Uri.parse(data.rstrip("/"))
+    base, inner = folder, ""
+    while True:
+        try:
+            manifest = store.read_manifest(base)
+            break
+        except ObjectNotFoundError:
+            if not base.key:
+                raise ValueError(
+                    f"{data} is not a published dataset: no {MANIFEST_NAME} in it or a folder above it "
+                    "(training reads the shards a dataset's manifest lists; publish it with vdm curate or "
+                    "ObjectStore.publish_folder)"
+                ) from None
+            head, _, last = base.key.rpartition("/")
+            base, inner = S3Uri(base.bucket, head), f"{last}/{inner}"
+    shards = []
+    for entry in manifest["files"]:
+        if entry["path"].endswith(".tar") and entry["path"].startswith(inner):
+            check_entry_sha256(base, entry)
+            shards.append({"uri": str(base.join(entry["path"])), "size": entry["size"], "sha256": entry["sha256"]})
+    return sorted(shards, key=lambda e: e["uri"])
+
+
 def shard_urls(data: str, store: ObjectStore) -> list[str]:
-    """Every .tar in a folder or s3:// prefix and the folders under it, as paths or presigned
-    URLs. The prefix is a whole folder: `s3://b/run1` is not `s3://b/run10`."""
+    """The shards of `data`: for s3://, the `s3://` URIs its published manifest lists
+    (`published_shards`), which the loader reads through `store` (`register_shard_reader`: signed
+    requests, retries, resumed streams); for a local folder, every .tar under it."""
     if is_s3_uri(data):
-        folder = data.rstrip("/") + "/"
-        urls = [store.presigned_get(o.uri) for o in store.list(folder) if o.uri.key.endswith(".tar")]
+        shards = published_shards(data, store)
+        # Each shard is checked against the manifest's sha256, which its own metadata cannot overrule.
+        register_shard_reader(store, expected_sha256={e["uri"]: e["sha256"] for e in shards})
+        urls = [e["uri"] for e in shards]
     else:
         urls = sorted(str(p) for p in Path(data).rglob("*.tar"))
     if not urls:
@@ -95,11 +140,57 @@ def refuse_heldout_data(data: str) -> None:
 
 def latest_checkpoint(output: S3Uri, store: ObjectStore) -> S3Uri | None:
     """The newest checkpoint whose manifest was written (so: completely uploaded)."""
-    done = [o.uri for o in store.list(output.join(CHECKPOINTS)) if o.uri.key.endswith(MANIFEST_NAME)]
+    done = [o.uri for o in store.list(output.join(CHECKPOINTS)) if o.uri.key.endswith(f"/{MANIFEST_NAME}")]
     if not done:
         return None
     newest = max(done, key=lambda u: u.key)
     return S3Uri(newest.bucket, newest.key.rsplit("/", 1)[0])
+
+
+def _run_name(run_id: str | None) -> str:
+    return f"run {run_id!r}" if run_id else "a run without an id (the CLI's)"
+
+
+def resume_checkpoint(
+    output: S3Uri, store: ObjectStore, *, run_id: str | None, resume: bool, resume_from: str | None = None
+) -> S3Uri | None:
+    """The checkpoint a run continues from: `resume_from` when given (any run's, named on
+    purpose), else with `resume` the newest under `output` if this run (`run_id`) published it.
+    A ValueError, in one line, for another run's checkpoint (naming the `resume_from` that would
+    take it) or, without `resume`, for an output that holds checkpoints already."""
+    if resume_from:
+        named = S3Uri.parse(resume_from.rstrip("/"))
+        if not store.exists(named.join(MANIFEST_NAME)):
+            raise ValueError(f"resume_from {resume_from}: no published checkpoint there (no {MANIFEST_NAME})")
+        return named
+    newest = latest_checkpoint(output, store)
+    if newest is None:
+        return None
+    owner = store.read_manifest(newest).get("run_id")
+    if not resume:
+        raise ValueError(
+            f"{output} already holds checkpoints of {_run_name(owner)} (newest {newest}): train into a new "
+            "output, or continue them (--resume; another run's: --resume-from)"
+        )
+    if owner != run_id:
+        raise ValueError(
+            f"{newest} belongs to {_run_name(owner)}, not this one ({_run_name(run_id)}): a run resumes only its own "
+            f"checkpoints; to continue from it, name it: --resume-from {newest}"
+        )
+    return newest
+
+
+def refuse_published_final(output: S3Uri, store: ObjectStore, run_id: str | None, resuming: S3Uri | None) -> bool:
+    """Whether `<output>/final` is this run's own (a retried KFP step that published it already, or
+    a CLI run that resumes: it is replaced); a ValueError when another run published it."""
+    final = output.join("final")
+    try:
+        owner = store.read_manifest(final).get("run_id")
+    except ObjectNotFoundError:
+        return False
+    if owner != run_id or (run_id is None and resuming is None):
+        raise ValueError(f"{final} is already published by {_run_name(owner)}: train into a new output")
+    return True
 
 
 def local_folder(location: str, store: ObjectStore, scratch: Path) -> Path:
@@ -143,7 +234,8 @@ def with_local_weights(config: StageConfig, store: ObjectStore, scratch: Path) -
 
     def local(value: str, name: str) -> str:
         if is_s3_uri(value) and not is_weights_ref(value) and name != "vae":  # a single checkpoint file
-            return str(store.download_file(value, scratch / name / Path(S3Uri.parse(value).key).name))
+            target = scratch / name / Path(S3Uri.parse(value).key).name
+            return str(store.download_file(value, target, require_sha256=True))
         return str(local_folder(value, store, scratch / name))
 
     fields = ("vae", "text_weights", "image_weights")
@@ -278,13 +370,20 @@ def run_training(
     register_as: str | None = None,
     progress: bool = True,
     experiment: str | None = None,
+    run_id: str | None = None,
+    resume_from: str | None = None,
+    result_uri: str | None = None,
 ) -> RunResult:
     """Train one stage; publish checkpoints and the final folder under `output`; with
     `register_as`, register the final pipeline as a new `candidate` version of that model.
     `overrides`: config fields to replace (None values ignored), e.g. max_steps, strategy.
-    `experiment`: the MLflow experiment (default vdm-train-<stage>)."""
+    `experiment`: the MLflow experiment (default vdm-train-<stage>). `run_id`: the run this is
+    (recorded in its checkpoints; `resume` continues only that run's), `resume_from`: a
+    checkpoint to continue from, of any run; `result_uri`: where the result goes."""
     out = S3Uri.parse(output)
     refuse_heldout_data(data)
+    checkpoint = resume_checkpoint(out, store, run_id=run_id, resume=resume, resume_from=resume_from)
+    replace_final = refuse_published_final(out, store, run_id, checkpoint)
     data = training_data(data, store)
 
     with tempfile.TemporaryDirectory(prefix="vdm-train-") as tmp:
@@ -294,8 +393,7 @@ def run_training(
         named = replace(named, vae=vae) if vae else named
         config = with_local_weights(named, store, scratch / "weights")
         init = local_folder(init_from, store, scratch / "init") if init_from else None
-        checkpoint = latest_checkpoint(out, store) if resume else None
-        resume_from = local_folder(str(checkpoint), store, scratch / "resume") if checkpoint else None
+        resume_folder = local_folder(str(checkpoint), store, scratch / "resume") if checkpoint else None
 
         def on_samples(step: int, videos: list) -> None:
             folder = scratch / "samples" / f"step-{step:08d}"
@@ -306,7 +404,7 @@ def run_training(
             mlflow.log_artifacts(str(folder), f"samples/step-{step:08d}")
 
         def on_checkpoint(folder: Path, step: int) -> None:
-            store.publish_folder(folder, out.join(CHECKPOINTS, f"step-{step:08d}"))
+            store.publish_folder(folder, out.join(CHECKPOINTS, f"step-{step:08d}"), run_id=run_id)
             shutil.rmtree(folder)  # published: the local copy is not needed
 
         lineage = {"data": data, "init_from": init_from or "", "vae_from": vae or "", "output": output}
@@ -331,7 +429,7 @@ def run_training(
                 shards,
                 scratch / "work",
                 init_from=init,
-                resume=resume_from,
+                resume=resume_folder,
                 on_log=_metrics_logger(progress, config.max_steps),
                 on_checkpoint=on_checkpoint,
                 on_samples=on_samples,
@@ -343,8 +441,12 @@ def run_training(
             if result.losses:
                 mlflow.log_artifact(str(write_loss_curve(result, scratch / "loss_curve.png")))
             svd_model = result.model if result.model.task.conditioning == "image" else None
-            final, version = publish_final(result.final, out, store, scratch, data, register_as, svd_model)
-    summary = write_summary(out, store, settings, run, result.steps, final, register_as, version, checkpoint)
+            final, version = publish_final(
+                result.final, out, store, scratch, data, register_as, svd_model, run_id=run_id, replace=replace_final
+            )
+    summary = write_summary(
+        out, store, settings, run, result.steps, final, register_as, version, checkpoint, result_uri=result_uri
+    )
     return replace(summary, losses=result.losses)
 
 
@@ -356,16 +458,19 @@ def publish_final(
     data: str,
     register_as: str | None,
     svd_model: VideoDiffusion | None,
+    *,
+    run_id: str | None = None,
+    replace: bool = False,
 ) -> tuple[str, ModelVersion | None]:
     """Publish a trained model folder as `<out>/final` (an image-to-video `svd_model` also in
     StableVideoDiffusionPipeline's format, `<out>/svd`) and, with `register_as`, register it
-    as a candidate; in the active MLflow run."""
+    as a candidate; in the active MLflow run. `replace`: this run's retry publishes them again."""
     final = out.join("final")
-    store.publish_folder(folder, final)
+    store.publish_folder(folder, final, run_id=run_id, replace=replace)
     mlflow.set_tag("vdm.outputs", str(final))
     if svd_model is not None:
         svd = out.join("svd")
-        store.publish_folder(export_svd(svd_model, scratch / "svd"), svd)
+        store.publish_folder(export_svd(svd_model, scratch / "svd"), svd, run_id=run_id, replace=replace)
         mlflow.set_tag("vdm.svd_format", str(svd))
     lineage = {"vdm.data": data, "vdm.final": str(final)}
     version = register_pipeline(folder, register_as, lineage) if register_as else None
@@ -383,9 +488,11 @@ def write_summary(
     version: ModelVersion | None,
     resumed_from: S3Uri | None,
     metrics: dict[str, float] | None = None,
+    result_uri: str | None = None,
 ) -> RunResult:
-    """A training run's result, also written to `<out>/result.json`: what a launcher that
-    cannot see this process (TorchX on a cluster) reads back."""
+    """A training run's result, also written to `result_uri` (default `<out>/result.json`): what
+    a launcher that cannot see this process (TorchX on a cluster) reads back; a KFP step gives
+    each attempt its own `result_uri`, so it never reads another attempt's."""
     result = RunResult(
         steps=steps,
         final=final,
@@ -395,7 +502,7 @@ def write_summary(
         resumed_from=str(resumed_from) if resumed_from else None,
         metrics=metrics or {},
     )
-    store.put_bytes(out.join(RESULT), result.to_json().encode())
+    store.put_bytes(result_uri or out.join(RESULT), result.to_json().encode())
     return result
 
 

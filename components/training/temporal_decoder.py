@@ -1,11 +1,12 @@
 """`vdm finetune temporal-decoder`: a trained model's VAE decoder made temporal and
 finetuned on clips (model/temporal_decoder.py); everything else in the model folder is
 kept. Its own loop (a decoder and a discriminator, no UNet), with what `run_training`
-gives a stage: data from shards, checkpoints under `<output>/checkpoints/` and
-`--resume`, MLflow tracking (`vdm-finetune-temporal-decoder`: losses, and flicker /
-L1 / PSNR of the image decoder and the new one on held-out clips), the final folder at
-`<output>/final` (an image-to-video model also in SVD's format at `<output>/svd`),
-registration as `candidate` with lineage, and `<output>/result.json` for KFP."""
+gives a stage: data from a published dataset's shards, checkpoints under
+`<output>/checkpoints/` and `--resume` (the same run's only, or `resume_from`), MLflow
+tracking (`vdm-finetune-temporal-decoder`: losses, and flicker / L1 / PSNR of the image
+decoder and the new one on held-out clips), the final folder at `<output>/final` (an
+image-to-video model also in SVD's format at `<output>/svd`), registration as `candidate`
+with lineage, and the result for KFP (`result_uri`)."""
 
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ from components.training.run import (
     CHECKPOINTS,
     _metrics_logger,
     config_file,
-    latest_checkpoint,
     local_folder,
     publish_final,
+    refuse_published_final,
+    resume_checkpoint,
     shard_urls,
     training_data,
     write_summary,
@@ -76,10 +78,15 @@ def run_temporal_decoder_finetune(
     resume: bool = False,
     register_as: str | None = None,
     progress: bool = True,
+    run_id: str | None = None,
+    resume_from: str | None = None,
+    result_uri: str | None = None,
 ) -> RunResult:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("the temporal-decoder finetune trains on one process: launch it with one rank")
     out = S3Uri.parse(output)
+    checkpoint = resume_checkpoint(out, store, run_id=run_id, resume=resume, resume_from=resume_from)
+    replace_final = refuse_published_final(out, store, run_id, checkpoint)
     shards = shard_urls(training_data(data, store), store)
     with tempfile.TemporaryDirectory(prefix="vdm-temporal-decoder-") as tmp:
         scratch = Path(tmp)
@@ -95,7 +102,6 @@ def run_temporal_decoder_finetune(
         vae, dropped = temporal_vae(initial_vae)
         vae.to(device)
         trainer = TemporalDecoderTrainer(vae, config)
-        checkpoint = latest_checkpoint(out, store) if resume else None
         if checkpoint:
             trainer.load(local_folder(str(checkpoint), store, scratch / "resume"))
         evaluation_clips = torch.stack(
@@ -109,7 +115,7 @@ def run_temporal_decoder_finetune(
 
         def on_checkpoint(step: int) -> None:
             folder = trainer.save(scratch / f"checkpoint-{step:08d}")
-            store.publish_folder(folder, out.join(CHECKPOINTS, f"step-{step:08d}"))
+            store.publish_folder(folder, out.join(CHECKPOINTS, f"step-{step:08d}"), run_id=run_id)
             shutil.rmtree(folder)
 
         lineage = {"data": data, "init_from": init_from, "output": output}
@@ -142,8 +148,11 @@ def run_temporal_decoder_finetune(
             shutil.copytree(init, final_folder, ignore=shutil.ignore_patterns(layout.VAE))
             vae.to("cpu").save_pretrained(ModelFolder(final_folder).vae, safe_serialization=True)
             svd_model = VideoDiffusion.load(final_folder) if kind.conditioning == "image" else None
-            final, version = publish_final(final_folder, out, store, scratch, data, register_as, svd_model)
+            final, version = publish_final(
+                final_folder, out, store, scratch, data, register_as, svd_model, run_id=run_id, replace=replace_final
+            )
     summary = write_summary(
-        out, store, settings, run, state.step, final, register_as, version, checkpoint, metrics=before | after
-    )
+        out, store, settings, run, state.step, final, register_as, version, checkpoint,
+        metrics=before | after, result_uri=result_uri,
+    )  # fmt: skip
     return replace(summary, losses=state.losses)

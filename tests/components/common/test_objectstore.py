@@ -219,3 +219,49 @@ def test_a_file_changed_after_publishing_fails_against_the_folder_manifest(store
         store.download_folder(prefix, tmp_path / "dest")
     assert not (tmp_path / "dest" / "model.bin").exists()
     assert not [p for p in (tmp_path / "dest").rglob("*.partial")]
+
+
+def test_a_prefix_is_a_folder_not_a_string_prefix(store, prefix):
+    for key in ("run1/a.txt", "run10/b.txt", "run1", "run1-old/c.txt"):
+        store.put_bytes(f"{prefix}/{key}", key.encode())
+    assert [o.uri.key.removeprefix(S3Uri.parse(prefix).key) for o in store.list(f"{prefix}/run1")] == [
+        "/run1",
+        "/run1/a.txt",
+    ]
+    assert [str(o.uri) for o in store.list(f"{prefix}/run1/")] == [f"{prefix}/run1/a.txt"]
+
+
+def test_a_published_folder_is_not_published_over_unless_replaced(store, prefix, tmp_path):
+    from components.common.objectstore import FolderAlreadyPublishedError
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    (first / "model.bin").write_bytes(b"first weights")
+    (first / "old-only.txt").write_bytes(b"gone after the replace")
+    (second / "model.bin").write_bytes(b"second weights")
+    store.publish_folder(first, prefix, run_id="run-a")
+    with pytest.raises(FolderAlreadyPublishedError, match=rf"{prefix} already holds a published folder"):
+        store.publish_folder(second, prefix)
+    assert store.get_bytes(f"{prefix}/model.bin") == b"first weights"  # untouched
+    assert store.read_manifest(prefix)["run_id"] == "run-a"
+
+    store.publish_folder(second, prefix, replace=True, run_id="run-a")
+    assert [e["path"] for e in store.read_manifest(prefix)["files"]] == ["model.bin"]
+    assert store.get_bytes(f"{prefix}/model.bin") == b"second weights"
+    assert not store.exists(f"{prefix}/old-only.txt")  # removed once the new manifest was live
+
+
+def test_a_manifest_entry_without_sha256_is_refused_before_any_download(store, prefix, tmp_path):
+    from components.common.objectstore import ChecksumMissingError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.bin").write_bytes(b"weights")
+    (src / "config.json").write_bytes(b"{}")
+    store.publish_folder(src, prefix)
+    manifest = store.read_manifest(prefix)
+    del manifest["files"][1]["sha256"]  # model.bin (sorted after config.json)
+    store.put_bytes(f"{prefix}/{MANIFEST_NAME}", json.dumps(manifest).encode())
+    with pytest.raises(ChecksumMissingError, match="'model.bin' without a sha256"):
+        store.download_folder(prefix, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()

@@ -34,7 +34,7 @@ def _vdm(*args: str) -> subprocess.CompletedProcess:
 
 def test_train_from_s3_with_checkpoints_and_resume(stack, store, prefix, tmp_path):
     write_shapes_shards(tmp_path / "shards", shards=2, clips_per_shard=3)
-    store.publish_folder(tmp_path / "shards", f"{prefix}/data/shards")
+    store.publish_folder(tmp_path / "shards", f"{prefix}/data")
     out = f"{prefix}/stage1"
     first = _vdm("train", "--stage", "image", "--data", f"{prefix}/data", "--output", out, "--max-steps", "2")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -99,7 +99,7 @@ def test_train_from_s3_with_checkpoints_and_resume(stack, store, prefix, tmp_pat
 @pytest.mark.parametrize("size", ["small", "svd"])
 def test_a_real_size_config_without_its_weights_imported_is_one_clear_error(stack, store, prefix, tmp_path, size):
     write_shapes_shards(tmp_path / "shards", shards=1, clips_per_shard=1)
-    store.publish_folder(tmp_path / "shards", f"{prefix}/data/shards")
+    store.publish_folder(tmp_path / "shards", f"{prefix}/data")
     result = _vdm("train", "--stage", "video", "--config", size, "--data", f"{prefix}/data", "--output", f"{prefix}/x")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -128,7 +128,7 @@ def test_stage_one_from_imported_weights_has_no_random_part(stack, store, prefix
     config = (NAMED_CONFIGS / "tiny-image.yaml").read_text().replace("allow_random_weights: true", "")
     store.put_bytes(f"{prefix}/configs/image.yaml", (config + f"text_weights: weights:clip-{run}\n").encode())
     write_shapes_shards(tmp_path / "shards", shards=1, clips_per_shard=2)
-    store.publish_folder(tmp_path / "shards", f"{prefix}/data/shards")
+    store.publish_folder(tmp_path / "shards", f"{prefix}/data")
 
     result = _vdm(
         "train", "--stage", "image", "--config", f"{prefix}/configs/image.yaml", "--data", f"{prefix}/data",
