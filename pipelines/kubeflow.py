@@ -15,8 +15,12 @@ parameters are strings: the KFP backend resolves only string parameters into a p
 resources. `kfp.local` ignores the Kubernetes settings, so the same pipelines run locally.
 Every step has a display name that says which model it works on ("evaluate text-to-video");
 the dataset card and each evaluation's and gate's report are HTML artifacts the UI renders,
-each trained model a Model artifact. (No `from __future__ import annotations` here or in the
-component modules: kfp reads the annotations of pipeline and component functions as types.)
+each trained model a Model artifact. Runs share no state: a pipeline's output (`output_uri`,
+end-to-end's `work_uri`) left empty is the run's own folder, `s3://<data bucket>/runs/<pipeline>/<run
+id>` (the "run folder" step resolves it from KFP's run id), and each training step records that
+run id in its checkpoints, so a retry resumes only its own run's. (No `from __future__ import
+annotations` here or in the component modules: kfp reads the annotations of pipeline and component
+functions as types.)
 """
 
 import inspect
@@ -28,6 +32,7 @@ import yaml
 from kfp import dsl, kubernetes
 
 import model
+from components.common.settings import load_settings
 from components.curation.component import annotate_input_shard, finalize_curation, plan_curation
 from components.evaluation.component import evaluate_model
 from components.registry.component import promote_candidate
@@ -40,7 +45,21 @@ S3_SECRET = "vdm-s3-credentials"
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
 PLATFORM_CONFIG_MAP = "vdm-platform-config"
 PLATFORM_CONFIG_KEYS = {
-    k: k for k in ("VDM_S3_ENDPOINT", "MLFLOW_TRACKING_URI", "VDM_DATA_BUCKET", "VDM_MLFLOW_BUCKET", "VDM_IMAGE")
+    k: k
+    for k in (
+        "VDM_S3_ENDPOINT",
+        "MLFLOW_TRACKING_URI",
+        "VDM_DATA_BUCKET",
+        "VDM_MLFLOW_BUCKET",
+        "VDM_IMAGE",
+        "VDM_S3_RETRY_SECONDS",
+    )
+}
+# The pipelines' MLflow user (MLflow's basic-auth app), as MLflow's client reads it.
+MLFLOW_SECRET = "vdm-mlflow-credentials"
+MLFLOW_SECRET_KEYS = {
+    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
 }
 
 
@@ -137,8 +156,34 @@ def _documented(summary: str, descriptions: dict[str, str]):
     return document
 
 
+@dsl.component(base_image=load_settings().image)
+def run_folder(output_uri: str, pipeline: str, run_id: str, subfolder: str = "") -> str:
+    """The folder a run writes to: `output_uri` as given, or (empty) this run's own,
+    `s3://<VDM_DATA_BUCKET>/runs/<pipeline>/<run_id>`; then `subfolder` in it, if given.
+    `run_id`: KFP's run id placeholder."""
+    import os
+
+    if output_uri:
+        folder = output_uri.rstrip("/")
+    elif not run_id or "{{" in run_id:
+        raise ValueError(f"run_id {run_id!r}: KFP did not resolve the run's id; give output_uri explicitly")
+    else:
+        folder = f"s3://{os.environ.get('VDM_DATA_BUCKET') or 'vdm'}/runs/{pipeline}/{run_id}"
+    return f"{folder}/{subfolder}" if subfolder else folder
+
+
+def _run_folder(output_uri, pipeline: str, subfolder: str = ""):
+    """The run's output folder (`run_folder`; `subfolder` in it), as a step's output."""
+    task = run_folder(output_uri=output_uri, pipeline=pipeline, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                      subfolder=subfolder)  # fmt: skip
+    cpu_step(task, cpu="1", memory="1G", cache=False)
+    task.set_display_name(f"run folder{' ' + subfolder if subfolder else ''}")
+    return task.output
+
+
 def platform_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
     kubernetes.use_secret_as_env(task, S3_SECRET, S3_SECRET_KEYS)
+    kubernetes.use_secret_as_env(task, MLFLOW_SECRET, MLFLOW_SECRET_KEYS)
     kubernetes.use_config_map_as_env(task, PLATFORM_CONFIG_MAP, PLATFORM_CONFIG_KEYS)
     return task
 
@@ -187,7 +232,8 @@ def _training(component, name: str, launch: dict, after=None, **inputs) -> dict:
     in-pod variant, the one a local run runs, comes first in each pair (end-to-end's stages:
     train-stage, train-stage-3, train-stage-5). `after`: a task that must finish first (no
     data edge to it)."""
-    arguments = {**inputs, **{k: launch[k] for k in LAUNCH_PARAMETERS}}
+    # The run's id: recorded in the step's checkpoints, so a retry resumes this run's and no other's.
+    arguments = {**inputs, **{k: launch[k] for k in LAUNCH_PARAMETERS}, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
     with dsl.If(launch["scheduler"] != "kubernetes", name=f"{name}: in the step's pod"):
         in_pod = gpu_step(component(**arguments), launch["gpus_per_node"], launch["cpu_per_node"],
                           launch["memory_per_node"])  # fmt: skip
@@ -232,10 +278,21 @@ def _curate(input_uri: str, output_uri: str, config_yaml: str, videos_per_shard:
     return final
 
 
+@dsl.pipeline(name="curation-steps", description="Curation's steps, writing to output_uri.")
+def curation_steps(input_uri: str, output_uri: str, config_yaml: str, videos_per_shard: int, random_weights: bool,
+                   workers: int, annotate_gpus: str):  # fmt: skip
+    """Curation's steps as one nested pipeline: its steps get the output folder (a step's output, the
+    run folder) as this pipeline's parameter, which kfp.local resolves inside the ParallelFor (a
+    step's output used directly there, it replaces by the loop's item)."""
+    _curate(input_uri, output_uri, config_yaml, videos_per_shard, random_weights, workers, annotate_gpus)
+
+
 _CURATION_HELP = {
     "input_uri": "Raw videos: an s3:// prefix, listed anew on every run (new videos are seen). The default is "
     "where `vdm run` puts the demo videos (seed 0).",
-    "output_uri": "s3:// prefix for the curated data: shards/, the manifest and the dataset card.",
+    "output_uri": "s3:// prefix for the curated data: shards/, the manifest and the dataset card; empty: this "
+    "run's own folder, s3://vdm/runs/curation/<run id>/ (set it, e.g. to s3://vdm/curated/kfp, the training "
+    "pipelines' default data, to publish a dataset there; a run does not write over another's).",
     "config_yaml": "Curation config as YAML text (docs/curation.md; JSON is YAML too); empty: the built-in "
     "defaults. The default names the public annotator weights (weights:open-clip-vit-l-14, "
     "weights:laion-aesthetic, weights:coca-vit-l-14): import them once first (vdm weights import, "
@@ -252,14 +309,16 @@ _CURATION_HELP = {
 @_documented("Curate raw videos into filtered WebDataset shards with a dataset card.", _CURATION_HELP)
 def curation(
     input_uri: str = "s3://vdm/samples/seed-0",
-    output_uri: str = "s3://vdm/curated/kfp",
+    output_uri: str = "",
     config_yaml: str = PUBLIC_WEIGHTS_CURATION,
     videos_per_shard: int = 4,
     random_weights: bool = False,
     workers: int = 2,
     annotate_gpus: str = "1",
 ):
-    _curate(input_uri, output_uri, config_yaml, videos_per_shard, random_weights, workers, annotate_gpus)
+    curation_steps(input_uri=input_uri, output_uri=_run_folder(output_uri, "curation"), config_yaml=config_yaml,
+                   videos_per_shard=videos_per_shard, random_weights=random_weights, workers=workers,
+                   annotate_gpus=annotate_gpus).set_display_name("curate")  # fmt: skip
 
 
 # How step names call a model: its kind, or what it generates where the kind's name is an abbreviation.
@@ -301,15 +360,17 @@ _TRAINING_HELP = {
 @_documented(
     "Stage I (image) -> Stage II (video) -> Stage III (high quality); Stage III is registered as a candidate.",
     {
-        "data_uri": "Training data: an s3:// prefix of WebDataset shards (curation's shards/).",
-        "output_uri": "s3:// prefix for each stage's checkpoints and final model (stage1/, stage2/, stage3/).",
+        "data_uri": "Training data: a published dataset's s3:// folder of WebDataset shards (curation's shards/; "
+        "the default is where a curation run with output_uri s3://vdm/curated/kfp puts them).",
+        "output_uri": "s3:// prefix for each stage's checkpoints and final model (stage1/, stage2/, stage3/); empty: "
+        "this run's own folder, s3://vdm/runs/pretraining/<run id>/.",
         "register_as": "Registered model Stage III is added to (alias candidate); empty: not registered.",
         **_TRAINING_HELP,
     },
 )
 def pretraining(
     data_uri: str = "s3://vdm/curated/kfp/shards/",
-    output_uri: str = "s3://vdm/runs/pretraining",
+    output_uri: str = "",
     config: str = DEFAULT_CONFIG,
     image_init_from: str = DEFAULT_STAGE_ONE_INIT,
     vae: str = "",
@@ -327,7 +388,8 @@ def pretraining(
     launch = dict(zip(LAUNCH_PARAMETERS, (scheduler, nodes, gpus_per_node, cpu_per_node, memory_per_node,
                                           shm_per_node), strict=True))  # fmt: skip
     steps = (image_steps, video_steps, hq_steps)
-    _pretrain(data_uri, output_uri, config, image_init_from, vae, steps, register_as, launch)
+    output = _run_folder(output_uri, "pretraining")
+    _pretrain(data_uri, output, config, image_init_from, vae, steps, register_as, launch)
 
 
 # The run-form parameters of an evaluation step, and the step's inputs they fill.
@@ -360,7 +422,7 @@ def _evaluate_and_promote(model_uri, data_uri, evaluation: dict, label: str, ref
     with_gpus(evaluation, gpus)
     evaluation.set_display_name(f"evaluate {label}")
     promotion = cpu_step(
-        promote_candidate(model_uri=model_uri),
+        promote_candidate(model_uri=model_uri, pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
         cache=False,
     ).after(evaluation)
     return evaluation, promotion.set_display_name(f"promotion gate {label}")
@@ -420,7 +482,8 @@ def _finetune_parameters(task) -> list[tuple[str, type, object, str]]:
          "image-to-video: weights:svd-img2vid)."),
         ("data_uri", str, task.training_data, f"Training data (s3:// prefix of WebDataset shards). {task.title}."),
         ("eval_data_uri", str, task.evaluation_data, "Held-out shards the candidate is evaluated on."),
-        ("output_uri", str, f"s3://vdm/runs/finetune-{task.name}", "s3:// prefix for checkpoints and the final model."),
+        ("output_uri", str, "", "s3:// prefix for checkpoints and the final model; empty: this run's own folder, "
+         f"s3://vdm/runs/finetune-{task.name}/<run id>/."),
         ("config", str, DEFAULT_CONFIG, HELP["config"]),
         ("max_steps", int, 0, "Training steps; 0: the config's max_steps."),
         ("model_name", str, task.registered_name, "Registered model the result is added to (alias candidate); "
@@ -462,9 +525,10 @@ def _finetune_pipeline(task):
             (option,) = task.run_options
             runs = [{option: value} for value in task.option_choices(option)]
         base, step = p["init_from"], None
+        folder = _run_folder(p["output_uri"], f"finetune-{task.name}")
         for i, options in enumerate(runs):
             last = i == len(runs) - 1
-            output = p["output_uri"] if len(runs) == 1 else f"{p['output_uri']}/{'-'.join(options.values())}"
+            output = folder if len(runs) == 1 else f"{folder}/{'-'.join(options.values())}"
             step = _finetune(task.name, base, p["data_uri"], output, p["config"], p["max_steps"],
                              p["model_name"] if last else "", launch, **options)  # fmt: skip
             base = step["final"]
@@ -493,7 +557,8 @@ FINETUNE_PIPELINES = {f"finetune-{name}": _finetune_pipeline(task) for name, tas
     "registered as a candidate, evaluated and gated.",
     {
         "input_uri": _CURATION_HELP["input_uri"],
-        "work_uri": "s3:// prefix for this run's data and models (curated/, train/).",
+        "work_uri": "s3:// prefix for this run's data and models (curated/, train/); empty: this run's own folder, "
+        "s3://vdm/runs/end-to-end/<run id>/.",
         "curation_config_yaml": _CURATION_HELP["config_yaml"],
         "random_weights": _CURATION_HELP["random_weights"],
         "videos_per_shard": _CURATION_HELP["videos_per_shard"],
@@ -507,7 +572,7 @@ FINETUNE_PIPELINES = {f"finetune-{name}": _finetune_pipeline(task) for name, tas
 )
 def end_to_end(
     input_uri: str = "s3://vdm/samples/seed-0",
-    work_uri: str = "s3://vdm/runs/end-to-end",
+    work_uri: str = "",
     curation_config_yaml: str = PUBLIC_WEIGHTS_CURATION,
     random_weights: bool = False,
     videos_per_shard: int = 4,
@@ -535,8 +600,11 @@ def end_to_end(
     eval_prompts_uri: str = "",
     eval_prompts: int = 0,
 ):
-    curated = _curate(input_uri, f"{work_uri}/curated", curation_config_yaml, videos_per_shard, random_weights, 2,
-                      annotate_gpus)  # fmt: skip
+    curated = curation_steps(input_uri=input_uri, output_uri=_run_folder(work_uri, "end-to-end", "curated"),
+                             config_yaml=curation_config_yaml, videos_per_shard=videos_per_shard,
+                             random_weights=random_weights, workers=2, annotate_gpus=annotate_gpus)  # fmt: skip
+    curated.set_display_name("curate")
+    work_uri = _run_folder(work_uri, "end-to-end")
     shards = f"{work_uri}/curated/shards/"
     launch = dict(zip(LAUNCH_PARAMETERS, (scheduler, nodes, gpus_per_node, cpu_per_node, memory_per_node,
                                           shm_per_node), strict=True))  # fmt: skip

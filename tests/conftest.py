@@ -25,12 +25,17 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 _taken: set[int] = set()
 # Tests that start servers of their own (besides the session's stack).
-OWN_SERVERS = {"own_stack"}
+OWN_SERVERS = {"own_stack", "private_stack"}
 
 
 # Files that take minutes, longest first. `make test` hands whole files to its workers in
 # collection order: started last, one of these would leave the other worker idle at the end.
-LONGEST_FILES = ("tests/pipelines/test_run.py",)
+LONGEST_FILES = (
+    "tests/pipelines/test_run.py",
+    "tests/vdm/test_faults.py",
+    "tests/serving/test_limits.py",
+    "tests/serving/test_load.py",
+)
 
 
 def _longest_first(item) -> int:

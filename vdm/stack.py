@@ -448,13 +448,12 @@ class Stack:
             f"--web.listen-address={HOST}:{s.prometheus_port}",
             f"--web.config.file={self.home / 'prometheus' / 'web.yml'}",
         ]
-        login = self.prometheus_login()
         return ServerSpec(
             name="prometheus",
             argv=argv,
             ports=[s.prometheus_port],
             url=url,
-            healthy=lambda: http_ok(f"{url}/-/ready", headers=login),
+            healthy=lambda: http_ok(f"{url}/-/ready", headers=self.prometheus_login()),
             start_timeout_s=30,
         )
 

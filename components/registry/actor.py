@@ -1,6 +1,6 @@
 """Who acts on the registry, as promotions, rollbacks and gate policies record it: inside a
-pipeline, the pipeline run (`KFP_RUN_ID`, which a pipeline step gets from its pod's
-`pipeline/runid` label); elsewhere, the MLflow user the client authenticates as, confirmed
+pipeline, the pipeline run (the promotion step is given the run's id; elsewhere in a
+pipeline `KFP_RUN_ID`); elsewhere, the MLflow user the client authenticates as, confirmed
 by the server (MLflow's auth API `users/get`, which answers a user about themselves). A
 server without MLflow's auth app has no users: the actor is then `ANONYMOUS`.
 """
@@ -23,8 +23,15 @@ class LoginError(ValueError):
 def current_actor() -> str:
     """`pipeline run <id>` inside a pipeline, else the authenticated MLflow user's name."""
     if run := os.environ.get(PIPELINE_RUN_ENV, "").strip():
-        return f"pipeline run {run}"
+        return pipeline_actor(run)
     return authenticated_user()
+
+
+def pipeline_actor(run_id: str) -> str:
+    """How a pipeline run is recorded as the one who acted."""
+    if not run_id.strip():
+        raise ValueError("a pipeline run's id is empty")
+    return f"pipeline run {run_id.strip()}"
 
 
 def authenticated_user() -> str:

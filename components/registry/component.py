@@ -12,15 +12,16 @@ IMAGE = load_settings().image
 
 
 @dsl.component(base_image=IMAGE)
-def promote_candidate(model_uri: str, decision: Output[Artifact], report: Output[HTML]) -> bool:
+def promote_candidate(model_uri: str, pipeline_run: str, decision: Output[Artifact], report: Output[HTML]) -> bool:
     """`model_uri` (models:/NAME/VERSION) becomes the candidate, then the gate runs on the
-    model's policy (a model without one gets its kind's default, stored). `report`: the
-    decision as a page."""
+    model's policy (a model without one gets its kind's default, stored), recorded as decided
+    by `pipeline_run` (the run's id). `report`: the decision as a page."""
     from pathlib import Path
 
     from mlflow import MlflowClient
 
     from components.common.tracking import connect
+    from components.registry.actor import pipeline_actor
     from components.registry.decision import decision_html, decision_metadata
     from components.registry.promotion import CANDIDATE, promote, registered_version
 
@@ -28,7 +29,7 @@ def promote_candidate(model_uri: str, decision: Output[Artifact], report: Output
     name, version = registered_version(model_uri)
     MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
     # The version given, not the alias read back: a concurrent run may have moved `candidate`.
-    result = promote(name, version=version)  # recorded as by the pipeline run (KFP_RUN_ID)
+    result = promote(name, version=version, actor=pipeline_actor(pipeline_run))
     decision.metadata.update(decision_metadata(name, result))
     Path(report.path).write_text(decision_html(name, result))
     report.metadata.update({"model": name, "promoted": result.promoted, "policy_version": result.policy_version or 0})

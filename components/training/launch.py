@@ -4,8 +4,9 @@ per GPU (one CPU rank without GPUs), on this machine (`local_cwd`, one node) or 
 (`kubernetes`: a Volcano job in `queue` whose pods request the GPUs, CPU, memory and
 /dev/shm of the `Launch`). The trainer's output streams into the caller's log (a KFP
 step's log); a failed rank fails the launch with its error lines. The KFP training steps
-always resume: a retried step continues from the last published checkpoint (a first
-attempt finds none and starts fresh)."""
+always resume: a retried step continues from the last checkpoint its run published (a first
+attempt finds none and starts fresh); each attempt reads back the result it wrote itself, under
+`<output>/attempts/<attempt id>/`."""
 
 from __future__ import annotations
 
@@ -15,29 +16,45 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torchx.components.dist import torchrun
-from torchx.runner import get_runner
-from torchx.specs import AppDef, AppState
+from torchx.runner import Runner, get_runner
+from torchx.specs import AppDef, AppDryRunInfo, AppState
 from torchx.specs.overlays import JOIN, set_overlay
 
 from components.common.settings import load_settings
 from components.training.request import RunResult, TrainingRequest
 
+if TYPE_CHECKING:
+    from kubernetes.client import V1Pod
+
 RANK_ERROR = re.compile(r"^\[\d+\]:(error: |[\w.]*(Error|Exception): )")
 
 
-# What the trainer pods need from the launching step's environment (Secrets and
-# ConfigMap values the KFP step received as env vars).
+# What the trainer pods need from the launching step's environment (the ConfigMap values
+# the KFP step received as env vars).
 FORWARDED_ENV = (
     "VDM_S3_ENDPOINT",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
     "MLFLOW_TRACKING_URI",
     "VDM_DATA_BUCKET",
     "VDM_MLFLOW_BUCKET",
     "VDM_IMAGE",
+    "VDM_S3_RETRY_SECONDS",
 )
+# The credentials, by variable: (Secret, key). Local ranks get the launching process's values; a
+# pod reads each from the Secret in its namespace (secretKeyRef), so no job spec holds a secret.
+SECRET_ENV = {
+    "AWS_ACCESS_KEY_ID": ("vdm-s3-credentials", "AWS_ACCESS_KEY_ID"),
+    "AWS_SECRET_ACCESS_KEY": ("vdm-s3-credentials", "AWS_SECRET_ACCESS_KEY"),
+    "MLFLOW_TRACKING_USERNAME": ("vdm-mlflow-credentials", "MLFLOW_TRACKING_USERNAME"),
+    "MLFLOW_TRACKING_PASSWORD": ("vdm-mlflow-credentials", "MLFLOW_TRACKING_PASSWORD"),
+}
+# Where Volcano training jobs run (k8s/base/training): Pod Security `restricted`, its own Secrets.
+TRAINING_NAMESPACE = "vdm-training"
+# The project image's user (Containerfile); writable folders of a read-only root filesystem.
+IMAGE_UID = 10001
+WRITABLE = {"tmp": "/tmp", "home": "/home/vdm"}
 
 # How a GPU pod is scheduled: the same as the pipelines' GPU steps (pipelines/kubeflow.py GPUStep).
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -98,6 +115,7 @@ class Launch:
     shm: str = ""  # kubernetes: size limit of the pod's memory-backed /dev/shm; "": none but the memory
     image: str = field(default_factory=lambda: load_settings().image)  # kubernetes only; local_cwd: this env
     queue: str = "vdm-training"  # Volcano queue (kubernetes)
+    namespace: str = TRAINING_NAMESPACE  # kubernetes
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -173,20 +191,73 @@ def training_app(request: TrainingRequest, launch: Launch) -> AppDef:
     return app
 
 
+def restrict(pod: V1Pod) -> None:
+    """Make a rendered training pod what Pod Security `restricted` admits, with a read-only root
+    filesystem (emptyDirs where programs write) and its credentials by reference to the Secrets
+    of its namespace. TorchX's AppDef has no field for any of these."""
+    from kubernetes.client import models as k8s
+
+    pod.spec.security_context = k8s.V1PodSecurityContext(
+        run_as_non_root=True,
+        run_as_user=IMAGE_UID,
+        run_as_group=0,
+        fs_group=IMAGE_UID,
+        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+    )
+    pod.spec.volumes = [
+        *(pod.spec.volumes or []),
+        *(k8s.V1Volume(name=name, empty_dir=k8s.V1EmptyDirVolumeSource()) for name in WRITABLE),
+    ]
+    for container in pod.spec.containers:
+        container.security_context = k8s.V1SecurityContext(
+            allow_privilege_escalation=False,
+            read_only_root_filesystem=True,
+            capabilities=k8s.V1Capabilities(drop=["ALL"]),
+        )
+        container.volume_mounts = [
+            *(container.volume_mounts or []),
+            *(k8s.V1VolumeMount(name=name, mount_path=path) for name, path in WRITABLE.items()),
+        ]
+        container.env = [
+            *(container.env or []),
+            *(
+                k8s.V1EnvVar(
+                    name=name,
+                    value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(name=secret, key=key)),
+                )
+                for name, (secret, key) in SECRET_ENV.items()
+            ),
+        ]
+
+
+def submission(
+    request: TrainingRequest, launch: Launch, runner: Runner | None = None, *, validate: bool = True
+) -> AppDryRunInfo:
+    """What `launch_training` submits: TorchX's rendering of the app (on kubernetes, the Volcano
+    job with every pod `restrict`ed; `validate`: checked by the API server's dry run)."""
+    cfg = scheduler_cfg(launch) | ({} if validate or launch.scheduler != "kubernetes" else {"validate_spec": False})
+    info = (runner or get_runner()).dryrun(training_app(request, launch), launch.scheduler, cfg)
+    if launch.scheduler == "kubernetes":
+        for task in info.request.resource["spec"]["tasks"]:
+            restrict(task["template"])
+    return info
+
+
 def scheduler_cfg(launch: Launch) -> dict:
     """TorchX run options. On kubernetes, no reservation is subtracted: TorchX by default requests
     100m CPU and 1024M memory less than the limit (room for the kubelet when a pod asks for a
     whole host); here request = limit = the `Launch`'s figures, as in the pipelines' own steps."""
     if launch.scheduler != "kubernetes":
         return {}
-    return {"queue": launch.queue, "reserved_millicpu": 0, "reserved_memmb": 0}
+    return {"queue": launch.queue, "namespace": launch.namespace, "reserved_millicpu": 0, "reserved_memmb": 0}
 
 
 def launch_training(request: TrainingRequest, launch: Launch, log: Callable[[str], None] = print) -> None:
     """Run `request` on every rank; returns when all ranks succeeded."""
-    app = training_app(request, launch)
     runner = get_runner()
-    handle = runner.run(app, launch.scheduler, scheduler_cfg(launch))
+    info = submission(request, launch, runner)
+    app = info.app
+    handle = runner.schedule(info)
     tail: list[str] = []
     for line in runner.log_lines(handle, app.roles[0].name, k=0, should_tail=True):
         line = line.rstrip("\n")
@@ -200,6 +271,13 @@ def launch_training(request: TrainingRequest, launch: Launch, log: Callable[[str
         raise TrainingLaunchError(f"training {handle} ended {state}:\n" + "\n".join(errors))
 
 
+def forwarded_env(scheduler: str) -> dict[str, str]:
+    """The launching process's variables the ranks get as values: the configuration, and the
+    credentials too where the ranks run here (a pod reads those from its Secrets)."""
+    names = FORWARDED_ENV if scheduler == "kubernetes" else (*FORWARDED_ENV, *SECRET_ENV)
+    return {k: os.environ[k] for k in names if k in os.environ}
+
+
 def launch_step(
     request: TrainingRequest, scheduler: str, nodes: int, gpus_per_node: str, cpu_per_node: str,
     memory_per_node: str, shm_per_node: str = "",
@@ -207,20 +285,24 @@ def launch_step(
     """A KFP training step's work: `request`, resumed from any checkpoint, through TorchX on
     `nodes` x `gpus_per_node` ranks (one CPU rank without GPUs) with the step's platform
     environment forwarded to the ranks, then the result rank 0 wrote to
-    `<output>/result.json` (final folder, registered model, MLflow run)."""
+    `<output>/attempts/<attempt id>/result.json` (final folder, registered model, MLflow run):
+    this attempt's own, never one an earlier attempt left."""
+    import uuid
+
     from components.common.objectstore import ObjectStore, S3Uri
     from components.training.run import RESULT
 
     settings = load_settings()
     launch = node_launch(
         scheduler, nodes, gpus_per_node, cpu_per_node, memory_per_node, shm_per_node,
-        image=settings.image, env={k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
+        image=settings.image, env=forwarded_env(scheduler),
     )  # fmt: skip
     print(
         f"launch: {launch.scheduler}, {launch.nodes} node(s) x {launch.ranks_per_node} rank(s), "
         f"{launch.gpus_per_node} GPU(s), {launch.cpu:g} CPU, {launch.memory_mb}M memory per node",
         flush=True,
     )
-    launch_training(replace(request, resume=True), launch)
+    result_uri = S3Uri.parse(request.output).join("attempts", uuid.uuid4().hex, RESULT)
+    launch_training(replace(request, resume=True, result_uri=str(result_uri)), launch)
     store = ObjectStore.from_settings(settings)
-    return RunResult.from_json(store.get_bytes(S3Uri.parse(request.output).join(RESULT)))
+    return RunResult.from_json(store.get_bytes(result_uri))

@@ -26,6 +26,7 @@ from pipelines.kubeflow import (
     LAUNCH_PARAMETERS,
     LAUNCHER_CPU,
     LAUNCHER_MEMORY,
+    MLFLOW_SECRET,
     MODEL_LABELS,
     PIPELINES,
     PLATFORM_CONFIG_MAP,
@@ -281,7 +282,11 @@ def test_no_training_stage_starts_before_curation_has_written_the_shards(compile
     # The stages read the shards by URI (a string, no data edge): Stage I must name curation's
     # last task explicitly, or it races curation (kfp.local once ran it first: "no .tar shards").
     pipeline = compiled["end-to-end"]
-    (curation,) = pipeline.of("comp-finalize-curation")
+    (finalize,) = pipeline.of("comp-finalize-curation")
+    # Curation runs as a nested pipeline (curation_steps), which ends when its last task has.
+    owner, _ = pipeline.tasks[finalize]
+    curation = pipeline.parent[owner]
+    assert curation == "curation-steps"
     for in_pod, volcano in pipeline.training_pairs():
         for task in (in_pod, volcano):
             assert curation in pipeline.upstream(task), (task, pipeline.upstream(task))
@@ -377,19 +382,24 @@ def test_every_step_reads_credentials_from_the_secret_and_endpoints_from_the_con
     for name, pipeline in compiled.items():
         assert set(pipeline.platform) == set(pipeline.executors), name  # every step has Kubernetes settings
         for executor, config in pipeline.platform.items():
-            (secret,) = config["secretAsEnv"]
-            assert secret["secretName"] == S3_SECRET
-            assert {k["envVar"] for k in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+            secrets = {s["secretName"]: {k["envVar"] for k in s["keyToEnv"]} for s in config["secretAsEnv"]}
+            assert secrets == {
+                S3_SECRET: {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+                MLFLOW_SECRET: {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
+            }
             (config_map,) = config["configMapAsEnv"]
             assert config_map["configMapName"] == PLATFORM_CONFIG_MAP
             assert "MLFLOW_TRACKING_URI" in {k["envVar"] for k in config_map["keyToEnv"]}
             assert "AWS_SECRET_ACCESS_KEY" not in str(pipeline.executors[executor]["container"].get("env", ""))
+            assert "MLFLOW_TRACKING_PASSWORD" not in str(pipeline.executors[executor]["container"].get("env", ""))
 
 
 @pytest.mark.parametrize("name", ["curation", "end-to-end"])
 def test_curation_fans_out_over_shards_with_caching_but_lists_its_inputs_anew(compiled, name):
     pipeline = compiled[name]
-    tasks = pipeline.spec["root"]["dag"]["tasks"]
+    # Curation's steps run as a nested pipeline (the run folder is its parameter).
+    tasks = pipeline.components["comp-curation-steps"]["dag"]["tasks"]
+    assert "curation-steps" in pipeline.spec["root"]["dag"]["tasks"]
     loop = next(t for n, t in tasks.items() if n.startswith("for-loop"))
     assert loop["iteratorPolicy"] == {"parallelismLimit": 8}
     # A growing input prefix keeps its URI: a cached listing would never see the new videos.
@@ -442,8 +452,10 @@ def test_every_finetune_pipeline_ends_in_its_kinds_evaluation_and_the_gate(compi
     assert pipeline.sources(evaluation, "model_uri") == {("task", t, "model_uri") for t in last}
     (gate,) = pipeline.of("comp-promote-candidate")
     assert evaluation in pipeline.upstream(gate)
-    # The gate takes only the version: the registered model's gate policy says what it requires.
-    assert set(pipeline.tasks[gate][1]["inputs"]["parameters"]) == {"model_uri"}
+    # The gate takes only the version (the registered model's gate policy says what it requires) and the
+    # run's id, whom the decision is recorded as.
+    assert set(pipeline.tasks[gate][1]["inputs"]["parameters"]) == {"model_uri", "pipeline_run"}
+    assert pipeline.sources(gate, "pipeline_run") == {("const", RUN_ID)}
     tasks = pipeline.spec["root"]["dag"]["tasks"]
     label = MODEL_LABELS.get(kind, kind)
     assert tasks[evaluation]["taskInfo"]["name"] == f"evaluate {label}"
@@ -540,3 +552,54 @@ def test_the_card_and_reports_are_html_and_the_models_model_artifacts(compiled, 
         assert "comp-finalize-curation" in seen
     if name != "curation":
         assert "comp-evaluate-model" in seen or name == "pretraining"
+
+
+RUN_OUTPUTS = {
+    "curation": "output_uri",
+    "pretraining": "output_uri",
+    "end-to-end": "work_uri",
+    **{f"finetune-{name}": "output_uri" for name in FINETUNES},
+}
+RUN_ID = "{{$.pipeline_job_uuid}}"  # dsl.PIPELINE_JOB_ID_PLACEHOLDER
+
+
+@pytest.mark.parametrize("name", sorted(RUN_OUTPUTS))
+def test_outputs_default_to_the_runs_own_folder_and_training_records_the_run(compiled, name):
+    pipeline, parameter = compiled[name], RUN_OUTPUTS[name]
+    assert pipeline.parameters[parameter]["defaultValue"] == ""
+    assert "<run id>" in pipeline.parameters[parameter]["description"]
+    folders = pipeline.of("comp-run-folder")
+    assert folders
+    for task in folders:
+        assert pipeline.sources(task, "output_uri") == {("param", parameter)}
+        assert pipeline.sources(task, "run_id") == {("const", RUN_ID)}
+        assert pipeline.sources(task, "pipeline") == {("const", name)}
+    folder_outputs = {("task", f, "Output") for f in folders}
+    # Every step that writes takes its folder from a run-folder step: as is, or below it.
+    for component in ("comp-plan-curation", "comp-annotate-input-shard", "comp-finalize-curation"):
+        for task in pipeline.of(component):
+            assert pipeline.sources(task, "output_uri") <= folder_outputs, task
+    for pair in pipeline.training_pairs():
+        for task in pair:
+            assert pipeline.sources(task, "run_id") == {("const", RUN_ID)}
+            ((kind, *source),) = pipeline.sources(task, "output_uri")
+            owner, spec = pipeline.tasks[task]
+            if kind == "const":  # an f-string below the run folder: "{{...run-folder-Output...}}/stage1"
+                assert source[0].startswith("{{$.inputs.parameters['pipelinechannel--run-folder"), source
+                channel = source[0].split("'")[1]
+                assert pipeline._resolve(owner, spec["inputs"]["parameters"][channel]) <= folder_outputs
+            else:
+                assert (kind, *source) in folder_outputs
+
+
+def test_the_run_folder_is_the_runs_own_unless_an_output_is_given(monkeypatch):
+    from pipelines.kubeflow import run_folder
+
+    resolve = run_folder.python_func
+    monkeypatch.delenv("VDM_DATA_BUCKET", raising=False)
+    assert resolve("", "pretraining", "7f3a") == "s3://vdm/runs/pretraining/7f3a"
+    monkeypatch.setenv("VDM_DATA_BUCKET", "data")
+    assert resolve("", "end-to-end", "7f3a", "curated") == "s3://data/runs/end-to-end/7f3a/curated"
+    assert resolve("s3://b/mine/", "curation", "7f3a") == "s3://b/mine"
+    with pytest.raises(ValueError, match="did not resolve the run's id"):
+        resolve("", "curation", RUN_ID)

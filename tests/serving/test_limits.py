@@ -1,7 +1,8 @@
 """The service's own bounds against a real `vdm serve` with a short request timeout: a
 timed-out or abandoned generation stops at its next denoising step, the task queue
 refuses submits only when full and never refuses a lookup, and `vdm serve` takes its
-BentoML processes with it when it is stopped or killed."""
+BentoML processes with it when it is stopped or killed (killed mid-generation, it leaves
+nothing running and serves again when started on the same state folder)."""
 
 from __future__ import annotations
 
@@ -77,15 +78,19 @@ def _vdm_serve(name: str, log_path, ready: str = "/readyz"):
         process.wait()
 
 
+def _api_key() -> str:
+    (key,) = read_keys(load_settings().home / "serving" / "api-keys")
+    return key
+
+
 @pytest.fixture(scope="module")
 def server(stack, model_name, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("limits") / "serve.log"
     with _vdm_serve(model_name, log_path) as (url, process):
-        (key,) = read_keys(load_settings().home / "serving" / "api-keys")
         yield {
             "url": url,
             "process": process,
-            "auth": {"Authorization": f"Bearer {key}"},
+            "auth": {"Authorization": f"Bearer {_api_key()}"},
             "log": log_path,
             "name": model_name,
         }
@@ -208,10 +213,34 @@ def test_vdm_serve_stopped_with_sigterm_takes_its_bentoml_processes_with_it(serv
     _none_alive(processes, seconds=30)
 
 
-def test_vdm_serve_killed_outright_takes_its_bentoml_processes_with_it(stack, model_name, tmp_path):
-    with _vdm_serve(model_name, tmp_path / "serve.log", ready="/livez") as (_, process):
+def test_vdm_serve_killed_outright_during_a_generation_leaves_nothing_and_serves_again(stack, model_name, tmp_path):
+    with _vdm_serve(model_name, tmp_path / "serve.log") as (url, process):
+        server = {"url": url, "auth": {"Authorization": f"Bearer {_api_key()}"}}
         processes = _bentoml_processes(process.pid)
         assert any("_bentoml_impl.worker" in " ".join(p.cmdline()) for p in processes)
-        process.kill()  # SIGKILL: no chance to pass anything on
+        in_flight: list[BaseException | httpx.Response] = []
+
+        def generate() -> None:
+            try:
+                in_flight.append(_post(server, LONG))
+            except httpx.TransportError as error:
+                in_flight.append(error)
+
+        request = threading.Thread(target=generate)
+        request.start()
+        _until(lambda: _running(server) == 1, seconds=10)
+        process.kill()  # SIGKILL, mid-generation: no chance to pass anything on
         process.wait()
         _none_alive(processes, seconds=30)
+        request.join(timeout=30)
+        # The caller learns at once, no hang: BentoML, told by the kernel that `vdm serve` died, stops the
+        # generation at its next step and answers (or, were it gone first, the connection drops).
+        (answer,) = in_flight
+        assert isinstance(answer, httpx.TransportError) or (
+            answer.status_code == 504 and answer.json()["error"].endswith("was stopped: shutdown")
+        ), answer
+    # Started again on the same state folder (its model cache, its keys): it serves.
+    with _vdm_serve(model_name, tmp_path / "again.log") as (url, _):
+        again = {"url": url, "auth": {"Authorization": f"Bearer {_api_key()}"}}
+        answer = _post(again, SHORT)
+        assert answer.status_code == 200 and answer.headers["x-vdm-model"] == f"{model_name}/1"

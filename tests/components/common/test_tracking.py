@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from components.common.tracking import (
     run_url,
     tracked_run,
 )
+from vdm.stack import basic_auth
 
 
 def test_config_hash_ignores_key_order_and_sees_values():
@@ -93,8 +95,13 @@ def test_run_url_points_at_the_server(settings):
         pass
     url = run_url(run, settings)
     assert url == f"{settings.mlflow_tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-    with urllib.request.urlopen(url.split("#")[0], timeout=10) as response:
+    # The UI asks for the login (the stack's MLflow runs its basic-auth app) and opens with it.
+    login = basic_auth(settings.mlflow_username, settings.mlflow_password.get_secret_value())
+    with urllib.request.urlopen(urllib.request.Request(url.split("#")[0], headers=login), timeout=10) as response:
         assert response.status == 200
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url.split("#")[0], timeout=10)
+    assert refused.value.code == 401
 
 
 def test_experiments_open_on_the_runs_table_and_keep_a_kind_chosen_in_the_ui(settings):

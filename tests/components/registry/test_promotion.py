@@ -334,8 +334,8 @@ def test_the_pipeline_gate_step_writes_every_check_into_its_outputs(model, tmp_p
     worse = new_candidate(model, GOOD | {"fvd": 101.0})
     MlflowClient().set_registered_model_alias(model, CANDIDATE, first)  # the step moves it to the version given
     decision, report = Artifact(uri=str(tmp_path / "decision")), HTML(uri=str(tmp_path / "report.html"))
-    monkeypatch.setenv("KFP_RUN_ID", "0b7e-run")  # as the step's pod gets it from its `pipeline/runid` label
-    assert promote_candidate.python_func(f"models:/{model}/{worse}", decision, report) is False
+    # The pipeline hands the step its run's id (dsl.PIPELINE_JOB_ID_PLACEHOLDER).
+    assert promote_candidate.python_func(f"models:/{model}/{worse}", "0b7e-run", decision, report) is False
     assert aliases(model) == {CANDIDATE: worse, CHAMPION: first}
     metadata = decision.metadata
     assert (metadata["model"], metadata["promoted"], metadata["policy_version"]) == (model, False, 1)

@@ -80,6 +80,9 @@ def test_finetune_camera_lora_registers_base_and_adapters_and_adds_a_class(stack
     zoomed = frames(adapter="zoom_in")
     assert len(zoomed) == 4 and zoomed[0].shape == (32, 32, 3)
     # Strength 0 is the base model (its effect in proportion: tests/model/test_camera_lora.py).
-    assert np.array_equal(frames(adapter="zoom_in", adapter_strength=0.0), frames(adapter=""))
+    # The same frames, up to the mp4 encoding: a served video is encoded with x264's threads, whose
+    # decisions (and so a few pixel values) vary from run to run.
+    off, base = np.stack(frames(adapter="zoom_in", adapter_strength=0.0)), np.stack(frames(adapter=""))
+    assert np.abs(off.astype(int) - base.astype(int)).mean() < 1.0
     with pytest.raises(Exception, match=r"no camera-motion adapter 'static'; it has \['pan', 'zoom_in'\]"):
         model.predict(pd.DataFrame({"prompt": [""]}), params={"num_frames": 4, "steps": 1, "adapter": "static"})

@@ -11,7 +11,6 @@ import re
 import shlex
 
 import pytest
-from torchx.runner import get_runner
 from torchx.schedulers.kubernetes_scheduler import sanitize_for_serialization
 
 from components.training import launch
@@ -32,9 +31,7 @@ def volcano_job(step: launch.Launch) -> dict:
     """The Volcano job `launch_training` would submit for `step` (TorchX's dry run; the API
     server's validation, which needs a cluster, left out)."""
     assert step.scheduler == "kubernetes"
-    app = launch.training_app(REQUEST, step)
-    info = get_runner().dryrun(app, "kubernetes", cfg=launch.scheduler_cfg(step) | {"validate_spec": False})
-    return sanitize_for_serialization(info.request.resource)
+    return sanitize_for_serialization(launch.submission(REQUEST, step, validate=False).request.resource)
 
 
 def pods(job: dict) -> list[dict]:
@@ -149,3 +146,40 @@ def test_ranks_follow_the_gpus():
         launch.Launch(gpus_per_node=8, procs_per_node=1, image="x")
     assert launch.Launch(gpus_per_node=8, image="x").ranks_per_node == 8
     assert launch.Launch(procs_per_node=2, image="x").ranks_per_node == 2  # CPU ranks (the local tests)
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_pods_run_restricted_in_the_training_namespace_with_credentials_only_by_reference(nodes, monkeypatch):
+    for name in launch.SECRET_ENV:
+        monkeypatch.setenv(name, f"secret-value-of-{name}")
+    step = launch.node_launch("kubernetes", nodes, "8", "32", "256G", "64Gi", image="vdm-platform:test",
+                              env=launch.forwarded_env("kubernetes"))  # fmt: skip
+    assert launch.scheduler_cfg(step)["namespace"] == "vdm-training"
+    job = volcano_job(step)
+    assert "secret-value-of" not in str(job)  # no credential in the job spec
+    for pod in pods(job):
+        assert pod["securityContext"] == {
+            "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 0, "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }  # fmt: skip
+        (container,) = pod["containers"]  # the overlay merged into TorchX's container, added none
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+        }  # fmt: skip
+        references = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+        assert references == {
+            name: {"name": secret, "key": key} for name, (secret, key) in launch.SECRET_ENV.items()
+        } and set(references) >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"}
+        # Writable folders of the read-only root: emptyDirs, next to the sized /dev/shm.
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v["emptyDir"] for v in pod["volumes"]}
+        assert volumes[mounts["/tmp"]] == volumes[mounts["/home/vdm"]] == {}
+        assert volumes[mounts["/dev/shm"]] == {"medium": "Memory", "sizeLimit": "64Gi"}
+
+
+def test_local_ranks_get_the_credentials_as_values(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local-secret")
+    monkeypatch.setenv("VDM_S3_ENDPOINT", "http://127.0.0.1:8333")
+    assert launch.forwarded_env("local_cwd")["AWS_SECRET_ACCESS_KEY"] == "local-secret"
+    assert "AWS_SECRET_ACCESS_KEY" not in launch.forwarded_env("kubernetes")
+    assert launch.forwarded_env("kubernetes")["VDM_S3_ENDPOINT"] == "http://127.0.0.1:8333"
