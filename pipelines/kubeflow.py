@@ -37,30 +37,22 @@ from components.curation.component import annotate_input_shard, finalize_curatio
 from components.evaluation.component import evaluate_model
 from components.registry.component import promote_candidate
 from components.training.component import finetune_model, train_stage
-from components.training.launch import GPU_NODE_SELECTOR, GPU_RESOURCE
+from components.training.launch import (
+    FORWARDED_ENV,
+    GPU_NODE_SELECTOR,
+    GPU_RESOURCE,
+    MLFLOW_SECRET,
+    S3_SECRET,
+    SECRET_ENV,
+)
 from model.tasks import FINETUNES
 
-# Names shared with k8s/ (the operator creates these; see k8s/README.md).
-S3_SECRET = "vdm-s3-credentials"
-S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+# Names shared with k8s/ and the training pods (components/training/launch.py): the steps get
+# the same credentials and settings as the ranks they launch.
+S3_SECRET_KEYS = {var: key for var, (secret, key) in SECRET_ENV.items() if secret == S3_SECRET}
+MLFLOW_SECRET_KEYS = {var: key for var, (secret, key) in SECRET_ENV.items() if secret == MLFLOW_SECRET}
 PLATFORM_CONFIG_MAP = "vdm-platform-config"
-PLATFORM_CONFIG_KEYS = {
-    k: k
-    for k in (
-        "VDM_S3_ENDPOINT",
-        "MLFLOW_TRACKING_URI",
-        "VDM_DATA_BUCKET",
-        "VDM_MLFLOW_BUCKET",
-        "VDM_IMAGE",
-        "VDM_S3_RETRY_SECONDS",
-    )
-}
-# The pipelines' MLflow user (MLflow's basic-auth app), as MLflow's client reads it.
-MLFLOW_SECRET = "vdm-mlflow-credentials"
-MLFLOW_SECRET_KEYS = {
-    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
-}
+PLATFORM_CONFIG_KEYS = {k: k for k in FORWARDED_ENV}
 
 
 @dataclass(frozen=True)

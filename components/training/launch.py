@@ -44,11 +44,13 @@ FORWARDED_ENV = (
 )
 # The credentials, by variable: (Secret, key). Local ranks get the launching process's values; a
 # pod reads each from the Secret in its namespace (secretKeyRef), so no job spec holds a secret.
+S3_SECRET = "vdm-s3-credentials"  # the pipelines' S3 user (k8s/; see k8s/README.md)
+MLFLOW_SECRET = "vdm-mlflow-credentials"  # their MLflow user (MLflow's basic-auth app)
 SECRET_ENV = {
-    "AWS_ACCESS_KEY_ID": ("vdm-s3-credentials", "AWS_ACCESS_KEY_ID"),
-    "AWS_SECRET_ACCESS_KEY": ("vdm-s3-credentials", "AWS_SECRET_ACCESS_KEY"),
-    "MLFLOW_TRACKING_USERNAME": ("vdm-mlflow-credentials", "MLFLOW_TRACKING_USERNAME"),
-    "MLFLOW_TRACKING_PASSWORD": ("vdm-mlflow-credentials", "MLFLOW_TRACKING_PASSWORD"),
+    "AWS_ACCESS_KEY_ID": (S3_SECRET, "AWS_ACCESS_KEY_ID"),
+    "AWS_SECRET_ACCESS_KEY": (S3_SECRET, "AWS_SECRET_ACCESS_KEY"),
+    "MLFLOW_TRACKING_USERNAME": (MLFLOW_SECRET, "MLFLOW_TRACKING_USERNAME"),
+    "MLFLOW_TRACKING_PASSWORD": (MLFLOW_SECRET, "MLFLOW_TRACKING_PASSWORD"),
 }
 # Where Volcano training jobs run (k8s/base/training): Pod Security `restricted`, its own Secrets.
 TRAINING_NAMESPACE = "vdm-training"
