@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from components.common.settings import generate_secret_file
 from serving.config import ServeSettings
 from serving.errors import error_response
 
@@ -162,9 +161,5 @@ def local_key_files(folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = (folder / "api-keys", folder / "admin-keys")
     for path in paths:
-        if not path.exists():
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "w") as file:
-                file.write(secrets.token_urlsafe(32) + "\n")
-        path.chmod(0o600)
+        generate_secret_file(path)
     return paths

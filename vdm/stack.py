@@ -46,7 +46,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from components.common.objectstore import ObjectStore, ObjectStoreError
-from components.common.settings import CREDENTIALS_FILE, STACK_ENV_FILE, Settings, load_settings
+from components.common.settings import (
+    CREDENTIALS_FILE,
+    STACK_ENV_FILE,
+    Settings,
+    generate_secret_file,
+    load_settings,
+    write_private,
+)
 
 HOST = "127.0.0.1"
 # SeaweedFS binds each gRPC port at its HTTP port + 10000.
@@ -111,12 +118,6 @@ def generate_credentials(home: Path) -> None:
     write_private(path, "".join(f"{k}={v}\n" for k, v in (fresh | current).items()))
 
 
-def generate_server_secret(path: Path) -> None:
-    """A secret only a server reads (never a client), generated once into a 0600 file."""
-    if not path.exists():
-        write_private(path, secrets.token_urlsafe(32) + "\n")
-
-
 def write_mtls_certificate(folder: Path) -> None:
     """`ca.crt`, `tls.crt` and `tls.key` (0600) in `folder` unless there: a certificate for
     127.0.0.1 that serves and authenticates as a client, from a CA whose key is thrown away,
@@ -163,15 +164,6 @@ def read_env_file(path: Path) -> dict[str, str]:
         return {}
     pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
     return {k.strip(): v.strip() for k, v in pairs}
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read, replacing it atomically."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def port_is_free(port: int) -> bool:
@@ -472,7 +464,7 @@ class Stack:
 
     def _write_configs(self) -> None:
         creds = self.credentials()
-        generate_server_secret(self.mlflow_flask_secret)
+        generate_secret_file(self.mlflow_flask_secret)
         # MLflow's auth app makes this admin on its first start against an empty users database;
         # no one else has an account, and a new one gets no permission until granted.
         write_private(

@@ -28,7 +28,7 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -195,12 +195,13 @@ class ResumableReader(io.RawIOBase):
         endpoint: str,
         uri: S3Uri,
         retry_seconds: float,
+        translate: Callable[[S3Error, str], ObjectStoreError],
         *,
         expected_sha256: str | None = None,
         require_sha256: bool = True,
         backoff_max_s: float = 4.0,
     ):
-        self._client, self._endpoint, self._uri = client, endpoint, uri
+        self._client, self._endpoint, self._uri, self._translate = client, endpoint, uri, translate
         self.retry_seconds, self._backoff_max_s = retry_seconds, backoff_max_s
         self.position = 0
         self.size: int | None = None
@@ -256,7 +257,7 @@ class ResumableReader(io.RawIOBase):
                 return call()
             except S3Error as e:
                 if e.response is None or e.response.status < 500:
-                    raise _translate_read_error(e, self._uri) from e
+                    raise self._translate(e, f"read {self._uri}") from e
                 fault = fault or e
             except (ServerError, urllib3.exceptions.HTTPError, OSError) as e:
                 if fault is None:
@@ -323,16 +324,6 @@ def _log_fault(uri: S3Uri, position: int, fault: BaseException, retry_seconds: f
         _fault_name(fault),
         retry_seconds,
     )
-
-
-def _translate_read_error(e: S3Error, uri: S3Uri) -> ObjectStoreError:
-    if e.code == "NoSuchBucket":
-        return BucketNotFoundError(f"{uri}: bucket {uri.bucket!r} does not exist")
-    if e.code in ("NoSuchKey", "NoSuchObject"):
-        return ObjectNotFoundError(f"read {uri}: no such object")
-    if e.code in _CREDENTIAL_ERRORS:
-        return CredentialsError(f"read {uri}: {e.code}; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-    return ObjectStoreError(f"read {uri}: {e.code}: {e.message}")
 
 
 def retry_seconds_from_env() -> float:
@@ -601,7 +592,9 @@ class ObjectStore:
                 http_client=http,
             )
         seconds = retry_seconds_from_env() if retry_seconds is None else retry_seconds
-        return ResumableReader(self._reader_client, self.endpoint, _uri(uri), seconds, expected_sha256=expected_sha256)
+        return ResumableReader(
+            self._reader_client, self.endpoint, _uri(uri), seconds, self._translate, expected_sha256=expected_sha256
+        )
 
     def get_bytes(self, uri: str | S3Uri) -> bytes:
         with self.open(uri) as reader:

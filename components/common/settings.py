@@ -9,6 +9,7 @@ writes `$VDM_HOME/stack.env` (endpoints) and `$VDM_HOME/credentials.env`
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr
@@ -80,3 +81,20 @@ def load_settings() -> Settings:
     """Settings from the environment, then the stack's files under the state folder."""
     files = tuple(str(vdm_home() / name) for name in (STACK_ENV_FILE, CREDENTIALS_FILE))
     return Settings(_env_file=files)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, replacing it atomically."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def generate_secret_file(path: Path) -> None:
+    """A random secret in `path`, made once (an existing one is kept: what it protects was set up
+    with it), readable by its owner only."""
+    if not path.exists():
+        write_private(path, secrets.token_urlsafe(32) + "\n")
+    path.chmod(0o600)
