@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
+from components.common.lifetime import exit_with
 from components.common.media import video_bytes
 from components.common.settings import load_settings
 from model.pipeline import GenerationConfig, to_uint8
@@ -397,19 +398,6 @@ def _request() -> HTTPRequest | None:
         return None
 
 
-def _exit_with_parent() -> None:
-    """Exit once the process that started this worker (BentoML's arbiter) is gone: killed
-    outright, it cannot stop its workers, which would hold the model and the GPU."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="vdm-exit-with-parent", daemon=True).start()
-
-
 @bentoml.service(
     name="vdm-video-generation",
     description=DESCRIPTION,
@@ -424,7 +412,8 @@ def _exit_with_parent() -> None:
 @bentoml.asgi_app(docs_app("vdm-video-generation"), path="/docs")
 class VideoGeneration:
     def __init__(self) -> None:
-        _exit_with_parent()
+        # Killed outright, BentoML's arbiter cannot stop this worker, which would hold the model and GPU.
+        exit_with(os.getppid())
         if threading.current_thread() is threading.main_thread():  # BentoML's worker: uvicorn's signals
             stop_generations_on_exit_signals()
         self.models = LiveModels(LIMITS.specs(), load_settings().home / "cache" / "serving")

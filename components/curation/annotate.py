@@ -23,7 +23,6 @@ import re
 import shutil
 import tarfile
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator
@@ -36,6 +35,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from components.common.lifetime import exit_with
 from components.common.objectstore import MANIFEST_NAME, ObjectStore, ObjectStoreError, S3Uri, is_s3_uri
 from components.common.settings import load_settings
 from components.curation import motion
@@ -213,18 +213,6 @@ def _running(pid: int) -> bool:
     except PermissionError:
         return True  # another user's
     return True
-
-
-def _exit_with(parent: int) -> None:
-    """Pool worker initializer: exit once the process that started the pool is gone. Killed
-    outright, a parent cannot stop its pool, and its workers would idle on about 600 MiB each."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def process_video(video: str, path: Path, config: CurationConfig, scratch: Path | None = None) -> VideoResult:
@@ -455,7 +443,7 @@ def _until_broken(
     when a worker died (empty if none did), sorted."""
     # spawn: workers must not inherit a parent's torch/OpenMP state.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=exit_with, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_process, jobs[i]): i for i in indices}
         broken = []
         for future in as_completed(futures):
