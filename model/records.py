@@ -91,6 +91,16 @@ RENDITIONS: tuple[RenditionName, ...] = get_args(RenditionName)
 RENDITION_EXT: dict[str, str] = {SMALL: "mp4", HQ: "hq.mp4"}
 
 
+# Curation's staged subsets (SVD): `lvd` every clip long enough to keep, before the quality
+# filters; `lvd-f` the clips the filters keep (a curated output's `shards/`); `hq` the clips of
+# `lvd-f` that pass the stricter `subsets.hq` thresholds. Each is in the next: hq < lvd-f < lvd.
+SubsetName = Literal["lvd", "lvd-f", "hq"]
+LVD: SubsetName = "lvd"
+LVD_F: SubsetName = "lvd-f"
+HQ_SUBSET: SubsetName = "hq"
+SUBSETS: tuple[SubsetName, ...] = get_args(SubsetName)
+
+
 def rendition_folder(split: Split, rendition: str) -> str:
     """The folder of a split's shards of one rendition under a curated output: `shards`,
     `heldout`, `shards-hq`, `heldout-hq`."""
@@ -158,6 +168,10 @@ class ClipRecord:
     # 64-bit perceptual hashes (16 hex digits) of the first, middle and last frame.
     phash: tuple[str, ...] | None = None
     duplicate_of: str | None = None  # a dropped near-duplicate: the key of the clip kept instead
+    # Set by finalize: the curated subsets (SUBSETS) holding the clip, and the `hq` thresholds it
+    # fails ([] when it passes them; `drop_reasons` says why it is not in `lvd-f`).
+    subsets: list[str] | None = None
+    hq_drop_reasons: list[str] | None = None
 
     # The camera-motion labels this kind of record may carry.
     camera_motions: ClassVar[tuple[str, ...]] = CAMERA_MOTIONS
@@ -166,6 +180,9 @@ class ClipRecord:
         check_camera_motion(self.camera_motion, self.camera_motions)
         if self.split is not None and self.split not in SPLITS:
             raise ValueError(f"clip record {self.key!r}: unknown split {self.split!r}; one of {list(SPLITS)}")
+        for name in self.subsets or ():
+            if name not in SUBSETS:
+                raise ValueError(f"clip record {self.key!r}: unknown subset {name!r}; one of {list(SUBSETS)}")
         if not isinstance(self.scores, dict):
             raise ValueError(f"clip record {self.key!r}: scores must map score names to values, got {self.scores!r}")
         if self.source_size is not None:

@@ -197,6 +197,7 @@ def summarize(
     return {
         "dataset_card_uri": str(work.join("curated", "dataset_card.html")),
         "dataset_shards": str(work.join("curated", "shards")) + "/",
+        "hq_shards": str(work.join("curated", "subsets", "hq", "shards")) + "/",  # Stage III's data
         "mlflow_run_ids": runs,
         "mlflow_runs": {s: results[s].mlflow_run for s in (*STAGES, "i2v")},
         "registered_model": {k: text[k] for k in ("name", "version", "aliases")},

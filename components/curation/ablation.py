@@ -53,6 +53,7 @@ def ablation_subsets(curated: str, grid: dict[str, list[float]], store: ObjectSt
                 store,
                 input_location=card.get("provenance", {}).get("input"),
                 tags={TAG_ABLATION_OF: str(base)},
+                write_subsets=False,  # an ablation point trains on its filtered set alone
             )
             index[name] = {
                 "uri": str(base.join("ablation", name)),

@@ -71,11 +71,15 @@ def annotate_input_shard(
 @dsl.component(base_image=IMAGE)
 def finalize_curation(
     parts: list, input_uri: str, output_uri: str, config_yaml: str, dataset: Output[Dataset], card: Output[HTML]
-) -> NamedTuple("CurationOutputs", [("shards", str), ("heldout_shards", str), ("prompt_set", str)]):
-    """Filters over all clips, WebDataset shards, manifest, rejected list, dataset card (also
-    the `card` artifact: the same self-contained page), as an MLflow run in `vdm-curation`.
-    Outputs: `shards` (training's prefix), `heldout_shards` (the held-out split's prefix, the
-    evaluation's reference clips), `prompt_set` (the evaluation prompt set, prompts.jsonl)."""
+) -> NamedTuple(
+    "CurationOutputs",
+    [("shards", str), ("heldout_shards", str), ("prompt_set", str), ("hq_shards", str), ("lvd_shards", str)],
+):
+    """Filters over all clips, WebDataset shards of each subset, manifest, rejected list, dataset
+    card (also the `card` artifact: the same self-contained page), as an MLflow run in `vdm-curation`.
+    Outputs: `shards` (the filtered set lvd-f's training prefix), `heldout_shards` (the held-out
+    split's prefix, the evaluation's reference clips), `prompt_set` (the evaluation prompt set,
+    prompts.jsonl), `hq_shards` (the hq subset's training prefix), `lvd_shards` (every clip's)."""
     from collections import namedtuple
     from pathlib import Path
 
@@ -103,7 +107,18 @@ def finalize_curation(
             "heldout_clips": int(figures["splits"]["heldout"]["clips"]),
             "prompt_set": figures["heldout"]["prompt_set"],
             "prompts": int(figures["heldout"]["prompts"]),
+            "subsets": {
+                name: {"shards": f["shards"], "clips": int(f["clips"]), "train_clips": int(f["train_clips"])}
+                for name, f in figures["subsets"].items()
+            },
         }
     )
-    outputs = namedtuple("CurationOutputs", ["shards", "heldout_shards", "prompt_set"])
-    return outputs(dataset.metadata["shards"], figures["heldout"]["shards"], figures["heldout"]["prompt_set"])
+    outputs = namedtuple("CurationOutputs", ["shards", "heldout_shards", "prompt_set", "hq_shards", "lvd_shards"])
+    subsets = figures["subsets"]
+    return outputs(
+        dataset.metadata["shards"],
+        figures["heldout"]["shards"],
+        figures["heldout"]["prompt_set"],
+        subsets["hq"]["shards"],
+        subsets["lvd"]["shards"],
+    )

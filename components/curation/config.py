@@ -13,6 +13,9 @@ from components.curation.duplicates import DEFAULT_MAX_DISTANCE
 from components.curation.neural import NeuralConfig
 
 SCORES = ("motion", "text_ratio", "aesthetic", "clip_sim")
+# Not an annotator's score: the source's shorter side in px (a clip's `source_size`), for filters.
+RESOLUTION = "resolution"
+FILTER_SCORES = (*SCORES, RESOLUTION)
 
 
 class _Strict(BaseModel):
@@ -85,9 +88,10 @@ class Motion(_Strict):
 
 
 class Filter(_Strict):
-    """Drop clips on one score: the lowest/highest X percent, or below min / above max."""
+    """Drop clips on one score: the lowest/highest X percent, or below min / above max. Percentiles
+    are taken over every clip long enough to keep (both splits)."""
 
-    score: Literal["motion", "text_ratio", "aesthetic", "clip_sim"]
+    score: Literal["motion", "text_ratio", "aesthetic", "clip_sim", "resolution"]
     drop_lowest_percent: float | None = Field(None, ge=0, le=100)
     drop_highest_percent: float | None = Field(None, ge=0, le=100)
     min: float | None = None
@@ -133,6 +137,24 @@ class Dedup(_Strict):
     max_distance: int = Field(DEFAULT_MAX_DISTANCE, ge=0, le=31)
 
 
+class Subsets(_Strict):
+    """SVD's staged data: `lvd` every clip long enough to keep, `lvd-f` the clips `filters` (and
+    near-duplicate removal) keep, `hq` the clips of `lvd-f` that also pass `hq`. Percentiles in
+    `hq` are taken over the same clips as those in `filters`, so a higher percent than the
+    filter's is a stricter bound on that score."""
+
+    # Stricter than `filters` on every score, and the source's shorter side: the lowest quarter goes
+    # (clips at the bound stay, so a corpus of one size keeps them all). These keep clips on the
+    # sample data (random-weight aesthetic scores); components/curation/public-weights.yaml, the
+    # pipelines' default, is stricter.
+    hq: tuple[Filter, ...] = (
+        Filter(score="aesthetic", drop_lowest_percent=30),
+        Filter(score="motion", drop_lowest_percent=30),
+        Filter(score="text_ratio", max=0.02),
+        Filter(score="resolution", drop_lowest_percent=25),
+    )
+
+
 class CurationConfig(_Strict):
     limits: Limits = Limits()
     decode: Decode = Decode()
@@ -145,6 +167,7 @@ class CurationConfig(_Strict):
         Filter(score="text_ratio", max=0.05),
         Filter(score="aesthetic", drop_lowest_percent=25),
     )
+    subsets: Subsets = Subsets()
     output: Output = Output()
     dedup: Dedup = Dedup()
     # Plug-ins ("module:Class", built with no arguments) in place of the built-in video captioner and

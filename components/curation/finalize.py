@@ -1,5 +1,7 @@
-"""Merge published parts: apply the filters over all clips, drop near-duplicates, write the
-WebDataset shards of kept clips, `manifest.jsonl`, `rejected.jsonl` and the dataset card.
+"""Merge published parts: apply the filters over all clips, drop near-duplicates, sort the clips
+into SVD's staged subsets (`lvd` every clip long enough to keep, `lvd-f` the kept ones, `hq` the
+kept ones that pass `subsets.hq`), write the WebDataset shards of each subset, `manifest.jsonl`,
+`rejected.jsonl` and the dataset card.
 
 Output contract (under the output prefix; `_MANIFEST.json` is written last, and removed first
 when an output is written again: the dataset is valid exactly while it exists):
@@ -13,17 +15,25 @@ when an output is written again: the dataset is valid exactly while it exists):
 - `shards-hq/`, `heldout-hq/`: the high-resolution rendition of the same clips, stored as
   `<key>.mp4` with the same `<key>.json`; shard N there holds the keys of shard N of
   `shards/` (`heldout/`) that have that rendition;
+- `subsets/hq/shards/`, `subsets/hq/shards-hq/`: the hq subset's train-split clips, both
+  renditions numbered alike; `subsets/lvd/shards/`: every train-split clip long enough to keep
+  (small rendition only); each subset folder also has a `dataset_card.json` with its figures
+  and digest (and the card's page, `dataset_card.html`), so a subset's folder reads as its
+  `shards/` like the output's own. The same
+  `<key>.json` (the manifest row) as in `shards/`; `shards/` and `heldout/` are `lvd-f`'s;
 - `manifest.jsonl`: one row per clip, kept and dropped, sorted by key, each a `ClipRecord`
   (model/records.py) without `too_short`: `key`, `video`, `start_frame`,
   `end_frame`, `start_s`, `end_s`, `fps`, `kept`, `drop_reasons`, `scores`
   (`motion`, `text_ratio`, `aesthetic`, `clip_sim`), `camera_motion`, `caption`
-  (when a captioner gave one), ..., `split` (`train` or `heldout`), and for kept clips `shard`
+  (when a captioner gave one), ..., `split` (`train` or `heldout`), `subsets` (those holding it)
+  and `hq_drop_reasons` (the `subsets.hq` thresholds it fails), and for kept clips `shard`
   and each rendition's `shard`; a clip dropped as a near-duplicate names the kept copy in `duplicate_of`;
 - `rejected.jsonl`: `video`, `reason`, `detail` per rejected file;
-- `dataset_card.json` / `dataset_card.html`: the figures (per split too), thresholds, the
-  resolution distribution and provenance; the JSON's `digest` (sha256 of `manifest.jsonl`, every
-  small-rendition shard and the prompt set, 16 hex digits) names this exact data, e.g. as the
-  MLflow dataset digest of training runs.
+- `dataset_card.json` / `dataset_card.html`: the figures (per split and per subset too, with
+  each subset's score distributions), thresholds, the resolution distribution and provenance;
+  the JSON's `digest` (sha256 of `manifest.jsonl`, every shard of `lvd-f` and the prompt set,
+  16 hex digits) names this exact data, e.g. as the MLflow dataset digest of training runs; each
+  subset's `digest` (manifest and its own shards) names its data.
 
 Memory does not grow with the clip count beyond a few numbers a clip: pass 1 streams every
 part's `clips.jsonl` for the thresholds' score arrays and the counters; a second read of them
@@ -60,14 +70,18 @@ from components.common.media import animated_webp_bytes
 from components.common.objectstore import MANIFEST_NAME, ObjectStore, S3Uri, is_s3_uri, sha256_file
 from components.common.tracking import config_hash, git_commit
 from components.curation.annotate import CLIPS_FILE, CLIPS_TAR, PART_INFO, REJECTED_FILE, read_clips, read_jsonl
-from components.curation.config import SCORES, CurationConfig, Filter
+from components.curation.config import FILTER_SCORES, RESOLUTION, SCORES, CurationConfig, Filter
 from components.curation.duplicates import DuplicateIndex
 from model.records import (
     HELDOUT,
+    HQ_SUBSET,
+    LVD,
+    LVD_F,
     RENDITION_EXT,
     RENDITIONS,
     SMALL,
     SPLITS,
+    SUBSETS,
     TRAIN,
     ClipRecord,
     Rendition,
@@ -80,6 +94,19 @@ DUPLICATE = "duplicate"
 SHARDS = "shards"
 PROMPTS_FILE = "prompts.jsonl"  # under heldout/
 EMPTY_HELDOUT = "evaluation has no held-out clips: raise heldout_fraction"
+EMPTY_HQ = "the hq subset has no training clips: loosen subsets.hq"
+# The folder of a subset under a curated output, `lvd-f` being the output itself (its `shards/`,
+# `shards-hq/`); each holds `shards/` (and `shards-hq/`) of its training clips and a `dataset_card.json`.
+# A subset's shards are copies of its clips, not references to lvd-f's: a loader reads every shard
+# under a folder, and a stage on the hq rendition reads the sibling `shards-hq/` of the `shards/` it
+# is given, so hq's shards nested in `shards/` would put high-resolution files among lvd-f's small
+# ones, and lvd's folder cannot lie above `shards/` (the output's root also holds `heldout/`).
+# The copies cost the hq subset's size (a small share by design) and lvd's at the small size only.
+SUBSETS_FOLDER = "subsets"
+# The renditions each subset stores: `lvd` (the whole corpus, for ablations at low resolution) the small one.
+_SUBSET_RENDITIONS = {LVD: (SMALL,), LVD_F: RENDITIONS, HQ_SUBSET: RENDITIONS}
+# The scores the card compares the subsets on.
+SUBSET_SCORES = ("aesthetic", "motion", "text_ratio", RESOLUTION)
 # Changing the salt would move videos between splits: held-out clips would become training data.
 _SPLIT_SALT = "vdm-heldout-v1"
 # The card's resolution buckets, by a frame's shorter side (its "p").
@@ -103,6 +130,18 @@ def heldout_split(video: str, input_location: str, fraction: float) -> Split:
     return HELDOUT if draw < fraction else TRAIN
 
 
+def subset_folder(subset: str) -> str:
+    """A subset's folder relative to a curated output ("" for `lvd-f`, the output itself)."""
+    return "" if subset == LVD_F else f"{SUBSETS_FOLDER}/{subset}"
+
+
+def score_value(clip: ClipRecord, score: str) -> float:
+    """A clip's value of a filter's score (NaN where it has none): `resolution` is the source's shorter side."""
+    if score == RESOLUTION:
+        return float(min(clip.source_size)) if clip.source_size else np.nan
+    return float(clip.scores.get(score, np.nan))
+
+
 def bounds_of(scores: dict[str, np.ndarray], filters: tuple[Filter, ...]) -> dict[str, dict]:
     """Each filter's absolute bound from the scores of the clips long enough to keep."""
     out = {}
@@ -121,7 +160,7 @@ def bounds_of(scores: dict[str, np.ndarray], filters: tuple[Filter, ...]) -> dic
 def thresholds(clips: list[ClipRecord], filters: tuple[Filter, ...]) -> dict[str, dict]:
     """Each filter's absolute bound, percentiles taken over the clips long enough to keep."""
     candidates = [c for c in clips if not c.too_short]
-    scores = {f.score: np.array([c.scores[f.score] for c in candidates], dtype=np.float64) for f in filters}
+    scores = {f.score: np.array([score_value(c, f.score) for c in candidates], dtype=np.float64) for f in filters}
     return bounds_of(scores, filters)
 
 
@@ -131,16 +170,35 @@ def apply_filters(clips: list[ClipRecord], bounds: dict[str, dict], duplicates: 
     duplicates = duplicates or {}
     for clip in clips:
         reasons = [TOO_SHORT] if clip.too_short else []
-        for name, bound in bounds.items():
-            value = clip.scores[bound["score"]]
-            low, high = bound.get("min"), bound.get("max")
-            if (low is not None and value < low) or (high is not None and value > high):
-                reasons.append(name)
+        reasons += failed_bounds(clip, bounds)
         if not clip.too_short and clip.key in duplicates:
             reasons.append(DUPLICATE)
             clip.duplicate_of = duplicates[clip.key]
         clip.drop_reasons = reasons
         clip.kept = not reasons
+
+
+def failed_bounds(clip: ClipRecord, bounds: dict[str, dict]) -> list[str]:
+    """The names of the bounds a clip fails; a clip without the score fails its bound."""
+    failed = []
+    for name, bound in bounds.items():
+        value = score_value(clip, bound["score"])
+        low, high = bound.get("min"), bound.get("max")
+        if np.isnan(value) or (low is not None and value < low) or (high is not None and value > high):
+            failed.append(name)
+    return failed
+
+
+def apply_subsets(clips: list[ClipRecord], hq_bounds: dict[str, dict]) -> None:
+    """Set `subsets` and `hq_drop_reasons` on every clip, in place, after `apply_filters`: `lvd`
+    holds every clip long enough to keep, `lvd-f` the kept ones, `hq` the kept ones that pass `hq_bounds`."""
+    for clip in clips:
+        clip.hq_drop_reasons = [TOO_SHORT] if clip.too_short else failed_bounds(clip, hq_bounds)
+        clip.subsets = [] if clip.too_short else [LVD]
+        if clip.kept:
+            clip.subsets.append(LVD_F)
+            if not clip.hq_drop_reasons:
+                clip.subsets.append(HQ_SUBSET)
 
 
 def resolution_bucket(width: int, height: int) -> str:
@@ -184,7 +242,35 @@ _SCORE_AXIS = {
     "text_ratio": "text ratio (text area / frame area)",
     "aesthetic": "aesthetic score",
     "clip_sim": "CLIP similarity (caption vs. frames)",
+    RESOLUTION: "resolution (source's shorter side, px)",
 }
+_SUBSET_COLOURS = {LVD: "#bbbbbb", LVD_F: "#4477aa", HQ_SUBSET: "#cc3311"}
+
+
+def _subsets_png(values: dict[str, np.ndarray], score: str) -> str:
+    """One score's histogram per subset, as outlines over the same bins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3.6, 2.4), dpi=100)
+    every = np.concatenate([np.zeros(0), *values.values()])
+    bins = np.histogram_bin_edges(every, bins=30) if len(every) else 30
+    for name, v in values.items():
+        ax.hist(
+            v, bins=bins, histtype="step", linewidth=1.5, color=_SUBSET_COLOURS.get(name), label=f"{name} ({len(v)})"
+        )
+    ax.set_title(score, fontsize=9)
+    ax.set_xlabel(_SCORE_AXIS.get(score, score), fontsize=7)
+    ax.set_ylabel("clips", fontsize=7)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def _histogram_png(kept: np.ndarray, dropped: np.ndarray, score: str, bound: tuple[str, float] | None) -> str:
@@ -250,6 +336,8 @@ class CardMedia:
     thumbnails: dict[str, bytes] = field(default_factory=dict)
     previews: dict[str, bytes | None] = field(default_factory=dict)
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # Subset -> score -> its clips' values (SUBSET_SCORES), for the subsets' histograms.
+    subset_scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 def card_html(card: dict, media: CardMedia) -> str:
@@ -302,6 +390,35 @@ def card_html(card: dict, media: CardMedia) -> str:
     rendition_rows = [
         [name, split, folder] for name, folders in card["renditions"].items() for split, folder in folders.items()
     ]
+    subsets = card.get("subsets", {})
+    names = list(subsets)
+    subset_rows = [
+        ["clips (both splits)", *(subsets[n]["clips"] for n in names)],
+        ["hours (both splits)", *(f"{subsets[n]['hours']:.4f}" for n in names)],
+        ["training clips (in its shards)", *(subsets[n]["train_clips"] for n in names)],
+        ["training hours", *(f"{subsets[n]['train_hours']:.4f}" for n in names)],
+        ["shards", *(subsets[n]["shards"] or "not written" for n in names)],
+        ["high-resolution shards", *(subsets[n]["hq_shards"] or "none" for n in names)],
+        ["digest", *(subsets[n]["digest"] or "none" for n in names)],
+    ]
+    score_rows = [
+        [score, figure, *(_number(subsets[n]["scores"][score][figure]) for n in names)]
+        for score in SUBSET_SCORES
+        for figure in ("mean", "min", "p10", "median", "p90", "max")
+        if all(score in subsets[n]["scores"] for n in names)
+    ]
+    subset_thresholds = [
+        [n, name, b["score"], "min" if "min" in b else "max", _number(b.get("min", b.get("max")))]
+        for n in names
+        for name, b in subsets[n]["thresholds"].items()
+    ]
+    subset_plots = "".join(
+        f"<img alt='{s} per subset' src='data:image/png;base64,"
+        + _subsets_png({n: media.subset_scores.get(n, {}).get(s, np.zeros(0)) for n in names}, s)
+        + "'>"
+        for s in SUBSET_SCORES
+        if names
+    )
     plots = "".join(
         f"<img alt='{s} histogram' src='data:image/png;base64,"
         + _histogram_png(*media.scores.get(s, (np.zeros(0), np.zeros(0))), s, _bound_of(card["thresholds"], s))
@@ -335,6 +452,13 @@ img.clip{{max-width:300px;image-rendering:auto}}
 </style></head><body><h1>Dataset card</h1>{warn}
 <h2 id="provenance">Provenance</h2>{_table(["", ""], provenance_rows)}
 <h2 id="summary">Before and after filtering</h2>{_table(["", "before", "after"], before_after)}
+<h2 id="subsets">Subsets</h2><p>SVD's staged data: lvd every clip long enough to keep, lvd-f the clips the filters
+keep, hq the clips of lvd-f that pass the stricter subsets.hq thresholds. Each subset's folder holds the training
+split's clips; the held-out split is lvd-f's (heldout/).</p>
+{_table(["", *names], subset_rows)}
+<h3 id="subset-scores">Score distributions</h3>{_table(["score", "", *names], score_rows)}{subset_plots}
+<h3 id="subset-thresholds">Thresholds per subset</h3><p>hq's clips also pass lvd-f's.</p>
+{_table(["subset", "filter", "score", "bound", "value"], subset_thresholds)}
 <h2 id="splits">Splits</h2><p>Kept clips per split. Training reads shards/ only; the held-out split is
 evaluation's reference clips and prompts, decided per source video.</p>
 {_table(["split", "source videos", "clips", "hours"], split_rows)}{_table(["", ""], heldout_rows)}
@@ -463,57 +587,64 @@ class _Showcase:
 
 
 class _ShardWriter:
-    """Kept clips into numbered shards per split, each rendition in its own folder with the same
-    numbering; each shard is uploaded as soon as it is complete and its local file removed."""
+    """One subset's clips into numbered shards per split, each rendition in its own folder with the
+    same numbering (under the subset's folder); each shard is uploaded as soon as it is complete
+    and its local file removed."""
 
-    def __init__(self, folder: Path, output: S3Uri, per_shard: int, store: ObjectStore):
+    def __init__(self, folder: Path, output: S3Uri, per_shard: int, store: ObjectStore, subset: str = LVD_F):
         self.folder, self.output, self.per_shard, self.store = folder, output, per_shard, store
+        self.base = subset_folder(subset)
+        self.renditions = _SUBSET_RENDITIONS[subset]
         self.written = {TRAIN: 0, HELDOUT: 0}
         self.open: dict[tuple[str, int, str], wds.TarWriter] = {}  # (split, shard, rendition folder)
         self.uploaded: list[dict] = []
+        self.placed: dict[str, dict[str, tuple[str, int]]] = {}  # key -> rendition -> (split, shard)
 
-    def place(self, clip: ClipRecord) -> None:
-        """Give a kept clip its shard (and each rendition's), in the order clips are placed."""
+    def place(self, clip: ClipRecord) -> dict[str, str]:
+        """Give a clip its shard in each rendition this subset stores, in the order clips are
+        placed; returns rendition -> shard URI."""
         split = clip.split or TRAIN
         index = self.written[split] // self.per_shard
         self.written[split] += 1
-        clip.shard = str(self.output.join(self._name(split, index, SMALL)))
-        for name, rendition in (clip.renditions or {}).items():
-            rendition.shard = str(self.output.join(self._name(split, index, name)))
+        names = [n for n in self.renditions if n == SMALL or n in (clip.renditions or {})]
+        self.placed[clip.key] = {n: (split, index) for n in names}
+        return {n: str(self.output.join(self._name(split, index, n))) for n in names}
 
-    def write(self, clip: ClipRecord, rendition: str, mp4: bytes, row: str) -> None:
-        name = clip.shard if rendition == SMALL else clip.renditions[rendition].shard
-        rel = name[len(str(self.output)) + 1 :] if name.startswith(str(self.output) + "/") else name
-        folder, index = rel.rsplit("/", 1)
-        key = (clip.split or TRAIN, int(index.removeprefix("shard-").removesuffix(".tar")), folder)
-        if key not in self.open:
-            (self.folder / folder).mkdir(parents=True, exist_ok=True)
-            self.open[key] = wds.TarWriter(str(self.folder / rel), mtime=0)
-        self.open[key].write({"__key__": clip.key, "mp4": mp4, "json": row})
+    def wants(self, key: str, rendition: str) -> bool:
+        return rendition in self.placed.get(key, {})
 
-    def close_before(self, split: str, index: int) -> None:
-        """Close and upload the shards of `split` numbered below `index` (no clip goes there any more)."""
-        for key in sorted(k for k in self.open if k[0] == split and k[1] < index):
-            self._close(key)
+    def write(self, key: str, rendition: str, mp4: bytes, row: str) -> None:
+        split, index = self.placed[key][rendition]
+        rel = self._name(split, index, rendition)
+        shard = (split, index, rel.rsplit("/", 1)[0])
+        if shard not in self.open:
+            (self.folder / shard[2]).mkdir(parents=True, exist_ok=True)
+            self.open[shard] = wds.TarWriter(str(self.folder / rel), mtime=0)
+        self.open[shard].write({"__key__": key, "mp4": mp4, "json": row})
+
+    def part_done(self) -> None:
+        """Close and upload the shards no clip goes to any more; forget the part's placements."""
+        self.placed.clear()
+        for split in (TRAIN, HELDOUT):
+            index = self.written[split] // self.per_shard
+            for shard in sorted(k for k in self.open if k[0] == split and k[1] < index):
+                self._close(shard)
 
     def close_all(self) -> None:
-        for key in sorted(self.open):
-            self._close(key)
+        for shard in sorted(self.open):
+            self._close(shard)
 
-    def next_index(self, split: str) -> int:
-        return self.written[split] // self.per_shard
-
-    def _close(self, key: tuple[str, int, str]) -> None:
-        split, index, folder = key
-        self.open.pop(key).close()
+    def _close(self, shard: tuple[str, int, str]) -> None:
+        split, index, folder = shard
+        self.open.pop(shard).close()
         rel = f"{folder}/shard-{index:06d}.tar"
         path = self.folder / rel
         self.uploaded.append(self.store.upload_entry(path, self.output, rel))
         path.unlink()
 
-    @staticmethod
-    def _name(split: str, index: int, rendition: str) -> str:
-        return f"{rendition_folder(split, rendition)}/shard-{index:06d}.tar"
+    def _name(self, split: str, index: int, rendition: str) -> str:
+        folder = rendition_folder(split, rendition)
+        return f"{self.base}/{folder}/shard-{index:06d}.tar" if self.base else f"{folder}/shard-{index:06d}.tar"
 
 
 def _merge_sorted(files: list[Path], out: Path, key: Callable[[str], str], scratch: Path) -> None:
@@ -550,16 +681,20 @@ def finalize(
     store: ObjectStore,
     *,
     input_location: str | None = None,
+    write_subsets: bool = True,
 ) -> dict:
     """Merge parts into the output prefix; returns the dataset card. `input_location`: the
     folder or prefix that was curated, for the card's provenance (None: the deepest folder
-    holding every input the parts name)."""
+    holding every input the parts name). `write_subsets`: also write the shards of the subsets
+    `lvd` and `hq` (False: the card still counts them; threshold ablations need only `lvd-f`)."""
     part_infos, common = _read_parts(parts, store)
     location = input_location or common
     fraction = config.output.heldout_fraction
 
     values, before, motions_before = _scores(part_infos, store)
-    bounds = bounds_of({s: v[~np.isnan(v)] for s, v in values.items()}, config.filters)
+    present = {s: v[~np.isnan(v)] for s, v in values.items()}
+    bounds = bounds_of(present, config.filters)
+    hq_bounds = bounds_of(present, config.subsets.hq)
     duplicates = _near_duplicates(part_infos, bounds, config, store) if config.dedup.enabled else {}
 
     # Pass 2: filter each part's clips, write its manifest rows, stream its clips into the shards.
@@ -570,6 +705,10 @@ def finalize(
     source_sizes: Counter = Counter()
     rendition_sizes: dict[str, Counter] = {}
     kept_mask: list[np.ndarray] = []
+    hq_mask: list[np.ndarray] = []
+    # Each subset's clips (both splits) and the training clips in its shards.
+    subset_totals = {name: _Totals() for name in SUBSETS}
+    subset_train = {name: _Totals() for name in SUBSETS}
     rejected_files = prompts_count = 0
     random_weights = any(p.random_weights for p in part_infos)
     showcase = _Showcase()
@@ -582,15 +721,21 @@ def finalize(
         (folder / HELDOUT).mkdir(parents=True)
         scratch.mkdir()
         writer = _ShardWriter(folder, output, config.output.clips_per_shard, store)
+        subset_writers = {
+            name: _ShardWriter(folder, output, config.output.clips_per_shard, store, subset=name)
+            for name in (HQ_SUBSET, LVD)
+        }
+        writers = [writer, *subset_writers.values()]
         sorted_files: dict[str, list[Path]] = {"manifest": [], "prompts": [], "rejected": []}
         for n, part in enumerate(part_infos):
             clips = read_clips(store.get_bytes(part.uri.join(CLIPS_FILE)))
             for clip in clips:
                 clip.split = heldout_split(clip.video, location or "", fraction)
             apply_filters(clips, bounds, duplicates)
+            apply_subsets(clips, hq_bounds)
             by_key = {}
             videos_kept = {TRAIN: set(), HELDOUT: set()}
-            mask = []
+            mask, mask_hq = [], []
             for clip in clips:
                 for reason in clip.drop_reasons:
                     drops[reason] += 1
@@ -599,8 +744,19 @@ def finalize(
                     overlaps[pair] += a in clip.drop_reasons and b in clip.drop_reasons
                 if not clip.too_short:
                     mask.append(bool(clip.kept))
+                    mask_hq.append(HQ_SUBSET in clip.subsets)
+                for name in clip.subsets:
+                    subset_totals[name].add(clip)
+                    if clip.split == TRAIN:
+                        subset_train[name].add(clip)
+                        if write_subsets and name in subset_writers:  # lvd-f's go to its writer below
+                            subset_writers[name].place(clip)
+                            by_key[clip.key] = clip
                 if clip.kept:
-                    writer.place(clip)
+                    shards = writer.place(clip)
+                    clip.shard = shards[SMALL]
+                    for name, rendition in (clip.renditions or {}).items():
+                        rendition.shard = shards.get(name)
                     by_key[clip.key] = clip
                     after.add(clip)
                     splits[clip.split].add(clip)
@@ -612,6 +768,7 @@ def finalize(
                         rendition_sizes.setdefault(name, Counter())[resolution_bucket(r.width, r.height)] += 1
                 showcase.offer(clip)
             kept_mask.append(np.array(mask, dtype=bool))
+            hq_mask.append(np.array(mask_hq, dtype=bool))
             for split, names in videos_kept.items():
                 splits[split].videos += len(names)
             rows = sorted(f"{c.key}\t{_row(c)}\n" for c in clips)
@@ -631,10 +788,11 @@ def finalize(
                 path = scratch / f"{name}-{n:06d}"
                 path.write_text("".join(lines))
                 sorted_files[name].append(path)
-            _stream_part(part.uri, by_key, showcase, writer, store)
-            for split in (TRAIN, HELDOUT):
-                writer.close_before(split, writer.next_index(split))
-        writer.close_all()
+            _stream_part(part.uri, by_key, showcase, writers, store)
+            for w in writers:
+                w.part_done()
+        for w in writers:
+            w.close_all()
         _merge_sorted(sorted_files["manifest"], folder / "manifest.jsonl", _after_tab_key, scratch)
         _strip_keys(folder / "manifest.jsonl")
         _merge_sorted(sorted_files["prompts"], folder / HELDOUT / PROMPTS_FILE, _after_tab_key, scratch)
@@ -643,8 +801,16 @@ def finalize(
         _strip_keys(folder / "rejected.jsonl")
 
         candidates_kept = np.concatenate([np.zeros(0, dtype=bool), *kept_mask])
+        candidates_hq = np.concatenate([np.zeros(0, dtype=bool), *hq_mask])
         showcase.media.scores = {
-            s: (v[candidates_kept & ~np.isnan(v)], v[~candidates_kept & ~np.isnan(v)]) for s, v in values.items()
+            s: (v[candidates_kept & ~np.isnan(v)], v[~candidates_kept & ~np.isnan(v)])
+            for s, v in values.items()
+            if s in SCORES
+        }
+        members = {LVD: np.ones(len(candidates_kept), dtype=bool), LVD_F: candidates_kept, HQ_SUBSET: candidates_hq}
+        showcase.media.subset_scores = {
+            name: {s: values[s][member & ~np.isnan(values[s])] for s in SUBSET_SCORES}
+            for name, member in members.items()
         }
         showcase.media.showcase = showcase.clips()
         renditions = {SMALL: {TRAIN: str(output.join(SHARDS)) + "/", HELDOUT: str(output.join(HELDOUT)) + "/"}}
@@ -685,7 +851,8 @@ def finalize(
                 },
             },
             "renditions": renditions,
-            "warnings": [] if splits[HELDOUT].clips else [EMPTY_HELDOUT],
+            "warnings": ([] if splits[HELDOUT].clips else [EMPTY_HELDOUT])
+            + ([] if subset_train[HQ_SUBSET].clips or not write_subsets else [EMPTY_HQ]),
             "random_weights": random_weights,
             # Which captioners ran, and how many of the kept clips each captioned.
             "captioners": {
@@ -705,28 +872,94 @@ def finalize(
         for name in ("manifest.jsonl", f"{HELDOUT}/{PROMPTS_FILE}"):
             digested[name] = sha256_file(folder / name)
         card["digest"] = _digest(digested)
+        manifest_sha = digested["manifest.jsonl"]
+        card["subsets"] = {}
+        for name in SUBSETS:
+            w = writer if name == LVD_F else subset_writers[name]
+            shards = {e["path"]: e["sha256"] for e in w.uploaded}
+            card["subsets"][name] = _subset_figures(
+                name,
+                output,
+                subset_totals[name],
+                subset_train[name],
+                showcase.media.subset_scores[name],
+                {LVD: {}, LVD_F: bounds, HQ_SUBSET: hq_bounds}[name],
+                has_hq=any(path.split("/")[-2].endswith("-hq") for path in shards),
+                digest=card["digest"] if name == LVD_F else _digest({"manifest.jsonl": manifest_sha, **shards}),
+                written=write_subsets or name == LVD_F,
+            )
+        for name in (HQ_SUBSET, LVD) if write_subsets else ():
+            subset_card = {**card["subsets"][name], "subset": name, "card": str(output.join("dataset_card.html"))}
+            subset_card["provenance"] = card["provenance"]
+            (folder / subset_folder(name)).mkdir(parents=True, exist_ok=True)
+            (folder / subset_folder(name) / "dataset_card.json").write_text(
+                json.dumps(subset_card, indent=1, sort_keys=True)
+            )
         (folder / "dataset_card.json").write_text(json.dumps(card, indent=1, sort_keys=True))
-        (folder / "dataset_card.html").write_text(card_html(card, showcase.media))
-        store.publish_folder(folder, output, uploaded=writer.uploaded)
+        page = card_html(card, showcase.media)
+        (folder / "dataset_card.html").write_text(page)
+        for name in (HQ_SUBSET, LVD) if write_subsets else ():
+            # The same page beside each subset's shards/, where a model's lineage links its data's card.
+            (folder / subset_folder(name) / "dataset_card.html").write_text(page)
+        store.publish_folder(folder, output, uploaded=[e for w in writers for e in w.uploaded])
     return card
 
 
+def _distribution(values: np.ndarray) -> dict[str, float | int | None]:
+    """A score's distribution over a subset: count, mean and quantiles (None for no values)."""
+    if not len(values):
+        return {"n": 0, "mean": None, "min": None, "p10": None, "median": None, "p90": None, "max": None}
+    q = np.percentile(values, [0, 10, 50, 90, 100])
+    figures = dict(zip(("min", "p10", "median", "p90", "max"), (round(float(x), 6) for x in q), strict=True))
+    return {"n": len(values), "mean": round(float(values.mean()), 6), **figures}
+
+
+def _subset_figures(
+    name: str,
+    output: S3Uri,
+    totals: _Totals,
+    train: _Totals,
+    scores: dict[str, np.ndarray],
+    thresholds: dict[str, dict],
+    *,
+    has_hq: bool,
+    digest: str,
+    written: bool,
+) -> dict:
+    """A subset's entry of the card: clips and hours (both splits, and the training clips its
+    shards hold), its folders, the thresholds that define it, its score distributions, its
+    digest; folders and digest None for a subset whose shards were not `written`."""
+    base = output.join(subset_folder(name)) if subset_folder(name) else output
+    return {
+        "clips": totals.clips,
+        "hours": totals.summary()["hours"],
+        "train_clips": train.clips,
+        "train_hours": train.summary()["hours"],
+        "folder": str(base) + "/" if written else None,
+        "shards": str(base.join(rendition_folder(TRAIN, SMALL))) + "/" if written else None,
+        "hq_shards": str(base.join(rendition_folder(TRAIN, "hq"))) + "/" if written and has_hq else None,
+        "thresholds": thresholds,
+        "scores": {s: _distribution(v) for s, v in scores.items()},
+        "digest": digest if written else None,
+    }
+
+
 def _scores(parts: list[_Part], store: ObjectStore) -> tuple[dict[str, np.ndarray], _Totals, Counter]:
-    """Pass 1 over the clips long enough to keep, in part order: each score's values (NaN where a
-    clip has none), their totals and their camera motions."""
-    scores: dict[str, list[np.ndarray]] = {s: [] for s in SCORES}
+    """Pass 1 over the clips long enough to keep, in part order: each filter score's values (NaN
+    where a clip has none), their totals and their camera motions."""
+    scores: dict[str, list[np.ndarray]] = {s: [] for s in FILTER_SCORES}
     totals, motions = _Totals(), Counter()
     for part in parts:
-        chunk: dict[str, list[float]] = {s: [] for s in SCORES}
+        chunk: dict[str, list[float]] = {s: [] for s in FILTER_SCORES}
         for line in _lines(store, part.uri.join(CLIPS_FILE)):
             clip = ClipRecord.from_json(line)
             if clip.too_short:
                 continue
             totals.add(clip)
             motions[clip.camera_motion] += 1
-            for s in SCORES:
-                chunk[s].append(clip.scores.get(s, np.nan))
-        for s in SCORES:
+            for s in FILTER_SCORES:
+                chunk[s].append(score_value(clip, s))
+        for s in FILTER_SCORES:
             scores[s].append(np.array(chunk[s], dtype=np.float64))
     # float64, not float32: the bounds equal those a reader computes from the manifest's values (ablations).
     return {s: np.concatenate([np.zeros(0), *arrays]) for s, arrays in scores.items()}, totals, motions
@@ -765,24 +998,33 @@ def _strip_keys(path: Path) -> None:
 
 
 def _stream_part(
-    part: S3Uri, kept: dict[str, ClipRecord], showcase: _Showcase, writer: _ShardWriter, store: ObjectStore
+    part: S3Uri,
+    placed: dict[str, ClipRecord],
+    showcase: _Showcase,
+    writers: list[_ShardWriter],
+    store: ObjectStore,
 ) -> None:
-    """Stream a part's clips.tar once: each kept clip's renditions into their shards, the showcase
-    clips' thumbnails and previews; memory holds one clip at a time."""
+    """Stream a part's clips.tar once: each placed clip's renditions into the shards of the subsets
+    that hold it, the showcase clips' thumbnails and previews; memory holds one clip at a time."""
     with store.open(part.join(CLIPS_TAR)) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             key, _, ext = member.name.partition(".")
             rendition = _EXT_RENDITION.get(ext)
             if ext == "jpg" and showcase.wants(key):
                 showcase.media.thumbnails[key] = tar.extractfile(member).read()
-            elif rendition is not None and (key in kept or (rendition == SMALL and showcase.wants(key))):
-                if key in kept and rendition != SMALL and rendition not in (kept[key].renditions or {}):
-                    continue  # a file its record does not list: no manifest row could name its shard
+            elif rendition is not None:
+                # A file its record does not list is in no writer's placements: no manifest row could name its shard.
+                targets = [w for w in writers if w.wants(key, rendition)]
+                preview = rendition == SMALL and showcase.wants(key)
+                if not targets and not preview:
+                    continue
                 mp4 = tar.extractfile(member).read()
-                if rendition == SMALL and showcase.wants(key):
+                if preview:
                     showcase.media.previews[key] = _preview_webp(mp4, first_frame=showcase.first_frame(key))
-                if key in kept:
-                    writer.write(kept[key], rendition, mp4, _row(kept[key]))
+                if targets:
+                    row = _row(placed[key])
+                    for writer in targets:
+                        writer.write(key, rendition, mp4, row)
         stream.read()  # to the end: tarfile stops at its end marker, the checksum is verified at EOF
 
 

@@ -26,6 +26,8 @@ TAG_CARD = "vdm.dataset_card"
 TAG_DIGEST = "vdm.dataset_digest"
 TAG_HELDOUT_SHARDS = "vdm.heldout_shards"
 TAG_PROMPT_SET = "vdm.prompt_set"
+# The shards of each curated subset (lvd, lvd-f, hq): `vdm.subset.<name>.shards`.
+TAG_SUBSET_SHARDS = "vdm.subset.{}.shards"
 
 
 @dataclass(frozen=True)
@@ -73,13 +75,22 @@ def log_card(card: dict, output: S3Uri, store: ObjectStore) -> None:
             TAG_DIGEST: card["digest"],
             TAG_HELDOUT_SHARDS: card["heldout"]["shards"],
             TAG_PROMPT_SET: card["heldout"]["prompt_set"],
+            **{
+                TAG_SUBSET_SHARDS.format(name): figures["shards"]
+                for name, figures in card["subsets"].items()
+                if figures["shards"]
+            },
         }
     )
     thresholds = {
         f"threshold.{mlflow_name(name)}": bound.get("min", bound.get("max"))
         for name, bound in card["thresholds"].items()
     }
-    mlflow.log_params({**thresholds, "random_weights": card["random_weights"]})
+    hq_thresholds = {
+        f"hq_threshold.{mlflow_name(name)}": bound.get("min", bound.get("max"))
+        for name, bound in card["subsets"]["hq"]["thresholds"].items()
+    }
+    mlflow.log_params({**thresholds, **hq_thresholds, "random_weights": card["random_weights"]})
     metrics = {
         key: card[key]
         for key in (
@@ -101,6 +112,11 @@ def log_card(card: dict, output: S3Uri, store: ObjectStore) -> None:
     metrics |= {f"camera_motion_kept.{mlflow_name(m)}": n for m, n in card["camera_motion_kept"].items()}
     metrics |= {f"{figure}_{split}": f[figure] for split, f in card["splits"].items() for figure in ("clips", "hours")}
     metrics["prompts"] = card["heldout"]["prompts"]
+    # The subsets side by side: subset.<name>.clips, .hours, .train_clips, .train_hours, and each
+    # score's median (subset.<name>.median.<score>).
+    for name, figures in card["subsets"].items():
+        metrics |= {f"subset.{name}.{k}": figures[k] for k in ("clips", "hours", "train_clips", "train_hours")}
+        metrics |= {f"subset.{name}.median.{score}": d["median"] for score, d in figures["scores"].items() if d["n"]}
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
     mlflow.log_dict(card, "dataset_card.json")
     mlflow.log_text(store.get_bytes(output.join("dataset_card.html")).decode(), "dataset_card.html")
@@ -115,10 +131,11 @@ def finalize_and_log(
     input_location: str | None = None,
     tags: Mapping[str, str] | None = None,
     settings: Settings | None = None,
+    write_subsets: bool = True,
 ) -> tuple[dict, CurationRun]:
     """`finalize` as its own MLflow run (the pipeline's finalize step, ablation subsets):
     the card and the run."""
     with curation_run(input_location, output, config, tags=tags, settings=settings) as run:
-        card = finalize(parts, output, config, store, input_location=input_location)
+        card = finalize(parts, output, config, store, input_location=input_location, write_subsets=write_subsets)
         log_card(card, output, store)
     return card, run

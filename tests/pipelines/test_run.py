@@ -44,11 +44,20 @@ def test_vdm_run_end_to_end(stack, store, settings, tmp_path):
         "evaluate_i2v",
     }
     assert all(mlflow.get_run(run_id).info.status == "FINISHED" for run_id in runs.values())
-    for name in ("train_stage1", "train_stage2", "train_stage3", "finetune_i2v"):
-        # Each training run links its data and shows learning: the validation loss (held-out clips, fixed
-        # noise, EMA weights) is lower at the end than at the start, even after 2 or 3 steps.
+    filtered = (summary["dataset_shards"], card["digest"])
+    hq = (summary["hq_shards"], card["subsets"]["hq"]["digest"])
+    assert hq[1] != filtered[1]
+    for name, shards in (
+        ("train_stage1", filtered),
+        ("train_stage2", filtered),
+        ("train_stage3", hq),
+        ("finetune_i2v", filtered),
+    ):
+        # Each training run links its data (Stage III the high-quality subset, as in SVD) and shows learning:
+        # the validation loss (held-out clips, fixed noise, EMA weights) is lower at the end than at the
+        # start, even after 2 or 3 steps.
         (data,) = [d.dataset for d in mlflow.get_run(runs[name]).inputs.dataset_inputs]
-        assert (data.name, data.digest) == (summary["dataset_shards"], card["digest"])
+        assert (data.name, data.digest) == shards, name
         val_loss = [m.value for m in MlflowClient().get_metric_history(runs[name], "val_loss")]
         assert len(val_loss) == 2 and val_loss[-1] < val_loss[0], (name, val_loss)
 
@@ -56,7 +65,7 @@ def test_vdm_run_end_to_end(stack, store, settings, tmp_path):
     assert model["name"] == "vdm-e2e-test" and model["version"] == "1"
     assert model["aliases"] == ["candidate", "champion"]  # the first version with figures passes the gate
     version = MlflowClient().get_model_version("vdm-e2e-test", "1")
-    assert version.tags["vdm.data"] == summary["dataset_shards"] and "vdm.git_commit" in version.tags
+    assert version.tags["vdm.data"] == summary["hq_shards"] and "vdm.git_commit" in version.tags
     assert float(version.tags["vdm.eval.motion_speed_error"]) >= 0
 
     image = summary["image_to_video_model"]  # finetuned from Stage III, evaluated and promoted the same way

@@ -244,7 +244,8 @@ def test_curate_publishes_the_documented_outputs(curated, store, samples):
     for key in ("hours_before_filter", "mean_clip_seconds", "mean_caption_words", "thresholds", "drops_per_filter"):
         assert key in card
     html = store.get_bytes(f"{out}/dataset_card.html").decode()
-    assert "RANDOM WEIGHTS" in html and html.count("data:image/png;base64") == 4
+    # A histogram per score (kept and dropped), and one per subset score (the subsets side by side).
+    assert "RANDOM WEIGHTS" in html and html.count("data:image/png;base64") == 4 + 4
 
     # The held-out split: whole source videos, chosen by their path under the input, never trained on.
     folder, _ = samples
