@@ -9,6 +9,13 @@ skipped. A clip is decoded with PyAV, `num_frames` frames are taken at the reque
 random window, seeded by sample, epoch and seed), resized and cropped to the
 stage's resolution, and scaled to [-1, 1] as (T, C, H, W).
 
+Frame rate and motion are SVD's micro-conditioning. With `ClipSpec.fps_choices` (several
+rates) each clip is drawn at one of them, chosen at random per sample among the rates the
+clip is long enough for, as an integer stride over its source frames; the item's `fps` is
+the real rate of the frames drawn (source fps / stride) and its `motion` the curated score
+(px per source frame) times the stride: the motion per drawn frame. With one rate (`fps`)
+frames, `fps` and `motion` are as the config and curation give them.
+
 Order is deterministic and resumable: shards are permuted per epoch by the seed,
 dealt to (rank, worker) round robin, shuffled within a seeded buffer; the stream
 never ends (epochs follow each other). `ClipDataset(..., start=n)` resumes after
@@ -17,7 +24,8 @@ without decoding them (the DataLoader takes workers round robin).
 
 Held-out clips (`split: "heldout"` in their JSON: curation's `heldout/` shards) are
 evaluation's reference data: every loader here refuses them unless built with
-`heldout=True` (then it reads both splits).
+`heldout=True` (then it reads both splits; with several rates, each clip at the one rate
+`fps`, which evaluations generate at).
 
 Shard URLs are anything webdataset opens (paths, http(s) URLs, `pipe:` commands, and
 `s3://` URIs through the handler the caller registers in webdataset's `gopen_schemes`: the
@@ -31,7 +39,7 @@ import io
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import av
 import numpy as np
@@ -52,10 +60,36 @@ class ClipSpec:
     # The curated rendition the clips are read from (model/records.py RENDITIONS): `small` (curation's
     # `shards/`, at most `output.clip_max_side`) or `hq` (`shards-hq/`, high-resolution stages).
     rendition: RenditionName = SMALL
+    # Training frame rates (fps micro-conditioning): each clip is drawn at one of them, at random;
+    # `fps`, one of them, is the rate generation and evaluation default to. None: `fps` only.
+    fps_choices: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.rendition not in RENDITIONS:
             raise ValueError(f"clip rendition {self.rendition!r}: one of {list(RENDITIONS)}")
+        if self.fps_choices is not None:
+            choices = tuple(float(rate) for rate in self.fps_choices)
+            object.__setattr__(self, "fps_choices", choices)  # YAML gives a list
+            if not choices or min(choices) <= 0:
+                raise ValueError(f"clip.fps_choices {list(choices)}: one or more frame rates above 0")
+            if float(self.fps) not in choices:
+                raise ValueError(
+                    f"clip.fps {self.fps:g} is not one of clip.fps_choices {list(choices)}: it is the rate "
+                    "generation and evaluation default to, so it must be one the model trains on"
+                )
+
+    @property
+    def rates(self) -> tuple[float, ...]:
+        """The frame rates clips are drawn at (nominal: the real one is a whole stride of the source's)."""
+        return self.fps_choices or (float(self.fps),)
+
+    @property
+    def several_rates(self) -> bool:
+        return len(set(self.rates)) > 1
+
+    def single_rate(self) -> ClipSpec:
+        """This spec at its `fps` alone (evaluation compares data and generations at one rate)."""
+        return replace(self, fps_choices=None)
 
 
 def frame_indices(source_frames: int, source_fps: float, spec: ClipSpec, rng: random.Random) -> list[int] | None:
@@ -67,6 +101,28 @@ def frame_indices(source_frames: int, source_fps: float, spec: ClipSpec, rng: ra
         return None
     start = rng.uniform(0, source_frames - 1 - span)
     return [int(round(start + i * stride)) for i in range(spec.num_frames)]
+
+
+def rate_strides(source_fps: float, spec: ClipSpec) -> list[int]:
+    """The whole strides over a `source_fps` clip nearest to `spec`'s rates (at least 1), ascending."""
+    return sorted({max(1, round(source_fps / rate)) for rate in spec.rates})
+
+
+def strided_indices(source_frames: int, source_fps: float, spec: ClipSpec, rng: random.Random) -> list[int] | None:
+    """`spec.num_frames` indices at one whole stride, drawn from `rate_strides` among those the
+    clip is long enough for, from a random start; None if it is too short for every one."""
+    span = spec.num_frames - 1
+    fitting = [stride for stride in rate_strides(source_fps, spec) if span * stride <= source_frames - 1]
+    if not fitting:
+        return None
+    stride = rng.choice(fitting)
+    start = rng.randint(0, source_frames - 1 - span * stride)
+    return [start + i * stride for i in range(spec.num_frames)]
+
+
+def drawn_stride(indices: list[int]) -> int:
+    """Source frames between two frames of a clip drawn by `strided_indices` (1 for one frame)."""
+    return indices[1] - indices[0] if len(indices) > 1 else 1
 
 
 def decode_frames(mp4: bytes, indices: list[int]) -> np.ndarray:
@@ -128,7 +184,11 @@ class ClipDataset(IterableDataset):
     ):
         if len(shards) < world_size:
             raise ValueError(f"{len(shards)} shards cannot feed {world_size} ranks")
-        self.shards, self.spec, self.seed = list(shards), spec, seed
+        self.shards, self.seed = list(shards), seed
+        # Several rates: whole strides, each item told its real rate and its motion per drawn frame.
+        # Held-out clips (evaluation) are drawn so at the one rate `fps` that generation asks for.
+        self.strided = spec.several_rates
+        self.spec = replace(spec, fps_choices=(spec.fps,)) if heldout and self.strided else spec
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.start, self.random_crop = shuffle_buffer, start, random_crop
         self.epochs = epochs  # None: the stream never ends
@@ -194,7 +254,8 @@ class ClipDataset(IterableDataset):
         if self.camera_motion is not None and record.camera_motion not in self.camera_motion:
             return None  # another camera motion's clip (decided from metadata, like length)
         rng = random.Random(f"{self.seed}:{epoch}:{raw['__key__']}")
-        indices = frame_indices(record.frames, record.fps, self.spec, rng)
+        draw = strided_indices if self.strided else frame_indices
+        indices = draw(record.frames, record.fps, self.spec, rng)
         return None if indices is None else (record, indices, rng)
 
     def _decode(self, raw: dict, record: ClipRecord, indices: list[int], rng: random.Random) -> dict:
@@ -215,11 +276,15 @@ class ClipDataset(IterableDataset):
             )
         if "motion" not in record.scores:
             raise ValueError(f"clip {record.key!r} has no motion score: the loader conditions on it")
+        fps, motion = float(self.spec.fps), float(record.scores["motion"])
+        if self.strided:  # the rate and the motion of the frames drawn
+            stride = drawn_stride(indices)
+            fps, motion = record.fps / stride, motion * stride
         return {
             "key": raw["__key__"],
             "video": resize_crop(frames, self.spec.height, self.spec.width, rng if self.random_crop else None),
-            "fps": torch.tensor(float(self.spec.fps)),
-            "motion": torch.tensor(float(record.scores["motion"])),
+            "fps": torch.tensor(fps),
+            "motion": torch.tensor(motion),
             "caption": record.caption or "",
         }
 

@@ -3,13 +3,15 @@ cached latents (the VAE encoder is a large share of a step at SVD's resolutions)
 
 A cached sample stores the VAE's posterior (mean and std, float16) rather than one
 draw from it, so training still samples a fresh latent every time it sees the clip.
-What caching fixes is the clip's window and crop: one per clip, chosen when the cache
-is written. Each sample records the VAE's fingerprint; training refuses latents made
+What caching fixes is the clip's window and crop, and with several training frame rates
+(`clip.fps_choices`) its rate: one per clip, chosen when the cache is written (the clips
+still span the rates, each at its own). Each sample records the VAE's fingerprint; training refuses latents made
 by another VAE.
 
 Shards: `<key>.mean.npy`, `<key>.std.npy`, `<key>.json` (the clip's metadata plus
-`vae`, `num_frames`, `fps`), readable by `LatentDataset` with the clip loader's
-ordering, sharding and resume.
+`vae`, `num_frames`, the `fps` and `motion` of the frames cached and the stage's
+`fps_choices`), readable by `LatentDataset` with the clip loader's ordering, sharding and
+resume.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def write_latent_shards(
                 "fps": float(item["fps"]),
                 "motion": float(item["motion"]),
                 "num_frames": clips.spec.num_frames,
+                "fps_choices": sorted(set(clips.spec.rates)) if clips.spec.several_rates else None,
                 "vae": fingerprint,
             }
             tar.write({"__key__": item["key"], "mean.npy": _npy(mean), "std.npy": _npy(std), "json": meta})
@@ -90,10 +93,13 @@ class LatentDataset(ClipDataset):
 
     def _plan(self, epoch: int, raw: dict) -> tuple[dict, list[int], random.Random] | None:
         meta = json.loads(raw["json"])
-        if meta["num_frames"] != self.spec.num_frames or meta["fps"] != self.spec.fps:
+        cached = sorted(meta.get("fps_choices") or [meta["fps"]])  # caches of one rate have none
+        wanted = sorted(set(self.spec.rates)) if self.spec.several_rates else [self.spec.fps]
+        if meta["num_frames"] != self.spec.num_frames or cached != wanted:
+            rates = "fps_choices" if self.spec.several_rates else "fps"
             raise ValueError(
-                f"latents cached for {meta['num_frames']} frames at {meta['fps']} fps; this stage wants "
-                f"{self.spec.num_frames} at {self.spec.fps}: cache again for this stage"
+                f"latents cached for {meta['num_frames']} frames at {cached} fps; this stage wants "
+                f"{self.spec.num_frames} at clip.{rates} {wanted}: cache again for this stage"
             )
         return meta, [], random.Random(0)
 

@@ -72,3 +72,44 @@ def test_vae_loads_from_a_pipeline_folder(tmp_path):
     torch.testing.assert_close(
         loaded.vae.encode(video[0]).latent_dist.mean, codec.vae.encode(video[0]).latent_dist.mean
     )
+
+
+def test_clips_drawn_at_several_rates_condition_on_their_rate_and_motion_bucket(tmp_path):
+    """Known truth: discs at a known speed per source frame, drawn at whole strides of a 24 fps clip."""
+    from torch.utils.data import default_collate
+
+    from components.sample_data.shards import write_shapes_shards
+    from model.data import ClipDataset, ClipSpec
+
+    paths, truth = write_shapes_shards(tmp_path, shards=1, clips_per_shard=6, num_frames=24, fps=24.0, max_speed=0.5)
+    spec = ClipSpec(num_frames=4, fps=8.0, fps_choices=(4.0, 8.0, 12.0), height=32, width=32)
+    batch = default_collate(list(ClipDataset([str(p) for p in paths], spec, epochs=2)))
+    ids = added_time_ids(batch["fps"], batch["motion"], torch.zeros(len(batch["fps"])))
+    strides = torch.tensor([24.0 / fps for fps in batch["fps"].tolist()]).round()
+    assert set(strides.tolist()) == {2.0, 3.0, 6.0}
+    speeds = torch.tensor([float(torch.tensor(truth[key]["velocities"][0]).norm()) for key in batch["key"]])
+    torch.testing.assert_close(ids[:, 0], 24.0 / strides)
+    torch.testing.assert_close(ids[:, 1], (64 * speeds * strides).round())  # bucket of the motion per drawn frame
+
+
+def test_generation_conditions_the_network_on_the_requested_fps_and_motion():
+    from model.pipeline import GenerationConfig, generate
+    from model.stages import VideoDiffusion, named_config
+
+    torch.manual_seed(0)
+    model = VideoDiffusion.create(named_config("tiny", "video"))
+    seen: list[torch.Tensor] = []
+    model.unet.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["added_time_ids"]), with_kwargs=True
+    )
+    config = GenerationConfig(num_frames=2, height=16, width=16, steps=1, sampler="euler", fps=4.0, motion=2.0)
+    first = generate(model, "a disc", config)
+    assert seen and all(ids.tolist() == [[4.0, 128.0, 0.0]] * len(ids) for ids in seen)
+    # The inflated model starts blind to them (its micro-conditioning embedding is zero) ...
+    torch.testing.assert_close(generate(model, "a disc", GenerationConfig(**{**config.__dict__, "fps": 8.0})), first)
+    # ... and a trained one reads them: the same noise at another fps or motion gives another video.
+    torch.nn.init.normal_(model.unet.add_embedding.linear_2.weight, std=0.5)
+    again = generate(model, "a disc", config)
+    for other in ({"fps": 8.0}, {"motion": 1.0}):
+        changed = generate(model, "a disc", GenerationConfig(**{**config.__dict__, **other}))
+        assert (changed - again).abs().max() > 1e-3

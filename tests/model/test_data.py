@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader
 
 from components.sample_data.shards import write_image_shards, write_shapes_shards
@@ -117,8 +119,6 @@ def test_shards_written_before_the_record_class_still_load(shards, tmp_path):
     for the unmeasured ones) reads as a ClipRecord: the loader's contract did not change."""
     import json
 
-    import webdataset as wds
-
     paths, _ = shards
     sample = next(iter(wds.WebDataset(paths[0], shardshuffle=False)))
     legacy = json.loads(sample["json"])
@@ -143,8 +143,6 @@ def test_a_camera_motion_filter_outside_the_vocabulary_is_refused(shards):
 def _as_heldout(paths: list[str], folder) -> list[str]:
     """Copies of the shards with every sample's JSON in the held-out split, as curation's `heldout/` has them."""
     import json
-
-    import webdataset as wds
 
     folder.mkdir()
     copies = []
@@ -179,3 +177,106 @@ def test_training_loaders_refuse_heldout_clips_and_evaluation_reads_them(shards,
     with pytest.raises(ValueError, match="belongs to the held-out split"):
         next(iter(ImageDataset(images, 32, 32)))
     assert len(list(ImageDataset(images, 32, 32, heldout=True, epochs=1))) == 4
+
+
+# -- several frame rates (fps micro-conditioning) -------------------------------------------
+
+
+def rate_items(paths: list[str], spec: ClipSpec, n: int, **kwargs) -> list[dict]:
+    return list(itertools.islice(iter(ClipDataset(paths, spec, random_crop=False, **kwargs)), n))
+
+
+def test_several_rates_draw_whole_strides_at_their_real_rate_and_motion_per_drawn_frame(shards):
+    paths, truth = shards
+    # 24 fps source: 4 -> stride 6, 7 -> stride 3 (8 fps, not 7), 12 -> 2, 24 -> 1.
+    spec = ClipSpec(num_frames=4, fps=12.0, fps_choices=(4.0, 7.0, 12.0, 24.0), height=48, width=64)
+    items = rate_items(paths, spec, 40)  # two epochs of 20 clips
+    assert {item["fps"].item() for item in items} == {4.0, 8.0, 12.0, 24.0}  # real rates: 24 / stride
+    for item in items:
+        stride = round(SOURCE_FPS / item["fps"].item())
+        assert item["fps"].item() == SOURCE_FPS / stride
+        velocity = np.array(truth[item["key"]]["velocities"][0])  # px per source frame
+        steps = np.diff(np.stack([centroid(f) for f in item["video"]]), axis=0)
+        np.testing.assert_allclose(steps, np.tile(stride * velocity, (3, 1)), atol=0.4)
+        # The curated score is the speed per source frame; the loader passes it per drawn frame.
+        assert item["motion"].item() == pytest.approx(stride * np.linalg.norm(velocity), rel=1e-5)
+
+
+def test_held_out_clips_are_read_at_the_one_rate_evaluation_generates_at(shards, tmp_path):
+    paths, truth = shards
+    spec = ClipSpec(num_frames=4, fps=12.0, fps_choices=(4.0, 12.0, 24.0), height=48, width=64)
+    items = rate_items(_as_heldout(paths[:2], tmp_path / "heldout"), spec, 10, heldout=True)
+    assert len(items) == 10 and {item["fps"].item() for item in items} == {12.0}
+    for item in items:  # stride 2 at 24 fps; motion per drawn frame, as the model was told in training
+        velocity = np.array(truth[item["key"]]["velocities"][0])
+        assert item["motion"].item() == pytest.approx(2 * np.linalg.norm(velocity), rel=1e-5)
+        steps = np.diff(np.stack([centroid(f) for f in item["video"]]), axis=0)
+        np.testing.assert_allclose(steps, np.tile(2 * velocity, (3, 1)), atol=0.4)
+
+
+def test_only_rates_a_clip_is_long_enough_for_are_drawn(shards):
+    paths, _ = shards
+    # 8 frames at 2 fps need 85 source frames (stride 12): the 24-frame clips only fit 8 and 12 fps.
+    spec = ClipSpec(num_frames=8, fps=8.0, fps_choices=(2.0, 8.0, 12.0), height=32, width=32)
+    assert {item["fps"].item() for item in rate_items(paths, spec, 20)} == {8.0, 12.0}
+    too_slow = ClipSpec(num_frames=8, fps=2.0, fps_choices=(1.0, 2.0), height=32, width=32)
+    with pytest.raises(ValueError, match="long enough"):
+        next(iter(ClipDataset(paths, too_slow)))
+
+
+def test_one_rate_given_as_a_choice_reads_exactly_as_the_single_fps(shards):
+    paths, _ = shards
+    today = ClipSpec(num_frames=3, fps=7.0, height=32, width=32)  # stride 24/7: rounded, as before
+    one_choice = ClipSpec(num_frames=3, fps=7.0, fps_choices=(7.0,), height=32, width=32)
+    a, b = rate_items(paths, today, 10, seed=5), rate_items(paths, one_choice, 10, seed=5)
+    for x, y in zip(a, b, strict=True):
+        assert x["key"] == y["key"] and torch.equal(x["video"], y["video"])
+        assert x["fps"].item() == y["fps"].item() == 7.0 and x["motion"].item() == y["motion"].item()
+    # Today's indices: a uniform start, then start + i * 24/7 rounded, from the sample's seeded rng.
+    dataset = ClipDataset(paths, one_choice, seed=5)
+    raw = next(iter(wds.WebDataset(paths[0], shardshuffle=False)))
+    _, indices, _ = dataset._plan(0, raw)
+    start = random.Random(f"5:0:{raw['__key__']}").uniform(0, 23 - 2 * 24 / 7)
+    assert indices == [int(round(start + i * 24 / 7)) for i in range(3)]
+
+
+def test_rate_draws_are_seeded_and_resume_exactly(shards):
+    paths, _ = shards
+    spec = ClipSpec(num_frames=2, fps=8.0, fps_choices=(4.0, 8.0, 12.0, 24.0), height=32, width=32)
+
+    def drawn(n: int, workers: int = 0, **kwargs) -> list[tuple[str, float]]:
+        loader = DataLoader(ClipDataset(paths, spec, shuffle_buffer=3, **kwargs), batch_size=None, num_workers=workers)
+        return [(item["key"], item["fps"].item()) for item in itertools.islice(loader, n)]
+
+    full = drawn(45, seed=1)
+    assert full == drawn(45, seed=1)
+    assert [fps for _, fps in full] != [fps for _, fps in drawn(45, seed=2)]
+    for workers in (0, 2):
+        assert drawn(28, workers, seed=1, start=17) == drawn(45, workers, seed=1)[17:45]
+    # Each clip is drawn at its own rate per epoch: some clips change rate between epochs.
+    first, second = dict(full[:20]), dict(full[20:40])
+    assert any(first[key] != second[key] for key in first)
+
+
+@pytest.mark.parametrize(
+    ("clip", "message"),
+    [
+        ({"fps": 7.0, "fps_choices": [4, 8]}, r"clip.fps 7 is not one of clip.fps_choices \[4.0, 8.0\]"),
+        ({"fps_choices": []}, r"clip.fps_choices \[\]: one or more frame rates above 0"),
+        ({"fps": 8.0, "fps_choices": [8, -4]}, r"clip.fps_choices \[8.0, -4.0\]: one or more frame rates above 0"),
+    ],
+)
+def test_bad_rate_choices_are_refused_naming_the_field(clip, message):
+    with pytest.raises(ValueError, match=message):
+        ClipSpec(**clip)
+
+
+def test_rate_choices_from_yaml_are_a_tuple_and_survive_the_model_config(tmp_path):
+    from model.stages import StageConfig, named_config
+
+    config = named_config("tiny", "video")
+    raw = config.to_dict() | {"clip": {"num_frames": 8, "fps": 8, "fps_choices": [4, 8, 12]}}
+    loaded = StageConfig.from_dict(raw)
+    assert loaded.clip.fps_choices == (4.0, 8.0, 12.0) and loaded.clip.several_rates
+    assert StageConfig.from_dict(loaded.to_dict()).clip == loaded.clip
+    assert loaded.clip.single_rate() == ClipSpec(num_frames=8, fps=8.0)

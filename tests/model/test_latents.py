@@ -56,3 +56,22 @@ def test_training_on_cached_latents_and_refusals(cached, tmp_path):
     batch = next(iter(DataLoader(LatentDataset(latent_shards, config.clip), batch_size=2)))
     with pytest.raises(ValueError, match="cached with VAE"):
         other_vae.loss(batch, torch.Generator())
+
+
+def test_a_cache_of_several_rates_keeps_each_clips_drawn_rate_and_refuses_other_rates(cached, tmp_path):
+    clip_shards, single_rate_shards, model, config = cached
+    spec = replace(config.clip, fps_choices=(8.0, 12.0, 24.0))  # strides 3, 2, 1 of the 24 fps clips
+    clips = ClipDataset(clip_shards, spec, seed=config.seed, epochs=1)
+    written = [str(p) for p in write_latent_shards(clips, model.codec, tmp_path / "latents", per_shard=8)]
+    drawn = {item["key"]: item for item in ClipDataset(clip_shards, spec, seed=config.seed, epochs=1)}
+    items = list(LatentDataset(written, spec, epochs=1))
+    assert len(items) == 6 and len({item["fps"].item() for item in items}) > 1  # the clips span the rates
+    for item in items:  # each clip at the rate and motion the loader drew for it
+        assert item["fps"].item() == drawn[item["key"]]["fps"].item()
+        assert item["motion"].item() == pytest.approx(drawn[item["key"]]["motion"].item())
+    with pytest.raises(ValueError, match=r"at \[8.0, 12.0, 24.0\] fps; this stage wants 8 at clip.fps \[8.0\]"):
+        next(iter(LatentDataset(written, config.clip)))
+    with pytest.raises(ValueError, match=r"wants 8 at clip.fps_choices \[4.0, 8.0\]: cache again"):
+        next(iter(LatentDataset(written, replace(config.clip, fps_choices=(4.0, 8.0)))))
+    with pytest.raises(ValueError, match=r"at \[8.0\] fps; this stage wants 8 at clip.fps_choices"):
+        next(iter(LatentDataset(single_rate_shards, spec)))

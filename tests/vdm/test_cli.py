@@ -62,6 +62,11 @@ def test_old_option_names_are_refused(args, old_name):
     assert f"No such option '{old_name}'" in result.stderr
 
 
+def test_a_negative_motion_is_refused_naming_the_option():
+    result = _vdm("sample", "--model", "m", "--output", "x.mp4", "--motion", "-1")
+    assert result.exit_code == 2 and "--motion" in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("command", "options"),
     [
