@@ -112,6 +112,17 @@ def config_of(image: UNet2DConditionModel) -> UNetConfig:
         layers = layers[0]
     if not c.use_linear_projection:
         raise ValueError("the Stage I UNet must use linear projections in attention (as SD 2.x) to inflate")
+    only_cross = c.only_cross_attention
+    if (
+        c.num_class_embeds is not None
+        or c.class_embed_type is not None
+        or any(only_cross if isinstance(only_cross, list | tuple) else [only_cross])
+    ):
+        # SD's x4 upscaler: a noise-level class embedding and cross-attention-only blocks
+        raise ValueError(
+            "this UNet has a class embedding or cross-attention-only blocks (as SD's x4 upscaler): the "
+            "spatio-temporal UNet has neither, so it does not inflate"
+        )
     return UNetConfig(
         block_out_channels=tuple(c.block_out_channels),
         attention_heads=tuple(heads) if not isinstance(heads, int) else (heads,) * levels,

@@ -12,6 +12,9 @@ A multi-view model (SVD-MV) animates the same way, told the camera elevation
 instead of a motion bucket: the frames are an orbit around the object
 (`model.multiview.orbit`).
 
+`generate_and_upscale` (the cascade): `generate` with a text-to-video model, then the x4
+upsampler (model/upsampler.py) on its frames with the same prompt.
+
 Every sampling call takes `on_step(i)`, called after each sampler step; an exception it
 raises ends the sampling there and propagates to the caller (a way to cancel a
 generation between two steps).
@@ -145,6 +148,28 @@ def animate(
     denoise = guided_pair(batched_pair(model.denoiser, cond | {"added": ids}, uncond | {"added": ids}), scale)
     latents = SAMPLERS[config.sampler](denoise, noise, sigmas, on_step)
     return model.codec.decode(latents)[0]
+
+
+@torch.no_grad()
+def generate_and_upscale(
+    base: VideoDiffusion,
+    upsampler: VideoDiffusion,
+    prompt: str,
+    config: GenerationConfig,
+    upscale_config: GenerationConfig | None = None,
+    negative_prompt: str = "",
+    on_step: StepCallback | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cascade (Video LDM): `generate` `prompt` with the text-to-video `base`, then the x4
+    `upsampler` on those frames with the same prompt (`upscale_config`: its steps, seed and
+    noise strength; None: `config`'s). Returns (the base's frames (T, 3, H, W), the upsampled
+    frames (T, 3, 4H, 4W)), in [-1, 1]. `on_step(i)` after each step of either sampler."""
+    from model.upsampler import upscale
+
+    if upsampler.task.endpoint != "upscale":
+        raise ValueError(f"the cascade's upsampler must be an upsampler model, not a {upsampler.config.stage!r} one")
+    low = generate(base, prompt, config, negative_prompt, on_step)
+    return low, upscale(upsampler, low, upscale_config or config, prompt, on_step)
 
 
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:

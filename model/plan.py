@@ -246,7 +246,8 @@ def _parts(structure: StageConfig) -> _Parts:
     blocks = [_count(block.parameters()) for block in fsdp_units(unet)]
     largest = max(blocks)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent = (vae.config.latent_channels, config.clip.height // factor, config.clip.width // factor)
+    height, width = config.task.network_frame_size(config)  # the clip's, or the patch a kind trains on
+    latent = (vae.config.latent_channels, height // factor, width // factor)
     mode = FakeTensorMode()
     _to_fake(unet, mode)
     _to_fake(vae, mode)
@@ -418,6 +419,7 @@ def _network_inputs(config: StageConfig, parts: _Parts, batch: int) -> tuple[tor
         "added": (n, _added_time_ids(unet_config)) if config.video else None,
         "known": tuple(latents.shape),
         "mask": (*latents.shape[:2], 1, *latents.shape[3:]),
+        "low_res": (*latents.shape[:-3], 3, height, width),  # the upsampler's low-resolution frames, latent grid
     }
     network = parts.denoiser.network
     names = [p for p in inspect.signature(network.forward).parameters if p not in ("x", "c_noise")]

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from bentoml.exceptions import BentoMLException, NotFound, ServiceUnavailable
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
@@ -91,8 +91,9 @@ DESCRIPTION = f"""Video generation from the registered models of vdm-platform: e
 answers the endpoint of its kind, and is followed at its MLflow registry alias (a promotion reaches it
 without a restart).
 
-- `POST /text_to_video` (JSON), `/image_to_video`, `/interpolate`, `/extend`, `/multiview` (multipart
-  uploads): an mp4 (`video/mp4`); the `X-VDM-Model: NAME/VERSION` header names the version that made it.
+- `POST /text_to_video` (JSON), `/image_to_video`, `/interpolate`, `/extend`, `/multiview`, `/upscale`
+  (multipart uploads): an mp4 (`video/mp4`); the `X-VDM-Model: NAME/VERSION` header names the version
+  that made it. `/upscale` returns the uploaded mp4 at 4x its width and height.
   A request may name its `model`; otherwise the first served model of the endpoint's kind answers.
 - `POST /text_to_video_task/submit` and `/image_to_video_task/submit`: the same as tasks, then
   `GET .../status?task_id=...` and `.../get?task_id=...`.
@@ -316,8 +317,71 @@ class Extend(KnownFrames):
     )
 
 
+class Upscale(Request):
+    """`video` at 4x its width and height, frame for frame (the x4 video upsampler). The output
+    size is the upload's times 4: `height` and `width` stay unset."""
+
+    endpoint = "upscale"
+    video: Path = Field(
+        description=f"The mp4 to upsample: at most {LIMITS.max_frames} frames, {LIMITS.max_side // 4} pixels a side "
+        f"(4x: {LIMITS.max_side}) and {LIMITS.max_video_bytes} bytes (any content type: curl sends "
+        "application/octet-stream).",
+        examples=["small.mp4"],
+    )
+    prompt: Prompt = Field("", description="What the video shows; may be empty.", examples=["a red disc moving right"])
+    noise_aug_strength: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.02,
+        description="Noise added to `video` before conditioning: more lets the upsampler depart further from it "
+        "(and hides compression artefacts).",
+        examples=[0.02],
+    )
+    _upload: tuple[int, int, int, float] | None = PrivateAttr(None)  # frames, height, width, fps of `video`
+
+    def media(self) -> dict[str, torch.Tensor]:
+        from model.upsampler import SCALE
+
+        media = super().media()
+        frames, _, height, width = media["video"].shape
+        if SCALE * max(height, width) > LIMITS.max_side:
+            raise FieldError(
+                "video",
+                f"video: {width}x{height} upsampled x{SCALE} is over {LIMITS.max_side} pixels a side; at most "
+                f"{LIMITS.max_side // SCALE}",
+            )
+        with av.open(str(self.video)) as container:
+            rate = container.streams.video[0].average_rate
+        self._upload = (frames, height, width, float(rate) if rate else 0.0)
+        return media
+
+    def settings(self, served: ServedModel) -> dict:
+        from model.upsampler import SCALE
+
+        for side in ("height", "width"):
+            if getattr(self, side) is not None:
+                raise FieldError(side, f"{side}: the output is {SCALE}x the uploaded video's size; leave it unset")
+        frames, height, width, rate = self._upload
+        return super().settings(served) | {
+            "num_frames": frames,
+            "height": SCALE * height,
+            "width": SCALE * width,
+            "fps": self.fps or rate or None,
+        }
+
+    def generation_settings(self, served: ServedModel) -> GenerationConfig:
+        from model.upsampler import SCALE, size_step
+
+        _, height, width, _ = self._upload
+        multiple = size_step(served.pipeline)
+        if (SCALE * height) % multiple or (SCALE * width) % multiple:
+            raise FieldError(
+                "video",
+                f"video: {width}x{height}; {served.name} upsamples sides that are multiples of {multiple // SCALE}",
+            )
+        return super().generation_settings(served)
+
+
 REQUESTS: dict[str, type[Request]] = {
-    cls.endpoint: cls for cls in (TextToVideo, ImageToVideo, Interpolate, Extend, MultiView)
+    cls.endpoint: cls for cls in (TextToVideo, ImageToVideo, Interpolate, Extend, MultiView, Upscale)
 }
 
 
@@ -554,6 +618,11 @@ class VideoGeneration:
     def multiview(self, **request) -> Video:
         """An orbit around the object in `image`, seen from `elevation` degrees."""
         return self._generate("multiview", MultiView(**request))
+
+    @bentoml.api(input_spec=Upscale)
+    def upscale(self, **request) -> Video:
+        """`video` at 4x its width and height, frame for frame."""
+        return self._generate("upscale", Upscale(**request))
 
     # Task variants for generations longer than a client wants to hold a connection:
     # POST /<name>/submit, then /<name>/status and /<name>/get. Their queue lives in

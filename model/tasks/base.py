@@ -130,6 +130,10 @@ class Task:
     def input_channels(self, latent_channels: int) -> int:
         return latent_channels
 
+    def network_frame_size(self, config: StageConfig) -> tuple[int, int]:
+        """(height, width) in pixels of the frames the network trains on: the clip's."""
+        return config.clip.height, config.clip.width
+
     def network(self, unet: torch.nn.Module) -> torch.nn.Module:
         """The denoiser's network: the UNet behind the inputs this kind gives it."""
         from model.networks import VideoNetwork

@@ -36,7 +36,9 @@ def test_a_real_size_config_names_every_weight_it_uses_and_the_settings_that_mak
     own = config.image_weights if config.task.conditioning == "image" else config.text_weights
     assert own.startswith("weights:open-clip-vit-")
     # small names its VAE; svd takes the VAE of the folder it starts from (Stage I: weights:sd21's vae/).
-    assert config.vae == ("weights:sd21" if size == "small" else None)
+    # The upsampler names the SD x4 upscaler's (it downsamples by 4: low-resolution frames on the latent grid).
+    vae = "weights:sd-x4-upscaler" if kind == "upsampler" else ("weights:sd21" if size == "small" else None)
+    assert config.vae == vae
     assert config.gradient_checkpointing and config.num_workers >= 4
     assert config.unet == {"small": "small", "svd": "base"}[size]
     tower = (IMAGE_MODELS if config.task.conditioning == "image" else TEXT_MODELS)[config.unet]

@@ -191,7 +191,7 @@ def _real_step(config, batch: int) -> tuple[VideoDiffusion, int]:
     return model, saved.bytes
 
 
-@pytest.mark.parametrize("kind", ["video", "i2v", "camera-lora", "prediction"])
+@pytest.mark.parametrize("kind", ["video", "i2v", "camera-lora", "prediction", "upsampler"])
 def test_counted_activations_agree_with_a_real_cpu_step(kind):
     config = named_config("tiny", kind)
     if kind == "camera-lora":
@@ -329,7 +329,7 @@ def test_vdm_plan_bad_config_or_stage_is_one_error_line(args):
 
 @pytest.mark.parametrize(
     ("size", "kind", "gpus", "memory_gib"),
-    [("svd", "hq", 8, 80), ("svd", "multiview", 8, 80), ("small", "video", 1, 24)],
+    [("svd", "hq", 8, 80), ("svd", "multiview", 8, 80), ("svd", "upsampler", 8, 80), ("small", "video", 1, 24)],
 )
 def test_the_shipped_real_size_configs_fit_the_gpus_they_are_for(size, kind, gpus, memory_gib):
     """The largest of each size: SVD's at 576x1024 (and 21 views at 576x576) on 80 GB GPUs,

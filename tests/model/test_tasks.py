@@ -22,6 +22,7 @@ def test_every_kind_is_found_once_with_its_config_and_metric():
     assert list(STAGES) == ["image", "video", "hq"]
     assert set(FINETUNES) == {
         "i2v", "camera-lora", "interpolation", "prediction", "multiview", "spatial-hq", "temporal-decoder",
+        "upsampler",
     }  # fmt: skip
     for name, task in KINDS.items():
         assert (NAMED_CONFIGS / f"tiny-{name}.yaml").exists(), name
@@ -32,7 +33,7 @@ def test_every_kind_is_found_once_with_its_config_and_metric():
     # Each endpoint is answered by the most general kind that serves it.
     assert {e: t.name for e, t in ENDPOINTS.items()} == {
         "text_to_video": "video", "image_to_video": "i2v", "interpolate": "interpolation", "extend": "prediction",
-        "multiview": "multiview",
+        "multiview": "multiview", "upscale": "upsampler",
     }  # fmt: skip
     assert {task_of(k).endpoint for k in ("hq", "camera-lora", "spatial-hq")} == {"text_to_video"}
 

@@ -476,7 +476,7 @@ def test_an_endpoint_without_a_model_is_a_404_naming_it_and_each_alias_moves_alo
 def test_the_openapi_document_declares_mp4_responses_for_every_generating_endpoint(server):
     paths = httpx.get(f"{server['url']}/docs.json", timeout=10).json()["paths"]
     generating = [f"/{name}" for name in ENDPOINTS] + ["/text_to_video_task/get", "/image_to_video_task/get"]
-    assert set(ENDPOINTS) == {"text_to_video", "image_to_video", "interpolate", "extend", "multiview"}
+    assert set(ENDPOINTS) == {"text_to_video", "image_to_video", "interpolate", "extend", "multiview", "upscale"}
     for path in generating:
         operation = paths[path]["post" if path.count("/") == 1 else "get"]
         assert list(operation["responses"]["200"]["content"]) == ["video/mp4"], path
