@@ -27,6 +27,7 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 from kfp import dsl, kubernetes
@@ -89,6 +90,11 @@ PUBLIC_WEIGHTS_CURATION = json.dumps(
 PUBLIC_WEIGHTS_EVALUATION = json.dumps(
     yaml.safe_load((Path(__file__).parents[1] / "components" / "evaluation" / "public-weights.yaml").read_text())
 )
+# Where a curation run with output_uri s3://vdm/curated/kfp puts its subsets (docs/curation.md, Subsets):
+# the filtered set lvd-f (Stages I and II) and the hq subset (Stage III).
+CURATED_URI = "s3://vdm/curated/kfp"
+FILTERED_SHARDS = f"{CURATED_URI}/shards/"
+HQ_SHARDS = f"{CURATED_URI}/subsets/hq/shards/"
 # Production evaluations: the policies' minimum evaluation size (docs/evaluation.md); FVD on fewer is noise.
 EVAL_CLIPS = 256
 
@@ -323,17 +329,51 @@ def _stage(stage: str, init_from, launch: dict, after=None, **kwargs) -> dict:
                      **kwargs)  # fmt: skip
 
 
-def _pretrain(data_uri, output_uri, config, image_init_from, vae, steps: tuple, register_as, launch: dict,
+def _pretrain(data: dict, output_uri, config, image_init_from, vae, steps: tuple, register_as, launch: dict,
               after=None) -> dict:  # fmt: skip
-    """Stage I (from `image_init_from`) -> II -> III; Stage I waits for `after` (the task that
-    writes `data_uri`). Returns Stage III's outputs."""
-    common = {"config": config, "data_uri": data_uri, "vae": vae}
+    """Stage I (from `image_init_from`) -> II -> III, each on its data (`data`: stage -> URI: image,
+    video, hq); Stage I waits for `after` (the task that writes the data). Returns Stage III's outputs."""
+    common = {"config": config, "vae": vae}
     image = _stage("image", image_init_from, launch, after, output_uri=f"{output_uri}/stage1", max_steps=steps[0],
-                   register_as="", **common)  # fmt: skip
+                   register_as="", data_uri=data["image"], **common)  # fmt: skip
     video = _stage("video", image["final"], launch, output_uri=f"{output_uri}/stage2", max_steps=steps[1],
-                   register_as="", **common)  # fmt: skip
+                   register_as="", data_uri=data["video"], **common)  # fmt: skip
     return _stage("hq", video["final"], launch, output_uri=f"{output_uri}/stage3", max_steps=steps[2],
-                  register_as=register_as, **common)  # fmt: skip
+                  register_as=register_as, data_uri=data["hq"], **common)  # fmt: skip
+
+
+@dsl.component(base_image=load_settings().image)
+def stage_data(image_data_uri: str, video_data_uri: str, hq_data_uri: str, curated_uri: str) -> NamedTuple(
+    "StageData", [("image", str), ("video", str), ("hq", str)]
+):
+    """Each pretraining stage's data: as given, or (empty) the subset of the curated output
+    `curated_uri` the stage trains on: Stage I (frames of its clips) and Stage II the filtered set
+    lvd-f (`shards/`), Stage III the hq subset (`subsets/hq/shards/`)."""
+    from collections import namedtuple
+
+    from components.curation.finalize import subset_folder
+    from model.records import HQ_SUBSET, LVD_F
+
+    base = curated_uri.rstrip("/")
+
+    def shards(subset: str) -> str:
+        folder = subset_folder(subset)
+        return f"{base}/{folder}/shards/" if folder else f"{base}/shards/"
+
+    outputs = namedtuple("StageData", ["image", "video", "hq"])
+    return outputs(image_data_uri or shards(LVD_F), video_data_uri or shards(LVD_F), hq_data_uri or shards(HQ_SUBSET))
+
+
+# What each stage trains on (the run forms of pretraining and end-to-end).
+STAGE_DATA_HELP = {
+    "image_data_uri": "Stage I (image) data: curated clips whose frames it trains on, one frame per clip (a curated "
+    "output's shards/, the filtered set lvd-f), or an image set (a WebDataset of images) with a config whose image "
+    "stage reads data: images.",
+    "video_data_uri": "Stage II (video) data: the filtered set lvd-f, a curated output's shards/ "
+    "(subsets/lvd/shards/: every clip, before the quality filters, for ablations).",
+    "hq_data_uri": "Stage III (high quality) data: the hq subset, a curated output's subsets/hq/shards/ (a config "
+    "whose clips are the hq rendition reads subsets/hq/shards-hq/ from it).",
+}
 
 
 _TRAINING_HELP = {
@@ -352,8 +392,10 @@ _TRAINING_HELP = {
 @_documented(
     "Stage I (image) -> Stage II (video) -> Stage III (high quality); Stage III is registered as a candidate.",
     {
-        "data_uri": "Training data: a published dataset's s3:// folder of WebDataset shards (curation's shards/; "
-        "the default is where a curation run with output_uri s3://vdm/curated/kfp puts them).",
+        **{
+            name: f"{text} Default: where a curation run with output_uri {CURATED_URI} puts it."
+            for name, text in STAGE_DATA_HELP.items()
+        },
         "output_uri": "s3:// prefix for each stage's checkpoints and final model (stage1/, stage2/, stage3/); empty: "
         "this run's own folder, s3://vdm/runs/pretraining/<run id>/.",
         "register_as": "Registered model Stage III is added to (alias candidate); empty: not registered.",
@@ -361,7 +403,9 @@ _TRAINING_HELP = {
     },
 )
 def pretraining(
-    data_uri: str = "s3://vdm/curated/kfp/shards/",
+    image_data_uri: str = FILTERED_SHARDS,
+    video_data_uri: str = FILTERED_SHARDS,
+    hq_data_uri: str = HQ_SHARDS,
     output_uri: str = "",
     config: str = DEFAULT_CONFIG,
     image_init_from: str = DEFAULT_STAGE_ONE_INIT,
@@ -381,7 +425,8 @@ def pretraining(
                                           shm_per_node), strict=True))  # fmt: skip
     steps = (image_steps, video_steps, hq_steps)
     output = _run_folder(output_uri, "pretraining")
-    _pretrain(data_uri, output, config, image_init_from, vae, steps, register_as, launch)
+    data = {"image": image_data_uri, "video": video_data_uri, "hq": hq_data_uri}
+    _pretrain(data, output, config, image_init_from, vae, steps, register_as, launch)
 
 
 # The run-form parameters of an evaluation step, and the step's inputs they fill.
@@ -493,7 +538,69 @@ def _finetune_parameters(task) -> list[tuple[str, type, object, str]]:
         ("random_networks", bool, False, HELP["random_networks"]),
         ("eval_prompts_uri", str, "", HELP["eval_prompts_uri"]),
         ("eval_prompts", int, 0, HELP["eval_prompts"]),
+        *_cascade_parameters(task),
     ]  # fmt: skip
+
+
+def _cascade_parameters(task) -> list[tuple[str, type, object, str]]:
+    """The run form of the cascade step (Video LDM) of a kind that upsamples another model's
+    videos (its `cascade_base`: the registered text-to-video model): none for the other kinds."""
+    cascade_base = getattr(task, "cascade_base", None)
+    if cascade_base is None:
+        return []
+    return [
+        ("cascade_base", str, f"models:/{cascade_base}@champion",
+         "The text-to-video model whose videos the candidate upsamples in the cascade step (models:/NAME@ALIAS "
+         "or an s3:// model folder); empty: no cascade step."),
+        ("cascade_prompts", str, "a red disc moving right",
+         "Prompts of the cascade step, separated by | : each is generated by cascade_base, then upsampled x4 by "
+         "the candidate; both mp4s go to the run's cascade/ folder."),
+    ]  # fmt: skip
+
+
+@dsl.component(base_image=load_settings().image)
+def generate_and_upscale(base_uri: str, upsampler_uri: str, prompts: str, output_uri: str, steps: int,
+                         gpus: str = "0") -> str:  # fmt: skip
+    """The cascade (Video LDM): each of `prompts` (separated by |) generated by the text-to-video
+    model `base_uri`, then upsampled x4 by the upsampler `upsampler_uri` (each a models:/ URI, an
+    s3:// model folder or a local one), seed = the prompt's index; both videos are written to
+    `output_uri` as NNN-base.mp4 and NNN-x4.mp4. `gpus`: as the evaluation step's ("0" hides
+    every GPU). Returns `output_uri`."""
+    import os
+    import tempfile
+    from dataclasses import replace
+    from pathlib import Path
+
+    if not float(gpus or 0):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import torch
+
+    from components.common.media import video_bytes
+    from components.common.objectstore import ObjectStore
+    from components.common.settings import load_settings
+    from components.training.run import local_folder
+    from model.pipeline import GenerationConfig, to_uint8
+    from model.pipeline import generate_and_upscale as cascade
+    from model.stages import VideoDiffusion
+
+    texts = [text.strip() for text in prompts.split("|") if text.strip()]
+    if not texts:
+        raise ValueError("prompts: give at least one prompt (separated by |)")
+    store = ObjectStore.from_settings(load_settings())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    folder = output_uri.rstrip("/")
+    with tempfile.TemporaryDirectory() as scratch:
+        models = {}
+        for role, location in (("base", base_uri), ("upsampler", upsampler_uri)):
+            (Path(scratch) / role).mkdir()
+            models[role] = VideoDiffusion.load(local_folder(location, store, Path(scratch) / role)).to(device)
+        config = GenerationConfig.for_clip(models["base"].config.clip, steps=steps)
+        for i, text in enumerate(texts):
+            videos = cascade(models["base"], models["upsampler"], text, replace(config, seed=i))
+            for name, frames in zip(("base", "x4"), videos, strict=True):
+                mp4 = video_bytes(to_uint8(frames.float()).numpy(), config.fps)
+                store.put_bytes(f"{folder}/{i:03d}-{name}.mp4", mp4, "video/mp4")
+    return folder
 
 
 def _finetune_pipeline(task):
@@ -527,6 +634,12 @@ def _finetune_pipeline(task):
         reference = p["data_uri"] if task.training_data_is_reference else ""
         _evaluate_and_promote(step["model_uri"], p["eval_data_uri"], _evaluation(p),
                               MODEL_LABELS.get(task.name, task.name), reference)  # fmt: skip
+        if "cascade_base" in p:  # an upsampler: the candidate upsamples the text-to-video model's videos
+            with dsl.If(p["cascade_base"] != "", name="cascade"):
+                cascade = generate_and_upscale(base_uri=p["cascade_base"], upsampler_uri=step["model_uri"],
+                                               prompts=p["cascade_prompts"], output_uri=f"{folder}/cascade",
+                                               steps=p["eval_steps"], gpus=p["eval_gpus"])  # fmt: skip
+                with_gpus(cpu_step(cascade, cache=False), p["eval_gpus"]).set_display_name("generate and upscale")
 
     body.__name__ = f"finetune_{task.name.replace('-', '_')}"
     body.__signature__ = signature
@@ -555,6 +668,7 @@ FINETUNE_PIPELINES = {f"finetune-{name}": _finetune_pipeline(task) for name, tas
         "random_weights": _CURATION_HELP["random_weights"],
         "videos_per_shard": _CURATION_HELP["videos_per_shard"],
         "annotate_gpus": HELP["annotate_gpus"],
+        **{name: f"{text} Empty: this run's curated subset." for name, text in STAGE_DATA_HELP.items()},
         "model_name": "Registered model the text-to-video model (Stage III) is added to (alias candidate).",
         "i2v_steps": "Image-to-video finetune steps; 0: the config's max_steps.",
         "i2v_model_name": "Registered model the image-to-video model is added to (alias candidate).",
@@ -569,6 +683,9 @@ def end_to_end(
     random_weights: bool = False,
     videos_per_shard: int = 4,
     annotate_gpus: str = "1",
+    image_data_uri: str = "",
+    video_data_uri: str = "",
+    hq_data_uri: str = "",
     config: str = DEFAULT_CONFIG,
     image_init_from: str = DEFAULT_STAGE_ONE_INIT,
     vae: str = "",
@@ -597,17 +714,123 @@ def end_to_end(
                              random_weights=random_weights, workers=2, annotate_gpus=annotate_gpus)  # fmt: skip
     curated.set_display_name("curate")
     work_uri = _run_folder(work_uri, "end-to-end")
-    shards = f"{work_uri}/curated/shards/"
     launch = dict(zip(LAUNCH_PARAMETERS, (scheduler, nodes, gpus_per_node, cpu_per_node, memory_per_node,
                                           shm_per_node), strict=True))  # fmt: skip
     steps = (image_steps, video_steps, hq_steps)
-    hq = _pretrain(shards, f"{work_uri}/train", config, image_init_from, vae, steps, model_name, launch, after=curated)
+    # Each stage its subset of this run's curation (Stage III the hq subset), unless the run form names other data.
+    data = cpu_step(stage_data(image_data_uri=image_data_uri, video_data_uri=video_data_uri, hq_data_uri=hq_data_uri,
+                               curated_uri=f"{work_uri}/curated"), cpu="1", memory="1G").after(curated)  # fmt: skip
+    data.set_display_name("stage data")
+    data = {stage: data.outputs[stage] for stage in ("image", "video", "hq")}
+    hq = _pretrain(data, f"{work_uri}/train", config, image_init_from, vae, steps, model_name, launch, after=curated)
     # Both models are measured on the split curation held out, which training never reads.
     heldout = f"{work_uri}/curated/heldout/"
     evaluation = _evaluation(locals())
     _evaluate_and_promote(hq["model_uri"], heldout, evaluation, label="text-to-video")
-    i2v = _finetune("i2v", hq["final"], shards, f"{work_uri}/train/i2v", config, i2v_steps, i2v_model_name, launch)
+    i2v = _finetune("i2v", hq["final"], data["video"], f"{work_uri}/train/i2v", config, i2v_steps, i2v_model_name,
+                    launch)  # fmt: skip
     _evaluate_and_promote(i2v["model_uri"], heldout, evaluation, label=MODEL_LABELS["i2v"])
+
+
+@dsl.component(base_image=load_settings().image)
+def personalize_subject(
+    images_uri: str,
+    token: str,
+    class_noun: str,
+    image_model: str,
+    video_model: str,
+    output_uri: str,
+    max_steps: int,
+    prior_loss_weight: float,
+    class_images: int,
+    register_as: str,
+    model: dsl.Output[dsl.Model],
+    run_id: str = "",
+) -> NamedTuple("PersonalizeOutputs", [("final", str), ("model_uri", str), ("mlflow_run_id", str)]):
+    """`vdm personalize` in this step's pod (components/training/personalize.py): one process,
+    no ranks to launch. Outputs as `train_stage`'s; `run_id`: KFP's, so a retry replaces what
+    this run published."""
+    from collections import namedtuple
+
+    from components.common.objectstore import ObjectStore
+    from components.common.settings import load_settings
+    from components.training.model_artifact import describe_model
+    from components.training.personalize import PersonalizationRequest, run_personalization
+
+    settings = load_settings()
+    request = PersonalizationRequest(
+        images=images_uri, token=token, class_noun=class_noun, image_model=image_model, video_model=video_model,
+        output=output_uri, register_as=register_as or None, max_steps=max_steps,
+        prior_loss_weight=prior_loss_weight, class_images=class_images, run_id=run_id or None,
+    )  # fmt: skip
+    result = run_personalization(request, ObjectStore.from_settings(settings), settings, progress=False)
+    describe_model(model, result)
+    outputs = namedtuple("PersonalizeOutputs", ["final", "model_uri", "mlflow_run_id"])
+    return outputs(result.final, result.registered or "", result.mlflow_run_id)
+
+
+_PERSONALIZE_HELP = {
+    "images_uri": "s3:// prefix of 3 to 8 images (PNG, JPEG, WebP) of one subject.",
+    "token": "The rare identifier word the subject is called by: prompts say 'a TOKEN CLASS_NOUN'.",
+    "class_noun": "What the subject is (the prior: images the base Stage I model generates for 'a CLASS_NOUN').",
+    "image_model": "The Stage I (text-to-image) model DreamBooth finetunes: models:/NAME@ALIAS or an s3:// folder.",
+    "video_model": "The trained text-to-video model whose temporal layers animate the finetuned image model; its "
+    "spatial layout, VAE and text encoder must be the image model's.",
+    "output_uri": "s3:// prefix for the DreamBooth image model (image/) and the personalized model (final/); empty: "
+    "this run's own folder, s3://vdm/runs/personalize/<run id>/.",
+    "max_steps": "DreamBooth steps (0: none, the video model with the image model's spatial weights).",
+    "prior_loss_weight": "Weight of the class images' loss (prior preservation); 0 turns it off.",
+    "class_images": "Class images the base Stage I model generates for the prior (0: none).",
+    "model_name": "Registered model the personalized model is added to (alias candidate); the evaluation and the "
+    "gate run on that version.",
+    "eval_data_uri": "Held-out shards the personalized model's motion is evaluated on.",
+    "gpus": "GPUs of the personalization step (one process uses the first); 0: a CPU pod (the tiny models).",
+    "cpu": "CPU of the personalization step, request and limit (a Kubernetes quantity: 8, 500m).",
+    "memory": "Memory of the personalization step, request and limit (a Kubernetes quantity: 64G).",
+    **{k: HELP[k] for k in EVAL_PARAMETERS},
+}
+
+
+@dsl.pipeline(
+    name="personalize",
+    description="DreamBooth on the Stage I model with a few images of a subject -> the video model's temporal "
+    "layers on it -> evaluation -> promotion gate.",
+)
+@_documented(
+    "Personalized text-to-video (Video LDM): DreamBooth with prior preservation on the Stage I model, then the "
+    "trained video model's temporal layers moved onto it; registered as a candidate, evaluated and gated.",
+    _PERSONALIZE_HELP,
+)
+def personalize(
+    images_uri: str = "s3://vdm/subjects/sks-disc/",
+    token: str = "sks",
+    class_noun: str = "disc",
+    image_model: str = "models:/vdm-text-to-image@champion",
+    video_model: str = "models:/vdm-text-to-video@champion",
+    output_uri: str = "",
+    max_steps: int = 200,
+    prior_loss_weight: float = 1.0,
+    class_images: int = 8,
+    model_name: str = "vdm-personalized",
+    eval_data_uri: str = "s3://vdm/curated/kfp/heldout/",
+    gpus: str = "1",
+    cpu: str = "8",
+    memory: str = "64G",
+    eval_clips: int = EVAL_CLIPS,
+    eval_steps: int = 25,
+    eval_gpus: str = "1",
+    eval_networks_yaml: str = PUBLIC_WEIGHTS_EVALUATION,
+    random_networks: bool = False,
+    eval_prompts_uri: str = "",
+    eval_prompts: int = 0,
+):
+    step = personalize_subject(
+        images_uri=images_uri, token=token, class_noun=class_noun, image_model=image_model, video_model=video_model,
+        output_uri=_run_folder(output_uri, "personalize"), max_steps=max_steps, prior_loss_weight=prior_loss_weight,
+        class_images=class_images, register_as=model_name, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    )  # fmt: skip
+    gpu_step(step, gpus, cpu, memory).set_display_name("personalize text-to-video")
+    _evaluate_and_promote(step.outputs["model_uri"], eval_data_uri, _evaluation(locals()), "personalized")
 
 
 PIPELINES = {
@@ -616,4 +839,5 @@ PIPELINES = {
     "evaluate-and-promote": evaluate_and_promote,
     **FINETUNE_PIPELINES,
     "end-to-end": end_to_end,
+    "personalize": personalize,
 }

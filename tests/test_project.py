@@ -71,7 +71,7 @@ def test_vdm_console_script_lists_its_commands():
     listed = {line.split()[0] for line in result.stdout.split("Commands:", 1)[1].splitlines() if line.strip()}
     assert listed == {
         "stack", "store", "data", "curate", "curate-ablation", "train", "finetune", "train-vae", "cache-latents",
-        "sample", "eval", "serve", "registry", "pipeline", "run", "weights", "plan",
+        "sample", "eval", "serve", "registry", "pipeline", "run", "weights", "plan", "personalize",
     }  # fmt: skip
 
 

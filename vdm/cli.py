@@ -265,6 +265,10 @@ def curate(input_location: str, output: str, config_path: str | None, workers: i
         "manifest": f"{output.rstrip('/')}/manifest.jsonl",
         "shards": f"{output.rstrip('/')}/shards/",
         "heldout_shards": card["heldout"]["shards"],
+        **{
+            f"subset {name}": f"{f['train_clips']} training clips ({f['train_hours']:.4f} h)  {f['shards']}"
+            for name, f in card["subsets"].items()
+        },
         "prompt_set": f"{card['heldout']['prompt_set']} ({card['heldout']['prompts']} prompts)",
         "card": f"{output.rstrip('/')}/dataset_card.html",
         "digest": card["digest"],
@@ -442,14 +446,21 @@ def train_vae_command(data: str, output: str, size: int, max_steps: int) -> None
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="The mp4 to write.")
 @click.option("--frames", type=int, default=None, help="Default: the model's training clip.")
 @click.option("--fps", type=float, default=None, help="Default: the model's training clip.")
+@click.option(
+    "--motion",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="How much it should move: curation's motion score (px per frame at 128 px; SVD's motion bucket is 64x it). "
+    "Default: 1.",
+)
 @click.option("--size", type=int, default=None, help="Height and width in pixels; default: the model's training clip.")
 @click.option("--sample-steps", type=int, default=25, show_default=True, help="Sampling steps.")
 @click.option("--guidance", type=(float, float), default=(1.0, 3.0), show_default=True, help="First and last frame.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
 def sample_command(
-    model_location, prompt, negative_prompt, image, video, elevation, length, output, frames, fps, size, sample_steps,
-    guidance, seed, quiet,
+    model_location, prompt, negative_prompt, image, video, elevation, length, output, frames, fps, motion, size,
+    sample_steps, guidance, seed, quiet,
 ) -> None:  # fmt: skip
     """Generate a video from a trained model of any kind, from what its kind takes."""
     import tempfile
@@ -487,6 +498,7 @@ def sample_command(
         guidance_min=guidance[0],
         guidance_max=guidance[1],
         seed=seed,
+        **({} if motion is None else {"motion": motion}),
     )
     with _step_progress(config.steps, "sampling", quiet) as on_step:
         frames = model.task.sample(model, inputs, config, on_step)
@@ -635,6 +647,71 @@ def _finetune_commands() -> None:
 
 
 _finetune_commands()
+
+
+@main.command("personalize")
+@click.option("--images", required=True, help="Folder or s3:// prefix of 3 to 8 images of one subject.")
+@click.option("--token", default=None, help="Required: the subject's rare identifier word, e.g. sks ('a sks disc').")
+@click.option("--class-noun", default=None, help="Required: what the subject is, e.g. disc (prior: 'a disc').")
+@click.option("--image-model", required=True, help="The Stage I model: models:/NAME@ALIAS, s3:// or a folder.")
+@click.option(
+    "--video-model", required=True, help="The trained text-to-video model whose temporal layers animate the subject."
+)
+@click.option("--output", required=True, help="s3:// prefix for the DreamBooth image model and the final folder.")
+@click.option("--max-steps", type=click.IntRange(min=0), default=200, show_default=True, help="DreamBooth steps.")
+@click.option(
+    "--prior-loss-weight",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Weight of the class images' loss (prior preservation; 0: none).",
+)
+@click.option(
+    "--class-images", type=click.IntRange(min=0), default=8, show_default=True, help="Class images the base generates."
+)
+@click.option(
+    "--learning-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5e-4,
+    show_default=True,
+    help="DreamBooth's learning rate: lower keeps the image model nearer the one the temporal layers were trained on.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--register-as",
+    default="vdm-personalized",
+    show_default=True,
+    help="MLflow model to add the result to as a new version, alias `candidate`.",
+)
+def personalize_command(
+    images, token, class_noun, image_model, video_model, output, max_steps, prior_loss_weight, class_images,
+    learning_rate, seed, register_as,
+) -> None:  # fmt: skip
+    """Personalized text-to-video (Video LDM): DreamBooth on the Stage I model with a few images of one
+    subject called "a TOKEN CLASS-NOUN" (prior preservation on images the base generates for "a CLASS-NOUN"),
+    then the video model's temporal layers on the finetuned image model; registered and served as text-to-video."""
+    from components.common.objectstore import ObjectStore, ObjectStoreError
+    from components.training.personalize import PersonalizationRequest, run_personalization
+
+    if not output.startswith("s3://"):
+        _fail(f"--output must be an s3://bucket/prefix, not {output!r}")
+    try:
+        request = PersonalizationRequest(
+            images=images, token=token or "", class_noun=class_noun or "", image_model=image_model,
+            video_model=video_model, output=output, register_as=register_as, max_steps=max_steps,
+            prior_loss_weight=prior_loss_weight, class_images=class_images, lr=learning_rate, seed=seed,
+        )  # fmt: skip
+        request.config()  # the token and class noun, before anything is read
+    except ValueError as e:
+        _fail(str(e))
+    _check_output(output)
+    settings = load_settings()
+    try:
+        result = run_personalization(request, ObjectStore.from_settings(settings), settings)
+    except (ObjectStoreError, ValueError) as e:
+        _fail(str(e))
+    click.echo("\n".join(result.lines("personalize")))
+    click.echo(f"  prompt      {request.config().subject_prompt}")
 
 
 @main.group()

@@ -603,3 +603,76 @@ def test_the_run_folder_is_the_runs_own_unless_an_output_is_given(monkeypatch):
     assert resolve("s3://b/mine/", "curation", "7f3a") == "s3://b/mine"
     with pytest.raises(ValueError, match="did not resolve the run's id"):
         resolve("", "curation", RUN_ID)
+
+
+STAGE_DATA = {"image": "image_data_uri", "video": "video_data_uri", "hq": "hq_data_uri"}
+
+
+def _stage_tasks(pipeline: Pipeline) -> dict[str, list[str]]:
+    """Stage (image, video, hq) -> its two training variants."""
+    stages: dict[str, list[str]] = {}
+    for pair in pipeline.training_pairs():
+        for task in pair:
+            if task.startswith("train-stage"):
+                ((_, stage),) = pipeline.sources(task, "stage")
+                stages.setdefault(stage, []).append(task)
+    return stages
+
+
+def test_pretraining_takes_each_stages_data_from_its_own_parameter(compiled):
+    pipeline = compiled["pretraining"]
+    assert "data_uri" not in pipeline.parameters
+    defaults = {name: pipeline.parameters[name]["defaultValue"] for name in STAGE_DATA.values()}
+    assert defaults == {
+        "image_data_uri": "s3://vdm/curated/kfp/shards/",  # frames of the filtered set lvd-f
+        "video_data_uri": "s3://vdm/curated/kfp/shards/",  # lvd-f
+        "hq_data_uri": "s3://vdm/curated/kfp/subsets/hq/shards/",  # the hq subset
+    }
+    stages = _stage_tasks(pipeline)
+    assert sorted(stages) == ["hq", "image", "video"]
+    for stage, tasks in stages.items():
+        assert len(tasks) == 2
+        for task in tasks:
+            assert pipeline.sources(task, "data_uri") == {("param", STAGE_DATA[stage])}
+    # The run form says which subset each stage reads.
+    assert "lvd-f" in pipeline.parameters["video_data_uri"]["description"]
+    assert "hq subset" in pipeline.parameters["hq_data_uri"]["description"]
+    assert "frames" in pipeline.parameters["image_data_uri"]["description"]
+
+
+def test_end_to_end_trains_each_stage_on_its_subset_of_the_runs_curation(compiled):
+    pipeline = compiled["end-to-end"]
+    assert {pipeline.parameters[name]["defaultValue"] for name in STAGE_DATA.values()} == {""}
+    (resolver,) = pipeline.of("comp-stage-data")
+    for stage, tasks in _stage_tasks(pipeline).items():
+        for task in tasks:
+            assert pipeline.sources(task, "data_uri") == {("task", resolver, stage)}
+            assert resolver in pipeline.upstream(task)
+    for parameter in STAGE_DATA.values():
+        assert pipeline.sources(resolver, parameter) == {("param", parameter)}
+    # The image-to-video finetune trains on Stage II's data, the filtered set.
+    for task in pipeline.training_pairs()[-1]:
+        assert task.startswith("finetune-model") and pipeline.sources(task, "data_uri") == {("task", resolver, "video")}
+    # The curated output of this run: `<run folder>/curated`, written before the stages read it.
+    (folder,) = [t for t in pipeline.of("comp-run-folder") if pipeline.sources(t, "subfolder") == {("const", "")}]
+    channel = f"pipelinechannel--{folder}-Output"
+    assert pipeline.sources(resolver, "curated_uri") == {("const", f"{{{{$.inputs.parameters['{channel}']}}}}/curated")}
+    assert pipeline.sources(resolver, channel) == {("task", folder, "Output")}
+    assert "curation-steps" in pipeline.upstream(resolver)
+    assert pipeline.tasks[resolver][1]["taskInfo"]["name"] == "stage data"
+
+
+def test_stage_data_is_the_runs_curated_subset_unless_the_run_form_names_other_data():
+    from pipelines.kubeflow import stage_data
+
+    resolve = stage_data.python_func
+    assert tuple(resolve("", "", "", "s3://b/runs/end-to-end/7f3a/curated/")) == (
+        "s3://b/runs/end-to-end/7f3a/curated/shards/",
+        "s3://b/runs/end-to-end/7f3a/curated/shards/",
+        "s3://b/runs/end-to-end/7f3a/curated/subsets/hq/shards/",
+    )
+    assert tuple(resolve("s3://img/", "", "s3://b/mine/hq/", "s3://b/c")) == (
+        "s3://img/",
+        "s3://b/c/shards/",
+        "s3://b/mine/hq/",
+    )
