@@ -64,13 +64,29 @@ def moving_shapes(
     radius_range: tuple[float, float] = (3.0, 6.0),
     background: np.ndarray | None = None,
     seed: int = 0,
+    direction: tuple[float, float] | None = None,
+    min_speed: float = 0.0,
+    from_edge: bool = False,
 ) -> MovingShapes:
     """Discs moving in straight lines at constant velocity, all inside the frame for
     every frame (so positions are linear in time: useful ground truth for
-    interpolation and prediction tests)."""
+    interpolation and prediction tests). Each velocity is drawn per axis from
+    [-max_speed, max_speed]; with `direction` (x, y) every disc moves that way instead,
+    at a speed drawn per disc from [min_speed, max_speed]. `from_edge`: each disc starts as
+    far back along its velocity as the frame allows (on an axis it moves along), so with a
+    `direction` every disc enters from the same side and its speed alone says where it is."""
     rng = np.random.default_rng(seed)
     radii = rng.uniform(*radius_range, size=num_shapes)
-    velocities = rng.uniform(-max_speed, max_speed, size=(num_shapes, 2))
+    if direction is None:
+        velocities = rng.uniform(-max_speed, max_speed, size=(num_shapes, 2))
+    else:
+        unit = np.asarray(direction, np.float64)
+        if unit.shape != (2,) or not np.linalg.norm(unit) > 0:
+            raise ValueError(f"direction must be a non-zero (x, y) pair, got {direction!r}")
+        if not 0 <= min_speed <= max_speed:
+            raise ValueError(f"min_speed must lie in [0, max_speed={max_speed}], got {min_speed}")
+        speeds = rng.uniform(min_speed, max_speed, size=num_shapes)
+        velocities = speeds[:, None] * (unit / np.linalg.norm(unit))[None]
     span = velocities * (num_frames - 1)
     starts = np.empty((num_shapes, 2))
     for i in range(num_shapes):
@@ -82,7 +98,8 @@ def moving_shapes(
                 span[i, axis] = velocities[i, axis] * (num_frames - 1)
                 lo = radii[i] - min(0.0, span[i, axis])
                 hi = size - radii[i] - max(0.0, span[i, axis])
-            starts[i, axis] = rng.uniform(lo, hi)
+            moving = velocities[i, axis] != 0
+            starts[i, axis] = (lo if velocities[i, axis] > 0 else hi) if from_edge and moving else rng.uniform(lo, hi)
     colors = rng.integers(96, 256, size=(num_shapes, 3)).astype(np.uint8)
     positions = starts[None] + np.arange(num_frames)[:, None, None] * velocities[None]
     base = np.zeros((height, width, 3), np.uint8) if background is None else background

@@ -64,9 +64,14 @@ def write_shapes_shards(
     width: int = 64,
     max_speed: float = 1.5,
     seed: int = 0,
+    direction: tuple[float, float] | None = None,
+    min_speed: float = 0.0,
+    from_edge: bool = False,
 ) -> tuple[list[Path], dict[str, dict]]:
     """Writes `shard-NNNNNN.tar` files; returns their paths and, per clip key, its truth
-    (positions per frame, velocities, radii)."""
+    (positions per frame, velocities, radii). The disc's velocity is drawn per axis from
+    [-max_speed, max_speed], or with `direction` along it at a speed drawn from
+    [min_speed, max_speed], starting from the frame's edge with `from_edge` (`moving_shapes`)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths, truth = [], {}
     for s in range(shards):
@@ -82,6 +87,9 @@ def write_shapes_shards(
                     max_speed=max_speed,
                     radius_range=(5, 7),
                     seed=seed * 100_003 + s * 1009 + c,
+                    direction=direction,
+                    min_speed=min_speed,
+                    from_edge=from_edge,
                 )
                 video = Path(tmp) / f"{key}.mp4"
                 write_video(video, clip.frames, fps)

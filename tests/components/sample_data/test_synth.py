@@ -11,9 +11,11 @@ import av
 import cv2
 import numpy as np
 import pytest
+import webdataset as wds
 
 from components.common.objectstore import sha256_file
 from components.sample_data.render import moving_shapes
+from components.sample_data.shards import write_shapes_shards
 from components.sample_data.synth import (
     REJECT_EMPTY,
     REJECT_NO_VIDEO,
@@ -195,6 +197,40 @@ def test_moving_shapes_stay_inside_the_frame():
     lo = shapes.positions - shapes.radii[None, :, None]
     hi = shapes.positions + shapes.radii[None, :, None]
     assert lo.min() >= 0 and hi[..., 0].max() <= 32 and hi[..., 1].max() <= 32
+
+
+def test_moving_shapes_with_a_direction_all_move_that_way_at_speeds_in_range():
+    shapes = moving_shapes(24, 64, 64, num_shapes=20, max_speed=1.0, min_speed=0.5, direction=(3, 4), seed=2)
+    speeds = np.linalg.norm(shapes.velocities, axis=1)
+    assert speeds.min() >= 0.5 and speeds.max() <= 1.0 and speeds.std() > 0.05  # drawn per disc
+    np.testing.assert_allclose(shapes.velocities / speeds[:, None], np.tile([0.6, 0.8], (20, 1)))
+    unchanged = moving_shapes(24, 64, 64, num_shapes=20, max_speed=1.0, seed=2)
+    assert (unchanged.velocities < 0).any()  # without a direction: per axis in [-max, max], as before
+
+
+def test_moving_shapes_from_the_edge_enter_from_the_side_they_move_away_from():
+    right = moving_shapes(16, 32, 48, num_shapes=6, max_speed=1.0, direction=(1, 0), from_edge=True, seed=5)
+    np.testing.assert_allclose(right.positions[0, :, 0], right.radii)  # touching the left edge
+    assert right.positions[0, :, 1].std() > 1  # the other axis stays drawn
+    left = moving_shapes(16, 32, 48, num_shapes=6, max_speed=1.0, direction=(-1, 0), from_edge=True, seed=5)
+    np.testing.assert_allclose(left.positions[0, :, 0], 48 - left.radii)
+
+
+@pytest.mark.parametrize(("direction", "min_speed"), [((0, 0), 0.0), ((1, 0), 2.0), ((1, 0), -0.1)])
+def test_moving_shapes_reject_a_zero_direction_or_a_speed_range_out_of_order(direction, min_speed):
+    with pytest.raises(ValueError, match="direction" if direction == (0, 0) else "min_speed"):
+        moving_shapes(8, 32, 32, max_speed=1.0, min_speed=min_speed, direction=direction)
+
+
+def test_shapes_shards_with_a_direction_record_the_speed_as_the_motion_score(tmp_path):
+    paths, truth = write_shapes_shards(
+        tmp_path, shards=1, clips_per_shard=3, num_frames=8, max_speed=0.6, min_speed=0.2, direction=(1, 0), seed=4
+    )
+    velocities = np.array([clip["velocities"][0] for clip in truth.values()])
+    assert (velocities[:, 1] == 0).all() and ((velocities[:, 0] >= 0.2) & (velocities[:, 0] <= 0.6)).all()
+    scores = {s["__key__"]: json.loads(s["json"])["scores"]["motion"] for s in wds.WebDataset(str(paths[0]))}
+    for key, clip in truth.items():
+        assert scores[key] == pytest.approx(clip["velocities"][0][0])
 
 
 def test_synth_cli_publishes_to_the_object_store(stack, store, prefix, tmp_path):
