@@ -261,6 +261,13 @@ def _subsets_png(values: dict[str, np.ndarray], score: str) -> str:
         ax.hist(
             v, bins=bins, histtype="step", linewidth=1.5, color=_SUBSET_COLOURS.get(name), label=f"{name} ({len(v)})"
         )
+    return _histogram_figure(fig, ax, score)
+
+
+def _histogram_figure(fig, ax, score: str) -> str:
+    """A score's histogram figure, labelled, as base64 PNG (the figure closed)."""
+    import matplotlib.pyplot as plt
+
     ax.set_title(score, fontsize=9)
     ax.set_xlabel(_SCORE_AXIS.get(score, score), fontsize=7)
     ax.set_ylabel("clips", fontsize=7)
@@ -285,16 +292,7 @@ def _histogram_png(kept: np.ndarray, dropped: np.ndarray, score: str, bound: tup
     if bound is not None:
         side, value = bound
         ax.axvline(value, color="#cc3311", linestyle="--", label=f"threshold: {side} {value:.3g}")
-    ax.set_title(score, fontsize=9)
-    ax.set_xlabel(_SCORE_AXIS.get(score, score), fontsize=7)
-    ax.set_ylabel("clips", fontsize=7)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
+    return _histogram_figure(fig, ax, score)
 
 
 def _preview_webp(

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
+from curated_parts import mp4, publish_part
 
 from components.common.media import video_bytes
 from components.common.objectstore import OutputNotWritableError, S3Uri
-from components.curation.annotate import CLIPS_FILE, CLIPS_TAR, PART_INFO, REJECTED_FILE
+from components.curation.annotate import PART_INFO
 from components.curation.config import CurationConfig, Filter, with_random_weights
 from components.curation.curate import curate, iter_inputs, plan_input_shards, shard_inputs
 from components.curation.finalize import finalize
@@ -120,11 +120,6 @@ def test_listing_and_planning_stream_and_cover_every_object_once(stack, store, p
     assert plan[-2].videos == (sorted(sizes)[500],)  # the remaining video of the broken part, planned anew
 
 
-def _mp4(width: int, height: int, frames: int = 6) -> bytes:
-    rng = np.random.default_rng(width * height)
-    return video_bytes(rng.integers(0, 255, (frames, height, width, 3), dtype=np.uint8), 24.0)
-
-
 def _clip(key: str, video: str, aesthetic: float, phash: tuple[str, ...], source: tuple[int, int], hq: bool):
     renditions = {SMALL: Rendition(width=64, height=36)}
     if hq:
@@ -147,17 +142,7 @@ def _clip(key: str, video: str, aesthetic: float, phash: tuple[str, ...], source
 
 
 def _publish_part(store, part: S3Uri, clips: list[ClipRecord], tmp: Path) -> None:
-    folder = tmp / part.key.replace("/", "_")
-    folder.mkdir()
-    (folder / CLIPS_FILE).write_text("".join(c.to_json() + "\n" for c in clips))
-    (folder / REJECTED_FILE).write_text("")
-    (folder / PART_INFO).write_text(json.dumps({"videos": sorted({c.video for c in clips}), "random_weights": False}))
-    small, hq = _mp4(64, 36), _mp4(96, 54)
-    with wds.TarWriter(str(folder / CLIPS_TAR), mtime=0) as tar:
-        for c in clips:
-            renditions = {"mp4": small, **({"hq.mp4": hq} if HQ in c.renditions else {})}
-            tar.write({"__key__": c.key, "jpg": b"\xff\xd8", **renditions})
-    store.publish_folder(folder, part)
+    publish_part(store, part, clips, tmp, mp4(64, 36), mp4(96, 54))
 
 
 def test_finalize_routes_renditions_drops_near_duplicates_and_counts_resolutions(stack, store, prefix, tmp_path):

@@ -13,12 +13,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import webdataset as wds
+from curated_parts import mp4, publish_part
 
-from components.common.media import video_bytes
 from components.common.objectstore import S3Uri
 from components.common.tracking import card_digest, connect
-from components.curation.annotate import CLIPS_FILE, CLIPS_TAR, PART_INFO, REJECTED_FILE
 from components.curation.config import CurationConfig, Filter, Subsets
 from components.curation.finalize import EMPTY_HQ, apply_filters, apply_subsets, finalize, heldout_split, thresholds
 from components.curation.tracking import finalize_and_log
@@ -98,21 +96,7 @@ def _record(key, video, motion, aesthetic, text, side, too_short, phash, *_) -> 
 
 
 def _publish_part(store, part: S3Uri, clips: list[ClipRecord], tmp: Path) -> None:
-    folder = tmp / part.key.replace("/", "_")
-    folder.mkdir()
-    (folder / CLIPS_FILE).write_text("".join(c.to_json() + "\n" for c in clips))
-    (folder / REJECTED_FILE).write_text("")
-    (folder / PART_INFO).write_text(json.dumps({"videos": sorted({c.video for c in clips}), "random_weights": False}))
-    rng = np.random.default_rng(0)
-    small = video_bytes(rng.integers(0, 255, (6, SMALL_SIZE[1], SMALL_SIZE[0], 3), dtype=np.uint8), 24.0)
-    hq = video_bytes(rng.integers(0, 255, (6, HQ_SIZE[1], HQ_SIZE[0], 3), dtype=np.uint8), 24.0)
-    with wds.TarWriter(str(folder / CLIPS_TAR), mtime=0) as tar:
-        for c in clips:
-            if c.too_short:
-                continue  # no video is stored for a clip too short to keep
-            renditions = {"mp4": small, **({"hq.mp4": hq} if HQ in c.renditions else {})}
-            tar.write({"__key__": c.key, "jpg": b"\xff\xd8", **renditions})
-    store.publish_folder(folder, part)
+    publish_part(store, part, clips, tmp, mp4(*SMALL_SIZE), mp4(*HQ_SIZE))
 
 
 def _keys(store, uri: str) -> list[str]:
