@@ -1,15 +1,15 @@
 """Evidence that the video stage (Stage II) learns the frame-rate and motion
 micro-conditioning, in one process on the CPU (no stack: the figures are the model's):
 
-moving-shapes shards (a disc moving to the right at a speed drawn per clip, 48 frames at 24
-fps) -> the tiny VAE -> Stage I (text-to-image) -> Stage II trained with `clip.fps_choices`
-[4, 8] (each clip drawn at whole strides 6 or 3 of the source, conditioned on its real rate
-and on its motion per drawn frame) -> generation at fps 8 and 4 crossed with the motion the
-data has at 8 and at 4 fps, and at 8 fps with the slowest and fastest clips' motion; the
-generated disc is tracked (model/evaluation.py) and its displacement per frame compared with
-the data's at the same rates. Prints JSON.
+moving-shapes shards (a disc entering at the left edge and moving right at a speed drawn per
+clip, 43 frames at 24 fps) -> the tiny VAE -> Stage I (text-to-image) -> Stage II trained
+with `clip.fps_choices` [4, 8] (each clip drawn at whole strides 6 or 3 of the source,
+conditioned on its real rate and on its motion per drawn frame) -> generation at fps 8 and 4
+crossed with the motion the data has at 8 and at 4 fps, and at 8 fps with the slowest and
+fastest clips' motion; the generated disc is tracked (model/evaluation.py) and its
+displacement per frame compared with the data's at the same rates. Prints JSON.
 
-    OMP_NUM_THREADS=1 python benchmarks/fps_evidence/run.py [--video-steps 1500] [--workdir DIR]
+    OMP_NUM_THREADS=1 python benchmarks/fps_evidence/run.py [--workdir DIR] [--reuse EARLIER_WORKDIR]
 
 Method and figures: docs/evidence/fps.md.
 """
