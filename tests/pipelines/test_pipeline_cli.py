@@ -39,7 +39,7 @@ def test_pipeline_list_shows_each_pipeline_with_its_parameter_count_and_descript
         count, description = re.match(rf"{re.escape(name)}\s+(\d+)  (.*)$", rows[name]).groups()
         assert int(count) == len(pipeline.component_spec.inputs)
         assert description == pipeline.pipeline_spec.pipeline_info.description
-    assert re.match(r"end-to-end\s+28  Curation -> Stage I/II/III", rows["end-to-end"])
+    assert re.match(r"end-to-end\s+31  Curation -> Stage I/II/III", rows["end-to-end"])
 
 
 def test_pipeline_params_shows_each_fields_type_default_and_description():
@@ -48,7 +48,7 @@ def test_pipeline_params_shows_each_fields_type_default_and_description():
     text = result.stdout
     assert text.startswith("end-to-end: Curation -> Stage I/II/III")
     fields = dict(re.findall(r"^(\w+)  (\w+  .*)$", text, flags=re.M))
-    assert len(fields) == len(PIPELINES["end-to-end"].component_spec.inputs) == 28
+    assert len(fields) == len(PIPELINES["end-to-end"].component_spec.inputs) == 31
     assert fields["random_weights"] == "BOOLEAN  default false"
     assert fields["eval_clips"] == "NUMBER_INTEGER  default 256"  # an integer, not the spec's 256.0
     assert "min_improvement" not in fields  # the gate's margins are the model's policy (vdm registry policy)

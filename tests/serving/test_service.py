@@ -238,7 +238,7 @@ def test_ready_once_loaded_and_model_info_names_the_champions(server):
     ]
     text, image = info[:2]
     assert text["lineage"]["vdm.data"] == "s3://vdm/test-shards" and text["lineage"]["vdm.training_run"]
-    assert text["default_clip"] == {"num_frames": 8, "fps": 8.0, "height": 32, "width": 32}
+    assert text["default_clip"] == {"num_frames": 8, "fps": 8.0, "fps_choices": None, "height": 32, "width": 32}
     assert info[2]["default_clip"]["fps"] == 12.0 and info[2]["run_id"]
     assert text["camera_motions"] == ["pan"] and image["camera_motions"] == []
     # Trained from the tiny configs: the text tower and VAE are random, and model_info says so.
