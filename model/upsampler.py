@@ -29,7 +29,6 @@ does; a per-frame upsampler that invents different detail in each frame scores h
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,18 +164,22 @@ def upscale(model, video: torch.Tensor, config, prompt: str = "", on_step=None) 
 
 
 def psnr(estimate: torch.Tensor, truth: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of frames in [-1, 1] (peak-to-peak 2)."""
-    mse = float((estimate.float().clamp(-1, 1) - truth.float()).pow(2).mean())
-    return 10 * math.log10(4 / max(mse, 1e-12))
+    """Peak signal-to-noise ratio in dB (model/evaluation.py's) of the estimate, clamped to the
+    frames' range [-1, 1], to the truth."""
+    from model.evaluation import psnr as frames_psnr
+
+    return frames_psnr(estimate.float().clamp(-1, 1), truth)
 
 
 def flicker(estimate: torch.Tensor, truth: torch.Tensor) -> float:
     """Mean absolute difference, in 8-bit levels, between the estimate's frame-to-frame change
-    and the truth's, (T, 3, H, W) in [-1, 1]: how much the error changes from frame to frame."""
+    and the truth's, (T, 3, H, W) in [-1, 1] (the temporal decoder's `frame_change_error`):
+    how much the error changes from frame to frame."""
+    from model.temporal_decoder import frame_change_error
+
     if estimate.shape[0] < 2:
         raise ValueError("flicker needs clips of 2 frames or more")
-    change = estimate.float().clamp(-1, 1).diff(dim=0) - truth.float().diff(dim=0)
-    return float(change.abs().mean()) * 127.5
+    return float(frame_change_error(estimate.float().clamp(-1, 1)[None], truth.float()[None])) * 127.5
 
 
 @dataclass(frozen=True)

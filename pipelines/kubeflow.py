@@ -545,7 +545,7 @@ def _finetune_parameters(task) -> list[tuple[str, type, object, str]]:
 def _cascade_parameters(task) -> list[tuple[str, type, object, str]]:
     """The run form of the cascade step (Video LDM) of a kind that upsamples another model's
     videos (its `cascade_base`: the registered text-to-video model): none for the other kinds."""
-    cascade_base = getattr(task, "cascade_base", None)
+    cascade_base = task.cascade_base
     if cascade_base is None:
         return []
     return [

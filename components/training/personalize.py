@@ -23,7 +23,7 @@ import mlflow
 import torch
 
 from components.common.media import write_video
-from components.common.objectstore import ObjectNotFoundError, ObjectStore, S3Uri, is_s3_uri
+from components.common.objectstore import ObjectStore, S3Uri, is_s3_uri
 from components.common.settings import Settings
 from components.common.tracking import tracked_run
 from components.training.request import RunResult
@@ -33,6 +33,7 @@ from components.training.run import (
     local_folder,
     publish_final,
     random_weights_tags,
+    refuse_published,
     write_png,
     write_summary,
 )
@@ -113,19 +114,11 @@ def read_subject_images(files: list[str], store: ObjectStore, height: int, width
     return torch.stack(images)
 
 
-def refuse_published(out: S3Uri, store: ObjectStore, run_id: str | None) -> bool:
+def refuse_published_outputs(out: S3Uri, store: ObjectStore, run_id: str | None) -> bool:
     """Whether `<out>/image` and `<out>/final`, where published, are this run's (a retried KFP
     step: they are replaced); a ValueError when another run (or any CLI run) published one."""
-    owned = False
-    for folder in (out.join(IMAGE_FOLDER), out.join("final")):
-        try:
-            owner = store.read_manifest(folder).get("run_id")
-        except ObjectNotFoundError:
-            continue
-        if run_id is None or owner != run_id:
-            raise ValueError(f"output: {folder} is already published: personalize into a new --output")
-        owned = True
-    return owned
+    owned = [refuse_published(folder, store, run_id) for folder in (out.join(IMAGE_FOLDER), out.join("final"))]
+    return any(owned)
 
 
 def run_personalization(
@@ -136,7 +129,7 @@ def run_personalization(
     config = request.config()
     out = S3Uri.parse(request.output)
     files = subject_image_files(request.images, store)
-    replace_final = refuse_published(out, store, request.run_id)
+    replace_final = refuse_published_outputs(out, store, request.run_id)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="vdm-personalize-") as tmp:
         scratch = Path(tmp)

@@ -183,13 +183,18 @@ def resume_checkpoint(
 def refuse_published_final(output: S3Uri, store: ObjectStore, run_id: str | None, resuming: S3Uri | None) -> bool:
     """Whether `<output>/final` is this run's own (a retried KFP step that published it already, or
     a CLI run that resumes: it is replaced); a ValueError when another run published it."""
-    final = output.join("final")
+    return refuse_published(output.join("final"), store, run_id, resuming)
+
+
+def refuse_published(folder: S3Uri, store: ObjectStore, run_id: str | None, resuming: S3Uri | None = None) -> bool:
+    """Whether the published `folder` is this run's own (see `refuse_published_final`); False
+    when nothing is published there, a ValueError when another run published it."""
     try:
-        owner = store.read_manifest(final).get("run_id")
+        owner = store.read_manifest(folder).get("run_id")
     except ObjectNotFoundError:
         return False
     if owner != run_id or (run_id is None and resuming is None):
-        raise ValueError(f"{final} is already published by {_run_name(owner)}: train into a new output")
+        raise ValueError(f"{folder} is already published by {_run_name(owner)}: write into a new output")
     return True
 
 

@@ -99,6 +99,9 @@ class Task:
     training_data: ClassVar[str] = "s3://vdm/curated/kfp/shards/"
     evaluation_data: ClassVar[str] = "s3://vdm/curated/kfp/heldout/"
     training_data_is_reference: ClassVar[bool] = False
+    # The registered model whose videos a finetune pipeline also passes through the candidate
+    # (the upsampler's cascade); None: no such step.
+    cascade_base: ClassVar[str | None] = None
 
     def option_choices(self, option: str) -> list[str] | None:
         """The allowed values of a run option (None: any)."""
