@@ -31,6 +31,8 @@ class VideoWriter:
         crf: int = 18,
         preset: str = "veryfast",
         deterministic: bool = True,
+        threads: int | None = None,
+        x264_params: str | None = None,
     ):
         options = {"movflags": "+faststart"} if faststart else {}
         target = str(path) if isinstance(path, str | Path) else path
@@ -41,9 +43,14 @@ class VideoWriter:
         self.stream.pix_fmt = "yuv420p"
         self.stream.codec_context.gop_size = int(round(2 * fps))
         self.stream.options = {"crf": str(crf), "preset": preset}
+        if threads is not None:
+            self.stream.codec_context.thread_count = threads
+        params = [x264_params] if x264_params else []
         if deterministic:
             self.stream.codec_context.thread_count = 1
-            self.stream.options = {**self.stream.options, "x264-params": "mbtree=0"}
+            params.append("mbtree=0")
+        if params:
+            self.stream.options = {**self.stream.options, "x264-params": ":".join(params)}
 
     def write(self, frame: np.ndarray | av.VideoFrame) -> None:
         if isinstance(frame, np.ndarray):

