@@ -52,6 +52,10 @@ class PersonalizeConfig:
     class_sample_steps: int = 20  # sampling steps per class image
     batch_size: int = 2  # subject images per step (and as many class images)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup_steps=10, ema_decay=0.0))
+    # None: every UNet weight trains (DreamBooth). A rank: only LoRA modules of that rank in the
+    # attention projections train (DreamBooth-LoRA), merged into the weights after the last step:
+    # the spatial weights move less, so the video model's temporal layers fit them better.
+    lora_rank: int | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -65,6 +69,8 @@ class PersonalizeConfig:
             raise ValueError(f"prior loss weight: at least 0, not {self.prior_loss_weight}")
         if self.max_steps < 0 or self.batch_size < 1:
             raise ValueError("max steps: at least 0; batch size: at least 1")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"LoRA rank: at least 1, not {self.lora_rank}")
         if self.prior_loss_weight > 0 and self.class_images < 1:
             raise ValueError("class images: at least 1 with prior preservation (prior loss weight > 0)")
 
@@ -193,6 +199,20 @@ def _batch(images: torch.Tensor, prompt: str) -> dict:
     return {"video": images[:, None], "caption": [prompt] * len(images)}
 
 
+# The attention projections of the image UNet's transformer blocks (self-attention and the
+# cross-attention to the text), where DreamBooth-LoRA puts its modules (as diffusers' example does).
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _add_lora(unet: UNet2DConditionModel, rank: int) -> None:
+    """LoRA modules (peft) of `rank` in `unet`'s attention projections, starting at zero change;
+    every other weight frozen."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
+
+
 @dataclass(frozen=True)
 class DreamBoothResult:
     model: VideoDiffusion  # the finetuned Stage I model
@@ -212,7 +232,11 @@ def dreambooth(
     class_images = generate_class_images(base, config) if config.prior_loss_weight > 0 else None
     model = copy.deepcopy(base)
     model.train()
-    params = [p for p in model.unet.parameters()]
+    if config.lora_rank is not None:
+        _add_lora(model.unet, config.lora_rank)
+        params = [p for p in model.unet.parameters() if p.requires_grad]
+    else:
+        params = list(model.unet.parameters())
     for p in params:
         p.requires_grad_(True)
     optimizer, schedule = optimizer_and_schedule(params, config.optim)
@@ -239,6 +263,9 @@ def dreambooth(
     model.eval()
     for p in params:
         p.requires_grad_(False)
+    if config.lora_rank is not None:
+        model.unet.fuse_lora()  # W + (alpha / r) B A into each weight
+        model.unet.unload_lora()  # the plain layers back, holding the fused weights
     empty = torch.zeros(0, *subject.shape[1:])
     return DreamBoothResult(
         model, class_images if class_images is not None else empty, losses, subject_losses, prior_losses

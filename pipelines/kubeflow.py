@@ -743,6 +743,8 @@ def personalize_subject(
     max_steps: int,
     prior_loss_weight: float,
     class_images: int,
+    learning_rate: float,
+    lora_rank: int,
     register_as: str,
     model: dsl.Output[dsl.Model],
     run_id: str = "",
@@ -761,7 +763,8 @@ def personalize_subject(
     request = PersonalizationRequest(
         images=images_uri, token=token, class_noun=class_noun, image_model=image_model, video_model=video_model,
         output=output_uri, register_as=register_as or None, max_steps=max_steps,
-        prior_loss_weight=prior_loss_weight, class_images=class_images, run_id=run_id or None,
+        prior_loss_weight=prior_loss_weight, class_images=class_images, lr=learning_rate, lora_rank=lora_rank or None,
+        run_id=run_id or None,
     )  # fmt: skip
     result = run_personalization(request, ObjectStore.from_settings(settings), settings, progress=False)
     describe_model(model, result)
@@ -781,6 +784,10 @@ _PERSONALIZE_HELP = {
     "max_steps": "DreamBooth steps (0: none, the video model with the image model's spatial weights).",
     "prior_loss_weight": "Weight of the class images' loss (prior preservation); 0 turns it off.",
     "class_images": "Class images the base Stage I model generates for the prior (0: none).",
+    "learning_rate": "DreamBooth's learning rate: lower keeps the image model nearer the one the temporal layers "
+    "were trained on (their motion), higher learns the subject sooner.",
+    "lora_rank": "0: DreamBooth trains every weight of the image UNet; a rank (4, 8, ...): only LoRA modules of that "
+    "rank in its attention projections, merged afterwards (the image model moves less).",
     "model_name": "Registered model the personalized model is added to (alias candidate); the evaluation and the "
     "gate run on that version.",
     "eval_data_uri": "Held-out shards the personalized model's motion is evaluated on.",
@@ -811,6 +818,8 @@ def personalize(
     max_steps: int = 200,
     prior_loss_weight: float = 1.0,
     class_images: int = 8,
+    learning_rate: float = 5e-4,
+    lora_rank: int = 0,
     model_name: str = "vdm-personalized",
     eval_data_uri: str = "s3://vdm/curated/kfp/heldout/",
     gpus: str = "1",
@@ -827,7 +836,8 @@ def personalize(
     step = personalize_subject(
         images_uri=images_uri, token=token, class_noun=class_noun, image_model=image_model, video_model=video_model,
         output_uri=_run_folder(output_uri, "personalize"), max_steps=max_steps, prior_loss_weight=prior_loss_weight,
-        class_images=class_images, register_as=model_name, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        class_images=class_images, learning_rate=learning_rate, lora_rank=lora_rank, register_as=model_name,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     )  # fmt: skip
     gpu_step(step, gpus, cpu, memory).set_display_name("personalize text-to-video")
     _evaluate_and_promote(step.outputs["model_uri"], eval_data_uri, _evaluation(locals()), "personalized")

@@ -676,6 +676,13 @@ _finetune_commands()
     show_default=True,
     help="DreamBooth's learning rate: lower keeps the image model nearer the one the temporal layers were trained on.",
 )
+@click.option(
+    "--lora-rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train LoRA modules of this rank in the attention projections (merged afterwards) instead of every weight: "
+    "the image model moves less from the one the temporal layers were trained on.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--register-as",
@@ -685,7 +692,7 @@ _finetune_commands()
 )
 def personalize_command(
     images, token, class_noun, image_model, video_model, output, max_steps, prior_loss_weight, class_images,
-    learning_rate, seed, register_as,
+    learning_rate, lora_rank, seed, register_as,
 ) -> None:  # fmt: skip
     """Personalized text-to-video (Video LDM): DreamBooth on the Stage I model with a few images of one
     subject called "a TOKEN CLASS-NOUN" (prior preservation on images the base generates for "a CLASS-NOUN"),
@@ -699,7 +706,8 @@ def personalize_command(
         request = PersonalizationRequest(
             images=images, token=token or "", class_noun=class_noun or "", image_model=image_model,
             video_model=video_model, output=output, register_as=register_as, max_steps=max_steps,
-            prior_loss_weight=prior_loss_weight, class_images=class_images, lr=learning_rate, seed=seed,
+            prior_loss_weight=prior_loss_weight, class_images=class_images, lr=learning_rate, lora_rank=lora_rank,
+            seed=seed,
         )  # fmt: skip
         request.config()  # the token and class noun, before anything is read
     except ValueError as e:

@@ -68,6 +68,7 @@ class PersonalizationRequest:
     prior_loss_weight: float = 1.0
     class_images: int = 8
     lr: float = 5e-4
+    lora_rank: int | None = None  # None: every UNet weight trains; a rank: DreamBooth-LoRA
     seed: int = 0
     # The run this is (a KFP run's id; None: a CLI run): a retry of that run replaces what it published.
     run_id: str | None = None
@@ -80,6 +81,7 @@ class PersonalizationRequest:
             prior_loss_weight=self.prior_loss_weight,
             class_images=self.class_images,
             optim=OptimConfig(lr=self.lr, warmup_steps=10, ema_decay=0.0),
+            lora_rank=self.lora_rank,
             seed=self.seed,
         )
 

@@ -126,6 +126,23 @@ def test_dreambooth_trains_a_copy_on_the_base_models_class_images(image_model):
     assert len(no_prior.class_images) == 0 and no_prior.prior_losses == []
 
 
+def test_dreambooth_lora_changes_only_attention_projections_by_a_low_rank_delta(image_model):
+    base = image_model.unet.state_dict()
+    config = PersonalizeConfig("sks", "disc", max_steps=3, class_images=2, class_sample_steps=2, lora_rank=2)
+    result = dreambooth(image_model, _subject(3), config)
+    tuned = result.model.unet.state_dict()
+    assert set(tuned) == set(base)  # the LoRA modules are merged and gone: a plain UNet
+    changed = {k for k in base if not torch.equal(tuned[k], base[k])}
+    projections = {k for k in base if k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"))}
+    assert changed and changed <= projections  # nothing else moved (not even the projections' biases)
+    for key in changed:  # each change is B A, of rank at most 2
+        assert torch.linalg.matrix_rank((tuned[key] - base[key]).double(), atol=1e-6) <= 2
+    full = dreambooth(image_model, _subject(3), PersonalizeConfig("sks", "disc", max_steps=3, prior_loss_weight=0))
+    assert not all(torch.equal(v, base[k]) for k, v in full.model.unet.state_dict().items() if k not in projections)
+    with pytest.raises(ValueError, match="LoRA rank: at least 1"):
+        PersonalizeConfig("sks", "disc", lora_rank=0)
+
+
 @pytest.mark.parametrize(
     ("token", "noun", "message"),
     [("", "disc", "token: give"), ("sks xyz", "disc", "token: one word"), ("sks", " ", "class noun")],
