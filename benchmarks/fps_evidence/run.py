@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument(
         "--random-direction", action="store_true", help="Each disc its own direction (per-axis speed up to --max-speed)"
     )
+    parser.add_argument("--p-mean", type=float, default=None, help="Stage II's training noise, ln sigma's mean")
+    parser.add_argument("--p-std", type=float, default=None, help="and its standard deviation (default: video.yaml's)")
     parser.add_argument("--stage-2", type=Path, default=None, help="Measure this Stage II folder, trained before")
     parser.add_argument(
         "--reuse", type=Path, default=None, help="An earlier --workdir: its VAE and Stage I (they see frames only)"
@@ -164,6 +166,8 @@ def main() -> None:
             video = StageConfig.load(HERE / "video.yaml")
             steps = args.video_steps or video.max_steps
             video = replace(video, vae=str(vae), max_steps=steps, checkpoint_every=steps)
+            video = replace(video, p_mean=args.p_mean if args.p_mean is not None else video.p_mean)
+            video = replace(video, p_std=args.p_std if args.p_std is not None else video.p_std)
             trained = train(video, shards, work / "stage2", init_from=stage_1)
             seconds["stage_2"] = time.perf_counter() - clock
             log(f"stage 2: {seconds['stage_2']:.0f} s")
@@ -177,6 +181,7 @@ def main() -> None:
             "direction": None if args.random_direction else list(DIRECTION),
             "speed_range_px_per_source_frame": [0.0 if args.random_direction else args.min_speed, args.max_speed],
             "video_steps": video.max_steps,
+            "training_noise": {"p_mean": video.p_mean, "p_std": video.p_std},
             "data": {},
         }
         motions, clips = {}, {}

@@ -179,7 +179,11 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=16)
     parser.add_argument("--prior-loss-weight", type=float, default=1.0)
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="DreamBooth's.")
+    parser.add_argument("--lora-rank", type=int, default=None, help="DreamBooth-LoRA rank (default: every weight)")
     parser.add_argument("--subject", choices=("ring", "stripes"), default="ring")
+    parser.add_argument(
+        "--kinds", default="disc", help="Shapes of the training clips, comma-separated (render.py SHAPE_KINDS)"
+    )
     parser.add_argument("--personal", default="personal", help="Folder under --prefix of the personalized model.")
     parser.add_argument("--samples", type=Path, default=Path("/tmp/personalize-evidence.png"), help="A frame grid.")
     args = parser.parse_args()
@@ -205,7 +209,7 @@ def main() -> None:
         tmp = Path(tmp)
         if not done("shapes"):
             write_shapes_shards(tmp / "shapes", shards=4, clips_per_shard=args.clips // 4, num_frames=24,
-                                height=SIZE, width=SIZE, seed=3)  # fmt: skip
+                                height=SIZE, width=SIZE, seed=3, kinds=tuple(args.kinds.split(",")))  # fmt: skip
             store.publish_folder(tmp / "shapes", data)
         else:
             store.download_folder(data, tmp / "shapes")
@@ -233,6 +237,7 @@ def main() -> None:
                 "--image-model", f"{p}/stage1/final", "--video-model", f"{p}/video/final", "--output", personal,
                 "--max-steps", str(args.personalize_steps), "--prior-loss-weight", str(args.prior_loss_weight),
                 "--learning-rate", str(args.learning_rate),
+                *(["--lora-rank", str(args.lora_rank)] if args.lora_rank else []),
             )  # fmt: skip
             print(out, file=sys.stderr)
 
@@ -255,8 +260,11 @@ def main() -> None:
             "personalized": personal,
             "steps": {k: getattr(args, f"{k}_steps") for k in ("vae", "image", "video", "personalize")},
             "prior_loss_weight": args.prior_loss_weight,
+            "learning_rate": args.learning_rate,
+            "lora_rank": args.lora_rank,
             "wall_s": {k: round(v, 1) for k, v in seconds.items()},
             "subject": args.subject,
+            "kinds": args.kinds.split(","),
             "subject_images": {
                 "colour_fraction": subject_colour_fraction(subject),
                 "hole_contrast": float(np.mean([hole_contrast(image[None]) for image in subject])),

@@ -28,6 +28,14 @@ def texture(rng: np.random.Generator, height: int, width: int, tint: tuple[float
     return np.clip(rgb * 255, 0, 255).astype(np.uint8)
 
 
+# The filled shapes `draw_shapes` draws. A polygon of radius r has the area of a disc of radius
+# r (so a brightness-weighted tracker sees them alike); none has a hole.
+SHAPE_KINDS = ("disc", "square", "diamond", "triangle", "cross")
+# How far each reaches from its centre, in radii.
+_REACH = {"disc": 1.0, "square": np.sqrt(np.pi / 2), "diamond": np.sqrt(np.pi / 2), "cross": np.sqrt(np.pi / 2)}
+_REACH["triangle"] = float(np.sqrt(4 * np.pi / (3 * np.sqrt(3))))
+
+
 @dataclass(frozen=True)
 class MovingShapes:
     """Shapes in linear motion; `positions[t, i]` is the centre (x, y) of shape i at frame t."""
@@ -37,21 +45,64 @@ class MovingShapes:
     velocities: np.ndarray  # (S, 2) pixels per frame
     radii: np.ndarray  # (S,)
     colors: np.ndarray  # (S, 3) uint8
+    kinds: tuple[str, ...] = ()  # per shape (SHAPE_KINDS); empty: all discs
 
 
-def draw_shapes(frame: np.ndarray, centres: np.ndarray, radii: np.ndarray, colors: np.ndarray) -> None:
-    """Draw filled anti-aliased discs in place at sub-pixel centres."""
+def _outline(kind: str, x: float, y: float, r: float) -> np.ndarray:
+    """The vertices (N, 2) of a polygonal shape of area pi r^2 centred at (x, y)."""
+    if kind == "square":
+        h = r * np.sqrt(np.pi) / 2
+        points = [(-h, -h), (h, -h), (h, h), (-h, h)]
+    elif kind == "diamond":
+        d = r * np.sqrt(np.pi / 2)
+        points = [(0, -d), (d, 0), (0, d), (-d, 0)]
+    elif kind == "triangle":  # equilateral, pointing up, about its centroid
+        c = r * np.sqrt(4 * np.pi / (3 * np.sqrt(3)))
+        points = [(c * np.cos(a), c * np.sin(a)) for a in np.deg2rad([-90, 30, 150])]
+    elif kind == "cross":  # five squares of side 2w
+        w = r * np.sqrt(np.pi / 5) / 2
+        points = [(-w, -3 * w), (w, -3 * w), (w, -w), (3 * w, -w), (3 * w, w), (w, w), (w, 3 * w), (-w, 3 * w),
+                  (-w, w), (-3 * w, w), (-3 * w, -w), (-w, -w)]  # fmt: skip
+    else:
+        raise ValueError(f"shape kind {kind!r}: one of {list(SHAPE_KINDS)}")
+    return np.asarray(points, np.float64) + (x, y)
+
+
+def draw_shapes(
+    frame: np.ndarray, centres: np.ndarray, radii: np.ndarray, colors: np.ndarray, kinds: tuple[str, ...] = ()
+) -> None:
+    """Draw filled anti-aliased shapes (discs where `kinds` is empty) in place at sub-pixel centres."""
     scale = 1 << _SUBPIXEL_BITS
-    for (x, y), r, c in zip(centres, radii, colors, strict=True):
-        cv2.circle(
-            frame,
-            (int(round(x * scale)), int(round(y * scale))),
-            int(round(r * scale)),
-            tuple(int(v) for v in c),
-            thickness=-1,
-            lineType=cv2.LINE_AA,
-            shift=_SUBPIXEL_BITS,
-        )
+    for i, ((x, y), r, c) in enumerate(zip(centres, radii, colors, strict=True)):
+        color = tuple(int(v) for v in c)
+        kind = kinds[i] if kinds else "disc"
+        if kind == "disc":
+            centre = (int(round(x * scale)), int(round(y * scale)))
+            cv2.circle(frame, centre, int(round(r * scale)), color, -1, cv2.LINE_AA, _SUBPIXEL_BITS)
+        else:
+            _fill_polygon(frame, _outline(kind, x, y, r), np.asarray(color, np.float32))
+
+
+# Polygons are filled at this many times the frame's resolution and averaged down: their pixels
+# are covered by their area to about 1% (OpenCV's anti-aliased fill adds a rim of about a pixel).
+_SUPERSAMPLE = 16
+
+
+def _fill_polygon(frame: np.ndarray, vertices: np.ndarray, color: np.ndarray) -> None:
+    """Blend `color` into `frame` (H, W, 3) by each pixel's coverage by the polygon."""
+    height, width = frame.shape[:2]
+    x0, y0 = np.maximum(np.floor(vertices.min(axis=0)).astype(int) - 1, 0)
+    x1, y1 = np.minimum(np.ceil(vertices.max(axis=0)).astype(int) + 1, (width, height))
+    if x1 <= x0 or y1 <= y0:
+        return
+    k = _SUPERSAMPLE
+    mask = np.zeros(((y1 - y0) * k, (x1 - x0) * k), np.uint8)
+    # Pixel (i, j) is centred at (x, y) = (j, i) (as cv2.circle draws): it spans [j - 0.5, j + 0.5).
+    points = np.round(((vertices - (x0, y0) + 0.5) * k - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32)
+    cv2.fillPoly(mask, [points], 255, cv2.LINE_8, _SUBPIXEL_BITS)
+    coverage = cv2.resize(mask, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA).astype(np.float32)[..., None] / 255
+    patch = frame[y0:y1, x0:x1].astype(np.float32)
+    frame[y0:y1, x0:x1] = np.round(patch * (1 - coverage) + color * coverage).astype(np.uint8)
 
 
 def moving_shapes(
@@ -67,16 +118,24 @@ def moving_shapes(
     direction: tuple[float, float] | None = None,
     min_speed: float = 0.0,
     from_edge: bool = False,
+    kinds: tuple[str, ...] = ("disc",),
 ) -> MovingShapes:
-    """Discs moving in straight lines at constant velocity, all inside the frame for
+    """Shapes (discs by default) moving in straight lines at constant velocity, all inside the frame for
     every frame (so positions are linear in time: useful ground truth for
     interpolation and prediction tests). Each velocity is drawn per axis from
     [-max_speed, max_speed]; with `direction` (x, y) every disc moves that way instead,
     at a speed drawn per disc from [min_speed, max_speed]. `from_edge`: each disc starts as
     far back along its velocity as the frame allows (on an axis it moves along), so with a
-    `direction` every disc enters from the same side and its speed alone says where it is."""
+    `direction` every disc enters from the same side and its speed alone says where it is.
+    `kinds`: each shape's kind is drawn from these (SHAPE_KINDS; discs only by default)."""
     rng = np.random.default_rng(seed)
     radii = rng.uniform(*radius_range, size=num_shapes)
+    unknown = set(kinds) - set(SHAPE_KINDS)
+    if not kinds or unknown:
+        raise ValueError(f"kinds: some of {list(SHAPE_KINDS)}, not {list(kinds)}")
+    # From a generator of their own: the discs of a seed stay where they were.
+    drawn = tuple(str(k) for k in np.random.default_rng([seed, 1]).choice(kinds, size=num_shapes))
+    reach = radii * np.array([_REACH[k] for k in drawn])
     if direction is None:
         velocities = rng.uniform(-max_speed, max_speed, size=(num_shapes, 2))
     else:
@@ -91,13 +150,13 @@ def moving_shapes(
     starts = np.empty((num_shapes, 2))
     for i in range(num_shapes):
         for axis, size in ((0, width), (1, height)):
-            lo = radii[i] - min(0.0, span[i, axis])
-            hi = size - radii[i] - max(0.0, span[i, axis])
+            lo = reach[i] - min(0.0, span[i, axis])
+            hi = size - reach[i] - max(0.0, span[i, axis])
             if hi <= lo:  # too fast for this frame size: slow it down to fit
-                velocities[i, axis] *= 0.5 * (size - 2 * radii[i]) / abs(span[i, axis])
+                velocities[i, axis] *= 0.5 * (size - 2 * reach[i]) / abs(span[i, axis])
                 span[i, axis] = velocities[i, axis] * (num_frames - 1)
-                lo = radii[i] - min(0.0, span[i, axis])
-                hi = size - radii[i] - max(0.0, span[i, axis])
+                lo = reach[i] - min(0.0, span[i, axis])
+                hi = size - reach[i] - max(0.0, span[i, axis])
             moving = velocities[i, axis] != 0
             starts[i, axis] = (lo if velocities[i, axis] > 0 else hi) if from_edge and moving else rng.uniform(lo, hi)
     colors = rng.integers(96, 256, size=(num_shapes, 3)).astype(np.uint8)
@@ -105,8 +164,8 @@ def moving_shapes(
     base = np.zeros((height, width, 3), np.uint8) if background is None else background
     frames = np.repeat(base[None], num_frames, axis=0)
     for t in range(num_frames):
-        draw_shapes(frames[t], positions[t], radii, colors)
-    return MovingShapes(frames, positions, velocities, radii, colors)
+        draw_shapes(frames[t], positions[t], radii, colors, drawn)
+    return MovingShapes(frames, positions, velocities, radii, colors, drawn)
 
 
 def pan(world: np.ndarray, height: int, width: int, num_frames: int, velocity: tuple[int, int]) -> np.ndarray:

@@ -67,11 +67,14 @@ def write_shapes_shards(
     direction: tuple[float, float] | None = None,
     min_speed: float = 0.0,
     from_edge: bool = False,
+    kinds: tuple[str, ...] = ("disc",),
 ) -> tuple[list[Path], dict[str, dict]]:
     """Writes `shard-NNNNNN.tar` files; returns their paths and, per clip key, its truth
-    (positions per frame, velocities, radii). The disc's velocity is drawn per axis from
+    (positions per frame, velocities, radii, kind). The disc's velocity is drawn per axis from
     [-max_speed, max_speed], or with `direction` along it at a speed drawn from
-    [min_speed, max_speed], starting from the frame's edge with `from_edge` (`moving_shapes`)."""
+    [min_speed, max_speed], starting from the frame's edge with `from_edge` (`moving_shapes`).
+    `kinds`: each clip's shape is one of these (render.py SHAPE_KINDS), captioned
+    "a <kind> moving on black"."""
     folder.mkdir(parents=True, exist_ok=True)
     paths, truth = [], {}
     for s in range(shards):
@@ -90,16 +93,19 @@ def write_shapes_shards(
                     direction=direction,
                     min_speed=min_speed,
                     from_edge=from_edge,
+                    kinds=kinds,
                 )
                 video = Path(tmp) / f"{key}.mp4"
                 write_video(video, clip.frames, fps)
                 speed = float(np.linalg.norm(clip.velocities, axis=1).mean())
-                meta = clip_metadata(key, num_frames, fps, speed, STATIC, "a disc moving on black")
+                caption = f"a {clip.kinds[0]} moving on black"
+                meta = clip_metadata(key, num_frames, fps, speed, STATIC, caption)
                 tar.write({"__key__": key, "mp4": video.read_bytes(), "json": meta.to_json()})
                 truth[key] = {
                     "positions": clip.positions.tolist(),
                     "velocities": clip.velocities.tolist(),
                     "radii": clip.radii.tolist(),
+                    "kind": clip.kinds[0],
                 }
         paths.append(path)
     return paths, truth

@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 
 from components.common.objectstore import sha256_file
-from components.sample_data.render import moving_shapes
+from components.sample_data.render import SHAPE_KINDS, moving_shapes
 from components.sample_data.shards import write_shapes_shards
 from components.sample_data.synth import (
     REJECT_EMPTY,
@@ -190,6 +190,33 @@ def test_moving_shapes_render_at_their_recorded_positions():
         ys, xs = np.mgrid[0:64, 0:96]
         centroid = np.array([(weight * xs).sum(), (weight * ys).sum()]) / weight.sum()
         np.testing.assert_allclose(centroid, shapes.positions[t, 0], atol=0.1)
+
+
+@pytest.mark.parametrize("kind", [k for k in SHAPE_KINDS if k != "disc"])
+def test_every_polygon_kind_has_a_discs_area_stays_whole_in_the_frame_and_is_centred_where_recorded(kind):
+    # Fast enough to reach the frame's edges: a shape cut off there would lose area.
+    shapes = moving_shapes(24, 48, 48, num_shapes=1, max_speed=3, radius_range=(8, 8), kinds=(kind,), seed=2)
+    assert shapes.kinds == (kind,)
+    ys, xs = np.mgrid[0:48, 0:48]
+    for t in range(24):
+        coverage = shapes.frames[t].max(axis=-1) / shapes.colors[0].max()
+        assert coverage.sum() == pytest.approx(np.pi * 8**2, rel=0.015), t
+        centroid = np.array([(coverage * xs).sum(), (coverage * ys).sum()]) / coverage.sum()
+        np.testing.assert_allclose(centroid, shapes.positions[t, 0], atol=0.05)
+
+
+def test_shape_kinds_are_drawn_per_shape_and_unknown_ones_refused():
+    mixed = moving_shapes(4, 32, 32, num_shapes=30, radius_range=(2, 3), kinds=("square", "cross"), seed=1)
+    assert set(mixed.kinds) == {"square", "cross"}
+    with pytest.raises(ValueError, match="kinds: some of"):
+        moving_shapes(4, 32, 32, kinds=("ring",))
+
+
+def test_shapes_shards_caption_each_clip_with_its_kind(tmp_path):
+    paths, truth = write_shapes_shards(tmp_path, shards=1, clips_per_shard=8, num_frames=4, kinds=SHAPE_KINDS, seed=1)
+    captions = {sample["__key__"]: json.loads(sample["json"])["caption"] for sample in wds.WebDataset([str(paths[0])])}
+    assert captions == {key: f"a {clip['kind']} moving on black" for key, clip in truth.items()}
+    assert len({clip["kind"] for clip in truth.values()}) >= 3
 
 
 def test_moving_shapes_stay_inside_the_frame():
