@@ -54,7 +54,8 @@ class PersonalizeConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup_steps=10, ema_decay=0.0))
     # None: every UNet weight trains (DreamBooth). A rank: only LoRA modules of that rank in the
     # attention projections train (DreamBooth-LoRA), merged into the weights after the last step:
-    # the spatial weights move less, so the video model's temporal layers fit them better.
+    # the spatial weights move less (on the tiny evidence chain no better a trade of subject
+    # against motion than a lower learning rate: docs/evidence/personalize.md).
     lora_rank: int | None = None
     seed: int = 0
 
