@@ -165,9 +165,8 @@ def main() -> None:
             clock = time.perf_counter()
             video = StageConfig.load(HERE / "video.yaml")
             steps = args.video_steps or video.max_steps
-            video = replace(video, vae=str(vae), max_steps=steps, checkpoint_every=steps)
-            video = replace(video, p_mean=args.p_mean if args.p_mean is not None else video.p_mean)
-            video = replace(video, p_std=args.p_std if args.p_std is not None else video.p_std)
+            noise = {k: v for k, v in (("p_mean", args.p_mean), ("p_std", args.p_std)) if v is not None}
+            video = replace(video, vae=str(vae), max_steps=steps, checkpoint_every=steps, **noise)
             trained = train(video, shards, work / "stage2", init_from=stage_1)
             seconds["stage_2"] = time.perf_counter() - clock
             log(f"stage 2: {seconds['stage_2']:.0f} s")

@@ -31,9 +31,6 @@ def texture(rng: np.random.Generator, height: int, width: int, tint: tuple[float
 # The filled shapes `draw_shapes` draws. A polygon of radius r has the area of a disc of radius
 # r (so a brightness-weighted tracker sees them alike); none has a hole.
 SHAPE_KINDS = ("disc", "square", "diamond", "triangle", "cross")
-# How far each reaches from its centre, in radii.
-_REACH = {"disc": 1.0, "square": np.sqrt(np.pi / 2), "diamond": np.sqrt(np.pi / 2), "cross": np.sqrt(np.pi / 2)}
-_REACH["triangle"] = float(np.sqrt(4 * np.pi / (3 * np.sqrt(3))))
 
 
 @dataclass(frozen=True)
@@ -45,7 +42,7 @@ class MovingShapes:
     velocities: np.ndarray  # (S, 2) pixels per frame
     radii: np.ndarray  # (S,)
     colors: np.ndarray  # (S, 3) uint8
-    kinds: tuple[str, ...] = ()  # per shape (SHAPE_KINDS); empty: all discs
+    kinds: tuple[str, ...]  # per shape (SHAPE_KINDS)
 
 
 def _outline(kind: str, x: float, y: float, r: float) -> np.ndarray:
@@ -68,14 +65,19 @@ def _outline(kind: str, x: float, y: float, r: float) -> np.ndarray:
     return np.asarray(points, np.float64) + (x, y)
 
 
+def _reach(kind: str) -> float:
+    """How far a shape of the kind reaches from its centre, in radii."""
+    return 1.0 if kind == "disc" else float(np.linalg.norm(_outline(kind, 0.0, 0.0, 1.0), axis=1).max())
+
+
 def draw_shapes(
-    frame: np.ndarray, centres: np.ndarray, radii: np.ndarray, colors: np.ndarray, kinds: tuple[str, ...] = ()
+    frame: np.ndarray, centres: np.ndarray, radii: np.ndarray, colors: np.ndarray, kinds: tuple[str, ...] | None = None
 ) -> None:
-    """Draw filled anti-aliased shapes (discs where `kinds` is empty) in place at sub-pixel centres."""
+    """Draw filled anti-aliased shapes (discs where `kinds` is None) in place at sub-pixel centres."""
     scale = 1 << _SUBPIXEL_BITS
     for i, ((x, y), r, c) in enumerate(zip(centres, radii, colors, strict=True)):
         color = tuple(int(v) for v in c)
-        kind = kinds[i] if kinds else "disc"
+        kind = "disc" if kinds is None else kinds[i]
         if kind == "disc":
             centre = (int(round(x * scale)), int(round(y * scale)))
             cv2.circle(frame, centre, int(round(r * scale)), color, -1, cv2.LINE_AA, _SUBPIXEL_BITS)
@@ -135,7 +137,7 @@ def moving_shapes(
         raise ValueError(f"kinds: some of {list(SHAPE_KINDS)}, not {list(kinds)}")
     # From a generator of their own: the discs of a seed stay where they were.
     drawn = tuple(str(k) for k in np.random.default_rng([seed, 1]).choice(kinds, size=num_shapes))
-    reach = radii * np.array([_REACH[k] for k in drawn])
+    reach = radii * np.array([_reach(k) for k in drawn])
     if direction is None:
         velocities = rng.uniform(-max_speed, max_speed, size=(num_shapes, 2))
     else:
