@@ -27,6 +27,7 @@ from model.conditioning import (
     drop_conditions,
     noise_augmented,
 )
+from model.config_fields import typed_fields
 from model.data import ClipSpec
 from model.diffusion import Denoiser, denoising_loss, lognormal_sigmas, shifted_p_mean
 from model.folder import RANDOM_WEIGHTS_KEY, ModelFolder
@@ -128,17 +129,26 @@ class StageConfig:
             raw.pop(derived, None)
         shared = {f.name for f in fields(cls)} - {"options"}
         options = task_of(raw["stage"]).options({k: raw.pop(k) for k in list(raw) if k not in shared})
-        raw["clip"] = ClipSpec(**raw.get("clip", {}))
-        if "sample_prompts" in raw:
-            raw["sample_prompts"] = tuple(raw["sample_prompts"])
-        raw["optim"] = OptimConfig(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in raw.get("optim", {}).items()}
-        )
+        clip, optim = raw.pop("clip", {}), raw.pop("optim", {})
+        for name, value in (("clip", clip), ("optim", optim)):
+            if not isinstance(value, dict):
+                raise ValueError(f"config {name}: a mapping of its fields, not {value!r}")
+        raw = typed_fields(cls, raw)
+        raw["clip"] = ClipSpec(**typed_fields(ClipSpec, clip, "clip."))
+        raw["optim"] = OptimConfig(**typed_fields(OptimConfig, optim, "optim."))
         return cls(**raw, options=options)
 
     @classmethod
     def load(cls, path: str | Path) -> StageConfig:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+        return cls.load_text(Path(path).read_text())
+
+    @classmethod
+    def load_text(cls, text: str) -> StageConfig:
+        """A config from its YAML."""
+        raw = yaml.safe_load(text)
+        if not isinstance(raw, dict):
+            raise ValueError("a config is a YAML mapping of its fields")
+        return cls.from_dict(raw)
 
 
 NAMED_CONFIGS = Path(__file__).parent / "configs"

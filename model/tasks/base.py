@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar, Literal
 
+from model.config_fields import typed_fields
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -113,7 +115,7 @@ class Task:
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"{sorted(unknown)} are not config fields of a {self.name!r} model")
-        return self.Options(**raw)
+        return self.Options(**typed_fields(self.Options, raw))
 
     # -- training -----------------------------------------------------------------------
 

@@ -59,6 +59,27 @@ def test_a_kinds_own_fields_are_flat_in_yaml_and_typed_in_the_config():
         StageConfig.from_dict({"stage": "dance"})
 
 
+def test_config_values_are_read_as_their_fields_types_or_refused_naming_the_field():
+    # PyYAML reads `1e-4` (YAML 1.1, no dot) as a string: it must still reach the optimizer as a number.
+    config = StageConfig.load_text(
+        "stage: upsampler\nmax_steps: '12'\nclip: {fps: 8, height: 32}\noptim: {lr: 1e-4, betas: [0.8, 0.9]}\n"
+        "noise_aug_max: 5e-2\nsample_prompts: [a, b]\n"
+    )
+    assert config.optim.lr == 1e-4 and isinstance(config.optim.lr, float) and config.optim.betas == (0.8, 0.9)
+    assert config.max_steps == 12 and config.clip.fps == 8.0 and config.clip.height == 32
+    assert config.options.noise_aug_max == 0.05 and config.sample_prompts == ("a", "b")
+    refused = {
+        "optim: {lr: fast}": r"config optim.lr: 'fast' is not valid \(Input should be a valid number",
+        "max_steps: 1.5": r"config max_steps: 1.5 is not valid \(Input should be a valid integer",
+        "strategy: most": r"config strategy: 'most' is not valid \(Input should be 'full', 'partial'",
+        "clip: 3": r"config clip: a mapping of its fields, not 3",
+        "noise_aug_max: high": r"config noise_aug_max: 'high' is not valid",
+    }
+    for line, message in refused.items():
+        with pytest.raises(ValueError, match=message):
+            StageConfig.load_text(f"stage: upsampler\n{line}\n")
+
+
 def test_the_cli_offers_one_finetune_command_per_finetune_kind_with_its_own_options():
     run = [sys.executable, "-m", "vdm.cli", "finetune"]
     listed = subprocess.run([*run, "--help"], capture_output=True, text=True, check=True).stdout
