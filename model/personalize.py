@@ -11,6 +11,14 @@ model, animated by a trained video model's temporal layers.
    model's, exactly; the video model's spatial layout, VAE and text encoder must be the
    image model's (its temporal layers learnt to work between those spatial layers).
 
+3. Realignment (optional; not in Video LDM, whose transfer is step 2 alone): the transferred
+   model's temporal layers trained again, its spatial ones (the DreamBooth model's) frozen, on
+   video data, with the subject images among the clips as stills captioned with the subject
+   prompt (motion 0). The temporal layers learnt to move what the video model's spatial layers
+   draw; the further DreamBooth moved those, the less they fit. On video data alone they move
+   things well again but draw what the data shows, not the subject; a few stills of the subject
+   keep it (docs/evidence/personalize.md).
+
 The result is a text-to-video model of the video model's kind and config: served, sampled and
 evaluated like any other.
 """
@@ -18,16 +26,18 @@ evaluated like any other.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from diffusers import UNet2DConditionModel, UNetSpatioTemporalConditionModel
 
+from model.data import ClipSpec
 from model.latents import vae_fingerprint
 from model.networks import config_of, inflate, is_temporal
 from model.pipeline import GenerationConfig, generate
-from model.stages import VideoDiffusion
+from model.stages import StageConfig, VideoDiffusion
 from model.training import OptimConfig, optimization_step, optimizer_and_schedule
 
 # DreamBooth's few images of the subject: fewer do not pin it down, many more are not "a few"
@@ -57,6 +67,10 @@ class PersonalizeConfig:
     # the spatial weights move less (on the tiny evidence chain no better a trade of subject
     # against motion than a lower learning rate: docs/evidence/personalize.md).
     lora_rank: int | None = None
+    # Realignment (module docstring): steps of the temporal layers on video data (0: none, the temporal
+    # layers as the video model trained them) and still clips of each subject image among the data.
+    realign_steps: int = 0
+    realign_stills: int = 2
     seed: int = 0
 
     def __post_init__(self):
@@ -72,6 +86,8 @@ class PersonalizeConfig:
             raise ValueError("max steps: at least 0; batch size: at least 1")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ValueError(f"LoRA rank: at least 1, not {self.lora_rank}")
+        if self.realign_steps < 0 or self.realign_stills < 0:
+            raise ValueError("realign steps and realign stills: at least 0")
         if self.prior_loss_weight > 0 and self.class_images < 1:
             raise ValueError("class images: at least 1 with prior preservation (prior loss weight > 0)")
 
@@ -271,3 +287,24 @@ def dreambooth(
     return DreamBoothResult(
         model, class_images if class_images is not None else empty, losses, subject_losses, prior_losses
     )
+
+
+def realign_config(video: StageConfig, steps: int) -> StageConfig:
+    """The video model's own training config, for realignment: its temporal layers only (the
+    spatial ones stay the DreamBooth model's), `steps` steps at its learning rate with a short
+    warm-up, no EMA (after a few hundred steps the average would still be mostly the start),
+    nothing held out and no samples (the personalization samples the result)."""
+    optim = replace(video.optim, ema_decay=0.0, warmup_steps=min(10, video.optim.warmup_steps))
+    return video.with_fields(
+        strategy="partial", max_steps=steps, optim=optim, validation_clips=0, checkpoint_every=max(1, steps),
+        sample_every=None,
+    )  # fmt: skip
+
+
+def subject_stills(subject: torch.Tensor, spec: ClipSpec) -> tuple[torch.Tensor, float]:
+    """Each subject image (N, 3, H, W) as a still clip (N, T, 3, H, W) at the returned frame rate:
+    long enough for the clip spec at every training rate it draws."""
+    rates = spec.rates
+    fps = max(rates)
+    frames = math.ceil((spec.num_frames - 1) * fps / min(rates)) + 1
+    return subject[:, None].expand(-1, frames, -1, -1, -1), fps

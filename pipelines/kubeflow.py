@@ -745,6 +745,9 @@ def personalize_subject(
     class_images: int,
     learning_rate: float,
     lora_rank: int,
+    realign_data_uri: str,
+    realign_steps: int,
+    realign_stills: int,
     register_as: str,
     model: dsl.Output[dsl.Model],
     run_id: str = "",
@@ -764,6 +767,7 @@ def personalize_subject(
         images=images_uri, token=token, class_noun=class_noun, image_model=image_model, video_model=video_model,
         output=output_uri, register_as=register_as or None, max_steps=max_steps,
         prior_loss_weight=prior_loss_weight, class_images=class_images, lr=learning_rate, lora_rank=lora_rank or None,
+        realign_data=realign_data_uri or None, realign_steps=realign_steps, realign_stills=realign_stills,
         run_id=run_id or None,
     )  # fmt: skip
     result = run_personalization(request, ObjectStore.from_settings(settings), settings, progress=False)
@@ -788,6 +792,12 @@ _PERSONALIZE_HELP = {
     "were trained on (their motion), higher learns the subject sooner.",
     "lora_rank": "0: DreamBooth trains every weight of the image UNet; a rank (4, 8, ...): only LoRA modules of that "
     "rank in its attention projections, merged afterwards (the image model moves less).",
+    "realign_data_uri": "Video shards (the video model's training data, say) the temporal layers are realigned on "
+    "after the transfer; empty: no realignment.",
+    "realign_steps": "Steps of realignment: the temporal layers trained on realign_data_uri with the subject's images "
+    "among the clips as stills, the DreamBooth spatial layers frozen, so they move what those draw (0: none, the "
+    "temporal layers as the video model trained them).",
+    "realign_stills": "Still clips of each subject image among the realignment data (more: the subject moves less).",
     "model_name": "Registered model the personalized model is added to (alias candidate); the evaluation and the "
     "gate run on that version.",
     "eval_data_uri": "Held-out shards the personalized model's motion is evaluated on.",
@@ -820,6 +830,9 @@ def personalize(
     class_images: int = 8,
     learning_rate: float = 5e-4,
     lora_rank: int = 0,
+    realign_data_uri: str = "",
+    realign_steps: int = 0,
+    realign_stills: int = 2,
     model_name: str = "vdm-personalized",
     eval_data_uri: str = "s3://vdm/curated/kfp/heldout/",
     gpus: str = "1",
@@ -836,7 +849,8 @@ def personalize(
     step = personalize_subject(
         images_uri=images_uri, token=token, class_noun=class_noun, image_model=image_model, video_model=video_model,
         output_uri=_run_folder(output_uri, "personalize"), max_steps=max_steps, prior_loss_weight=prior_loss_weight,
-        class_images=class_images, learning_rate=learning_rate, lora_rank=lora_rank, register_as=model_name,
+        class_images=class_images, learning_rate=learning_rate, lora_rank=lora_rank, realign_data_uri=realign_data_uri,
+        realign_steps=realign_steps, realign_stills=realign_stills, register_as=model_name,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     )  # fmt: skip
     gpu_step(step, gpus, cpu, memory).set_display_name("personalize text-to-video")

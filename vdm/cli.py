@@ -683,6 +683,27 @@ _finetune_commands()
     help="Train LoRA modules of this rank in the attention projections (merged afterwards) instead of every weight: "
     "the image model moves less from the one the temporal layers were trained on.",
 )
+@click.option(
+    "--realign-data",
+    default=None,
+    help="Video shards (s3:// or a folder; e.g. the video model's training data) to realign on: see --realign-steps.",
+)
+@click.option(
+    "--realign-steps",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="After the transfer, train the temporal layers this many steps on --realign-data with the subject's "
+    "images among the clips as stills, the DreamBooth spatial layers frozen: they learn to move what those draw "
+    "(0: the temporal layers as the video model trained them).",
+)
+@click.option(
+    "--realign-stills",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Still clips of each subject image among the realignment data (more: the subject moves less).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--register-as",
@@ -692,7 +713,7 @@ _finetune_commands()
 )
 def personalize_command(
     images, token, class_noun, image_model, video_model, output, max_steps, prior_loss_weight, class_images,
-    learning_rate, lora_rank, seed, register_as,
+    learning_rate, lora_rank, realign_data, realign_steps, realign_stills, seed, register_as,
 ) -> None:  # fmt: skip
     """Personalized text-to-video (Video LDM): DreamBooth on the Stage I model with a few images of one
     subject called "a TOKEN CLASS-NOUN" (prior preservation on images the base generates for "a CLASS-NOUN"),
@@ -707,7 +728,7 @@ def personalize_command(
             images=images, token=token or "", class_noun=class_noun or "", image_model=image_model,
             video_model=video_model, output=output, register_as=register_as, max_steps=max_steps,
             prior_loss_weight=prior_loss_weight, class_images=class_images, lr=learning_rate, lora_rank=lora_rank,
-            seed=seed,
+            realign_data=realign_data, realign_steps=realign_steps, realign_stills=realign_stills, seed=seed,
         )  # fmt: skip
         request.config()  # the token and class noun, before anything is read
     except ValueError as e:

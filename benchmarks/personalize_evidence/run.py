@@ -185,6 +185,8 @@ def main() -> None:
         "--kinds", default="disc", help="Shapes of the training clips, comma-separated (render.py SHAPE_KINDS)"
     )
     parser.add_argument("--personal", default="personal", help="Folder under --prefix of the personalized model.")
+    parser.add_argument("--realign-steps", type=int, default=0, help="vdm personalize --realign-steps on the data")
+    parser.add_argument("--realign-stills", type=int, default=2, help="vdm personalize --realign-stills")
     parser.add_argument("--samples", type=Path, default=Path("/tmp/personalize-evidence.png"), help="A frame grid.")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -238,6 +240,8 @@ def main() -> None:
                 "--max-steps", str(args.personalize_steps), "--prior-loss-weight", str(args.prior_loss_weight),
                 "--learning-rate", str(args.learning_rate),
                 *(["--lora-rank", str(args.lora_rank)] if args.lora_rank else []),
+                "--realign-data", data, "--realign-steps", str(args.realign_steps),
+                "--realign-stills", str(args.realign_stills),
             )  # fmt: skip
             print(out, file=sys.stderr)
 
@@ -258,7 +262,8 @@ def main() -> None:
         report = {
             "prefix": p,
             "personalized": personal,
-            "steps": {k: getattr(args, f"{k}_steps") for k in ("vae", "image", "video", "personalize")},
+            "realign_stills": args.realign_stills,
+            "steps": {k: getattr(args, f"{k}_steps") for k in ("vae", "image", "video", "personalize", "realign")},
             "prior_loss_weight": args.prior_loss_weight,
             "learning_rate": args.learning_rate,
             "lora_rank": args.lora_rank,

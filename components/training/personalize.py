@@ -4,9 +4,10 @@ platform's services.
 The subject images come from a local folder or an s3:// prefix (PNG, JPEG or WebP, 3 to 8 of
 them); the Stage I image model and the trained video model from a folder, s3:// or
 `models:/NAME@ALIAS`. Everything is checked before any training: the token, the number of
-images, that the video model's spatial layout, VAE and text encoder are the image model's.
-MLflow (`vdm-personalize`) records the subject images, the class images the base model
-generated (the prior), the losses and a sample video of the subject prompt. Published under
+images, that the video model's spatial layout, VAE and text encoder are the image model's,
+and the realignment data's shards. MLflow (`vdm-personalize`) records the subject images, the
+class images the base model generated (the prior), the losses (DreamBooth's, and the
+realignment's as `realign_*`) and a sample video of the subject prompt. Published under
 `<output>/`: `image/` (the DreamBooth Stage I model), `final/` (the personalized video model,
 of the video model's kind) and `result.json`; the final folder is registered as a `candidate`
 version of `register_as` (default vdm-personalized), served by the text_to_video endpoint.
@@ -34,19 +35,23 @@ from components.training.run import (
     publish_final,
     random_weights_tags,
     refuse_published,
+    shard_urls,
     write_png,
     write_summary,
 )
-from model.data import fit_frames
+from model.data import ClipSpec, fit_frames
 from model.personalize import (
     PersonalizeConfig,
     check_pair,
     check_subject_images,
     dreambooth,
     personalized_model,
+    realign_config,
+    subject_stills,
 )
 from model.pipeline import GenerationConfig, generate, to_uint8
 from model.stages import VideoDiffusion
+from model.train import train
 from model.training import OptimConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -69,6 +74,11 @@ class PersonalizationRequest:
     class_images: int = 8
     lr: float = 5e-4
     lora_rank: int | None = None  # None: every UNet weight trains; a rank: DreamBooth-LoRA
+    # Realignment (model/personalize.py): the video data (folder or s3:// shards, e.g. what the video
+    # model trained on) and steps on it; None and 0: none.
+    realign_data: str | None = None
+    realign_steps: int = 0
+    realign_stills: int = 2
     seed: int = 0
     # The run this is (a KFP run's id; None: a CLI run): a retry of that run replaces what it published.
     run_id: str | None = None
@@ -82,8 +92,14 @@ class PersonalizationRequest:
             class_images=self.class_images,
             optim=OptimConfig(lr=self.lr, warmup_steps=10, ema_decay=0.0),
             lora_rank=self.lora_rank,
+            realign_steps=self.realign_steps,
+            realign_stills=self.realign_stills,
             seed=self.seed,
         )
+
+    def __post_init__(self):
+        if self.realign_steps > 0 and not self.realign_data:
+            raise ValueError("realign data: realignment trains on video data; give its shards (--realign-data)")
 
 
 def subject_image_files(images: str, store: ObjectStore) -> list[str]:
@@ -131,6 +147,7 @@ def run_personalization(
     config = request.config()
     out = S3Uri.parse(request.output)
     files = subject_image_files(request.images, store)
+    realign_shards = shard_urls(request.realign_data, store) if config.realign_steps else []
     replace_final = refuse_published_outputs(out, store, request.run_id)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="vdm-personalize-") as tmp:
@@ -145,6 +162,7 @@ def run_personalization(
             "images": request.images,
             "image_model": request.image_model,
             "video_model": request.video_model,
+            "realign_data": request.realign_data or "",
             "output": request.output,
         }
         params = {**asdict(config), "subject_prompt": config.subject_prompt, "class_prompt": config.class_prompt}
@@ -171,6 +189,8 @@ def run_personalization(
                 _log_images(result.class_images, scratch / "class_images.png")
             mlflow.log_metric("class_images", len(result.class_images))
             personal = personalized_model(result.model, video.to(device))
+            if config.realign_steps:
+                personal = _realign(personal, subject, config, realign_shards, scratch, progress)
             mlflow.set_tags(random_weights_tags(personal.random_weights))
             sample = generate(personal, config.subject_prompt, GenerationConfig.for_clip(video.config.clip, steps=20))
             folder = scratch / "samples"
@@ -191,6 +211,54 @@ def run_personalization(
         return write_summary(
             out, store, settings, run, config.max_steps, final, request.register_as, version, None, metrics
         )
+
+
+def _realign(
+    personal: VideoDiffusion,
+    subject: torch.Tensor,
+    config: PersonalizeConfig,
+    shards: list[str],
+    scratch: Path,
+    progress: bool,
+) -> VideoDiffusion:
+    """The transferred model's temporal layers trained on `shards` plus the subject's stills
+    (model/personalize.py); its figures logged as `realign_*` in the active run."""
+    start = personal.save(scratch / "transferred")
+    stills = _write_stills(scratch / "stills", subject, config, personal.config.clip)
+    logger = _metrics_logger(progress, config.realign_steps)
+    result = train(
+        realign_config(personal.config, config.realign_steps),
+        [*shards, *stills],
+        scratch / "realign",
+        init_from=start,
+        on_log=lambda step, figures: logger(step, {f"realign_{k}": v for k, v in figures.items()}),
+    )
+    mlflow.log_metric("realign_still_clips", len(subject) * config.realign_stills)
+    return result.model.eval()
+
+
+def _write_stills(folder: Path, subject: torch.Tensor, config: PersonalizeConfig, spec: ClipSpec) -> list[str]:
+    """A shard of `config.realign_stills` still clips of each subject image, captioned with the
+    subject prompt, motion 0 (none when realign_stills is 0)."""
+    if config.realign_stills == 0:
+        return []
+    import webdataset as wds
+
+    from components.sample_data.shards import clip_metadata
+    from model.records import STATIC
+
+    folder.mkdir(parents=True)
+    clips, fps = subject_stills(subject, spec)
+    path = folder / "subject-stills-000000.tar"
+    with wds.TarWriter(str(path), mtime=0) as tar:
+        for i, clip in enumerate(clips):
+            video = folder / "still.mp4"
+            write_video(video, to_uint8(clip).numpy(), fps)
+            for copy in range(config.realign_stills):
+                key = f"subject-{i:02d}-{copy:02d}"
+                meta = clip_metadata(key, len(clip), fps, 0.0, STATIC, config.subject_prompt)
+                tar.write({"__key__": key, "mp4": video.read_bytes(), "json": meta.to_json()})
+    return [str(path)]
 
 
 def _log_images(images: torch.Tensor, path: Path) -> None:

@@ -1,12 +1,17 @@
 """Personalized text-to-video (model/personalize.py) on tiny models: the temporal transfer is
 exact (spatial weights the DreamBooth model's, temporal ones the video model's), the prior
-preservation loss is part of the objective, and mismatched models or inputs are refused."""
+preservation loss is part of the objective, realignment trains the temporal layers alone on
+stills long enough for every rate, and mismatched models or inputs are refused."""
 
 from __future__ import annotations
+
+import dataclasses
+import random
 
 import pytest
 import torch
 
+from model.data import ClipSpec, rate_strides, strided_indices
 from model.networks import UNetConfig, is_temporal, video_key, video_unet
 from model.personalize import (
     PersonalizeConfig,
@@ -15,6 +20,8 @@ from model.personalize import (
     dreambooth_loss,
     generate_class_images,
     personalized_model,
+    realign_config,
+    subject_stills,
     transfer_temporal_layers,
 )
 from model.stages import VideoDiffusion, named_config
@@ -158,3 +165,31 @@ def test_a_few_subject_images_only(count):
         check_subject_images(count)
     check_subject_images(3)
     check_subject_images(8)
+
+
+def test_realignment_trains_the_video_models_temporal_layers_alone_without_ema_or_held_out_clips(video_model):
+    video = video_model.config.with_fields(optim=dataclasses.replace(video_model.config.optim, warmup_steps=100))
+    config = realign_config(video, 250)
+    assert (config.strategy, config.max_steps, config.validation_clips, config.sample_every) == (
+        "partial",
+        250,
+        0,
+        None,
+    )
+    assert config.optim.ema_decay == 0.0 and config.optim.warmup_steps == 10
+    assert config.optim.lr == video.optim.lr and config.clip == video.clip and config.stage == video.stage
+    with pytest.raises(ValueError, match="realign steps and realign stills: at least 0"):
+        PersonalizeConfig("sks", "disc", realign_steps=-1)
+
+
+def test_subject_stills_are_long_enough_for_every_training_rate():
+    subject = _subject(3)
+    one_rate = ClipSpec(num_frames=8, fps=8.0, height=32, width=32)
+    clips, fps = subject_stills(subject, one_rate)
+    assert clips.shape == (3, 8, 3, 32, 32) and fps == 8.0
+    assert all(torch.equal(clips[i, t], subject[i]) for i in range(3) for t in range(8))
+    rates = dataclasses.replace(one_rate, fps_choices=(2.0, 4.0, 8.0))
+    clips, fps = subject_stills(subject, rates)
+    assert fps == 8.0 and clips.shape[1] == 29  # 7 gaps at stride 4 (8 fps source, 2 fps drawn), and the first
+    assert strided_indices(clips.shape[1], fps, rates, random.Random(0)) is not None
+    assert max(rate_strides(fps, rates)) * 7 == clips.shape[1] - 1

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from PIL import Image
 
+from components.sample_data.shards import write_shapes_shards
 from model.networks import UNetConfig, is_temporal, video_key, video_unet
 from model.stages import VideoDiffusion, named_config
 from vdm.cli import main
@@ -97,6 +98,33 @@ def test_personalize_registers_a_text_to_video_model_that_generates(stack, store
     assert mp4.stat().st_size > 0
 
 
+def test_realignment_trains_only_the_temporal_layers_on_the_data_and_the_subjects_stills(
+    stack, store, prefix, models, tmp_path
+):
+    data = tmp_path / "data"
+    write_shapes_shards(data, shards=1, clips_per_shard=4, num_frames=12, fps=8.0, height=32, width=32)
+    images = _subject_images(tmp_path / "subject", 3)
+    realign = ("--realign-data", str(data), "--realign-steps", "3", "--realign-stills", "1")
+    subject = ("--token", "sks", "--class-noun", "disc", "--register-as", "vdm-realigned")
+    result = _vdm(*_args(images, models, prefix, *subject, *realign))
+    assert result.exit_code == 0, (result.stderr, result.exception)
+
+    client = MlflowClient()
+    run = client.get_run(client.get_model_version_by_alias("vdm-realigned", "candidate").run_id)
+    assert run.data.metrics["realign_still_clips"] == 3
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "realign_loss")][-1] == 3
+    assert run.data.params["realign_steps"] == "3" and run.data.params["realign_data"] == str(data)
+    store.download_folder(f"{prefix}/final", tmp_path / "final")
+    store.download_folder(f"{prefix}/image", tmp_path / "dreambooth")
+    weights = VideoDiffusion.load(tmp_path / "final").unet.state_dict()
+    for name, value in VideoDiffusion.load(tmp_path / "dreambooth").unet.state_dict().items():
+        assert torch.equal(weights[video_key(name)], value), name  # the spatial layers stay DreamBooth's
+    video = VideoDiffusion.load(models[1]).unet.state_dict()
+    temporal = [name for name in video if is_temporal(name)]
+    moved = [name for name in temporal if not torch.equal(weights[name], video[name])]
+    assert len(moved) > len(temporal) // 2  # trained from the video model's
+
+
 @pytest.mark.parametrize(
     ("count", "extra", "message"),
     [
@@ -104,6 +132,12 @@ def test_personalize_registers_a_text_to_video_model_that_generates(stack, store
         (9, ("--token", "sks", "--class-noun", "disc"), "images: 9 subject images"),
         (3, ("--class-noun", "disc"), "token: give the subject's identifier"),
         (3, ("--token", "sks"), "class noun: say what the subject is"),
+        (3, ("--token", "sks", "--class-noun", "disc", "--realign-steps", "2"), "realign data: realignment trains on"),
+        (
+            3,
+            ("--token", "sks", "--class-noun", "disc", "--realign-steps", "2", "--realign-data", "/nonexistent"),
+            "no .tar shards under /nonexistent",
+        ),
     ],
 )
 def test_bad_input_is_one_error_line_and_nothing_is_published(stack, store, prefix, models, tmp_path, count, extra,
@@ -141,6 +175,10 @@ def test_the_personalize_pipeline_evaluates_and_gates_the_version_it_registers(t
     assert inputs["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
     assert inputs["output_uri"]["taskOutputParameter"]["producerTask"] == "run-folder"
     assert inputs["register_as"]["componentInputParameter"] == "model_name"
+    for name in ("realign_data_uri", "realign_steps", "realign_stills"):
+        assert inputs[name]["componentInputParameter"] == name
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["realign_steps"]["defaultValue"] == 0 and "realign_data_uri" in defaults
     for consumer in ("evaluate-model", "promote-candidate"):
         model_uri = tasks[consumer]["inputs"]["parameters"]["model_uri"]["taskOutputParameter"]
         assert model_uri == {"outputParameterKey": "model_uri", "producerTask": "personalize-subject"}
