@@ -70,7 +70,7 @@ class PersonalizeConfig:
     # Realignment (module docstring): steps of the temporal layers on video data (0: none, the temporal
     # layers as the video model trained them) and still clips of each subject image among the data.
     realign_steps: int = 0
-    realign_stills: int = 2
+    realign_stills: int = 1
     seed: int = 0
 
     def __post_init__(self):

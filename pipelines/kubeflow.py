@@ -811,7 +811,7 @@ _PERSONALIZE_HELP = {
 @dsl.pipeline(
     name="personalize",
     description="DreamBooth on the Stage I model with a few images of a subject -> the video model's temporal "
-    "layers on it -> evaluation -> promotion gate.",
+    "layers on it (realigned on video data when realign_steps > 0) -> evaluation -> promotion gate.",
 )
 @_documented(
     "Personalized text-to-video (Video LDM): DreamBooth with prior preservation on the Stage I model, then the "
@@ -832,7 +832,7 @@ def personalize(
     lora_rank: int = 0,
     realign_data_uri: str = "",
     realign_steps: int = 0,
-    realign_stills: int = 2,
+    realign_stills: int = 1,
     model_name: str = "vdm-personalized",
     eval_data_uri: str = "s3://vdm/curated/kfp/heldout/",
     gpus: str = "1",

@@ -700,7 +700,7 @@ _finetune_commands()
 @click.option(
     "--realign-stills",
     type=click.IntRange(min=0),
-    default=2,
+    default=1,
     show_default=True,
     help="Still clips of each subject image among the realignment data (more: the subject moves less).",
 )

@@ -6,7 +6,8 @@ moving-shapes shards (solid discs, every channel of their colour >= 96) -> `vdm 
 (also on discs of any colour, standing in for a general pretrained VAE) -> `vdm train --stage
 image` -> `vdm train --stage video --strategy partial` (temporal layers only, as Video LDM) ->
 `vdm personalize` on 5 images of a subject no clip has (`--subject ring`: a magenta ring;
-`stripes`: a disc striped magenta and cyan) -> videos of "a sks disc" from the personalized
+`stripes`: a disc striped magenta and cyan; with `--realign-steps`, realigned on the shapes
+data) -> videos of "a sks disc" from the personalized
 model and from the video model it came from, and of "a disc" from both (does the class stay
 itself?). Per model and prompt: the ring's hole contrast, the fraction of subject-coloured
 pixels, the colour-histogram distance to the subject images, and the tracked motion
@@ -186,7 +187,7 @@ def main() -> None:
     )
     parser.add_argument("--personal", default="personal", help="Folder under --prefix of the personalized model.")
     parser.add_argument("--realign-steps", type=int, default=0, help="vdm personalize --realign-steps on the data")
-    parser.add_argument("--realign-stills", type=int, default=2, help="vdm personalize --realign-stills")
+    parser.add_argument("--realign-stills", type=int, default=1, help="vdm personalize --realign-stills")
     parser.add_argument("--samples", type=Path, default=Path("/tmp/personalize-evidence.png"), help="A frame grid.")
     args = parser.parse_args()
     torch.set_num_threads(1)

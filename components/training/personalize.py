@@ -78,7 +78,7 @@ class PersonalizationRequest:
     # model trained on) and steps on it; None and 0: none.
     realign_data: str | None = None
     realign_steps: int = 0
-    realign_stills: int = 2
+    realign_stills: int = 1
     seed: int = 0
     # The run this is (a KFP run's id; None: a CLI run): a retry of that run replaces what it published.
     run_id: str | None = None
