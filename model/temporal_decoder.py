@@ -43,6 +43,7 @@ import yaml
 from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
 from safetensors.torch import load_file, save_file
 
+from model.config_fields import typed_fields
 from model.data import ClipSpec
 from model.evaluation import psnr
 
@@ -90,11 +91,13 @@ class TemporalDecoderConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> TemporalDecoderConfig:
         raw = dict(raw)
-        raw["clip"] = ClipSpec(**raw.get("clip", {}))
+        clip = raw.pop("clip", {})
+        if not isinstance(clip, dict):
+            raise ValueError(f"config clip: a mapping of its fields, not {clip!r}")
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown temporal-decoder config fields: {sorted(unknown)}")
-        return cls(**raw)
+        return cls(**typed_fields(cls, raw), clip=ClipSpec(**typed_fields(ClipSpec, clip, "clip.")))
 
 
 def named_config(name_or_path: str) -> TemporalDecoderConfig:

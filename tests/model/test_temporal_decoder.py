@@ -129,6 +129,12 @@ def test_named_config_and_bad_configs():
         TemporalDecoderConfig.from_dict({"stage": "temporal-decoder", "unet": "tiny"})
     with pytest.raises(ValueError, match="at least 2 frames"):
         TemporalDecoderConfig.from_dict({"clip": {"num_frames": 1}})
+    # YAML 1.1 reads 2e-4 as a string: a number all the same; a value of the wrong kind names its field.
+    assert TemporalDecoderConfig.from_dict({"lr": "2e-4", "clip": {"num_frames": "4"}}).lr == 2e-4
+    with pytest.raises(ValueError, match=r"config clip.fps: 'fast' is not valid"):
+        TemporalDecoderConfig.from_dict({"clip": {"fps": "fast"}})
+    with pytest.raises(ValueError, match=r"config trainable: 'all' is not valid \(Input should be 'decoder' or"):
+        TemporalDecoderConfig.from_dict({"trainable": "all"})
 
 
 def _static_discs(seed: int, clips: int, frames: int = 4, size: int = 16) -> torch.Tensor:
