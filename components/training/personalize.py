@@ -29,9 +29,9 @@ from components.common.settings import Settings
 from components.common.tracking import tracked_run
 from components.training.request import RunResult
 from components.training.run import (
-    _metrics_logger,
     frame_grid,
     local_folder,
+    metrics_logger,
     publish_final,
     random_weights_tags,
     refuse_published,
@@ -184,7 +184,7 @@ def run_personalization(
                 }
             )
             _log_images(subject, scratch / "subject.png")
-            result = dreambooth(image, subject, config, _metrics_logger(progress, config.max_steps))
+            result = dreambooth(image, subject, config, metrics_logger(progress, config.max_steps))
             if len(result.class_images):
                 _log_images(result.class_images, scratch / "class_images.png")
             mlflow.log_metric("class_images", len(result.class_images))
@@ -225,13 +225,12 @@ def _realign(
     (model/personalize.py); its figures logged as `realign_*` in the active run."""
     start = personal.save(scratch / "transferred")
     stills = _write_stills(scratch / "stills", subject, config, personal.config.clip)
-    logger = _metrics_logger(progress, config.realign_steps)
     result = train(
         realign_config(personal.config, config.realign_steps),
         [*shards, *stills],
         scratch / "realign",
         init_from=start,
-        on_log=lambda step, figures: logger(step, {f"realign_{k}": v for k, v in figures.items()}),
+        on_log=metrics_logger(progress, config.realign_steps, prefix="realign_"),
     )
     mlflow.log_metric("realign_still_clips", len(subject) * config.realign_stills)
     return result.model.eval()

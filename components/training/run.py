@@ -299,12 +299,13 @@ class TrainingProgress:
             print(text, file=sys.stderr, flush=True)
 
 
-def _metrics_logger(progress: bool, max_steps: int | None = None):
-    """Metrics to the active MLflow run and, with `progress`, to the terminal (TrainingProgress)."""
+def metrics_logger(progress: bool, max_steps: int | None = None, prefix: str = ""):
+    """Metrics to the active MLflow run (named `<prefix><name>`: a second loop in the same run
+    keeps its own curves) and, with `progress`, to the terminal (TrainingProgress)."""
     show = TrainingProgress(max_steps) if progress else None
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics(metrics, step=step)
+        mlflow.log_metrics({f"{prefix}{name}": value for name, value in metrics.items()}, step=step)
         if show:
             show(step, metrics)
 
@@ -435,7 +436,7 @@ def run_training(
                 scratch / "work",
                 init_from=init,
                 resume=resume_folder,
-                on_log=_metrics_logger(progress, config.max_steps),
+                on_log=metrics_logger(progress, config.max_steps),
                 on_checkpoint=on_checkpoint,
                 on_samples=on_samples,
             )
@@ -541,7 +542,7 @@ def run_autoencoder_training(
             settings=settings,
         ) as run,
     ):
-        vae = train_autoencoder(LatentCodec.tiny().vae, frames(), config, _metrics_logger(progress, config.steps))
+        vae = train_autoencoder(LatentCodec.tiny().vae, frames(), config, metrics_logger(progress, config.steps))
         error = reconstruction_error(vae, next(frames()))
         mlflow.log_metrics({"reconstruction_l1": error, "scaling_factor": vae.config.scaling_factor})
         vae.save_pretrained(Path(tmp) / "vae", safe_serialization=True)

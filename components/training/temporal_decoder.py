@@ -26,9 +26,9 @@ from components.common.tracking import tracked_run
 from components.training.request import RunResult
 from components.training.run import (
     CHECKPOINTS,
-    _metrics_logger,
     config_file,
     local_folder,
+    metrics_logger,
     publish_final,
     refuse_published_final,
     resume_checkpoint,
@@ -139,7 +139,7 @@ def run_temporal_decoder_finetune(
                 trainer,
                 batches(),
                 validation=evaluation_clips,
-                on_log=_metrics_logger(progress, config.max_steps),
+                on_log=metrics_logger(progress, config.max_steps),
                 on_checkpoint=on_checkpoint,
             )
             after = _evaluate(vae, evaluation_clips, "after")
