@@ -289,15 +289,16 @@ def dreambooth(
     )
 
 
-def realign_config(video: StageConfig, steps: int) -> StageConfig:
+def realign_config(video: StageConfig, steps: int, seed: int) -> StageConfig:
     """The video model's own training config, for realignment: its temporal layers only (the
     spatial ones stay the DreamBooth model's), `steps` steps at its learning rate with a short
     warm-up, no EMA (after a few hundred steps the average would still be mostly the start),
-    nothing held out and no samples (the personalization samples the result)."""
+    nothing held out and no samples (the personalization samples the result); `seed`: the
+    personalization's (the clips' order and the noise)."""
     optim = replace(video.optim, ema_decay=0.0, warmup_steps=min(10, video.optim.warmup_steps))
     return video.with_fields(
         strategy="partial", max_steps=steps, optim=optim, validation_clips=0, checkpoint_every=max(1, steps),
-        sample_every=None,
+        sample_every=None, seed=seed,
     )  # fmt: skip
 
 

@@ -704,7 +704,9 @@ _finetune_commands()
     show_default=True,
     help="Still clips of each subject image among the realignment data (more: the subject moves less).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Of the class images, DreamBooth and the realignment."
+)
 @click.option(
     "--register-as",
     default="vdm-personalized",

@@ -188,6 +188,7 @@ def main() -> None:
     parser.add_argument("--personal", default="personal", help="Folder under --prefix of the personalized model.")
     parser.add_argument("--realign-steps", type=int, default=0, help="vdm personalize --realign-steps on the data")
     parser.add_argument("--realign-stills", type=int, default=1, help="vdm personalize --realign-stills")
+    parser.add_argument("--seed", type=int, default=0, help="vdm personalize --seed (DreamBooth, realignment)")
     parser.add_argument("--samples", type=Path, default=Path("/tmp/personalize-evidence.png"), help="A frame grid.")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -242,7 +243,7 @@ def main() -> None:
                 "--learning-rate", str(args.learning_rate),
                 *(["--lora-rank", str(args.lora_rank)] if args.lora_rank else []),
                 "--realign-data", data, "--realign-steps", str(args.realign_steps),
-                "--realign-stills", str(args.realign_stills),
+                "--realign-stills", str(args.realign_stills), "--seed", str(args.seed),
             )  # fmt: skip
             print(out, file=sys.stderr)
 

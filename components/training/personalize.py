@@ -226,7 +226,7 @@ def _realign(
     start = personal.save(scratch / "transferred")
     stills = _write_stills(scratch / "stills", subject, config, personal.config.clip)
     result = train(
-        realign_config(personal.config, config.realign_steps),
+        realign_config(personal.config, config.realign_steps, config.seed),
         [*shards, *stills],
         scratch / "realign",
         init_from=start,

@@ -169,13 +169,9 @@ def test_a_few_subject_images_only(count):
 
 def test_realignment_trains_the_video_models_temporal_layers_alone_without_ema_or_held_out_clips(video_model):
     video = video_model.config.with_fields(optim=dataclasses.replace(video_model.config.optim, warmup_steps=100))
-    config = realign_config(video, 250)
-    assert (config.strategy, config.max_steps, config.validation_clips, config.sample_every) == (
-        "partial",
-        250,
-        0,
-        None,
-    )
+    config = realign_config(video, 250, seed=3)
+    assert (config.strategy, config.max_steps, config.validation_clips, config.seed) == ("partial", 250, 0, 3)
+    assert config.sample_every is None
     assert config.optim.ema_decay == 0.0 and config.optim.warmup_steps == 10
     assert config.optim.lr == video.optim.lr and config.clip == video.clip and config.stage == video.stage
     with pytest.raises(ValueError, match="realign steps and realign stills: at least 0"):
