@@ -46,3 +46,11 @@ def typed_fields(cls: type, raw: dict[str, Any], where: str = "") -> dict[str, A
             reason = e.errors()[0]["msg"]
             raise ValueError(f"config {where}{name}: {value!r} is not valid ({reason})") from None
     return out
+
+
+def typed_section(cls: type, raw: Any, name: str) -> Any:
+    """The `name` section of a config (a mapping: `clip`, `optim`) as a `cls` built from its
+    typed fields, or a ValueError naming the section or the field."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {name}: a mapping of its fields, not {raw!r}")
+    return cls(**typed_fields(cls, raw, f"{name}."))

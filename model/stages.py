@@ -27,7 +27,7 @@ from model.conditioning import (
     drop_conditions,
     noise_augmented,
 )
-from model.config_fields import typed_fields
+from model.config_fields import typed_fields, typed_section
 from model.data import ClipSpec
 from model.diffusion import Denoiser, denoising_loss, lognormal_sigmas, shifted_p_mean
 from model.folder import RANDOM_WEIGHTS_KEY, ModelFolder
@@ -129,14 +129,9 @@ class StageConfig:
             raw.pop(derived, None)
         shared = {f.name for f in fields(cls)} - {"options"}
         options = task_of(raw["stage"]).options({k: raw.pop(k) for k in list(raw) if k not in shared})
-        clip, optim = raw.pop("clip", {}), raw.pop("optim", {})
-        for name, value in (("clip", clip), ("optim", optim)):
-            if not isinstance(value, dict):
-                raise ValueError(f"config {name}: a mapping of its fields, not {value!r}")
-        raw = typed_fields(cls, raw)
-        raw["clip"] = ClipSpec(**typed_fields(ClipSpec, clip, "clip."))
-        raw["optim"] = OptimConfig(**typed_fields(OptimConfig, optim, "optim."))
-        return cls(**raw, options=options)
+        clip = typed_section(ClipSpec, raw.pop("clip", {}), "clip")
+        optim = typed_section(OptimConfig, raw.pop("optim", {}), "optim")
+        return cls(**typed_fields(cls, raw), clip=clip, optim=optim, options=options)
 
     @classmethod
     def load(cls, path: str | Path) -> StageConfig:

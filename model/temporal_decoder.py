@@ -43,7 +43,7 @@ import yaml
 from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
 from safetensors.torch import load_file, save_file
 
-from model.config_fields import typed_fields
+from model.config_fields import typed_fields, typed_section
 from model.data import ClipSpec
 from model.evaluation import psnr
 
@@ -91,13 +91,11 @@ class TemporalDecoderConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> TemporalDecoderConfig:
         raw = dict(raw)
-        clip = raw.pop("clip", {})
-        if not isinstance(clip, dict):
-            raise ValueError(f"config clip: a mapping of its fields, not {clip!r}")
+        clip = typed_section(ClipSpec, raw.pop("clip", {}), "clip")
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown temporal-decoder config fields: {sorted(unknown)}")
-        return cls(**typed_fields(cls, raw), clip=ClipSpec(**typed_fields(ClipSpec, clip, "clip.")))
+        return cls(**typed_fields(cls, raw), clip=clip)
 
 
 def named_config(name_or_path: str) -> TemporalDecoderConfig:

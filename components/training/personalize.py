@@ -253,10 +253,11 @@ def _write_stills(folder: Path, subject: torch.Tensor, config: PersonalizeConfig
         for i, clip in enumerate(clips):
             video = folder / "still.mp4"
             write_video(video, to_uint8(clip).numpy(), fps)
+            mp4 = video.read_bytes()  # encoded once, stored as each copy
             for copy in range(config.realign_stills):
                 key = f"subject-{i:02d}-{copy:02d}"
                 meta = clip_metadata(key, len(clip), fps, 0.0, STATIC, config.subject_prompt)
-                tar.write({"__key__": key, "mp4": video.read_bytes(), "json": meta.to_json()})
+                tar.write({"__key__": key, "mp4": mp4, "json": meta.to_json()})
     return [str(path)]
 
 
