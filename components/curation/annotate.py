@@ -25,6 +25,7 @@ import tarfile
 import tempfile
 import time
 import traceback
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -251,7 +252,7 @@ def _curate_stream(
     watch: Stopwatch,
 ) -> None:
     """Cut, flow and encode as frames arrive, holding only the frames from the first one a
-    segment still open can hold (`Segmenter.open_from`) to the newest."""
+    segment still open (`Segmenter.open_from`) or closed but not yet written can hold to the newest."""
     fps = stream.fps
     detector = CutDetector(fps, config.cuts)
     segmenter = Segmenter(fps, config.cuts)
@@ -294,19 +295,29 @@ def _curate_stream(
             )
         )
 
+    # Closed segments wait here, in order, until the encoder has their frames (it runs a few frames
+    # behind, on its own thread).
+    closed: deque[Segment] = deque()
     index = -1
     for index, frame in enumerate(_timed(stream, watch, "decode")):
+        with watch("encode"):
+            encoder.feed(index, frame)
         with watch("cuts"):
             detector.feed(index, frame)
             dark_run = dark_run + 1 if detector.luma[-1] < config.cuts.fade_threshold else 0
             window.append(window[-1] if dark_run > segmenter.piece_len and window else frame)
-            closed = segmenter.advance(detector.take_cuts(), detector.settled, detector.luma)
-        for segment in closed:
-            emit(segment)
-        del window[: segmenter.open_from - window_start]
-        window_start = max(window_start, segmenter.open_from)
+            closed += segmenter.advance(detector.take_cuts(), detector.settled, detector.luma)
+        while closed and encoder.ready(closed[0].end):
+            emit(closed.popleft())
+        keep_from = closed[0].start if closed else segmenter.open_from
+        if keep_from > window_start:
+            del window[: keep_from - window_start]
+            window_start = keep_from
+            encoder.release_before(keep_from)
+    with watch("encode"):
+        encoder.finish()
     with watch("cuts"):
-        closed = segmenter.finish(detector.finish(), index + 1, detector.luma)
+        closed += segmenter.finish(detector.finish(), index + 1, detector.luma)
     for segment in closed:
         emit(segment)
     result.decoded_frames = index + 1

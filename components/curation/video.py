@@ -21,7 +21,6 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from components.curation.config import Decode, Limits
-from components.curation.renditions import output_size
 
 # Rejection reasons, as recorded in rejected.jsonl.
 EMPTY = "empty_file"
@@ -112,6 +111,71 @@ def reduced_rgb(i420: np.ndarray, halvings: int) -> np.ndarray:
     return cv2.cvtColor(cv2.LUT(ycrcb, _FULL_RANGE), cv2.COLOR_YCrCb2RGB)
 
 
+def _even(x: float) -> int:
+    return max(2, int(round(x / 2)) * 2)
+
+
+def output_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) scaled to at most `max_side` on the longer side, both even."""
+    scale = min(1.0, max_side / max(width, height))
+    return _even(width * scale), _even(height * scale)
+
+
+def _planes(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Y, U and V of a yuv420p frame with even sides, as views (writable) without the row padding."""
+    w, h = frame.width, frame.height
+    sizes = ((h, w), (h // 2, w // 2), (h // 2, w // 2))
+    return tuple(  # type: ignore[return-value]
+        np.frombuffer(plane, np.uint8).reshape(rows, plane.line_size)[:, :cols]
+        for plane, (rows, cols) in zip(frame.planes, sizes, strict=True)
+    )
+
+
+def _i420_planes(i420: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    h = i420.shape[0] * 2 // 3
+    u, v = i420[h:].reshape(2, h // 2, i420.shape[1] // 2)
+    return i420[:h], u, v
+
+
+def i420_array(frame: av.VideoFrame) -> np.ndarray:
+    """A yuv420p frame with even sides as I420 (h * 3 / 2, w): its planes copied without their
+    row padding (`to_ndarray` costs about twice as much: it stacks copies of the planes)."""
+    out = np.empty((frame.height * 3 // 2, frame.width), np.uint8)
+    for target, plane in zip(_i420_planes(out), _planes(frame), strict=True):
+        target[...] = plane
+    return out
+
+
+def i420_frame(i420: np.ndarray) -> av.VideoFrame:
+    """An I420 array as a yuv420p `av.VideoFrame` (a copy; 5x faster than `from_ndarray`)."""
+    h, w = i420.shape[0] * 2 // 3, i420.shape[1]
+    frame = av.VideoFrame(w, h, "yuv420p")
+    for target, plane in zip(_planes(frame), _i420_planes(i420), strict=True):
+        target[...] = plane
+    return frame
+
+
+def _halvings(source: tuple[int, int], size: tuple[int, int]) -> int | None:
+    """k where `size` is `source` halved k >= 1 times exactly on both sides, else None."""
+    for k in range(1, 8):
+        if (source[0] >> k << k, source[1] >> k << k) == source and (source[0] >> k, source[1] >> k) == size:
+            return k
+    return None
+
+
+def halved_i420(frame: av.VideoFrame, halvings: int) -> np.ndarray:
+    """A yuv420p frame reduced by area `halvings` times, each plane by OpenCV's exact-2x path: at
+    most half the time of FFmpeg's area scaler (89 against 52 us a frame from 640x272, 260 against
+    159 from 1280x720), within 0.3 of its values on average."""
+    w, h = frame.width >> halvings, frame.height >> halvings
+    out = np.empty((h * 3 // 2, w), np.uint8)
+    for target, plane in zip(_i420_planes(out), _planes(frame), strict=True):
+        for _ in range(halvings - 1):
+            plane = _halve(plane)
+        cv2.resize(plane, target.shape[::-1], dst=target, interpolation=cv2.INTER_AREA)
+    return out
+
+
 class VideoStream:
     """An opened video whose header passed the limits. Iterating yields its frames once,
     in order, as I420 (h * 3 / 2, w) uint8 at the decode size `size`; the end of the
@@ -171,6 +235,7 @@ class VideoStream:
         # One scaler for every frame: `frame.to_ndarray(width=...)` sets up FFmpeg's scaler anew for
         # each frame (1.4 ms a frame at 320x180, ten times the conversion with the scaler kept).
         scaler = VideoReformatter()
+        halvings = _halvings((self.width, self.height), self.size)
         # The duration limit holds for what decodes, too: a stream whose header gives no duration
         # (raw H.264) or a wrong one is stopped at the limit.
         max_frames = int(self._limits.max_duration_s * self.fps) + 1
@@ -179,10 +244,22 @@ class VideoStream:
             for frame in self._container.decode(self._stream):
                 if self.decoded_frames == max_frames:
                     raise Rejected(TOO_LONG, f"more than {self._limits.max_duration_s:.0f} s of frames decoded")
-                if frame.format.name != "yuv420p" or (frame.width, frame.height) != self.size:
-                    frame = scaler.reformat(frame, width, height, "yuv420p", interpolation="AREA")
+                if (
+                    frame.format.name == "yuv420p"
+                    and halvings is not None
+                    and (frame.width, frame.height)
+                    == (
+                        self.width,
+                        self.height,
+                    )
+                ):
+                    i420 = halved_i420(frame, halvings)
+                else:
+                    if frame.format.name != "yuv420p" or (frame.width, frame.height) != self.size:
+                        frame = scaler.reformat(frame, width, height, "yuv420p", interpolation="AREA")
+                    i420 = i420_array(frame)
                 self.decoded_frames += 1
-                yield frame.to_ndarray()
+                yield i420
         except av.error.FFmpegError as e:
             error = e
         count = self.decoded_frames

@@ -63,6 +63,12 @@ def test_a_reduced_frame_is_the_area_reduced_rgb_frame(size, halvings, shape):
     assert np.abs(reduced_rgb(grey, halvings).astype(int) - 37).max() <= 1
 
 
+def _block_mean(plane: np.ndarray) -> np.ndarray:
+    """Each 2x2 block's mean, rounded half up (OpenCV's area reduction by 2)."""
+    p = plane.astype(np.int32)
+    return ((p[0::2, 0::2] + p[1::2, 0::2] + p[0::2, 1::2] + p[1::2, 1::2] + 2) >> 2).astype(np.uint8)
+
+
 def test_the_stream_hands_on_the_decoders_frames_and_scales_larger_ones(tmp_path):
     frames = [_picture(180, 320, seed=i) for i in range(3)]
     _write(tmp_path / "small.mp4", frames)
@@ -75,11 +81,23 @@ def test_the_stream_hands_on_the_decoders_frames_and_scales_larger_ones(tmp_path
     for got, expected in zip(streamed, decoded, strict=True):
         np.testing.assert_array_equal(got, expected)  # the decoder's I420, no conversion
 
-    _write(tmp_path / "large.mp4", [cv2.resize(f, (640, 360)) for f in frames])
-    with open_video(tmp_path / "large.mp4", config.limits, config.decode) as video:
-        assert video.size == (320, 180)
-        scaled = list(video)
-    assert all(frame.shape == (270, 320) for frame in scaled)
-    with av.open(str(tmp_path / "large.mp4")) as container:
-        first = next(container.decode(video=0)).reformat(320, 180, "yuv420p", interpolation="AREA").to_ndarray()
-    np.testing.assert_array_equal(scaled[0], first)  # FFmpeg's area scaling, straight to I420
+    # Twice the size: each plane halved by area (OpenCV's exact 2x path), within rounding of FFmpeg's
+    # area scaler. Three times: FFmpeg's area scaler, straight to I420.
+    for factor in (2, 3):
+        path = tmp_path / f"large-{factor}.mp4"
+        _write(path, [cv2.resize(f, (320 * factor, 180 * factor)) for f in frames])
+        with open_video(path, config.limits, config.decode) as video:
+            assert video.size == (320, 180)
+            scaled = list(video)
+        assert all(frame.shape == (270, 320) for frame in scaled)
+        with av.open(str(path)) as container:
+            source = next(container.decode(video=0))
+        ffmpeg = source.reformat(320, 180, "yuv420p", interpolation="AREA").to_ndarray()
+        if factor == 3:
+            np.testing.assert_array_equal(scaled[0], ffmpeg)
+            continue
+        i420 = source.to_ndarray()
+        planes = (i420[:360], *i420[360:].reshape(2, 180, 320))
+        expected = np.concatenate([_block_mean(plane).ravel() for plane in planes]).reshape(270, 320)
+        np.testing.assert_array_equal(scaled[0], expected)
+        assert np.abs(scaled[0].astype(int) - ffmpeg).mean() < 0.5

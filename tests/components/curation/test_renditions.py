@@ -13,9 +13,16 @@ import pytest
 import webdataset as wds
 
 from components.common.media import write_video
-from components.curation.config import CurationConfig, Output
-from components.curation.renditions import ClipEncoder, PacketIndex, SourceVideo
-from components.curation.video import from_rgb
+from components.curation.config import CurationConfig, Decode, Limits, Output
+from components.curation.renditions import (
+    KEY_INTERVAL_S,
+    SMALL_X264,
+    ClipEncoder,
+    PacketIndex,
+    SourceVideo,
+    VideoEncoding,
+)
+from components.curation.video import VideoStream, from_rgb
 from model.data import ClipDataset, ClipSpec
 from model.records import HQ, SMALL, ClipRecord, Rendition
 
@@ -48,6 +55,16 @@ def _decode(data: bytes | Path, width: int | None = None, height: int | None = N
 def _i420(frames: np.ndarray) -> list[np.ndarray]:
     """RGB frames as curation hands them to the encoder."""
     return [from_rgb(frame) for frame in frames]
+
+
+def _fed(encoder: ClipEncoder, path: Path) -> ClipEncoder:
+    """`encoder`, fed every frame of `path` as curation feeds it (I420 at the decode size)."""
+    limits = Limits(max_width=4096, max_height=4096)
+    with VideoStream(path, limits, Decode(max_side=encoder.config.decode.max_side)) as stream:
+        for index, frame in enumerate(stream):
+            encoder.feed(index, frame)
+    encoder.finish()
+    return encoder
 
 
 def _config(clip_max_side: int = 320, hq_max_side: int | None = 1920) -> CurationConfig:
@@ -111,31 +128,75 @@ def test_an_open_gop_source_remuxes_without_the_previous_gops_frames(tmp_path):
 
 
 def test_a_larger_source_encodes_small_and_hq_and_remuxes_hq_at_its_size(tmp_path):
-    """640x384 source: small (320 px) encoded from the decode-size frames; hq at the source's
-    size (under hq_max_side 1920) remuxed; hq_max_side 256 encodes hq at 256x154 from the source."""
+    """640x384 source: small (320 px) encoded once for the video and each clip copied out of it,
+    from the key frame before it; hq at the source's size (under hq_max_side 1920) remuxed;
+    hq_max_side 256 encodes hq at 256x154 from the source."""
     width, height, start, end = 640, 384, 10, 40
     source = _source(tmp_path / "large.mp4", 60, height, width)
     truth = _decode(source.path)
     decode_size = _decode(source.path, 320, 192)
-    with ClipEncoder(source, _config()) as encoder:
+    with _fed(ClipEncoder(source, _config()), source.path) as encoder:
         out = encoder.renditions(start, end, _i420(decode_size[start:end]))
-    assert out[SMALL].rendition == Rendition(320, 192)
+    first = out[SMALL].rendition.first_frame
+    key_interval = round(KEY_INTERVAL_S * FPS)
+    assert out[SMALL].rendition == Rendition(320, 192, first_frame=first) and 0 <= first < key_interval
     small = _decode(out[SMALL].mp4)
-    assert small.shape == (end - start, 192, 320, 3)
-    assert _psnr(small, decode_size[start:end]) > 30
+    assert small.shape[1:] == (192, 320, 3) and len(small) >= first + end - start
+    assert _psnr(small[first : first + end - start], decode_size[start:end]) > 30
     assert out[HQ].rendition == Rendition(640, 384, first_frame=start, remuxed=True)
     hq = _decode(out[HQ].mp4)
     np.testing.assert_array_equal(hq[start : start + end - start], truth[start:end])
 
-    with ClipEncoder(source, _config(clip_max_side=128, hq_max_side=256)) as encoder:
+    with _fed(ClipEncoder(source, _config(clip_max_side=128, hq_max_side=256)), source.path) as encoder:
         clips = [encoder.renditions(s, e, _i420(decode_size[s:e])) for s, e in [(0, 20), (25, 50)]]
     for (s, e), out in zip([(0, 20), (25, 50)], clips, strict=True):
-        assert out[SMALL].rendition == Rendition(128, 76)
-        assert _decode(out[SMALL].mp4).shape == (e - s, 76, 128, 3)
+        first = out[SMALL].rendition.first_frame
+        assert out[SMALL].rendition == Rendition(128, 76, first_frame=first) and first == s % key_interval
+        small = _decode(out[SMALL].mp4)
+        assert small.shape[1:] == (76, 128, 3)
+        assert _psnr(small[first : first + e - s], _decode(source.path, 128, 76)[s:e]) > 30
         assert out[HQ].rendition == Rendition(256, 154)
         hq = _decode(out[HQ].mp4)
         assert hq.shape == (e - s, 154, 256, 3)
         assert _psnr(hq, _decode(source.path, 256, 154)[s:e]) > 30
+
+
+def _assert_bars(encoding: VideoEncoding, start: int, end: int) -> None:
+    """The clip [start, end) decodes to frames with bars at columns start, ..., end - 1."""
+    mp4, first = encoding.clip(start, end)
+    assert 0 <= first < 25  # from the key frame before it
+    decoded = _decode(mp4)[first : first + end - start]
+    np.testing.assert_array_equal(decoded.mean(axis=(1, 3)).argmax(axis=1), np.arange(start, end))
+
+
+def test_a_video_encoding_gives_each_clip_its_own_frames(tmp_path):
+    """Frame t shows a bright bar at column t, so a frame one off is told apart: clips copied out
+    of the video's one encoding, at and between key frames, decode to their own frames; packets
+    before the last clip's key frame are let go; a clip not yet encoded is refused."""
+    frames, fps = 75, 25.0
+    video = np.zeros((frames, 64, 96, 3), np.uint8)
+    for t in range(frames):
+        video[t, :, t : t + 4] = 255
+    encoding = VideoEncoding((96, 64), fps, 18, SMALL_X264, key_interval=25)
+    try:
+        for index, array in enumerate(video):
+            encoding.feed(index, from_rgb(array))
+            if index == 30:  # x264 holds the newest frames back
+                assert not encoding.encoded(40)
+                with pytest.raises(ValueError, match=r"frames \[20, 40\) are not all encoded"):
+                    encoding.clip(20, 40)
+        encoding.finish()
+        for start, end in [(0, 25), (25, 40), (31, 60), (60, 75)]:
+            _assert_bars(encoding, start, end)
+        kept = len(encoding._packets)
+        encoding.release_before(60)
+        # From the key frame at or before 60 on (x264 puts one at most 25 frames apart).
+        assert 75 - 60 <= len(encoding._packets) <= 75 - 60 + 25 < kept
+        _assert_bars(encoding, 61, 75)
+        with pytest.raises(ValueError, match="released"):
+            encoding.clip(10, 30)
+    finally:
+        encoding.close()
 
 
 def test_no_hq_rendition_when_hq_max_side_is_none(small_source):
@@ -149,10 +210,10 @@ def test_a_codec_outside_the_remux_list_is_encoded(small_source):
     """The same file declared mpeg4: nothing is copied, both renditions are H.264 at the source's size."""
     frames = _decode(small_source.path)[10:30]
     declared = SourceVideo(small_source.path, 160, 96, "mpeg4", FPS)
-    with ClipEncoder(declared, _config()) as encoder:
+    with _fed(ClipEncoder(declared, _config()), small_source.path) as encoder:
         out = encoder.renditions(10, 30, _i420(frames))
-    assert out[SMALL].rendition == Rendition(160, 96) and not out[SMALL].rendition.remuxed
-    assert _psnr(_decode(out[SMALL].mp4), frames) > 30
+    assert out[SMALL].rendition == Rendition(160, 96, first_frame=10) and not out[SMALL].rendition.remuxed
+    assert _psnr(_decode(out[SMALL].mp4)[10:30], frames) > 30
 
 
 def _shard(path: Path, mp4: bytes, record: ClipRecord) -> str:
