@@ -140,9 +140,14 @@ def _i420_planes(i420: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def i420_array(frame: av.VideoFrame) -> np.ndarray:
     """A yuv420p frame with even sides as I420 (h * 3 / 2, w): its planes copied without their
     row padding (`to_ndarray` costs about twice as much: it stacks copies of the planes)."""
-    out = np.empty((frame.height * 3 // 2, frame.width), np.uint8)
-    for target, plane in zip(_i420_planes(out), _planes(frame), strict=True):
-        target[...] = plane
+    # Plane by plane, written out: the generic loop over `_planes` costs a third more here.
+    w, h = frame.width, frame.height
+    out = np.empty((h * 3 // 2, w), np.uint8)
+    y, u, v = frame.planes
+    out[:h] = np.frombuffer(y, np.uint8).reshape(h, y.line_size)[:, :w]
+    chroma = out[h:].reshape(2, h // 2, w // 2)
+    chroma[0] = np.frombuffer(u, np.uint8).reshape(h // 2, u.line_size)[:, : w // 2]
+    chroma[1] = np.frombuffer(v, np.uint8).reshape(h // 2, v.line_size)[:, : w // 2]
     return out
 
 

@@ -3,6 +3,7 @@ frames is curated in a spawned worker whose peak memory stays far below the whol
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
@@ -183,3 +184,40 @@ def test_a_stream_without_a_duration_decodes_and_is_cut(tmp_path):
     assert limited.rejected["reason"] == "duration_over_limit" and not limited.clips
     assert "more than 2 s of frames decoded" in limited.rejected["detail"]
     assert list(tmp_path.glob("clips-*.tar")) == [result.spool]  # the rejected video's spool is gone
+
+
+def test_clips_of_a_larger_source_are_copied_out_of_one_encoding_with_their_own_frames(tmp_path):
+    """640x360 (the decode size halved once): the small rendition is encoded once for the video and
+    each clip copied out of it. Frame t shows a bar at column t of the decode size, so a frame one
+    off is told apart; the shots change colour at frames 40 and 85. With the content detector alone
+    a clip closes a few frames after its last one, before the encoder (a few frames behind) has
+    encoded it: clips wait for it, in order, and none is lost."""
+    cuts, total = [40, 85], 120
+    colours = [(220, 60, 60), (20, 20, 90), (90, 160, 20)]  # far apart in hue and value: hard cuts
+    path = tmp_path / "larger.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(FPS))
+        stream.width, stream.height, stream.pix_fmt = 640, 360, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "18"}
+        for t in range(total):
+            frame = np.empty((360, 640, 3), np.uint8)
+            frame[:] = colours[int(np.searchsorted(cuts, t, side="right"))]
+            frame[:, 2 * t : 2 * t + 8] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    config = CurationConfig(cuts=Cuts(detectors=("content",), min_clip_s=0.5))
+    result = process_video("larger.mp4", path, config, tmp_path)
+
+    assert [(c.start_frame, c.end_frame) for c in result.clips] == [(0, 40), (40, 85), (85, 120)]
+    with tarfile.open(result.spool) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar}
+    for clip in result.clips:
+        small = clip.renditions[SMALL]
+        assert (small.width, small.height, small.remuxed) == (320, 180, False)
+        assert small.first_frame == 0  # x264 puts a key frame at each cut
+        with av.open(io.BytesIO(files[f"{clip.key}.mp4"])) as container:
+            frames = np.stack([f.to_ndarray(format="gray") for f in container.decode(video=0)])
+        bars = frames[: clip.num_frames].mean(axis=1).argmax(axis=1)  # the bar's left column
+        np.testing.assert_array_equal(bars, np.arange(clip.start_frame, clip.end_frame))
