@@ -2,8 +2,9 @@
 
 Frames are handed on as they are decoded, in the decoder's own layout: I420 (planar
 Y, then U and V at half size; FFmpeg's yuv420p), at `max_side`. A source already
-yuv420p at that size is copied out as it is; any other is converted once by FFmpeg's
-scaler. Nothing converts every frame to RGB: cut detection reads a small copy, flow
+yuv420p at that size is copied out as it is; a yuv420p one 2, 4, 8, ... times that size
+is reduced plane by plane with OpenCV's exact halving; any other is converted once by
+FFmpeg's scaler. Nothing converts every frame to RGB: cut detection reads a small copy, flow
 the luma plane, clip encoding takes I420 as the encoder does, and only a clip's key
 frames become RGB (`to_rgb`). Nothing holds the whole video.
 """
@@ -240,7 +241,8 @@ class VideoStream:
         # One scaler for every frame: `frame.to_ndarray(width=...)` sets up FFmpeg's scaler anew for
         # each frame (1.4 ms a frame at 320x180, ten times the conversion with the scaler kept).
         scaler = VideoReformatter()
-        halvings = _halvings((self.width, self.height), self.size)
+        source = (self.width, self.height)
+        halvings = _halvings(source, self.size)
         # The duration limit holds for what decodes, too: a stream whose header gives no duration
         # (raw H.264) or a wrong one is stopped at the limit.
         max_frames = int(self._limits.max_duration_s * self.fps) + 1
@@ -249,15 +251,7 @@ class VideoStream:
             for frame in self._container.decode(self._stream):
                 if self.decoded_frames == max_frames:
                     raise Rejected(TOO_LONG, f"more than {self._limits.max_duration_s:.0f} s of frames decoded")
-                if (
-                    frame.format.name == "yuv420p"
-                    and halvings is not None
-                    and (frame.width, frame.height)
-                    == (
-                        self.width,
-                        self.height,
-                    )
-                ):
+                if halvings is not None and frame.format.name == "yuv420p" and (frame.width, frame.height) == source:
                     i420 = halved_i420(frame, halvings)
                 else:
                     if frame.format.name != "yuv420p" or (frame.width, frame.height) != self.size:
