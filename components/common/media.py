@@ -18,7 +18,7 @@ class VideoWriter:
     than decoding the source. `deterministic` gives byte-identical files for identical
     frames: one encoder thread and no macroblock-tree rate control (with it, this x264
     build gave different bytes from run to run), at the price of files about 2.5x larger
-    at the same CRF."""
+    at the same CRF. A key frame comes at least every `key_interval_s` seconds."""
 
     def __init__(
         self,
@@ -33,6 +33,7 @@ class VideoWriter:
         deterministic: bool = True,
         threads: int | None = None,
         x264_params: str | None = None,
+        key_interval_s: float = 2.0,
     ):
         options = {"movflags": "+faststart"} if faststart else {}
         target = str(path) if isinstance(path, str | Path) else path
@@ -41,7 +42,7 @@ class VideoWriter:
         self.stream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         self.stream.width, self.stream.height = width, height
         self.stream.pix_fmt = "yuv420p"
-        self.stream.codec_context.gop_size = int(round(2 * fps))
+        self.stream.codec_context.gop_size = max(1, round(key_interval_s * fps))
         self.stream.options = {"crf": str(crf), "preset": preset}
         if threads is not None:
             self.stream.codec_context.thread_count = threads

@@ -22,7 +22,6 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -179,7 +178,7 @@ class VideoEncoding:
     overlaps decoding and the rest of curation, and one encoder serves every clip (opening one
     costs about 3 ms). `clip(start, end)` copies a clip out of it like a source remux: from the
     key frame at or before its first frame (x264 puts one at each scene change, and one at least
-    every `key_interval` frames), so the file starts `first_frame` frames early.
+    every `key_interval_s`), so the file starts `first_frame` frames early.
 
     Memory is bounded: packets are kept from the key frame before the first frame a later clip
     can start at (`release_before`), and at most `_QUEUED` frames wait for the encoder."""
@@ -187,19 +186,16 @@ class VideoEncoding:
     _BATCH = 8  # frames handed to the thread at once: a hand-over costs tens of microseconds
     _QUEUED = 4  # batches waiting for the encoder at most
 
-    def __init__(self, size: tuple[int, int], fps: float, crf: int, x264: X264Settings, key_interval: int):
+    def __init__(self, size: tuple[int, int], fps: float, crf: int, x264: X264Settings, key_interval_s: float):
         self.size = size
-        self._header = av.open(io.BytesIO(), "w", format="mp4")  # holds the encoder; never muxed into
-        stream = self._stream = self._header.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
-        stream.codec_context.gop_size = key_interval
-        stream.options = {"crf": str(crf), "preset": x264.preset}
-        if x264.params:
-            stream.options = {**stream.options, "x264-params": x264.params}
-        if x264.threads is not None:
-            stream.codec_context.thread_count = x264.threads
-        self._header.start_encoding()  # opens the encoder: its parameters are every clip's template
-        self._time_base = stream.codec_context.time_base
+        # Holds the encoder (its parameters are every clip's template); never muxed into.
+        self._writer = VideoWriter(
+            io.BytesIO(), *size, fps, crf=crf, preset=x264.preset, deterministic=False, threads=x264.threads,
+            x264_params=x264.params, key_interval_s=key_interval_s,
+        )  # fmt: skip
+        self._stream = self._writer.stream
+        self._writer.container.start_encoding()  # opens the encoder
+        self._time_base = self._stream.codec_context.time_base
         self._scaler = VideoReformatter()
         self._batch: list[av.VideoFrame] = []
         self._frames: queue.Queue[list[av.VideoFrame] | None] = queue.Queue(maxsize=self._QUEUED)
@@ -337,7 +333,7 @@ class VideoEncoding:
                     break
             self._frames.put(None)
             self._thread.join()
-        self._header.close()
+        self._writer.container.close()
 
 
 class ClipEncoder:
@@ -358,9 +354,8 @@ class ClipEncoder:
         self._encoding: VideoEncoding | None = None
         try:
             if not (self._source_copies(self.small_size) and self._source_index() is not None):
-                key_interval = max(1, round(KEY_INTERVAL_S * source.fps))
                 crf = config.output.clip_crf
-                self._encoding = VideoEncoding(self.small_size, source.fps, crf, SMALL_X264, key_interval)
+                self._encoding = VideoEncoding(self.small_size, source.fps, crf, SMALL_X264, KEY_INTERVAL_S)
         except BaseException:
             self.close()
             raise

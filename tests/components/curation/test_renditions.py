@@ -177,7 +177,7 @@ def test_a_video_encoding_gives_each_clip_its_own_frames(tmp_path):
     video = np.zeros((frames, 64, 96, 3), np.uint8)
     for t in range(frames):
         video[t, :, t : t + 4] = 255
-    encoding = VideoEncoding((96, 64), fps, 18, SMALL_X264, key_interval=25)
+    encoding = VideoEncoding((96, 64), fps, 18, SMALL_X264, key_interval_s=1.0)
     try:
         for index, array in enumerate(video):
             encoding.feed(index, from_rgb(array))
