@@ -299,7 +299,8 @@ def _curate_stream(
     # behind, on its own thread).
     closed: deque[Segment] = deque()
     index = -1
-    for index, frame in enumerate(_timed(stream, watch, "decode")):
+    # The encoder keeps the source's packets where a clip is a copy of them: read in the same pass.
+    for index, frame in enumerate(_timed(stream.frames(on_packet=encoder.demuxed), watch, "decode")):
         with watch("encode"):
             encoder.feed(index, frame)
         with watch("cuts"):

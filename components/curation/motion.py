@@ -10,6 +10,7 @@ at 228x128).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,17 @@ def _flow_size(shape: tuple[int, int], height: int) -> tuple[int, int]:
     return max(2, round(w * min(h, height) / h)), min(h, height)
 
 
+@functools.lru_cache(maxsize=16)
+def _radial(size: tuple[int, int], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """For flow vectors on the `_GRID` of a frame of `size` (w, h), `shape` of them: each one's
+    offset from the frame centre (x, y) in pixels, the sum of their squares, and the centre's
+    distance to a corner."""
+    h, w = shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) * _GRID  # in pixels at the flow size
+    rx, ry = xs - (size[0] - 1) / 2, ys - (size[1] - 1) / 2
+    return rx, ry, float((rx**2 + ry**2).sum()), float(np.hypot(size[0] / 2, size[1] / 2))
+
+
 def estimate(lumas: Sequence[np.ndarray], sample_points: list[int], config: Motion) -> MotionEstimate:
     """`lumas` are one clip's frames (their Y planes); flow is taken at each sample point t (t, t+1)."""
     points = [t for t in sample_points if t + 1 < len(lumas)]
@@ -56,29 +68,26 @@ def estimate(lumas: Sequence[np.ndarray], sample_points: list[int], config: Moti
         return MotionEstimate(0.0, (0.0, 0.0), 0.0, STATIC)
     size = _flow_size(lumas[0].shape, config.flow_height)
     dis = cv2.DISOpticalFlow_create(cv2.DISOpticalFlow_PRESET_ULTRAFAST)
-    magnitudes, translations, zooms = [], [], []
-    radial = None
-    for t in points:
+
+    def flow(t: int) -> np.ndarray:
         # Bilinear: at most a 2.5x reduction of a 320 px frame; area's general path costs 5x more.
         a, b = (cv2.resize(lumas[i], size, interpolation=cv2.INTER_LINEAR) for i in (t, t + 1))
         # The ultrafast preset estimates flow at a quarter of the size (its finest scale, 2) and scales it
         # up bilinearly: every fourth vector each way holds all it found, at a sixteenth of the cost.
-        flow = np.ascontiguousarray(dis.calc(a, b, None)[::_GRID, ::_GRID])
-        if radial is None:
-            h, w = flow.shape[:2]
-            ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) * _GRID  # in pixels at the flow size
-            rx, ry = xs - (size[0] - 1) / 2, ys - (size[1] - 1) / 2
-            radial = (rx, ry, float((rx**2 + ry**2).sum()), float(np.hypot(size[0] / 2, size[1] / 2)))
-        rx, ry, norm, corner = radial
-        magnitudes.append(float(np.linalg.norm(flow, axis=-1).mean()))
-        tx, ty = float(np.median(flow[..., 0])), float(np.median(flow[..., 1]))
-        # Least-squares radial expansion rate of the flow left after the translation.
-        rate = ((flow[..., 0] - tx) * rx + (flow[..., 1] - ty) * ry).sum() / norm
-        translations.append((tx, ty))
-        zooms.append(float(rate) * corner)
-    tx, ty = np.median(np.array(translations), axis=0)
+        return dis.calc(a, b, None)[::_GRID, ::_GRID]
+
+    # Every sample point's statistics at once (points, vectors): numpy's cost per call, not per point.
+    grid = np.stack([flow(t) for t in points])  # (points, rows, columns, 2)
+    rx, ry, norm, corner = _radial(size, grid.shape[1:3])
+    flows = grid.reshape(len(points), -1, 2)
+    magnitude = float(np.hypot(flows[..., 0], flows[..., 1]).mean())
+    translations = np.median(flows, axis=1)  # (points, 2): robust global motion at each
+    # Least-squares radial expansion rate of the flow left after the translation, at each point.
+    residual = flows - translations[:, None]
+    zooms = (residual[..., 0] @ rx.ravel() + residual[..., 1] @ ry.ravel()) / norm * corner
+    tx, ty = (float(v) for v in np.median(translations, axis=0))
     zoom = float(np.median(zooms))
-    return MotionEstimate(float(np.mean(magnitudes)), (float(tx), float(ty)), zoom, _label(tx, ty, zoom, config))
+    return MotionEstimate(magnitude, (tx, ty), zoom, _label(tx, ty, zoom, config))
 
 
 def _label(tx: float, ty: float, zoom: float, config: Motion) -> CameraMotion:

@@ -22,6 +22,7 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -86,40 +87,18 @@ class EncodedClip:
 
 @dataclass
 class PacketIndex:
-    """The source's video packets (demuxed once, not decoded): their timestamps in decode
-    order; per frame (presentation order, the order the decoder emits frames in) the
-    position of its packet; the key frames."""
+    """A stream's packets: their timestamps in decode order; per frame (presentation order,
+    the order the decoder emits frames in) the position of its packet; the key frames.
+    Positions and frames count from the first packet of the stream."""
 
     pts: np.ndarray  # (packets,) in decode order
     dts: np.ndarray
     frame_packet: np.ndarray  # frame index -> packet position
     key_frames: np.ndarray  # frame indices of key frames, ascending
 
-    @classmethod
-    def read(cls, container: av.container.InputContainer) -> PacketIndex | None:
-        """The index of an open source's first video stream, or None where frames cannot be
-        told apart by timestamp (no pts, repeated pts, packets an edit list discards): such
-        a source is never remuxed."""
-        pts, dts, key = [], [], []
-        for packet in container.demux(container.streams.video[0]):
-            if packet.size == 0:
-                continue  # the demuxer's end-of-stream marker
-            if packet.pts is None or packet.dts is None or packet.is_discard or packet.is_corrupt:
-                return None
-            pts.append(packet.pts)
-            dts.append(packet.dts)
-            key.append(packet.is_keyframe)
-        pts_array = np.asarray(pts, np.int64)
-        if not pts or len(np.unique(pts_array)) != len(pts_array) or not key[0]:
-            return None
-        frame_packet = np.argsort(pts_array, kind="stable")
-        key_array = np.asarray(key, bool)
-        dts_array = np.asarray(dts, np.int64)
-        return cls(pts_array, dts_array, frame_packet, np.flatnonzero(key_array[frame_packet]))
-
     @property
     def frames(self) -> int:
-        return len(self.pts)
+        return len(self.frame_packet)
 
     def span(self, start: int, end: int) -> tuple[int, int, int]:
         """For frames [start, end): the key frame at or before `start`, and the packets (decode
@@ -128,45 +107,105 @@ class PacketIndex:
         first = int(self.key_frames[np.searchsorted(self.key_frames, start, side="right") - 1])
         return first, int(self.frame_packet[first]), int(self.frame_packet[first:end].max()) + 1
 
-    def remux(self, source: av.container.InputContainer, start: int, end: int) -> tuple[bytes, int] | None:
-        """The mp4 of source frames [start, end) copied packet by packet from `source` (an open
-        container of the indexed file), and the number of frames before `start` it begins with;
-        None if seeking did not find the key frame."""
-        first, begin, stop = self.span(start, end)
-        origin = int(self.pts[begin])
-        stream = source.streams.video[0]
-        # To the key frame by its decode time (at or before it: a packet before it is skipped below).
-        source.seek(int(self.dts[begin]) if begin else int(self.dts.min()), stream=stream, backward=True)
-        found = False
 
-        def packets() -> Iterator[av.Packet]:
-            nonlocal found
-            position = None
-            for packet in source.demux(stream):
-                if packet.size == 0:
-                    continue
-                if position is None and packet.pts != origin:
-                    continue
-                position = begin if position is None else position + 1
-                found = True
-                if position >= stop:
-                    return
-                if packet.pts < origin:
-                    continue  # an open GOP's leading frame: it needs the previous GOP, and precedes the clip
-                packet.pts, packet.dts = packet.pts - origin, packet.dts - origin
-                yield packet
-
-        mp4 = _mp4(stream, packets())
-        return (mp4, start - first) if found else None
+# A packet kept: its data, pts, dts and whether it is a key frame.
+_Packet = tuple[bytes, int, int, bool]
 
 
-def _mp4(template: av.VideoStream, packets: Iterable[av.Packet]) -> bytes:
-    """An mp4 of one video stream with `template`'s codec parameters, holding `packets` (timed
-    from 0, in decode order) as they are."""
+class PacketStore:
+    """One stream's packets in decode order, one frame each, added as they are made (demuxed
+    from a source or encoded), and clips copied out of them as mp4 files without re-encoding.
+
+    A frame's number is its packet's rank by pts: the decoder emits frames in pts order, so once
+    a frame is decoded every packet before it in that order has been added. Packets are dropped
+    from the front (`release_before`), so memory stays bounded on any length of video."""
+
+    def __init__(self, template: av.VideoStream, time_base: Fraction):
+        # The codec parameters of every clip's file, copied: `template`'s container may close first.
+        self._holder = av.open(io.BytesIO(), "w", format="mp4")  # never written to
+        self.template = self._holder.add_stream_from_template(template)
+        self.time_base = time_base
+        self._packets: list[_Packet] = []
+        self._pts: set[int] = set()  # of the packets kept
+        self._dropped = 0  # packets (and frames) dropped from the front
+
+    def add(self, data: bytes, pts: int, dts: int, key: bool) -> None:
+        self._packets.append((data, pts, dts, key))
+        self._pts.add(pts)
+
+    def holds(self, pts: int) -> bool:
+        """Whether a packet kept has this pts."""
+        return pts in self._pts
+
+    @property
+    def frames(self) -> int:
+        """Frames (packets) added, dropped ones included."""
+        return self._dropped + len(self._packets)
+
+    @property
+    def kept(self) -> int:
+        """Packets held."""
+        return len(self._packets)
+
+    def index(self) -> PacketIndex:
+        """The packets kept, as an index by frame."""
+        count = len(self._packets)
+        pts = np.fromiter((p[1] for p in self._packets), np.int64, count)
+        order = np.argsort(pts, kind="stable")
+        frame_packet = np.full(self.frames, -1, np.int64)  # -1: dropped
+        frame_packet[self._dropped :] = order + self._dropped
+        keys = np.fromiter((p[3] for p in self._packets), bool, count)
+        dts = np.fromiter((p[2] for p in self._packets), np.int64, count)
+        return PacketIndex(pts, dts, frame_packet, self._dropped + np.flatnonzero(keys[order]))
+
+    def clip_packets(self, start: int, end: int) -> tuple[list[_Packet], int, int]:
+        """What the copy of frames [start, end) (all added) holds: its packets, the pts that is its
+        zero (its key frame's) and that key frame, at or before `start`."""
+        if end > self.frames:
+            raise ValueError(f"frames [{start}, {end}) are not all added: {self.frames} are")
+        index = self.index()
+        if not len(index.key_frames) or start < index.key_frames[0]:
+            raise ValueError(f"frames before {self._dropped} were released; asked for [{start}, {end})")
+        first, begin, stop = index.span(start, end)
+        origin = int(index.pts[begin - self._dropped])
+        # An open GOP's leading frames (after the key frame in decode order, shown before it) need the
+        # GOP before, and precede the clip: left out.
+        chosen = [p for p in self._packets[begin - self._dropped : stop - self._dropped] if p[1] >= origin]
+        return chosen, origin, first
+
+    def clip(self, start: int, end: int) -> tuple[bytes, int]:
+        """The mp4 of frames [start, end) (all added) and the number of frames before `start` it
+        begins with: from the key frame at or before `start`."""
+        packets, origin, first = self.clip_packets(start, end)
+        return _mp4(self.template, self.time_base, packets, origin), start - first
+
+    def release_before(self, frame: int) -> None:
+        """No clip will start before `frame`: drop the packets before the key frame at or before it
+        (if every packet kept follows them in pts as well, so frame numbers stay ranks)."""
+        if not self._packets:
+            return
+        index = self.index()
+        keys = index.key_frames[index.key_frames <= frame]
+        cut = int(index.frame_packet[keys[-1]]) - self._dropped if len(keys) else 0
+        if cut > 0 and index.pts[:cut].max() < index.pts[cut:].min():
+            self._pts.difference_update(p[1] for p in self._packets[:cut])
+            del self._packets[:cut]
+            self._dropped += cut
+
+    def close(self) -> None:
+        self._packets, self._pts = [], set()
+        self._holder.close()
+
+
+def _mp4(template: av.VideoStream, time_base: Fraction, packets: Iterable[_Packet], origin: int) -> bytes:
+    """An mp4 of one video stream with `template`'s codec parameters, holding `packets` (in
+    decode order) as they are, timed from `origin`."""
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="mp4") as out:
         target = out.add_stream_from_template(template)
-        for packet in packets:
+        for data, pts, dts, key in packets:
+            packet = av.Packet(data)
+            packet.pts, packet.dts, packet.time_base, packet.is_keyframe = pts - origin, dts - origin, time_base, key
             packet.stream = target
             out.mux(packet)
     return buffer.getvalue()
@@ -200,9 +239,8 @@ class VideoEncoding:
         self._batch: list[av.VideoFrame] = []
         self._frames: queue.Queue[list[av.VideoFrame] | None] = queue.Queue(maxsize=self._QUEUED)
         self._done = threading.Condition()
-        # Encoded packets in decode order, from position `_dropped` on: (data, pts, dts, key frame).
-        self._packets: list[tuple[bytes, int, int, bool]] = []
-        self._dropped = 0
+        # The encoded packets; frames are numbered by pts (`feed`), so a frame's number is its rank.
+        self._store = PacketStore(self._stream, self._time_base)
         self._encoded_through = -1  # every frame up to this one has its packet
         self._pending_pts: set[int] = set()  # frames after it with their packets
         self._finished = False
@@ -262,7 +300,7 @@ class VideoEncoding:
             return
         with self._done:
             for packet in packets:
-                self._packets.append((bytes(packet), packet.pts, packet.dts, packet.is_keyframe))
+                self._store.add(bytes(packet), packet.pts, packet.dts, packet.is_keyframe)
                 self._pending_pts.add(packet.pts)
             while self._encoded_through + 1 in self._pending_pts:
                 self._encoded_through += 1
@@ -287,41 +325,14 @@ class VideoEncoding:
             self._raise()
             if self._encoded_through < end - 1 and not self._finished:
                 raise ValueError(f"frames [{start}, {end}) are not all encoded: {self._encoded_through + 1} are")
-            index = self._index()
-        if start < index.key_frames[0]:
-            raise ValueError(f"frames before {index.key_frames[0]} were released; asked for [{start}, {end})")
-        first, begin, stop = index.span(start, end)
-        with self._done:
-            chosen = self._packets[begin - self._dropped : stop - self._dropped]
-        time_base = self._time_base
-
-        def packets() -> Iterator[av.Packet]:
-            for data, pts, dts, _ in chosen:
-                if pts < first:
-                    continue
-                packet = av.Packet(data)
-                packet.pts, packet.dts, packet.time_base = pts - first, dts - first, time_base
-                yield packet
-
-        return _mp4(self._stream, packets()), start - first
-
-    def _index(self) -> PacketIndex:
-        """The packets kept, as an index by frame (positions counted from the first ever encoded)."""
-        pts = np.asarray([p[1] for p in self._packets], np.int64)
-        order = np.argsort(pts, kind="stable")
-        frame_packet = np.full(int(pts.max()) + 1, -1, np.int64)
-        frame_packet[pts[order]] = order + self._dropped
-        keys = np.sort(pts[[p[3] for p in self._packets]])
-        dts = np.asarray([p[2] for p in self._packets], np.int64)
-        return PacketIndex(pts, dts, frame_packet, keys)
+            packets, origin, first = self._store.clip_packets(start, end)
+        # Muxed without the lock: the encoder's thread goes on adding packets meanwhile.
+        return _mp4(self._store.template, self._time_base, packets, origin), start - first
 
     def release_before(self, frame: int) -> None:
         """No clip will start before `frame`: drop the packets before the key frame at or before it."""
         with self._done:
-            keys = [i for i, p in enumerate(self._packets) if p[3] and p[1] <= frame]
-            if keys and keys[-1] > 0:
-                del self._packets[: keys[-1]]
-                self._dropped += keys[-1]
+            self._store.release_before(frame)
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -333,6 +344,7 @@ class VideoEncoding:
                     break
             self._frames.put(None)
             self._thread.join()
+        self._store.close()
         self._writer.container.close()
 
 
@@ -345,20 +357,19 @@ class ClipEncoder:
         hq_max_side = config.output.hq_max_side
         self.hq_size = None if hq_max_side is None else output_size(source.width, source.height, hq_max_side)
         self.remuxable = source.codec in REMUX_CODECS
-        self._index: PacketIndex | None = None
-        self._indexed = False
-        self._demuxer: av.container.InputContainer | None = None  # the source, open for stream copies
+        # The source's packets, as the decode reads them (`demuxed`), where a rendition copies them;
+        # None until the first one, and from a packet that cannot be copied on (its clips are encoded).
+        self._source_packets: PacketStore | None = None
+        self._copy_source = self._source_copies(self.small_size) or (
+            self.hq_size is not None and self._source_copies(self.hq_size)
+        )
         self._decoder: _SequentialDecoder | None = None
-        # The small rendition encoded once for the whole video, where clips cannot be copied from the
-        # source (another size or codec, or a source whose packets cannot be indexed).
+        # The small rendition encoded once for the whole video, where clips are not copied from the
+        # source (another size or codec).
         self._encoding: VideoEncoding | None = None
-        try:
-            if not (self._source_copies(self.small_size) and self._source_index() is not None):
-                crf = config.output.clip_crf
-                self._encoding = VideoEncoding(self.small_size, source.fps, crf, SMALL_X264, KEY_INTERVAL_S)
-        except BaseException:
-            self.close()
-            raise
+        if not self._source_copies(self.small_size):
+            crf = config.output.clip_crf
+            self._encoding = VideoEncoding(self.small_size, source.fps, crf, SMALL_X264, KEY_INTERVAL_S)
         # One scaler per rendition for all its frames: `frame.reformat(width=...)` sets up FFmpeg's
         # scaler anew per call.
         self._small_scaler = VideoReformatter()
@@ -374,6 +385,25 @@ class ClipEncoder:
             else:
                 out[HQ] = self._hq(start, end)
         return out
+
+    def demuxed(self, packet: av.Packet) -> None:
+        """The source's next packet, in decode order, before the frames it gives are fed: kept
+        where a rendition is a copy of the source (`VideoStream.frames(on_packet=...)`)."""
+        if not self._copy_source:
+            return
+        store = self._source_packets
+        copyable = not (packet.pts is None or packet.dts is None or packet.is_discard or packet.is_corrupt)
+        # Frames are told apart by pts; a copy starts at a key frame.
+        copyable = copyable and (packet.is_keyframe if store is None else not store.holds(packet.pts))
+        if not copyable:
+            self._copy_source = False
+            if store is not None:
+                store.close()
+                self._source_packets = None
+            return
+        if store is None:
+            store = self._source_packets = PacketStore(packet.stream, packet.time_base)
+        store.add(bytes(packet), packet.pts, packet.dts, packet.is_keyframe)
 
     def feed(self, index: int, i420: np.ndarray) -> None:
         """Frame `index` of the source at the decode size, I420 (video.py), every one in order."""
@@ -394,6 +424,8 @@ class ClipEncoder:
         """No clip asked for later starts before `frame`."""
         if self._encoding is not None:
             self._encoding.release_before(frame)
+        if self._source_packets is not None:
+            self._source_packets.release_before(frame)
 
     def _small(self, start: int, end: int, frames: Sequence[np.ndarray]) -> EncodedClip:
         if self._encoding is not None:
@@ -431,30 +463,14 @@ class ClipEncoder:
         """Whether a rendition of `size` is a copy of the source's packets."""
         return self.remuxable and size == (self.source.width, self.source.height)
 
-    def _source_index(self) -> PacketIndex | None:
-        if not self._indexed:
-            # Packets only: `skip_frame` spares the decoding FFmpeg's probe does on opening (1 of 1.5 ms).
-            self._demuxer = av.open(str(self.source.path), options={"skip_frame": "all"})
-            try:
-                self._index = PacketIndex.read(self._demuxer)
-            except av.error.FFmpegError:
-                self._index = None  # a damaged container: its clips are encoded
-            self._indexed = True
-        return self._index
-
     def _remux(self, name: str, size: tuple[int, int], start: int, end: int) -> EncodedClip | None:
-        if not self._source_copies(size):
-            return None
-        self._source_index()
-        if self._index is None or end > self._index.frames:
-            return None
+        store = self._source_packets
+        if not self._source_copies(size) or store is None or end > store.frames:
+            return None  # not a copy, or its packets would not copy (then the clip is encoded)
         try:
-            copied = self._index.remux(self._demuxer, start, end)
+            mp4, first_frame = store.clip(start, end)
         except av.error.FFmpegError:
-            copied = None  # a packet the muxer refuses (a damaged source): encoded instead
-        if copied is None:
-            return None
-        mp4, first_frame = copied
+            return None  # a packet the muxer refuses (a damaged source)
         return EncodedClip(RENDITION_EXT[name], mp4, Rendition(*size, first_frame=first_frame, remuxed=True))
 
     def _writer(self, buffer: io.BytesIO, size: tuple[int, int], x264: X264Settings) -> VideoWriter:
@@ -476,9 +492,9 @@ class ClipEncoder:
         if self._decoder is not None:
             self._decoder.close()
             self._decoder = None
-        if self._demuxer is not None:
-            self._demuxer.close()
-            self._demuxer = None
+        if self._source_packets is not None:
+            self._source_packets.close()
+            self._source_packets = None
 
     def __enter__(self) -> ClipEncoder:
         return self

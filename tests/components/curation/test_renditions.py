@@ -18,7 +18,7 @@ from components.curation.renditions import (
     KEY_INTERVAL_S,
     SMALL_X264,
     ClipEncoder,
-    PacketIndex,
+    PacketStore,
     SourceVideo,
     VideoEncoding,
 )
@@ -61,7 +61,7 @@ def _fed(encoder: ClipEncoder, path: Path) -> ClipEncoder:
     """`encoder`, fed every frame of `path` as curation feeds it (I420 at the decode size)."""
     limits = Limits(max_width=4096, max_height=4096)
     with VideoStream(path, limits, Decode(max_side=encoder.config.decode.max_side)) as stream:
-        for index, frame in enumerate(stream):
+        for index, frame in enumerate(stream.frames(on_packet=encoder.demuxed)):
             encoder.feed(index, frame)
     encoder.finish()
     return encoder
@@ -82,9 +82,19 @@ def small_source(tmp_path_factory) -> SourceVideo:
     return _source(tmp_path_factory.mktemp("renditions") / "small.mp4", 72, 96, 160)
 
 
+def _store(path: Path) -> PacketStore:
+    """Every packet of `path`'s video stream, kept as curation keeps a source's."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        store = PacketStore(stream, stream.time_base)
+        for packet in container.demux(stream):
+            if packet.size:
+                store.add(bytes(packet), packet.pts, packet.dts, packet.is_keyframe)
+    return store
+
+
 def test_the_packet_index_sees_b_frames_and_key_frames(small_source):
-    with av.open(str(small_source.path)) as container:
-        index = PacketIndex.read(container)
+    index = _store(small_source.path).index()
     assert index.frames == 72
     assert not np.array_equal(index.frame_packet, np.arange(72))  # B-frames: decoded out of order
     assert index.key_frames[0] == 0 and 48 in index.key_frames  # a GOP of 2 s at 24 fps
@@ -94,7 +104,7 @@ def test_the_packet_index_sees_b_frames_and_key_frames(small_source):
 def test_a_remuxed_clip_decodes_to_exactly_the_source_frames(small_source, start, end):
     """Starting on a key frame (0, 48) and between them: the file starts at the key frame before."""
     source = _decode(small_source.path)
-    with ClipEncoder(small_source, _config()) as encoder:
+    with _fed(ClipEncoder(small_source, _config()), small_source.path) as encoder:
         out = encoder.renditions(start, end, _i420(source[start:end]))
     small, hq = out[SMALL], out[HQ]
     assert small.ext == "mp4" and hq.ext == "hq.mp4"
@@ -105,6 +115,24 @@ def test_a_remuxed_clip_decodes_to_exactly_the_source_frames(small_source, start
     first = small.rendition.first_frame
     assert len(decoded) >= first + end - start
     np.testing.assert_array_equal(decoded[first : first + end - start], source[start:end])
+
+
+def test_a_source_copy_after_packets_are_released_still_gives_exactly_its_frames(small_source):
+    """Packets before the key frame at or before a frame are let go (memory stays bounded on
+    any length); frames keep their numbers, so a later clip copies exactly its own frames, and
+    an earlier one is refused."""
+    source = _decode(small_source.path)
+    store = _store(small_source.path)
+    store.release_before(20)  # key frame 0: nothing to let go yet
+    assert store.frames == store.kept == 72
+    store.release_before(50)
+    assert store.frames == 72 and store.kept == 72 - 48  # from key frame 48 on
+    mp4, first = store.clip(50, 61)
+    assert first == 2
+    np.testing.assert_array_equal(_decode(mp4)[first : first + 11], source[50:61])
+    with pytest.raises(ValueError, match="released"):
+        store.clip(40, 50)
+    store.close()
 
 
 def test_an_open_gop_source_remuxes_without_the_previous_gops_frames(tmp_path):
@@ -119,7 +147,7 @@ def test_an_open_gop_source_remuxes_without_the_previous_gops_frames(tmp_path):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
         container.mux(stream.encode())
     source = _decode(path)
-    with ClipEncoder(SourceVideo(path, 160, 96, "h264", FPS), _config()) as encoder:
+    with _fed(ClipEncoder(SourceVideo(path, 160, 96, "h264", FPS), _config()), path) as encoder:
         for start, end in [(24, 50), (30, 72)]:
             clip = encoder.renditions(start, end, _i420(source[start:end]))[SMALL]
             first = clip.rendition.first_frame
@@ -188,10 +216,10 @@ def test_a_video_encoding_gives_each_clip_its_own_frames(tmp_path):
         encoding.finish()
         for start, end in [(0, 25), (25, 40), (31, 60), (60, 75)]:
             _assert_bars(encoding, start, end)
-        kept = len(encoding._packets)
+        kept = encoding._store.kept
         encoding.release_before(60)
         # From the key frame at or before 60 on (x264 puts one at most 25 frames apart).
-        assert 75 - 60 <= len(encoding._packets) <= 75 - 60 + 25 < kept
+        assert 75 - 60 <= encoding._store.kept <= 75 - 60 + 25 < kept
         _assert_bars(encoding, 61, 75)
         with pytest.raises(ValueError, match="released"):
             encoding.clip(10, 30)
@@ -201,7 +229,7 @@ def test_a_video_encoding_gives_each_clip_its_own_frames(tmp_path):
 
 def test_no_hq_rendition_when_hq_max_side_is_none(small_source):
     frames = _decode(small_source.path)[:24]
-    with ClipEncoder(small_source, _config(hq_max_side=None)) as encoder:
+    with _fed(ClipEncoder(small_source, _config(hq_max_side=None)), small_source.path) as encoder:
         out = encoder.renditions(0, 24, _i420(frames))
     assert set(out) == {SMALL}
 
@@ -226,7 +254,7 @@ def test_the_loader_skips_the_frames_before_a_remuxed_clip(small_source, tmp_pat
     """A clip [21, 45) stream-copied from key frame 0 (first_frame 21) in the small shards and one
     with first_frame 3 in the hq shards: each loader reads frames from the clip's own first frame."""
     source = _decode(small_source.path)
-    with ClipEncoder(small_source, _config()) as encoder:
+    with _fed(ClipEncoder(small_source, _config()), small_source.path) as encoder:
         out = encoder.renditions(21, 45, _i420(source[21:45]))
     record = ClipRecord(
         key="clip", video="small.mp4", start_frame=21, end_frame=45, start_s=21 / FPS, end_s=45 / FPS, fps=FPS,
