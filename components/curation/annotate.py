@@ -263,6 +263,7 @@ def _curate_stream(
     # middle of the dark run): frames of a black run longer than a clip share one array, so a long
     # black stretch costs no memory. Their pixels differ from it by less than `fade_threshold`.
     dark_run = 0
+    dark_checked = 0  # frames whose mean has been checked for a dark run
 
     def emit(segment: Segment) -> None:
         frames = window[segment.start - window_start : segment.end - window_start]
@@ -305,8 +306,13 @@ def _curate_stream(
             encoder.feed(index, frame)
         with watch("cuts"):
             detector.feed(index, frame)
-            dark_run = dark_run + 1 if detector.luma[-1] < config.cuts.fade_threshold else 0
-            window.append(window[-1] if dark_run > segmenter.piece_len and window else frame)
+            window.append(frame)
+            # Frame means come from the detector a batch at a time.
+            while dark_checked < len(detector.luma):
+                dark_run = dark_run + 1 if detector.luma[dark_checked] < config.cuts.fade_threshold else 0
+                if dark_run > segmenter.piece_len and dark_checked > window_start:
+                    window[dark_checked - window_start] = window[dark_checked - window_start - 1]
+                dark_checked += 1
             closed += segmenter.advance(detector.take_cuts(), detector.settled, detector.luma)
         while closed and encoder.ready(closed[0].end):
             emit(closed.popleft())

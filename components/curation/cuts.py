@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from components.curation.config import Cuts
-from components.curation.video import luma, reduced_rgb
+from components.curation.video import C_FULL_RANGE, Y_FULL_RANGE, _halve, luma
 
 # Cuts this many frames apart or closer are one cut (the earlier is kept): detectors place the same
 # transition a frame or two apart.
@@ -30,21 +30,86 @@ MERGE_FRAMES = 2
 ADAPTIVE_MIN_SCORE = 15.0
 
 
-class _ContentScore:
-    """ContentDetector's frame score: the mean absolute difference of hue, saturation and value to the
-    previous frame given, weighted equally. Computed once per frame (with OpenCV) for every detector
-    that uses it, instead of once per detector."""
+def hsv_change(hsv: np.ndarray, previous: np.ndarray) -> float:
+    """ContentDetector's frame score from two HSV pictures: the mean absolute difference of hue,
+    saturation and value, weighted equally; as the mean over every value (the channels are the
+    same size), OpenCV's one-pass L1 norm."""
+    return cv2.norm(hsv, previous, cv2.NORM_L1) / hsv.size
 
-    def __init__(self) -> None:
-        self.value = 0.0
-        self._previous: np.ndarray | None = None
 
-    def update(self, rgb: np.ndarray) -> None:
+def content_score(rgb: np.ndarray, previous: np.ndarray) -> float:
+    """ContentDetector's score of RGB frame `rgb` after `previous`."""
+    return hsv_change(cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV), cv2.cvtColor(previous, cv2.COLOR_RGB2HSV))
+
+
+class FrameStatistics:
+    """What the detectors read of each frame, computed for frames in batches: the frame reduced as
+    `reduced_rgb` does (to 1 / 2**halvings of its size), the mean of that RGB picture, its HSV
+    picture and the content score against the previous frame's (0 for the first).
+
+    The same values as frame by frame, for less: each OpenCV call costs about a microsecond before
+    any work, most of it on pictures this small. A batch's pictures stand side by side and are
+    reduced and converted in one call each (side by side, not stacked: OpenCV's conversions cost
+    about 100 ns a row, three times more per pixel on a tall narrow picture than on a wide one)."""
+
+    def __init__(self, shape: tuple[int, int], halvings: int, batch: int):
+        """`shape`: (height, width) of the frames' luma; `halvings` >= 1."""
+        h, w = shape
+        self.halvings, self.batch = halvings, batch
+        self._h = h
+        # Cropped to a multiple of 2**halvings (what repeated halving reads), so that side by side
+        # every halving pairs columns of one picture.
+        hc, wc = self._crop = (h >> halvings << halvings, w >> halvings << halvings)
+        self.size = (hc >> halvings, wc >> halvings)  # (h, w) of a reduced picture
+        # Each picture's planes after the first step: luma halved once; chroma (half size already)
+        # halved once too where it is halved at all.
+        self._luma_step = (hc // 2, wc // 2)
+        self._chroma_step = (hc // 2, wc // 2) if halvings == 1 else (hc // 4, wc // 4)
+        self._y = np.empty((self._luma_step[0], batch * self._luma_step[1]), np.uint8)
+        self._u = np.empty((self._chroma_step[0], batch * self._chroma_step[1]), np.uint8)
+        self._v = np.empty_like(self._u)
+        self._previous: np.ndarray | None = None  # the last HSV picture computed
+        self.count = 0  # frames waiting in the batch
+
+    def add(self, i420: np.ndarray) -> None:
+        """The next frame (I420, video.py); `compute` when `count` reaches `batch`."""
+        h, w = self._h, i420.shape[1]
+        (hc, wc), i = self._crop, self.count
+        u, v = i420[h:].reshape(2, h // 2, w // 2)
+        rows, cols = self._luma_step
+        cv2.resize(
+            i420[:hc, :wc], (cols, rows), dst=self._y[:, i * cols : (i + 1) * cols], interpolation=cv2.INTER_AREA
+        )
+        rows, cols = self._chroma_step
+        for plane, side_by_side in ((u, self._u), (v, self._v)):
+            slot = side_by_side[:, i * cols : (i + 1) * cols]
+            if self.halvings == 1:  # chroma is at half size already
+                slot[...] = plane[:rows, :cols]
+            else:
+                cv2.resize(plane[: hc // 2, : wc // 2], (cols, rows), dst=slot, interpolation=cv2.INTER_AREA)
+        self.count += 1
+
+    def compute(self) -> tuple[list[float], list[float], list[np.ndarray]]:
+        """For the frames added since the last call: their means, content scores and HSV pictures
+        (views, valid until the next call)."""
+        n, ws = self.count, self.size[1]
+        y = self._y[:, : n * self._luma_step[1]]
+        u, v = self._u[:, : n * self._chroma_step[1]], self._v[:, : n * self._chroma_step[1]]
+        for _ in range(self.halvings - 1):
+            y = _halve(y)
+        for _ in range(self.halvings - 2):
+            u, v = _halve(u), _halve(v)
+        ycrcb = cv2.merge([cv2.LUT(y, Y_FULL_RANGE), cv2.LUT(v, C_FULL_RANGE), cv2.LUT(u, C_FULL_RANGE)])
+        rgb = cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2RGB)
         hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-        # The mean of the three channels' mean differences, as the mean over every value (the channels
-        # are the same size): OpenCV's one-pass L1 norm, 4x faster than its per-channel means.
-        self.value = 0.0 if self._previous is None else cv2.norm(hsv, self._previous, cv2.NORM_L1) / hsv.size
-        self._previous = hsv
+        pictures = [hsv[:, i * ws : (i + 1) * ws] for i in range(n)]
+        # The mean of a picture's channels' means, as the mean over every value (one channel, 6x faster).
+        means = [cv2.mean(rgb[:, i * ws : (i + 1) * ws].reshape(self.size[0], -1))[0] for i in range(n)]
+        before = [self._previous, *pictures[:-1]]
+        changes = [0.0 if b is None else hsv_change(a, b) for a, b in zip(pictures, before, strict=True)]
+        self._previous = pictures[-1].copy()
+        self.count = 0
+        return means, changes, pictures
 
 
 class AdaptiveRule:
@@ -116,7 +181,7 @@ class _DissolvePass:
         # Intervals with a frame darker than this are fades through black, left to the fade detector
         # (which places the cut in the dark, not on the fade's ramp); None: no fade detector.
         self.black = black
-        self.score = _ContentScore()
+        self._previous: np.ndarray | None = None  # HSV picture of the previous sample
         # One cut per dissolve (min_len): it may stand out in two neighbouring sample intervals.
         self.rule = AdaptiveRule(threshold, ADAPTIVE_MIN_SCORE, min_len=2, window=self.window)  # in samples
         # (change from the previous frame, luma) of the frames back to the interval before the sample
@@ -124,14 +189,16 @@ class _DissolvePass:
         self.frames: deque[tuple[float, float]] = deque(maxlen=(self.window + 1) * step)
         self.newest_sample = 0
 
-    def feed(self, index: int, rgb: np.ndarray, change: float, luma: float) -> list[int]:
+    def feed(self, index: int, hsv: np.ndarray, change: float, luma: float) -> list[int]:
+        """Frame `index`: its HSV picture, content score (change from the previous frame) and mean."""
         self.frames.append((change, luma))
         if index % self.step:
             return []
         self.newest_sample = index
-        self.score.update(rgb)
+        score = 0.0 if self._previous is None else hsv_change(hsv, self._previous)
+        self._previous = hsv.copy()  # the caller's picture is overwritten
         # The rule's frames are sample numbers: a sample's frame is `step` times its number.
-        sample = self.rule.feed(index // self.step, self.score.value)
+        sample = self.rule.feed(index // self.step, score)
         cut = None if sample is None else self._place(sample * self.step, index)
         return [] if cut is None else [cut]
 
@@ -152,13 +219,14 @@ class CutDetector:
     """Streaming: `feed` each decoded frame in order; `take_cuts` returns the cuts confirmed so far
     (every cut before `settled`); `finish` after the last frame returns the rest."""
 
+    BATCH = 16  # frames whose statistics are computed at once (FrameStatistics)
+
     def __init__(self, fps: float, config: Cuts):
         self.config = config
         min_len = max(2, int(round(0.25 * fps)))
         kinds = set(config.detectors)
         # The content score above a high threshold (hard cuts, also out of fast motion), and above its
         # neighbours' mean by `content_min_ratio`, so steady fast motion over that threshold is no cut.
-        self.score = _ContentScore()  # of the full-rate detectors
         self.content = (
             AdaptiveRule(config.content_min_ratio, config.content_threshold, min_len) if "content" in kinds else None
         )
@@ -174,8 +242,7 @@ class CutDetector:
         # How far from a cut another detector may place the same transition.
         self._max_reach = max([MERGE_FRAMES, *steps]) if self.dissolves else MERGE_FRAMES
         self.luma: list[float] = []  # mean of each frame at detection size (0-255)
-        self._scored = bool(kinds & {"content", "adaptive", "dissolves"})
-        self._halvings: int | None = None  # of the frames' sides, for detection
+        self._statistics: FrameStatistics | None = None  # made for the first frame's size
         self._last = -1
         self._finished = False
         # (frame, reach) of each cut found, until no decision reads it.
@@ -185,28 +252,33 @@ class CutDetector:
         self._last_kept: tuple[int, int] | None = None  # (frame, reach)
 
     def feed(self, index: int, frame: np.ndarray) -> None:
-        """`frame`: I420 (video.py), the next one in order."""
-        if self._halvings is None:
+        """`frame`: I420 (video.py), the next one in order. Frames are read in batches of `BATCH`:
+        `settled` and `luma` come that far behind at most."""
+        if self._statistics is None:
             # Halved as often as the height stays at least detection_height (and at least once).
             height = luma(frame).shape[0]
-            self._halvings = max(1, int(np.log2(max(1, height / self.config.detection_height))))
-        # Reduced before the conversion to RGB: the detectors see a small RGB frame, at a fraction of
-        # the cost of converting the whole frame.
-        small = reduced_rgb(frame, self._halvings)
-        # The mean of its channels' means, as the mean over every value: a one-channel view, 6x faster.
-        mean = cv2.mean(small.reshape(small.shape[0], -1))[0]
-        self.luma.append(mean)
-        if self._scored:
-            self.score.update(small)
-        # Each statistic once per frame: the content score (both adaptive rules read it) and the mean.
-        for rule, value in ((self.content, self.score.value), (self.adaptive, self.score.value), (self.fades, mean)):
-            if rule is not None and (cut := rule.feed(index, value)) is not None:
-                self._candidates.append((cut, MERGE_FRAMES))
-        for dissolves in self.dissolves:
-            # A frame's change from the previous one is its content score.
-            found = dissolves.feed(index, small, self.score.value, mean)
-            self._candidates.extend((cut, dissolves.step) for cut in found)
-        self._last = index
+            halvings = max(1, int(np.log2(max(1, height / self.config.detection_height))))
+            self._statistics = FrameStatistics(luma(frame).shape, halvings, self.BATCH)
+        if index != self._last + 1 + self._statistics.count:
+            raise ValueError(f"frame {index} fed after {self._last + self._statistics.count}: frames go in order")
+        self._statistics.add(frame)
+        if self._statistics.count == self.BATCH:
+            self._decide()
+
+    def _decide(self) -> None:
+        """The detectors on the frames waiting, in order."""
+        means, changes, hsv = self._statistics.compute()
+        for offset, (mean, change) in enumerate(zip(means, changes, strict=True)):
+            index = self._last + 1
+            self.luma.append(mean)
+            # Each statistic once per frame: the content score (both adaptive rules read it) and the mean.
+            for rule, value in ((self.content, change), (self.adaptive, change), (self.fades, mean)):
+                if rule is not None and (cut := rule.feed(index, value)) is not None:
+                    self._candidates.append((cut, MERGE_FRAMES))
+            for dissolves in self.dissolves:
+                found = dissolves.feed(index, hsv[offset], change, mean)
+                self._candidates.extend((cut, dissolves.step) for cut in found)
+            self._last = index
         self._confirm()
 
     @property
@@ -238,6 +310,8 @@ class CutDetector:
     def finish(self) -> list[int]:
         """After the last frame: the cuts not yet taken (the library's detectors add none at the end:
         the last `window` frames are never a cut, nor is a fade out that does not return)."""
+        if self._statistics is not None and self._statistics.count:
+            self._decide()
         self._finished = True
         self._confirm()
         return self.take_cuts()

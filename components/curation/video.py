@@ -77,8 +77,8 @@ def from_rgb(rgb: np.ndarray) -> np.ndarray:
 # YCrCb to RGB is then FFmpeg's default (BT.601, limited range) conversion. Applied to each plane
 # before they are merged: OpenCV's one-channel table lookup is several times faster than its
 # three-channel one.
-_Y_FULL_RANGE = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
-_C_FULL_RANGE = np.clip(np.round((np.arange(256) - 128) * 255 / 224 + 128), 0, 255).astype(np.uint8)
+Y_FULL_RANGE = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
+C_FULL_RANGE = np.clip(np.round((np.arange(256) - 128) * 255 / 224 + 128), 0, 255).astype(np.uint8)
 
 
 def _halve(plane: np.ndarray) -> np.ndarray:
@@ -101,7 +101,7 @@ def reduced_rgb(i420: np.ndarray, halvings: int) -> np.ndarray:
         u, v = _halve(u), _halve(v)
     rows, cols = min(y.shape[0], u.shape[0]), min(y.shape[1], u.shape[1])
     y, u, v = y[:rows, :cols], u[:rows, :cols], v[:rows, :cols]
-    ycrcb = cv2.merge([cv2.LUT(y, _Y_FULL_RANGE), cv2.LUT(v, _C_FULL_RANGE), cv2.LUT(u, _C_FULL_RANGE)])
+    ycrcb = cv2.merge([cv2.LUT(y, Y_FULL_RANGE), cv2.LUT(v, C_FULL_RANGE), cv2.LUT(u, C_FULL_RANGE)])
     return cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2RGB)
 
 

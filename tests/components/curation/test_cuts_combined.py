@@ -10,8 +10,8 @@ from scenedetect import FrameTimecode, StatsManager
 from scenedetect.detectors import AdaptiveDetector, ContentDetector, ThresholdDetector
 
 from components.curation.config import CurationConfig, Cuts
-from components.curation.cuts import AdaptiveRule, CutDetector, FadeRule, _ContentScore
-from components.curation.video import from_rgb
+from components.curation.cuts import AdaptiveRule, CutDetector, FadeRule, FrameStatistics, content_score
+from components.curation.video import from_rgb, reduced_rgb
 
 H, W, FPS = 180, 320, 30.0
 FULL_RATE = ("content", "adaptive", "fades")
@@ -192,16 +192,43 @@ def test_the_shared_content_score_is_pyscenedetects():
     frames = _calm(rng, (70, 130, 90), 5) + _fast_pan(rng, (120, 60, 140), 5)
     library = ContentDetector()
     library.stats_manager = StatsManager()
-    ours = _ContentScore()
+    previous = None
     for index, rgb in enumerate(frames):
         timecode = FrameTimecode(index, fps=FPS)
         library.process_frame(timecode, np.ascontiguousarray(rgb[..., ::-1]))
-        ours.update(rgb)
+        ours = 0.0 if previous is None else content_score(rgb, previous)
+        previous = rgb
         (expected,) = library.stats_manager.get_metrics(timecode, [ContentDetector.FRAME_SCORE_KEY])
-        assert ours.value == pytest.approx(expected or 0.0, abs=1e-9)
-    assert ours.value > 10
+        assert ours == pytest.approx(expected or 0.0, abs=1e-9)
+    assert ours > 10
     # The detectors take the shared score through this hook.
     assert "_calculate_frame_score" in vars(ContentDetector)
+
+
+@pytest.mark.parametrize(("shape", "halvings"), [((180, 320), 2), ((136, 320), 1), ((144, 176), 2), ((270, 480), 3)])
+def test_frame_statistics_in_batches_are_those_of_each_frame_alone(shape, halvings):
+    """Means, content scores and HSV pictures of frames read in batches (any batch boundary, a
+    partial last batch) equal those of each frame reduced alone (`reduced_rgb`)."""
+    rng = np.random.default_rng(5)
+    frames = [cv2.resize(f, shape[::-1], interpolation=cv2.INTER_AREA) for f in _fast_pan(rng, (120, 60, 140), 21)]
+    i420 = [from_rgb(f) for f in frames]
+    smalls = [reduced_rgb(f, halvings) for f in i420]
+    statistics = FrameStatistics(shape, halvings, batch=8)
+    means, scores, pictures = [], [], []
+    for start in range(0, len(i420), 8):
+        for frame in i420[start : start + 8]:
+            statistics.add(frame)
+        m, c, hsv = statistics.compute()
+        means += m
+        scores += c
+        pictures += [p.copy() for p in hsv]
+    assert statistics.size == smalls[0].shape[:2]
+    np.testing.assert_allclose(means, [s.mean() for s in smalls], rtol=1e-12)
+    expected = [0.0] + [content_score(b, a) for a, b in zip(smalls, smalls[1:], strict=False)]
+    np.testing.assert_allclose(scores, expected, rtol=1e-12)
+    assert min(scores[1:]) > 1  # a fast pan: every frame changes
+    for picture, small in zip(pictures, smalls, strict=True):
+        np.testing.assert_array_equal(picture, cv2.cvtColor(small, cv2.COLOR_RGB2HSV))
 
 
 class _GivenScores(AdaptiveDetector):
