@@ -10,6 +10,9 @@ from typing import BinaryIO
 import av
 import numpy as np
 
+# AV_PICTURE_TYPE_NONE: the encoder chooses each frame's type.
+NO_PICTURE_TYPE = 0
+
 
 class VideoWriter:
     """An H.264 mp4 encoder fed one frame at a time (RGB arrays or decoded `av.VideoFrame`s,
@@ -57,7 +60,8 @@ class VideoWriter:
         if isinstance(frame, np.ndarray):
             frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
         else:
-            frame.pts = None  # the source's timestamps are not this file's
+            # The source's timestamps and picture types (which x264 would obey) are not this file's.
+            frame.pts, frame.pict_type = None, NO_PICTURE_TYPE
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
 

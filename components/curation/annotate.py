@@ -26,12 +26,13 @@ import tempfile
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 from tqdm import tqdm
@@ -55,7 +56,7 @@ from components.curation.neural import (
 )
 from components.curation.renditions import ClipEncoder, EncodedClip, SourceVideo
 from components.curation.segments import Segment, Segmenter
-from components.curation.video import Rejected, VideoStream, luma, open_video, to_rgb
+from components.curation.video import Rejected, VideoStream, halve, luma, open_video, to_rgb
 from model.records import ClipRecord, Flow
 
 CLIPS_FILE = "clips.jsonl"
@@ -115,10 +116,19 @@ def clip_key(video: str, index: int) -> str:
 def _thumbnail_strip(keyframes: np.ndarray) -> bytes:
     h, w = keyframes.shape[1:3]
     size = (max(2, round(w * THUMB_HEIGHT / h)), THUMB_HEIGHT)
+    # Halved exactly first while that stays above the thumbnail's size: OpenCV's area reduction by 2 is
+    # its fast path, by any other factor about 10x slower a pixel (half the strip's cost, 320x180 frames).
+    while h // 2 >= THUMB_HEIGHT and w // 2 >= size[0]:
+        keyframes = np.stack([halve(f) for f in keyframes])
+        h, w = keyframes.shape[1:3]
     strip = np.concatenate([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in keyframes], axis=1)
     ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(strip, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
     assert ok
     return jpeg.tobytes()
+
+
+# The largest spool member copied in one write: a clip's key frames (3 x 320 x 180 x 3 bytes) and more.
+SPOOL_COPY_BYTES = 4 << 20
 
 
 class _Spool:
@@ -142,8 +152,8 @@ class _Spool:
 
 
 class Stopwatch:
-    """Seconds per named stage, summed over repeated (and nested) `with watch("stage"):` blocks.
-    A plain context manager, not a generator one: it times every frame, twice."""
+    """Seconds per named stage, summed over repeated (and nested) `with watch("stage"):` blocks
+    and `add` (where a block per frame would cost more than the work it times)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -158,18 +168,10 @@ class Stopwatch:
 
     def __exit__(self, *exc: object) -> None:
         stage, start = self._open.pop()
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+        self.add(stage, time.perf_counter() - start)
 
-
-def _timed(frames: Iterable[np.ndarray], watch: Stopwatch, stage: str) -> Iterator[np.ndarray]:
-    """`frames`, with the time spent producing each one counted to `stage`."""
-    source = iter(frames)
-    while True:
-        with watch(stage):
-            frame = next(source, None)
-        if frame is None:
-            return
-        yield frame
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
 
 # Scratch folders are named `<prefix><pid>-...` after the process that made them, so that a later
@@ -231,7 +233,11 @@ def process_video(video: str, path: Path, config: CurationConfig, scratch: Path 
         os.close(handle)
         result = VideoResult(video, spool=Path(name), timings_s=watch.seconds)
         try:
-            with tarfile.open(result.spool, "w") as tar, ClipEncoder(source, config) as encoder:
+            with (
+                # Each member copied in one write (tarfile's default copies 16 KiB at a time: 40 a clip).
+                tarfile.open(result.spool, "w", copybufsize=SPOOL_COPY_BYTES) as tar,
+                ClipEncoder(source, config) as encoder,
+            ):
                 _curate_stream(video, stream, encoder, config, _Spool(tar), result, watch)
         except Rejected as e:
             result.spool.unlink()
@@ -257,19 +263,28 @@ def _curate_stream(
     detector = CutDetector(fps, config.cuts)
     segmenter = Segmenter(fps, config.cuts)
     step = max(1, int(round(fps / config.decode.sample_fps)))
-    window: list[np.ndarray] = []  # frames window_start, window_start + 1, ... (I420)
+    window: list[av.VideoFrame] = []  # frames window_start, window_start + 1, ... (yuv420p)
     window_start = 0
     # The cut detector does not settle while the picture stays black (the fade's cut goes in the
     # middle of the dark run): frames of a black run longer than a clip share one array, so a long
     # black stretch costs no memory. Their pixels differ from it by less than `fade_threshold`.
     dark_run = 0
     dark_checked = 0  # frames whose mean has been checked for a dark run
+    # Flow at every `step`-th frame t of the video (t to t + 1), measured as t + 1 decodes: a clip's
+    # estimate combines those inside it when it closes, so closing a clip costs little (the last
+    # clips of a video close after its last frame, when nothing else overlaps them).
+    meter = motion.FlowMeter((stream.size[1], stream.size[0]), config.motion)
+    flows: dict[int, motion.PairMotion] = {}
+    previous: av.VideoFrame | None = None
 
     def emit(segment: Segment) -> None:
         frames = window[segment.start - window_start : segment.end - window_start]
         with watch("flow"):
-            points = list(range(0, len(frames), step))
-            estimate = motion.estimate([luma(f) for f in frames], points, config.motion)
+            first = -(-segment.start // step) * step  # the first sample point in the clip
+            pairs = [flows[t] for t in range(first, segment.end - 1, step) if t in flows]
+            if not pairs and len(frames) > 1:  # a clip shorter than a step: its first two frames
+                pairs = [meter.pair(luma(frames[0]), luma(frames[1]))]
+            estimate = motion.combine(pairs, config.motion)
         keyframes = np.stack([to_rgb(frames[i]) for i in (0, len(frames) // 2, len(frames) - 1)])
         with watch("encode"):
             renditions = {} if segment.too_short else encoder.renditions(segment.start, segment.end, frames)
@@ -300,27 +315,45 @@ def _curate_stream(
     # behind, on its own thread).
     closed: deque[Segment] = deque()
     index = -1
+    # Per frame as little as can be: decode, hand to the encoder and the detector, timed without a
+    # context manager each (a microsecond a frame apiece); the rest once per batch the detector reads.
+    clock = time.perf_counter
     # The encoder keeps the source's packets where a clip is a copy of them: read in the same pass.
-    for index, frame in enumerate(_timed(stream.frames(on_packet=encoder.demuxed), watch, "decode")):
-        with watch("encode"):
-            encoder.feed(index, frame)
-        with watch("cuts"):
-            detector.feed(index, frame)
-            window.append(frame)
-            # Frame means come from the detector a batch at a time.
-            while dark_checked < len(detector.luma):
-                dark_run = dark_run + 1 if detector.luma[dark_checked] < config.cuts.fade_threshold else 0
-                if dark_run > segmenter.piece_len and dark_checked > window_start:
-                    window[dark_checked - window_start] = window[dark_checked - window_start - 1]
-                dark_checked += 1
-            closed += segmenter.advance(detector.take_cuts(), detector.settled, detector.luma)
-        while closed and encoder.ready(closed[0].end):
-            emit(closed.popleft())
-        keep_from = closed[0].start if closed else segmenter.open_from
-        if keep_from > window_start:
-            del window[: keep_from - window_start]
-            window_start = keep_from
-            encoder.release_before(keep_from)
+    frames = stream.frames(on_packet=encoder.demuxed)
+    start = clock()
+    for index, frame in enumerate(frames):
+        decoded = clock()
+        encoder.feed(index, frame)
+        fed = clock()
+        window.append(frame)
+        decided = detector.feed(index, frame)
+        detected = clock()
+        watch.add("decode", decoded - start)
+        watch.add("encode", fed - decoded)
+        watch.add("cuts", detected - fed)
+        if index % step == 1 % step and previous is not None:
+            flows[index - 1] = meter.pair(luma(previous), luma(frame))
+            watch.add("flow", clock() - detected)
+        previous = frame
+        if decided:
+            with watch("cuts"):
+                # The detector's frame means, a batch at a time.
+                while dark_checked < len(detector.luma):
+                    dark_run = dark_run + 1 if detector.luma[dark_checked] < config.cuts.fade_threshold else 0
+                    if dark_run > segmenter.piece_len and dark_checked > window_start:
+                        window[dark_checked - window_start] = window[dark_checked - window_start - 1]
+                    dark_checked += 1
+                closed += segmenter.advance(detector.take_cuts(), detector.settled, detector.luma)
+            while closed and encoder.ready(closed[0].end):
+                emit(closed.popleft())
+            keep_from = closed[0].start if closed else segmenter.open_from
+            if keep_from > window_start:
+                del window[: keep_from - window_start]
+                window_start = keep_from
+                encoder.release_before(keep_from)
+                for t in [t for t in flows if t < keep_from]:
+                    del flows[t]
+        start = clock()
     with watch("encode"):
         encoder.finish()
     with watch("cuts"):

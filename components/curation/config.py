@@ -62,7 +62,7 @@ class Cuts(_Strict):
     # against the samples around it; frame to frame it changes too little to be seen.
     dissolve_steps_s: tuple[Annotated[float, Field(gt=0)], ...] = Field((1.0, 3.0), min_length=1)
     # The detectors see each frame halved (by area) as often as its height stays at least this.
-    detection_height: int = 36
+    detection_height: int = 32
     min_clip_s: float = 1.0
     max_clip_s: float = 10.0
     # Frames darker than this (mean 0-255) are trimmed from clip ends (fades).

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from collections import deque
 
+import av
 import cv2
 import numpy as np
 
 from components.curation.config import Cuts
-from components.curation.video import C_FULL_RANGE, Y_FULL_RANGE, _halve, luma
+from components.curation.video import C_FULL_RANGE, Y_FULL_RANGE, halve, planes
 
 # Cuts this many frames apart or closer are one cut (the earlier is kept): detectors place the same
 # transition a frame or two apart.
@@ -56,7 +57,6 @@ class FrameStatistics:
         """`shape`: (height, width) of the frames' luma; `halvings` >= 1."""
         h, w = shape
         self.halvings, self.batch = halvings, batch
-        self._h = h
         # Cropped to a multiple of 2**halvings (what repeated halving reads), so that side by side
         # every halving pairs columns of one picture.
         hc, wc = self._crop = (h >> halvings << halvings, w >> halvings << halvings)
@@ -71,15 +71,13 @@ class FrameStatistics:
         self._previous: np.ndarray | None = None  # the last HSV picture computed
         self.count = 0  # frames waiting in the batch
 
-    def add(self, i420: np.ndarray) -> None:
-        """The next frame (I420, video.py); `compute` when `count` reaches `batch`."""
-        h, w = self._h, i420.shape[1]
+    def add(self, frame: av.VideoFrame) -> None:
+        """The next frame (yuv420p, video.py); `compute` when `count` reaches `batch`."""
         (hc, wc), i = self._crop, self.count
-        u, v = i420[h:].reshape(2, h // 2, w // 2)
+        y, u, v = planes(frame)
         rows, cols = self._luma_step
-        cv2.resize(
-            i420[:hc, :wc], (cols, rows), dst=self._y[:, i * cols : (i + 1) * cols], interpolation=cv2.INTER_AREA
-        )
+        slot = self._y[:, i * cols : (i + 1) * cols]
+        cv2.resize(y[:hc, :wc], (cols, rows), dst=slot, interpolation=cv2.INTER_AREA)
         rows, cols = self._chroma_step
         for plane, side_by_side in ((u, self._u), (v, self._v)):
             slot = side_by_side[:, i * cols : (i + 1) * cols]
@@ -96,9 +94,9 @@ class FrameStatistics:
         y = self._y[:, : n * self._luma_step[1]]
         u, v = self._u[:, : n * self._chroma_step[1]], self._v[:, : n * self._chroma_step[1]]
         for _ in range(self.halvings - 1):
-            y = _halve(y)
+            y = halve(y)
         for _ in range(self.halvings - 2):
-            u, v = _halve(u), _halve(v)
+            u, v = halve(u), halve(v)
         ycrcb = cv2.merge([cv2.LUT(y, Y_FULL_RANGE), cv2.LUT(v, C_FULL_RANGE), cv2.LUT(u, C_FULL_RANGE)])
         rgb = cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2RGB)
         hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
@@ -251,19 +249,21 @@ class CutDetector:
         self._confirmed: list[int] = []  # decided and kept, not yet taken
         self._last_kept: tuple[int, int] | None = None  # (frame, reach)
 
-    def feed(self, index: int, frame: np.ndarray) -> None:
-        """`frame`: I420 (video.py), the next one in order. Frames are read in batches of `BATCH`:
-        `settled` and `luma` come that far behind at most."""
+    def feed(self, index: int, frame: av.VideoFrame) -> bool:
+        """`frame`: yuv420p (video.py), the next one in order. Frames are read in batches of `BATCH`:
+        `settled`, `luma` and the cuts to take come that far behind at most, and change only when
+        this returns True."""
         if self._statistics is None:
             # Halved as often as the height stays at least detection_height (and at least once).
-            height = luma(frame).shape[0]
-            halvings = max(1, int(np.log2(max(1, height / self.config.detection_height))))
-            self._statistics = FrameStatistics(luma(frame).shape, halvings, self.BATCH)
+            halvings = max(1, int(np.log2(max(1, frame.height / self.config.detection_height))))
+            self._statistics = FrameStatistics((frame.height, frame.width), halvings, self.BATCH)
         if index != self._last + 1 + self._statistics.count:
             raise ValueError(f"frame {index} fed after {self._last + self._statistics.count}: frames go in order")
         self._statistics.add(frame)
-        if self._statistics.count == self.BATCH:
-            self._decide()
+        if self._statistics.count < self.BATCH:
+            return False
+        self._decide()
+        return True
 
     def _decide(self) -> None:
         """The detectors on the frames waiting, in order."""

@@ -11,6 +11,7 @@ at 228x128).
 from __future__ import annotations
 
 import functools
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,41 +54,65 @@ def _flow_size(shape: tuple[int, int], height: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=16)
 def _radial(size: tuple[int, int], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, float, float]:
     """For flow vectors on the `_GRID` of a frame of `size` (w, h), `shape` of them: each one's
-    offset from the frame centre (x, y) in pixels, the sum of their squares, and the centre's
-    distance to a corner."""
+    offset from the frame centre (x, y) in pixels (flattened), the sum of their squares, and the
+    centre's distance to a corner."""
     h, w = shape
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) * _GRID  # in pixels at the flow size
     rx, ry = xs - (size[0] - 1) / 2, ys - (size[1] - 1) / 2
-    return rx, ry, float((rx**2 + ry**2).sum()), float(np.hypot(size[0] / 2, size[1] / 2))
+    return rx.ravel(), ry.ravel(), float((rx**2 + ry**2).sum()), float(np.hypot(size[0] / 2, size[1] / 2))
+
+
+@dataclass(frozen=True)
+class PairMotion:
+    """The flow from one frame to the next: what a clip's estimate is made of (`combine`)."""
+
+    magnitude: float  # mean flow magnitude, px per frame at flow height
+    translation: tuple[float, float]  # median flow (x right, y down)
+    zoom: float  # least-squares radial expansion at the frame corner of the flow left after the translation
+
+
+class FlowMeter:
+    """Flow between adjacent frames of one size (their Y planes), one pair at a time: curation
+    measures each sample point as its frames decode, so that a clip's estimate is ready when the
+    clip closes."""
+
+    def __init__(self, shape: tuple[int, int], config: Motion):
+        self.size = _flow_size(shape, config.flow_height)
+        self._dis = cv2.DISOpticalFlow_create(cv2.DISOpticalFlow_PRESET_ULTRAFAST)
+
+    def pair(self, a: np.ndarray, b: np.ndarray) -> PairMotion:
+        # Bilinear: at most a 2.5x reduction of a 320 px frame; area's general path costs 5x more.
+        a, b = (cv2.resize(x, self.size, interpolation=cv2.INTER_LINEAR) for x in (a, b))
+        # The ultrafast preset estimates flow at a quarter of the size (its finest scale, 2) and scales it
+        # up bilinearly: every fourth vector each way holds all it found, at a sixteenth of the cost.
+        grid = self._dis.calc(a, b, None)[::_GRID, ::_GRID]
+        rx, ry, norm, corner = _radial(self.size, grid.shape[:2])
+        x, y = grid[..., 0].ravel(), grid[..., 1].ravel()
+        tx, ty = float(np.median(x)), float(np.median(y))
+        zoom = float((x - tx) @ rx + (y - ty) @ ry) / norm * corner
+        return PairMotion(float(np.hypot(x, y).mean()), (tx, ty), zoom)
+
+
+def combine(pairs: Sequence[PairMotion], config: Motion) -> MotionEstimate:
+    """A clip's estimate from the flow at its sample points: the mean magnitude, and the median
+    translation and zoom (robust to a pair gone wrong)."""
+    if not pairs:
+        return MotionEstimate(0.0, (0.0, 0.0), 0.0, STATIC)
+    # Python's statistics: a few values, where numpy's call costs 30 times the work.
+    tx = statistics.median(p.translation[0] for p in pairs)
+    ty = statistics.median(p.translation[1] for p in pairs)
+    zoom = statistics.median(p.zoom for p in pairs)
+    magnitude = statistics.fmean(p.magnitude for p in pairs)
+    return MotionEstimate(magnitude, (tx, ty), zoom, _label(tx, ty, zoom, config))
 
 
 def estimate(lumas: Sequence[np.ndarray], sample_points: list[int], config: Motion) -> MotionEstimate:
     """`lumas` are one clip's frames (their Y planes); flow is taken at each sample point t (t, t+1)."""
     points = [t for t in sample_points if t + 1 < len(lumas)]
     if not points:
-        return MotionEstimate(0.0, (0.0, 0.0), 0.0, STATIC)
-    size = _flow_size(lumas[0].shape, config.flow_height)
-    dis = cv2.DISOpticalFlow_create(cv2.DISOpticalFlow_PRESET_ULTRAFAST)
-
-    def flow(t: int) -> np.ndarray:
-        # Bilinear: at most a 2.5x reduction of a 320 px frame; area's general path costs 5x more.
-        a, b = (cv2.resize(lumas[i], size, interpolation=cv2.INTER_LINEAR) for i in (t, t + 1))
-        # The ultrafast preset estimates flow at a quarter of the size (its finest scale, 2) and scales it
-        # up bilinearly: every fourth vector each way holds all it found, at a sixteenth of the cost.
-        return dis.calc(a, b, None)[::_GRID, ::_GRID]
-
-    # Every sample point's statistics at once (points, vectors): numpy's cost per call, not per point.
-    grid = np.stack([flow(t) for t in points])  # (points, rows, columns, 2)
-    rx, ry, norm, corner = _radial(size, grid.shape[1:3])
-    flows = grid.reshape(len(points), -1, 2)
-    magnitude = float(np.hypot(flows[..., 0], flows[..., 1]).mean())
-    translations = np.median(flows, axis=1)  # (points, 2): robust global motion at each
-    # Least-squares radial expansion rate of the flow left after the translation, at each point.
-    residual = flows - translations[:, None]
-    zooms = (residual[..., 0] @ rx.ravel() + residual[..., 1] @ ry.ravel()) / norm * corner
-    tx, ty = (float(v) for v in np.median(translations, axis=0))
-    zoom = float(np.median(zooms))
-    return MotionEstimate(magnitude, (tx, ty), zoom, _label(tx, ty, zoom, config))
+        return combine([], config)
+    meter = FlowMeter(lumas[0].shape, config)
+    return combine([meter.pair(lumas[t], lumas[t + 1]) for t in points], config)
 
 
 def _label(tx: float, ty: float, zoom: float, config: Motion) -> CameraMotion:

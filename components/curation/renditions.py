@@ -12,7 +12,7 @@ copied from the source is encoded once for the whole video (`VideoEncoding`), fr
 frame as the video decodes, on a thread of its own that overlaps decoding; each clip is
 then copied out of that encoding the same way. The high-resolution rendition of a source
 over `output.hq_max_side` is encoded per clip from a second decode of the source at that
-size. Frames go to the encoder as I420, its own layout.
+size. Frames go to the encoder as yuv420p, its own layout, as they were decoded.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from components.common.media import VideoWriter
+from components.common.media import NO_PICTURE_TYPE, VideoWriter
 from components.curation.config import CurationConfig
-from components.curation.video import i420_frame, output_size
+from components.curation.video import output_size
 from model.records import HQ, RENDITION_EXT, SMALL, Rendition
 
 # Codecs stored as they come (in mp4) when a rendition keeps the source's size: those the
@@ -248,13 +248,13 @@ class VideoEncoding:
         self._thread = threading.Thread(target=self._encode, name="clip-encoder", daemon=True)
         self._thread.start()
 
-    def feed(self, index: int, i420: np.ndarray) -> None:
-        """Frame `index` (0, 1, 2, ... in order) as I420 (video.py), at any size."""
-        # A new frame: one the decoder made would carry its picture type, which x264 obeys.
-        frame = i420_frame(i420)
+    def feed(self, index: int, frame: av.VideoFrame) -> None:
+        """Frame `index` (0, 1, 2, ... in order), yuv420p (video.py) at any size; encoded as it is
+        (not copied: it is only read), where its size is the encoding's."""
         if (frame.width, frame.height) != self.size:
             frame = self._scaler.reformat(frame, *self.size, interpolation="AREA")
-        frame.pts, frame.time_base = index, self._time_base
+        # No picture type: one the decoder set (I, P, B) would be obeyed by x264.
+        frame.pts, frame.time_base, frame.pict_type = index, self._time_base, NO_PICTURE_TYPE
         self._batch.append(frame)
         if len(self._batch) == self._BATCH:
             self._hand_over()
@@ -375,9 +375,9 @@ class ClipEncoder:
         self._small_scaler = VideoReformatter()
         self._scaler = VideoReformatter()
 
-    def renditions(self, start: int, end: int, frames: Sequence[np.ndarray]) -> dict[str, EncodedClip]:
+    def renditions(self, start: int, end: int, frames: Sequence[av.VideoFrame]) -> dict[str, EncodedClip]:
         """The renditions of source frames [start, end); `frames` are those frames at the
-        decode size, I420 (video.py)."""
+        decode size, yuv420p (video.py)."""
         out = {SMALL: self._small(start, end, frames)}
         if self.hq_size is not None:
             if self.hq_size == self.small_size:
@@ -405,10 +405,10 @@ class ClipEncoder:
             store = self._source_packets = PacketStore(packet.stream, packet.time_base)
         store.add(bytes(packet), packet.pts, packet.dts, packet.is_keyframe)
 
-    def feed(self, index: int, i420: np.ndarray) -> None:
-        """Frame `index` of the source at the decode size, I420 (video.py), every one in order."""
+    def feed(self, index: int, frame: av.VideoFrame) -> None:
+        """Frame `index` of the source at the decode size, yuv420p (video.py), every one in order."""
         if self._encoding is not None:
-            self._encoding.feed(index, i420)
+            self._encoding.feed(index, frame)
 
     def finish(self) -> None:
         """After the last frame was fed."""
@@ -427,7 +427,7 @@ class ClipEncoder:
         if self._source_packets is not None:
             self._source_packets.release_before(frame)
 
-    def _small(self, start: int, end: int, frames: Sequence[np.ndarray]) -> EncodedClip:
+    def _small(self, start: int, end: int, frames: Sequence[av.VideoFrame]) -> EncodedClip:
         if self._encoding is not None:
             mp4, first_frame = self._encoding.clip(start, end)
             return EncodedClip(RENDITION_EXT[SMALL], mp4, Rendition(*self.small_size, first_frame=first_frame))
@@ -438,9 +438,8 @@ class ClipEncoder:
         buffer = io.BytesIO()
         width, height = self.small_size
         with self._writer(buffer, self.small_size, SMALL_X264) as writer:
-            for i420 in frames:
+            for frame in frames:
                 # The encoder's own layout: no conversion, a scale only where the sizes differ.
-                frame = i420_frame(i420)
                 if (frame.width, frame.height) != self.small_size:
                     frame = self._small_scaler.reformat(frame, width, height, interpolation="AREA")
                 writer.write(frame)

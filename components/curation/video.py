@@ -1,12 +1,12 @@
 """Probe a file, reject it with a reason, or decode it exactly once, as a stream.
 
-Frames are handed on as they are decoded, in the decoder's own layout: I420 (planar
-Y, then U and V at half size; FFmpeg's yuv420p), at `max_side`. A source already
-yuv420p at that size is copied out as it is; a yuv420p one 2, 4, 8, ... times that size
-is reduced plane by plane with OpenCV's exact halving; any other is converted once by
-FFmpeg's scaler. Nothing converts every frame to RGB: cut detection reads a small copy, flow
-the luma plane, clip encoding takes I420 as the encoder does, and only a clip's key
-frames become RGB (`to_rgb`). Nothing holds the whole video.
+Frames are handed on as yuv420p `av.VideoFrame`s (planar Y, then U and V at half size) at
+`max_side`, read through numpy views of their planes (`planes`, `luma`). A source already
+yuv420p at that size is handed on as the decoder made it, not copied; a yuv420p one 2, 4,
+8, ... times that size is reduced plane by plane with OpenCV's exact halving; any other is
+converted once by FFmpeg's scaler. Nothing converts every frame to RGB: cut detection reads
+a small copy, flow the luma plane, clip encoding takes the frames as they are, and only a
+clip's key frames become RGB (`to_rgb`). Nothing holds the whole video.
 """
 
 from __future__ import annotations
@@ -58,19 +58,32 @@ class Rejected(Exception):
         self.reason, self.detail = reason, detail
 
 
-def luma(i420: np.ndarray) -> np.ndarray:
-    """The Y plane (h, w) of an I420 frame (h * 3 / 2, w), as a view."""
-    return i420[: i420.shape[0] * 2 // 3]
+def planes(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Y, U and V of a yuv420p frame with even sides, as views (writable) without the row padding."""
+    w, h = frame.width, frame.height
+    y, u, v = frame.planes
+    return (
+        np.frombuffer(y, np.uint8).reshape(h, y.line_size)[:, :w],
+        np.frombuffer(u, np.uint8).reshape(h // 2, u.line_size)[:, : w // 2],
+        np.frombuffer(v, np.uint8).reshape(h // 2, v.line_size)[:, : w // 2],
+    )
 
 
-def to_rgb(i420: np.ndarray) -> np.ndarray:
-    """(h, w, 3) RGB, with FFmpeg's default conversion (BT.601, limited range)."""
-    return cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420)
+def luma(frame: av.VideoFrame) -> np.ndarray:
+    """The Y plane (h, w) of a yuv420p frame, as a view."""
+    y = frame.planes[0]
+    return np.frombuffer(y, np.uint8).reshape(frame.height, y.line_size)[:, : frame.width]
 
 
-def from_rgb(rgb: np.ndarray) -> np.ndarray:
-    """The I420 frame (h * 3 / 2, w) of (h, w, 3) RGB with even sides."""
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
+def to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """(h, w, 3) RGB of a yuv420p frame, with FFmpeg's default conversion (BT.601, limited range)."""
+    return cv2.cvtColor(i420_array(frame), cv2.COLOR_YUV2RGB_I420)
+
+
+def from_rgb(rgb: np.ndarray) -> av.VideoFrame:
+    """The yuv420p frame of (h, w, 3) RGB with even sides (OpenCV's conversion: the same luma as
+    FFmpeg's, chroma averaged where FFmpeg filters)."""
+    return i420_frame(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420))
 
 
 # Limited-range Y (16-235) and Cr, Cb (16-240) stretched to full range, one table per plane: OpenCV's
@@ -81,24 +94,22 @@ Y_FULL_RANGE = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).asty
 C_FULL_RANGE = np.clip(np.round((np.arange(256) - 128) * 255 / 224 + 128), 0, 255).astype(np.uint8)
 
 
-def _halve(plane: np.ndarray) -> np.ndarray:
-    # An exact 2x area reduction (an odd last row or column dropped): OpenCV's fast path, 5-10x
-    # faster than any other factor.
-    h, w = plane.shape
-    return cv2.resize(plane[: h & ~1, : w & ~1], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+def halve(image: np.ndarray) -> np.ndarray:
+    """An exact 2x area reduction (an odd last row or column dropped): OpenCV's fast path, 5-10x
+    faster than any other factor."""
+    h, w = image.shape[:2]
+    return cv2.resize(image[: h & ~1, : w & ~1], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
 
 
-def reduced_rgb(i420: np.ndarray, halvings: int) -> np.ndarray:
+def reduced_rgb(frame: av.VideoFrame, halvings: int) -> np.ndarray:
     """The frame at 1 / 2**halvings of its size (halvings >= 1) as RGB: luma and chroma reduced by
     area, half by half, to one size (chroma is already half), then converted as `to_rgb` does. A
     small picture for a fraction of the cost of converting the whole frame."""
-    y = luma(i420)
-    h, w = y.shape
-    u, v = i420[h:].reshape(2, h // 2, w // 2)
+    y, u, v = planes(frame)
     for _ in range(halvings):
-        y = _halve(y)
+        y = halve(y)
     for _ in range(halvings - 1):
-        u, v = _halve(u), _halve(v)
+        u, v = halve(u), halve(v)
     rows, cols = min(y.shape[0], u.shape[0]), min(y.shape[1], u.shape[1])
     y, u, v = y[:rows, :cols], u[:rows, :cols], v[:rows, :cols]
     ycrcb = cv2.merge([cv2.LUT(y, Y_FULL_RANGE), cv2.LUT(v, C_FULL_RANGE), cv2.LUT(u, C_FULL_RANGE)])
@@ -113,16 +124,6 @@ def output_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     """(width, height) scaled to at most `max_side` on the longer side, both even."""
     scale = min(1.0, max_side / max(width, height))
     return _even(width * scale), _even(height * scale)
-
-
-def _planes(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Y, U and V of a yuv420p frame with even sides, as views (writable) without the row padding."""
-    w, h = frame.width, frame.height
-    sizes = ((h, w), (h // 2, w // 2), (h // 2, w // 2))
-    return tuple(  # type: ignore[return-value]
-        np.frombuffer(plane, np.uint8).reshape(rows, plane.line_size)[:, :cols]
-        for plane, (rows, cols) in zip(frame.planes, sizes, strict=True)
-    )
 
 
 def _i420_planes(i420: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -149,7 +150,7 @@ def i420_frame(i420: np.ndarray) -> av.VideoFrame:
     """An I420 array as a yuv420p `av.VideoFrame` (a copy; 5x faster than `from_ndarray`)."""
     h, w = i420.shape[0] * 2 // 3, i420.shape[1]
     frame = av.VideoFrame(w, h, "yuv420p")
-    for target, plane in zip(_planes(frame), _i420_planes(i420), strict=True):
+    for target, plane in zip(planes(frame), _i420_planes(i420), strict=True):
         target[...] = plane
     return frame
 
@@ -162,23 +163,22 @@ def _halvings(source: tuple[int, int], size: tuple[int, int]) -> int | None:
     return None
 
 
-def halved_i420(frame: av.VideoFrame, halvings: int) -> np.ndarray:
+def halved(frame: av.VideoFrame, halvings: int) -> av.VideoFrame:
     """A yuv420p frame reduced by area `halvings` times, each plane by OpenCV's exact-2x path: at
     most half the time of FFmpeg's area scaler (89 against 52 us a frame from 640x272, 260 against
     159 from 1280x720), within 0.3 of its values on average."""
-    w, h = frame.width >> halvings, frame.height >> halvings
-    out = np.empty((h * 3 // 2, w), np.uint8)
-    for target, plane in zip(_i420_planes(out), _planes(frame), strict=True):
+    out = av.VideoFrame(frame.width >> halvings, frame.height >> halvings, "yuv420p")
+    for target, plane in zip(planes(out), planes(frame), strict=True):
         for _ in range(halvings - 1):
-            plane = _halve(plane)
+            plane = halve(plane)
         cv2.resize(plane, target.shape[::-1], dst=target, interpolation=cv2.INTER_AREA)
     return out
 
 
 class VideoStream:
     """An opened video whose header passed the limits. Iterating yields its frames once,
-    in order, as I420 (h * 3 / 2, w) uint8 at the decode size `size`; the end of the
-    iteration raises Rejected when no frame decoded or fewer than the header claims."""
+    in order, as yuv420p frames at the decode size `size`; the end of the iteration raises
+    Rejected when no frame decoded or fewer than the header claims."""
 
     def __init__(self, path: str | Path, limits: Limits, options: Decode):
         if os.path.getsize(path) == 0:
@@ -229,10 +229,10 @@ class VideoStream:
         if options.threads:
             stream.codec_context.thread_count = options.threads
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def __iter__(self) -> Iterator[av.VideoFrame]:
         return self.frames()
 
-    def frames(self, on_packet: Callable[[av.Packet], None] | None = None) -> Iterator[np.ndarray]:
+    def frames(self, on_packet: Callable[[av.Packet], None] | None = None) -> Iterator[av.VideoFrame]:
         """The frames, once, in order; `on_packet` is handed each of the stream's packets (decode
         order) as it is read, before the frames it gives: one pass over the file serves both."""
         width, height = self.size
@@ -252,15 +252,13 @@ class VideoStream:
                 for frame in packet.decode():
                     if self.decoded_frames == max_frames:
                         raise Rejected(TOO_LONG, f"more than {self._limits.max_duration_s:.0f} s of frames decoded")
-                    as_decoded = frame.format.name == "yuv420p" and (frame.width, frame.height) == source
-                    if halvings is not None and as_decoded:
-                        i420 = halved_i420(frame, halvings)
-                    else:
-                        if frame.format.name != "yuv420p" or (frame.width, frame.height) != self.size:
-                            frame = scaler.reformat(frame, width, height, "yuv420p", interpolation="AREA")
-                        i420 = i420_array(frame)
+                    yuv420p = frame.format.name == "yuv420p"
+                    if halvings is not None and yuv420p and (frame.width, frame.height) == source:
+                        frame = halved(frame, halvings)
+                    elif not yuv420p or (frame.width, frame.height) != self.size:
+                        frame = scaler.reformat(frame, width, height, "yuv420p", interpolation="AREA")
                     self.decoded_frames += 1
-                    yield i420
+                    yield frame
         except av.error.FFmpegError as e:
             error = e
         count = self.decoded_frames

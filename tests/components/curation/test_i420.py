@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from components.curation.config import CurationConfig
-from components.curation.video import from_rgb, luma, open_video, reduced_rgb, to_rgb
+from components.curation.video import from_rgb, i420_array, luma, open_video, planes, reduced_rgb, to_rgb
 
 
 def _picture(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -35,16 +35,24 @@ def _write(path: Path, frames: list[np.ndarray]) -> None:
 
 def test_to_rgb_and_from_rgb_are_ffmpegs_conversions():
     rgb = _picture(180, 320)
-    ffmpeg_i420 = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p").to_ndarray()
-    i420 = from_rgb(rgb)
+    ffmpeg_frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+    ffmpeg_i420 = ffmpeg_frame.to_ndarray()
+    frame = from_rgb(rgb)
+    assert (frame.format.name, frame.width, frame.height) == ("yuv420p", 320, 180)
+    i420 = i420_array(frame)
     assert i420.shape == (270, 320)
     # The same luma; chroma subsampled a little differently (FFmpeg filters, OpenCV averages).
-    assert np.abs(luma(i420).astype(int) - luma(ffmpeg_i420)).max() <= 1
+    assert np.abs(luma(frame).astype(int) - ffmpeg_i420[:180]).max() <= 1
     assert np.abs(i420.astype(int) - ffmpeg_i420).mean() < 2
-    ffmpeg_rgb = av.VideoFrame.from_ndarray(ffmpeg_i420, format="yuv420p").to_ndarray(format="rgb24")
-    difference = np.abs(to_rgb(ffmpeg_i420).astype(int) - ffmpeg_rgb)
+    ffmpeg_rgb = ffmpeg_frame.to_ndarray(format="rgb24")
+    difference = np.abs(to_rgb(ffmpeg_frame).astype(int) - ffmpeg_rgb)
     assert difference.mean() < 1.5 and difference.max() <= 4
-    np.testing.assert_array_equal(luma(i420), i420[:180])
+    # The planes are views of the frame's own (padded) rows, the copy is the planes unpadded.
+    y, u, v = planes(frame)
+    np.testing.assert_array_equal(luma(frame), i420[:180])
+    np.testing.assert_array_equal(np.concatenate([y.ravel(), u.ravel(), v.ravel()]), i420.ravel())
+    y[0, 0] = 255 - y[0, 0]
+    assert luma(frame)[0, 0] == y[0, 0]
 
 
 @pytest.mark.parametrize(
@@ -79,7 +87,7 @@ def test_the_stream_hands_on_the_decoders_frames_and_scales_larger_ones(tmp_path
         decoded = [f.to_ndarray() for f in container.decode(video=0)]
     assert len(streamed) == 3
     for got, expected in zip(streamed, decoded, strict=True):
-        np.testing.assert_array_equal(got, expected)  # the decoder's I420, no conversion
+        np.testing.assert_array_equal(i420_array(got), expected)  # the decoder's frame, no conversion
 
     # Twice the size: each plane halved by area (OpenCV's exact 2x path), within rounding of FFmpeg's
     # area scaler. Three times: FFmpeg's area scaler, straight to I420.
@@ -89,7 +97,8 @@ def test_the_stream_hands_on_the_decoders_frames_and_scales_larger_ones(tmp_path
         with open_video(path, config.limits, config.decode) as video:
             assert video.size == (320, 180)
             scaled = list(video)
-        assert all(frame.shape == (270, 320) for frame in scaled)
+        assert all((frame.width, frame.height) == (320, 180) for frame in scaled)
+        scaled = [i420_array(frame) for frame in scaled]
         with av.open(str(path)) as container:
             source = next(container.decode(video=0))
         ffmpeg = source.reformat(320, 180, "yuv420p", interpolation="AREA").to_ndarray()
