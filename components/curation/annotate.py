@@ -266,7 +266,7 @@ def _curate_stream(
     window: list[av.VideoFrame] = []  # frames window_start, window_start + 1, ... (yuv420p)
     window_start = 0
     # The cut detector does not settle while the picture stays black (the fade's cut goes in the
-    # middle of the dark run): frames of a black run longer than a clip share one array, so a long
+    # middle of the dark run): frames of a black run longer than a clip share one frame, so a long
     # black stretch costs no memory. Their pixels differ from it by less than `fade_threshold`.
     dark_run = 0
     dark_checked = 0  # frames whose mean has been checked for a dark run
@@ -483,6 +483,18 @@ def _pooled(jobs: list[tuple[str, str, CurationConfig]], workers: int, bar: tqdm
     return results  # type: ignore[return-value] - every slot is filled
 
 
+def worker_setup() -> None:
+    """What a curation worker process sets for itself: OpenCV on one thread. A worker runs on each
+    core, so OpenCV's own threads (one per core in every worker) would only contend: on one worker
+    of two cores they take 5-8% more CPU time for no less wall time (benchmarks/curation.py)."""
+    cv2.setNumThreads(1)
+
+
+def _worker(parent: int) -> None:
+    exit_with(parent)
+    worker_setup()
+
+
 def _until_broken(
     jobs: list[tuple[str, str, CurationConfig]],
     indices: list[int],
@@ -494,7 +506,7 @@ def _until_broken(
     when a worker died (empty if none did), sorted."""
     # spawn: workers must not inherit a parent's torch/OpenMP state.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=exit_with, initargs=(os.getpid(),)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_process, jobs[i]): i for i in indices}
         broken = []
         for future in as_completed(futures):

@@ -57,11 +57,21 @@ def _i420(frames: np.ndarray) -> list[np.ndarray]:
     return [from_rgb(frame) for frame in frames]
 
 
-def _fed(encoder: ClipEncoder, path: Path) -> ClipEncoder:
-    """`encoder`, fed every frame of `path` as curation feeds it (I420 at the decode size)."""
+def _fed(encoder: ClipEncoder, path: Path, on_packet=None) -> ClipEncoder:
+    """`encoder`, fed every packet and frame of `path` as curation feeds it (frames at the decode
+    size); `on_packet` (packet, its number) may change a packet first."""
     limits = Limits(max_width=4096, max_height=4096)
+    count = 0
+
+    def demuxed(packet: av.Packet) -> None:
+        nonlocal count
+        if on_packet is not None:
+            on_packet(packet, count)
+        count += 1
+        encoder.demuxed(packet)
+
     with VideoStream(path, limits, Decode(max_side=encoder.config.decode.max_side)) as stream:
-        for index, frame in enumerate(stream.frames(on_packet=encoder.demuxed)):
+        for index, frame in enumerate(stream.frames(on_packet=demuxed)):
             encoder.feed(index, frame)
     encoder.finish()
     return encoder
@@ -242,6 +252,27 @@ def test_a_codec_outside_the_remux_list_is_encoded(small_source):
         out = encoder.renditions(10, 30, _i420(frames))
     assert out[SMALL].rendition == Rendition(160, 96, first_frame=10) and not out[SMALL].rendition.remuxed
     assert _psnr(_decode(out[SMALL].mp4)[10:30], frames) > 30
+
+
+def test_packets_that_cannot_be_told_apart_are_not_copied(small_source):
+    """A packet whose timestamp repeats the one before: the source's frames cannot be matched to
+    its packets from there on, so nothing is copied and each clip is encoded from its frames."""
+    frames = _decode(small_source.path)
+
+    seen: list[int] = []
+
+    def repeat_a_timestamp(packet: av.Packet, number: int) -> None:
+        if number == 5:
+            packet.pts = seen[-1]
+        seen.append(packet.pts)
+
+    with _fed(ClipEncoder(small_source, _config()), small_source.path, repeat_a_timestamp) as encoder:
+        out = encoder.renditions(10, 30, _i420(frames[10:30]))
+    for name in (SMALL, HQ):
+        assert out[name].rendition == Rendition(160, 96) and not out[name].rendition.remuxed
+        assert _psnr(_decode(out[name].mp4), frames[10:30]) > 30
+    with _fed(ClipEncoder(small_source, _config()), small_source.path) as encoder:  # untouched: copied
+        assert encoder.renditions(10, 30, _i420(frames[10:30]))[SMALL].rendition.remuxed
 
 
 def _shard(path: Path, mp4: bytes, record: ClipRecord) -> str:
