@@ -104,7 +104,8 @@ def halve(image: np.ndarray) -> np.ndarray:
 def reduced_rgb(frame: av.VideoFrame, halvings: int) -> np.ndarray:
     """The frame at 1 / 2**halvings of its size (halvings >= 1) as RGB: luma and chroma reduced by
     area, half by half, to one size (chroma is already half), then converted as `to_rgb` does. A
-    small picture for a fraction of the cost of converting the whole frame."""
+    small picture for a fraction of the cost of converting the whole frame: the one cut detection
+    reads, which it computes for frames in batches (cuts.FrameStatistics, tested equal to this)."""
     y, u, v = planes(frame)
     for _ in range(halvings):
         y = halve(y)
