@@ -38,7 +38,9 @@ class Decode(_Strict):
     max_side: int = 320
     # Frames for flow, OCR and CLIP are sampled at this rate inside each clip.
     sample_fps: float = 2.0
-    threads: int = 0  # PyAV decoder threads; 0 lets FFmpeg choose
+    # PyAV decoder threads; 0 lets FFmpeg choose with one worker, and is one thread per worker with
+    # several (annotate.worker_config).
+    threads: int = 0
 
 
 CutKind = Literal["content", "adaptive", "fades", "dissolves"]

@@ -30,8 +30,14 @@ from PIL import Image
 from components.common.media import write_video
 from components.common.objectstore import S3Uri
 from components.common.tracking import config_hash, connect
-from components.curation.annotate import SCRATCH_PREFIXES, WORKER_DIED, remove_stale_scratch, run_videos
-from components.curation.config import CurationConfig, Filter, Limits
+from components.curation.annotate import (
+    SCRATCH_PREFIXES,
+    WORKER_DIED,
+    remove_stale_scratch,
+    run_videos,
+    worker_config,
+)
+from components.curation.config import CurationConfig, Decode, Filter, Limits
 from components.curation.curate import iter_inputs
 from components.curation.finalize import (
     EMPTY_HELDOUT,
@@ -59,6 +65,15 @@ def processed(samples):
     names = sorted(videos)
     results = run_videos([str(folder / n) for n in names], CurationConfig(), workers=2)
     return dict(zip(names, results, strict=True))
+
+
+def test_pooled_workers_decode_on_one_thread_each_unless_told_otherwise():
+    default = CurationConfig()
+    assert worker_config(default, 1) is default  # one worker: FFmpeg's threads
+    assert worker_config(default, 4).decode.threads == 1
+    assert worker_config(default, 4).model_copy(update={"decode": default.decode}) == default  # nothing else
+    chosen = CurationConfig(decode=Decode(threads=3))
+    assert worker_config(chosen, 4) is chosen
 
 
 def _bounds(result) -> list[tuple[int, int]]:
