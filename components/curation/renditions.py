@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 import av
 import numpy as np
@@ -108,8 +109,13 @@ class PacketIndex:
         return first, int(self.frame_packet[first]), int(self.frame_packet[first:end].max()) + 1
 
 
-# A packet kept: its data, pts, dts and whether it is a key frame.
-_Packet = tuple[bytes, int, int, bool]
+class StoredPacket(NamedTuple):
+    """A packet kept by a `PacketStore`."""
+
+    data: bytes
+    pts: int
+    dts: int
+    key: bool  # a key frame
 
 
 class PacketStore:
@@ -125,12 +131,12 @@ class PacketStore:
         self._holder = av.open(io.BytesIO(), "w", format="mp4")  # never written to
         self.template = self._holder.add_stream_from_template(template)
         self.time_base = time_base
-        self._packets: list[_Packet] = []
+        self._packets: list[StoredPacket] = []
         self._pts: set[int] = set()  # of the packets kept
         self._dropped = 0  # packets (and frames) dropped from the front
 
     def add(self, data: bytes, pts: int, dts: int, key: bool) -> None:
-        self._packets.append((data, pts, dts, key))
+        self._packets.append(StoredPacket(data, pts, dts, key))
         self._pts.add(pts)
 
     def holds(self, pts: int) -> bool:
@@ -150,15 +156,15 @@ class PacketStore:
     def index(self) -> PacketIndex:
         """The packets kept, as an index by frame."""
         count = len(self._packets)
-        pts = np.fromiter((p[1] for p in self._packets), np.int64, count)
+        pts = np.fromiter((p.pts for p in self._packets), np.int64, count)
         order = np.argsort(pts, kind="stable")
         frame_packet = np.full(self.frames, -1, np.int64)  # -1: dropped
         frame_packet[self._dropped :] = order + self._dropped
-        keys = np.fromiter((p[3] for p in self._packets), bool, count)
-        dts = np.fromiter((p[2] for p in self._packets), np.int64, count)
+        keys = np.fromiter((p.key for p in self._packets), bool, count)
+        dts = np.fromiter((p.dts for p in self._packets), np.int64, count)
         return PacketIndex(pts, dts, frame_packet, self._dropped + np.flatnonzero(keys[order]))
 
-    def clip_packets(self, start: int, end: int) -> tuple[list[_Packet], int, int]:
+    def clip_packets(self, start: int, end: int) -> tuple[list[StoredPacket], int, int]:
         """What the copy of frames [start, end) (all added) holds: its packets, the pts that is its
         zero (its key frame's) and that key frame, at or before `start`."""
         if end > self.frames:
@@ -170,7 +176,7 @@ class PacketStore:
         origin = int(index.pts[begin - self._dropped])
         # An open GOP's leading frames (after the key frame in decode order, shown before it) need the
         # GOP before, and precede the clip: left out.
-        chosen = [p for p in self._packets[begin - self._dropped : stop - self._dropped] if p[1] >= origin]
+        chosen = [p for p in self._packets[begin - self._dropped : stop - self._dropped] if p.pts >= origin]
         return chosen, origin, first
 
     def clip(self, start: int, end: int) -> tuple[bytes, int]:
@@ -188,7 +194,7 @@ class PacketStore:
         keys = index.key_frames[index.key_frames <= frame]
         cut = int(index.frame_packet[keys[-1]]) - self._dropped if len(keys) else 0
         if cut > 0 and index.pts[:cut].max() < index.pts[cut:].min():
-            self._pts.difference_update(p[1] for p in self._packets[:cut])
+            self._pts.difference_update(p.pts for p in self._packets[:cut])
             del self._packets[:cut]
             self._dropped += cut
 
@@ -197,7 +203,7 @@ class PacketStore:
         self._holder.close()
 
 
-def _mp4(template: av.VideoStream, time_base: Fraction, packets: Iterable[_Packet], origin: int) -> bytes:
+def _mp4(template: av.VideoStream, time_base: Fraction, packets: Iterable[StoredPacket], origin: int) -> bytes:
     """An mp4 of one video stream with `template`'s codec parameters, holding `packets` (in
     decode order) as they are, timed from `origin`."""
     buffer = io.BytesIO()
