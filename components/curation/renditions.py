@@ -88,12 +88,11 @@ class EncodedClip:
 
 @dataclass
 class PacketIndex:
-    """A stream's packets: their timestamps in decode order; per frame (presentation order,
-    the order the decoder emits frames in) the position of its packet; the key frames.
-    Positions and frames count from the first packet of the stream."""
+    """A stream's packets: their pts in decode order; per frame (presentation order, the order
+    the decoder emits frames in) the position of its packet; the key frames. Positions and
+    frames count from the first packet of the stream."""
 
     pts: np.ndarray  # (packets,) in decode order
-    dts: np.ndarray
     frame_packet: np.ndarray  # frame index -> packet position
     key_frames: np.ndarray  # frame indices of key frames, ascending
 
@@ -161,8 +160,7 @@ class PacketStore:
         frame_packet = np.full(self.frames, -1, np.int64)  # -1: dropped
         frame_packet[self._dropped :] = order + self._dropped
         keys = np.fromiter((p.key for p in self._packets), bool, count)
-        dts = np.fromiter((p.dts for p in self._packets), np.int64, count)
-        return PacketIndex(pts, dts, frame_packet, self._dropped + np.flatnonzero(keys[order]))
+        return PacketIndex(pts, frame_packet, self._dropped + np.flatnonzero(keys[order]))
 
     def clip_packets(self, start: int, end: int) -> tuple[list[StoredPacket], int, int]:
         """What the copy of frames [start, end) (all added) holds: its packets, the pts that is its
