@@ -38,8 +38,8 @@ class Decode(_Strict):
     max_side: int = 320
     # Frames for flow, OCR and CLIP are sampled at this rate inside each clip.
     sample_fps: float = 2.0
-    # PyAV decoder threads; 0 lets FFmpeg choose with one worker, and is one thread per worker with
-    # several (annotate.worker_config).
+    # PyAV decoder threads; 0: one for sources up to 640x480 (video.ONE_THREAD_MAX_PIXELS) and FFmpeg's
+    # choice above with one worker, one thread per worker with several (annotate.worker_config).
     threads: int = 0
 
 

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from components.curation.config import Cuts
-from components.curation.video import C_FULL_RANGE, Y_FULL_RANGE, halve, planes
+from components.curation.video import LIMITED_YUV_TO_RGB, halve, planes
 
 # Cuts this many frames apart or closer are one cut (the earlier is kept): detectors place the same
 # transition a frame or two apart.
@@ -97,8 +97,7 @@ class FrameStatistics:
             y = halve(y)
         for _ in range(self.halvings - 2):
             u, v = halve(u), halve(v)
-        ycrcb = cv2.merge([cv2.LUT(y, Y_FULL_RANGE), cv2.LUT(v, C_FULL_RANGE), cv2.LUT(u, C_FULL_RANGE)])
-        rgb = cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2RGB)
+        rgb = cv2.transform(cv2.merge([y, u, v]), LIMITED_YUV_TO_RGB)
         hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
         pictures = [hsv[:, i * ws : (i + 1) * ws] for i in range(n)]
         # The mean of a picture's channels' means, as the mean over every value (one channel, 6x faster).
