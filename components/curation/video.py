@@ -243,9 +243,10 @@ class VideoStream:
         self.header_frames: int = stream.frames or int(round(duration_s * self.fps))
         self.size: tuple[int, int] = output_size(self.width, self.height, options.max_side)  # decode (w, h)
         stream.thread_type = "AUTO"
-        threads = options.threads or (1 if self.width * self.height <= ONE_THREAD_MAX_PIXELS else 0)
-        if threads:
-            stream.codec_context.thread_count = threads
+        # Decoder threads; 0: FFmpeg's choice.
+        self.threads: int = options.threads or (1 if self.width * self.height <= ONE_THREAD_MAX_PIXELS else 0)
+        if self.threads:
+            stream.codec_context.thread_count = self.threads
 
     def __iter__(self) -> Iterator[av.VideoFrame]:
         return self.frames()

@@ -6,17 +6,19 @@ from __future__ import annotations
 import io
 import multiprocessing
 import tarfile
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 
 from components.curation.annotate import KEYFRAMES_EXT, VideoResult, process_video
 from components.curation.config import CurationConfig, Cuts, Decode
 from components.curation.segments import segments
-from components.curation.video import open_video
+from components.curation.video import i420_array, open_video
 from model.records import SMALL
 
 W, H, FPS = 320, 180, 30
@@ -221,3 +223,68 @@ def test_clips_of_a_larger_source_are_copied_out_of_one_encoding_with_their_own_
             frames = np.stack([f.to_ndarray(format="gray") for f in container.decode(video=0)])
         bars = frames[: clip.num_frames].mean(axis=1).argmax(axis=1)  # the bar's left column
         np.testing.assert_array_equal(bars, np.arange(clip.start_frame, clip.end_frame))
+
+
+def _write_plain(path: Path, width: int, height: int, frames: int) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(FPS))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        for i in range(frames):
+            frame = np.full((height, width, 3), 60, np.uint8)
+            frame[:, (i * 4) % width :][:, :16] = 250  # a bar moving right: every frame differs
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _decoder_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "decoder"]
+
+
+def test_frames_decode_on_a_thread_of_their_own_that_stops_with_the_stream(tmp_path):
+    """The decoder runs ahead of the caller on its own thread: every packet comes before the frames
+    it gives, in the decoder's order, and closing the stream part way stops the thread."""
+    path = tmp_path / "bar.mp4"
+    _write_plain(path, 160, 96, 120)
+    config = CurationConfig()
+    with av.open(str(path)) as container:
+        expected = [f.to_ndarray() for f in container.decode(video=0)]
+        container.seek(0)
+        expected_packets = [bytes(p) for p in container.demux(video=0) if p.size]
+    events: list[object] = []
+    with open_video(path, config.limits, config.decode) as video:
+        for frame in video.frames(on_packet=lambda p: events.append(bytes(p))):
+            events.append(frame)
+    packets = [e for e in events if isinstance(e, bytes)]
+    frames = [e for e in events if not isinstance(e, bytes)]
+    assert packets == expected_packets
+    assert len(frames) == 120 and all(np.array_equal(i420_array(f), e) for f, e in zip(frames, expected, strict=True))
+    # A frame comes after the packet it is decoded from: H.264 from x264 here has no frame reordering
+    # delay beyond its B-frames, so frame k follows packet k at least.
+    positions = [i for i, e in enumerate(events) if not isinstance(e, bytes)]
+    assert all(position > 2 * k for k, position in enumerate(positions))
+    assert not _decoder_threads()
+
+    with open_video(path, config.limits, config.decode) as video:
+        frames = iter(video)
+        for _ in range(5):
+            next(frames)
+        assert len(_decoder_threads()) == 1
+    assert not _decoder_threads()  # closed part way: the decoder's thread is gone too
+    with pytest.raises(RuntimeError, match="read once"):
+        list(video.frames())
+
+
+def test_small_sources_decode_on_one_thread_and_larger_ones_on_ffmpegs(tmp_path):
+    """FFmpeg's frame threads cost small frames more than they save: up to 640x480 one decoder
+    thread, above it FFmpeg's choice; `decode.threads` decides where it is set."""
+    config = CurationConfig()
+    for (width, height), threads in (((320, 180), 1), ((640, 480), 1), ((1280, 720), 0)):
+        path = tmp_path / f"{width}.mp4"
+        _write_plain(path, width, height, 2)
+        with open_video(path, config.limits, config.decode) as video:
+            assert video.threads == threads, (width, height)
+        with open_video(path, config.limits, Decode(threads=3)) as video:
+            assert video.threads == 3
