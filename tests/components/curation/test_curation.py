@@ -69,11 +69,12 @@ def processed(samples):
 
 def test_pooled_workers_decode_on_one_thread_each_unless_told_otherwise():
     default = CurationConfig()
-    assert worker_config(default, 1) is default  # one worker: FFmpeg's threads
-    assert worker_config(default, 4).decode.threads == 1
-    assert worker_config(default, 4).model_copy(update={"decode": default.decode}) == default  # nothing else
-    chosen = CurationConfig(decode=Decode(threads=3))
-    assert worker_config(chosen, 4) is chosen
+    assert worker_config(default, 1) is default  # one worker: its own decoding thread, FFmpeg's threads
+    pooled = worker_config(default, 4)
+    assert (pooled.decode.threads, pooled.decode.read_ahead) == (1, False)
+    assert pooled.model_copy(update={"decode": default.decode}) == default  # nothing else
+    chosen = worker_config(CurationConfig(decode=Decode(threads=3)), 4)
+    assert (chosen.decode.threads, chosen.decode.read_ahead) == (3, False)
 
 
 def _bounds(result) -> list[tuple[int, int]]:

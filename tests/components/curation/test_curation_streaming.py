@@ -275,6 +275,14 @@ def test_frames_decode_on_a_thread_of_their_own_that_stops_with_the_stream(tmp_p
     assert not _decoder_threads()  # closed part way: the decoder's thread is gone too
     with pytest.raises(RuntimeError, match="read once"):
         list(video.frames())
+    # Without read-ahead (each of several workers): the same packets and frames, on this thread.
+    inline: list[object] = []
+    with open_video(path, config.limits, Decode(read_ahead=False)) as video:
+        for frame in video.frames(on_packet=lambda p: inline.append(bytes(p))):
+            assert not _decoder_threads()
+            inline.append(frame)
+    assert [e for e in inline if isinstance(e, bytes)] == expected_packets
+    assert [i420_array(e).tobytes() for e in inline if not isinstance(e, bytes)] == [e.tobytes() for e in expected]
 
 
 def test_small_sources_decode_on_one_thread_and_larger_ones_on_ffmpegs(tmp_path):
