@@ -201,13 +201,21 @@ def test_vdm_serve_stopped_with_sigterm_takes_its_bentoml_processes_with_it(serv
     (arbiter,) = [p for p in processes if "bentoml serve" in " ".join(p.cmdline())]
     assert os.getpgid(arbiter.pid) == os.getpgid(server["process"].pid)
     # A generation in flight does not hold the shutdown up until its timeout: it stops at its next step.
-    in_flight: list[httpx.Response] = []
-    request = threading.Thread(target=lambda: in_flight.append(_post(server, LONG)))
+    in_flight: list[BaseException | httpx.Response] = []
+
+    def generate() -> None:
+        try:
+            in_flight.append(_post(server, LONG))
+        except httpx.TransportError as error:  # kept, so that a failure says what the caller saw
+            in_flight.append(error)
+
+    request = threading.Thread(target=generate)
     request.start()
     _until(lambda: _running(server) == 1, seconds=10)
     server["process"].send_signal(signal.SIGTERM)
     request.join()
-    stopped = in_flight[0]
+    (stopped,) = in_flight
+    assert isinstance(stopped, httpx.Response), f"the caller got no answer: {stopped!r}"
     assert stopped.status_code == 504 and stopped.json()["error"].endswith("was stopped: shutdown"), stopped.text
     assert server["process"].wait(timeout=30) is not None
     _none_alive(processes, seconds=30)
