@@ -14,10 +14,9 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple
 
 import av
 import cv2
@@ -215,7 +214,7 @@ class VideoStream:
         self._limits = limits
         self.decoded_frames = 0
         self._read_ahead = options.read_ahead
-        self._reader: _ReadAhead | _Inline | None = None
+        self._reader: _ReadAhead | Generator | None = None
 
     def _read_header(self, limits: Limits, options: Decode) -> None:
         container = self._container
@@ -264,7 +263,7 @@ class VideoStream:
         # (raw H.264) or a wrong one is stopped at the limit.
         max_frames = int(self._limits.max_duration_s * self.fps) + 1
         decoded = self._decoded(on_packet is not None)
-        self._reader = _ReadAhead(decoded, _BATCH, _AHEAD) if self._read_ahead else _Inline(decoded)
+        self._reader = _ReadAhead(decoded, _BATCH, _AHEAD) if self._read_ahead else decoded
         error = None
         try:
             for item in self._reader:
@@ -285,7 +284,7 @@ class VideoStream:
         if count < self.header_frames * (1 - self._limits.truncation_tolerance):
             raise Rejected(TRUNCATED, f"decoded {count} of {self.header_frames} frames the header claims")
 
-    def _decoded(self, packets: bool) -> Iterator[av.Packet | av.VideoFrame]:
+    def _decoded(self, packets: bool) -> Generator[av.Packet | av.VideoFrame, None, None]:
         """The stream's packets (size 0, the end-of-stream marker, left out), where `packets`, and
         its frames at the decode size, in the order they are read and made."""
         width, height = self.size
@@ -322,14 +321,11 @@ class VideoStream:
 _END = object()  # after a _ReadAhead's last batch
 
 
-class _Raised(NamedTuple):
-    error: BaseException
-
-
 class _ReadAhead:
     """`items` iterated on a thread of its own, up to `ahead` batches of `batch` items ahead of the
     caller; an exception it raises is raised to the caller after the items before it. `close()`
-    stops the thread and waits for it (at most a batch more is read)."""
+    stops the thread and waits for it (at most a batch more is read). A generator's own interface:
+    iterated, then closed."""
 
     def __init__(self, items: Iterator, batch: int, ahead: int):
         self._queue: queue.Queue = queue.Queue(maxsize=ahead)
@@ -350,7 +346,7 @@ class _ReadAhead:
                 self._put(_END)
         except BaseException as e:  # noqa: BLE001 - the caller's to handle
             if self._put(done):
-                self._put(_Raised(e))
+                self._put(e)  # items are packets and frames, batches lists: an exception is itself
 
     def _put(self, item: object) -> bool:
         """Queue `item` unless stopped first."""
@@ -364,8 +360,8 @@ class _ReadAhead:
 
     def __iter__(self) -> Iterator:
         while (done := self._queue.get()) is not _END:
-            if isinstance(done, _Raised):
-                raise done.error
+            if isinstance(done, BaseException):
+                raise done
             yield from done
 
     def close(self) -> None:
@@ -375,19 +371,6 @@ class _ReadAhead:
                 self._queue.get_nowait()
             except queue.Empty:
                 self._thread.join(0.01)
-
-
-class _Inline:
-    """`items` iterated by the caller (`_ReadAhead`'s interface)."""
-
-    def __init__(self, items: Iterator):
-        self._items = items
-
-    def __iter__(self) -> Iterator:
-        return self._items
-
-    def close(self) -> None:
-        self._items.close()
 
 
 def open_video(path: str | Path, limits: Limits, options: Decode) -> VideoStream:
