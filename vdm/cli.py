@@ -164,6 +164,29 @@ def store_mb(bucket_uri: str) -> None:
     click.echo(f"made bucket s3://{target.bucket}" if created else f"bucket s3://{target.bucket} exists already")
 
 
+def _run_options(command: Callable) -> Callable:
+    """The options of every training run, `vdm train` and each `vdm finetune KIND`: its length,
+    where it resumes from, and the registered model it adds to."""
+    options = (
+        click.option("--max-steps", type=int, default=None),
+        click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint under --output."),
+        click.option(
+            "--resume-from",
+            default=None,
+            help="Continue from this checkpoint folder (s3://.../checkpoints/step-N), another run's included.",
+        ),
+        click.option(
+            "--register-as",
+            default=None,
+            help="MLflow model to add the final pipeline to as a new version, alias `candidate` "
+            "(default: not registered).",
+        ),
+    )
+    for option in reversed(options):  # as if written one above the other, in this order
+        command = option(command)
+    return command
+
+
 def _check_output(output: str) -> None:
     """Stop before any work unless an s3:// output can be written (a local folder needs no check)."""
     from components.common.objectstore import ObjectStore, ObjectStoreError, is_s3_uri
@@ -332,18 +355,7 @@ def curate_ablation(curated: str, grid_items: tuple[str, ...], config_path: str 
     default=None,
     help="What trains (default: the config's): all layers, temporal only, spatial only.",
 )
-@click.option("--max-steps", type=int, default=None)
-@click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint under --output.")
-@click.option(
-    "--resume-from",
-    default=None,
-    help="Continue from this checkpoint folder (s3://.../checkpoints/step-N), another run's included.",
-)
-@click.option(
-    "--register-as",
-    default=None,
-    help="MLflow model to add the final pipeline to as a new version, alias `candidate` (default: not registered).",
-)
+@_run_options
 def train_command(
     stage, config_name, data, output, init_from, vae, data_format, strategy, max_steps, resume, resume_from, register_as
 ) -> None:
@@ -592,18 +604,7 @@ def _finetune_command(kind: str, title: str, help_text: str, *kind_options):
         required=True,
         help="The trained model: a folder, s3://, models:/NAME@ALIAS, or weights:NAME (i2v: weights:svd-img2vid).",
     )
-    @click.option("--max-steps", type=int, default=None)
-    @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint under --output.")
-    @click.option(
-        "--resume-from",
-        default=None,
-        help="Continue from this checkpoint folder (s3://.../checkpoints/step-N), another run's included.",
-    )
-    @click.option(
-        "--register-as",
-        default=None,
-        help="MLflow model to add the final pipeline to as a new version, alias `candidate` (default: not registered).",
-    )
+    @_run_options
     def command(
         config_name, data, output, init_from, max_steps, resume, resume_from, register_as, **kind_values
     ) -> None:
