@@ -168,7 +168,13 @@ def _run_options(command: Callable) -> Callable:
     """The options of every training run, `vdm train` and each `vdm finetune KIND`: its length,
     where it resumes from, and the registered model it adds to."""
     options = (
-        click.option("--max-steps", type=int, default=None),
+        click.option(
+            "--max-steps",
+            type=click.IntRange(min=0),
+            default=None,
+            help="The step training stops at, a resumed run's steps included; 0 saves the model it starts from "
+            "(default: the config's max_steps).",
+        ),
         click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint under --output."),
         click.option(
             "--resume-from",
