@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
 from safetensors.torch import load_file
 
 from model import openclip
+from model.records import MOTION_BUCKET_SCALE, MOTION_BUCKETS
 
 
 class TextEncoder(torch.nn.Module):
@@ -92,7 +93,9 @@ def vision_state(weights: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def motion_bucket(score: torch.Tensor, scale: float = 64.0, buckets: int = 256) -> torch.Tensor:
+def motion_bucket(
+    score: torch.Tensor, scale: float = MOTION_BUCKET_SCALE, buckets: int = MOTION_BUCKETS
+) -> torch.Tensor:
     """Curation's motion score (px/frame at 128 px) to SVD's integer motion bucket 0..255."""
     return (score * scale).round().clamp(0, buckets - 1)
 

@@ -43,6 +43,13 @@ ZOOM_OUT: CameraMotion = "zoom_out"
 # Every label curation can give a clip, in this order.
 CAMERA_MOTIONS: tuple[CameraMotion, ...] = get_args(CameraMotion)
 
+# A clip's `motion` score is px per frame at 128 px; SVD's motion bucket, what the models are
+# conditioned on, is the score times MOTION_BUCKET_SCALE, 0 to 255 (model/conditioning.py).
+MOTION_BUCKET_SCALE = 64.0
+MOTION_BUCKETS = 256
+# The largest score with a bucket of its own: any higher is the last bucket too.
+MAX_MOTION = (MOTION_BUCKETS - 1) / MOTION_BUCKET_SCALE
+
 Split = Literal["train", "heldout"]
 TRAIN: Split = "train"
 HELDOUT: Split = "heldout"  # also the folder of the held-out shards under a curated output

@@ -55,6 +55,7 @@ from components.common.lifetime import exit_with
 from components.common.media import video_bytes
 from components.common.settings import load_settings
 from model.pipeline import GenerationConfig, to_uint8
+from model.records import MAX_MOTION, MOTION_BUCKET_SCALE
 from model.tasks import Task
 from serving.auth import SCOPE_KEY, Access, ApiKeys, RequireApiKey
 from serving.config import ServeSettings
@@ -136,9 +137,11 @@ class Request(BaseModel):
     fps: Annotated[float, Field(gt=0, le=60)] | None = Field(
         None, description="Frames per second of the returned video; unset: the model's training clip's.", examples=[8]
     )
-    motion_bucket: Annotated[float, Field(ge=0, le=64)] = Field(
+    motion: Annotated[float, Field(ge=0, le=MAX_MOTION)] = Field(
         1.0,
-        description="How much the video should move: curation's motion score (SVD's motion bucket), 0 to 64.",
+        description="How much the video should move, per frame at the requested fps: curation's motion score "
+        f"(px per frame at 128 px), 0 to {MAX_MOTION} (SVD's motion bucket is {MOTION_BUCKET_SCALE:g} times it, "
+        "0 to 255).",
         examples=[1.0],
     )
     num_steps: Annotated[int, Field(ge=1, le=LIMITS.max_steps)] = Field(
@@ -164,7 +167,7 @@ class Request(BaseModel):
         """GenerationConfig fields this request sets (None: the model's own)."""
         return {
             "fps": self.fps,
-            "motion": self.motion_bucket,
+            "motion": self.motion,
             "steps": self.num_steps,
             "seed": self.seed,
             "height": self.height,

@@ -7,6 +7,7 @@ import torch
 
 from model.conditioning import LatentCodec, TextEncoder, added_time_ids, drop_conditions, motion_bucket
 from model.openclip import TINY_CLIP_MODEL, register_tiny_models
+from model.records import MAX_MOTION
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,9 @@ def test_text_encoder_uses_the_penultimate_layer(text, tmp_path):
 def test_micro_conditioning():
     buckets = motion_bucket(torch.tensor([0.0, 0.5, 2.0, 100.0]))
     assert buckets.tolist() == [0.0, 32.0, 128.0, 255.0]
+    # The largest motion the API and `vdm sample` take is the first with the last bucket.
+    edge = motion_bucket(torch.tensor([MAX_MOTION - 1 / 64, MAX_MOTION, MAX_MOTION + 1 / 64]))
+    assert edge.tolist() == [254.0, 255.0, 255.0]
     ids = added_time_ids(torch.tensor([8, 24]), torch.tensor([0.1, 3.0]), torch.tensor([0.02, 0.0]))
     torch.testing.assert_close(ids, torch.tensor([[8.0, 6.0, 0.02], [24.0, 192.0, 0.0]]))
 

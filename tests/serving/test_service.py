@@ -287,6 +287,8 @@ def test_text_to_video_as_a_task(server):
         ({"prompt": "x", "num_steps": 1_000}, "num_steps"),
         ({"prompt": "x", "height": 4096}, "height"),
         ({"prompt": "x", "fps": -1}, "fps"),
+        ({"prompt": "x", "motion": 4.0}, "motion"),  # past the last motion bucket
+        ({"prompt": "x", "motion_bucket": 64}, "motion_bucket"),  # the motion is `motion`, a score
         ({"prompt": "x" * 5_000}, "prompt"),
         ({"prompt": "x", "guidance": 3}, "guidance"),  # unknown field: a typo is not ignored
         ({"num_frames": 4}, "prompt"),
