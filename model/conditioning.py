@@ -93,11 +93,9 @@ def vision_state(weights: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def motion_bucket(
-    score: torch.Tensor, scale: float = MOTION_BUCKET_SCALE, buckets: int = MOTION_BUCKETS
-) -> torch.Tensor:
+def motion_bucket(score: torch.Tensor) -> torch.Tensor:
     """Curation's motion score (px/frame at 128 px) to SVD's integer motion bucket 0..255."""
-    return (score * scale).round().clamp(0, buckets - 1)
+    return (score * MOTION_BUCKET_SCALE).round().clamp(0, MOTION_BUCKETS - 1)
 
 
 def added_time_ids(fps: torch.Tensor, motion: torch.Tensor, noise_strength: torch.Tensor) -> torch.Tensor:

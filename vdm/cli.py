@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import click
 
 from components.common.settings import load_settings
-from model.records import MAX_MOTION
+from model.records import MAX_MOTION, MOTION_BUCKET_SCALE
 from model.tasks import STAGES
 
 PRETRAINING_STAGES = list(STAGES)  # image, video, hq
@@ -470,7 +470,7 @@ def train_vae_command(data: str, output: str, size: int, max_steps: int) -> None
     type=click.FloatRange(min=0, max=MAX_MOTION),
     default=None,
     help="How much it should move, per frame at --fps: curation's motion score (px per frame at 128 px; SVD's "
-    "motion bucket, 0 to 255, is 64x it). Default: 1.",
+    f"motion bucket, 0 to 255, is {MOTION_BUCKET_SCALE:g}x it). Default: 1.",
 )
 @click.option("--size", type=int, default=None, help="Height and width in pixels; default: the model's training clip.")
 @click.option("--sample-steps", type=int, default=25, show_default=True, help="Sampling steps.")
