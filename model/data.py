@@ -276,10 +276,12 @@ class ClipDataset(IterableDataset):
             )
         if "motion" not in record.scores:
             raise ValueError(f"clip {record.key!r} has no motion score: the loader conditions on it")
-        fps, motion = float(self.spec.fps), float(record.scores["motion"])
-        if self.strided:  # the rate and the motion of the frames drawn
+        if self.strided:  # a whole stride: the real rate of the frames drawn
             stride = drawn_stride(indices)
-            fps, motion = record.fps / stride, motion * stride
+            fps = record.fps / stride
+        else:  # spaced at `fps`, each index rounded: on average this many source frames apart
+            fps, stride = float(self.spec.fps), record.fps / self.spec.fps
+        motion = float(record.scores["motion"]) * stride  # the score is per source frame; told per drawn frame
         return {
             "key": raw["__key__"],
             "video": resize_crop(frames, self.spec.height, self.spec.width, rng if self.random_crop else None),

@@ -49,6 +49,8 @@ def test_clips_have_the_requested_frames_fps_and_size(shards):
     velocity = np.array(truth[item["key"]]["velocities"][0])
     steps = np.diff(np.stack([centroid(f) for f in item["video"]]), axis=0)
     np.testing.assert_allclose(steps, np.tile(3 * velocity, (3, 1)), atol=0.35)
+    # The curated score is the speed per source frame; the model is told it per drawn frame.
+    assert item["motion"].item() == pytest.approx(3 * np.linalg.norm(velocity), rel=1e-5)
 
 
 def test_resize_and_crop_to_a_smaller_stage_resolution(shards):
@@ -128,7 +130,7 @@ def test_shards_written_before_the_record_class_still_load(shards, tmp_path):
         tar.write({"__key__": sample["__key__"], "mp4": sample["mp4"], "json": json.dumps(legacy).encode()})
     item = next(iter(ClipDataset([str(path)], ClipSpec(num_frames=2, fps=12.0, height=32, width=32))))
     assert item["key"] == sample["__key__"] and item["caption"] == legacy["caption"]
-    assert item["motion"].item() == pytest.approx(legacy["scores"]["motion"])
+    assert item["motion"].item() == pytest.approx(legacy["scores"]["motion"] * SOURCE_FPS / 12.0)
 
 
 def test_a_camera_motion_filter_outside_the_vocabulary_is_refused(shards):
