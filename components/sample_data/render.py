@@ -30,7 +30,7 @@ def texture(rng: np.random.Generator, height: int, width: int, tint: tuple[float
 
 # The filled shapes `draw_shapes` draws. A polygon of radius r has the area of a disc of radius
 # r (so a brightness-weighted tracker sees them alike); none has a hole.
-SHAPE_KINDS = ("disc", "square", "diamond", "triangle", "cross")
+SHAPE_KINDS = ("disc", "square", "diamond", "triangle", "cross", "frame")
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,13 @@ class MovingShapes:
     kinds: tuple[str, ...]  # per shape (SHAPE_KINDS)
 
 
-def _outline(kind: str, x: float, y: float, r: float) -> np.ndarray:
-    """The vertices (N, 2) of a polygonal shape of area pi r^2 centred at (x, y)."""
+def _contours(kind: str, x: float, y: float, r: float) -> list[np.ndarray]:
+    """The contours, each vertices (N, 2), of a polygonal shape of area pi r^2 centred at (x, y):
+    the outline first, then any hole's."""
+    if kind == "frame":  # a square with a square hole of half its side: 4h^2 - h^2 = pi r^2
+        h = r * np.sqrt(np.pi / 3)
+        outer, inner = ([(-a, -a), (a, -a), (a, a), (-a, a)] for a in (h, h / 2))
+        return [np.asarray(points, np.float64) + (x, y) for points in (outer, inner)]
     if kind == "square":
         h = r * np.sqrt(np.pi) / 2
         points = [(-h, -h), (h, -h), (h, h), (-h, h)]
@@ -62,12 +67,12 @@ def _outline(kind: str, x: float, y: float, r: float) -> np.ndarray:
                   (-w, w), (-3 * w, w), (-3 * w, -w), (-w, -w)]  # fmt: skip
     else:
         raise ValueError(f"shape kind {kind!r}: one of {list(SHAPE_KINDS)}")
-    return np.asarray(points, np.float64) + (x, y)
+    return [np.asarray(points, np.float64) + (x, y)]
 
 
 def _reach(kind: str) -> float:
     """How far a shape of the kind reaches from its centre, in radii."""
-    return 1.0 if kind == "disc" else float(np.linalg.norm(_outline(kind, 0.0, 0.0, 1.0), axis=1).max())
+    return 1.0 if kind == "disc" else float(np.linalg.norm(_contours(kind, 0.0, 0.0, 1.0)[0], axis=1).max())
 
 
 def draw_shapes(
@@ -82,7 +87,7 @@ def draw_shapes(
             centre = (int(round(x * scale)), int(round(y * scale)))
             cv2.circle(frame, centre, int(round(r * scale)), color, -1, cv2.LINE_AA, _SUBPIXEL_BITS)
         else:
-            _fill_polygon(frame, _outline(kind, x, y, r), np.asarray(color, np.float32))
+            _fill_polygon(frame, _contours(kind, x, y, r), np.asarray(color, np.float32))
 
 
 # Polygons are filled at this many times the frame's resolution and averaged down: their pixels
@@ -90,18 +95,23 @@ def draw_shapes(
 _SUPERSAMPLE = 16
 
 
-def _fill_polygon(frame: np.ndarray, vertices: np.ndarray, color: np.ndarray) -> None:
-    """Blend `color` into `frame` (H, W, 3) by each pixel's coverage by the polygon."""
+def _fill_polygon(frame: np.ndarray, contours: list[np.ndarray], color: np.ndarray) -> None:
+    """Blend `color` into `frame` (H, W, 3) by each pixel's coverage by the polygon (its outline,
+    then holes: OpenCV fills what an odd number of contours encloses)."""
     height, width = frame.shape[:2]
-    x0, y0 = np.maximum(np.floor(vertices.min(axis=0)).astype(int) - 1, 0)
-    x1, y1 = np.minimum(np.ceil(vertices.max(axis=0)).astype(int) + 1, (width, height))
+    x0, y0 = np.maximum(np.floor(contours[0].min(axis=0)).astype(int) - 1, 0)
+    x1, y1 = np.minimum(np.ceil(contours[0].max(axis=0)).astype(int) + 1, (width, height))
     if x1 <= x0 or y1 <= y0:
         return
     k = _SUPERSAMPLE
+    # The fill takes in each contour's boundary: a supersample pixel more of the outline, less of a
+    # hole. A hole grown by that pixel (exact for a square one) loses no more area than the rim adds.
+    holes = [(h, h.mean(axis=0)) for h in contours[1:]]
+    contours = [contours[0], *(c + (h - c) * (1 + 1 / (k * np.abs(h - c).max())) for h, c in holes)]
     mask = np.zeros(((y1 - y0) * k, (x1 - x0) * k), np.uint8)
     # Pixel (i, j) is centred at (x, y) = (j, i) (as cv2.circle draws): it spans [j - 0.5, j + 0.5).
-    points = np.round(((vertices - (x0, y0) + 0.5) * k - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32)
-    cv2.fillPoly(mask, [points], 255, cv2.LINE_8, _SUBPIXEL_BITS)
+    points = [np.round(((c - (x0, y0) + 0.5) * k - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32) for c in contours]
+    cv2.fillPoly(mask, points, 255, cv2.LINE_8, _SUBPIXEL_BITS)
     coverage = cv2.resize(mask, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA).astype(np.float32)[..., None] / 255
     patch = frame[y0:y1, x0:x1].astype(np.float32)
     frame[y0:y1, x0:x1] = np.round(patch * (1 - coverage) + color * coverage).astype(np.uint8)

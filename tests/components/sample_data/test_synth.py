@@ -205,6 +205,16 @@ def test_every_polygon_kind_has_a_discs_area_stays_whole_in_the_frame_and_is_cen
         np.testing.assert_allclose(centroid, shapes.positions[t, 0], atol=0.05)
 
 
+def test_a_frame_is_hollow_and_its_ring_solid():
+    shapes = moving_shapes(1, 32, 32, num_shapes=1, max_speed=0, radius_range=(8, 8), kinds=("frame",), seed=0)
+    brightness = shapes.frames[0].max(axis=-1).astype(float) / shapes.colors[0].max()
+    x, y = np.round(shapes.positions[0, 0]).astype(int)
+    half = 8 * np.sqrt(np.pi / 3)  # outer half side; the hole's is half that
+    assert brightness[y - 2 : y + 3, x - 2 : x + 3].max() == 0  # the hole
+    ring = int(round(0.75 * half))  # midway between the hole's edge and the outline
+    assert brightness[y, x - ring] == brightness[y, x + ring] == brightness[y - ring, x] == 1.0
+
+
 def test_shape_kinds_are_drawn_per_shape_and_unknown_ones_refused():
     mixed = moving_shapes(4, 32, 32, num_shapes=30, radius_range=(2, 3), kinds=("square", "cross"), seed=1)
     assert set(mixed.kinds) == {"square", "cross"}
