@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 HERE = Path(__file__).parent
 SIZE = 32
@@ -153,11 +154,11 @@ def histogram_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(0.5 * (colour_histogram(a) - colour_histogram(b)).abs().sum())
 
 
-def measure(model, prompt: str, subject: torch.Tensor, videos: int, steps: int) -> dict:
+def measure(model, prompt: str, subject: torch.Tensor, videos: int, steps: int, motion: float) -> dict:
     from model.evaluation import motion_stats, summarize
     from model.pipeline import GenerationConfig, generate
 
-    config = GenerationConfig.for_clip(model.config.clip, steps=steps)
+    config = GenerationConfig.for_clip(model.config.clip, steps=steps, motion=motion)
     generated = [generate(model, prompt, replace(config, seed=seed)) for seed in range(videos)]
     stacked = torch.stack(generated)
     return {
@@ -178,6 +179,9 @@ def main() -> None:
     parser.add_argument("--personalize-steps", type=int, default=1000)
     parser.add_argument("--videos", type=int, default=8, help="Videos per model and prompt.")
     parser.add_argument("--sample-steps", type=int, default=16)
+    parser.add_argument("--motion", type=float, default=None, help="Motion score to ask for (default: the data's mean)")
+    parser.add_argument("--p-mean", type=float, default=None, help="Stage II's training noise, ln sigma's mean")
+    parser.add_argument("--p-std", type=float, default=None, help="and its standard deviation (default: video.yaml's)")
     parser.add_argument("--prior-loss-weight", type=float, default=1.0)
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="DreamBooth's.")
     parser.add_argument("--lora-rank", type=int, default=None, help="DreamBooth-LoRA rank (default: every weight)")
@@ -229,9 +233,12 @@ def main() -> None:
                 "train", "--stage", "image", "--config", str(HERE / "image.yaml"), "--data", data,
                 "--max-steps", str(args.image_steps), "--output", f"{p}/stage1", "--vae", f"{p}/vae",
             )  # fmt: skip
+        video_config = yaml.safe_load((HERE / "video.yaml").read_text())
+        video_config |= {k: v for k, v in (("p_mean", args.p_mean), ("p_std", args.p_std)) if v is not None}
+        (tmp / "video.yaml").write_text(yaml.safe_dump(video_config))
         if not done("video/final"):
             _, seconds["stage_2_partial"] = vdm(
-                "train", "--stage", "video", "--config", str(HERE / "video.yaml"), "--data", data,
+                "train", "--stage", "video", "--config", str(tmp / "video.yaml"), "--data", data,
                 "--init-from", f"{p}/stage1/final", "--max-steps", str(args.video_steps), "--output", f"{p}/video",
             )  # fmt: skip
         personal = f"{p}/{args.personal}"
@@ -257,7 +264,9 @@ def main() -> None:
         spec = models["base"].config.clip
         shards = [str(x) for x in sorted((tmp / "shapes").rglob("*.tar"))]
         loaded = itertools.islice(ClipDataset(shards, spec, random_crop=False), args.videos)
+        loaded = list(loaded)
         clips = [item["video"] for item in loaded]
+        motion = args.motion if args.motion is not None else float(np.mean([float(item["motion"]) for item in loaded]))
         codec = models["base"].codec
         with torch.no_grad():  # what the VAE can give back of the subject: the ceiling of any generation
             through_vae = codec.decode(codec.encode(subject[:, None]))[:, 0]
@@ -269,6 +278,8 @@ def main() -> None:
             "prior_loss_weight": args.prior_loss_weight,
             "learning_rate": args.learning_rate,
             "lora_rank": args.lora_rank,
+            "training_noise": {"p_mean": models["base"].config.p_mean, "p_std": models["base"].config.p_std},
+            "motion_requested": motion,
             "wall_s": {k: round(v, 1) for k, v in seconds.items()},
             "subject": args.subject,
             "kinds": args.kinds.split(","),
@@ -293,7 +304,7 @@ def main() -> None:
         rows = [subject, through_vae]
         for name, model in models.items():
             for prompt in ("a sks disc", "a disc"):
-                figures, videos = measure(model, prompt, subject, args.videos, args.sample_steps)
+                figures, videos = measure(model, prompt, subject, args.videos, args.sample_steps, motion)
                 report[f"{name} / {prompt}"] = figures
                 rows += videos[:2]
         # One picture: the subject images, them through the VAE, then two videos per model and prompt (order above).
