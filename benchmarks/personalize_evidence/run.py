@@ -263,8 +263,7 @@ def main() -> None:
             models[name] = VideoDiffusion.load(tmp / name)
         spec = models["base"].config.clip
         shards = [str(x) for x in sorted((tmp / "shapes").rglob("*.tar"))]
-        loaded = itertools.islice(ClipDataset(shards, spec, random_crop=False), args.videos)
-        loaded = list(loaded)
+        loaded = list(itertools.islice(ClipDataset(shards, spec, random_crop=False), args.videos))
         clips = [item["video"] for item in loaded]
         motion = args.motion if args.motion is not None else float(np.mean([float(item["motion"]) for item in loaded]))
         codec = models["base"].codec

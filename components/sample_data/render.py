@@ -28,8 +28,8 @@ def texture(rng: np.random.Generator, height: int, width: int, tint: tuple[float
     return np.clip(rgb * 255, 0, 255).astype(np.uint8)
 
 
-# The filled shapes `draw_shapes` draws. A polygon of radius r has the area of a disc of radius
-# r (so a brightness-weighted tracker sees them alike); none has a hole.
+# The shapes `draw_shapes` draws. A polygon of radius r has the area of a disc of radius r (so a
+# brightness-weighted tracker sees them alike); `frame` has a square hole, the others are filled.
 SHAPE_KINDS = ("disc", "square", "diamond", "triangle", "cross", "frame")
 
 
