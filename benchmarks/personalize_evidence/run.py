@@ -233,10 +233,10 @@ def main() -> None:
                 "train", "--stage", "image", "--config", str(HERE / "image.yaml"), "--data", data,
                 "--max-steps", str(args.image_steps), "--output", f"{p}/stage1", "--vae", f"{p}/vae",
             )  # fmt: skip
-        video_config = yaml.safe_load((HERE / "video.yaml").read_text())
-        video_config |= {k: v for k, v in (("p_mean", args.p_mean), ("p_std", args.p_std)) if v is not None}
-        (tmp / "video.yaml").write_text(yaml.safe_dump(video_config))
         if not done("video/final"):
+            video_config = yaml.safe_load((HERE / "video.yaml").read_text())
+            video_config |= {k: v for k, v in (("p_mean", args.p_mean), ("p_std", args.p_std)) if v is not None}
+            (tmp / "video.yaml").write_text(yaml.safe_dump(video_config))
             _, seconds["stage_2_partial"] = vdm(
                 "train", "--stage", "video", "--config", str(tmp / "video.yaml"), "--data", data,
                 "--init-from", f"{p}/stage1/final", "--max-steps", str(args.video_steps), "--output", f"{p}/video",
