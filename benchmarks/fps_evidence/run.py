@@ -44,6 +44,10 @@ DIRECTION = (1.0, 0.0)
 MIN_SPEED, MAX_SPEED = 0.2, 0.6
 
 
+def sized(clip, size: int):
+    return replace(clip, height=size, width=size)
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -84,13 +88,13 @@ def conditioning_gain(model, clips: dict[float, list[dict]], sigmas=(0.5, 1.0, 2
     return gains
 
 
-def train_vae(shards: list[str], steps: int, folder: Path) -> Path:
+def train_vae(shards: list[str], steps: int, size: int, folder: Path) -> Path:
     from model.autoencoder import AutoencoderTraining, train_autoencoder
     from model.conditioning import LatentCodec
     from model.data import ClipDataset, ClipSpec
 
     config = AutoencoderTraining(steps=steps)
-    clips = iter(ClipDataset(shards, ClipSpec(num_frames=4, fps=8.0, height=32, width=32), seed=config.seed))
+    clips = iter(ClipDataset(shards, ClipSpec(num_frames=4, fps=8.0, height=size, width=size), seed=config.seed))
 
     def frames():
         while True:
@@ -105,6 +109,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, default=None, help="Keep the models here (default: a temporary folder)")
     parser.add_argument("--clips", type=int, default=128)
+    parser.add_argument(
+        "--size", type=int, default=32, help="Frame height and width the models train on (the source is 64x64)"
+    )
     parser.add_argument("--vae-steps", type=int, default=300)
     parser.add_argument("--image-steps", type=int, default=600)
     parser.add_argument("--video-steps", type=int, default=None, help="Stage II steps (default: video.yaml's)")
@@ -117,6 +124,12 @@ def main() -> None:
     )
     parser.add_argument("--p-mean", type=float, default=None, help="Stage II's training noise, ln sigma's mean")
     parser.add_argument("--p-std", type=float, default=None, help="and its standard deviation (default: video.yaml's)")
+    parser.add_argument(
+        "--measure-every",
+        type=int,
+        default=None,
+        help="Also measure Stage II after every N steps (default: at the end)",
+    )
     parser.add_argument("--stage-2", type=Path, default=None, help="Measure this Stage II folder, trained before")
     parser.add_argument(
         "--reuse", type=Path, default=None, help="An earlier --workdir: its VAE and Stage I (they see frames only)"
@@ -147,87 +160,107 @@ def main() -> None:
             vae, stage_1 = (args.reuse or work) / "vae", (args.reuse or work) / "stage1" / "final"
         else:
             clock = time.perf_counter()
-            vae = train_vae(shards, args.vae_steps, work / "vae")
+            vae = train_vae(shards, args.vae_steps, args.size, work / "vae")
             seconds["vae"] = time.perf_counter() - clock
             log(f"vae: {seconds['vae']:.0f} s")
 
             clock = time.perf_counter()
-            image = replace(StageConfig.load(HERE / "image.yaml"), vae=str(vae), max_steps=args.image_steps)
+            image = StageConfig.load(HERE / "image.yaml")
+            image = replace(image, vae=str(vae), max_steps=args.image_steps, clip=sized(image.clip, args.size))
             image = replace(image, checkpoint_every=args.image_steps)
             stage_1 = train(image, shards, work / "stage1").final
             seconds["stage_1"] = time.perf_counter() - clock
             log(f"stage 1: {seconds['stage_1']:.0f} s")
 
-        if args.stage_2:
-            model = VideoDiffusion.load(args.stage_2).eval()
-            video = model.config
-        else:
-            clock = time.perf_counter()
-            video = StageConfig.load(HERE / "video.yaml")
-            steps = args.video_steps or video.max_steps
-            noise = {k: v for k, v in (("p_mean", args.p_mean), ("p_std", args.p_std)) if v is not None}
-            video = replace(video, vae=str(vae), max_steps=steps, checkpoint_every=steps, **noise)
-            trained = train(video, shards, work / "stage2", init_from=stage_1)
-            seconds["stage_2"] = time.perf_counter() - clock
-            log(f"stage 2: {seconds['stage_2']:.0f} s")
-            model = trained.model.eval()
-
         # The data at each generated rate, through the same tracker, and the motion value it is
         # conditioned on there (the curated score times the stride).
-        report: dict = {
+        video = StageConfig.load(HERE / "video.yaml")
+        video = replace(video, vae=str(vae), clip=sized(video.clip, args.size))
+        data, motions, clips = {}, {}, {}
+        for fps in (8.0, 4.0):
+            spec = replace(video.clip, fps=fps).single_rate()
+            # Each item's motion per drawn frame at `fps`, as the several-rate loader gives it.
+            clips[fps] = list(itertools.islice(iter(ClipDataset(shards, spec, random_crop=False)), 32))
+            motions[fps] = float(np.mean([item["motion"].item() for item in clips[fps]]))
+            data[f"{fps:g}fps"] = measured([item["video"] for item in clips[fps]]) | {
+                "motion": motions[fps],
+                "motion_bucket_max": float(motion_bucket(torch.stack([item["motion"] for item in clips[fps]])).max()),
+            }
+        slow, fast = (args.min_speed, args.max_speed) if not args.random_direction else (0.0, args.max_speed)
+
+        def measure(model) -> dict:
+            """The loss gain, the generated videos' figures and their ratios for one Stage II."""
+            clock = time.perf_counter()
+            # Relative denoising-loss increase when each rate's clips are told the other rate.
+            report = {"loss_gain_of_true_conditioning": conditioning_gain(model, clips), "generated": {}}
+            log(f"loss gain: {report['loss_gain_of_true_conditioning']}")
+            requests = {  # name: (fps, motion)
+                f"{fps:g}fps_motion_of_{of:g}fps": (fps, motions[of])
+                for fps, of in itertools.product((8.0, 4.0), repeat=2)
+            }
+            # Within one rate the motion value tells the speed: the slowest and the fastest clips' at
+            # each rate (speed per source frame times the stride).
+            for fps, stride in ((8.0, 3), (4.0, 6)):
+                requests |= {
+                    f"{fps:g}fps_motion_of_{name}": (fps, speed * stride)
+                    for name, speed in (("slowest", slow), ("fastest", fast))
+                }
+            for name, (fps, motion) in requests.items():
+                config = GenerationConfig.for_clip(video.clip, fps=fps, motion=motion, steps=args.sample_steps)
+                videos = [generate(model, PROMPT, replace(config, seed=seed)) for seed in range(args.eval_clips)]
+                report["generated"][name] = measured(videos) | {"fps": fps, "motion": motion}
+                log(f"{name}: {report['generated'][name]}")
+            generated = report["generated"]
+            for figure in ("speed_px_per_frame", "net_px_per_frame"):
+                report[f"ratio_4fps_over_8fps_{figure}"] = {
+                    "data": data["4fps"][figure] / data["8fps"][figure],
+                    # fps and motion as the data has them at each rate
+                    "fps_and_motion": generated["4fps_motion_of_4fps"][figure]
+                    / generated["8fps_motion_of_8fps"][figure],
+                    # fps alone (motion held at 8 fps's) and motion alone (fps held at 8)
+                    "fps_alone": generated["4fps_motion_of_8fps"][figure] / generated["8fps_motion_of_8fps"][figure],
+                    "motion_alone": generated["8fps_motion_of_4fps"][figure] / generated["8fps_motion_of_8fps"][figure],
+                }
+                # at each rate, the fastest clips' motion over the slowest's (the data: max / min speed)
+                for fps in ("8fps", "4fps"):
+                    report[f"ratio_fastest_over_slowest_at_{fps}_{figure}"] = (
+                        generated[f"{fps}_motion_of_fastest"][figure] / generated[f"{fps}_motion_of_slowest"][figure]
+                    )
+            seconds["generation"] = seconds.get("generation", 0.0) + time.perf_counter() - clock
+            return report
+
+        if args.stage_2:
+            model = VideoDiffusion.load(args.stage_2).eval()
+            video, measured_at = model.config, {}
+        else:
+            steps = args.video_steps or video.max_steps
+            every = args.measure_every or steps
+            noise = {k: v for k, v in (("p_mean", args.p_mean), ("p_std", args.p_std)) if v is not None}
+            video = replace(video, max_steps=steps, checkpoint_every=every, **noise)
+            # Stage II trained to each measuring point in turn, resumed exactly from the last one.
+            measured_at, checkpoint, seconds["stage_2"] = {}, None, 0.0
+            for target in sorted({*range(every, steps, every), steps}):
+                clock = time.perf_counter()
+                trained = train(
+                    replace(video, max_steps=target), shards, work / "stage2", init_from=stage_1, resume=checkpoint
+                )
+                seconds["stage_2"] += time.perf_counter() - clock
+                log(f"stage 2, step {target}: {seconds['stage_2']:.0f} s in all")
+                checkpoint, model = work / "stage2" / f"checkpoint-{target:08d}", trained.model.eval()
+                if target < steps:
+                    measured_at[target] = measure(model)
+
+        report = {
             "fps_choices": list(video.clip.fps_choices),
             "source_fps": SOURCE_FPS,
             "direction": None if args.random_direction else list(DIRECTION),
             "speed_range_px_per_source_frame": [0.0 if args.random_direction else args.min_speed, args.max_speed],
             "video_steps": video.max_steps,
             "training_noise": {"p_mean": video.p_mean, "p_std": video.p_std},
-            "data": {},
-        }
-        motions, clips = {}, {}
-        for fps in (8.0, 4.0):
-            spec = replace(video.clip, fps=fps).single_rate()
-            # Each item's motion per drawn frame at `fps`, as the several-rate loader gives it.
-            clips[fps] = list(itertools.islice(iter(ClipDataset(shards, spec, random_crop=False)), 32))
-            motions[fps] = float(np.mean([item["motion"].item() for item in clips[fps]]))
-            report["data"][f"{fps:g}fps"] = measured([item["video"] for item in clips[fps]]) | {
-                "motion": motions[fps],
-                "motion_bucket_max": float(motion_bucket(torch.stack([item["motion"] for item in clips[fps]])).max()),
-            }
-        # Relative denoising-loss increase when each rate's clips are told the other rate.
-        report["loss_gain_of_true_conditioning"] = conditioning_gain(model, clips)
-        log(f"loss gain: {report['loss_gain_of_true_conditioning']}")
-
-        clock = time.perf_counter()
-        report["generated"] = {}
-        for fps, motion_of in itertools.product((8.0, 4.0), (8.0, 4.0)):
-            config = GenerationConfig.for_clip(video.clip, fps=fps, motion=motions[motion_of], steps=args.sample_steps)
-            videos = [generate(model, PROMPT, replace(config, seed=seed)) for seed in range(args.eval_clips)]
-            name = f"{fps:g}fps_motion_of_{motion_of:g}fps"
-            report["generated"][name] = measured(videos) | {"fps": fps, "motion": motions[motion_of]}
-            log(f"{name}: {report['generated'][name]}")
-        # Within one rate the motion value tells the speed: the slowest and the fastest clips' at 8 fps.
-        slow, fast = (args.min_speed, args.max_speed) if not args.random_direction else (0.0, args.max_speed)
-        for name, motion in (("slowest", slow * 3), ("fastest", fast * 3)):
-            config = GenerationConfig.for_clip(video.clip, fps=8.0, motion=motion, steps=args.sample_steps)
-            videos = [generate(model, PROMPT, replace(config, seed=seed)) for seed in range(args.eval_clips)]
-            report["generated"][f"8fps_motion_of_{name}"] = measured(videos) | {"fps": 8.0, "motion": motion}
-            log(f"8fps_motion_of_{name}: {report['generated'][f'8fps_motion_of_{name}']}")
-        seconds["generation"] = time.perf_counter() - clock
-
-        generated, data = report["generated"], report["data"]
-        for figure in ("speed_px_per_frame", "net_px_per_frame"):
-            report[f"ratio_4fps_over_8fps_{figure}"] = {
-                "data": data["4fps"][figure] / data["8fps"][figure],
-                # fps and motion as the data has them at each rate
-                "fps_and_motion": generated["4fps_motion_of_4fps"][figure] / generated["8fps_motion_of_8fps"][figure],
-                # fps alone (motion held at 8 fps's) and motion alone (fps held at 8)
-                "fps_alone": generated["4fps_motion_of_8fps"][figure] / generated["8fps_motion_of_8fps"][figure],
-                "motion_alone": generated["8fps_motion_of_4fps"][figure] / generated["8fps_motion_of_8fps"][figure],
-            }
-            # at 8 fps, the fastest clips' motion over the slowest's (the data: max / min speed)
-            report[f"ratio_fastest_over_slowest_at_8fps_{figure}"] = (
-                generated["8fps_motion_of_fastest"][figure] / generated["8fps_motion_of_slowest"][figure]
-            )
+            "data": data,
+        } | measure(model)
+        if measured_at:  # the same figures at the earlier measuring points
+            report["at_earlier_steps"] = measured_at
         report["wall_s"] = {k: round(v, 1) for k, v in seconds.items()}
         print(json.dumps(report, indent=1))
 

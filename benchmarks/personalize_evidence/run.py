@@ -183,6 +183,7 @@ def main() -> None:
     parser.add_argument("--p-mean", type=float, default=None, help="Stage II's training noise, ln sigma's mean")
     parser.add_argument("--p-std", type=float, default=None, help="and its standard deviation (default: video.yaml's)")
     parser.add_argument("--prior-loss-weight", type=float, default=1.0)
+    parser.add_argument("--class-images", type=int, default=8, help="vdm personalize --class-images (the prior)")
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="DreamBooth's.")
     parser.add_argument("--lora-rank", type=int, default=None, help="DreamBooth-LoRA rank (default: every weight)")
     parser.add_argument("--subject", choices=("ring", "stripes"), default="ring")
@@ -247,7 +248,7 @@ def main() -> None:
                 "personalize", "--images", str(images), "--token", "sks", "--class-noun", "disc",
                 "--image-model", f"{p}/stage1/final", "--video-model", f"{p}/video/final", "--output", personal,
                 "--max-steps", str(args.personalize_steps), "--prior-loss-weight", str(args.prior_loss_weight),
-                "--learning-rate", str(args.learning_rate),
+                "--class-images", str(args.class_images), "--learning-rate", str(args.learning_rate),
                 *(["--lora-rank", str(args.lora_rank)] if args.lora_rank else []),
                 "--realign-data", data, "--realign-steps", str(args.realign_steps),
                 "--realign-stills", str(args.realign_stills), "--seed", str(args.seed),
@@ -275,6 +276,7 @@ def main() -> None:
             "realign_stills": args.realign_stills,
             "steps": {k: getattr(args, f"{k}_steps") for k in ("vae", "image", "video", "personalize", "realign")},
             "prior_loss_weight": args.prior_loss_weight,
+            "class_images": args.class_images,
             "learning_rate": args.learning_rate,
             "lora_rank": args.lora_rank,
             "training_noise": {"p_mean": models["base"].config.p_mean, "p_std": models["base"].config.p_std},
