@@ -5,7 +5,7 @@ moving-shapes shards (a disc entering at the left edge and moving right at a spe
 clip, 43 frames at 24 fps) -> the tiny VAE -> Stage I (text-to-image) -> Stage II trained
 with `clip.fps_choices` [4, 8] (each clip drawn at whole strides 6 or 3 of the source,
 conditioned on its real rate and on its motion per drawn frame) -> generation at fps 8 and 4
-crossed with the motion the data has at 8 and at 4 fps, and at 8 fps with the slowest and
+crossed with the motion the data has at 8 and at 4 fps, and at each rate with the slowest and
 fastest clips' motion; the generated disc is tracked (model/evaluation.py) and its
 displacement per frame compared with the data's at the same rates. Prints JSON.
 
@@ -24,9 +24,13 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from model.data import ClipSpec
 
 HERE = Path(__file__).parent
 PROMPT = "a disc moving on black"
@@ -44,7 +48,7 @@ DIRECTION = (1.0, 0.0)
 MIN_SPEED, MAX_SPEED = 0.2, 0.6
 
 
-def sized(clip, size: int):
+def sized(clip: ClipSpec, size: int) -> ClipSpec:
     return replace(clip, height=size, width=size)
 
 
@@ -176,6 +180,9 @@ def main() -> None:
         # conditioned on there (the curated score times the stride).
         video = StageConfig.load(HERE / "video.yaml")
         video = replace(video, vae=str(vae), clip=sized(video.clip, args.size))
+        if args.stage_2:  # its clip (size, rates) decides what the data is measured at
+            trained_before = VideoDiffusion.load(args.stage_2).eval()
+            video = trained_before.config
         data, motions, clips = {}, {}, {}
         for fps in (8.0, 4.0):
             spec = replace(video.clip, fps=fps).single_rate()
@@ -230,8 +237,7 @@ def main() -> None:
             return report
 
         if args.stage_2:
-            model = VideoDiffusion.load(args.stage_2).eval()
-            video, measured_at = model.config, {}
+            model, measured_at = trained_before, {}
         else:
             steps = args.video_steps or video.max_steps
             every = args.measure_every or steps
