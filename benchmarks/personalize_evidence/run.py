@@ -39,7 +39,7 @@ SIZE = 32
 # The subject's stripes: magenta and cyan, each with a channel far below the data's 96.
 STRIPES = np.array([[235, 20, 200], [20, 210, 235]], dtype=np.uint8)
 STRIPE_PX = 3
-RING = (9, 4)  # outer and hole radius of the ring subject, pixels
+RING = (9, 4)  # outer and hole radius of the ring subject, pixels (--ring)
 COLOUR_RADIUS = 0.5  # in [-1, 1] units (64/255): a pixel this close to a stripe colour is the subject's
 BINS = 4  # per channel, for the colour histogram
 
@@ -77,9 +77,9 @@ def write_colour_shards(folder: Path, clips: int, seed: int = 11) -> None:
             tar.write({"__key__": key, "mp4": video.read_bytes(), "json": meta.to_json()})
 
 
-def subject_images(folder: Path, shape: str, count: int = 5) -> Path:
+def subject_images(folder: Path, shape: str, ring: tuple[int, int] = RING, count: int = 5) -> Path:
     """`count` PNGs of the subject at different places on black: a disc striped magenta and cyan
-    (radius 6, `stripes`) or a magenta ring (outer radius 9, hole radius 4, `ring`)."""
+    (radius 6, `stripes`) or a magenta ring (`ring`: outer and hole radius, pixels)."""
     import cv2
     from PIL import Image
 
@@ -89,9 +89,9 @@ def subject_images(folder: Path, shape: str, count: int = 5) -> Path:
     for i in range(count):
         mask = np.zeros((SIZE, SIZE), np.uint8)
         if shape == "ring":
-            x, y = (round(v) for v in rng.uniform(10, SIZE - 10, size=2))
-            cv2.circle(mask, (x, y), RING[0], 255, thickness=-1, lineType=cv2.LINE_AA)
-            cv2.circle(mask, (x, y), RING[1], 0, thickness=-1, lineType=cv2.LINE_AA)
+            x, y = (round(v) for v in rng.uniform(ring[0] + 1, SIZE - ring[0] - 1, size=2))
+            cv2.circle(mask, (x, y), ring[0], 255, thickness=-1, lineType=cv2.LINE_AA)
+            cv2.circle(mask, (x, y), ring[1], 0, thickness=-1, lineType=cv2.LINE_AA)
             colour = np.broadcast_to(STRIPES[0].astype(np.float32), (SIZE, SIZE, 3))
         else:
             x, y = (round(v) for v in rng.uniform(8, SIZE - 8, size=2))
@@ -103,10 +103,11 @@ def subject_images(folder: Path, shape: str, count: int = 5) -> Path:
     return folder
 
 
-def hole_contrast(frames: torch.Tensor) -> float:
-    """How hollow the tracked object is, per frame, averaged: 1 - (mean brightness within 2 px of
-    its centre) / (mean brightness 5 to 9 px from it). A ring's dark hole gives about 1, a
-    solid disc 0 or below."""
+def hole_contrast(frames: torch.Tensor, ring: tuple[int, int] = RING) -> float:
+    """How hollow the tracked object is, per frame, averaged: 1 - (mean brightness within the
+    ring's hole less 2 px of its centre) / (mean brightness over the ring's band, from 1 px
+    outside the hole to its outer radius; 2 and 5 to 9 px for the 9/4 ring). A ring's dark hole
+    gives about 1, a solid shape 0 or below."""
     from model.evaluation import track
 
     luma = (frames.float().mean(dim=-3) + 1) / 2  # (T, H, W) in [0, 1]
@@ -114,8 +115,8 @@ def hole_contrast(frames: torch.Tensor) -> float:
     values = []
     for frame, (cx, cy) in zip(luma, track(frames), strict=True):
         distance = ((xs - cx) ** 2 + (ys - cy) ** 2).sqrt()
-        centre = frame[distance <= 2].mean()
-        band = frame[(distance >= 5) & (distance <= 9)].mean()
+        centre = frame[distance <= max(ring[1] - 2, 1)].mean()
+        band = frame[(distance >= ring[1] + 1) & (distance <= ring[0])].mean()
         values.append(float(1 - centre / band.clamp(min=1e-3)))
     return float(np.mean(values))
 
@@ -154,7 +155,9 @@ def histogram_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(0.5 * (colour_histogram(a) - colour_histogram(b)).abs().sum())
 
 
-def measure(model, prompt: str, subject: torch.Tensor, videos: int, steps: int, motion: float) -> dict:
+def measure(
+    model, prompt: str, subject: torch.Tensor, videos: int, steps: int, motion: float, ring: tuple[int, int]
+) -> dict:
     from model.evaluation import motion_stats, summarize
     from model.pipeline import GenerationConfig, generate
 
@@ -164,9 +167,19 @@ def measure(model, prompt: str, subject: torch.Tensor, videos: int, steps: int, 
     return {
         "colour_fraction": subject_colour_fraction(stacked),
         "histogram_distance_to_subject": histogram_distance(stacked, subject),
-        "hole_contrast": float(np.mean([hole_contrast(v) for v in generated])),
+        "hole_contrast": float(np.mean([hole_contrast(v, ring) for v in generated])),
         "motion": summarize([motion_stats(v) for v in generated]),
     }, generated
+
+
+def ring_radii(text: str) -> tuple[int, int]:
+    try:
+        outer, hole = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"OUTER,HOLE in pixels, such as 9,4; not {text!r}") from None
+    if not 0 < hole < outer < SIZE // 2:
+        raise argparse.ArgumentTypeError(f"need 0 < HOLE < OUTER < {SIZE // 2}, got {text!r}")
+    return outer, hole
 
 
 def main() -> None:
@@ -187,6 +200,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="DreamBooth's.")
     parser.add_argument("--lora-rank", type=int, default=None, help="DreamBooth-LoRA rank (default: every weight)")
     parser.add_argument("--subject", choices=("ring", "stripes"), default="ring")
+    parser.add_argument("--ring", type=ring_radii, default=RING, help="OUTER,HOLE radius of the ring, pixels")
     parser.add_argument(
         "--kinds", default="disc", help="Shapes of the training clips, comma-separated (render.py SHAPE_KINDS)"
     )
@@ -222,7 +236,7 @@ def main() -> None:
             store.publish_folder(tmp / "shapes", data)
         else:
             store.download_folder(data, tmp / "shapes")
-        images = subject_images(tmp / "subject", args.subject)
+        images = subject_images(tmp / "subject", args.subject, args.ring)
         if not done("vae"):
             store.download_folder(data, tmp / "vae-data" / "shapes")
             write_colour_shards(tmp / "vae-data" / "colours", args.clips)
@@ -283,20 +297,21 @@ def main() -> None:
             "motion_requested": motion,
             "wall_s": {k: round(v, 1) for k, v in seconds.items()},
             "subject": args.subject,
+            "ring": list(args.ring),
             "kinds": args.kinds.split(","),
             "subject_images": {
                 "colour_fraction": subject_colour_fraction(subject),
-                "hole_contrast": float(np.mean([hole_contrast(image[None]) for image in subject])),
+                "hole_contrast": float(np.mean([hole_contrast(image[None], args.ring) for image in subject])),
             },
             "subject_through_vae": {
                 "colour_fraction": subject_colour_fraction(through_vae),
                 "histogram_distance_to_subject": histogram_distance(through_vae, subject),
-                "hole_contrast": float(np.mean([hole_contrast(image[None]) for image in through_vae])),
+                "hole_contrast": float(np.mean([hole_contrast(image[None], args.ring) for image in through_vae])),
             },
             "data": {
                 "colour_fraction": subject_colour_fraction(torch.stack(clips)),
                 "histogram_distance_to_subject": histogram_distance(torch.stack(clips), subject),
-                "hole_contrast": float(np.mean([hole_contrast(v) for v in clips])),
+                "hole_contrast": float(np.mean([hole_contrast(v, args.ring) for v in clips])),
                 "motion": summarize([motion_stats(v) for v in clips]),
             },
         }
@@ -305,7 +320,7 @@ def main() -> None:
         rows = [subject, through_vae]
         for name, model in models.items():
             for prompt in ("a sks disc", "a disc"):
-                figures, videos = measure(model, prompt, subject, args.videos, args.sample_steps, motion)
+                figures, videos = measure(model, prompt, subject, args.videos, args.sample_steps, motion, args.ring)
                 report[f"{name} / {prompt}"] = figures
                 rows += videos[:2]
         # One picture: the subject images, them through the VAE, then two videos per model and prompt (order above).
