@@ -29,8 +29,10 @@ def texture(rng: np.random.Generator, height: int, width: int, tint: tuple[float
 
 
 # The shapes `draw_shapes` draws. A polygon of radius r has the area of a disc of radius r (so a
-# brightness-weighted tracker sees them alike); `frame` has a square hole, the others are filled.
-SHAPE_KINDS = ("disc", "square", "diamond", "triangle", "cross", "frame")
+# brightness-weighted tracker sees them alike). The hollow ones are a filled kind's outline with a
+# hole of its outline at half the size; `frame` is the hollow square.
+HOLLOW_KINDS = {"frame": "square", "hollow-diamond": "diamond", "hollow-triangle": "triangle"}
+SHAPE_KINDS = ("disc", "square", "diamond", "triangle", "cross", *HOLLOW_KINDS)
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,9 @@ class MovingShapes:
 def _contours(kind: str, x: float, y: float, r: float) -> list[np.ndarray]:
     """The contours, each vertices (N, 2), of a polygonal shape of area pi r^2 centred at (x, y):
     the outline first, then any hole's."""
-    if kind == "frame":  # a square with a square hole of half its side: 4h^2 - h^2 = pi r^2
-        h = r * np.sqrt(np.pi / 3)
-        outer, inner = ([(-a, -a), (a, -a), (a, a), (-a, a)] for a in (h, h / 2))
-        return [np.asarray(points, np.float64) + (x, y) for points in (outer, inner)]
+    if kind in HOLLOW_KINDS:  # the outline less a half-size copy (a quarter of the area): scaled by sqrt(4/3)
+        (outline,) = _contours(HOLLOW_KINDS[kind], 0.0, 0.0, r * np.sqrt(4 / 3))
+        return [outline + (x, y), outline / 2 + (x, y)]
     if kind == "square":
         h = r * np.sqrt(np.pi) / 2
         points = [(-h, -h), (h, -h), (h, h), (-h, h)]
@@ -95,6 +96,14 @@ def draw_shapes(
 _SUPERSAMPLE = 16
 
 
+def _inradius(points: np.ndarray, centre: np.ndarray) -> float:
+    """The distance from `centre` to the nearest line through an edge of the polygon `points` (N, 2)."""
+    edges = np.roll(points, -1, axis=0) - points
+    to_centre = centre - points
+    cross = edges[:, 0] * to_centre[:, 1] - edges[:, 1] * to_centre[:, 0]
+    return float((np.abs(cross) / np.linalg.norm(edges, axis=1)).min())
+
+
 def _fill_polygon(frame: np.ndarray, contours: list[np.ndarray], color: np.ndarray) -> None:
     """Blend `color` into `frame` (H, W, 3) by each pixel's coverage by the polygon (its outline,
     then holes: OpenCV fills what an odd number of contours encloses)."""
@@ -105,9 +114,10 @@ def _fill_polygon(frame: np.ndarray, contours: list[np.ndarray], color: np.ndarr
         return
     k = _SUPERSAMPLE
     # The fill takes in each contour's boundary: a supersample pixel more of the outline, less of a
-    # hole. A hole grown by that pixel (exact for a square one) loses no more area than the rim adds.
+    # hole. A hole whose every edge is moved out by that pixel (scaled about its centre by its
+    # inradius: exact for a regular one) loses no more area than the rim adds.
     holes = [(h, h.mean(axis=0)) for h in contours[1:]]
-    contours = [contours[0], *(c + (h - c) * (1 + 1 / (k * np.abs(h - c).max())) for h, c in holes)]
+    contours = [contours[0], *(c + (h - c) * (1 + 1 / (k * _inradius(h, c))) for h, c in holes)]
     mask = np.zeros(((y1 - y0) * k, (x1 - x0) * k), np.uint8)
     # Pixel (i, j) is centred at (x, y) = (j, i) (as cv2.circle draws): it spans [j - 0.5, j + 0.5).
     points = [np.round(((c - (x0, y0) + 0.5) * k - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32) for c in contours]

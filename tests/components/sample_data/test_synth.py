@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 
 from components.common.objectstore import sha256_file
-from components.sample_data.render import SHAPE_KINDS, moving_shapes
+from components.sample_data.render import HOLLOW_KINDS, SHAPE_KINDS, draw_shapes, moving_shapes
 from components.sample_data.shards import write_shapes_shards
 from components.sample_data.synth import (
     REJECT_EMPTY,
@@ -213,6 +213,24 @@ def test_a_frame_is_hollow_and_its_ring_solid():
     assert brightness[y - 2 : y + 3, x - 2 : x + 3].max() == 0  # the hole
     ring = int(round(0.75 * half))  # midway between the hole's edge and the outline
     assert brightness[y, x - ring] == brightness[y, x + ring] == brightness[y - ring, x] == 1.0
+
+
+@pytest.mark.parametrize("kind", list(HOLLOW_KINDS))
+def test_every_hollow_kind_is_its_filled_kinds_outline_with_a_half_size_hole(kind):
+    centre, colour = np.array([[24.3, 23.6]]), np.array([[200, 200, 200]])
+    hollow, filled = np.zeros((2, 48, 48, 3), np.uint8)
+    draw_shapes(hollow, centre, np.array([8.0]), colour, (kind,))
+    draw_shapes(filled, centre, np.array([8.0]), colour, (HOLLOW_KINDS[kind],))
+    brightness = hollow.max(axis=-1) / 200
+    assert brightness[23:26, 23:26].max() == 0  # the hole
+    # The filled kind's outermost pixels, moved out from the centre to midway between the hole
+    # and the hollow kind's outline (the filled outline grown by sqrt(4/3) to keep the area):
+    # there the wall is solid.
+    ys, xs = np.nonzero(filled.max(axis=-1))
+    offsets = np.stack([xs, ys], axis=1) - centre
+    distance = np.linalg.norm(offsets, axis=1)
+    wall = np.round(centre + offsets[distance > 0.8 * distance.max()] * np.sqrt(4 / 3) * 0.75).astype(int)
+    assert brightness[wall[:, 1], wall[:, 0]].min() > 0.9
 
 
 def test_shape_kinds_are_drawn_per_shape_and_unknown_ones_refused():
