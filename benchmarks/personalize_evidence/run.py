@@ -104,10 +104,10 @@ def subject_images(folder: Path, shape: str, ring: tuple[int, int] = RING, count
 
 
 def hole_contrast(frames: torch.Tensor, ring: tuple[int, int] = RING) -> float:
-    """How hollow the tracked object is, per frame, averaged: 1 - (mean brightness within the
-    ring's hole less 2 px of its centre) / (mean brightness over the ring's band, from 1 px
-    outside the hole to its outer radius; 2 and 5 to 9 px for the 9/4 ring). A ring's dark hole
-    gives about 1, a solid shape 0 or below."""
+    """How hollow the tracked object is, per frame, averaged: 1 - (mean brightness within HOLE - 2
+    px of its centre, at least 1) / (mean brightness HOLE + 1 to OUTER px from it), for the `ring`
+    (OUTER, HOLE): within 2 px and 5 to 9 px for the 9/4 ring. A ring's dark hole gives about 1, a
+    solid shape 0 or below."""
     from model.evaluation import track
 
     luma = (frames.float().mean(dim=-3) + 1) / 2  # (T, H, W) in [0, 1]
