@@ -7,7 +7,7 @@ moving-shapes shards (solid discs, every channel of their colour >= 96) -> `vdm 
 image` -> `vdm train --stage video --strategy partial` (temporal layers only, as Video LDM) ->
 `vdm personalize` on 5 images of a subject no clip has (`--subject ring`: a magenta ring;
 `stripes`: a disc striped magenta and cyan; with `--realign-steps`, realigned on the shapes
-data) -> videos of "a sks disc" from the personalized
+data) -> videos of "a sks disc" (`--class-noun`: the class) from the personalized
 model and from the video model it came from, and of "a disc" from both (does the class stay
 itself?). Per model and prompt: the ring's hole contrast, the fraction of subject-coloured
 pixels, the colour-histogram distance to the subject images, and the tracked motion
@@ -204,6 +204,9 @@ def main() -> None:
     parser.add_argument(
         "--kinds", default="disc", help="Shapes of the training clips, comma-separated (render.py SHAPE_KINDS)"
     )
+    parser.add_argument(
+        "--class-noun", default="disc", help="vdm personalize --class-noun: the subject's class among --kinds"
+    )
     parser.add_argument("--personal", default="personal", help="Folder under --prefix of the personalized model.")
     parser.add_argument("--realign-steps", type=int, default=0, help="vdm personalize --realign-steps on the data")
     parser.add_argument("--realign-stills", type=int, default=1, help="vdm personalize --realign-stills")
@@ -259,7 +262,7 @@ def main() -> None:
         personal = f"{p}/{args.personal}"
         if not done(f"{args.personal}/final"):
             out, seconds["personalize"] = vdm(
-                "personalize", "--images", str(images), "--token", "sks", "--class-noun", "disc",
+                "personalize", "--images", str(images), "--token", "sks", "--class-noun", args.class_noun,
                 "--image-model", f"{p}/stage1/final", "--video-model", f"{p}/video/final", "--output", personal,
                 "--max-steps", str(args.personalize_steps), "--prior-loss-weight", str(args.prior_loss_weight),
                 "--class-images", str(args.class_images), "--learning-rate", str(args.learning_rate),
@@ -299,6 +302,7 @@ def main() -> None:
             "subject": args.subject,
             "ring": list(args.ring),
             "kinds": args.kinds.split(","),
+            "class_noun": args.class_noun,
             "subject_images": {
                 "colour_fraction": subject_colour_fraction(subject),
                 "hole_contrast": float(np.mean([hole_contrast(image[None], args.ring) for image in subject])),
@@ -319,7 +323,7 @@ def main() -> None:
 
         rows = [subject, through_vae]
         for name, model in models.items():
-            for prompt in ("a sks disc", "a disc"):
+            for prompt in (f"a sks {args.class_noun}", f"a {args.class_noun}"):
                 figures, videos = measure(model, prompt, subject, args.videos, args.sample_steps, motion, args.ring)
                 report[f"{name} / {prompt}"] = figures
                 rows += videos[:2]

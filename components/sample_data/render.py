@@ -30,9 +30,10 @@ def texture(rng: np.random.Generator, height: int, width: int, tint: tuple[float
 
 # The shapes `draw_shapes` draws. A polygon of radius r has the area of a disc of radius r (so a
 # brightness-weighted tracker sees them alike). The hollow ones are a filled kind's outline with a
-# hole of its outline at half the size; `frame` is the hollow square.
+# hole of its outline at half the size; `frame` is the hollow square. `polygon` is another shape
+# for every variant (`_polygon`): a class of many, as "a dog" is.
 HOLLOW_KINDS = {"frame": "square", "hollow-diamond": "diamond", "hollow-triangle": "triangle"}
-SHAPE_KINDS = ("disc", "square", "diamond", "triangle", "cross", *HOLLOW_KINDS)
+SHAPE_KINDS = ("disc", "square", "diamond", "triangle", "cross", *HOLLOW_KINDS, "polygon")
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,40 @@ class MovingShapes:
     radii: np.ndarray  # (S,)
     colors: np.ndarray  # (S, 3) uint8
     kinds: tuple[str, ...]  # per shape (SHAPE_KINDS)
+    variants: np.ndarray  # (S,) int: which `polygon` a shape of that kind is
 
 
-def _contours(kind: str, x: float, y: float, r: float) -> list[np.ndarray]:
+def _area_and_centroid(points: np.ndarray) -> tuple[float, np.ndarray]:
+    """The area and area centroid of the simple polygon `points` (N, 2) (the shoelace formula)."""
+    x, y = points.T
+    x1, y1 = np.roll(x, -1), np.roll(y, -1)
+    cross = x * y1 - x1 * y
+    area = cross.sum() / 2
+    return abs(area), np.array([((x + x1) * cross).sum(), ((y + y1) * cross).sum()]) / (6 * area)
+
+
+def _polygon(variant: int) -> list[np.ndarray]:
+    """Kind `polygon`'s contours for one variant: 5 to 10 vertices at random distances (0.6 to 1)
+    around a centre every edge can be seen from (consecutive angles less than 180 degrees apart), so
+    a copy at half the size about that centre lies inside; half the variants have that copy as a
+    hole. Scaled to area pi, its area centroid at the origin."""
+    rng = np.random.default_rng([variant, 7])
+    n = int(rng.integers(5, 11))
+    angles = 2 * np.pi * (np.arange(n) + rng.uniform(-0.35, 0.35, n)) / n
+    outline = rng.uniform(0.6, 1.0, n)[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    contours = [outline, outline / 2] if rng.random() < 0.5 else [outline]
+    (area, centroid), *holes = (_area_and_centroid(c) for c in contours)
+    for hole_area, hole_centroid in holes:
+        centroid = (area * centroid - hole_area * hole_centroid) / (area - hole_area)
+        area -= hole_area
+    return [(c - centroid) * np.sqrt(np.pi / area) for c in contours]
+
+
+def _contours(kind: str, x: float, y: float, r: float, variant: int = 0) -> list[np.ndarray]:
     """The contours, each vertices (N, 2), of a polygonal shape of area pi r^2 centred at (x, y):
     the outline first, then any hole's."""
+    if kind == "polygon":
+        return [c * r + (x, y) for c in _polygon(variant)]
     if kind in HOLLOW_KINDS:  # the outline less a half-size copy (a quarter of the area): scaled by sqrt(4/3)
         (outline,) = _contours(HOLLOW_KINDS[kind], 0.0, 0.0, r * np.sqrt(4 / 3))
         return [outline + (x, y), outline / 2 + (x, y)]
@@ -71,15 +101,23 @@ def _contours(kind: str, x: float, y: float, r: float) -> list[np.ndarray]:
     return [np.asarray(points, np.float64) + (x, y)]
 
 
-def _reach(kind: str) -> float:
+def _reach(kind: str, variant: int = 0) -> float:
     """How far a shape of the kind reaches from its centre, in radii."""
-    return 1.0 if kind == "disc" else float(np.linalg.norm(_contours(kind, 0.0, 0.0, 1.0)[0], axis=1).max())
+    if kind == "disc":
+        return 1.0
+    return float(np.linalg.norm(_contours(kind, 0.0, 0.0, 1.0, variant)[0], axis=1).max())
 
 
 def draw_shapes(
-    frame: np.ndarray, centres: np.ndarray, radii: np.ndarray, colors: np.ndarray, kinds: tuple[str, ...] | None = None
+    frame: np.ndarray,
+    centres: np.ndarray,
+    radii: np.ndarray,
+    colors: np.ndarray,
+    kinds: tuple[str, ...] | None = None,
+    variants: np.ndarray | None = None,
 ) -> None:
-    """Draw filled anti-aliased shapes (discs where `kinds` is None) in place at sub-pixel centres."""
+    """Draw filled anti-aliased shapes (discs where `kinds` is None) in place at sub-pixel centres;
+    `variants` picks each `polygon` (0 where None)."""
     scale = 1 << _SUBPIXEL_BITS
     for i, ((x, y), r, c) in enumerate(zip(centres, radii, colors, strict=True)):
         color = tuple(int(v) for v in c)
@@ -88,7 +126,8 @@ def draw_shapes(
             centre = (int(round(x * scale)), int(round(y * scale)))
             cv2.circle(frame, centre, int(round(r * scale)), color, -1, cv2.LINE_AA, _SUBPIXEL_BITS)
         else:
-            _fill_polygon(frame, _contours(kind, x, y, r), np.asarray(color, np.float32))
+            variant = 0 if variants is None else int(variants[i])
+            _fill_polygon(frame, _contours(kind, x, y, r, variant), np.asarray(color, np.float32))
 
 
 # Polygons are filled at this many times the frame's resolution and averaged down: their pixels
@@ -149,7 +188,8 @@ def moving_shapes(
     at a speed drawn per disc from [min_speed, max_speed]. `from_edge`: each disc starts as
     far back along its velocity as the frame allows (on an axis it moves along), so with a
     `direction` every disc enters from the same side and its speed alone says where it is.
-    `kinds`: each shape's kind is drawn from these (SHAPE_KINDS; discs only by default)."""
+    `kinds`: each shape's kind is drawn from these (SHAPE_KINDS; discs only by default), and each
+    shape's variant (which `polygon` it is, if one)."""
     rng = np.random.default_rng(seed)
     radii = rng.uniform(*radius_range, size=num_shapes)
     unknown = set(kinds) - set(SHAPE_KINDS)
@@ -157,7 +197,8 @@ def moving_shapes(
         raise ValueError(f"kinds: some of {list(SHAPE_KINDS)}, not {list(kinds)}")
     # From a generator of their own: the discs of a seed stay where they were.
     drawn = tuple(str(k) for k in np.random.default_rng([seed, 1]).choice(kinds, size=num_shapes))
-    reach = radii * np.array([_reach(k) for k in drawn])
+    variants = np.random.default_rng([seed, 2]).integers(0, 2**31, size=num_shapes)
+    reach = radii * np.array([_reach(k, v) for k, v in zip(drawn, variants, strict=True)])
     if direction is None:
         velocities = rng.uniform(-max_speed, max_speed, size=(num_shapes, 2))
     else:
@@ -186,8 +227,8 @@ def moving_shapes(
     base = np.zeros((height, width, 3), np.uint8) if background is None else background
     frames = np.repeat(base[None], num_frames, axis=0)
     for t in range(num_frames):
-        draw_shapes(frames[t], positions[t], radii, colors, drawn)
-    return MovingShapes(frames, positions, velocities, radii, colors, drawn)
+        draw_shapes(frames[t], positions[t], radii, colors, drawn, variants)
+    return MovingShapes(frames, positions, velocities, radii, colors, drawn, variants)
 
 
 def pan(world: np.ndarray, height: int, width: int, num_frames: int, velocity: tuple[int, int]) -> np.ndarray:

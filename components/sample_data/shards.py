@@ -106,6 +106,7 @@ def write_shapes_shards(
                     "velocities": clip.velocities.tolist(),
                     "radii": clip.radii.tolist(),
                     "kind": clip.kinds[0],
+                    "variant": int(clip.variants[0]),
                 }
         paths.append(path)
     return paths, truth

@@ -233,6 +233,28 @@ def test_every_hollow_kind_is_its_filled_kinds_outline_with_a_half_size_hole(kin
     assert brightness[wall[:, 1], wall[:, 0]].min() > 0.9
 
 
+def test_polygons_are_another_shape_per_variant_half_of_them_hollow_each_of_a_discs_area():
+    centre, ys, xs = np.array([[24.3, 23.6]]), *np.mgrid[0:48, 0:48]
+    masks = []
+    for variant in range(16):
+        frame = np.zeros((48, 48, 3), np.uint8)
+        draw_shapes(frame, centre, np.array([8.0]), np.array([[200, 200, 200]]), ("polygon",), np.array([variant]))
+        coverage = frame.max(axis=-1) / 200
+        assert coverage.sum() == pytest.approx(np.pi * 8**2, rel=0.015), variant
+        centroid = np.array([(coverage * xs).sum(), (coverage * ys).sum()]) / coverage.sum()
+        np.testing.assert_allclose(centroid, centre[0], atol=0.05)
+        masks.append(coverage > 0.5)
+    hollow = [not mask[22:26, 22:26].any() for mask in masks]
+    assert 4 <= sum(hollow) <= 12
+    differing = [(a ^ b).sum() for i, a in enumerate(masks) for b in masks[i + 1 :]]
+    assert min(differing) >= 10  # no two variants alike
+    again = moving_shapes(1, 48, 48, num_shapes=3, radius_range=(6, 8), kinds=("polygon",), seed=4)
+    assert len(set(again.variants)) == 3
+    np.testing.assert_array_equal(
+        again.frames, moving_shapes(1, 48, 48, num_shapes=3, radius_range=(6, 8), kinds=("polygon",), seed=4).frames
+    )
+
+
 def test_shape_kinds_are_drawn_per_shape_and_unknown_ones_refused():
     mixed = moving_shapes(4, 32, 32, num_shapes=30, radius_range=(2, 3), kinds=("square", "cross"), seed=1)
     assert set(mixed.kinds) == {"square", "cross"}
