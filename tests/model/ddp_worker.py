@@ -2,6 +2,7 @@
 (DDP or FSDP2, optionally resuming); rank 0 writes every rank's weight checksum, the
 loss curve and the step count."""
 
+import faulthandler
 import hashlib
 import json
 import sys
@@ -14,6 +15,7 @@ from model.stages import named_config
 from model.train import leave_distributed, train
 from model.training import full_tensor
 
+faulthandler.enable()  # a rank that aborts (SIGABRT from gloo's C++) prints where every thread was
 shards, workdir, parallel = sys.argv[1].split(","), Path(sys.argv[2]), sys.argv[3]
 resume = Path(sys.argv[4]) if len(sys.argv) > 4 else None
 config = replace(named_config("tiny", "image"), max_steps=3, batch_size=2, log_every=1, checkpoint_every=2)

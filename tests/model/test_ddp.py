@@ -29,7 +29,7 @@ def torchrun(shards: str, workdir: Path, parallel: str, resume: Path | None = No
     command += [str(resume)] if resume else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, result.stderr[-12000:]
     return json.loads((workdir / "ranks.json").read_text())
 
 
