@@ -60,10 +60,11 @@ def _polygon(variant: int) -> list[np.ndarray]:
     outline = rng.uniform(0.6, 1.0, n)[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)
     moments = cv2.moments(outline.astype(np.float32))
     area, centroid = moments["m00"], np.array([moments["m10"], moments["m01"]]) / moments["m00"]
+    contours = [outline]
     if rng.random() < 0.5:  # less the half-size copy: a quarter of the area, centred at half the distance
         area, centroid = area * 3 / 4, centroid * 7 / 6  # (A c - A/4 c/2) / (3A/4)
-        return [(c - centroid) * np.sqrt(np.pi / area) for c in (outline, outline / 2)]
-    return [(outline - centroid) * np.sqrt(np.pi / area)]
+        contours.append(outline / 2)
+    return [(c - centroid) * np.sqrt(np.pi / area) for c in contours]
 
 
 def _contours(kind: str, x: float, y: float, r: float, variant: int = 0) -> list[np.ndarray]:
