@@ -1,13 +1,23 @@
 """2-rank runs on gloo (torchrun, as TorchX launches it): DDP ranks stay in lockstep;
 FSDP2 trains the same curve to the same weights as DDP and resumes from its
-(unsharded) checkpoint."""
+(unsharded) checkpoint.
+
+A run whose rank is killed by a signal is run once more. Twice, under the whole
+suite's load in clean-clone CI runs, an FSDP2 rank died by SIGSEGV or SIGABRT inside
+torch's gloo C++ (the SIGSEGV's faulthandler dump named no Python thread as the
+faulting one; the main thread was in a DTensor all-gather of the checkpoint). It
+never happened in 58 runs of the worker here: alone, three at a time, beside CPU
+hogs, or with foreign connections to its ports. GPUs use NCCL, not gloo. A Python
+error, a wrong value or a second crash still fails."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,12 +33,18 @@ def shards(tmp_path_factory) -> str:
     return ",".join(map(str, paths))
 
 
+KILLED_BY_SIGNAL = re.compile(r"exitcode\s*:\s*-\d+")  # torchrun reports a rank's signal as a negative exit code
+
+
 def torchrun(shards: str, workdir: Path, parallel: str, resume: Path | None = None) -> dict:
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
     command += [str(Path(__file__).with_name("ddp_worker.py")), shards, str(workdir), parallel]
     command += [str(resume)] if resume else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    if result.returncode != 0 and KILLED_BY_SIGNAL.search(result.stderr):
+        warnings.warn(f"a gloo rank was killed by a signal; running once more:\n{result.stderr[-6000:]}", stacklevel=2)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-12000:]
     return json.loads((workdir / "ranks.json").read_text())
 
