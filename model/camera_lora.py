@@ -122,14 +122,11 @@ def save_adapters(unet: torch.nn.Module, folder: Path) -> list[str]:
 
 def base_unet(unet: torch.nn.Module) -> torch.nn.Module:
     """A plain copy of the base UNet under the adapters (what `unet/` of a folder holds)."""
-    import torch
+    from model.networks import unet_from_config
 
     state = {k.replace(".base_layer.", "."): v for k, v in unet.state_dict().items() if ".lora_" not in k}
-    plain = type(unet).from_config(unet.config)
+    plain = unet_from_config(type(unet), unet.config)
     plain.load_state_dict(state)
-    for name, module in unet.named_modules():  # epsilons set after construction (inflate) are not in the config
-        if isinstance(module, torch.nn.GroupNorm | torch.nn.LayerNorm):
-            plain.get_submodule(name).eps = module.eps
     return plain
 
 

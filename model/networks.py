@@ -172,24 +172,56 @@ def widen_input(video: UNetSpatioTemporalConditionModel, in_channels: int) -> UN
     what it did until training uses them."""
     if video.config.in_channels == in_channels:
         return video
-    wide = UNetSpatioTemporalConditionModel.from_config({**video.config, "in_channels": in_channels})
+    wide = unet_from_config(UNetSpatioTemporalConditionModel, {**video.config, "in_channels": in_channels})
     state = video.state_dict()
     state["conv_in.weight"] = _zero_padded_input(state["conv_in.weight"], in_channels)
     wide.load_state_dict(state)
-    norms = dict(wide.named_modules())
-    for name, module in video.named_modules():  # epsilons set after construction (inflate) are not in the config
-        if isinstance(module, torch.nn.GroupNorm | torch.nn.LayerNorm):
-            norms[name].eps = module.eps
     return wide
 
 
 def _copy_norm_eps(image: UNet2DConditionModel, video: UNetSpatioTemporalConditionModel) -> None:
     """diffusers' video blocks hard-code some GroupNorm epsilons (1e-6) where SD 2.1's
     UNet uses 1e-5: take the image model's, so its weights compute exactly what they did."""
-    video_modules = dict(video.named_modules())
-    for name, module in image.named_modules():
-        if isinstance(module, torch.nn.GroupNorm | torch.nn.LayerNorm):
-            video_modules[video_key(name + ".")[:-1]].eps = module.eps
+    norms = [(name, module) for name, module in image.named_modules() if isinstance(module, NORMS)]
+    set_norm_eps(video, {video_key(name + ".")[:-1]: module.eps for name, module in norms})
+
+
+# -- norm epsilons the config does not give -------------------------------------------
+
+NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+# A config key for the epsilons set after construction: diffusers passes no key starting
+# with "_" to the constructor, yet keeps it in the config it saves and loads.
+NORM_EPS_KEY = "_norm_eps"
+
+
+def set_norm_eps(unet: torch.nn.Module, eps: dict[str, float]) -> None:
+    """Set these norms' epsilons and record in the config every one that differs from what
+    the class builds, so `unet_from_config` and `load_video_unet` build the same network."""
+    modules = dict(unet.named_modules())
+    for name, value in eps.items():
+        modules[name].eps = value
+    with torch.device("meta"):
+        built = dict(type(unet).from_config(unet.config).named_modules())
+    record = {n: m.eps for n, m in unet.named_modules() if isinstance(m, NORMS) and m.eps != built[n].eps}
+    unet.register_to_config(**{NORM_EPS_KEY: record})
+
+
+def unet_from_config(cls: type[torch.nn.Module], config: dict) -> torch.nn.Module:
+    """`cls.from_config(config)` with the norm epsilons the config records."""
+    return restore_norm_eps(cls.from_config(config))
+
+
+def load_video_unet(folder: str | Path) -> UNetSpatioTemporalConditionModel:
+    """A saved video UNet as it was saved, the norm epsilons its config records included."""
+    return restore_norm_eps(UNetSpatioTemporalConditionModel.from_pretrained(folder))
+
+
+def restore_norm_eps(unet: torch.nn.Module) -> torch.nn.Module:
+    """The UNet with the norm epsilons its config records (for one that diffusers loaded)."""
+    modules = dict(unet.named_modules())
+    for name, value in unet.config.get(NORM_EPS_KEY, {}).items():
+        modules[name].eps = value
+    return unet
 
 
 @torch.no_grad()

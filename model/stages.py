@@ -32,7 +32,7 @@ from model.data import ClipSpec
 from model.diffusion import Denoiser, denoising_loss, lognormal_sigmas, shifted_p_mean
 from model.folder import RANDOM_WEIGHTS_KEY, ModelFolder
 from model.latents import vae_fingerprint
-from model.networks import CONFIGS, enable_checkpointing, image_unet, inflate, load_image_unet
+from model.networks import CONFIGS, enable_checkpointing, image_unet, inflate, load_image_unet, load_video_unet
 from model.openclip import IMAGE_MODELS, TEXT_MODELS, register_tiny_models
 from model.spatial import images_only
 from model.tasks import NoOptions, Task, task_of
@@ -406,6 +406,4 @@ def _networks(config: StageConfig, init_from: Path | None) -> tuple[torch.nn.Mod
     class_name = json.loads((unet_folder / "config.json").read_text())["_class_name"]
     if class_name == "UNet2DConditionModel":
         return inflate(load_image_unet(folder)), vae
-    from diffusers import UNetSpatioTemporalConditionModel
-
-    return UNetSpatioTemporalConditionModel.from_pretrained(unet_folder), vae
+    return load_video_unet(unet_folder), vae

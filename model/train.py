@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, default_collate
 
+from model.networks import unet_from_config
 from model.pipeline import GenerationConfig
 from model.plan import PlanDoesNotFit, check_fits
 from model.stages import StageConfig, VideoDiffusion
@@ -389,6 +390,6 @@ def shard(unet: torch.nn.Module) -> None:
 
 def unsharded(unet: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain copy of a sharded UNet holding the gathered `weights`."""
-    plain = type(unet).from_config(unet.config)  # FSDP2's class constructs the original class
+    plain = unet_from_config(type(unet), unet.config)  # FSDP2's class constructs the original class
     plain.load_state_dict(weights)
     return plain

@@ -8,7 +8,18 @@ import copy
 import pytest
 import torch
 
-from model.networks import CONFIGS, image_unet, inflate, is_temporal, load_image_unet, video_key, video_unet
+from model.networks import (
+    CONFIGS,
+    NORMS,
+    image_unet,
+    inflate,
+    is_temporal,
+    load_image_unet,
+    load_video_unet,
+    video_key,
+    video_unet,
+    widen_input,
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +103,33 @@ def test_stage_one_weights_load_from_a_diffusers_folder(image, tmp_path):
     for (name, a), (_, b) in zip(image.state_dict().items(), loaded.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
     assert inflate(loaded) is not None
+
+
+def test_a_saved_video_unet_reloads_to_the_network_it_was(image, tmp_path):
+    """Inflation gives the video blocks the image model's norm epsilons where diffusers
+    hard-codes others; the config records them, so the reloaded UNet (widened too)
+    computes exactly what the saved one did. A plain diffusers load does not."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    def epsilons(unet):
+        return {name: m.eps for name, m in unet.named_modules() if isinstance(m, NORMS)}
+
+    def output(unet):
+        torch.manual_seed(2)
+        x = torch.randn(1, 3, 8, 16, 16, dtype=torch.float64)
+        text = torch.randn(1, 7, CONFIGS["tiny"].cross_attention_dim, dtype=torch.float64)
+        with torch.no_grad():
+            return unet(x, torch.tensor([50.0]), text, added_time_ids=torch.randn(1, 3)).sample
+
+    video = widen_input(inflate(image), 8).eval().double()
+    video.save_pretrained(tmp_path / "unet")
+    plain = UNetSpatioTemporalConditionModel.from_pretrained(tmp_path / "unet").eval().double()
+    loaded = load_video_unet(tmp_path / "unet").eval().double()
+    changed = {name for name, eps in epsilons(plain).items() if eps != epsilons(video)[name]}
+    assert len(changed) == 10 and {epsilons(video)[n] for n in changed} == {1e-5}  # diffusers: 1e-6
+    assert epsilons(loaded) == epsilons(video)
+    assert torch.equal(output(loaded), output(video))
+    assert not torch.allclose(output(plain), output(video), rtol=0, atol=1e-9)
 
 
 def test_checkpointing_each_whole_spatio_temporal_transformer_changes_no_value():
