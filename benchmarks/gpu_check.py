@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.networks import CONFIGS
+from model.networks import CONFIGS, restore_norm_eps
 from model.stages import StageConfig, VideoDiffusion, named_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -676,6 +676,7 @@ def sampling_section(scale: Scale, parts: Parts, device: torch.device, model: Vi
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     start = now()
     pipe = StableVideoDiffusionPipeline.from_pretrained(folder, dtype=dtype).to(device)
+    restore_norm_eps(pipe.unet)  # the network ours runs: the compared part is the pipeline
     pipe.set_progress_bar_config(disable=True)
     load_s = now() - start
     weights_stock = allocated_mb(device)

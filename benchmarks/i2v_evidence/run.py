@@ -71,7 +71,10 @@ def pipeline_agreement(svd_uri: str, data: str, steps: int) -> dict:
         ours = animate(model, image, config)
         from diffusers import StableVideoDiffusionPipeline
 
+        from model.networks import restore_norm_eps
+
         pipeline = StableVideoDiffusionPipeline.from_pretrained(Path(tmp) / "svd")
+        restore_norm_eps(pipeline.unet)  # the network ours runs: the compared part is the pipeline
         pipeline.set_progress_bar_config(disable=True)
         theirs = pipeline(
             Image.fromarray(np.ascontiguousarray(rgb)), height=spec.height, width=spec.width,
