@@ -64,7 +64,8 @@ def test_saved_model_is_self_contained_and_samples_are_made_with_the_ema_weights
     loaded = VideoDiffusion.load(result.final)
     assert sorted(p.name for p in result.final.iterdir()) == ["stage.json", "unet", "vae"]
     again = generate(loaded, "b", GenerationConfig(num_frames=8, height=32, width=32, steps=4, seed=1))
-    torch.testing.assert_close(again, calls[-1][1][1], atol=1e-3, rtol=0)
+    # The reloaded network is the trained one, norm epsilons too (diffusers' own load: 9e-5 off).
+    torch.testing.assert_close(again, calls[-1][1][1], atol=1e-6, rtol=0)
     for a, b in zip(loaded.codec.vae.parameters(), result.model.codec.vae.parameters(), strict=True):
         assert torch.equal(a, b)
 
