@@ -197,9 +197,7 @@ NORM_EPS_KEY = "_norm_eps"
 def set_norm_eps(unet: torch.nn.Module, eps: dict[str, float]) -> None:
     """Set these norms' epsilons and record in the config every one that differs from what
     the class builds, so `unet_from_config` and `load_video_unet` build the same network."""
-    modules = dict(unet.named_modules())
-    for name, value in eps.items():
-        modules[name].eps = value
+    _apply_norm_eps(unet, eps)
     with torch.device("meta"):
         built = dict(type(unet).from_config(unet.config).named_modules())
     record = {n: m.eps for n, m in unet.named_modules() if isinstance(m, NORMS) and m.eps != built[n].eps}
@@ -218,10 +216,14 @@ def load_video_unet(folder: str | Path) -> UNetSpatioTemporalConditionModel:
 
 def restore_norm_eps(unet: torch.nn.Module) -> torch.nn.Module:
     """The UNet with the norm epsilons its config records (for one that diffusers loaded)."""
-    modules = dict(unet.named_modules())
-    for name, value in unet.config.get(NORM_EPS_KEY, {}).items():
-        modules[name].eps = value
+    _apply_norm_eps(unet, unet.config.get(NORM_EPS_KEY, {}))
     return unet
+
+
+def _apply_norm_eps(unet: torch.nn.Module, eps: dict[str, float]) -> None:
+    modules = dict(unet.named_modules())
+    for name, value in eps.items():
+        modules[name].eps = value
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ from diffusers import (
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from model.conditioning import LatentCodec
-from model.networks import restore_norm_eps
+from model.networks import load_video_unet
 from model.openclip import IMAGE_MODELS
 
 PIPELINE_CLASS = StableVideoDiffusionPipeline.__name__
@@ -249,7 +249,7 @@ def load_svd_parts(folder: Path) -> tuple[UNetSpatioTemporalConditionModel, Late
     AutoencoderKLTemporalDecoder, or an exported AutoencoderKL), and the image encoder as
     (open_clip architecture, vision-tower weights). The tiny towers must be registered
     with open_clip first (`register_tiny_models`)."""
-    unet = our_unet(restore_norm_eps(UNetSpatioTemporalConditionModel.from_pretrained(folder, subfolder="unet")))
+    unet = our_unet(load_video_unet(folder / "unet"))
     codec = LatentCodec.from_folder(folder)
     codec.vae.register_to_config(scaling_factor=codec.vae.config.scaling_factor / DATA_SCALE)
     tower = open_clip_vision_tower(CLIPVisionModelWithProjection.from_pretrained(folder, subfolder="image_encoder"))
