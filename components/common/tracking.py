@@ -11,13 +11,17 @@ import hashlib
 import json
 import os
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
+import requests
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource, S3ArtifactDatasetSource
+from mlflow.exceptions import MlflowException
 
 from components.common.objectstore import ObjectNotFoundError, ObjectStore, S3Uri, is_s3_uri
 from components.common.settings import Settings, load_settings
@@ -31,6 +35,8 @@ TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 # The dataset card of curated data: next to its `shards/`, with a `digest` of the shards and manifest.
 DATASET_CARD = "dataset_card.json"
+
+T = TypeVar("T")
 
 
 def config_hash(config: Mapping) -> str:
@@ -75,6 +81,22 @@ def connect(settings: Settings | None = None) -> None:
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     for name, value in settings.mlflow_login_env().items():
         os.environ.setdefault(name, value)
+
+
+def across_broken_exchanges(call: Callable[[], T], attempts: int = 3) -> T:
+    """`call()` (an MLflow client call), made again when its HTTP exchange broke: the server
+    went away mid-answer or stayed away through the client's own retries (a restart). The
+    client retries only a refused or unanswered request, not an answer cut off after its
+    headers; a training run logs through this so that an MLflow restart costs no run. An
+    answer from the server (an error it gives) is raised at once."""
+    for attempt in range(attempts - 1):
+        try:
+            return call()
+        except MlflowException as error:  # raised while handling the transport's error
+            if not isinstance(error.__context__, requests.ConnectionError | requests.exceptions.ChunkedEncodingError):
+                raise
+        time.sleep(2**attempt)
+    return call()
 
 
 def use_experiment(name: str) -> mlflow.entities.Experiment:

@@ -44,7 +44,14 @@ from components.common.objectstore import (
     register_shard_reader,
 )
 from components.common.settings import Settings, load_settings
-from components.common.tracking import DATASET_CARD, connect, log_curated_data, run_url, tracked_run
+from components.common.tracking import (
+    DATASET_CARD,
+    across_broken_exchanges,
+    connect,
+    log_curated_data,
+    run_url,
+    tracked_run,
+)
 from components.common.weights import is_weights_ref, resolve_weights
 from components.registry.pipeline_model import download_pipeline, register_pipeline
 from components.training.request import RunResult
@@ -305,7 +312,8 @@ def metrics_logger(progress: bool, max_steps: int | None = None, prefix: str = "
     show = TrainingProgress(max_steps) if progress else None
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics({f"{prefix}{name}": value for name, value in metrics.items()}, step=step)
+        logged = {f"{prefix}{name}": value for name, value in metrics.items()}
+        across_broken_exchanges(lambda: mlflow.log_metrics(logged, step=step))
         if show:
             show(step, metrics)
 
@@ -407,7 +415,7 @@ def run_training(
             for i, video in enumerate(videos):
                 write_video(folder / f"prompt-{i}.mp4", to_uint8(video).numpy(), config.clip.fps, deterministic=False)
             write_png(frame_grid(videos), folder / "frames.png")  # shown inline, unlike a 32-pixel mp4
-            mlflow.log_artifacts(str(folder), f"samples/step-{step:08d}")
+            across_broken_exchanges(lambda: mlflow.log_artifacts(str(folder), f"samples/step-{step:08d}"))
 
         def on_checkpoint(folder: Path, step: int) -> None:
             store.publish_folder(folder, out.join(CHECKPOINTS, f"step-{step:08d}"), run_id=run_id)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,6 +19,7 @@ from components.common.tracking import (
     TAG_EXPERIMENT_KIND,
     TAG_GIT_COMMIT,
     TAG_INPUTS,
+    across_broken_exchanges,
     artifact_object_uri,
     config_hash,
     flatten,
@@ -135,3 +138,61 @@ def test_training_run_links_curated_shards_with_the_card_digest(settings, store,
     assert plain.dataset.source_type == "local" and json.loads(plain.dataset.source) == {"uri": str(local)}
     assert plain.dataset.digest and plain.dataset.digest != "0123456789abcdef"
     assert {t.key: t.value for t in plain.tags}["mlflow.data.context"] == "evaluation"
+
+
+class CutOffOnce:
+    """A TCP proxy on 127.0.0.1 in front of the MLflow server that answers the first request
+    itself with the headers of a chunked 200 and half a chunk, then closes (as a server
+    killed mid-answer does); every later connection goes through to the server."""
+
+    def __init__(self, target: str):
+        host, port = target.split("//")[1].split(":")
+        self.target = (host, int(port.rstrip("/")))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.cut = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            client, _ = self.listener.accept()
+            if self.cut == 0:
+                self.cut += 1
+                client.recv(65536)
+                client.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n9\r\n{"
+                )
+                client.close()
+                continue
+            server = socket.create_connection(self.target)
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+
+def test_logging_goes_on_across_an_answer_cut_off_midway(settings):
+    with tracked_run("test-tracking", run_name="cut-off", settings=settings) as run:
+        proxy = CutOffOnce(settings.mlflow_tracking_uri)
+        mlflow.set_tracking_uri(proxy.uri)
+        try:
+            with pytest.raises(mlflow.exceptions.MlflowException, match="Connection broken"):
+                mlflow.log_metrics({"loss": 1.0}, step=1)  # the client alone gives up on a cut-off answer
+            proxy.cut = 0
+            across_broken_exchanges(lambda: mlflow.log_metrics({"loss": 0.5}, step=2))
+            assert proxy.cut == 1
+            # an error the server answers with is not retried
+            with pytest.raises(mlflow.exceptions.MlflowException, match="RESOURCE_DOES_NOT_EXIST|not found"):
+                across_broken_exchanges(lambda: mlflow.get_run("0" * 32))
+        finally:
+            mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(2, 0.5)]
